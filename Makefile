@@ -1,0 +1,39 @@
+# The two commands a new user types: `make run` and `make test`.
+# Each creates .venv when missing. torch==2.13.0 is installed first and exactly: on these
+# machines it is a cached CPU build, any other version pulls gigabytes of CUDA packages.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+
+.PHONY: setup run test lint typecheck check bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e '.[dev,triton]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/swarmlm demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+check: lint typecheck test
+
+bench: $(STAMP)
+	$(PY) benchmarks/model_throughput.py --quick
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
