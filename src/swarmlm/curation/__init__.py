@@ -1,0 +1,1 @@
+"""Human-feedback curation: tasks, annotations, quality consensus, agreement and reputation."""
