@@ -1,0 +1,108 @@
+"""Building blocks: normalisation, positional encodings and the dense feed-forward."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from swarmlm.model.config import ModelConfig
+from swarmlm.model.kernels import swiglu
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 as Llama does (keeps bf16 runs stable)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the rotate-half layout (the Llama/HF convention).
+
+    The cos/sin table grows on demand, so decoding past ``max_seq_len`` stays correct.
+    """
+
+    cos: Tensor
+    sin: Tensor
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._build(max_seq_len)
+
+    def _build(self, length: int) -> None:
+        inv_freq: Tensor = self.inv_freq
+        t = torch.arange(length, dtype=torch.float32, device=inv_freq.device)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos()
+        self.sin = emb.sin()
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Return cos, sin of shape (batch, 1, seq, head_dim) for ``position_ids`` (batch, seq)."""
+        needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
+        if needed > self.cos.shape[0] or self.cos.device != position_ids.device:
+            self._build(max(needed, self.cos.shape[0]))
+        cos = self.cos[position_ids].unsqueeze(1).to(dtype)
+        sin = self.sin[position_ids].unsqueeze(1).to(dtype)
+        return cos, sin
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` (batch, heads, seq, head_dim) by the angles in cos/sin."""
+    return x * cos + rotate_half(x) * sin
+
+
+def sinusoidal_table(length: int, dim: int) -> Tensor:
+    """The fixed sine/cosine table of Vaswani et al. (2017), shape (length, dim)."""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * div)
+    table[:, 1::2] = torch.cos(position * div[: dim // 2])
+    return table
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020) or GELU MLP. SwiGLU goes through the fused kernel on CUDA."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind = cfg.ffn
+        hidden = cfg.ffn_dim
+        if self.kind == "swiglu":
+            self.w_gate = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.w_up = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.w_down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "swiglu":
+            return self.w_down(swiglu(self.w_gate(x), self.w_up(x)))
+        return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
