@@ -71,6 +71,8 @@ def verify_signature(public_key_bytes: bytes, signature: bytes, data: bytes) -> 
 
 
 def _canonicalize(obj: Any, path: str) -> Any:
+    if isinstance(obj, int) and not isinstance(obj, bool) and not -(2**63) <= obj < 2**64:
+        raise IdentityError(f"integer at {path or 'top level'} does not fit 64 bits")
     if obj is None or isinstance(obj, bool | int | float | str | bytes):
         return obj
     if isinstance(obj, bytearray | memoryview):

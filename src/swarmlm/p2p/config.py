@@ -1,0 +1,57 @@
+"""Configuration of a p2p node: the one source of truth for defaults, bounds and help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); raises ValueError naming the bad address."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad address {text!r}: expected host:port with port 1-65535")
+    return host.strip("[]"), int(port)
+
+
+class P2PConfig(BaseModel):
+    """Network, liveness and round-protocol settings. Times are seconds, sizes bytes."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(0, ge=0, le=65535, description="TCP port to listen on (0 = any free)")
+    advertise_host: str | None = Field(None, description="address peers should dial")
+    bootstrap: list[tuple[str, int]] = Field(default_factory=list, description="peers to join")
+    node_dir: Path | None = Field(None, description="identity and TLS files (None = temp)")
+    max_frame: int = Field(4 * 1024 * 1024, ge=4096, description="largest frame accepted")
+    chunk_size: int = Field(1024 * 1024, ge=1024, description="blob chunk size")
+    max_blob: int = Field(4 * 1024**3, ge=1, description="largest payload accepted")
+    send_queue: int = Field(4096, ge=8, description="queued messages per peer before drops")
+    blob_queue: int = Field(64, ge=1, description="queued payload transfers per peer")
+    io_timeout: float = Field(30.0, gt=0, description="bound on any single network write")
+    connect_timeout: float = Field(5.0, gt=0, description="bound on connect + TLS handshake")
+    heartbeat_interval: float = Field(1.0, gt=0, description="ping period per connection")
+    dead_timeout: float = Field(5.0, gt=0, description="silence after which a peer is dead")
+    pex_interval: float = Field(2.0, gt=0, description="peer-exchange gossip period")
+    peer_ttl: float = Field(600.0, gt=0, description="forget peer records older than this")
+    max_peers: int = Field(256, ge=1, description="bound on the peer table")
+    reconnect_base: float = Field(0.2, gt=0, description="first reconnect delay")
+    reconnect_max: float = Field(10.0, gt=0, description="reconnect delay ceiling")
+    blacklist_seconds: float = Field(300.0, ge=0, description="how long offenders are banned")
+    blacklist_threshold: float = Field(-30.0, lt=0, description="score that triggers a ban")
+    max_message_age: float = Field(120.0, gt=0, description="older messages are stale")
+    round_timeout: float = Field(5.0, gt=0, description="view-0 timeout; doubles per view")
+    proposal_grace: float = Field(0.5, ge=0, description="leader wait for all after n-f")
+    fetch_timeout: float = Field(10.0, gt=0, description="bound on fetching one payload")
+    keep_rounds: int = Field(8, ge=2, description="decided rounds whose payloads are kept")
+
+    @field_validator("bootstrap", mode="before")
+    @classmethod
+    def _parse_bootstrap(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [parse_address(a) for a in v.split(",") if a.strip()]
+        if isinstance(v, list):
+            return [parse_address(a) if isinstance(a, str) else a for a in v]
+        return v

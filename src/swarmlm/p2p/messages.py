@@ -1,0 +1,316 @@
+"""Signed protocol messages and the validation pipeline every inbound message goes through.
+
+A message travels as the frame ``{"t": "msg", "m": <bytes>, "s": <64-byte signature>}``
+where ``m`` is the canonical msgpack encoding (:func:`canonical_encode`) of::
+
+    {"k": kind, "from": sender node id, "pk": sender public key (32 bytes),
+     "seq": per-sender sequence number, "r": round (0 when not round-scoped),
+     "ts": sender's unix time in seconds (float), "b": kind-specific body map}
+
+The signature covers exactly the bytes ``m``, so receivers verify before decoding anything
+else, and signed messages can be embedded verbatim in other messages (votes inside
+certificates, two conflicting messages inside an equivocation proof) and re-verified by
+anyone. ``from`` must equal ``node_id_from_public_key(pk)``.
+
+Pipeline order (:meth:`MessageValidator.check`): blacklisted sender connection -> frame
+shape -> signature -> sender/key binding -> body schema -> staleness -> replay. Each
+rejection raises :class:`MessageRejectedError` with a stable ``reason`` token that the
+caller counts and turns into a score penalty for the connection it came from.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from swarmlm.p2p.errors import MessageRejectedError
+from swarmlm.p2p.identity import (
+    NodeIdentity,
+    canonical_encode,
+    node_id_from_public_key,
+    verify_signature,
+)
+
+log = logging.getLogger(__name__)
+
+# Body schemas: field name -> accepted python types after msgpack decoding. Extra fields are
+# refused so that a signed message means exactly one thing.
+_INT = (int,)
+_BYTES = (bytes,)
+_LIST = (list,)
+_OPT_DICT = (dict, type(None))
+SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
+    "hello": {"addr": _LIST},
+    "ping": {},
+    "pong": {},
+    "peer_record": {"addr": _LIST},
+    "peers": {"records": _LIST},
+    "contrib": {"digest": _BYTES, "size": _INT},
+    "propose": {"view": _INT, "entries": _LIST, "changes": _LIST, "justify": _LIST},
+    "prepare": {"view": _INT, "h": _BYTES},
+    "commit": {"view": _INT, "h": _BYTES},
+    "viewchange": {"view": _INT, "prepared": _OPT_DICT},
+    "decided_req": {},
+    "decided": {"proposal": (dict,), "commits": _LIST},
+    "fetch": {"digest": _BYTES},
+    "nofetch": {"digest": _BYTES},
+    "equivocation": {"a": (dict,), "b": (dict,)},
+    "join": {},
+    "leave": {},
+}
+
+
+@dataclass(frozen=True)
+class SignedMessage:
+    """A verified message. ``raw``/``sig`` are kept so it can be embedded and re-checked."""
+
+    kind: str
+    sender: str
+    public_key: bytes
+    seq: int
+    round: int
+    ts: float
+    body: dict[str, Any]
+    raw: bytes
+    sig: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        """The ``{"m", "s"}`` pair used both as a frame payload and when embedded."""
+        return {"m": self.raw, "s": self.sig}
+
+
+class MessageSigner:
+    """Signs outgoing messages with a per-process, strictly increasing sequence number.
+
+    The sequence starts at the current time in microseconds so that a restarted node does
+    not reuse numbers its peers have already seen (which would look like replays).
+    """
+
+    def __init__(self, identity: NodeIdentity) -> None:
+        self.identity = identity
+        self._seq = itertools.count(time.time_ns() // 1000)
+
+    def sign(self, kind: str, body: dict[str, Any], round: int = 0) -> SignedMessage:
+        seq, ts = next(self._seq), time.time()
+        m = {
+            "k": kind,
+            "from": self.identity.node_id,
+            "pk": self.identity.public_key_bytes,
+            "seq": seq,
+            "r": round,
+            "ts": ts,
+            "b": body,
+        }
+        raw = canonical_encode(m)
+        sig = self.identity.sign(raw)
+        ident = self.identity
+        return SignedMessage(
+            kind, ident.node_id, ident.public_key_bytes, seq, round, ts, body, raw, sig
+        )
+
+
+def open_signed(wire: Any) -> SignedMessage:
+    """Verify and decode an ``{"m", "s"}`` pair; raises MessageRejectedError on any defect.
+
+    Used for direct messages and for messages embedded in others. Never raises anything
+    but MessageRejectedError, whatever ``wire`` holds.
+    """
+    if not isinstance(wire, dict):
+        raise MessageRejectedError("malformed", "signed message must be a map")
+    raw, sig = wire.get("m"), wire.get("s")
+    if not isinstance(raw, bytes) or not isinstance(sig, bytes):
+        raise MessageRejectedError("malformed", "signed message needs bytes fields 'm' and 's'")
+    try:
+        m = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception:
+        raise MessageRejectedError("malformed", "message body is not valid msgpack") from None
+    if not isinstance(m, dict):
+        raise MessageRejectedError("malformed", "message body must be a map")
+    kind, sender, pk = m.get("k"), m.get("from"), m.get("pk")
+    seq, rnd, ts, body = m.get("seq"), m.get("r"), m.get("ts"), m.get("b")
+    if not isinstance(kind, str) or kind not in SCHEMAS:
+        raise MessageRejectedError("malformed", f"unknown message kind {kind!r}")
+    if not isinstance(sender, str) or not isinstance(pk, bytes) or len(pk) != 32:
+        raise MessageRejectedError("malformed", f"{kind}: 'from' (str) / 'pk' (32 bytes) invalid")
+    if not isinstance(seq, int) or not isinstance(rnd, int) or not isinstance(ts, float):
+        raise MessageRejectedError("malformed", f"{kind}: 'seq', 'r' or 'ts' has the wrong type")
+    if isinstance(seq, bool) or isinstance(rnd, bool) or rnd < 0:
+        raise MessageRejectedError("malformed", f"{kind}: 'seq', 'r' or 'ts' has the wrong type")
+    if not isinstance(body, dict):
+        raise MessageRejectedError("malformed", f"{kind}: body 'b' must be a map")
+    if set(m) != {"k", "from", "pk", "seq", "r", "ts", "b"}:
+        raise MessageRejectedError("malformed", f"{kind}: unexpected envelope fields")
+    if not verify_signature(pk, sig, raw):
+        raise MessageRejectedError("forged", f"{kind} claiming {sender[:12]}: bad signature")
+    if node_id_from_public_key(pk) != sender:
+        raise MessageRejectedError("forged", f"{kind}: key does not match sender {sender[:12]}")
+    schema = SCHEMAS[kind]
+    if set(body) != set(schema):
+        raise MessageRejectedError(
+            "malformed",
+            f"{kind} from {sender[:12]}: body fields {sorted(body)} != {sorted(schema)}",
+        )
+    for name, types in schema.items():
+        if not isinstance(body[name], types) or (types == _INT and not _is_int(body[name])):
+            raise MessageRejectedError(
+                "malformed", f"{kind} from {sender[:12]}: field {name!r} has the wrong type"
+            )
+    return SignedMessage(kind, sender, pk, seq, rnd, ts, body, raw, sig)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# Score penalties per rejection reason. Forgery and garbage are never honest mistakes.
+PENALTIES: dict[str, float] = {
+    "malformed": 5.0,
+    "oversized": 10.0,
+    "forged": 10.0,
+    "replayed": 2.0,
+    "stale": 1.0,
+    "wrong_sender": 10.0,
+    "equivocation": 100.0,
+    "bad_blob": 5.0,
+    "invalid": 5.0,
+}
+
+
+@dataclass
+class PeerScores:
+    """Per-peer scores with time-limited blacklisting.
+
+    Scores start at 0, fall by :data:`PENALTIES` per offence and recover by
+    ``recovery_per_s`` toward 0. At or below ``blacklist_threshold`` the peer is
+    blacklisted for ``blacklist_seconds`` (connections refused, messages dropped). The
+    table is bounded by ``max_peers`` (least recently touched entries are forgotten first,
+    except blacklisted ones).
+    """
+
+    blacklist_threshold: float = -30.0
+    blacklist_seconds: float = 300.0
+    recovery_per_s: float = 0.1
+    max_peers: int = 4096
+    _scores: OrderedDict[str, tuple[float, float]] = field(default_factory=OrderedDict)
+    _blacklist: dict[str, float] = field(default_factory=dict)
+    offences: Counter[str] = field(default_factory=Counter)
+
+    def score(self, peer: str) -> float:
+        value, at = self._scores.get(peer, (0.0, time.monotonic()))
+        return min(0.0, value + (time.monotonic() - at) * self.recovery_per_s)
+
+    def penalize(self, peer: str, reason: str) -> None:
+        now = time.monotonic()
+        new = self.score(peer) - PENALTIES.get(reason, 1.0)
+        self._scores[peer] = (new, now)
+        self._scores.move_to_end(peer)
+        self.offences[peer] += 1
+        if new <= self.blacklist_threshold and peer not in self._blacklist:
+            self._blacklist[peer] = now + self.blacklist_seconds
+            log.warning("blacklisted peer %s for %.0f s (score %.1f)", peer[:12],
+                        self.blacklist_seconds, new)  # fmt: skip
+        while len(self._scores) > self.max_peers:
+            self._scores.popitem(last=False)
+
+    def is_blacklisted(self, peer: str) -> bool:
+        until = self._blacklist.get(peer)
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            del self._blacklist[peer]
+            self._scores.pop(peer, None)
+            return False
+        return True
+
+    def blacklisted(self) -> list[str]:
+        return [p for p in list(self._blacklist) if self.is_blacklisted(p)]
+
+
+class ReplayGuard:
+    """Remembers recently seen (sender, seq) pairs within a sliding window per sender.
+
+    A message is a replay if its seq was seen before, or is more than ``window`` below the
+    highest seq seen from that sender. Memory: at most ``max_senders`` * ``window`` ints.
+    """
+
+    def __init__(self, window: int = 4096, max_senders: int = 4096) -> None:
+        self.window = window
+        self.max_senders = max_senders
+        self._seen: OrderedDict[str, tuple[int, set[int]]] = OrderedDict()
+
+    def check_and_record(self, sender: str, seq: int) -> bool:
+        """True if fresh (and records it); False if it is a replay."""
+        top, seen = self._seen.get(sender, (-1, set()))
+        if seq in seen or (top >= 0 and seq <= top - self.window):
+            return False
+        seen.add(seq)
+        if seq > top:
+            top = seq
+            if len(seen) > self.window:
+                seen = {s for s in seen if s > top - self.window}
+        self._seen[sender] = (top, seen)
+        self._seen.move_to_end(sender)
+        while len(self._seen) > self.max_senders:
+            self._seen.popitem(last=False)
+        return True
+
+
+class MessageValidator:
+    """The inbound pipeline: verify, check freshness and replay, count every drop.
+
+    ``max_age`` (s) bounds how old a message's timestamp may be and ``max_skew`` (s) how far
+    in the future. ``dropped`` counts rejections by reason; callers use :meth:`check`.
+    """
+
+    def __init__(
+        self, scores: PeerScores | None = None, max_age: float = 120.0, max_skew: float = 30.0
+    ) -> None:
+        self.scores = scores or PeerScores()
+        self.max_age = max_age
+        self.max_skew = max_skew
+        self.replay = ReplayGuard()
+        self.dropped: Counter[str] = Counter()
+
+    def reject(self, from_peer: str | None, reason: str, detail: str) -> None:
+        """Count a drop and penalize the connection it came from (if authenticated)."""
+        self.dropped[reason] += 1
+        if from_peer is not None and reason != "blacklisted":
+            self.scores.penalize(from_peer, reason)
+        log.info("dropped message from %s: %s: %s", (from_peer or "?")[:12], reason, detail)
+
+    def check(self, frame: dict[str, Any], from_peer: str) -> SignedMessage:
+        """Validate a ``msg`` frame received directly from ``from_peer``.
+
+        Direct messages must be signed by the connection's own authenticated peer; relayed
+        content travels embedded in bodies and is checked with :func:`open_signed`.
+        Raises MessageRejectedError after counting and penalizing.
+        """
+        try:
+            if self.scores.is_blacklisted(from_peer):
+                raise MessageRejectedError("blacklisted", f"peer {from_peer[:12]} is blacklisted")
+            msg = open_signed(frame)
+            if msg.sender != from_peer:
+                raise MessageRejectedError(
+                    "wrong_sender",
+                    f"connection of {from_peer[:12]} sent a message signed by {msg.sender[:12]}",
+                )
+            now = time.time()
+            if msg.ts < now - self.max_age or msg.ts > now + self.max_skew:
+                raise MessageRejectedError(
+                    "stale",
+                    f"{msg.kind} from {from_peer[:12]} timestamp off by {msg.ts - now:.0f} s",
+                )
+            if not self.replay.check_and_record(msg.sender, msg.seq):
+                raise MessageRejectedError(
+                    "replayed", f"{msg.kind} seq {msg.seq} from {from_peer[:12]} seen before"
+                )
+        except MessageRejectedError as exc:
+            self.reject(from_peer, exc.reason, exc.detail)
+            raise
+        return msg

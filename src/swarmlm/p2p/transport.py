@@ -1,0 +1,660 @@
+"""The networking half of a node: TLS connections, per-peer queues, liveness, PEX, blobs.
+
+One :class:`P2PNode` runs on one asyncio loop. Every peer has at most one connection (when
+both sides dial at once, both keep the one dialled by the smaller node id). Each connection
+has a reader task, a writer task draining two bounded queues (signed control messages
+first, then payload chunks, so votes are never stuck behind a 100 MB transfer), and a
+heartbeat task. Every network await has a timeout. Anything a peer sends that fails
+validation is dropped, counted by reason and charged to that peer's score.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swarmlm.p2p.config import P2PConfig
+from swarmlm.p2p.errors import MessageRejectedError, TransportError, WireError
+from swarmlm.p2p.identity import NodeIdentity
+from swarmlm.p2p.messages import (
+    MessageSigner,
+    MessageValidator,
+    PeerScores,
+    SignedMessage,
+    open_signed,
+)
+from swarmlm.p2p.tls import make_contexts, peer_node_id, write_tls_files
+from swarmlm.p2p.wire import (
+    BlobAssembler,
+    blob_frames,
+    encode_blob_chunk,
+    encode_frame,
+    read_frame,
+)
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[SignedMessage, str], Awaitable[None] | None]
+
+
+@dataclass
+class PeerInfo:
+    """What we know about one peer. ``record`` is its own signed ``peer_record``."""
+
+    node_id: str
+    addr: tuple[str, int] | None = None
+    record: dict[str, Any] | None = None
+    record_ts: float = 0.0
+    last_contact: float = 0.0  # time.monotonic() of the last frame received
+    dial_attempts: int = 0
+    next_dial: float = 0.0
+
+    def state(self, node: P2PNode) -> str:
+        if node.scores.is_blacklisted(self.node_id):
+            return "blacklisted"
+        if self.node_id in node.connections:
+            return "connected"
+        if time.monotonic() - self.last_contact > node.config.dead_timeout:
+            return "dead"
+        return "disconnected"
+
+
+@dataclass
+class _BlobJob:
+    digest: bytes
+    data: bytes | memoryview
+    done: asyncio.Future[None]
+    spans: deque[tuple[int, int]] = field(default_factory=deque)
+
+
+class Connection:
+    """One authenticated TLS connection to ``peer_id``."""
+
+    def __init__(
+        self,
+        node: P2PNode,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer_id: str,
+        dialer: str,
+    ) -> None:
+        self.node = node
+        self.reader = reader
+        self.writer = writer
+        self.peer_id = peer_id
+        self.dialer = dialer
+        self.ctrl: deque[bytes] = deque()
+        self.bulk: deque[_BlobJob] = deque()
+        self.bulk_space = asyncio.Event()
+        self.bulk_space.set()
+        self.wake = asyncio.Event()
+        self.assembler = BlobAssembler(max_blob=node.config.max_blob, accept=node.blobs.expects)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.closed = False
+
+    def start(self) -> None:
+        for coro in (self._read_loop(), self._write_loop(), self._heartbeat_loop()):
+            self.tasks.append(asyncio.create_task(coro))
+
+    def send_frame(self, frame: bytes) -> bool:
+        if self.closed:
+            return False
+        if len(self.ctrl) >= self.node.config.send_queue:
+            self.node.counters["send_queue_full"] += 1
+            return False
+        self.ctrl.append(frame)
+        self.wake.set()
+        return True
+
+    async def send_blob(self, digest: bytes, data: bytes | memoryview) -> None:
+        """Queue a payload; waits (bounded) for queue space, then for the transfer."""
+        cfg = self.node.config
+        while len(self.bulk) >= cfg.blob_queue:
+            self.bulk_space.clear()
+            await asyncio.wait_for(self.bulk_space.wait(), cfg.io_timeout)
+            if self.closed:
+                raise TransportError(f"connection to {self.peer_id[:12]} closed")
+        job = _BlobJob(digest, data, asyncio.get_running_loop().create_future())
+        job.spans.extend(blob_frames(digest, data, cfg.chunk_size))
+        self.bulk.append(job)
+        self.wake.set()
+        await job.done
+
+    async def _write_loop(self) -> None:
+        cfg = self.node.config
+        try:
+            while not self.closed:
+                await self.wake.wait()
+                self.wake.clear()
+                while self.ctrl or self.bulk:
+                    if self.ctrl:
+                        frame = self.ctrl.popleft()
+                    else:
+                        job = self.bulk[0]
+                        start, end = job.spans.popleft()
+                        frame = encode_blob_chunk(
+                            job.digest, len(job.data), start, memoryview(job.data)[start:end]
+                        )
+                        if not job.spans:
+                            self.bulk.popleft()
+                            self.bulk_space.set()
+                            if not job.done.done():
+                                job.done.set_result(None)
+                    self.writer.write(frame)
+                    self.node.bytes_sent += len(frame)
+                    await asyncio.wait_for(self.writer.drain(), cfg.io_timeout)
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            log.info("write to %s failed: %r", self.peer_id[:12], exc)
+        finally:
+            await self.node._drop_connection(self, "write loop ended")
+
+    async def _heartbeat_loop(self) -> None:
+        ping = encode_frame({"t": "ping"})
+        while not self.closed:
+            await asyncio.sleep(self.node.config.heartbeat_interval)
+            self.send_frame(ping)
+
+    async def _read_loop(self) -> None:
+        node, cfg = self.node, self.node.config
+        try:
+            while not self.closed:
+                try:
+                    frame = await read_frame(self.reader, cfg.max_frame, cfg.dead_timeout)
+                except WireError as exc:
+                    reason = "oversized" if "over max_frame" in str(exc) else "malformed"
+                    node.validator.reject(self.peer_id, reason, str(exc))
+                    return  # framing can no longer be trusted
+                node.peer(self.peer_id).last_contact = time.monotonic()
+                if self.peer_id in node.blocked:
+                    continue
+                await node._dispatch(self, frame)
+        except (TimeoutError, asyncio.IncompleteReadError, OSError, ConnectionError) as exc:
+            log.info("connection to %s lost: %r", self.peer_id[:12], exc)
+        finally:
+            await node._drop_connection(self, "read loop ended")
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.wake.set()
+        self.bulk_space.set()
+        for job in self.bulk:
+            if not job.done.done():
+                job.done.set_exception(TransportError(f"connection to {self.peer_id[:12]} closed"))
+        self.bulk.clear()
+        current = asyncio.current_task()
+        for t in self.tasks:
+            if t is not current:
+                t.cancel()
+        with contextlib.suppress(Exception):
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+
+
+class BlobStore:
+    """Payloads by digest. Only digests someone announced or we asked for are accepted.
+
+    ``expect`` marks a digest as wanted (a signed contribution announced it, or we are
+    fetching it); unsolicited blobs are refused at their first chunk, so a peer cannot fill
+    our memory with payloads nobody referenced.
+    """
+
+    def __init__(self) -> None:
+        self._data: dict[bytes, bytes] = {}
+        self._expected: set[bytes] = set()
+        self._waiters: dict[bytes, list[asyncio.Future[bytes]]] = {}
+
+    def expects(self, digest: bytes) -> bool:
+        return digest in self._expected and digest not in self._data
+
+    def expect(self, digest: bytes) -> None:
+        if digest not in self._data:
+            self._expected.add(digest)
+
+    def put(self, digest: bytes, data: bytes) -> None:
+        self._data[digest] = data
+        self._expected.discard(digest)
+        for fut in self._waiters.pop(digest, []):
+            if not fut.done():
+                fut.set_result(data)
+
+    def get(self, digest: bytes) -> bytes | None:
+        return self._data.get(digest)
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._data
+
+    async def wait(self, digest: bytes, timeout: float) -> bytes:
+        if digest in self._data:
+            return self._data[digest]
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(digest, []).append(fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            waiters = self._waiters.get(digest)
+            if waiters and fut in waiters:
+                waiters.remove(fut)
+                if not waiters:
+                    del self._waiters[digest]
+
+    def forget(self, digests: set[bytes]) -> None:
+        for d in digests:
+            self._data.pop(d, None)
+            self._expected.discard(d)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(v) for v in self._data.values())
+
+
+class P2PNode:
+    """A peer: identity, TLS listener, connections, peer table, PEX and blob exchange.
+
+    Contract for users (the round protocol, the swarm trainer): register message handlers
+    with :meth:`on`, send signed messages with :meth:`broadcast`/:meth:`send`, push payloads
+    with :meth:`send_blob`, fetch by digest with :meth:`fetch`. Handlers run on the loop
+    and must not block; CPU-heavy work belongs in ``asyncio.to_thread``.
+    """
+
+    def __init__(self, identity: NodeIdentity, config: P2PConfig) -> None:
+        self.identity = identity
+        self.node_id = identity.node_id
+        self.config = config
+        self.signer = MessageSigner(identity)
+        self.scores = PeerScores(
+            blacklist_threshold=config.blacklist_threshold,
+            blacklist_seconds=config.blacklist_seconds,
+        )
+        self.validator = MessageValidator(self.scores, max_age=config.max_message_age)
+        self.blobs = BlobStore()
+        self.peers: dict[str, PeerInfo] = {}
+        self.connections: dict[str, Connection] = {}
+        self.blocked: set[str] = set()  # test-controlled link filter (simulated partitions)
+        self.counters: Counter[str] = Counter()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.handlers: dict[str, Handler] = {}
+        self.on_peer_connected: Callable[[str], None] | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dialing: set[tuple[str, int]] = set()
+        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        self._port = 0
+        self._record: SignedMessage | None = None
+        self.on("ping", lambda m, p: None)
+        self.on("peers", self._on_peers)
+        self.on("fetch", self._on_fetch)
+        self.on("nofetch", lambda m, p: None)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.config.node_dir is not None:
+            tls_dir = Path(self.config.node_dir) / "tls"
+        else:
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="swarmlm-tls-")
+            tls_dir = Path(self._tmpdir.name)
+        self._server_ctx, self._client_ctx = make_contexts(*write_tls_files(self.identity, tls_dir))
+        self._server = await asyncio.start_server(
+            self._accept,
+            self.config.host,
+            self.config.port,
+            ssl=self._server_ctx,
+            ssl_handshake_timeout=self.config.connect_timeout,
+            limit=self.config.max_frame + 64,
+        )
+        self._port = self._server.sockets[0].getsockname()[1]
+        self._sign_record()
+        self._tasks.append(asyncio.create_task(self._maintenance_loop()))
+        log.info("node %s listening on %s:%d", self.identity.short_id, self.config.host, self.port)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections.values()):
+            await conn.close()
+        self.connections.clear()
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.config.advertise_host or self.config.host, self.port)
+
+    # -- messaging -----------------------------------------------------------------------
+    def on(self, kind: str, handler: Handler) -> None:
+        self.handlers[kind] = handler
+
+    def sign(self, kind: str, body: dict[str, Any], round: int = 0) -> SignedMessage:
+        return self.signer.sign(kind, body, round)
+
+    def send(self, peer_id: str, msg: SignedMessage) -> bool:
+        return self.send_raw(peer_id, encode_frame({"t": "msg", **msg.to_wire()}))
+
+    def send_raw(self, peer_id: str, frame: bytes) -> bool:
+        conn = self.connections.get(peer_id)
+        if conn is None or peer_id in self.blocked:
+            return False
+        return conn.send_frame(frame)
+
+    def broadcast(self, msg: SignedMessage, peers: list[str] | None = None) -> int:
+        """Send to ``peers`` (default: all connected); returns how many were queued."""
+        frame = encode_frame({"t": "msg", **msg.to_wire()})
+        targets = list(self.connections) if peers is None else peers
+        return sum(self.send_raw(p, frame) for p in targets if p != self.node_id)
+
+    async def send_blob(self, peer_id: str, digest: bytes, data: bytes | memoryview) -> None:
+        conn = self.connections.get(peer_id)
+        if conn is None or peer_id in self.blocked:
+            raise TransportError(f"no connection to peer {peer_id[:12]}")
+        await conn.send_blob(digest, data)
+
+    async def fetch(self, digest: bytes, peers: list[str], timeout: float | None = None) -> bytes:
+        """Get a payload by digest from whichever of ``peers`` has it (verified by hash)."""
+        timeout = timeout or self.config.fetch_timeout
+        have = self.blobs.get(digest)
+        if have is not None:
+            return have
+        self.blobs.expect(digest)
+        deadline = time.monotonic() + timeout
+        candidates = [p for p in peers if p in self.connections and p != self.node_id]
+        random.shuffle(candidates)
+        req = self.sign("fetch", {"digest": digest})
+        per_peer = max(timeout / max(len(candidates), 1), 0.5)
+        for peer in candidates or [""]:
+            if peer:
+                self.send(peer, req)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                return await self.blobs.wait(digest, min(per_peer, left))
+            except TimeoutError:
+                continue
+        raise TransportError(
+            f"payload {digest.hex()[:12]} not obtained from {len(candidates)} peers"
+        )
+
+    # -- connections ---------------------------------------------------------------------
+    def peer(self, node_id: str) -> PeerInfo:
+        info = self.peers.get(node_id)
+        if info is None:
+            info = PeerInfo(node_id, last_contact=time.monotonic())
+            self.peers[node_id] = info
+            self._bound_peer_table()
+        return info
+
+    def _bound_peer_table(self) -> None:
+        while len(self.peers) > self.config.max_peers:
+            victims = sorted(
+                (p for p in self.peers.values() if p.node_id not in self.connections),
+                key=lambda p: p.record_ts,
+            )
+            if not victims:
+                return
+            del self.peers[victims[0].node_id]
+
+    async def connect(self, host: str, port: int, expect: str | None = None) -> str:
+        """Dial ``host:port``; returns the authenticated peer id (must equal ``expect``)."""
+        cfg = self.config
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=self._client_ctx, limit=cfg.max_frame + 64),
+                cfg.connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise TransportError(f"cannot connect to {host}:{port}: {exc!r}") from None
+        try:
+            return await self._handshake(reader, writer, dialer=True, expect=expect)
+        except BaseException:
+            writer.close()
+            raise
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._handshake(reader, writer, dialer=False, expect=None)
+        except (TransportError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            log.info("inbound connection refused: %s", exc)
+            writer.close()
+
+    async def _handshake(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        dialer: bool,
+        expect: str | None,
+    ) -> str:
+        cfg = self.config
+        peer_id = peer_node_id(writer.get_extra_info("ssl_object"))
+        if peer_id == self.node_id:
+            raise TransportError("connected to ourselves")
+        if expect is not None and peer_id != expect:
+            raise TransportError(f"peer at address is {peer_id[:12]}, expected {expect[:12]}")
+        if self.scores.is_blacklisted(peer_id) or peer_id in self.blocked:
+            raise TransportError(f"peer {peer_id[:12]} is blacklisted or blocked")
+        hello = self.sign("hello", {"addr": list(self.address)})
+        writer.write(encode_frame({"t": "msg", **hello.to_wire()}))
+        await asyncio.wait_for(writer.drain(), cfg.connect_timeout)
+        try:
+            frame = await read_frame(reader, cfg.max_frame, cfg.connect_timeout)
+            msg = self.validator.check(frame, peer_id)
+        except (WireError, MessageRejectedError) as exc:
+            raise TransportError(f"bad hello from {peer_id[:12]}: {exc}") from None
+        if msg.kind != "hello" or not _valid_addr(msg.body["addr"]):
+            raise TransportError(f"peer {peer_id[:12]} sent {msg.kind} instead of a valid hello")
+        info = self.peer(peer_id)
+        if info.addr is None or dialer:
+            info.addr = (str(msg.body["addr"][0]), int(msg.body["addr"][1]))
+        info.last_contact = time.monotonic()
+        info.dial_attempts = 0
+        conn = Connection(self, reader, writer, peer_id, self.node_id if dialer else peer_id)
+        old = self.connections.get(peer_id)
+        if old is not None and not old.closed:
+            keeper = min(self.node_id, peer_id)
+            if old.dialer == keeper and conn.dialer != keeper:
+                await conn.close()
+                return peer_id
+            await old.close()
+        self.connections[peer_id] = conn
+        conn.start()
+        log.info("connected to %s (%s)", peer_id[:12], "out" if dialer else "in")
+        if self._record is not None:
+            self.send(peer_id, self._peers_message())
+        if self.on_peer_connected is not None:
+            self.on_peer_connected(peer_id)
+        return peer_id
+
+    async def _drop_connection(self, conn: Connection, why: str) -> None:
+        if self.connections.get(conn.peer_id) is conn:
+            del self.connections[conn.peer_id]
+            log.info("disconnected from %s: %s", conn.peer_id[:12], why)
+        await conn.close()
+
+    async def _dispatch(self, conn: Connection, frame: dict[str, Any]) -> None:
+        t = frame["t"]
+        peer = conn.peer_id
+        if t == "msg":
+            try:
+                msg = self.validator.check(frame, peer)
+            except MessageRejectedError:
+                return
+            self.bytes_received += len(msg.raw) + 80
+            handler = self.handlers.get(msg.kind)
+            if handler is None:
+                self.validator.reject(peer, "invalid", f"unexpected {msg.kind} message")
+                return
+            try:
+                result = handler(msg, peer)
+                if result is not None:
+                    await result
+            except MessageRejectedError as exc:
+                self.validator.reject(peer, exc.reason, exc.detail)
+            except Exception:
+                log.exception("handler for %s from %s failed", msg.kind, peer[:12])
+        elif t == "blob":
+            try:
+                done = conn.assembler.add(frame)
+            except WireError as exc:
+                self.validator.reject(peer, "bad_blob", str(exc))
+                return
+            chunk = frame.get("c")
+            self.bytes_received += len(chunk) + 64 if isinstance(chunk, bytes) else 0
+            if done is not None:
+                self.blobs.put(*done)
+        elif t == "ping":
+            pass
+        else:
+            self.validator.reject(peer, "malformed", f"unknown frame type {t!r}")
+
+    def _on_fetch(self, msg: SignedMessage, peer: str) -> None:
+        digest = msg.body["digest"]
+        data = self.blobs.get(digest)
+        if data is None:
+            self.send(peer, self.sign("nofetch", {"digest": digest}))
+            return
+        task = asyncio.create_task(self._serve_blob(peer, digest, data))
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks_done)
+
+    def _tasks_done(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+
+    async def _serve_blob(self, peer: str, digest: bytes, data: bytes) -> None:
+        with contextlib.suppress(TransportError, TimeoutError):
+            await self.send_blob(peer, digest, data)
+
+    # -- discovery -----------------------------------------------------------------------
+    def _sign_record(self) -> None:
+        self._record = self.sign("peer_record", {"addr": list(self.address)})
+
+    def _peers_message(self) -> SignedMessage:
+        now = time.time()
+        records = [self._record.to_wire()] if self._record else []
+        for info in self.peers.values():
+            fresh = info.record is not None and now - info.record_ts < self.config.peer_ttl
+            if fresh and info.record and not self.scores.is_blacklisted(info.node_id):
+                records.append(info.record)
+        return self.sign("peers", {"records": records[: self.config.max_peers]})
+
+    def _on_peers(self, msg: SignedMessage, peer: str) -> None:
+        now = time.time()
+        records = msg.body["records"]
+        if len(records) > self.config.max_peers + 1:
+            raise MessageRejectedError("invalid", f"{len(records)} peer records, over max_peers")
+        for wire in records:
+            rec = open_signed(wire)  # a bad record rejects the whole message (and scores)
+            if rec.kind != "peer_record" or not _valid_addr(rec.body["addr"]):
+                raise MessageRejectedError("invalid", "peer list holds a non-record")
+            if rec.sender == self.node_id or now - rec.ts > self.config.peer_ttl:
+                continue
+            if rec.ts > now + self.config.max_message_age:
+                continue
+            info = self.peer(rec.sender)
+            if rec.ts > info.record_ts:
+                info.record, info.record_ts = rec.to_wire(), rec.ts
+                info.addr = (str(rec.body["addr"][0]), int(rec.body["addr"][1]))
+
+    async def _maintenance_loop(self) -> None:
+        cfg = self.config
+        next_pex = 0.0
+        while True:
+            now = time.monotonic()
+            for host, port in cfg.bootstrap:
+                if not self.connections and (host, port) not in self._dialing:
+                    self._spawn_dial(host, port, None)
+            for info in list(self.peers.values()):
+                if (
+                    info.node_id in self.connections
+                    or info.addr is None
+                    or info.node_id in self.blocked
+                    or self.scores.is_blacklisted(info.node_id)
+                    or now < info.next_dial
+                    or info.addr in self._dialing
+                ):
+                    continue
+                if time.time() - info.record_ts > cfg.peer_ttl and info.record is not None:
+                    continue
+                delay = min(cfg.reconnect_max, cfg.reconnect_base * 2**info.dial_attempts)
+                info.next_dial = now + delay * random.uniform(0.5, 1.5)
+                info.dial_attempts += 1
+                self._spawn_dial(info.addr[0], info.addr[1], info.node_id)
+            for peer_id in list(self.blocked):
+                conn = self.connections.get(peer_id)
+                if conn is not None:
+                    await self._drop_connection(conn, "link blocked")
+            if now >= next_pex:
+                next_pex = now + cfg.pex_interval
+                self._sign_record()
+                self.broadcast(self._peers_message())
+            await asyncio.sleep(min(cfg.heartbeat_interval, cfg.reconnect_base, 0.25))
+
+    def _spawn_dial(self, host: str, port: int, expect: str | None) -> None:
+        self._dialing.add((host, port))
+
+        async def dial() -> None:
+            try:
+                await self.connect(host, port, expect)
+            except (TransportError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                log.debug("dial %s:%d failed: %s", host, port, exc)
+            finally:
+                self._dialing.discard((host, port))
+
+        task = asyncio.create_task(dial())
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks_done)
+
+    # -- introspection -------------------------------------------------------------------
+    def peer_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for info in sorted(self.peers.values(), key=lambda p: p.node_id):
+            rows.append(
+                {
+                    "id": info.node_id,
+                    "addr": f"{info.addr[0]}:{info.addr[1]}" if info.addr else "?",
+                    "score": round(self.scores.score(info.node_id), 2),
+                    "state": info.state(self),
+                }
+            )
+        return rows
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "connected": len(self.connections),
+            "known_peers": len(self.peers),
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "dropped": dict(self.validator.dropped),
+            "counters": dict(self.counters),
+            "blacklisted": [p[:12] for p in self.scores.blacklisted()],
+        }
+
+
+def _valid_addr(addr: object) -> bool:
+    return (
+        isinstance(addr, list)
+        and len(addr) == 2
+        and isinstance(addr[0], str)
+        and 0 < len(addr[0]) <= 255
+        and isinstance(addr[1], int)
+        and 0 < addr[1] < 65536
+    )
