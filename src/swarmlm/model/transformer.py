@@ -114,7 +114,6 @@ class Transformer(nn.Module):
         cache it covers only the new tokens. ``targets`` use -100 for ignored positions.
         ``num_logits_to_keep`` > 0 computes logits for the last positions only (decoding).
         """
-        bsz, seqlen = input_ids.shape
         if position_ids is None:
             position_ids = self._default_positions(input_ids, attention_mask, cache)
         if self.pos_embed is not None and int(position_ids.max()) >= self.cfg.max_seq_len:
@@ -171,7 +170,6 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """Positions count real tokens only, so a left-padded row starts at position 0."""
         bsz, seqlen = input_ids.shape
-        offset = 0
         if cache is not None:
             # Continue after the last real position already cached in each row.
             offset_row = cache.slot_pos.max(dim=1).values + 1
@@ -179,7 +177,7 @@ class Transformer(nn.Module):
                 return offset_row[:, None] + torch.arange(seqlen, device=input_ids.device)
             return offset_row[:, None] + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if attention_mask is None:
-            pos = torch.arange(offset, offset + seqlen, device=input_ids.device)
+            pos = torch.arange(seqlen, device=input_ids.device)
             return pos.unsqueeze(0).expand(bsz, seqlen)
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
