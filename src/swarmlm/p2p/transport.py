@@ -213,6 +213,7 @@ class BlobStore:
         self._data: dict[bytes, bytes] = {}
         self._expected: set[bytes] = set()
         self._waiters: dict[bytes, list[asyncio.Future[bytes]]] = {}
+        self.on_put: list[Callable[[bytes], None]] = []
 
     def expects(self, digest: bytes) -> bool:
         return digest in self._expected and digest not in self._data
@@ -227,6 +228,8 @@ class BlobStore:
         for fut in self._waiters.pop(digest, []):
             if not fut.done():
                 fut.set_result(data)
+        for hook in self.on_put:
+            hook(digest)
 
     def get(self, digest: bytes) -> bytes | None:
         return self._data.get(digest)

@@ -1,0 +1,787 @@
+"""The BFT round protocol: every honest peer decides the same set of contributions per round.
+
+Summary (the full protocol, its messages and invariants are in docs/protocol.md):
+
+* Membership ``M_r`` (sorted node ids) is fixed for round ``r``; ``n = |M_r|``,
+  ``f = (n - 1) // 3``, quorum ``q = n - f`` (>= 2f + 1).
+* Each member signs ``contrib(r, digest, size)`` and pushes its payload to every member.
+* The leader of ``(r, view)`` is ``M_r[(r + view) % n]``. It proposes entries (one signed
+  contribution per member, at least ``q`` of them, all payloads held) plus membership
+  changes for ``r + 1``. ``h`` = hash of (round, entries, changes), independent of view.
+* A member PREPAREs ``(r, view, h)`` once it holds every payload of the proposal; with ``q``
+  PREPAREs it is *prepared* and COMMITs; with ``q`` COMMITs it decides. ``q`` COMMITs plus
+  the proposal form a decision certificate anyone can verify and use to catch up.
+* On timeout (``round_timeout * 2**view``, capped) a member sends VIEWCHANGE(view + 1)
+  carrying its highest prepared certificate. The next leader proposes, with ``q``
+  VIEWCHANGEs as justification, the entries of the highest prepared certificate among them,
+  or its own set when there is none. ``f + 1`` VIEWCHANGEs for a higher view pull a member
+  into that view.
+* Two different signed contributions, proposals or votes from one peer for the same round
+  (and view) form an equivocation proof; proofs are gossiped and the next proposal removes
+  the offender from ``M_{r+1}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarmlm.p2p.errors import ConsensusError, MessageRejectedError, TransportError
+from swarmlm.p2p.identity import canonical_encode
+from swarmlm.p2p.messages import SignedMessage, open_signed
+from swarmlm.p2p.transport import P2PNode
+from swarmlm.p2p.wire import DIGEST_SIZE, digest_of
+
+log = logging.getLogger(__name__)
+
+VOTE_KINDS = ("prepare", "commit")
+ROUND_KINDS = ("contrib", "propose", "prepare", "commit", "viewchange", "decided_req", "decided")
+MAX_VIEW_TIMEOUT_FACTOR = 8
+LOOKAHEAD_ROUNDS = 4
+MAX_BUFFERED = 20_000
+
+
+def quorum(n: int) -> int:
+    """Votes needed among ``n`` members: ``n - f`` with ``f = (n - 1) // 3`` faults."""
+    return n - (n - 1) // 3
+
+
+def leader_of(members: list[str], round: int, view: int) -> str:
+    return members[(round + view) % len(members)]
+
+
+def proposal_hash(round: int, entries: list[Any], changes: list[Any]) -> bytes:
+    return hashlib.sha256(canonical_encode({"r": round, "e": entries, "c": changes})).digest()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One decided contribution: who contributed which payload (by SHA-256 digest)."""
+
+    peer: str
+    digest: bytes
+    size: int
+
+
+@dataclass
+class Decision:
+    """What round ``round`` decided; identical on every honest peer.
+
+    ``entries`` is sorted by peer id; ``members`` is ``M_round`` and ``members_next`` is
+    ``M_{round+1}``. ``certificate`` (proposal + q commits) lets others verify it.
+    """
+
+    round: int
+    view: int
+    entries: list[Entry]
+    members: list[str]
+    members_next: list[str]
+    changes: list[dict[str, Any]]
+    certificate: dict[str, Any]
+    latency_s: float = 0.0
+
+    @property
+    def digests(self) -> list[bytes]:
+        return [e.digest for e in self.entries]
+
+
+@dataclass
+class _Round:
+    round: int
+    members: list[str]
+    t0: float = field(default_factory=time.monotonic)
+    view: int = 0
+    started: bool = False
+    contribs: dict[str, SignedMessage] = field(default_factory=dict)
+    proposals: dict[int, SignedMessage] = field(default_factory=dict)
+    votes: dict[tuple[str, int, bytes], dict[str, SignedMessage]] = field(default_factory=dict)
+    sent: set[tuple[str, int]] = field(default_factory=set)
+    prepared: dict[str, Any] | None = None
+    prepared_view: int = -1
+    viewchanges: dict[int, dict[str, SignedMessage]] = field(default_factory=dict)
+    seen_votes: dict[tuple[str, int, str], SignedMessage] = field(default_factory=dict)
+    quorum_at: float | None = None
+    fetching: bool = False
+    decided: Decision | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def n(self) -> int:
+        return len(self.members)
+
+    @property
+    def q(self) -> int:
+        return quorum(self.n)
+
+
+class RoundProtocol:
+    """One node's side of the round protocol, on top of a started :class:`P2PNode`.
+
+    Public API (what the swarm trainer uses):
+      * ``await contribute(r, payload) -> Decision``: sign and push our payload for round
+        ``r``, wait until ``r`` decides (raises ConsensusError after ``timeout``).
+      * ``await decision(r)``: wait for round ``r`` without contributing.
+      * ``await fetch(digest) -> bytes``: a decided payload, from any member that has it.
+      * ``request_join()`` / ``request_leave()``: membership changes, applied at the
+        boundary after the round whose decision includes them.
+      * ``members(r)``: the agreed membership of round ``r`` once known.
+    All methods run on the node's loop; hashing of large payloads happens in a thread.
+    """
+
+    def __init__(self, node: P2PNode, genesis: list[str], start_round: int = 1) -> None:
+        if node.node_id not in genesis and genesis:
+            log.info("node %s starts outside the genesis membership", node.identity.short_id)
+        self.node = node
+        self.cfg = node.config
+        self.start_round = start_round
+        self._members: dict[int, list[str]] = {start_round: sorted(set(genesis))}
+        self.decisions: dict[int, Decision] = {}
+        self.last_decided = start_round - 1
+        self.rounds: dict[int, _Round] = {}
+        self.future: dict[int, list[tuple[SignedMessage, str]]] = {}
+        self.n_buffered = 0
+        self.highest_seen = 0
+        self.proofs: dict[str, dict[str, Any]] = {}
+        self.join_requests: dict[str, dict[str, Any]] = {}
+        self.leave_requests: dict[str, dict[str, Any]] = {}
+        self.stats: Counter[str] = Counter()
+        self.latencies: deque[float] = deque(maxlen=1000)
+        self._answered: set[tuple[str, int]] = set()
+        self._requested: dict[int, float] = {}
+        self._round_payloads: dict[int, set[bytes]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._changed = asyncio.Event()
+        for kind in (*ROUND_KINDS, "equivocation", "join", "leave"):
+            node.on(kind, self._on_message)
+        node.blobs.on_put.append(self._on_blob)
+        self._ensure_round(start_round)
+
+    # -- public API ----------------------------------------------------------------------
+    def members(self, round: int) -> list[str] | None:
+        return self._members.get(round)
+
+    async def contribute(
+        self, round: int, payload: bytes, timeout: float | None = None
+    ) -> Decision:
+        if round in self.decisions:
+            return self.decisions[round]
+        if round < self.last_decided:
+            raise ConsensusError(
+                f"round {round} is older than the decided round {self.last_decided}"
+            )
+        timeout = timeout if timeout is not None else self._default_timeout()
+        deadline = time.monotonic() + timeout
+        await self._wait_for(lambda: round in self.rounds or round in self.decisions, deadline)
+        if round in self.decisions:
+            return self.decisions[round]
+        st = self.rounds[round]
+        me = self.node.node_id
+        if me in st.members and not st.started:
+            st.started = True
+            if len(payload) > 1 << 20:
+                digest = await asyncio.to_thread(digest_of, payload)
+            else:
+                digest = digest_of(payload)
+            self.node.blobs.put(digest, payload)
+            self._round_payloads.setdefault(round, set()).add(digest)
+            msg = self.node.sign("contrib", {"digest": digest, "size": len(payload)}, round)
+            st.contribs[me] = msg
+            self._send(msg, st.members)
+            self._push_payload(st, digest, payload)
+            self._progress(st)
+        return await self.decision(round, max(deadline - time.monotonic(), 0.0))
+
+    async def decision(self, round: int, timeout: float | None = None) -> Decision:
+        timeout = timeout if timeout is not None else self._default_timeout()
+        deadline = time.monotonic() + timeout
+        await self._wait_for(lambda: round in self.decisions, deadline)
+        return self.decisions[round]
+
+    async def fetch(self, digest: bytes, timeout: float | None = None) -> bytes:
+        peers = self._members.get(self.last_decided + 1) or []
+        return await self.node.fetch(digest, peers, timeout)
+
+    def request_join(self) -> None:
+        """Ask the members we are connected to to add us at the next round boundary."""
+        self._send(self.node.sign("join", {}), list(self.node.connections))
+
+    def request_leave(self) -> None:
+        members = self._members.get(self.last_decided + 1) or []
+        self._send(self.node.sign("leave", {}), members)
+
+    def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        return {
+            "last_decided": self.last_decided,
+            "members": len(self._members.get(self.last_decided + 1) or []),
+            "latency_p50_ms": round(lat[len(lat) // 2] * 1000, 1) if lat else None,
+            "latency_p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 1)
+            if lat
+            else None,
+            "equivocators": sorted(p[:12] for p in self.proofs),
+            **dict(self.stats),
+        }
+
+    # -- helpers -------------------------------------------------------------------------
+    def _default_timeout(self) -> float:
+        return self.cfg.round_timeout * 40
+
+    async def _wait_for(self, cond: Any, deadline: float) -> None:
+        while not cond():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConsensusError("round did not decide before the timeout")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _send(self, msg: SignedMessage, peers: list[str]) -> None:
+        """Every outgoing protocol message goes through here (Byzantine tests override it)."""
+        self.node.broadcast(msg, [p for p in peers if p != self.node.node_id])
+
+    def _push_payload(self, st: _Round, digest: bytes, payload: bytes) -> None:
+        for peer in st.members:
+            if peer != self.node.node_id:
+                self._spawn(self._push_one(peer, digest, payload))
+
+    async def _push_one(self, peer: str, digest: bytes, payload: bytes) -> None:
+        with contextlib.suppress(TransportError, TimeoutError):
+            await self.node.send_blob(peer, digest, payload)
+
+    def _ensure_round(self, r: int) -> _Round | None:
+        if r in self.rounds:
+            return self.rounds[r]
+        members = self._members.get(r)
+        if members is None or r in self.decisions:
+            return None
+        st = _Round(r, members)
+        self.rounds[r] = st
+        self._spawn(self._timer(st))
+        for msg, peer in self.future.pop(r, []):
+            self.n_buffered -= 1
+            self._handle(msg, peer)
+        self._changed.set()
+        return st
+
+    # -- inbound -------------------------------------------------------------------------
+    def _on_message(self, msg: SignedMessage, peer: str) -> None:
+        if msg.kind == "equivocation":
+            self._on_equivocation(msg)
+        elif msg.kind in ("join", "leave"):
+            self._on_membership_request(msg)
+        else:
+            self._handle(msg, peer)
+
+    def _handle(self, msg: SignedMessage, peer: str) -> None:
+        r = msg.round
+        if msg.kind == "decided":
+            self._on_decided(msg, peer)
+            return
+        if r in self.decisions:
+            if msg.kind != "contrib":
+                self._answer_decided(peer, r)
+            return
+        st = self.rounds.get(r)
+        if st is None:
+            members = self._members.get(r - 1) or self._members.get(self.last_decided + 1) or []
+            if msg.sender in members:
+                self.highest_seen = max(self.highest_seen, r)
+            if r <= self.last_decided + LOOKAHEAD_ROUNDS and self.n_buffered < MAX_BUFFERED:
+                self.future.setdefault(r, []).append((msg, peer))
+                self.n_buffered += 1
+            else:
+                self.stats["dropped_future"] += 1
+            if r > self.last_decided + 1:
+                self._request_decided(self.last_decided + 1, [peer])
+            return
+        if msg.sender not in st.members:
+            self.stats["dropped_nonmember"] += 1
+            return
+        self.highest_seen = max(self.highest_seen, r)
+        handler = {
+            "contrib": self._on_contrib,
+            "propose": self._on_propose,
+            "prepare": self._on_vote,
+            "commit": self._on_vote,
+            "viewchange": self._on_viewchange,
+            "decided_req": lambda s, m, p: None,
+        }[msg.kind]
+        handler(st, msg, peer)
+        self._progress(st)
+
+    def _on_contrib(self, st: _Round, msg: SignedMessage, peer: str) -> None:
+        digest, size = msg.body["digest"], msg.body["size"]
+        if len(digest) != DIGEST_SIZE or not 0 <= size <= self.cfg.max_blob:
+            raise MessageRejectedError("invalid", f"contrib from {peer[:12]}: bad digest or size")
+        old = st.contribs.get(msg.sender)
+        if old is not None:
+            if old.body["digest"] != digest:
+                self._record_equivocation(old, msg)
+            return
+        st.contribs[msg.sender] = msg
+        self.node.blobs.expect(digest)
+        self._round_payloads.setdefault(st.round, set()).add(digest)
+
+    def _on_vote(self, st: _Round, msg: SignedMessage, peer: str) -> None:
+        view, h = msg.body["view"], msg.body["h"]
+        key = (msg.kind, view, msg.sender)
+        old = st.seen_votes.get(key)
+        if old is not None:
+            if old.body["h"] != h:
+                self._record_equivocation(old, msg)
+            return
+        st.seen_votes[key] = msg
+        st.votes.setdefault((msg.kind, view, h), {})[msg.sender] = msg
+
+    def _on_propose(self, st: _Round, msg: SignedMessage, peer: str) -> None:
+        view = msg.body["view"]
+        old = st.proposals.get(view)
+        if old is not None:
+            if self._phash(old) != self._phash(msg):
+                self._record_equivocation(old, msg)
+            return
+        if view < st.view:
+            return
+        self._check_proposal(st, msg)
+        st.proposals[view] = msg
+        if view > st.view:
+            self._enter_view(st, view, announce=False)
+
+    def _on_viewchange(self, st: _Round, msg: SignedMessage, peer: str) -> None:
+        view = msg.body["view"]
+        if view <= 0 or view > st.view + 64:
+            raise MessageRejectedError("invalid", f"viewchange to view {view} from {peer[:12]}")
+        prepared = msg.body["prepared"]
+        if prepared is not None:
+            self._check_prepared_cert(st, prepared)
+        st.viewchanges.setdefault(view, {})[msg.sender] = msg
+        higher = {v for v, vcs in st.viewchanges.items() if v > st.view and len(vcs) > st.n - st.q}
+        if higher:
+            self._enter_view(st, min(higher), announce=True)
+
+    def _on_blob(self, digest: bytes) -> None:
+        for st in list(self.rounds.values()):
+            if st.decided is None:
+                self._progress(st)
+
+    # -- validation ----------------------------------------------------------------------
+    def _phash(self, proposal: SignedMessage) -> bytes:
+        b = proposal.body
+        return proposal_hash(proposal.round, b["entries"], b["changes"])
+
+    def _check_proposal(self, st: _Round, msg: SignedMessage) -> None:
+        """Raise MessageRejectedError unless ``msg`` is a valid proposal for ``st``."""
+        b, view = msg.body, msg.body["view"]
+        who = msg.sender[:12]
+        if view < 0 or msg.sender != leader_of(st.members, st.round, view):
+            raise MessageRejectedError("invalid", f"proposal from non-leader {who}, view {view}")
+        entries = b["entries"]
+        if not st.q <= len(entries) <= st.n:
+            raise MessageRejectedError("invalid", f"proposal from {who} has {len(entries)} entries")
+        peers = []
+        for e in entries:
+            if not isinstance(e, list) or len(e) != 2:
+                raise MessageRejectedError("invalid", f"proposal from {who}: malformed entry")
+            c = open_signed(e[1])
+            if c.kind != "contrib" or c.round != st.round or c.sender != e[0]:
+                raise MessageRejectedError("invalid", f"proposal from {who}: bad contribution")
+            if c.sender not in st.members:
+                raise MessageRejectedError("invalid", f"proposal from {who}: non-member entry")
+            peers.append(c.sender)
+        if peers != sorted(set(peers)):
+            raise MessageRejectedError("invalid", f"proposal from {who}: entries unsorted/dup")
+        self._check_changes(st, b["changes"], who)
+        if view == 0:
+            if b["justify"]:
+                raise MessageRejectedError("invalid", f"view-0 proposal from {who} has justify")
+            return
+        senders: set[str] = set()
+        best: dict[str, Any] | None = None
+        best_view = -1
+        for w in b["justify"]:
+            vc = open_signed(w)
+            if vc.kind != "viewchange" or vc.round != st.round or vc.body["view"] != view:
+                raise MessageRejectedError("invalid", f"proposal from {who}: bad justification")
+            if vc.sender not in st.members:
+                raise MessageRejectedError("invalid", f"proposal from {who}: non-member vc")
+            senders.add(vc.sender)
+            prep = vc.body["prepared"]
+            if prep is not None:
+                pv = self._check_prepared_cert(st, prep)
+                if pv > best_view:
+                    best, best_view = prep, pv
+        if len(senders) < st.q:
+            raise MessageRejectedError("invalid", f"proposal from {who}: {len(senders)} vcs < q")
+        if best is not None:
+            want = self._phash(open_signed(best["proposal"]))
+            if self._phash(msg) != want:
+                raise MessageRejectedError(
+                    "invalid", f"proposal from {who} ignores the highest prepared certificate"
+                )
+
+    def _check_prepared_cert(self, st: _Round, cert: dict[str, Any]) -> int:
+        """Validate {proposal, votes}; returns the view it prepared in."""
+        try:
+            prop = open_signed(cert["proposal"])
+            votes = [open_signed(v) for v in cert["votes"]]
+        except (KeyError, TypeError):
+            raise MessageRejectedError("invalid", "prepared certificate malformed") from None
+        if prop.kind != "propose" or prop.round != st.round:
+            raise MessageRejectedError("invalid", "prepared certificate without a proposal")
+        view = prop.body["view"]
+        if prop.sender != leader_of(st.members, st.round, view):
+            raise MessageRejectedError("invalid", "prepared certificate from a non-leader")
+        h = self._phash(prop)
+        voters = {
+            v.sender
+            for v in votes
+            if v.kind == "prepare"
+            and v.round == st.round
+            and v.body["view"] == view
+            and v.body["h"] == h
+            and v.sender in st.members
+        }
+        if len(voters) < st.q:
+            raise MessageRejectedError("invalid", f"prepared certificate has {len(voters)} votes")
+        return int(view)
+
+    def _check_changes(self, st: _Round, changes: list[Any], who: str) -> None:
+        seen: set[str] = set()
+        for ch in changes:
+            if not isinstance(ch, dict) or ch.get("op") not in ("remove", "join", "leave"):
+                raise MessageRejectedError("invalid", f"proposal from {who}: bad change")
+            peer = ch.get("peer")
+            if not isinstance(peer, str) or peer in seen:
+                raise MessageRejectedError("invalid", f"proposal from {who}: bad change peer")
+            seen.add(peer)
+            if ch["op"] == "remove":
+                if self._verify_proof(ch.get("proof")) != peer or peer not in st.members:
+                    raise MessageRejectedError("invalid", f"proposal from {who}: bad proof")
+            else:
+                req = open_signed(ch.get("req"))
+                if req.kind != ch["op"] or req.sender != peer:
+                    raise MessageRejectedError("invalid", f"proposal from {who}: bad request")
+                if (ch["op"] == "join") == (peer in st.members):
+                    raise MessageRejectedError("invalid", f"proposal from {who}: no-op change")
+        if [c["peer"] for c in changes] != sorted(seen):
+            raise MessageRejectedError("invalid", f"proposal from {who}: changes unsorted")
+
+    # -- equivocation --------------------------------------------------------------------
+    def _verify_proof(self, proof: Any) -> str | None:
+        """The offender's id if ``proof`` holds two conflicting signed messages, else None."""
+        try:
+            a, b = open_signed(proof["a"]), open_signed(proof["b"])
+        except (MessageRejectedError, KeyError, TypeError):
+            return None
+        if a.sender != b.sender or a.kind != b.kind or a.round != b.round or a.raw == b.raw:
+            return None
+        if a.kind == "contrib":
+            return a.sender if a.body["digest"] != b.body["digest"] else None
+        if a.kind in VOTE_KINDS:
+            same_view = a.body["view"] == b.body["view"]
+            return a.sender if same_view and a.body["h"] != b.body["h"] else None
+        if a.kind == "propose":
+            same_view = a.body["view"] == b.body["view"]
+            return a.sender if same_view and self._phash(a) != self._phash(b) else None
+        return None
+
+    def _record_equivocation(self, a: SignedMessage, b: SignedMessage) -> None:
+        if a.sender in self.proofs:
+            return
+        proof = {"a": a.to_wire(), "b": b.to_wire()}
+        if self._verify_proof(proof) != a.sender:
+            return
+        self.proofs[a.sender] = proof
+        self.node.scores.penalize(a.sender, "equivocation")
+        self.stats["equivocations"] += 1
+        log.warning("peer %s equivocated in round %d (%s)", a.sender[:12], a.round, a.kind)
+        members = self._members.get(self.last_decided + 1) or []
+        self._send(self.node.sign("equivocation", proof), members)
+
+    def _on_equivocation(self, msg: SignedMessage) -> None:
+        offender = self._verify_proof(msg.body)
+        if offender is None:
+            raise MessageRejectedError("invalid", f"equivocation proof from {msg.sender[:12]}")
+        if offender not in self.proofs:
+            a, b = open_signed(msg.body["a"]), open_signed(msg.body["b"])
+            self._record_equivocation(a, b)
+
+    def _on_membership_request(self, msg: SignedMessage) -> None:
+        table = self.join_requests if msg.kind == "join" else self.leave_requests
+        if len(table) < self.cfg.max_peers:
+            table[msg.sender] = msg.to_wire()
+
+    # -- progress ------------------------------------------------------------------------
+    def _held(self, st: _Round) -> list[str]:
+        return [
+            p
+            for p, c in st.contribs.items()
+            if c.body["digest"] in self.node.blobs and p not in self.proofs
+        ]
+
+    def _changes_for(self, st: _Round) -> list[dict[str, Any]]:
+        changes: list[dict[str, Any]] = []
+        for peer, proof in self.proofs.items():
+            if peer in st.members:
+                changes.append({"op": "remove", "peer": peer, "proof": proof})
+        for peer, req in self.join_requests.items():
+            if peer not in st.members and peer not in self.proofs:
+                changes.append({"op": "join", "peer": peer, "req": req})
+        for peer, req in self.leave_requests.items():
+            if peer in st.members and peer not in self.proofs:
+                changes.append({"op": "leave", "peer": peer, "req": req})
+        # keep at least q members after removals so the swarm can still decide
+        changes.sort(key=lambda c: c["peer"])
+        return changes[: max(0, st.n - 1)]
+
+    def _progress(self, st: _Round) -> None:
+        if st.decided is not None:
+            return
+        me = self.node.node_id
+        if me not in st.members:
+            return
+        self._maybe_propose(st)
+        prop = st.proposals.get(st.view)
+        if prop is not None and ("prepare", st.view) not in st.sent:
+            missing = [e for e in prop.body["entries"] if open_signed(e[1]).body["digest"]
+                       not in self.node.blobs]  # fmt: skip
+            if missing:
+                self._fetch_missing(st, prop)
+            else:
+                self._vote(st, "prepare", st.view, self._phash(prop))
+        if prop is not None and ("commit", st.view) not in st.sent:
+            h = self._phash(prop)
+            votes = st.votes.get(("prepare", st.view, h), {})
+            if ("prepare", st.view) in st.sent and len(votes) >= st.q:
+                st.prepared = {
+                    "proposal": prop.to_wire(),
+                    "votes": [v.to_wire() for v in list(votes.values())[: st.q]],
+                }
+                st.prepared_view = st.view
+                self._vote(st, "commit", st.view, h)
+        for (kind, view, h), votes in list(st.votes.items()):
+            if kind == "commit" and len(votes) >= st.q:
+                self._try_decide(st, view, h, votes)
+                break
+
+    def _vote(self, st: _Round, kind: str, view: int, h: bytes) -> None:
+        st.sent.add((kind, view))
+        msg = self.node.sign(kind, {"view": view, "h": h}, st.round)
+        st.seen_votes[(kind, view, msg.sender)] = msg
+        st.votes.setdefault((kind, view, h), {})[msg.sender] = msg
+        self._send(msg, st.members)
+
+    def _maybe_propose(self, st: _Round) -> None:
+        me = self.node.node_id
+        view = st.view
+        if leader_of(st.members, st.round, view) != me or view in st.proposals:
+            return
+        if ("propose", view) in st.sent:
+            return
+        justify: list[Any] = []
+        entries_from: dict[str, Any] | None = None
+        if view > 0:
+            vcs = st.viewchanges.get(view, {})
+            if len(vcs) < st.q:
+                return
+            justify = [m.to_wire() for m in list(vcs.values())[: st.q]]
+            best_view = -1
+            for m in list(vcs.values())[: st.q]:
+                prep = m.body["prepared"]
+                if prep is not None:
+                    pv = open_signed(prep["proposal"]).body["view"]
+                    if pv > best_view:
+                        entries_from, best_view = prep, pv
+        if entries_from is not None:
+            old = open_signed(entries_from["proposal"])
+            entries, changes = old.body["entries"], old.body["changes"]
+        else:
+            held = self._held(st)
+            if len(held) < st.q:
+                return
+            if view == 0 and len(held) < st.n:
+                now = time.monotonic()
+                if st.quorum_at is None:
+                    st.quorum_at = now
+                    self._spawn(self._poke_later(st, self.cfg.proposal_grace))
+                if now - st.quorum_at < self.cfg.proposal_grace:
+                    return
+            entries = [[p, st.contribs[p].to_wire()] for p in sorted(held)]
+            changes = self._changes_for(st)
+        st.sent.add(("propose", view))
+        body = {"view": view, "entries": entries, "changes": changes, "justify": justify}
+        msg = self.node.sign("propose", body, st.round)
+        st.proposals[view] = msg
+        self._send(msg, st.members)
+
+    async def _poke_later(self, st: _Round, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._progress(st)
+
+    def _fetch_missing(self, st: _Round, prop: SignedMessage) -> None:
+        if st.fetching:
+            return
+        st.fetching = True
+        self._spawn(self._fetch_all(st, prop))
+
+    async def _fetch_all(self, st: _Round, prop: SignedMessage) -> None:
+        try:
+            for e in prop.body["entries"]:
+                c = open_signed(e[1])
+                digest = c.body["digest"]
+                if digest in self.node.blobs:
+                    continue
+                self._round_payloads.setdefault(st.round, set()).add(digest)
+                peers = [prop.sender, c.sender] + [p for p in st.members if p != c.sender]
+                with contextlib.suppress(TransportError):
+                    await self.node.fetch(digest, peers, self.cfg.fetch_timeout)
+        finally:
+            st.fetching = False
+        self._progress(st)
+
+    def _try_decide(self, st: _Round, view: int, h: bytes, commits: dict[str, Any]) -> None:
+        prop = next((p for p in st.proposals.values() if self._phash(p) == h), None)
+        if prop is None:
+            self._request_decided(st.round, list(commits))
+            return
+        missing = [e for e in prop.body["entries"]
+                   if open_signed(e[1]).body["digest"] not in self.node.blobs]  # fmt: skip
+        if missing:
+            self._fetch_missing(st, prop)
+            return
+        cert = {"proposal": prop.to_wire(), "commits": [c.to_wire() for c in commits.values()]}
+        self._decide(st, prop, view, cert)
+
+    def _decide(self, st: _Round, prop: SignedMessage, view: int, cert: dict[str, Any]) -> None:
+        entries = []
+        for e in prop.body["entries"]:
+            c = open_signed(e[1])
+            entries.append(Entry(c.sender, c.body["digest"], c.body["size"]))
+        changes = prop.body["changes"]
+        nxt = set(st.members)
+        for ch in changes:
+            if ch["op"] == "join":
+                nxt.add(ch["peer"])
+            else:
+                nxt.discard(ch["peer"])
+            self.join_requests.pop(ch["peer"], None)
+            self.leave_requests.pop(ch["peer"], None)
+        latency = time.monotonic() - st.t0
+        d = Decision(st.round, view, entries, st.members, sorted(nxt), changes, cert, latency)
+        st.decided = d
+        st.done.set()
+        self.decisions[st.round] = d
+        self.latencies.append(latency)
+        self.stats["rounds_decided"] += 1
+        self.stats["view_changes"] += view
+        self.last_decided = max(self.last_decided, st.round)
+        self._members[st.round + 1] = d.members_next
+        del self.rounds[st.round]
+        self._prune()
+        log.info("round %d decided in view %d: %d entries", st.round, view, len(entries))
+        nxt_st = self._ensure_round(st.round + 1)
+        if self.highest_seen > st.round + 1 or nxt_st is None:
+            self._request_decided(st.round + 1, None)
+        self._changed.set()
+
+    def _prune(self) -> None:
+        keep = self.last_decided - self.cfg.keep_rounds
+        for r in [r for r in self._round_payloads if r <= keep]:
+            self.node.blobs.forget(self._round_payloads.pop(r))
+        for r in [r for r in self.decisions if r <= self.last_decided - 256]:
+            del self.decisions[r]
+            self._members.pop(r, None)
+        self._answered = {(p, r) for p, r in self._answered if r > keep}
+
+    def _enter_view(self, st: _Round, view: int, announce: bool) -> None:
+        if view <= st.view:
+            return
+        st.view = view
+        st.fetching = False
+        self.stats["view_entries"] += 1
+        if announce and ("viewchange", view) not in st.sent:
+            st.sent.add(("viewchange", view))
+            msg = self.node.sign("viewchange", {"view": view, "prepared": st.prepared}, st.round)
+            st.viewchanges.setdefault(view, {})[msg.sender] = msg
+            self._send(msg, st.members)
+        self._changed.set()
+
+    async def _timer(self, st: _Round) -> None:
+        while st.decided is None:
+            factor = min(2**st.view, MAX_VIEW_TIMEOUT_FACTOR)
+            view = st.view
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(st.done.wait(), self.cfg.round_timeout * factor)
+            if st.decided is not None:
+                return
+            if st.view == view and self.node.node_id in st.members:
+                log.info("round %d view %d timed out", st.round, view)
+                self._enter_view(st, view + 1, announce=True)
+                self._request_decided(st.round, None)
+                self._progress(st)
+
+    # -- catch-up ------------------------------------------------------------------------
+    def _request_decided(self, r: int, peers: list[str] | None) -> None:
+        now = time.monotonic()
+        if now - self._requested.get(r, 0.0) < min(self.cfg.round_timeout, 1.0):
+            return
+        self._requested[r] = now
+        if len(self._requested) > 64:
+            for k in sorted(self._requested)[:-32]:
+                del self._requested[k]
+        targets = peers or (self._members.get(r) or self._members.get(self.last_decided + 1) or [])
+        self._send(self.node.sign("decided_req", {}, r), targets)
+
+    def _answer_decided(self, peer: str, r: int) -> None:
+        if (peer, r) in self._answered or r not in self.decisions:
+            return
+        self._answered.add((peer, r))
+        d = self.decisions[r]
+        self.node.send(peer, self.node.sign("decided", d.certificate, r))
+
+    def _on_decided(self, msg: SignedMessage, peer: str) -> None:
+        r = msg.round
+        if r in self.decisions:
+            return
+        members = self._members.get(r)
+        if members is None:
+            if r > self.last_decided + 1:
+                self._request_decided(self.last_decided + 1, [peer])
+            return
+        st = self._ensure_round(r)
+        if st is None:
+            return
+        prop = open_signed(msg.body["proposal"])
+        if prop.kind != "propose" or prop.round != r:
+            raise MessageRejectedError("invalid", f"decision from {peer[:12]} lacks a proposal")
+        view, h = prop.body["view"], self._phash(prop)
+        if prop.sender != leader_of(members, r, view):
+            raise MessageRejectedError("invalid", f"decision from {peer[:12]}: wrong leader")
+        commits = {}
+        for w in msg.body["commits"]:
+            c = open_signed(w)
+            if (c.kind == "commit" and c.round == r and c.body["view"] == view
+                    and c.body["h"] == h and c.sender in members):  # fmt: skip
+                commits[c.sender] = c
+        if len(commits) < quorum(len(members)):
+            raise MessageRejectedError("invalid", f"decision from {peer[:12]}: too few commits")
+        self.stats["caught_up_rounds"] += 1
+        st.proposals.setdefault(view, prop)
+        for c in commits.values():
+            st.votes.setdefault(("commit", view, h), {})[c.sender] = c
+        self._try_decide(st, view, h, commits)
