@@ -50,7 +50,7 @@ def test_batched_prompts_of_different_lengths_match_one_by_one(extra: dict) -> N
     model = _varied(Transformer(ModelConfig(**{**CFG, **extra})))
     prompts = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [11, 12, 13]]
     batched = generate(model, prompts, max_new_tokens=10)
-    for prompt, seq in zip(prompts, batched.sequences):
+    for prompt, seq in zip(prompts, batched.sequences, strict=False):
         assert seq == generate(model, [prompt], max_new_tokens=10).sequences[0]
         assert seq == greedy_without_cache(model, prompt, 10)
 

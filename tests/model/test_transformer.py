@@ -3,6 +3,7 @@ patterns against independent dense references, GQA/MoE equivalences, checkpointi
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -64,7 +65,7 @@ def test_cached_decoding_in_uneven_chunks_equals_full_forward() -> None:
         full = model(x).logits
         cache = model.new_cache(1, 64)
         bounds = [0, 3, 11, 12, 20, 33, 40]  # chunks both shorter and longer than the window
-        pieces = [model(x[:, a:b], cache=cache).logits for a, b in zip(bounds, bounds[1:])]
+        pieces = [model(x[:, a:b], cache=cache).logits for a, b in itertools.pairwise(bounds)]
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=2e-5)
 
 
@@ -89,7 +90,7 @@ def reference_attention_model_logits(model: Transformer, x: torch.Tensor, allowe
     mask = torch.tensor([[allowed(i, j) for j in range(seq)] for i in range(seq)])
     originals = []
 
-    def dense_attn(self, h, rope, _mask, cache=None):  # noqa: ANN001, ARG001
+    def dense_attn(self, h, rope, _mask, cache=None):
         b, t, _ = h.shape
         q = self.q_proj(h).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(b, t, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
@@ -112,7 +113,7 @@ def reference_attention_model_logits(model: Transformer, x: torch.Tensor, allowe
         with torch.no_grad():
             return model(x).logits
     finally:
-        for block, fwd in zip(model.blocks, originals):
+        for block, fwd in zip(model.blocks, originals, strict=False):
             block.attn.forward = fwd
 
 
@@ -221,7 +222,7 @@ def test_moe_dispatch_matches_a_per_token_reference_and_counts_utilisation() -> 
     expected = torch.zeros_like(flat)
     for t in range(flat.shape[0]):
         top = torch.topk(probs[t], 2)
-        for w, e in zip(top.values / top.values.sum(), top.indices):
+        for w, e in zip(top.values / top.values.sum(), top.indices, strict=False):
             a = F.silu(flat[t] @ ffn.w_gate[e].t()) * (flat[t] @ ffn.w_up[e].t())
             expected[t] += w * (a @ ffn.w_down[e].t())
     torch.testing.assert_close(out.reshape(-1, h.shape[-1]), expected, rtol=1e-5, atol=1e-5)
@@ -238,7 +239,7 @@ def test_checkpointed_and_plain_blocks_give_the_same_gradients() -> None:
     x = torch.randint(0, 61, (2, 16))
     plain(x, targets=x).loss.backward()
     ckpt(x, targets=x).loss.backward()
-    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=False):
         assert a.grad is not None, name
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6, msg=name)
 

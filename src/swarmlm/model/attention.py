@@ -70,7 +70,8 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
-        return self.resid_dropout(self.o_proj(out))
+        projected: Tensor = self.resid_dropout(self.o_proj(out))
+        return projected
 
 
 def build_mask(

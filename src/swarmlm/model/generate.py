@@ -195,7 +195,8 @@ class _Hypothesis:
 
 
 def _length_normalised(logprob_sum: float, length: int, penalty: float) -> float:
-    return logprob_sum / (max(length, 1) ** penalty)
+    denominator: float = float(max(length, 1)) ** penalty
+    return logprob_sum / denominator
 
 
 @torch.inference_mode()

@@ -39,6 +39,7 @@ class RotaryEmbedding(nn.Module):
     The cos/sin table grows on demand, so decoding past ``max_seq_len`` stays correct.
     """
 
+    inv_freq: Tensor
     cos: Tensor
     sin: Tensor
 
@@ -53,9 +54,8 @@ class RotaryEmbedding(nn.Module):
         self._build(max_seq_len)
 
     def _build(self, length: int) -> None:
-        inv_freq: Tensor = self.inv_freq
-        t = torch.arange(length, dtype=torch.float32, device=inv_freq.device)
-        freqs = torch.outer(t, inv_freq)
+        t = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = torch.outer(t, self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos()
         self.sin = emb.sin()
@@ -104,5 +104,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "swiglu":
-            return self.w_down(swiglu(self.w_gate(x), self.w_up(x)))
-        return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
+            hidden = swiglu(self.w_gate(x), self.w_up(x))
+        else:
+            hidden = F.gelu(self.w_up(x), approximate="tanh")
+        out: Tensor = self.w_down(hidden)
+        return out
