@@ -16,6 +16,7 @@ from swarmlm.model.hf import (
     UnsupportedConfigError,
     WeightFileError,
     add_export_hf_parser,
+    add_import_hf_parser,
     config_from_hf,
     export_hf,
     import_hf,
@@ -407,6 +408,7 @@ def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="swarmlm")
     sub = parser.add_subparsers(dest="command", required=True)
     add_export_hf_parser(sub)
+    add_import_hf_parser(sub)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 
@@ -457,3 +459,20 @@ def test_cli_reports_a_weights_file_without_config(
     save_file({"x": torch.zeros(2)}, str(bare))
     assert _cli(["export-hf", "--checkpoint", str(bare), "--out", str(tmp_path / "hf")]) == 2
     assert "swarmlm.model_config" in capsys.readouterr().err
+
+
+def test_cli_import_then_export_reproduces_a_transformers_checkpoint(tmp_path: Path) -> None:
+    model = random_model(CONFIGS["dense"])
+    original = export_hf(model, None, tmp_path / "original")
+    weights = tmp_path / "imported.safetensors"
+    assert _cli(["import-hf", "--hf", str(original), "--out", str(weights)]) == 0
+    assert _cli(["import-hf", "--hf", str(original), "--out", str(weights)]) == 2  # exists
+    again = tmp_path / "again"
+    assert _cli(["export-hf", "--checkpoint", str(weights), "--out", str(again)]) == 0
+    with (
+        safe_open(str(original / "model.safetensors"), "pt") as a,
+        safe_open(str(again / "model.safetensors"), "pt") as b,
+    ):
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():  # noqa: SIM118
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key

@@ -52,6 +52,7 @@ __all__ = [
     "UnsupportedConfigError",
     "WeightFileError",
     "add_export_hf_parser",
+    "add_import_hf_parser",
     "check_exportable",
     "config_from_hf",
     "export_hf",
@@ -61,6 +62,7 @@ __all__ = [
     "import_hf",
     "load_swarmlm_weights",
     "run_export_hf",
+    "run_import_hf",
     "save_swarmlm_weights",
     "to_hf_state_dict",
 ]
@@ -971,13 +973,50 @@ def run_export_hf(args: argparse.Namespace) -> int:
             bos_token_id=args.bos_token_id,
             eos_token_id=args.eos_token_id,
         )
-    except (HFInteropError, FileExistsError) as exc:
+    except (HFInteropError, OSError) as exc:
         console.print(f"[bold red]export-hf failed:[/] {escape(str(exc))}", highlight=False)
         return 2
     n_params = sum(t.numel() for t in state.values())
     Console().print(
         f"exported [bold]{hf_architecture(cfg)}[/] ({n_params:,} parameters, {args.dtype}) "
         f"to {out}",
+        highlight=False,
+    )
+    return 0
+
+
+def add_import_hf_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``swarmlm import-hf``; the handler is stored as the ``handler`` default."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "import-hf",
+        help="convert a Hugging Face Llama/Mistral/Mixtral directory to a swarmlm weights file",
+        description=(
+            "Read config.json + model.safetensors (or a sharded index) and write one "
+            "safetensors file of swarmlm tensors with the ModelConfig JSON in its "
+            f"'{SWARMLM_CONFIG_METADATA_KEY}' metadata (the format export-hf reads)."
+        ),
+    )
+    parser.add_argument("--hf", required=True, type=Path, help="Hugging Face checkpoint directory")
+    parser.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.set_defaults(handler=run_import_hf)
+    return parser
+
+
+def run_import_hf(args: argparse.Namespace) -> int:
+    """Handler of ``swarmlm import-hf``: 0 on success, 2 on a refused or unreadable input."""
+    console = Console(stderr=True)
+    try:
+        if args.out.exists() and not args.overwrite:
+            raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
+        cfg, model = import_hf(args.hf)
+        out = save_swarmlm_weights(model, cfg, args.out)
+    except (HFInteropError, OSError) as exc:
+        console.print(f"[bold red]import-hf failed:[/] {escape(str(exc))}", highlight=False)
+        return 2
+    Console().print(
+        f"imported {model.num_parameters():,} parameters "
+        f"({'MoE' if cfg.is_moe else 'dense'}, {cfg.n_layers} layers) to {out}",
         highlight=False,
     )
     return 0
