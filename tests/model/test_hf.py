@@ -476,3 +476,26 @@ def test_cli_import_then_export_reproduces_a_transformers_checkpoint(tmp_path: P
         assert set(a.keys()) == set(b.keys())
         for key in a.keys():  # noqa: SIM118
             assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+
+
+def test_exports_the_state_dict_of_a_compiled_model(tmp_path: Path) -> None:
+    model = random_model(CONFIGS["dense"])
+    compiled_keys = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    out = export_hf(compiled_keys, model.cfg, tmp_path / "hf")
+    _, back = import_hf(out)
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight)
+
+
+def test_tied_config_with_a_distinct_head_imports_untied_like_transformers(
+    tmp_path: Path,
+) -> None:
+    model = random_model(CONFIGS["dense"])  # untied
+    out = export_hf(model, None, tmp_path / "hf")
+    conf = json.loads((out / "config.json").read_text())
+    conf["tie_word_embeddings"] = True
+    (out / "config.json").write_text(json.dumps(conf))
+    cfg, back = import_hf(out)
+    assert not cfg.tie_embeddings
+    ids = torch.randint(0, 96, (2, 12))
+    assert (hf_logits(out, ids) - our_logits(back, ids)).abs().max().item() <= TOL
+    assert torch.equal(our_logits(back, ids), our_logits(model, ids))
