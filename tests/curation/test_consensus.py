@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,34 @@ def test_items_without_votes_have_no_winner() -> None:
     assert vote.winner.tolist() == [MISSING, 0, MISSING]
     assert vote.share.tolist() == [0.0, 1.0, 0.0]
     assert vote.n_votes.tolist() == [0, 2, 0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3)), min_size=1, max_size=60), st.randoms()
+)
+def test_vote_results_do_not_depend_on_the_order_annotations_arrived_in(
+    votes: list[tuple[int, int]], shuffler: random.Random
+) -> None:
+    items, labels = np.array(votes).T
+    shuffled = list(votes)
+    shuffler.shuffle(shuffled)
+    items2, labels2 = np.array(shuffled).T
+    weights = (items * 7 + labels * 3) % 5 / 4.0  # a weight per (item, label), order-free
+    weights2 = (items2 * 7 + labels2 * 3) % 5 / 4.0
+    for a, b in (
+        (
+            majority_vote(items, labels, n_items=6, n_classes=4),
+            majority_vote(items2, labels2, n_items=6, n_classes=4),
+        ),
+        (
+            weighted_vote(items, labels, weights, n_items=6, n_classes=4),
+            weighted_vote(items2, labels2, weights2, n_items=6, n_classes=4),
+        ),
+    ):
+        assert a.winner.tolist() == b.winner.tolist()
+        np.testing.assert_allclose(a.share, b.share)
+        assert a.tied.tolist() == b.tied.tolist()
 
 
 def test_weighted_vote_breaks_weight_ties_by_vote_count() -> None:
@@ -247,9 +276,10 @@ def _bt_neg_log_posterior(
 ) -> float:
     s = np.exp(log_s)
     ll = np.sum(score_a * log_s[a] + (1 - score_a) * log_s[b] - np.log(s[a] + s[b]))
-    # Gamma(1 + prior, prior) density over s, expressed in log s (+ Jacobian log s)
-    lp = np.sum(prior * log_s - prior * s + log_s)
-    return float(-(ll + lp - np.sum(log_s)))
+    # log density of Gamma(shape 1 + prior, rate prior) at s, up to a constant; the mode in s
+    # (not in log s) is what the MM iteration finds, so no Jacobian term
+    lp = np.sum(prior * log_s - prior * s)
+    return float(-(ll + lp))
 
 
 def test_bradley_terry_reaches_the_maximum_of_its_posterior() -> None:
