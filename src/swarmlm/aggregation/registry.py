@@ -1,0 +1,161 @@
+"""Aggregators by name, configured from a config file: ``get_aggregator(name, **params)``.
+
+The swarm layer builds one :class:`Aggregator` per run from its config and calls it once per
+round with the stack of peer updates. The object validates its inputs (shape, dtype,
+finiteness, Byzantine tolerance for the actual ``n``) and, for centered clipping, remembers
+the previous aggregate as the next round's centre.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from swarmlm.aggregation import robust
+from swarmlm.aggregation.errors import AggregationError, ByzantineToleranceError
+
+
+@dataclass(frozen=True)
+class AggregatorSpec:
+    """A named rule, its tolerance bound and whether it uses reputation weights."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    max_f: Callable[[int], int]
+    requirement: str
+    accepts_weights: bool
+    summary: str
+
+
+AGGREGATORS: dict[str, AggregatorSpec] = {
+    spec.name: spec
+    for spec in (
+        AggregatorSpec("mean", robust.mean, robust.max_f_none, "f = 0", True, "(weighted) mean"),
+        AggregatorSpec(
+            "median",
+            robust.coordinate_median,
+            robust.max_f_majority,
+            "n >= 2f + 1",
+            False,
+            "coordinate-wise median",
+        ),
+        AggregatorSpec(
+            "trimmed_mean",
+            robust.trimmed_mean,
+            robust.max_f_majority,
+            "n >= 2f + 1",
+            False,
+            "coordinate-wise trimmed mean (beta per side, at least f)",
+        ),
+        AggregatorSpec("krum", robust.krum, robust.max_f_krum, "n >= 2f + 3", False, "Krum"),
+        AggregatorSpec(
+            "multi_krum",
+            robust.multi_krum,
+            robust.max_f_krum,
+            "n >= 2f + 3",
+            True,
+            "mean of the m best Krum scores",
+        ),
+        AggregatorSpec(
+            "bulyan", robust.bulyan, robust.max_f_bulyan, "n >= 4f + 3", False, "Bulyan over Krum"
+        ),
+        AggregatorSpec(
+            "geometric_median",
+            robust.geometric_median,
+            robust.max_f_majority,
+            "n >= 2f + 1",
+            True,
+            "smoothed Weiszfeld (RFA)",
+        ),
+        AggregatorSpec(
+            "centered_clip",
+            robust.centered_clip,
+            robust.max_f_majority,
+            "n >= 2f + 1",
+            True,
+            "centered clipping around the previous aggregate",
+        ),
+    )
+}
+
+
+class Aggregator:
+    """A configured aggregation rule: ``agg(stack, weights=None) -> (d,)``.
+
+    ``params`` are the keyword arguments of the underlying function in
+    :mod:`swarmlm.aggregation.robust` (``f``, ``beta``, ``tau``, ...); unknown names are
+    rejected at construction. For ``centered_clip`` without an explicit ``center`` the
+    previous output is the next centre (call :meth:`reset` when the model is reloaded).
+    """
+
+    def __init__(self, name: str, **params: Any) -> None:
+        spec = AGGREGATORS.get(name)
+        if spec is None:
+            raise AggregationError(
+                f"unknown aggregator {name!r}; available: {', '.join(sorted(AGGREGATORS))}"
+            )
+        allowed = {
+            p
+            for p, v in inspect.signature(spec.fn).parameters.items()
+            if v.kind is inspect.Parameter.KEYWORD_ONLY and p not in ("weights", "center")
+        }
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise AggregationError(
+                f"aggregator {name!r} has no parameter(s) {', '.join(unknown)}; "
+                f"it accepts: {', '.join(sorted(allowed))}"
+            )
+        f = params.get("f", 0)
+        if not isinstance(f, int) or isinstance(f, bool) or f < 0:
+            raise AggregationError(f"aggregator {name!r}: f must be a non-negative int, got {f!r}")
+        self.spec = spec
+        self.name = name
+        self.params = dict(params)
+        self.f: int = f
+        self._center: Tensor | None = None
+
+    def min_inputs(self) -> int:
+        """Smallest n for which this rule tolerates the configured ``f``."""
+        n = 1
+        while self.spec.max_f(n) < self.f:
+            n += 1
+        return n
+
+    def check(self, n: int) -> None:
+        """Raise :class:`ByzantineToleranceError` if ``n`` inputs cannot tolerate ``f``."""
+        if self.f > self.spec.max_f(n):
+            raise ByzantineToleranceError(self.name, n, self.f, self.spec.requirement)
+
+    def reset(self) -> None:
+        """Forget the previous aggregate (centered clipping restarts from zero)."""
+        self._center = None
+
+    def __call__(self, stack: Tensor, weights: Tensor | None = None) -> Tensor:
+        robust.check_stack(stack)
+        self.check(stack.shape[0])
+        kwargs = dict(self.params)
+        if weights is not None:
+            if not self.spec.accepts_weights:
+                raise AggregationError(f"aggregator {self.name!r} does not take weights")
+            kwargs["weights"] = weights
+        if self.name == "centered_clip":
+            center = self._center
+            if center is not None and center.shape != (stack.shape[1],):
+                center = None
+            out = self.spec.fn(stack, center=center, **kwargs)
+            self._center = out.clone()
+            return out
+        return self.spec.fn(stack, **kwargs)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in sorted(self.params.items()))
+        return f"Aggregator({self.name!r}{', ' if args else ''}{args})"
+
+
+def get_aggregator(name: str, **params: Any) -> Aggregator:
+    """Build the aggregator ``name`` (see :data:`AGGREGATORS`) with ``params``."""
+    return Aggregator(name, **params)
