@@ -25,6 +25,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from swarmlm.model.hf import add_export_hf_parser, add_import_hf_parser
+    from swarmlm.train.cli import add_train_parsers
+
     parser = argparse.ArgumentParser(
         prog="swarmlm",
         description="Train language models across machines that do not trust each other.",
@@ -32,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo_parser(subparsers)
+    add_train_parsers(subparsers)
+    add_export_hf_parser(subparsers)
+    add_import_hf_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,93 @@
+"""The run configuration: everything `swarmlm train` needs, validated in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from swarmlm.model import ModelConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    path: Path = Field(description="directory written by `swarmlm data prepare`")
+    batch_size: int = Field(default=16, ge=1, description="sequences per micro-batch per rank")
+    seq_len: int = Field(default=256, ge=2)
+    prefetch: int = Field(default=4, ge=1, description="batches queued by the loader thread")
+    eval_batch_size: int | None = Field(default=None, ge=1)
+
+
+class CurriculumStage(_Strict):
+    until_step: int = Field(ge=1, description="this stage applies to steps < until_step")
+    seq_len: int = Field(ge=2)
+
+
+class OptimConfig(_Strict):
+    name: Literal["adamw", "sam"] = "adamw"
+    lr: float = Field(default=3e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    fused: bool | None = Field(default=None, description="None = fused AdamW when available")
+    sam_rho: float = Field(default=0.05, gt=0, description="SAM neighbourhood radius")
+
+
+class ScheduleConfig(_Strict):
+    kind: Literal["cosine", "linear", "constant", "plateau"] = "cosine"
+    warmup_steps: int = Field(default=100, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    plateau_factor: float = Field(default=0.5, gt=0, lt=1)
+    plateau_patience: int = Field(default=2, ge=0, description="evaluations without improvement")
+    plateau_threshold: float = Field(default=1e-3, ge=0)
+
+
+class TrainConfig(_Strict):
+    max_steps: int = Field(default=1000, ge=1)
+    max_seconds: float | None = Field(default=None, gt=0, description="stop after this time")
+    grad_accum: int = Field(default=1, ge=1)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    qat_int8: bool = False
+    seed: int = 0
+    eval_every: int = Field(default=200, ge=1)
+    eval_batches: int | None = Field(default=None, ge=1, description="None = whole val split")
+    log_every: int = Field(default=10, ge=1)
+    checkpoint_every: int = Field(default=500, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1)
+    async_checkpoint: bool = False
+    out_dir: Path = Path("runs/default")
+    tensorboard: bool = False
+    curriculum: list[CurriculumStage] = Field(default_factory=list)
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
+
+
+class DistributedConfig(_Strict):
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class RunConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.data.seq_len > self.model.max_seq_len and self.model.pos_encoding == "learned":
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
+                f"{self.model.max_seq_len} with learned positions (field 'data.seq_len')"
+            )
+        steps = [s.until_step for s in self.train.curriculum]
+        if steps != sorted(steps) or len(set(steps)) != len(steps):
+            raise ValueError("train.curriculum stages must have increasing until_step")
+        return self

@@ -1,0 +1,444 @@
+"""The trainer: a loop that orchestrates small, separately tested components.
+
+data loader -> model (autocast) -> backward (accumulation, no-sync) -> clip -> optimizer
+(AdamW or SAM) -> schedule -> metrics / evaluation / checkpoint. The process group is injected
+(:mod:`swarmlm.train.parallel`), so the same loop runs alone, under torchrun, or in a swarm.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor, nn
+
+from swarmlm.data import BatchLoader, TokenShards, eval_batches
+from swarmlm.model import Transformer
+from swarmlm.train.checkpoint import (
+    AsyncCheckpointer,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    snapshot,
+)
+from swarmlm.train.config import RunConfig
+from swarmlm.train.metrics import MetricsLogger
+from swarmlm.train.optim import SAM, build_adamw
+from swarmlm.train.parallel import SingleProcess, unwrap
+from swarmlm.train.precision import Precision
+from swarmlm.train.qat import enable_int8_qat
+from swarmlm.train.schedule import LRSchedule
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    bits_per_byte: float
+    perplexity: float
+    tokens: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "loss": self.loss,
+            "bpb": self.bits_per_byte,
+            "ppl": self.perplexity,
+            "tokens": self.tokens,
+        }
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)
+    last_eval: EvalResult | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+    checkpoint: Path | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state: Any = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.asarray(np_state[1]).tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py: Any = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    keys = np.asarray(state["numpy"], dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def estimate_memory_bytes(model: Transformer, batch_size: int, seq_len: int) -> int:
+    """Rough training memory: weights, gradients and AdamW moments (4 copies of the
+    parameters) plus activations (~34 d_model floats per token per layer, plus logits)."""
+    cfg = model.cfg
+    params = model.num_parameters()
+    tokens = batch_size * seq_len
+    activations = tokens * cfg.n_layers * cfg.d_model * 34 + tokens * cfg.vocab_size * 2
+    if cfg.gradient_checkpointing:
+        activations = tokens * cfg.d_model * cfg.n_layers * 2 + tokens * cfg.vocab_size * 2
+    return 4 * (4 * params + activations)
+
+
+def bytes_per_token(shards: TokenShards) -> float:
+    tokens = max(1, int(shards.num_tokens))
+    return float(shards.num_bytes) / tokens
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        parallel: SingleProcess | None = None,
+        console: Console | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.parallel = parallel or SingleProcess()
+        self.console = console or Console(stderr=True)
+        self.show_progress = show_progress and self.parallel.is_main
+        self.run_dir = cfg.train.out_dir
+        if cfg.train.threads is not None:
+            torch.set_num_threads(cfg.train.threads)
+        seed_everything(cfg.train.seed)
+
+        self.device = self.parallel.device
+        model = Transformer(cfg.model).to(self.device)
+        if cfg.train.qat_int8:
+            wrapped = enable_int8_qat(model)
+            log.info("int8 fake quantization on %d linear layers", wrapped)
+        self.model_core = model
+        self.model: nn.Module = self.parallel.wrap(model)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)  # type: ignore[assignment]
+        self.precision = Precision(cfg.train.precision, self.device)
+        base = build_adamw(self.model, cfg.optim)
+        self.base_optimizer = base
+        self.sam = SAM(base, cfg.optim.sam_rho) if cfg.optim.name == "sam" else None
+        self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, cfg.train.max_steps)
+
+        self.train_shards = TokenShards.open(cfg.data.path, split="train")
+        self.val_shards = TokenShards.open(cfg.data.path, split="val")
+        self.seq_len = self._seq_len_for(0)
+        self.loader = BatchLoader(
+            self.train_shards,
+            batch_size=cfg.data.batch_size,
+            seq_len=self.seq_len,
+            seed=cfg.train.seed,
+            rank=self.parallel.rank,
+            world_size=self.parallel.world_size,
+            prefetch=cfg.data.prefetch,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self.async_writer = AsyncCheckpointer() if cfg.train.async_checkpoint else None
+        self.last_checkpoint: Path | None = None
+        self.metrics: MetricsLogger | None = None
+        if self.parallel.is_main:
+            self.metrics = MetricsLogger(
+                self.run_dir / "metrics.jsonl", tensorboard=cfg.train.tensorboard
+            )
+            mem = estimate_memory_bytes(model, cfg.data.batch_size, cfg.data.seq_len)
+            log.info(
+                "model %.2fM parameters; estimated training memory %.0f MiB per rank",
+                model.num_parameters() / 1e6,
+                mem / 2**20,
+            )
+
+    # ---- state -------------------------------------------------------------------------
+
+    def _seq_len_for(self, step: int) -> int:
+        for stage in self.cfg.train.curriculum:
+            if step < stage.until_step:
+                return stage.seq_len
+        return self.cfg.data.seq_len
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.model_dump(mode="json"),
+            "schedule": self.schedule.state_dict(),
+            "loader": self.loader.state_dict(),
+            "tokens_seen": self.tokens_seen,
+            "world_size": self.parallel.world_size,
+        }
+
+    def save(self) -> Path | None:
+        """Checkpoint now (rank 0 writes; every rank takes part in gathering full state)."""
+        model_state = self.parallel.model_state(self.model)
+        optim_state = self.parallel.optimizer_state(self.model, self.base_optimizer)
+        if not self.parallel.is_main:
+            self.parallel.barrier()
+            return None
+        trainer_state = {"optimizer": optim_state, "rng": rng_state()}
+        args = (
+            self.run_dir,
+            self.step,
+            snapshot(model_state),
+            trainer_state,
+            self.state(),
+            self.cfg.train.keep_checkpoints,
+        )
+        path: Path | None = None
+        try:
+            if self.async_writer is not None:
+                self.async_writer.submit(*args)
+                path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
+            else:
+                path = save_checkpoint(*args)
+                self.last_checkpoint = path
+        except (OSError, CheckpointError) as exc:
+            # The previous checkpoint is intact; training goes on and the next save retries.
+            log.error("checkpoint at step %d failed, keeping the last good one: %s", self.step, exc)
+            path = None
+        self.parallel.barrier()
+        return path
+
+    def resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location="cpu")
+        saved_cfg = ckpt.state["config"]
+        if saved_cfg.get("model") != self.cfg.model.model_dump(mode="json"):
+            raise CheckpointError(
+                f"{ckpt.path}: the checkpoint's model config differs from this run's "
+                "(field 'model'); start a new run directory or use the same model config"
+            )
+        self.parallel.load_model_state(self.model, ckpt.model_state)
+        self.parallel.load_optimizer_state(
+            self.model, self.base_optimizer, ckpt.trainer_state["optimizer"]
+        )
+        self.schedule.load_state_dict(ckpt.state["schedule"])
+        self.loader.load_state_dict(ckpt.state["loader"])
+        self.tokens_seen = int(ckpt.state["tokens_seen"])
+        self.step = ckpt.step
+        self.seq_len = self._seq_len_for(self.step)
+        self.loader.set_seq_len(self.seq_len)
+        set_rng_state(ckpt.trainer_state["rng"])
+        self.last_checkpoint = ckpt.path
+        log.info("resumed from %s at step %d", ckpt.path, self.step)
+
+    # ---- evaluation ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> EvalResult:
+        """Loss, bits per byte and perplexity on the validation split (same on every rank)."""
+        was_training = self.model.training
+        self.model.eval()
+        total_loss, total_tokens = 0.0, 0
+        batch_size = self.cfg.data.eval_batch_size or self.cfg.data.batch_size
+        limit = max_batches or self.cfg.train.eval_batches
+        for i, (x, y) in enumerate(
+            eval_batches(self.val_shards, batch_size, self.cfg.data.seq_len)
+        ):
+            if limit is not None and i >= limit:
+                break
+            x, y = x.to(self.device), y.to(self.device)
+            with self.precision.autocast():
+                out = self.model_core(x, targets=y)
+            n = int((y != -100).sum())
+            assert out.lm_loss is not None
+            total_loss += float(out.lm_loss) * n
+            total_tokens += n
+        self.model.train(was_training)
+        if total_tokens == 0:
+            raise ValueError(f"validation split of {self.cfg.data.path} holds no full window")
+        loss = total_loss / total_tokens
+        bpb = loss / math.log(2) / bytes_per_token(self.val_shards)
+        return EvalResult(loss, bpb, math.exp(min(loss, 50.0)), total_tokens)
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def _forward_backward(self, batches: list[tuple[Tensor, Tensor]]) -> float:
+        """Accumulate gradients over micro-batches; returns their mean loss."""
+        total = 0.0
+        n = len(batches)
+        for i, (x, y) in enumerate(batches):
+            sync_skip = i < n - 1
+            with self.parallel.no_sync(self.model, sync_skip):
+                with self.precision.autocast():
+                    out = self.model(x, targets=y)
+                loss: Tensor = out.loss
+                self.precision.backward(loss / n)
+            total += float(loss.detach())
+        return total / n
+
+    def _clip(self) -> float:
+        self.precision.unscale(self.base_optimizer)
+        clip = self.cfg.train.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+        total: Any = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return float(total)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step; returns (loss, gradient norm)."""
+        cfg = self.cfg
+        seq_len = self._seq_len_for(self.step)
+        if seq_len != self.seq_len:
+            self.seq_len = seq_len
+            self.loader.set_seq_len(seq_len)
+            log.info("curriculum: sequence length %d from step %d", seq_len, self.step)
+        lr = self.schedule.lr(self.step)
+        for group in self.base_optimizer.param_groups:
+            group["lr"] = lr
+        batches = []
+        for _ in range(cfg.train.grad_accum):
+            x, y = next(self.loader)
+            batches.append(
+                (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            )
+        loss = self._forward_backward(batches)
+        loss = self.parallel.mean(loss)
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(
+                f"loss is {loss} at step {self.step}; stopping. The last good checkpoint is "
+                f"{self.last_checkpoint or 'none (no checkpoint written yet)'}"
+            )
+        if self.sam is not None:
+            self.sam.perturb()
+            self.base_optimizer.zero_grad(set_to_none=True)
+            self._forward_backward(batches)
+            grad_norm = self._clip()
+            self.sam.unperturb_and_step()
+        else:
+            grad_norm = self._clip()
+            self.precision.step(self.base_optimizer)
+        self.base_optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += sum(x.numel() for x, _ in batches) * self.parallel.world_size
+        return loss, grad_norm
+
+    def fit(self, resume: bool | Path = False) -> TrainResult:
+        """Train to ``max_steps`` (or the time budget); evaluate and checkpoint at the end."""
+        cfg = self.cfg.train
+        if resume:
+            self.resume(resume if isinstance(resume, Path) else self.run_dir)
+        first_step = self.step
+        result = TrainResult(step=self.step, checkpoint=self.last_checkpoint)
+        evaluated_at = checkpointed_at = -1
+        self.model.train()
+        start = time.perf_counter()
+        tokens_at_start = self.tokens_seen
+        try:
+            with self._progress() as progress:
+                task = progress.add_task(
+                    "training", total=cfg.max_steps, completed=self.step, status=""
+                )
+                while self.step < cfg.max_steps:
+                    elapsed = time.perf_counter() - start
+                    if cfg.max_seconds is not None and elapsed > cfg.max_seconds:
+                        log.info(
+                            "time budget %.0f s reached at step %d", cfg.max_seconds, self.step
+                        )
+                        break
+                    loss, grad_norm = self.train_step()
+                    result.losses.append(loss)
+                    rate = (self.tokens_seen - tokens_at_start) / max(
+                        time.perf_counter() - start, 1e-9
+                    )
+                    progress.update(
+                        task, completed=self.step, status=f"loss {loss:.4f}  {rate:,.0f} tok/s"
+                    )
+                    if self.metrics is not None and (
+                        self.step % cfg.log_every == 0 or self.step == 1
+                    ):
+                        self.metrics.log(
+                            self.step,
+                            "train",
+                            loss=loss,
+                            lr=self.schedule.lr(self.step - 1),
+                            grad_norm=grad_norm,
+                            tokens=self.tokens_seen,
+                            tokens_per_s=rate,
+                            seq_len=self.seq_len,
+                        )
+                    if self.step % cfg.eval_every == 0:
+                        result.last_eval = self._eval_and_log()
+                        evaluated_at = self.step
+                    if self.step % cfg.checkpoint_every == 0:
+                        result.checkpoint = self.save() or result.checkpoint
+                        checkpointed_at = self.step
+            if self.step > first_step:
+                if evaluated_at != self.step:
+                    result.last_eval = self._eval_and_log()
+                if checkpointed_at != self.step:
+                    result.checkpoint = self.save() or result.checkpoint
+        finally:
+            if self.async_writer is not None:
+                self.async_writer.wait()
+            self.loader.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        result.step = self.step
+        result.tokens = self.tokens_seen - tokens_at_start
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _eval_and_log(self) -> EvalResult:
+        ev = self.evaluate()
+        if self.schedule.observe(ev.loss):
+            log.info("plateau: learning rate scaled to %.3g", self.schedule.plateau_scale)
+        if self.metrics is not None:
+            self.metrics.log(self.step, "eval", **ev.as_dict())
+        if self.parallel.is_main:
+            log.info(
+                "step %d: val loss %.4f, %.4f bits/byte, ppl %.2f",
+                self.step,
+                ev.loss,
+                ev.bits_per_byte,
+                ev.perplexity,
+            )
+        return ev
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.show_progress,
+        )
+
+
+def load_model(
+    checkpoint: Path, device: str | torch.device = "cpu"
+) -> tuple[Transformer, RunConfig]:
+    """A trained model (eval mode) and its run config from a checkpoint or run directory."""
+    ckpt = load_checkpoint(checkpoint, map_location=device)
+    cfg = RunConfig.model_validate(ckpt.state["config"])
+    model = Transformer(cfg.model).to(device)
+    unwrap(model).load_state_dict(ckpt.model_state)
+    return model.eval(), cfg
