@@ -157,3 +157,12 @@ def test_blob_budget_bounds_memory_held_for_unfinished_blobs() -> None:
     with pytest.raises(WireError, match="budget"):
         asm.add(b[0])
     assert asm.held_bytes == 10_000
+
+
+def test_rest_of_a_refused_blob_is_skipped_without_further_errors() -> None:
+    frames = _chunks(b"r" * 3000, 1000)
+    asm = BlobAssembler(accept=lambda d: False)
+    with pytest.raises(WireError, match="not announced"):
+        asm.add(frames[0])
+    assert asm.add(frames[1]) is None
+    assert asm.add(frames[2]) is None

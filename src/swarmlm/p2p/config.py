@@ -15,43 +15,48 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def parse_bootstrap(text: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` -> list of addresses (empty items ignored)."""
+    return [parse_address(a) for a in text.split(",") if a.strip()]
+
+
 class P2PConfig(BaseModel):
     """Network, liveness and round-protocol settings. Times are seconds, sizes bytes."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(0, ge=0, le=65535, description="TCP port to listen on (0 = any free)")
-    advertise_host: str | None = Field(None, description="address peers should dial")
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=0, ge=0, le=65535, description="TCP port to listen on (0 = any free)")
+    advertise_host: str | None = Field(default=None, description="address peers should dial")
     bootstrap: list[tuple[str, int]] = Field(default_factory=list, description="peers to join")
-    node_dir: Path | None = Field(None, description="identity and TLS files (None = temp)")
-    max_frame: int = Field(4 * 1024 * 1024, ge=4096, description="largest frame accepted")
-    chunk_size: int = Field(1024 * 1024, ge=1024, description="blob chunk size")
-    max_blob: int = Field(4 * 1024**3, ge=1, description="largest payload accepted")
-    send_queue: int = Field(4096, ge=8, description="queued messages per peer before drops")
-    blob_queue: int = Field(64, ge=1, description="queued payload transfers per peer")
-    io_timeout: float = Field(30.0, gt=0, description="bound on any single network write")
-    connect_timeout: float = Field(5.0, gt=0, description="bound on connect + TLS handshake")
-    heartbeat_interval: float = Field(1.0, gt=0, description="ping period per connection")
-    dead_timeout: float = Field(5.0, gt=0, description="silence after which a peer is dead")
-    pex_interval: float = Field(2.0, gt=0, description="peer-exchange gossip period")
-    peer_ttl: float = Field(600.0, gt=0, description="forget peer records older than this")
-    max_peers: int = Field(256, ge=1, description="bound on the peer table")
-    reconnect_base: float = Field(0.2, gt=0, description="first reconnect delay")
-    reconnect_max: float = Field(10.0, gt=0, description="reconnect delay ceiling")
-    blacklist_seconds: float = Field(300.0, ge=0, description="how long offenders are banned")
-    blacklist_threshold: float = Field(-30.0, lt=0, description="score that triggers a ban")
-    max_message_age: float = Field(120.0, gt=0, description="older messages are stale")
-    round_timeout: float = Field(5.0, gt=0, description="view-0 timeout; doubles per view")
-    proposal_grace: float = Field(0.5, ge=0, description="leader wait for all after n-f")
-    fetch_timeout: float = Field(10.0, gt=0, description="bound on fetching one payload")
-    keep_rounds: int = Field(8, ge=2, description="decided rounds whose payloads are kept")
+    node_dir: Path | None = Field(default=None, description="identity and TLS files (None = temp)")
+    max_frame: int = Field(default=4 * 1024 * 1024, ge=4096, description="largest frame accepted")
+    chunk_size: int = Field(default=1024 * 1024, ge=1024, description="blob chunk size")
+    max_blob: int = Field(default=4 * 1024**3, ge=1, description="largest payload accepted")
+    send_queue: int = Field(default=4096, ge=8, description="queued messages per peer before drops")
+    blob_queue: int = Field(default=64, ge=1, description="queued payload transfers per peer")
+    io_timeout: float = Field(default=30.0, gt=0, description="bound on any single network write")
+    connect_timeout: float = Field(default=5.0, gt=0, description="bound on connect + TLS")
+    heartbeat_interval: float = Field(default=1.0, gt=0, description="ping period per connection")
+    dead_timeout: float = Field(default=5.0, gt=0, description="silence after which a peer is dead")
+    pex_interval: float = Field(default=2.0, gt=0, description="peer-exchange gossip period")
+    peer_ttl: float = Field(default=600.0, gt=0, description="forget peer records older than this")
+    max_peers: int = Field(default=256, ge=1, description="bound on the peer table")
+    reconnect_base: float = Field(default=0.2, gt=0, description="first reconnect delay")
+    reconnect_max: float = Field(default=10.0, gt=0, description="reconnect delay ceiling")
+    blacklist_seconds: float = Field(default=300.0, ge=0, description="ban length for offenders")
+    blacklist_threshold: float = Field(default=-30.0, lt=0, description="score that triggers a ban")
+    max_message_age: float = Field(default=120.0, gt=0, description="older messages are stale")
+    round_timeout: float = Field(default=5.0, gt=0, description="view-0 timeout; doubles per view")
+    proposal_grace: float = Field(default=0.5, ge=0, description="leader wait for all after n-f")
+    fetch_timeout: float = Field(default=10.0, gt=0, description="bound on fetching one payload")
+    keep_rounds: int = Field(default=8, ge=2, description="decided rounds whose payloads are kept")
 
     @field_validator("bootstrap", mode="before")
     @classmethod
     def _parse_bootstrap(cls, v: object) -> object:
         if isinstance(v, str):
-            return [parse_address(a) for a in v.split(",") if a.strip()]
+            return parse_bootstrap(v)
         if isinstance(v, list):
             return [parse_address(a) if isinstance(a, str) else a for a in v]
         return v

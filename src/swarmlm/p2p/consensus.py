@@ -304,6 +304,10 @@ class RoundProtocol:
             if r <= self.last_decided + LOOKAHEAD_ROUNDS and self.n_buffered < MAX_BUFFERED:
                 self.future.setdefault(r, []).append((msg, peer))
                 self.n_buffered += 1
+                if msg.kind == "contrib" and msg.sender in members:
+                    # its payload follows right behind; accept it before the round opens
+                    self.node.blobs.expect(msg.body["digest"])
+                    self._round_payloads.setdefault(r, set()).add(msg.body["digest"])
             else:
                 self.stats["dropped_future"] += 1
             if r > self.last_decided + 1:
@@ -402,6 +406,13 @@ class RoundProtocol:
                 raise MessageRejectedError("invalid", f"proposal from {who}: bad contribution")
             if c.sender not in st.members:
                 raise MessageRejectedError("invalid", f"proposal from {who}: non-member entry")
+            mine = st.contribs.get(c.sender)
+            if mine is not None and mine.body["digest"] != c.body["digest"]:
+                self._record_equivocation(mine, c)  # it told the leader something else
+            elif mine is None:
+                st.contribs[c.sender] = c
+                self.node.blobs.expect(c.body["digest"])
+                self._round_payloads.setdefault(st.round, set()).add(c.body["digest"])
             peers.append(c.sender)
         if peers != sorted(set(peers)):
             raise MessageRejectedError("invalid", f"proposal from {who}: entries unsorted/dup")
@@ -447,6 +458,7 @@ class RoundProtocol:
         if prop.sender != leader_of(st.members, st.round, view):
             raise MessageRejectedError("invalid", "prepared certificate from a non-leader")
         h = self._phash(prop)
+        self._cross_check_votes(st, votes)
         voters = {
             v.sender
             for v in votes
@@ -480,6 +492,14 @@ class RoundProtocol:
                     raise MessageRejectedError("invalid", f"proposal from {who}: no-op change")
         if [c["peer"] for c in changes] != sorted(seen):
             raise MessageRejectedError("invalid", f"proposal from {who}: changes unsorted")
+
+    def _cross_check_votes(self, st: _Round, votes: list[SignedMessage]) -> None:
+        """Votes relayed inside certificates can expose a peer that voted two ways."""
+        for v in votes:
+            if v.kind in VOTE_KINDS and v.round == st.round:
+                mine = st.seen_votes.get((v.kind, v.body["view"], v.sender))
+                if mine is not None and mine.body["h"] != v.body["h"]:
+                    self._record_equivocation(mine, v)
 
     # -- equivocation --------------------------------------------------------------------
     def _verify_proof(self, proof: Any) -> str | None:
@@ -773,8 +793,9 @@ class RoundProtocol:
         if prop.sender != leader_of(members, r, view):
             raise MessageRejectedError("invalid", f"decision from {peer[:12]}: wrong leader")
         commits = {}
-        for w in msg.body["commits"]:
-            c = open_signed(w)
+        relayed = [open_signed(w) for w in msg.body["commits"][: 4 * len(members)]]
+        self._cross_check_votes(st, relayed)
+        for c in relayed:
             if (c.kind == "commit" and c.round == r and c.body["view"] == view
                     and c.body["h"] == h and c.sender in members):  # fmt: skip
                 commits[c.sender] = c

@@ -149,11 +149,15 @@ class Connection:
                             self.bulk_space.set()
                             if not job.done.done():
                                 job.done.set_result(None)
+                    if self.writer.is_closing():
+                        return
                     self.writer.write(frame)
                     self.node.bytes_sent += len(frame)
                     await asyncio.wait_for(self.writer.drain(), cfg.io_timeout)
         except (OSError, TimeoutError, ConnectionError) as exc:
             log.info("write to %s failed: %r", self.peer_id[:12], exc)
+        except Exception as exc:  # the SSL transport may be torn down under us by the peer
+            log.info("write to %s aborted: %r", self.peer_id[:12], exc)
         finally:
             await self.node._drop_connection(self, "write loop ended")
 
@@ -502,8 +506,8 @@ class P2PNode:
                 return
             self.bytes_received += len(msg.raw) + 80
             handler = self.handlers.get(msg.kind)
-            if handler is None:
-                self.validator.reject(peer, "invalid", f"unexpected {msg.kind} message")
+            if handler is None:  # e.g. round messages before this node set up its protocol
+                self.counters[f"unhandled_{msg.kind}"] += 1
                 return
             try:
                 result = handler(msg, peer)
@@ -517,7 +521,10 @@ class P2PNode:
             try:
                 done = conn.assembler.add(frame)
             except WireError as exc:
-                self.validator.reject(peer, "bad_blob", str(exc))
+                unsolicited = "not announced" in str(exc)  # honest races cause a few of these
+                self.validator.reject(
+                    peer, "unsolicited_blob" if unsolicited else "bad_blob", str(exc)
+                )
                 return
             chunk = frame.get("c")
             self.bytes_received += len(chunk) + 64 if isinstance(chunk, bytes) else 0

@@ -157,6 +157,8 @@ class BlobAssembler:
         self.max_bytes = max_bytes if max_bytes is not None else 2 * max_blob
         self._partial: dict[bytes, _PartialBlob] = {}
         self._held = 0
+        # digest -> bytes still to skip of a blob refused at its first chunk
+        self._skipping: dict[bytes, int] = {}
 
     def add(self, frame: dict[str, Any]) -> tuple[bytes, bytes] | None:
         """Feed one blob frame; returns (digest, data) when a blob completes and verifies.
@@ -172,11 +174,21 @@ class BlobAssembler:
         if not isinstance(o, int) or isinstance(o, bool) or not isinstance(c, bytes):
             self._drop(d)
             raise WireError("blob frame fields 'o' (int) and 'c' (bytes) are required")
+        skip = self._skipping.get(d)
+        if skip is not None and o > 0:
+            left = skip - len(c)
+            if left <= 0:
+                del self._skipping[d]
+            else:
+                self._skipping[d] = left
+            return None
         part = self._partial.get(d)
         if part is None:
             if o != 0:
                 raise WireError(f"blob {d.hex()[:12]} starts at offset {o}, expected 0")
             if self.accept is not None and not self.accept(d):
+                if n > len(c) and len(self._skipping) < 64:
+                    self._skipping[d] = n - len(c)
                 raise WireError(f"blob {d.hex()[:12]} was not announced or requested")
             if len(self._partial) >= self.max_partial:
                 raise WireError(f"more than {self.max_partial} blobs in flight from one peer")

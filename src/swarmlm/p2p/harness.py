@@ -1,0 +1,320 @@
+"""Real multi-process swarms on 127.0.0.1 for tests and benchmarks.
+
+Worker side (``python -m swarmlm.p2p.harness --expect N ...``): one node per process,
+driven by JSON lines on stdin, reporting JSON lines on stdout. Commands::
+
+    {"cmd": "genesis", "timeout": s}          wait for N-1 peers; membership = all N ids
+    {"cmd": "rounds", "start": r, "count": k, "size": bytes, "wait": s, "deadline": s}
+    {"cmd": "block", "peers": [ids]} / {"cmd": "unblock"}   the test-controlled link filter
+    {"cmd": "stats"} / {"cmd": "quit"}
+
+Controller side: :class:`Swarm` starts the processes, sends commands and collects events,
+so tests read like the scenario they check. Partitions are simulated by the link filter
+(:attr:`P2PNode.blocked`), because network namespaces are not available to unprivileged
+tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from swarmlm.p2p.byzantine import BYZANTINE_KINDS, ByzantineRoundProtocol
+from swarmlm.p2p.config import P2PConfig, parse_bootstrap
+from swarmlm.p2p.consensus import RoundProtocol
+from swarmlm.p2p.errors import ConsensusError
+from swarmlm.p2p.identity import NodeIdentity
+from swarmlm.p2p.transport import P2PNode
+
+log = logging.getLogger(__name__)
+
+
+def _emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+async def _worker(args: argparse.Namespace) -> None:
+    cfg = P2PConfig(
+        port=0,
+        node_dir=Path(args.node_dir) if args.node_dir else None,
+        bootstrap=args.bootstrap or [],
+        round_timeout=args.round_timeout,
+        heartbeat_interval=args.heartbeat,
+        dead_timeout=args.dead_timeout,
+        pex_interval=args.pex,
+        proposal_grace=args.grace,
+        reconnect_max=1.0,
+        fetch_timeout=max(2.0, args.round_timeout * 2),
+    )
+    ident = (
+        NodeIdentity.load_or_create(Path(args.node_dir))
+        if args.node_dir
+        else NodeIdentity.generate()
+    )
+    node = P2PNode(ident, cfg)
+    await node.start()
+    _emit("ready", id=node.node_id, port=node.port)
+    proto: RoundProtocol | None = None
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    rounds_task: asyncio.Task[None] | None = None
+
+    async def run_rounds(cmd: dict[str, Any]) -> None:
+        assert proto is not None
+        deadline = time.monotonic() + float(cmd.get("deadline", 120))
+        wait = float(cmd.get("wait", 10))
+        for r in range(int(cmd["start"]), int(cmd["start"]) + int(cmd["count"])):
+            payload = os.urandom(int(cmd.get("size", 1000)))
+            reported = False
+            t0 = time.monotonic()
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    _emit("done", last=proto.last_decided, stats=proto.summary())
+                    return
+                try:
+                    d = await proto.contribute(r, payload, timeout=min(wait, left))
+                    break
+                except ConsensusError:
+                    if not reported:
+                        _emit("undecided", round=r)
+                        reported = True
+            _emit(
+                "decided",
+                round=r,
+                view=d.view,
+                entries=[[e.peer, e.digest.hex()] for e in d.entries],
+                members_next=d.members_next,
+                latency_ms=round((time.monotonic() - t0) * 1000, 2),
+                bytes_sent=node.bytes_sent,
+            )
+        _emit("done", last=proto.last_decided, stats=proto.summary())
+
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        try:
+            cmd = json.loads(line)
+        except json.JSONDecodeError:
+            _emit("error", detail=f"bad command line {line[:80]!r}")
+            continue
+        c = cmd.get("cmd")
+        if c == "genesis":
+            deadline = time.monotonic() + float(cmd.get("timeout", 30))
+            while len(node.connections) < args.expect - 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            members = sorted([node.node_id, *node.connections])
+            if args.byzantine:
+                proto = ByzantineRoundProtocol(node, members, args.byzantine, delay=args.slow_delay)
+            else:
+                proto = RoundProtocol(node, members)
+            _emit("genesis", members=members)
+        elif c == "rounds":
+            if rounds_task is not None and not rounds_task.done():
+                _emit("error", detail="rounds already running")
+            else:
+                rounds_task = asyncio.create_task(run_rounds(cmd))
+        elif c == "block":
+            node.blocked.update(cmd.get("peers", []))
+            _emit("blocked", peers=sorted(node.blocked))
+        elif c == "unblock":
+            node.blocked.clear()
+            _emit("unblocked")
+        elif c == "stats":
+            _emit(
+                "stats",
+                node=node.stats(),
+                peers=node.peer_rows(),
+                protocol=proto.summary() if proto else None,
+            )
+        elif c == "quit":
+            break
+        else:
+            _emit("error", detail=f"unknown command {c!r}")
+    if proto is not None:
+        proto.close()
+    if rounds_task is not None:
+        rounds_task.cancel()
+    await node.stop()
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m swarmlm.p2p.harness")
+    p.add_argument("--node-dir")
+    p.add_argument("--bootstrap", type=parse_bootstrap)
+    p.add_argument("--expect", type=int, required=True)
+    p.add_argument("--byzantine", choices=BYZANTINE_KINDS)
+    p.add_argument("--slow-delay", type=float, default=1.0)
+    p.add_argument("--round-timeout", type=float, default=1.0)
+    p.add_argument("--heartbeat", type=float, default=0.2)
+    p.add_argument("--dead-timeout", type=float, default=2.0)
+    p.add_argument("--pex", type=float, default=0.3)
+    p.add_argument("--grace", type=float, default=0.1)
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr)
+    asyncio.run(_worker(args))
+    return 0
+
+
+class NodeProcess:
+    """One worker process and the events it reported (read by a background thread)."""
+
+    def __init__(self, argv: list[str], index: int) -> None:
+        self.index = index
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "swarmlm.p2p.harness", *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.history: list[dict[str, Any]] = []
+        self.id = ""
+        self.port = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.history.append(ev)
+            self.events.put(ev)
+
+    def send(self, **cmd: Any) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def wait(self, event: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"node {self.index} sent no {event!r} within {timeout} s")
+            try:
+                ev = self.events.get(timeout=left)
+            except queue.Empty:
+                continue
+            if ev["event"] == event:
+                return ev
+
+    def decided(self) -> dict[int, dict[str, Any]]:
+        return {e["round"]: e for e in self.history if e["event"] == "decided"}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class Swarm:
+    """``n`` worker processes bootstrapped from the first one; ``byzantine`` maps index->kind."""
+
+    def __init__(
+        self,
+        n: int,
+        byzantine: dict[int, str] | None = None,
+        *,
+        round_timeout: float = 1.0,
+        grace: float = 0.1,
+        slow_delay: float = 1.0,
+        log_level: str = "WARNING",
+    ) -> None:
+        self.n = n
+        self.byzantine = byzantine or {}
+        common = ["--expect", str(n), "--round-timeout", str(round_timeout), "--grace", str(grace),
+                  "--slow-delay", str(slow_delay), "--log-level", log_level]  # fmt: skip
+        self.nodes: list[NodeProcess] = []
+        try:
+            first = NodeProcess(common + self._byz(0), 0)
+            self.nodes.append(first)
+            ready = first.wait("ready", 30)
+            first.id, first.port = ready["id"], ready["port"]
+            boot = ["--bootstrap", f"127.0.0.1:{first.port}"]
+            for i in range(1, n):
+                self.nodes.append(NodeProcess(common + boot + self._byz(i), i))
+            for node in self.nodes[1:]:
+                ready = node.wait("ready", 30)
+                node.id, node.port = ready["id"], ready["port"]
+        except BaseException:
+            self.close()
+            raise
+
+    def _byz(self, i: int) -> list[str]:
+        return ["--byzantine", self.byzantine[i]] if i in self.byzantine else []
+
+    @property
+    def honest(self) -> list[NodeProcess]:
+        return [p for p in self.nodes if p.index not in self.byzantine and p.alive]
+
+    def genesis(self, timeout: float = 30) -> list[str]:
+        for p in self.nodes:
+            p.send(cmd="genesis", timeout=timeout)
+        members = [p.wait("genesis", timeout + 5)["members"] for p in self.nodes]
+        if any(m != members[0] for m in members) or len(members[0]) != self.n:
+            raise RuntimeError(f"genesis memberships differ: {[len(m) for m in members]}")
+        return list(members[0])
+
+    def rounds(
+        self,
+        start: int,
+        count: int,
+        nodes: list[NodeProcess] | None = None,
+        size: int = 1000,
+        wait: float = 10,
+        deadline: float = 120,
+    ) -> None:
+        for p in nodes if nodes is not None else self.nodes:
+            p.send(cmd="rounds", start=start, count=count, size=size, wait=wait, deadline=deadline)
+
+    def wait_done(self, nodes: list[NodeProcess], timeout: float) -> list[dict[str, Any]]:
+        return [p.wait("done", timeout) for p in nodes]
+
+    def stats(self, node: NodeProcess, timeout: float = 10) -> dict[str, Any]:
+        node.send(cmd="stats")
+        return node.wait("stats", timeout)
+
+    def close(self) -> None:
+        for p in self.nodes:
+            p.send(cmd="quit")
+        deadline = time.monotonic() + 5
+        for p in self.nodes:
+            try:
+                p.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def __enter__(self) -> Swarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
