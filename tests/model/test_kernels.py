@@ -141,7 +141,11 @@ def _special_routing_cases() -> list[Case]:
         ]
     )
     masked["bases"]["logits"] = logits
-    return [ties, masked]
+    nan = _routing_case("nan-logits", (2, 4), 2, "float32", grads="weights")
+    nan["bases"]["logits"] = torch.tensor(
+        [[float("nan"), 1.0, 2.0, float("nan")], [float("nan")] * 4]
+    )
+    return [ties, masked, nan]
 
 
 # --------------------------------------------------------------------------- running a case
@@ -340,6 +344,17 @@ def test_triton_topk_routing_with_masked_experts_picks_distinct_in_range_experts
     torch.testing.assert_close(weights.sum(-1), torch.ones(3))
     assert probs[1].tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
     assert torch.isfinite(got["grads"]["logits"]).all()
+
+
+def test_triton_topk_routing_with_nan_logits_still_returns_distinct_in_range_experts(
+    triton_results: dict[str, Case],
+) -> None:
+    """A NaN router output must not make the dispatch index out of bounds on the GPU."""
+    got = _triton_result(triton_results, "topk_routing/nan-logits", "TopKRoutingFunction")
+    _, indices, _ = got["outputs"]
+    for row in indices.tolist():
+        assert len(set(row)) == 2
+        assert all(0 <= i < 4 for i in row)
 
 
 # --------------------------------------------------------------------------- fallbacks
