@@ -1,0 +1,257 @@
+"""Import tasks (our JSONL, Label Studio JSON export) and export annotations and results.
+
+Task JSONL, one object per line::
+
+    {"id": "q17", "content": "text or JSON object", "outputs": ["resp A", "resp B"],
+     "gold": "B"}
+
+Only ``content`` is required; ``outputs`` is required by pairwise (2) and ranking (k)
+schemas; ``gold`` makes the task a honeypot. Label Studio exports (a JSON list of
+``{"id", "data": {...}, "annotations": [...]}``) import ``data`` as the content (its ``text``
+field alone when that is all there is) and ``id`` as the external id; outputs can be taken
+from ``data`` keys named by ``outputs_keys``.
+
+Exports are JSONL written atomically (temp file + rename): signed annotations (what
+``swarmlm curation verify`` checks), per-task consensus, and the reward-model preference
+format ``{"prompt", "chosen", "rejected"}`` that TRL's reward and DPO trainers read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from swarmlm.curation import quality
+from swarmlm.curation.errors import ImportFormatError
+from swarmlm.curation.schema import PairwiseSchema, RankingSchema
+from swarmlm.curation.store import CurationStore, TaskInput
+
+MAX_IMPORT_BYTES = 512 * 1024 * 1024
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        for key in ("prompt", "text", "question"):
+            if isinstance(content.get(key), str):
+                return str(content[key])
+    return json.dumps(content, ensure_ascii=False, sort_keys=True)
+
+
+def parse_tasks_jsonl(lines: Iterable[str], source: str = "<jsonl>") -> Iterator[TaskInput]:
+    """Parse task JSONL; errors name ``source``, the line and the field."""
+    allowed = {"id", "external_id", "content", "outputs", "gold", "meta"}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{source} line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ImportFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(obj, dict):
+            raise ImportFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        unknown = sorted(set(obj) - allowed)
+        if unknown:
+            raise ImportFormatError(f"{where}: unknown fields {unknown}; allowed {sorted(allowed)}")
+        if "content" not in obj:
+            raise ImportFormatError(f"{where}: missing field 'content'")
+        ext = obj.get("id", obj.get("external_id"))
+        if ext is not None and not isinstance(ext, str | int):
+            raise ImportFormatError(f"{where}: field 'id' must be a string or integer")
+        yield TaskInput(
+            content=obj["content"],
+            outputs=obj.get("outputs"),
+            gold=obj.get("gold"),
+            external_id=None if ext is None else str(ext),
+        )
+
+
+def parse_label_studio(
+    data: Any, source: str = "<label studio>", outputs_keys: list[str] | None = None
+) -> list[TaskInput]:
+    """Tasks from a Label Studio JSON export (the list of task objects).
+
+    ``outputs_keys``: keys of ``data`` holding model outputs (e.g. ``["answer1", "answer2"]``
+    for a pairwise project); they are moved from the content into ``outputs``. Existing Label
+    Studio annotations are not imported as labels: they were not signed by any node.
+    """
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise ImportFormatError(f"{source}: expected a JSON list of Label Studio tasks")
+    out: list[TaskInput] = []
+    for i, task in enumerate(data):
+        where = f"{source} task {i + 1}"
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise ImportFormatError(f"{where}: expected an object with a 'data' object")
+        fields = dict(task["data"])
+        outputs: list[str] | None = None
+        if outputs_keys:
+            missing = [k for k in outputs_keys if k not in fields]
+            if missing:
+                raise ImportFormatError(f"{where}: data has no output fields {missing}")
+            outputs = [str(fields.pop(k)) for k in outputs_keys]
+        content: Any = fields
+        if list(fields) == ["text"] and isinstance(fields["text"], str):
+            content = fields["text"]
+        ext = task.get("id")
+        out.append(
+            TaskInput(
+                content=content, outputs=outputs, external_id=None if ext is None else str(ext)
+            )
+        )
+    return out
+
+
+def read_tasks_file(
+    path: Path, fmt: str = "auto", outputs_keys: list[str] | None = None
+) -> list[TaskInput]:
+    """Read tasks from ``path``: ``fmt`` is ``jsonl``, ``label_studio`` or ``auto`` (by name)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ImportFormatError(f"cannot read {path}: {e}") from e
+    if size > MAX_IMPORT_BYTES:
+        raise ImportFormatError(f"{path} is {size} bytes, more than {MAX_IMPORT_BYTES}")
+    if fmt == "auto":
+        fmt = "label_studio" if path.suffix.lower() == ".json" else "jsonl"
+    with path.open(encoding="utf-8") as fh:
+        return parse_tasks_text(fh.read(), fmt, str(path), outputs_keys)
+
+
+def parse_tasks_text(
+    text: str, fmt: str, source: str, outputs_keys: list[str] | None = None
+) -> list[TaskInput]:
+    if fmt == "jsonl":
+        return list(parse_tasks_jsonl(text.splitlines(), source))
+    if fmt == "label_studio":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ImportFormatError(f"{source}: invalid JSON ({e.msg} at line {e.lineno})") from e
+        return parse_label_studio(data, source, outputs_keys)
+    raise ImportFormatError(f"unknown import format {fmt!r}; use 'jsonl' or 'label_studio'")
+
+
+# -- export ----------------------------------------------------------------------------------
+
+
+def annotation_rows(store: CurationStore, task_set_id: int) -> Iterator[dict[str, Any]]:
+    """Signed annotation records with the task they cover (so the digest can be checked)."""
+    ts = store.get_task_set(task_set_id)
+    for task, ann in store.annotations(task_set_id):
+        yield {
+            "task_set": ts.name,
+            "task": {
+                "external_id": task.external_id,
+                "content": task.content,
+                "outputs": task.outputs,
+            },
+            "task_digest": task.digest,
+            "annotator_id": ann.annotator_public_id,
+            "value": ann.value,
+            "time_spent_ms": ann.time_spent_ms,
+            "created_at_ms": ann.created_at_ms,
+            "signer": ann.signer_public_key,
+            "signature": ann.signature,
+        }
+
+
+def consensus_rows(store: CurationStore, task_set_id: int) -> Iterator[dict[str, Any]]:
+    """Per non-gold task: status, stored consensus and agreement, and every method's result."""
+    ts = store.get_task_set(task_set_id)
+    pairs = store.annotations(task_set_id)
+    reps = {a.id: a.reputation for a in store.list_annotators()}
+    triples = [(t.id, a.annotator_id, a.value) for t, a in pairs]
+    gold = {t.id: t.gold for t, _ in pairs if t.is_gold}
+    methods = quality.set_consensus(ts.schema, triples, reps, gold)
+    for task in store.list_tasks(task_set_id):
+        if task.is_gold:
+            continue
+        yield {
+            "task_set": ts.name,
+            "external_id": task.external_id,
+            "content": task.content,
+            "outputs": task.outputs,
+            "status": task.status,
+            "n_annotations": task.n_annotations,
+            "consensus": task.consensus,
+            "agreement": task.agreement,
+            "methods": methods.get(task.id, {}),
+        }
+
+
+def preference_rows(store: CurationStore, task_set_id: int) -> Iterator[dict[str, str]]:
+    """``{"prompt", "chosen", "rejected"}`` pairs from finalised pairwise or ranking tasks.
+
+    Pairwise: one pair when the consensus is A or B (ties and "both bad" carry no
+    preference). Ranking: every pair of the consensus order, better response as chosen.
+    """
+    ts = store.get_task_set(task_set_id)
+    if not isinstance(ts.schema, PairwiseSchema | RankingSchema):
+        raise ImportFormatError(
+            f"task set {ts.name!r} has schema {ts.schema.kind}; preference export needs "
+            "pairwise or ranking"
+        )
+    for task in store.list_tasks(task_set_id):
+        if task.is_gold or task.status != "finalised" or not task.outputs:
+            continue
+        prompt = _content_text(task.content)
+        if isinstance(ts.schema, PairwiseSchema):
+            if task.consensus == "A":
+                yield {"prompt": prompt, "chosen": task.outputs[0], "rejected": task.outputs[1]}
+            elif task.consensus == "B":
+                yield {"prompt": prompt, "chosen": task.outputs[1], "rejected": task.outputs[0]}
+        else:
+            order = task.consensus or []
+            for i in range(len(order)):
+                for j in range(i + 1, len(order)):
+                    yield {
+                        "prompt": prompt,
+                        "chosen": task.outputs[order[i]],
+                        "rejected": task.outputs[order[j]],
+                    }
+
+
+EXPORTERS = {
+    "annotations": annotation_rows,
+    "consensus": consensus_rows,
+    "preferences": preference_rows,
+}
+
+
+def write_jsonl(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
+    n = 0
+    for row in rows:
+        out.write(json.dumps(row, ensure_ascii=False, sort_keys=True))
+        out.write("\n")
+        n += 1
+    return n
+
+
+def export_to_file(store: CurationStore, task_set_id: int, kind: str, path: Path) -> int:
+    """Write an export atomically; returns the number of lines."""
+    if kind not in EXPORTERS:
+        raise ImportFormatError(f"unknown export kind {kind!r}; choose from {sorted(EXPORTERS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            n = write_jsonl(EXPORTERS[kind](store, task_set_id), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return n

@@ -1,0 +1,1 @@
+"""Alembic migrations of the curation store (run by :func:`swarmlm.curation.db.migrate`)."""

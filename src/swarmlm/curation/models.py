@@ -1,0 +1,152 @@
+"""SQLAlchemy 2.0 tables of the curation store. The Alembic migrations mirror this file.
+
+Invariants the store keeps (and the database enforces where it can):
+- one assignment row and at most one annotation per (task, annotator): nobody sees a task
+  twice, whether they annotated it, skipped it or let the lease expire;
+- ``Task.n_annotations`` equals the number of annotation rows of the task;
+- ``Task.needed`` starts at the task set's ``k`` and only grows, up to ``max_annotations``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Annotator(Base):
+    __tablename__ = "annotators"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(16), default="annotator")
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    points: Mapped[int] = mapped_column(Integer, default=0)
+    reputation: Mapped[float] = mapped_column(Float, default=0.5)
+    gold_correct: Mapped[int] = mapped_column(Integer, default=0)
+    gold_total: Mapped[int] = mapped_column(Integer, default=0)
+    agree_count: Mapped[int] = mapped_column(Integer, default=0)
+    agree_total: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WebSession(Base):
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TaskSet(Base):
+    __tablename__ = "task_sets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    label_schema: Mapped[dict[str, Any]] = mapped_column(JSON)
+    k: Mapped[int] = mapped_column(Integer)
+    max_annotations: Mapped[int] = mapped_column(Integer)
+    agreement_threshold: Mapped[float] = mapped_column(Float)
+    gold_share: Mapped[float] = mapped_column(Float)
+    lease_seconds: Mapped[int] = mapped_column(Integer)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        UniqueConstraint("task_set_id", "external_id", name="uq_tasks_set_external"),
+        Index("ix_tasks_queue", "task_set_id", "is_gold", "status", "n_annotations"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_set_id: Mapped[int] = mapped_column(ForeignKey("task_sets.id"))
+    external_id: Mapped[str] = mapped_column(String(200))
+    content: Mapped[Any] = mapped_column(JSON)
+    outputs: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    gold: Mapped[Any] = mapped_column(JSON, nullable=True)
+    is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
+    digest: Mapped[str] = mapped_column(String(64))
+    needed: Mapped[int] = mapped_column(Integer)
+    n_annotations: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    consensus: Mapped[Any] = mapped_column(JSON, nullable=True)
+    agreement: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Assignment(Base):
+    __tablename__ = "assignments"
+    __table_args__ = (
+        UniqueConstraint("task_id", "annotator_id", name="uq_assignments_task_annotator"),
+        Index("ix_assignments_task_state", "task_id", "state", "expires_at"),
+        Index("ix_assignments_annotator_state", "annotator_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
+    state: Mapped[str] = mapped_column(String(16))  # leased | submitted | skipped
+    leased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Annotation(Base):
+    __tablename__ = "annotations"
+    __table_args__ = (
+        UniqueConstraint("task_id", "annotator_id", name="uq_annotations_task_annotator"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
+    value: Mapped[Any] = mapped_column(JSON)
+    time_spent_ms: Mapped[int] = mapped_column(BigInteger)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    signer_public_key: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(String(128))
+
+
+class PointsEntry(Base):
+    __tablename__ = "points_ledger"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
+    delta: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(100))
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

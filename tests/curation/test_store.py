@@ -1,0 +1,363 @@
+"""The curation store on SQLite and on a real PostgreSQL server (see conftest.py)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from swarmlm.curation.errors import (
+    AuthError,
+    ConflictError,
+    CurationError,
+    LabelSchemaError,
+    NotFoundError,
+)
+from swarmlm.curation.models import Base
+from swarmlm.curation.signing import signed_record, task_digest, verify_record
+from swarmlm.curation.store import CurationStore, TaskInput
+
+CHOICES = {"kind": "single_choice", "choices": ["pos", "neg", "neutral"]}
+
+
+def _users(store: CurationStore, n: int, prefix: str = "user") -> list[int]:
+    return [store.create_annotator(f"{prefix}{i}", "correct horse").id for i in range(n)]
+
+
+def _set(store: CurationStore, n_tasks: int = 5, **kw: Any) -> int:
+    kw.setdefault("gold_share", 0.0)
+    ts = store.create_task_set("set", kw.pop("schema", CHOICES), **kw)
+    store.add_tasks(ts.id, [TaskInput(content=f"text {i}") for i in range(n_tasks)])
+    return ts.id
+
+
+def test_migrations_produce_exactly_the_models_schema(store: CurationStore) -> None:
+    with store.engines.read.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_reopening_an_existing_store_keeps_its_data(
+    make_store: Callable[..., CurationStore],
+) -> None:
+    first = make_store()
+    ts_id = _set(first, n_tasks=3)
+    (uid,) = _users(first, 1)
+    lt = first.next_task(uid, ts_id)
+    assert lt is not None
+    first.submit(uid, lt.task_id, "pos", 1200)
+    first.close()
+    second = make_store()  # runs the migrations again: must be a no-op
+    assert second.count_annotations() == 1
+    assert len(second.list_tasks(ts_id)) == 3
+
+
+def test_annotator_is_never_offered_the_same_task_twice(store: CurationStore) -> None:
+    ts_id = _set(store, n_tasks=4, k=2)
+    (uid,) = _users(store, 1)
+    seen = []
+    while (lt := store.next_task(uid, ts_id)) is not None:
+        seen.append(lt.task_id)
+        store.submit(uid, lt.task_id, "pos", 10)
+    assert sorted(seen) == sorted({t.id for t in store.list_tasks(ts_id)})
+    assert len(seen) == len(set(seen))
+    with pytest.raises(ConflictError, match="already submitted"):
+        store.submit(uid, seen[0], "neg", 10)
+
+
+def test_reloading_returns_the_task_already_leased(store: CurationStore) -> None:
+    ts_id = _set(store)
+    (uid,) = _users(store, 1)
+    first = store.next_task(uid, ts_id)
+    again = store.next_task(uid, ts_id)
+    assert first is not None
+    assert again is not None
+    assert again.task_id == first.task_id
+
+
+def test_each_task_gets_k_annotations_then_is_finalised(store: CurationStore) -> None:
+    ts_id = _set(store, n_tasks=3, k=3)
+    users = _users(store, 5)
+    for uid in users:
+        while (lt := store.next_task(uid, ts_id)) is not None:
+            store.submit(uid, lt.task_id, "neg", 10)
+    tasks = store.list_tasks(ts_id)
+    assert [t.n_annotations for t in tasks] == [3, 3, 3]
+    assert all(t.status == "finalised" and t.consensus == "neg" for t in tasks)
+    assert store.count_annotations(ts_id) == 9
+
+
+def test_leases_count_against_k_until_they_expire_then_go_to_others(
+    store: CurationStore, clock: Any
+) -> None:
+    ts = store.create_task_set("one", CHOICES, k=1, gold_share=0.0, lease_seconds=60)
+    store.add_tasks(ts.id, [TaskInput(content="only task")])
+    a, b = _users(store, 2)
+    lease = store.next_task(a, ts.id)
+    assert lease is not None
+    assert store.next_task(b, ts.id) is None  # the single slot is leased to a
+    clock.advance(61)
+    with pytest.raises(ConflictError, match="expired"):
+        store.submit(a, lease.task_id, "pos", 10)
+    relet = store.next_task(b, ts.id)
+    assert relet is not None
+    assert relet.task_id == lease.task_id
+    store.submit(b, relet.task_id, "pos", 10)
+    assert store.next_task(a, ts.id) is None  # a never gets it back
+
+
+def test_skipped_task_goes_to_someone_else_but_not_back_to_the_skipper(
+    store: CurationStore,
+) -> None:
+    ts = store.create_task_set("one", CHOICES, k=1, gold_share=0.0)
+    store.add_tasks(ts.id, [TaskInput(content="hard one")])
+    a, b = _users(store, 2)
+    lease = store.next_task(a, ts.id)
+    assert lease is not None
+    store.skip(a, lease.task_id)
+    assert store.next_task(a, ts.id) is None
+    other = store.next_task(b, ts.id)
+    assert other is not None
+    assert other.task_id == lease.task_id
+    with pytest.raises(ConflictError):
+        store.submit(a, lease.task_id, "pos", 10)
+
+
+def test_tasks_closest_to_completion_are_offered_first(store: CurationStore) -> None:
+    ts_id = _set(store, n_tasks=5, k=3)
+    a, b, c = _users(store, 3)
+    first = store.next_task(a, ts_id)
+    assert first is not None
+    store.submit(a, first.task_id, "pos", 10)
+    # b should get the task a already started, not a fresh one
+    nxt = store.next_task(b, ts_id)
+    assert nxt is not None
+    assert nxt.task_id == first.task_id
+    store.submit(b, nxt.task_id, "pos", 10)
+    nxt_c = store.next_task(c, ts_id)
+    assert nxt_c is not None
+    assert nxt_c.task_id == first.task_id
+
+
+def test_gold_tasks_are_mixed_in_and_move_reputation(store: CurationStore) -> None:
+    ts = store.create_task_set("gold", CHOICES, k=1, gold_share=0.5)
+    store.add_tasks(
+        ts.id,
+        [TaskInput(content=f"plain {i}") for i in range(20)]
+        + [TaskInput(content=f"gold {i}", gold="pos") for i in range(10)],
+    )
+    good, bad = _users(store, 2)
+    served_gold = 0
+    for uid, answer in ((good, "pos"), (bad, "neg")):
+        for _ in range(12):
+            lt = store.next_task(uid, ts.id)
+            assert lt is not None
+            is_gold = str(lt.content).startswith("gold")
+            served_gold += is_gold
+            store.submit(uid, lt.task_id, answer, 10)
+    assert 4 <= served_gold <= 20  # about half of 24 offers
+    g, b = store.get_annotator(good), store.get_annotator(bad)
+    assert g.gold_total > 0
+    assert g.gold_correct == g.gold_total
+    assert b.gold_total > 0
+    assert b.gold_correct == 0
+    assert g.reputation > 0.7 > b.reputation  # 0.7 is a newcomer's prior
+    assert g.points > b.points
+    board = store.leaderboard()
+    assert board[0].id == good
+
+
+def test_disagreement_requests_more_annotations_up_to_the_cap(store: CurationStore) -> None:
+    ts = store.create_task_set(
+        "hard", CHOICES, k=2, max_annotations=4, agreement_threshold=0.7, gold_share=0.0
+    )
+    store.add_tasks(ts.id, [TaskInput(content="ambiguous")])
+    users = _users(store, 6)
+    answers = ["pos", "neg", "neutral", "pos", "neg", "neg"]
+    given = 0
+    for uid, ans in zip(users, answers, strict=True):
+        lt = store.next_task(uid, ts.id)
+        if lt is None:
+            break
+        store.submit(uid, lt.task_id, ans, 10)
+        given += 1
+    (task,) = store.list_tasks(ts.id)
+    assert given == 4  # k=2 disagreed, grew one at a time to the cap of 4
+    assert task.n_annotations == 4
+    assert task.status == "finalised"
+    assert task.consensus == "pos"
+    assert task.agreement == pytest.approx(0.5)
+
+
+def test_agreement_reached_early_finalises_at_k(store: CurationStore) -> None:
+    ts = store.create_task_set("easy", CHOICES, k=3, agreement_threshold=0.6, gold_share=0.0)
+    store.add_tasks(ts.id, [TaskInput(content="clear")])
+    users = _users(store, 4)
+    for uid, ans in zip(users[:3], ["pos", "pos", "neg"], strict=True):
+        lt = store.next_task(uid, ts.id)
+        assert lt is not None
+        result = store.submit(uid, lt.task_id, ans, 10)
+    assert result.finalised
+    assert store.next_task(users[3], ts.id) is None
+
+
+@pytest.mark.parametrize(
+    ("schema", "outputs", "answers", "consensus"),
+    [
+        (
+            {"kind": "multiple_choice", "choices": ["x", "y", "z"]},
+            None,
+            [["x", "y"], ["y", "x"], ["x"]],
+            ["x", "y"],
+        ),
+        ({"kind": "rating", "min": 1, "max": 7}, None, [6, 7, 2], 6),
+        ({"kind": "free_text"}, None, ["a cat", "a dog", "cats"], None),
+        ({"kind": "pairwise"}, ["resp a", "resp b"], ["B", "B", "tie"], "B"),
+        (
+            {"kind": "ranking", "k": 3},
+            ["r0", "r1", "r2"],
+            [[2, 0, 1], [2, 1, 0], [0, 2, 1]],
+            [2, 0, 1],
+        ),
+    ],
+)
+def test_every_label_schema_collects_and_finalises(
+    store: CurationStore,
+    schema: dict[str, Any],
+    outputs: list[str] | None,
+    answers: list[Any],
+    consensus: Any,
+) -> None:
+    ts = store.create_task_set("s", schema, k=3, agreement_threshold=0.0, gold_share=0.0)
+    store.add_tasks(ts.id, [TaskInput(content="prompt", outputs=outputs)])
+    for uid, ans in zip(_users(store, 3), answers, strict=True):
+        lt = store.next_task(uid, ts.id)
+        assert lt is not None
+        store.submit(uid, lt.task_id, ans, 10)
+    (task,) = store.list_tasks(ts.id)
+    assert task.status == "finalised"
+    assert task.consensus == consensus
+
+
+def test_values_outside_the_schema_are_refused_with_the_rule(store: CurationStore) -> None:
+    ts = store.create_task_set("r", {"kind": "rating", "min": 1, "max": 5}, gold_share=0.0)
+    store.add_tasks(ts.id, [TaskInput(content="rate me")])
+    (uid,) = _users(store, 1)
+    lt = store.next_task(uid, ts.id)
+    assert lt is not None
+    with pytest.raises(LabelSchemaError, match="between 1 and 5"):
+        store.submit(uid, lt.task_id, 9, 10)
+    with pytest.raises(LabelSchemaError, match="integer"):
+        store.submit(uid, lt.task_id, "lots", 10)
+    store.submit(uid, lt.task_id, 4, 10)  # the lease survived the bad attempts
+    assert store.count_annotations() == 1
+
+
+def test_tasks_must_fit_the_schema_and_bad_imports_insert_nothing(store: CurationStore) -> None:
+    ts = store.create_task_set("p", {"kind": "pairwise"}, gold_share=0.0)
+    with pytest.raises(LabelSchemaError, match="task 2: schema pairwise needs 2 outputs"):
+        store.add_tasks(
+            ts.id,
+            [TaskInput(content="ok", outputs=["a", "b"]), TaskInput(content="bad", outputs=["a"])],
+        )
+    assert store.list_tasks(ts.id) == []
+    store.add_tasks(ts.id, [TaskInput(content="ok", outputs=["a", "b"], external_id="q1")])
+    with pytest.raises(ConflictError, match="already exists"):
+        store.add_tasks(ts.id, [TaskInput(content="again", outputs=["a", "b"], external_id="q1")])
+
+
+def test_each_annotation_is_signed_over_task_digest_annotator_value_and_time(
+    store: CurationStore,
+) -> None:
+    ts_id = _set(store, n_tasks=1, k=1)
+    (uid,) = _users(store, 1)
+    lt = store.next_task(uid, ts_id)
+    assert lt is not None
+    res = store.submit(uid, lt.task_id, "neutral", 4321)
+    ((task, ann),) = store.annotations(ts_id)
+    assert task.digest == task_digest(task.external_id, task.content, task.outputs)
+    record = signed_record(task.digest, ann.annotator_public_id, "neutral", 4321, ann.created_at_ms)
+    assert ann.signature == res.signature
+    assert ann.signer_public_key == store.identity.public_key_bytes.hex()
+    assert verify_record(record, ann.signer_public_key, ann.signature)
+    record["value"] = "pos"
+    assert not verify_record(record, ann.signer_public_key, ann.signature)
+
+
+def test_passwords_tokens_and_disabled_accounts(store: CurationStore) -> None:
+    a = store.create_annotator("alice", "wonderland", role="admin")
+    with pytest.raises(ConflictError, match="taken"):
+        store.create_annotator("alice", "another pass")
+    with pytest.raises(CurationError, match="username"):
+        store.create_annotator("<script>", "password1")
+    assert store.authenticate("alice", "wonderland").id == a.id
+    with pytest.raises(AuthError, match="wrong username or password"):
+        store.authenticate("alice", "WONDERLAND")
+    with pytest.raises(AuthError, match="wrong username or password"):
+        store.authenticate("nobody", "wonderland")
+    token = store.create_api_token(a.id)
+    info = store.annotator_for_token(token)
+    assert info is not None
+    assert info.is_admin
+    assert store.annotator_for_token(token + "x") is None
+    session, csrf = store.create_session(a.id, ttl_seconds=60)
+    found = store.session_lookup(session)
+    assert found is not None
+    assert found[1] == csrf
+    store.set_disabled(a.id, True)
+    assert store.annotator_for_token(token) is None
+    assert store.session_lookup(session) is None
+    with pytest.raises(AuthError, match="disabled"):
+        store.authenticate("alice", "wonderland")
+    with pytest.raises(NotFoundError):
+        store.set_role(999, "admin")
+
+
+def test_concurrent_annotators_lose_no_submission_and_never_share_a_slot(
+    store: CurationStore,
+) -> None:
+    ts_id = _set(store, n_tasks=12, k=3)
+    users = _users(store, 6)
+    acked: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def work(uid: int) -> None:
+        try:
+            while (lt := store.next_task(uid, ts_id)) is not None:
+                r = store.submit(uid, lt.task_id, "pos", 5)
+                with lock:
+                    acked.append(r.annotation_id)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert len(acked) == 36 == store.count_annotations(ts_id)
+    assert all(t.n_annotations == 3 for t in store.list_tasks(ts_id))
+
+
+def test_progress_reports_counts_and_agreement(store: CurationStore) -> None:
+    ts_id = _set(store, n_tasks=6, k=3)
+    users = _users(store, 3)
+    for i, uid in enumerate(users):
+        while (lt := store.next_task(uid, ts_id)) is not None:
+            # two annotators agree everywhere, the third disagrees on one task in three
+            ans = "neg" if i == 2 and lt.task_id % 3 == 0 else "pos" if lt.task_id % 2 else "neg"
+            store.submit(uid, lt.task_id, ans, 10)
+    p = store.progress(ts_id)
+    assert (p.n_tasks, p.n_finalised, p.n_annotations, p.live_leases) == (6, 6, 18, 0)
+    assert p.agreement["fleiss_kappa"] is not None
+    assert 0.0 < p.agreement["fleiss_kappa"] <= 1.0
+    assert p.agreement["krippendorff_alpha_nominal"] is not None
+    stats = store.stats()
+    assert stats["annotations"] == 18
+    assert stats["tasks_finalised"] == 6
