@@ -396,7 +396,8 @@ def test_topk_routing_fallback_gradients_match_finite_differences() -> None:
     assert torch.autograd.gradcheck(loss_terms, (logits,))
 
 
-def test_topk_routing_keeps_leading_dimensions() -> None:
+def test_topk_routing_keeps_leading_dimensions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
     weights, indices, probs = topk_routing(torch.randn(2, 3, 4), 2)
     assert (weights.shape, indices.shape, probs.shape) == ((2, 3, 2), (2, 3, 2), (2, 3, 4))
 
