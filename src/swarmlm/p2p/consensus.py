@@ -157,6 +157,8 @@ class RoundProtocol:
         self._round_payloads: dict[int, set[bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
+        self._hash_cache: dict[bytes, bytes] = {}
+        self._entry_cache: dict[bytes, list[Entry]] = {}
         for kind in (*ROUND_KINDS, "equivocation", "join", "leave"):
             node.on(kind, self._on_message)
         node.blobs.on_put.append(self._on_blob)
@@ -385,8 +387,29 @@ class RoundProtocol:
 
     # -- validation ----------------------------------------------------------------------
     def _phash(self, proposal: SignedMessage) -> bytes:
-        b = proposal.body
-        return proposal_hash(proposal.round, b["entries"], b["changes"])
+        h = self._hash_cache.get(proposal.sig)
+        if h is None:
+            b = proposal.body
+            h = proposal_hash(proposal.round, b["entries"], b["changes"])
+            self._cache_put(self._hash_cache, proposal.sig, h)
+        return h
+
+    def _entries(self, proposal: SignedMessage) -> list[Entry]:
+        """Entries of an already validated proposal, parsed once (signatures are costly)."""
+        got = self._entry_cache.get(proposal.sig)
+        if got is None:
+            got = []
+            for e in proposal.body["entries"]:
+                c = open_signed(e[1])
+                got.append(Entry(c.sender, c.body["digest"], c.body["size"]))
+            self._cache_put(self._entry_cache, proposal.sig, got)
+        return got
+
+    @staticmethod
+    def _cache_put(cache: dict[bytes, Any], key: bytes, value: Any) -> None:
+        if len(cache) >= 256:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
 
     def _check_proposal(self, st: _Round, msg: SignedMessage) -> None:
         """Raise MessageRejectedError unless ``msg`` is a valid proposal for ``st``."""
@@ -578,8 +601,7 @@ class RoundProtocol:
         self._maybe_propose(st)
         prop = st.proposals.get(st.view)
         if prop is not None and ("prepare", st.view) not in st.sent:
-            missing = [e for e in prop.body["entries"] if open_signed(e[1]).body["digest"]
-                       not in self.node.blobs]  # fmt: skip
+            missing = [e for e in self._entries(prop) if e.digest not in self.node.blobs]
             if missing:
                 self._fetch_missing(st, prop)
             else:
@@ -661,13 +683,12 @@ class RoundProtocol:
 
     async def _fetch_all(self, st: _Round, prop: SignedMessage) -> None:
         try:
-            for e in prop.body["entries"]:
-                c = open_signed(e[1])
-                digest = c.body["digest"]
+            for e in self._entries(prop):
+                digest = e.digest
                 if digest in self.node.blobs:
                     continue
                 self._round_payloads.setdefault(st.round, set()).add(digest)
-                peers = [prop.sender, c.sender] + [p for p in st.members if p != c.sender]
+                peers = [prop.sender, e.peer] + [p for p in st.members if p != e.peer]
                 with contextlib.suppress(TransportError):
                     await self.node.fetch(digest, peers, self.cfg.fetch_timeout)
         finally:
@@ -679,8 +700,7 @@ class RoundProtocol:
         if prop is None:
             self._request_decided(st.round, list(commits))
             return
-        missing = [e for e in prop.body["entries"]
-                   if open_signed(e[1]).body["digest"] not in self.node.blobs]  # fmt: skip
+        missing = [e for e in self._entries(prop) if e.digest not in self.node.blobs]
         if missing:
             self._fetch_missing(st, prop)
             return
@@ -688,10 +708,7 @@ class RoundProtocol:
         self._decide(st, prop, view, cert)
 
     def _decide(self, st: _Round, prop: SignedMessage, view: int, cert: dict[str, Any]) -> None:
-        entries = []
-        for e in prop.body["entries"]:
-            c = open_signed(e[1])
-            entries.append(Entry(c.sender, c.body["digest"], c.body["size"]))
+        entries = list(self._entries(prop))
         changes = prop.body["changes"]
         nxt = set(st.members)
         for ch in changes:
