@@ -595,8 +595,8 @@ class RoundProtocol:
     def _progress(self, st: _Round) -> None:
         if st.decided is not None:
             return
-        me = self.node.node_id
-        if me not in st.members:
+        if self.node.node_id not in st.members:
+            self._check_commits(st)  # observers (e.g. joiners) decide from commit quorums
             return
         self._maybe_propose(st)
         prop = st.proposals.get(st.view)
@@ -616,6 +616,9 @@ class RoundProtocol:
                 }
                 st.prepared_view = st.view
                 self._vote(st, "commit", st.view, h)
+        self._check_commits(st)
+
+    def _check_commits(self, st: _Round) -> None:
         for (kind, view, h), votes in list(st.votes.items()):
             if kind == "commit" and len(votes) >= st.q:
                 self._try_decide(st, view, h, votes)
@@ -769,8 +772,10 @@ class RoundProtocol:
             if st.view == view and self.node.node_id in st.members:
                 log.info("round %d view %d timed out", st.round, view)
                 self._enter_view(st, view + 1, announce=True)
-                self._request_decided(st.round, None)
                 self._progress(st)
+            elif self.node.node_id not in st.members:
+                st.view += 1  # observers only back off
+            self._request_decided(st.round, None)
 
     # -- catch-up ------------------------------------------------------------------------
     def _request_decided(self, r: int, peers: list[str] | None) -> None:

@@ -1,0 +1,167 @@
+"""The round protocol between real in-process nodes, plus its pure validation rules."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from swarmlm.p2p.consensus import RoundProtocol, leader_of, quorum
+from swarmlm.p2p.errors import MessageRejectedError
+from swarmlm.p2p.identity import NodeIdentity
+from swarmlm.p2p.messages import MessageSigner
+from swarmlm.p2p.transport import P2PNode
+
+from .conftest import run, start_mesh, start_node, stop_all, until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_quorum_tolerates_f_faults_of_3f_plus_1() -> None:
+    assert [quorum(n) for n in (1, 2, 3, 4, 5, 6, 7, 10, 16)] == [1, 2, 3, 3, 4, 5, 5, 7, 11]
+
+
+def test_leader_rotates_with_round_and_view() -> None:
+    members = ["a", "b", "c", "d"]
+    assert [leader_of(members, r, 0) for r in range(4)] == members
+    assert leader_of(members, 1, 1) == "c"
+
+
+async def _swarm(n: int) -> tuple[list[P2PNode], list[RoundProtocol]]:
+    nodes = await start_mesh(n)
+    ids = [x.node_id for x in nodes]
+    return nodes, [RoundProtocol(x, ids) for x in nodes]
+
+
+async def _close(nodes: list[P2PNode], protos: list[RoundProtocol]) -> None:
+    for p in protos:
+        p.close()
+    await stop_all(nodes)
+
+
+def test_every_honest_node_decides_the_same_set_and_holds_every_payload() -> None:
+    async def go() -> None:
+        nodes, protos = await _swarm(4)
+        try:
+            for r in range(1, 4):
+                payloads = [os.urandom(5000 + i) for i in range(4)]
+                ds = await asyncio.gather(
+                    *(
+                        p.contribute(r, pl, timeout=30)
+                        for p, pl in zip(protos, payloads, strict=True)
+                    )
+                )
+                assert len({tuple(d.digests) for d in ds}) == 1
+                assert len(ds[0].entries) >= quorum(4)
+                for node in nodes:
+                    for e in ds[0].entries:
+                        assert node.blobs.get(e.digest) is not None
+                got = await protos[1].fetch(ds[0].entries[0].digest)
+                assert len(got) == ds[0].entries[0].size
+        finally:
+            await _close(nodes, protos)
+
+    run(go())
+
+
+def test_round_decides_without_a_crashed_member_and_excludes_nothing_honest() -> None:
+    async def go() -> None:
+        nodes, protos = await _swarm(4)
+        try:
+            dead = nodes[
+                (leader_of(protos[0].members(1) or [], 1, 0) == nodes[0].node_id and 0) or 0
+            ]
+            ids = protos[0].members(1) or []
+            dead_id = leader_of(ids, 1, 0)  # the leader of round 1 crashes before it starts
+            dead = next(x for x in nodes if x.node_id == dead_id)
+            alive = [(x, p) for x, p in zip(nodes, protos, strict=True) if x is not dead]
+            await dead.stop()
+            ds = await asyncio.gather(*(p.contribute(1, os.urandom(100), 30) for _, p in alive))
+            assert len({tuple(d.digests) for d in ds}) == 1
+            assert ds[0].view >= 1  # a view change replaced the dead leader
+            assert dead_id not in [e.peer for e in ds[0].entries]
+        finally:
+            await _close([x for x in nodes if x is not dead], protos)
+
+    run(go())
+
+
+def test_equivocation_proof_is_verifiable_and_specific() -> None:
+    async def go() -> None:
+        node = await start_node()
+        try:
+            proto = RoundProtocol(node, [node.node_id])
+            mallory = MessageSigner(NodeIdentity.generate())
+            a = mallory.sign("contrib", {"digest": b"a" * 32, "size": 1}, 5)
+            b = mallory.sign("contrib", {"digest": b"b" * 32, "size": 1}, 5)
+            c = mallory.sign("contrib", {"digest": b"a" * 32, "size": 1}, 6)
+            v1 = mallory.sign("prepare", {"view": 0, "h": b"1" * 32}, 5)
+            v2 = mallory.sign("prepare", {"view": 0, "h": b"2" * 32}, 5)
+            v3 = mallory.sign("prepare", {"view": 1, "h": b"2" * 32}, 5)
+            who = mallory.identity.node_id
+            assert proto._verify_proof({"a": a.to_wire(), "b": b.to_wire()}) == who
+            assert proto._verify_proof({"a": v1.to_wire(), "b": v2.to_wire()}) == who
+            assert proto._verify_proof({"a": a.to_wire(), "b": c.to_wire()}) is None
+            assert proto._verify_proof({"a": v2.to_wire(), "b": v3.to_wire()}) is None
+            assert proto._verify_proof({"a": a.to_wire(), "b": a.to_wire()}) is None
+            forged = {"m": b.raw, "s": bytes(64)}
+            assert proto._verify_proof({"a": a.to_wire(), "b": forged}) is None
+            proto.close()
+        finally:
+            await node.stop()
+
+    run(go())
+
+
+def test_proposal_from_a_non_leader_or_with_too_few_entries_is_rejected() -> None:
+    async def go() -> None:
+        nodes, protos = await _swarm(4)
+        try:
+            ids = protos[0].members(1) or []
+            st = protos[0].rounds[1]
+            not_leader = next(x for x in nodes if x.node_id != leader_of(ids, 1, 0))
+            msg = not_leader.sign(
+                "propose", {"view": 0, "entries": [], "changes": [], "justify": []}, 1
+            )
+            with pytest.raises(MessageRejectedError, match="non-leader"):
+                protos[0]._check_proposal(st, msg)
+            leader = next(x for x in nodes if x.node_id == leader_of(ids, 1, 0))
+            contrib = leader.sign("contrib", {"digest": b"d" * 32, "size": 3}, 1)
+            msg = leader.sign(
+                "propose",
+                {"view": 0, "entries": [[leader.node_id, contrib.to_wire()]], "changes": [],
+                 "justify": []},
+                1,
+            )  # fmt: skip
+            with pytest.raises(MessageRejectedError, match="1 entries"):
+                protos[0]._check_proposal(st, msg)
+        finally:
+            await _close(nodes, protos)
+
+    run(go())
+
+
+def test_joining_peer_is_added_at_a_round_boundary_and_then_contributes() -> None:
+    async def go() -> None:
+        nodes, protos = await _swarm(4)
+        joiner = await start_node(bootstrap=[("127.0.0.1", nodes[0].port)])
+        try:
+            await until(lambda: len(joiner.connections) == 4, 10)
+            await asyncio.gather(*(p.contribute(1, os.urandom(64), 30) for p in protos))
+            members_2 = protos[0].members(2) or []
+            jp = RoundProtocol(joiner, members_2, start_round=2)
+            protos.append(jp)
+            jp.request_join()
+            await asyncio.sleep(0.2)
+            d2 = await asyncio.gather(*(p.contribute(2, os.urandom(64), 30) for p in protos))
+            assert joiner.node_id in d2[0].members_next
+            assert {tuple(d.digests) for d in d2} == {tuple(d2[0].digests)}
+            d3 = await asyncio.gather(*(p.contribute(3, os.urandom(64), 30) for p in protos))
+            assert len({tuple(d.digests) for d in d3}) == 1
+            assert d3[0].members == sorted([*members_2, joiner.node_id])
+            assert joiner.node_id in [e.peer for e in d3[0].entries]
+        finally:
+            await _close([*nodes, joiner], protos)
+
+    run(go())

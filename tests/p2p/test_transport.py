@@ -1,0 +1,146 @@
+"""TLS transport, peer exchange and liveness between real in-process nodes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+
+import pytest
+
+from swarmlm.p2p.errors import TransportError
+from swarmlm.p2p.wire import HEADER, digest_of, encode_frame
+
+from .conftest import run, start_mesh, start_node, stop_all, until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_node_that_knows_one_peer_learns_and_connects_to_all_others() -> None:
+    async def go() -> None:
+        nodes = await start_mesh(5)
+        try:
+            for n in nodes:
+                assert set(n.connections) == {m.node_id for m in nodes} - {n.node_id}
+        finally:
+            await stop_all(nodes)
+
+    run(go())
+
+
+def test_connections_are_tls13_and_bound_to_the_peer_identity() -> None:
+    async def go() -> None:
+        a, b = await start_mesh(2)
+        try:
+            conn = a.connections[b.node_id]
+            sslobj = conn.writer.get_extra_info("ssl_object")
+            assert sslobj.version() == "TLSv1.3"
+            with pytest.raises(TransportError, match="expected"):
+                await a.connect("127.0.0.1", b.port, expect="f" * 64)
+        finally:
+            await stop_all([a, b])
+
+    run(go())
+
+
+def test_plain_tls_client_without_a_certificate_is_refused() -> None:
+    async def go() -> None:
+        a = await start_node()
+        try:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            r, w = await asyncio.open_connection("127.0.0.1", a.port, ssl=ctx)
+            data = await asyncio.wait_for(r.read(100), 5)  # server aborts the handshake
+            assert data == b""
+            w.close()
+            assert a.connections == {}
+        except (ssl.SSLError, ConnectionError):
+            pass
+        finally:
+            await a.stop()
+
+    run(go())
+
+
+def test_payload_streams_in_chunks_and_is_fetched_by_digest() -> None:
+    async def go() -> None:
+        nodes = await start_mesh(3, chunk_size=64 * 1024)
+        try:
+            data = os.urandom(3 * 1024 * 1024 + 17)
+            d = digest_of(data)
+            nodes[0].blobs.put(d, data)
+            got = await nodes[2].fetch(d, [nodes[1].node_id, nodes[0].node_id])
+            assert got == data
+            with pytest.raises(TransportError, match="not obtained"):
+                await nodes[2].fetch(digest_of(b"nobody has this"), [nodes[1].node_id], 1.0)
+        finally:
+            await stop_all(nodes)
+
+    run(go())
+
+
+def test_oversized_frame_drops_the_connection_and_scores_the_sender() -> None:
+    async def go() -> None:
+        a, b = await start_mesh(2)
+        try:
+            a.send_raw(b.node_id, HEADER.pack(1 << 30) + b"xxxx")
+            await until(lambda: b.validator.dropped["oversized"] == 1, 5)
+            assert b.scores.score(a.node_id) < 0
+            await until(lambda: a.node_id in b.connections, 5)  # honest reconnect follows
+        finally:
+            await stop_all([a, b])
+
+    run(go())
+
+
+def test_repeat_offender_is_blacklisted_and_refused() -> None:
+    async def go() -> None:
+        a, b = await start_mesh(2, blacklist_threshold=-15.0, blacklist_seconds=60.0)
+        try:
+            for _ in range(50):
+                if b.scores.is_blacklisted(a.node_id):
+                    break
+                a.send_raw(b.node_id, encode_frame({"t": "nonsense"}))
+                a.send_raw(b.node_id, HEADER.pack(3) + b"\xc1\xc1\xc1")
+                await asyncio.sleep(0.1)
+            assert b.scores.is_blacklisted(a.node_id)
+            assert b.validator.dropped["malformed"] >= 2
+            await asyncio.sleep(0.5)
+            assert a.node_id not in b.connections
+            assert {r["id"]: r["state"] for r in b.peer_rows()}[a.node_id] == "blacklisted"
+        finally:
+            await stop_all([a, b])
+
+    run(go())
+
+
+def test_vanished_peer_is_noticed_within_the_dead_timeout() -> None:
+    async def go() -> None:
+        a, b, c = await start_mesh(3, dead_timeout=0.5)
+        try:
+            await c.stop()
+            await until(lambda: c.node_id not in a.connections, 3)
+            await until(lambda: {r["id"]: r["state"] for r in a.peer_rows()}[c.node_id]
+                        == "dead", 3)  # fmt: skip
+        finally:
+            await stop_all([a, b])
+
+    run(go())
+
+
+def test_blocked_link_simulates_a_partition_and_heals() -> None:
+    async def go() -> None:
+        a, b = await start_mesh(2)
+        try:
+            a.blocked.add(b.node_id)
+            b.blocked.add(a.node_id)
+            await until(lambda: not a.connections and not b.connections, 5)
+            await asyncio.sleep(0.3)
+            assert not a.connections
+            a.blocked.clear()
+            b.blocked.clear()
+            await until(lambda: b.node_id in a.connections, 5)
+        finally:
+            await stop_all([a, b])
+
+    run(go())
