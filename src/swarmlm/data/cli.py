@@ -1,0 +1,162 @@
+"""``swarmlm data prepare|verify``: the CLI face of ``prepare_corpus`` and ``TokenShards``.
+
+Wire into the main CLI with ``add_data_parser(subparsers)``; the handler is stored as the
+``handler`` default and returns the exit code (0 ok, 2 bad input or corrupt data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from swarmlm.data.errors import DataError
+from swarmlm.data.prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VOCAB_SIZE, prepare_corpus
+from swarmlm.data.shards import CorpusMeta, TokenShards
+
+__all__ = ["add_data_parser", "run_data"]
+
+_PHASES = {"tokenizer": "training tokenizer", "tokenize": "tokenizing"}
+
+
+def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``swarmlm data`` with its ``prepare`` and ``verify`` subcommands."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "data", help="prepare and check tokenized training data"
+    )
+    sub = parser.add_subparsers(dest="data_command", required=True)
+
+    prep = sub.add_parser(
+        "prepare",
+        help="tokenize text files into checksummed train/val token shards",
+        description=(
+            "Read .txt/.md/.jsonl files or directories (optionally .gz/.zst), drop duplicate "
+            "documents, train or load a byte-level BPE tokenizer and write token shards, "
+            "tokenizer.json and meta.json to --out."
+        ),
+    )
+    prep.add_argument("--input", nargs="+", required=True, type=Path, metavar="PATH")
+    prep.add_argument("--out", required=True, type=Path, metavar="DIR")
+    tok = prep.add_mutually_exclusive_group()
+    tok.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"train a tokenizer of N tokens (default {DEFAULT_VOCAB_SIZE})",
+    )
+    tok.add_argument("--tokenizer", type=Path, default=None, metavar="FILE", help="tokenizer.json")
+    prep.add_argument("--val-fraction", type=float, default=0.01, metavar="F")
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--minhash", action="store_true", help="also drop near-duplicate documents")
+    prep.add_argument("--minhash-threshold", type=float, default=0.8, metavar="J")
+    prep.add_argument(
+        "--format",
+        choices=("text", "sft"),
+        default="text",
+        help="sft: one 'prompt|target' example per line, loss on target tokens only",
+    )
+    prep.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N")
+    prep.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    prep.set_defaults(handler=run_data)
+
+    verify = sub.add_parser("verify", help="check every shard's checksum and print the summary")
+    verify.add_argument("dir", type=Path, metavar="DIR")
+    verify.set_defaults(handler=run_data)
+    return parser
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """Handler of ``swarmlm data ...``."""
+    console = Console(stderr=True)
+    try:
+        if args.data_command == "prepare":
+            meta = _prepare(args, console)
+            out = args.out
+        else:
+            out = args.dir
+            meta = CorpusMeta.read(out)
+            for split in ("train", "val"):
+                if meta.splits[split].tokens:
+                    TokenShards.open(out, split)  # verifies sizes and sha256
+            console.print(f"[green]{escape(str(out))}: all shards verified[/green]")
+    except DataError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        return 2
+    Console().print(_summary(meta, out))
+    return 0
+
+
+def _prepare(args: argparse.Namespace, console: Console) -> CorpusMeta:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    tasks: dict[str, TaskID] = {}
+    start = time.perf_counter()
+    with Progress(*columns, console=console, transient=False) as bar:
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(_PHASES.get(phase, phase), total=total)
+            bar.update(tasks[phase], completed=done)
+
+        meta = prepare_corpus(
+            args.input,
+            args.out,
+            vocab_size=args.vocab_size,
+            tokenizer_path=args.tokenizer,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            minhash=args.minhash,
+            minhash_threshold=args.minhash_threshold,
+            fmt=args.format,
+            shard_tokens=args.shard_tokens,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    elapsed = time.perf_counter() - start
+    raw = sum(s.bytes for s in meta.splits.values())
+    rate = raw / 1e6 / max(elapsed, 1e-9)
+    console.print(f"prepared in {elapsed:.1f} s ({rate:.2f} MB/s of text)")
+    return meta
+
+
+def _summary(meta: CorpusMeta, out: Path) -> Table:
+    table = Table(title=f"{out} ({meta.format}, {meta.dtype}, vocab {meta.vocab_size})")
+    for col in ("split", "tokens", "loss tokens", "bytes", "documents", "shards"):
+        table.add_column(col, justify="right")
+    for name, s in meta.splits.items():
+        table.add_row(
+            name,
+            f"{s.tokens:,}",
+            f"{s.loss_tokens:,}",
+            f"{s.bytes:,}",
+            f"{s.documents:,}",
+            str(len(s.shards)),
+        )
+    st = meta.stats
+    table.caption = (
+        f"{st['files']} files, {st['documents']} documents; removed "
+        f"{st['exact_duplicates_removed']} exact and {st['near_duplicates_removed']} near "
+        f"duplicates, {st['empty_documents']} empty; "
+        f"{st['replaced_bytes']} non-UTF-8 bytes replaced"
+    )
+    return table

@@ -1,0 +1,228 @@
+"""Prepared corpora on disk: ``meta.json`` plus raw token shards read through ``numpy.memmap``.
+
+Layout of a data directory (written by ``prepare_corpus``)::
+
+    meta.json            CorpusMeta (below): dtype, counts, bytes, per-shard sha256
+    tokenizer.json       the tokenizer that produced the ids
+    train_00000.bin ...  little-endian uint16 (vocab <= 65536) or uint32 token ids
+    train_00000.mask     (SFT only) uint8, 1 where the token is a target (loss counted)
+    val_00000.bin ...
+
+A split is the concatenation of its shards in order. ``TokenShards.open`` checks every file's
+size and sha256 before anything is read, and names the file at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from swarmlm.data.errors import CorruptShardError, DataError
+from swarmlm.data.tokenizer import Tokenizer, sha256_file
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["META_FILE", "CorpusMeta", "ShardInfo", "SplitMeta", "TokenShards"]
+
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+Split = Literal["train", "val"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShardInfo(_Strict):
+    """One shard file (and its loss mask for SFT data)."""
+
+    file: str
+    tokens: int = Field(ge=0)
+    sha256: str
+    mask_file: str | None = None
+    mask_sha256: str | None = None
+
+
+class SplitMeta(_Strict):
+    """Counts of one split. ``bytes`` are raw UTF-8 bytes of the text whose tokens carry loss.
+
+    bits per byte = mean loss (nats/token) * loss_tokens / bytes / ln 2. For plain text
+    ``loss_tokens == tokens``; for SFT only target tokens (and their end-of-sequence) count.
+    """
+
+    tokens: int = Field(ge=0)
+    loss_tokens: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    documents: int = Field(ge=0)
+    units: int = Field(ge=0)
+    shards: list[ShardInfo]
+
+
+class CorpusMeta(_Strict):
+    """Contents of ``meta.json``."""
+
+    format_version: int = FORMAT_VERSION
+    format: Literal["text", "sft"]
+    dtype: Literal["uint16", "uint32"]
+    vocab_size: int = Field(gt=0)
+    tokenizer: str  # path relative to the data directory
+    tokenizer_sha256: str
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    seed: int
+    val_fraction: float
+    max_unit_chars: int
+    minhash: bool
+    splits: dict[str, SplitMeta]
+    stats: dict[str, int]
+    replaced_bytes_by_file: dict[str, int]
+    sources: list[str]
+
+    @classmethod
+    def read(cls, data_dir: Path) -> CorpusMeta:
+        """Parse ``data_dir/meta.json``; errors name the file and the field."""
+        path = Path(data_dir) / META_FILE
+        if not path.is_file():
+            raise DataError(f"{path}: no meta.json (run `swarmlm data prepare` first)")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptShardError(f"{path}: not valid JSON: {e}") from e
+        try:
+            meta = cls.model_validate(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise CorruptShardError(f"{path}: field {where!r}: {first['msg']}") from e
+        if meta.format_version != FORMAT_VERSION:
+            raise DataError(
+                f"{path}: format_version {meta.format_version} is not supported "
+                f"(this swarmlm reads {FORMAT_VERSION})"
+            )
+        return meta
+
+
+def _verify_file(path: Path, expected_bytes: int, expected_sha: str) -> None:
+    if not path.is_file():
+        raise CorruptShardError(f"shard {path}: missing")
+    size = path.stat().st_size
+    if size != expected_bytes:
+        raise CorruptShardError(
+            f"shard {path}: size {size} bytes, meta.json says {expected_bytes} (truncated?)"
+        )
+    actual = sha256_file(path)
+    if actual != expected_sha:
+        raise CorruptShardError(
+            f"shard {path}: sha256 {actual[:16]}... does not match meta.json "
+            f"{expected_sha[:16]}... (corrupted)"
+        )
+
+
+class TokenShards:
+    """One split of a prepared corpus as a single random-access token array (memmapped)."""
+
+    def __init__(self, data_dir: Path, split: Split, meta: CorpusMeta) -> None:
+        self.data_dir = data_dir
+        self.split = split
+        self.meta = meta
+        info = meta.splits[split]
+        self.info = info
+        self.dtype = np.dtype(meta.dtype).newbyteorder("<")
+        self._tokens = [
+            np.memmap(data_dir / s.file, dtype=self.dtype, mode="r") if s.tokens else None
+            for s in info.shards
+        ]
+        self._masks = [
+            np.memmap(data_dir / s.mask_file, dtype=np.uint8, mode="r")
+            if s.mask_file and s.tokens
+            else None
+            for s in info.shards
+        ]
+        self.has_loss_mask = meta.format == "sft"
+        counts = np.array([s.tokens for s in info.shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.num_tokens = int(self._starts[-1])
+
+    @classmethod
+    def open(
+        cls, data_dir: Path | str, split: Split = "train", *, verify: bool = True
+    ) -> TokenShards:
+        """Open a split; with ``verify`` (default) check every shard's size and sha256 first."""
+        data_dir = Path(data_dir)
+        if split not in ("train", "val"):
+            raise DataError(f"split must be 'train' or 'val', got {split!r}")
+        meta = CorpusMeta.read(data_dir)
+        info = meta.splits.get(split)
+        if info is None or info.tokens == 0:
+            raise DataError(
+                f"{data_dir}: split {split!r} is empty (prepared with "
+                f"val_fraction={meta.val_fraction})"
+            )
+        itemsize = np.dtype(meta.dtype).itemsize
+        if sum(s.tokens for s in info.shards) != info.tokens:
+            raise CorruptShardError(f"{data_dir / META_FILE}: shard token counts do not add up")
+        if verify:
+            for s in info.shards:
+                _verify_file(data_dir / s.file, s.tokens * itemsize, s.sha256)
+                if meta.format == "sft":
+                    if s.mask_file is None or s.mask_sha256 is None:
+                        raise CorruptShardError(f"shard {data_dir / s.file}: SFT shard has no mask")
+                    _verify_file(data_dir / s.mask_file, s.tokens, s.mask_sha256)
+        return cls(data_dir, split, meta)
+
+    @property
+    def bytes(self) -> int:
+        """Raw UTF-8 bytes of the loss-carrying text of this split (for bits per byte)."""
+        return self.info.bytes
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.data_dir / self.meta.tokenizer
+
+    def load_tokenizer(self) -> Tokenizer:
+        """The tokenizer that produced these ids (its sha256 is checked against meta.json)."""
+        path = self.tokenizer_path
+        if not path.is_file() or sha256_file(path) != self.meta.tokenizer_sha256:
+            raise CorruptShardError(f"tokenizer {path}: missing or sha256 differs from meta.json")
+        return Tokenizer.load(path)
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def _gather(
+        self, arrays: list[np.memmap | None], start: int, length: int, dtype: type[np.generic]
+    ) -> NDArray[np.generic]:
+        if start < 0 or length < 0 or start + length > self.num_tokens:
+            raise IndexError(
+                f"{self.split}: window [{start}, {start + length}) outside 0..{self.num_tokens}"
+            )
+        out = np.empty(length, dtype=dtype)
+        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+        filled = 0
+        while filled < length:
+            arr = arrays[shard]
+            local = start + filled - int(self._starts[shard])
+            take = min(length - filled, int(self._starts[shard + 1]) - (start + filled))
+            if take > 0:
+                assert arr is not None
+                out[filled : filled + take] = arr[local : local + take]
+                filled += take
+            shard += 1
+        return out
+
+    def read(self, start: int, length: int) -> NDArray[np.int64]:
+        """Tokens ``[start, start + length)`` of the split as int64, across shard boundaries."""
+        return self._gather(self._tokens, start, length, np.int64)  # type: ignore[return-value]
+
+    def read_mask(self, start: int, length: int) -> NDArray[np.bool_] | None:
+        """Loss mask for the same range (True = loss counted), or None for plain text."""
+        if not self.has_loss_mask:
+            return None
+        return self._gather(self._masks, start, length, np.bool_)  # type: ignore[return-value]
