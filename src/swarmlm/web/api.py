@@ -1,0 +1,401 @@
+"""REST API under ``/api``, described by the OpenAPI schema at ``/openapi.json``.
+
+Every body is a pydantic model with bounded fields; store errors map to HTTP statuses
+(400 bad value, 403 forbidden, 404 unknown id, 409 conflicting state, 422 invalid input).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from swarmlm.curation.interchange import EXPORTERS, parse_tasks_text
+from swarmlm.curation.schema import schema_to_dict
+from swarmlm.curation.store import AnnotatorInfo, LeasedTask, TaskInput
+from swarmlm.web.deps import (
+    AppState,
+    Principal,
+    api_admin,
+    api_user,
+    api_write_admin,
+    api_write_user,
+    app_state,
+    client_ip,
+)
+
+router = APIRouter(prefix="/api", tags=["api"])
+
+DbId = Annotated[int, Field(ge=1, le=2**31 - 1)]
+PathId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+Username = Annotated[str, Field(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+Password = Annotated[str, Field(min_length=8, max_length=1024)]
+JsonValue = Any
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskOut(BaseModel):
+    task_id: int
+    task_set_id: int
+    external_id: str
+    content: JsonValue
+    outputs: list[str] | None
+    schema_: dict[str, Any] = Field(alias="schema")
+    lease_expires_at: datetime
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    @classmethod
+    def of(cls, t: LeasedTask) -> TaskOut:
+        return cls(
+            task_id=t.task_id,
+            task_set_id=t.task_set_id,
+            external_id=t.external_id,
+            content=t.content,
+            outputs=t.outputs,
+            schema=schema_to_dict(t.schema),
+            lease_expires_at=t.expires_at,
+        )
+
+
+class NextTaskOut(BaseModel):
+    task: TaskOut | None = Field(description="null when nothing is left for this annotator")
+
+
+class SubmitIn(_Strict):
+    task_id: DbId
+    value: JsonValue = Field(description="label value in the task set's schema format")
+    time_spent_ms: int = Field(default=0, ge=0, le=7 * 86400 * 1000)
+
+
+class SubmitOut(BaseModel):
+    annotation_id: int
+    task_id: int
+    finalised: bool
+    points_awarded: int
+    signature: str
+
+
+class SkipIn(_Strict):
+    task_id: DbId
+
+
+class AnnotatorOut(BaseModel):
+    id: int
+    username: str
+    role: str
+    points: int
+    reputation: float
+    disabled: bool
+
+    @classmethod
+    def of(cls, a: AnnotatorInfo) -> AnnotatorOut:
+        return cls(
+            id=a.id,
+            username=a.username,
+            role=a.role,
+            points=a.points,
+            reputation=round(a.reputation, 4),
+            disabled=a.disabled,
+        )
+
+
+class CredentialsIn(_Strict):
+    username: Username
+    password: Password
+
+
+class TokenOut(BaseModel):
+    token: str
+    annotator: AnnotatorOut
+
+
+class TaskSetIn(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    label_schema: dict[str, Any] = Field(description='e.g. {"kind": "pairwise"}')
+    k: int = Field(default=3, ge=1, le=100)
+    max_annotations: int | None = Field(default=None, ge=1, le=1000)
+    agreement_threshold: float = Field(default=0.6, ge=0.0, le=1.0)
+    gold_share: float = Field(default=0.1, ge=0.0, le=1.0)
+    lease_seconds: int = Field(default=600, ge=10, le=7 * 86400)
+    description: str = Field(default="", max_length=5000)
+
+
+class TaskSetOut(BaseModel):
+    id: int
+    name: str
+    description: str
+    label_schema: dict[str, Any]
+    k: int
+    max_annotations: int
+    agreement_threshold: float
+    gold_share: float
+    lease_seconds: int
+    active: bool
+
+
+class TaskIn(_Strict):
+    id: str | None = Field(default=None, min_length=1, max_length=200)
+    content: JsonValue
+    outputs: list[str] | None = Field(default=None, max_length=9)
+    gold: JsonValue = None
+
+
+class ImportIn(_Strict):
+    format: Literal["tasks", "jsonl", "label_studio"] = "tasks"
+    tasks: list[TaskIn] | None = Field(default=None, max_length=200_000)
+    text: str | None = Field(default=None, description="file content for jsonl / label_studio")
+    outputs_keys: list[str] | None = Field(default=None, max_length=9)
+
+
+class ImportOut(BaseModel):
+    imported: int
+
+
+def _task_set_out(state: AppState, task_set_id: int) -> TaskSetOut:
+    ts = state.store.get_task_set(task_set_id)
+    return TaskSetOut(
+        id=ts.id,
+        name=ts.name,
+        description=ts.description,
+        label_schema=schema_to_dict(ts.schema),
+        k=ts.k,
+        max_annotations=ts.max_annotations,
+        agreement_threshold=ts.agreement_threshold,
+        gold_share=ts.gold_share,
+        lease_seconds=ts.lease_seconds,
+        active=ts.active,
+    )
+
+
+@router.get("/health")
+def health(*, state: Annotated[AppState, Depends(app_state)]) -> dict[str, Any]:
+    """Liveness and database round-trip; 503 when the database is unreachable."""
+    try:
+        return {"status": "ok", **state.store.health()}
+    except Exception as e:
+        raise HTTPException(503, f"database unavailable: {type(e).__name__}") from e
+
+
+@router.post("/register", status_code=201)
+def register(
+    *, body: CredentialsIn, request: Request, state: Annotated[AppState, Depends(app_state)]
+) -> AnnotatorOut:
+    if not state.settings.open_registration:
+        raise HTTPException(403, "registration is closed on this node")
+    if not state.register_limiter.allow(f"ip:{client_ip(request)}"):
+        raise HTTPException(429, "too many registrations; retry later")
+    return AnnotatorOut.of(state.store.create_annotator(body.username, body.password))
+
+
+@router.post("/login")
+def login(
+    *, body: CredentialsIn, request: Request, state: Annotated[AppState, Depends(app_state)]
+) -> TokenOut:
+    """Exchange a username and password for a new API token (rate limited)."""
+    lim = state.login_limiter
+    if not (lim.allow(f"ip:{client_ip(request)}") and lim.allow(f"user:{body.username}")):
+        raise HTTPException(429, "too many login attempts; retry later")
+    info = state.store.authenticate(body.username, body.password)
+    token = state.store.create_api_token(info.id, name="api login")
+    return TokenOut(token=token, annotator=AnnotatorOut.of(info))
+
+
+@router.post("/tokens", status_code=201)
+def create_token(
+    *,
+    principal: Annotated[Principal, Depends(api_write_user)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> TokenOut:
+    token = state.store.create_api_token(principal.annotator.id, name="created via api")
+    return TokenOut(token=token, annotator=AnnotatorOut.of(principal.annotator))
+
+
+@router.get("/me")
+def me(
+    *,
+    principal: Annotated[Principal, Depends(api_user)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> AnnotatorOut:
+    return AnnotatorOut.of(state.store.get_annotator(principal.annotator.id))
+
+
+@router.get("/task-sets")
+def task_sets(
+    *, _: Annotated[Principal, Depends(api_user)], state: Annotated[AppState, Depends(app_state)]
+) -> list[TaskSetOut]:
+    return [_task_set_out(state, ts.id) for ts in state.store.list_task_sets()]
+
+
+@router.post("/task-sets", status_code=201)
+def create_task_set(
+    *,
+    body: TaskSetIn,
+    _: Annotated[Principal, Depends(api_write_admin)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> TaskSetOut:
+    ts = state.store.create_task_set(
+        body.name,
+        body.label_schema,
+        k=body.k,
+        max_annotations=body.max_annotations,
+        agreement_threshold=body.agreement_threshold,
+        gold_share=body.gold_share,
+        lease_seconds=body.lease_seconds,
+        description=body.description,
+    )
+    return _task_set_out(state, ts.id)
+
+
+@router.get("/tasks")
+def next_task(
+    *,
+    task_set_id: Annotated[int, Query(ge=1, le=2**31 - 1)],
+    principal: Annotated[Principal, Depends(api_user)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> NextTaskOut:
+    """Lease the next task of a task set for the caller (the same one again while leased)."""
+    t = state.store.next_task(principal.annotator.id, task_set_id)
+    return NextTaskOut(task=None if t is None else TaskOut.of(t))
+
+
+@router.post("/submit")
+def submit(
+    *,
+    body: SubmitIn,
+    principal: Annotated[Principal, Depends(api_write_user)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> SubmitOut:
+    """Submit a label for a leased task; it is signed by this node before the reply."""
+    if not state.submit_limiter.allow(f"a:{principal.annotator.id}"):
+        raise HTTPException(
+            429,
+            "too many submissions; slow down",
+            headers={"Retry-After": str(state.submit_limiter.retry_after())},
+        )
+    r = state.store.submit(principal.annotator.id, body.task_id, body.value, body.time_spent_ms)
+    return SubmitOut(
+        annotation_id=r.annotation_id,
+        task_id=r.task_id,
+        finalised=r.finalised,
+        points_awarded=r.points_awarded,
+        signature=r.signature,
+    )
+
+
+@router.post("/skip")
+def skip(
+    *,
+    body: SkipIn,
+    principal: Annotated[Principal, Depends(api_write_user)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> dict[str, bool]:
+    state.store.skip(principal.annotator.id, body.task_id)
+    return {"skipped": True}
+
+
+@router.get("/stats")
+def stats(
+    *, _: Annotated[Principal, Depends(api_user)], state: Annotated[AppState, Depends(app_state)]
+) -> dict[str, Any]:
+    """Platform counts, plus per task set progress."""
+    out = state.store.stats()
+    out["task_set_progress"] = [
+        {
+            "id": p.task_set.id,
+            "name": p.task_set.name,
+            "tasks": p.n_tasks,
+            "finalised": p.n_finalised,
+            "annotations": p.n_annotations,
+            "live_leases": p.live_leases,
+            "mean_task_agreement": p.mean_task_agreement,
+        }
+        for p in (
+            state.store.progress(ts.id, with_agreement=False) for ts in state.store.list_task_sets()
+        )
+    ]
+    return out
+
+
+@router.get("/leaderboard")
+def leaderboard(
+    *,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    _: Annotated[Principal, Depends(api_user)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> list[AnnotatorOut]:
+    return [AnnotatorOut.of(a) for a in state.store.leaderboard(limit)]
+
+
+@router.get("/task-sets/{task_set_id}/progress")
+def progress(
+    *,
+    task_set_id: PathId,
+    _: Annotated[Principal, Depends(api_admin)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> dict[str, Any]:
+    p = state.store.progress(task_set_id)
+    return {
+        "tasks": p.n_tasks,
+        "gold": p.n_gold,
+        "finalised": p.n_finalised,
+        "annotations": p.n_annotations,
+        "live_leases": p.live_leases,
+        "mean_task_agreement": p.mean_task_agreement,
+        "agreement": p.agreement,
+    }
+
+
+@router.post("/task-sets/{task_set_id}/import")
+def import_tasks(
+    *,
+    task_set_id: PathId,
+    body: ImportIn,
+    _: Annotated[Principal, Depends(api_write_admin)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> ImportOut:
+    """Import tasks as a JSON list, or as JSONL / Label Studio export text."""
+    if body.format == "tasks":
+        if body.tasks is None:
+            raise HTTPException(422, "format 'tasks' needs the field 'tasks'")
+        tasks = [
+            TaskInput(content=t.content, outputs=t.outputs, gold=t.gold, external_id=t.id)
+            for t in body.tasks
+        ]
+    else:
+        if body.text is None:
+            raise HTTPException(422, f"format {body.format!r} needs the field 'text'")
+        tasks = parse_tasks_text(body.text, body.format, "request body", body.outputs_keys)
+    return ImportOut(imported=state.store.add_tasks(task_set_id, tasks, source="api import"))
+
+
+@router.get("/task-sets/{task_set_id}/export")
+def export(
+    *,
+    task_set_id: PathId,
+    kind: Literal["annotations", "consensus", "preferences"] = "annotations",
+    _: Annotated[Principal, Depends(api_admin)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> StreamingResponse:
+    """JSONL export: signed annotations, per-task consensus, or reward-model preferences."""
+    ts = state.store.get_task_set(task_set_id)
+    rows = list(EXPORTERS[kind](state.store, task_set_id))  # errors surface before streaming
+
+    def lines() -> Iterator[bytes]:
+        for row in rows:
+            yield (json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n").encode()
+
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in ts.name)[:60]
+    return StreamingResponse(
+        lines(),
+        media_type="application/x-ndjson",
+        headers={"Content-Disposition": f'attachment; filename="{safe}-{kind}.jsonl"'},
+    )
