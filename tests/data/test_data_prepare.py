@@ -254,3 +254,34 @@ def test_sft_examples_carry_loss_only_on_target_tokens(
     assert ignored == "<|bos|>I like to cook in the <|bos|>The king said "
     assert meta.splits["train"].loss_tokens == int(mask.sum())
     assert meta.splits["train"].bytes == len("kitchen") + len("unto them")
+
+
+def test_prepare_memory_does_not_grow_with_corpus_size(
+    tmp_path: Path, small_tokenizer: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tracemalloc
+
+    import swarmlm.data.prepare as prepare
+    import swarmlm.data.sources as sources
+
+    # Shrink the fixed buffers so both corpora are many buffers long.
+    monkeypatch.setattr(prepare, "ENCODE_BATCH_CHARS", 1 << 14)
+    monkeypatch.setattr(prepare, "WRITE_BUFFER_TOKENS", 1 << 14)
+    monkeypatch.setattr(sources, "READ_BLOCK_BYTES", 1 << 16)
+    line = "And the earth was without form, and void; and darkness was upon the deep.\n"
+
+    def peak_bytes(n_lines: int, name: str) -> int:
+        src = tmp_path / f"{name}.txt"
+        with open(src, "w") as fh:
+            for i in range(n_lines):
+                fh.write(f"{i} {line}")
+        tracemalloc.start()
+        prepare_corpus([src], tmp_path / name, tokenizer_path=small_tokenizer, val_fraction=0.01)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    small = peak_bytes(5_000, "small")  # ~0.4 MB of text
+    large = peak_bytes(40_000, "large")  # ~3.2 MB of text
+    # Holding the large text (3.2 MB) at once anywhere would exceed this bound.
+    assert large < small + (1 << 19), (small, large)

@@ -93,9 +93,9 @@ def run_data(args: argparse.Namespace) -> int:
             for split in ("train", "val"):
                 if meta.splits[split].tokens:
                     TokenShards.open(out, split)  # verifies sizes and sha256
-            console.print(f"[green]{escape(str(out))}: all shards verified[/green]")
+            console.print(f"[green]{escape(str(out))}: all shards verified[/green]", soft_wrap=True)
     except DataError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}")
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         return 2
     Console().print(_summary(meta, out))
     return 0
