@@ -218,7 +218,7 @@ def _iter_lines(
     Only "\\n" separates lines (JSON strings may legally hold U+2028 and friends).
     """
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors=_ERROR_HANDLER)
-    _replace_counter.n = 0
+    replaced = 0
     pending = ""
     lineno = 0
     try:
@@ -230,7 +230,10 @@ def _iter_lines(
                     raise InputFormatError(
                         f"input {f.path}: cannot decompress/read ({f.compression or 'plain'}): {e}"
                     ) from e
+                # The generator may resume on another thread: count per decode call.
+                before = getattr(_replace_counter, "n", 0)
                 text = decoder.decode(block, final=not block)
+                replaced += getattr(_replace_counter, "n", 0) - before
                 if text:
                     pieces = (pending + text).split("\n")
                     pending = pieces.pop()
@@ -251,7 +254,6 @@ def _iter_lines(
             if pending:
                 yield from _bounded(pending, f, lineno + 1, max_line_chars, cut_long_lines)
     finally:
-        replaced = int(getattr(_replace_counter, "n", 0))
         if replaced:
             stats.replaced_bytes += replaced
             stats.replaced_by_file[str(f.path)] = replaced
