@@ -83,16 +83,18 @@ def test_trained_tokenizer_is_saved_with_the_data_and_counts_match_input_bytes(
     assert again.splits == meta.splits
 
 
+@pytest.mark.parametrize("train_tokenizer", [False, True], ids=["given-tokenizer", "trained"])
 def test_exact_duplicate_documents_are_dropped_keeping_the_first(
-    tmp_path: Path, docs: Docs, small_tokenizer: Path
+    tmp_path: Path, docs: Docs, small_tokenizer: Path, train_tokenizer: bool
 ) -> None:
     corpus = docs(10)
     (tmp_path / "in").mkdir()
     for i, d in enumerate(corpus + corpus[:4] + [corpus[0]]):
         (tmp_path / "in" / f"{i:03d}.txt").write_text(d, encoding="utf-8")
-    meta = prepare_corpus(
-        [tmp_path / "in"], tmp_path / "out", tokenizer_path=small_tokenizer, val_fraction=0.0
+    tok: dict[str, object] = (
+        {"vocab_size": 300} if train_tokenizer else {"tokenizer_path": small_tokenizer}
     )
+    meta = prepare_corpus([tmp_path / "in"], tmp_path / "out", val_fraction=0.0, **tok)  # type: ignore[arg-type]
     assert meta.stats["exact_duplicates_removed"] == 5
     assert split_docs(tmp_path / "out", "train") == corpus
 

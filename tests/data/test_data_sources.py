@@ -134,3 +134,15 @@ def test_sft_lines_split_at_first_bar_and_bad_lines_are_named(tmp_path: Path) ->
     bad.write_text("fine|yes\nno separator here\n", encoding="utf-8")
     with pytest.raises(InputFormatError, match=r"bad\.txt:2: SFT line has no '\|'"):
         list(iter_units(discover_inputs([bad]), ReadStats(), fmt="sft"))
+
+
+def test_sft_jsonl_records_need_prompt_and_target_strings(tmp_path: Path) -> None:
+    p = tmp_path / "sft.jsonl.zst"
+    body = '{"prompt": "2+2=", "target": "4"}\n{"prompt": "", "target": "x|y"}\n'
+    p.write_bytes(zstandard.ZstdCompressor().compress(body.encode()))
+    units = list(iter_units(discover_inputs([p]), ReadStats(), fmt="sft"))
+    assert [(u.prompt, u.text) for u in units] == [("2+2=", "4"), ("", "x|y")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "target": 3}\n')
+    with pytest.raises(InputFormatError, match=r"bad\.jsonl:1: SFT record needs"):
+        list(iter_units(discover_inputs([bad]), ReadStats(), fmt="sft"))
