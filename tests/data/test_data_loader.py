@@ -154,6 +154,19 @@ def test_prefetch_queue_is_bounded_and_close_stops_the_thread(arange_data: Path)
     assert not inner.is_alive()
 
 
+def test_a_dropped_loader_does_not_leak_its_prefetch_thread(arange_data: Path) -> None:
+    import gc
+
+    loader = BatchLoader(TokenShards.open(arange_data), 2, 16, prefetch=2)
+    next(loader)
+    thread = loader._thread
+    assert thread is not None
+    del loader
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
 def test_a_failure_in_the_prefetch_thread_reaches_the_caller(
     arange_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

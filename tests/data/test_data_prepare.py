@@ -199,6 +199,14 @@ def test_malformed_meta_json_is_refused_naming_the_field(prepared: Path) -> None
         TokenShards.open(prepared, "train")
 
 
+def test_meta_json_cannot_point_outside_the_data_directory(prepared: Path) -> None:
+    meta = json.loads((prepared / "meta.json").read_text())
+    meta["splits"]["train"]["shards"][0]["file"] = "../../etc/passwd"
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CorruptShardError, match=r"splits\.train\.shards\.0\.file.*plain file"):
+        TokenShards.open(prepared, "train")
+
+
 def test_shards_read_across_boundaries_like_one_array(prepared: Path) -> None:
     shards = TokenShards.open(prepared, "train")
     whole = np.concatenate(

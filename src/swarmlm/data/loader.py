@@ -31,6 +31,8 @@ import logging
 import math
 import queue
 import threading
+import traceback
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
@@ -323,28 +325,18 @@ class BatchLoader:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.prefetch)
         self._thread = threading.Thread(
-            target=self._produce,
-            args=(self._state, self._stop, self._queue),
+            target=_produce,
+            args=(weakref.ref(self), self._state, self._stop, self._queue),
             name=f"swarmlm-batch-prefetch-r{self.rank}",
             daemon=True,
         )
         self._thread.start()
 
-    def _produce(self, state: _State, stop: threading.Event, q: queue.Queue[_Item]) -> None:
-        while not stop.is_set():
-            try:
-                x, y, state = self._make_batch(state)
-                item = _Item(x, y, state)
-            except BaseException as e:  # handed to the consumer, which re-raises it
-                item = _Item(None, None, None, error=e)
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item.error is not None:
-                return
+    def __del__(self) -> None:
+        # A loader dropped without close(): let its thread exit (it holds only a weak ref).
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
 
     def _stop_thread(self) -> None:
         if self._thread is None:
@@ -355,6 +347,32 @@ class BatchLoader:
         if self._thread.is_alive():
             logger.warning("BatchLoader prefetch thread did not stop within 10 s")
         self._thread, self._stop, self._queue = None, None, None
+
+
+def _produce(
+    ref: weakref.ref[BatchLoader], state: _State, stop: threading.Event, q: queue.Queue[_Item]
+) -> None:
+    """Prefetch loop. Holds the loader only weakly between batches, so an unreferenced loader
+    is collected and the thread ends instead of leaking."""
+    while not stop.is_set():
+        loader = ref()
+        if loader is None:
+            return
+        try:
+            x, y, state = loader._make_batch(state)
+            item = _Item(x, y, state)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            traceback.clear_frames(e.__traceback__)  # keep line info, drop refs to the loader
+            item = _Item(None, None, None, error=e)
+        del loader
+        while not stop.is_set() and ref() is not None:
+            try:
+                q.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if item.error is not None:
+            return
 
 
 def _window_surprisal(

@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from swarmlm.data.errors import CorruptShardError, DataError
 from swarmlm.data.tokenizer import Tokenizer, sha256_file
@@ -39,14 +39,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _bare_file_name(name: str | None) -> str | None:
+    """Files named in meta.json must live in the data directory itself: a data directory
+    received from someone else must not make us open paths elsewhere."""
+    if name is not None and (
+        not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name
+    ):
+        raise ValueError(f"{name!r} is not a plain file name inside the data directory")
+    return name
+
+
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
 class ShardInfo(_Strict):
     """One shard file (and its loss mask for SFT data)."""
 
     file: str
     tokens: int = Field(ge=0)
-    sha256: str
+    sha256: str = Field(pattern=_SHA256)
     mask_file: str | None = None
-    mask_sha256: str | None = None
+    mask_sha256: str | None = Field(default=None, pattern=_SHA256)
+
+    _check_names = field_validator("file", "mask_file")(_bare_file_name)
 
 
 class SplitMeta(_Strict):
@@ -71,8 +86,8 @@ class CorpusMeta(_Strict):
     format: Literal["text", "sft"]
     dtype: Literal["uint16", "uint32"]
     vocab_size: int = Field(gt=0)
-    tokenizer: str  # path relative to the data directory
-    tokenizer_sha256: str
+    tokenizer: str  # file name inside the data directory
+    tokenizer_sha256: str = Field(pattern=_SHA256)
     bos_id: int
     eos_id: int
     pad_id: int
@@ -84,6 +99,8 @@ class CorpusMeta(_Strict):
     stats: dict[str, int]
     replaced_bytes_by_file: dict[str, int]
     sources: list[str]
+
+    _check_tokenizer = field_validator("tokenizer")(_bare_file_name)
 
     @classmethod
     def read(cls, data_dir: Path) -> CorpusMeta:
