@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 
 import msgpack
 import pytest
@@ -12,10 +13,13 @@ from hypothesis import strategies as st
 
 from swarmlm.p2p.errors import WireError
 from swarmlm.p2p.wire import (
+    BLOB_HEAD,
     HEADER,
     WIRE_VERSION,
     BlobAssembler,
+    BlobDone,
     FrameDecoder,
+    FrameReader,
     blob_frames,
     decode_frame_body,
     digest_of,
@@ -166,3 +170,56 @@ def test_rest_of_a_refused_blob_is_skipped_without_further_errors() -> None:
         asm.add(frames[0])
     assert asm.add(frames[1]) is None
     assert asm.add(frames[2]) is None
+
+
+@pytest.mark.parametrize("length", [0, 1, 255, 256, 65535, 65536, 300_000])
+def test_blob_frame_decodes_to_the_same_fields_as_its_msgpack_form(length: int) -> None:
+    d, chunk = b"d" * 32, b"x" * length
+    whole = encode_blob_chunk(d, 10**9, 4096, chunk)
+    ref = encode_frame({"t": "blob", "d": d, "n": 10**9, "o": 4096, "c": chunk}, 10**7)
+    assert FrameDecoder(10**7).feed(whole) == FrameDecoder(10**7).feed(ref)
+
+
+def _read_all(stream: bytes, asm: BlobAssembler) -> list[dict[str, object]]:
+    async def go() -> list[dict[str, object]]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(stream)
+        reader.feed_eof()
+        fr = FrameReader(reader, 4096, timeout=1.0)
+        out: list[dict[str, object]] = []
+        while True:
+            try:
+                out.append(await fr.next(asm))
+            except (asyncio.IncompleteReadError, WireError):
+                return out
+
+    return asyncio.run(go())
+
+
+def test_frame_reader_streams_blob_chunks_into_place_and_keeps_messages() -> None:
+    data = os.urandom(5000)
+    d = digest_of(data)
+    stream = encode_frame({"t": "ping"})
+    for start, end in blob_frames(d, data, 1000):
+        stream += encode_blob_chunk(d, len(data), start, data[start:end])
+    stream += encode_frame({"t": "msg", "m": b"x", "s": b"y"})
+    frames = _read_all(stream, BlobAssembler())
+    assert frames[0]["t"] == "ping"
+    done = frames[5]["done"]
+    assert isinstance(done, BlobDone)
+    assert bytes(done.data) == data
+    assert done.actual == d
+    assert frames[6]["t"] == "msg"
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=80), max_size=6), blobby=st.booleans())
+def test_frame_reader_never_crashes_on_arbitrary_streams(chunks: list[bytes], blobby: bool) -> None:
+    stream = b"".join(
+        HEADER.pack(len(c) + (BLOB_HEAD.size if blobby else 0)) + (b"\xb1" if blobby else b"") + c
+        for c in chunks
+    )
+    asm = BlobAssembler(max_blob=1 << 16)
+    frames = _read_all(stream, asm)
+    assert all(isinstance(f, dict) for f in frames)
+    assert asm.held_bytes <= 2 << 16

@@ -36,7 +36,7 @@ from swarmlm.p2p.errors import ConsensusError, MessageRejectedError, TransportEr
 from swarmlm.p2p.identity import canonical_encode
 from swarmlm.p2p.messages import SignedMessage, open_signed
 from swarmlm.p2p.transport import P2PNode
-from swarmlm.p2p.wire import DIGEST_SIZE, digest_of
+from swarmlm.p2p.wire import DIGEST_SIZE, Payload, digest_of
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class RoundProtocol:
         await self._wait_for(lambda: round in self.decisions, deadline)
         return self.decisions[round]
 
-    async def fetch(self, digest: bytes, timeout: float | None = None) -> bytes:
+    async def fetch(self, digest: bytes, timeout: float | None = None) -> Payload:
         peers = self._members.get(self.last_decided + 1) or []
         return await self.node.fetch(digest, peers, timeout)
 

@@ -56,6 +56,8 @@ async def _worker(args: argparse.Namespace) -> None:
         proposal_grace=args.grace,
         reconnect_max=1.0,
         fetch_timeout=max(2.0, args.round_timeout * 2),
+        keep_rounds=args.keep_rounds,
+        io_timeout=max(30.0, args.round_timeout * 4),
     )
     ident = (
         NodeIdentity.load_or_create(Path(args.node_dir))
@@ -163,6 +165,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     p.add_argument("--dead-timeout", type=float, default=2.0)
     p.add_argument("--pex", type=float, default=0.3)
     p.add_argument("--grace", type=float, default=0.1)
+    p.add_argument("--keep-rounds", type=int, default=8)
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr)
@@ -243,12 +246,14 @@ class Swarm:
         round_timeout: float = 1.0,
         grace: float = 0.1,
         slow_delay: float = 1.0,
+        keep_rounds: int = 8,
         log_level: str = "WARNING",
     ) -> None:
         self.n = n
         self.byzantine = byzantine or {}
         common = ["--expect", str(n), "--round-timeout", str(round_timeout), "--grace", str(grace),
-                  "--slow-delay", str(slow_delay), "--log-level", log_level]  # fmt: skip
+                  "--slow-delay", str(slow_delay), "--log-level", log_level,
+                  "--keep-rounds", str(keep_rounds)]  # fmt: skip
         self.nodes: list[NodeProcess] = []
         try:
             first = NodeProcess(common + self._byz(0), 0)

@@ -34,14 +34,22 @@ from swarmlm.p2p.messages import (
 )
 from swarmlm.p2p.tls import make_contexts, peer_node_id, write_tls_files
 from swarmlm.p2p.wire import (
+    HEADER,
     BlobAssembler,
+    BlobDone,
+    FrameReader,
+    Payload,
+    blob_chunk_prefix,
     blob_frames,
-    encode_blob_chunk,
     encode_frame,
     read_frame,
 )
 
 log = logging.getLogger(__name__)
+
+# Small stream buffers: FrameReader drains them as data arrives, so large frames never sit in
+# (and get re-copied inside) one big buffer; reading pauses at 2x this, which is backpressure.
+STREAM_BUFFER = 256 * 1024
 
 Handler = Callable[[SignedMessage, str], Awaitable[None] | None]
 
@@ -71,7 +79,7 @@ class PeerInfo:
 @dataclass
 class _BlobJob:
     digest: bytes
-    data: bytes | memoryview
+    data: Payload | memoryview
     done: asyncio.Future[None]
     spans: deque[tuple[int, int]] = field(default_factory=deque)
 
@@ -115,7 +123,7 @@ class Connection:
         self.wake.set()
         return True
 
-    async def send_blob(self, digest: bytes, data: bytes | memoryview) -> None:
+    async def send_blob(self, digest: bytes, data: Payload | memoryview) -> None:
         """Queue a payload; waits (bounded) for queue space, then for the transfer."""
         cfg = self.node.config
         while len(self.bulk) >= cfg.blob_queue:
@@ -136,14 +144,14 @@ class Connection:
                 await self.wake.wait()
                 self.wake.clear()
                 while self.ctrl or self.bulk:
+                    chunk: memoryview | None = None
                     if self.ctrl:
                         frame = self.ctrl.popleft()
                     else:
                         job = self.bulk[0]
                         start, end = job.spans.popleft()
-                        frame = encode_blob_chunk(
-                            job.digest, len(job.data), start, memoryview(job.data)[start:end]
-                        )
+                        frame = blob_chunk_prefix(job.digest, len(job.data), start, end - start)
+                        chunk = memoryview(job.data)[start:end]
                         if not job.spans:
                             self.bulk.popleft()
                             self.bulk_space.set()
@@ -153,6 +161,9 @@ class Connection:
                         return
                     self.writer.write(frame)
                     self.node.bytes_sent += len(frame)
+                    if chunk is not None:
+                        self.writer.write(chunk)
+                        self.node.bytes_sent += len(chunk)
                     await asyncio.wait_for(self.writer.drain(), cfg.io_timeout)
         except (OSError, TimeoutError, ConnectionError) as exc:
             log.info("write to %s failed: %r", self.peer_id[:12], exc)
@@ -169,10 +180,11 @@ class Connection:
 
     async def _read_loop(self) -> None:
         node, cfg = self.node, self.node.config
+        frames = FrameReader(self.reader, cfg.max_frame, cfg.dead_timeout)
         try:
             while not self.closed:
                 try:
-                    frame = await read_frame(self.reader, cfg.max_frame, cfg.dead_timeout)
+                    frame = await frames.next(self.assembler)
                 except WireError as exc:
                     reason = "oversized" if "over max_frame" in str(exc) else "malformed"
                     node.validator.reject(self.peer_id, reason, str(exc))
@@ -214,9 +226,9 @@ class BlobStore:
     """
 
     def __init__(self) -> None:
-        self._data: dict[bytes, bytes] = {}
+        self._data: dict[bytes, Payload] = {}
         self._expected: set[bytes] = set()
-        self._waiters: dict[bytes, list[asyncio.Future[bytes]]] = {}
+        self._waiters: dict[bytes, list[asyncio.Future[Payload]]] = {}
         self.on_put: list[Callable[[bytes], None]] = []
 
     def expects(self, digest: bytes) -> bool:
@@ -226,7 +238,7 @@ class BlobStore:
         if digest not in self._data:
             self._expected.add(digest)
 
-    def put(self, digest: bytes, data: bytes) -> None:
+    def put(self, digest: bytes, data: Payload) -> None:
         self._data[digest] = data
         self._expected.discard(digest)
         for fut in self._waiters.pop(digest, []):
@@ -235,16 +247,16 @@ class BlobStore:
         for hook in self.on_put:
             hook(digest)
 
-    def get(self, digest: bytes) -> bytes | None:
+    def get(self, digest: bytes) -> Payload | None:
         return self._data.get(digest)
 
     def __contains__(self, digest: bytes) -> bool:
         return digest in self._data
 
-    async def wait(self, digest: bytes, timeout: float) -> bytes:
+    async def wait(self, digest: bytes, timeout: float) -> Payload:
         if digest in self._data:
             return self._data[digest]
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Payload] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(digest, []).append(fut)
         try:
             return await asyncio.wait_for(fut, timeout)
@@ -318,7 +330,7 @@ class P2PNode:
             self.config.port,
             ssl=self._server_ctx,
             ssl_handshake_timeout=self.config.connect_timeout,
-            limit=self.config.max_frame + 64,
+            limit=STREAM_BUFFER,
         )
         self._port = self._server.sockets[0].getsockname()[1]
         self._sign_record()
@@ -369,13 +381,13 @@ class P2PNode:
         targets = list(self.connections) if peers is None else peers
         return sum(self.send_raw(p, frame) for p in targets if p != self.node_id)
 
-    async def send_blob(self, peer_id: str, digest: bytes, data: bytes | memoryview) -> None:
+    async def send_blob(self, peer_id: str, digest: bytes, data: Payload | memoryview) -> None:
         conn = self.connections.get(peer_id)
         if conn is None or peer_id in self.blocked:
             raise TransportError(f"no connection to peer {peer_id[:12]}")
         await conn.send_blob(digest, data)
 
-    async def fetch(self, digest: bytes, peers: list[str], timeout: float | None = None) -> bytes:
+    async def fetch(self, digest: bytes, peers: list[str], timeout: float | None = None) -> Payload:
         """Get a payload by digest from whichever of ``peers`` has it (verified by hash)."""
         timeout = timeout or self.config.fetch_timeout
         have = self.blobs.get(digest)
@@ -425,7 +437,7 @@ class P2PNode:
         cfg = self.config
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, ssl=self._client_ctx, limit=cfg.max_frame + 64),
+                asyncio.open_connection(host, port, ssl=self._client_ctx, limit=STREAM_BUFFER),
                 cfg.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
@@ -518,18 +530,19 @@ class P2PNode:
             except Exception:
                 log.exception("handler for %s from %s failed", msg.kind, peer[:12])
         elif t == "blob":
-            try:
-                done = conn.assembler.add(frame)
-            except WireError as exc:
-                unsolicited = "not announced" in str(exc)  # honest races cause a few of these
-                self.validator.reject(
-                    peer, "unsolicited_blob" if unsolicited else "bad_blob", str(exc)
-                )
-                return
-            chunk = frame.get("c")
-            self.bytes_received += len(chunk) + 64 if isinstance(chunk, bytes) else 0
-            if done is not None:
-                self.blobs.put(*done)
+            self.bytes_received += int(frame.get("size", 0)) + HEADER.size
+            error = frame.get("error")
+            if isinstance(error, WireError):
+                # payloads racing ahead of their announcement are an honest, cheap mistake
+                reason = "unsolicited_blob" if "not announced" in str(error) else "bad_blob"
+                self.validator.reject(peer, reason, str(error))
+            done = frame.get("done")
+            if isinstance(done, BlobDone):
+                if done.actual != done.digest:
+                    detail = f"blob {done.digest.hex()[:12]} failed its hash check"
+                    self.validator.reject(peer, "bad_blob", detail)
+                else:
+                    self.blobs.put(done.digest, done.data)
         elif t == "ping":
             pass
         else:
@@ -549,7 +562,7 @@ class P2PNode:
         with contextlib.suppress(ValueError):
             self._tasks.remove(task)
 
-    async def _serve_blob(self, peer: str, digest: bytes, data: bytes) -> None:
+    async def _serve_blob(self, peer: str, digest: bytes, data: Payload) -> None:
         with contextlib.suppress(TransportError, TimeoutError):
             await self.send_blob(peer, digest, data)
 
