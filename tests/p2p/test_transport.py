@@ -144,3 +144,14 @@ def test_blocked_link_simulates_a_partition_and_heals() -> None:
             await stop_all([a, b])
 
     run(go())
+
+
+def test_config_names_the_bad_field() -> None:
+    from pydantic import ValidationError
+
+    from swarmlm.p2p.config import P2PConfig
+
+    with pytest.raises(ValidationError, match="chunk_size"):
+        P2PConfig(chunk_size=4 * 1024 * 1024, max_frame=4 * 1024 * 1024)
+    with pytest.raises(ValidationError, match="nohost:"):
+        P2PConfig(bootstrap="nohost:")

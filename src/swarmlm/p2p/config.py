@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -60,3 +60,12 @@ class P2PConfig(BaseModel):
         if isinstance(v, list):
             return [parse_address(a) if isinstance(a, str) else a for a in v]
         return v
+
+    @model_validator(mode="after")
+    def _chunks_fit_frames(self) -> P2PConfig:
+        if self.chunk_size + 64 > self.max_frame:
+            raise ValueError(
+                f"chunk_size {self.chunk_size} must be at least 64 bytes below max_frame "
+                f"{self.max_frame} (a blob frame carries a 49-byte head)"
+            )
+        return self
