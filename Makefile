@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup run test lint typecheck check bench clean
+.PHONY: setup run test lint typecheck check bench clean clean-runs
 
 setup: $(STAMP)
 
@@ -17,8 +17,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,triton]'
 	@touch $(STAMP)
 
+# The main job: tokenize the bundled corpus (once), train configs/tiny.json with a live
+# progress bar (resuming if a run exists), then print samples from the trained model.
+RUN_DATA := runs/data/kjv
 run: $(STAMP)
-	$(VENV)/bin/swarmlm demo
+	@test -f $(RUN_DATA)/meta.json || $(VENV)/bin/swarmlm data prepare \
+		--input data/kjv.txt.gz --out $(RUN_DATA) --vocab-size 2048
+	$(VENV)/bin/swarmlm train --config configs/tiny.json --resume
+	$(VENV)/bin/swarmlm generate --checkpoint runs/tiny \
+		--prompt "In the beginning" --prompt "And the LORD said unto Moses" --top-k 40
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -34,6 +41,9 @@ check: lint typecheck test
 
 bench: $(STAMP)
 	$(PY) benchmarks/model_throughput.py --quick
+
+clean-runs:
+	rm -rf runs
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

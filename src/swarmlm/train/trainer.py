@@ -21,11 +21,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from swarmlm.data import BatchLoader, TokenShards, eval_batches
+from swarmlm.data import BatchLoader, TokenShards, bits_per_byte, eval_batches
 from swarmlm.model import Transformer
 from swarmlm.train.checkpoint import (
     AsyncCheckpointer,
     CheckpointError,
+    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     snapshot,
@@ -109,11 +110,6 @@ def estimate_memory_bytes(model: Transformer, batch_size: int, seq_len: int) -> 
     if cfg.gradient_checkpointing:
         activations = tokens * cfg.d_model * cfg.n_layers * 2 + tokens * cfg.vocab_size * 2
     return 4 * (4 * params + activations)
-
-
-def bytes_per_token(shards: TokenShards) -> float:
-    tokens = max(1, int(shards.num_tokens))
-    return float(shards.num_bytes) / tokens
 
 
 class Trainer:
@@ -274,7 +270,7 @@ class Trainer:
         if total_tokens == 0:
             raise ValueError(f"validation split of {self.cfg.data.path} holds no full window")
         loss = total_loss / total_tokens
-        bpb = loss / math.log(2) / bytes_per_token(self.val_shards)
+        bpb = bits_per_byte(loss, self.val_shards)
         return EvalResult(loss, bpb, math.exp(min(loss, 50.0)), total_tokens)
 
     # ---- the loop ----------------------------------------------------------------------
@@ -339,11 +335,19 @@ class Trainer:
         self.tokens_seen += sum(x.numel() for x, _ in batches) * self.parallel.world_size
         return loss, grad_norm
 
-    def fit(self, resume: bool | Path = False) -> TrainResult:
-        """Train to ``max_steps`` (or the time budget); evaluate and checkpoint at the end."""
+    def fit(self, resume: bool | Path = False, *, until_step: int | None = None) -> TrainResult:
+        """Train to ``max_steps`` (or the time budget, or ``until_step`` for a job that will be
+        resumed later); evaluate and checkpoint at the end."""
         cfg = self.cfg.train
-        if resume:
-            self.resume(resume if isinstance(resume, Path) else self.run_dir)
+        if isinstance(resume, Path):
+            self.resume(resume)
+        elif resume and latest_checkpoint(self.run_dir) is not None:
+            self.resume(self.run_dir)
+        elif latest_checkpoint(self.run_dir) is not None:
+            raise CheckpointError(
+                f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
+                "or set train.out_dir to a new directory"
+            )
         first_step = self.step
         result = TrainResult(step=self.step, checkpoint=self.last_checkpoint)
         evaluated_at = checkpointed_at = -1
@@ -355,7 +359,8 @@ class Trainer:
                 task = progress.add_task(
                     "training", total=cfg.max_steps, completed=self.step, status=""
                 )
-                while self.step < cfg.max_steps:
+                stop_step = min(cfg.max_steps, until_step or cfg.max_steps)
+                while self.step < stop_step:
                     elapsed = time.perf_counter() - start
                     if cfg.max_seconds is not None and elapsed > cfg.max_seconds:
                         log.info(
