@@ -33,7 +33,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy import Integer as IntegerType
 from sqlalchemy import and_, delete, func, insert, literal_column, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from swarmlm.curation import quality
@@ -45,6 +45,7 @@ from swarmlm.curation.errors import (
     LabelSchemaError,
     NotFoundError,
 )
+from swarmlm.curation.group_commit import GroupCommitter
 from swarmlm.curation.models import (
     Annotation,
     Annotator,
@@ -72,7 +73,6 @@ USERNAME_ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX
 POINTS_PER_ANNOTATION = 1
 POINTS_FOR_AGREEMENT = 2
 _QUEUE_WINDOW = 64
-_DEADLOCK_RETRIES = 5
 
 
 def utcnow() -> datetime:
@@ -91,12 +91,6 @@ class _ScoreChange:
     points: list[tuple[int, str]] = field(default_factory=list)
     gold: bool | None = None
     agreed: bool | None = None
-
-
-def _is_retryable(e: DBAPIError) -> bool:
-    """PostgreSQL deadlock (40P01) or serialization failure (40001): safe to retry."""
-    text = str(e.orig)
-    return "40P01" in text or "40001" in text
 
 
 def _rowcount(result: Any) -> int:
@@ -229,6 +223,21 @@ def _annotator_info(a: Annotator) -> AnnotatorInfo:
     )
 
 
+_ANNOTATOR_COLUMNS = (
+    Annotator.id,
+    Annotator.public_id,
+    Annotator.username,
+    Annotator.role,
+    Annotator.disabled,
+    Annotator.points,
+    Annotator.reputation,
+    Annotator.gold_correct,
+    Annotator.gold_total,
+    Annotator.agree_count,
+    Annotator.agree_total,
+)
+
+
 def _task_set_info(ts: TaskSet) -> TaskSetInfo:
     return TaskSetInfo(
         id=ts.id,
@@ -284,6 +293,8 @@ class CurationStore:
         self._rng = rng or random.Random()
         self._hasher = password_hasher or PasswordHasher()
         self._clock = clock
+        # Leases and submissions go through one writer thread that commits them in groups.
+        self._committer = GroupCommitter(engines.write)
 
     @classmethod
     def open(
@@ -303,6 +314,7 @@ class CurationStore:
         return cls(engines, identity, rng=rng, password_hasher=password_hasher, clock=clock)
 
     def close(self) -> None:
+        self._committer.close()
         self.engines.dispose()
 
     # -- sessions -------------------------------------------------------------------------
@@ -440,16 +452,17 @@ class CurationStore:
             )
 
     def annotator_for_token(self, token: str) -> AnnotatorInfo | None:
-        """The enabled account owning ``token``, or ``None``."""
-        with self._read() as s:
-            a = s.scalars(
-                select(Annotator)
+        """The enabled account owning ``token``, or ``None`` (checked on every API call)."""
+        with self.engines.read.connect() as conn:
+            row = conn.execute(
+                select(*_ANNOTATOR_COLUMNS)
                 .join(ApiToken, ApiToken.annotator_id == Annotator.id)
                 .where(ApiToken.token_hash == _hash_token(token))
             ).one_or_none()
-            if a is None or a.disabled:
-                return None
-            return _annotator_info(a)
+            conn.rollback()
+        if row is None or row.disabled:
+            return None
+        return AnnotatorInfo(**row._asdict())
 
     def create_session(self, annotator_id: int, ttl_seconds: int) -> tuple[str, str]:
         """Start a web session; returns ``(session token, CSRF token)``."""
@@ -640,58 +653,76 @@ class CurationStore:
         An annotator already holding a live lease in this set gets that task again (so a page
         reload does not burn tasks).
         """
-        now = self._clock()
-        with self._write() as s:
-            ts = s.get(TaskSet, task_set_id)
-            if ts is None:
-                raise NotFoundError(f"task set {task_set_id} does not exist")
-            if not ts.active:
-                raise ConflictError(f"task set {ts.name!r} is closed")
-            a = s.get(Annotator, annotator_id)
-            if a is None or a.disabled:
-                raise AuthError(f"annotator {annotator_id} does not exist or is disabled")
-            schema = parse_schema(ts.label_schema)
-            held = s.execute(
-                select(Task, Assignment.expires_at)
-                .join(Assignment, Assignment.task_id == Task.id)
-                .where(
-                    Assignment.annotator_id == annotator_id,
-                    Assignment.state == "leased",
-                    Assignment.expires_at > now,
-                    Task.task_set_id == task_set_id,
-                )
-                .limit(1)
-            ).one_or_none()
-            if held is not None:
-                t, exp = held
-                return self._leased(t, _aware(exp), schema)
-            task: Task | None = None
-            if ts.gold_share > 0 and self._rng.random() < ts.gold_share:
-                task = self._pick_gold(s, task_set_id, annotator_id)
-            if task is None:
-                task = self._pick_regular(s, task_set_id, annotator_id, now)
-            if task is None:
-                return None
-            expires = now + timedelta(seconds=ts.lease_seconds)
-            s.add(
-                Assignment(
-                    task_id=task.id,
-                    annotator_id=annotator_id,
-                    state="leased",
-                    leased_at=now,
-                    expires_at=expires,
-                )
+        return self._committer.run(
+            lambda s: self._next_task_tx(s, annotator_id, task_set_id, self._clock())
+        )
+
+    def _next_task_tx(
+        self, s: Session, annotator_id: int, task_set_id: int, now: datetime
+    ) -> LeasedTask | None:
+        ts = s.execute(
+            select(
+                TaskSet.name,
+                TaskSet.active,
+                TaskSet.label_schema,
+                TaskSet.gold_share,
+                TaskSet.lease_seconds,
+            ).where(TaskSet.id == task_set_id)
+        ).one_or_none()
+        if ts is None:
+            raise NotFoundError(f"task set {task_set_id} does not exist")
+        name, active, raw_schema, gold_share, lease_seconds = ts
+        if not active:
+            raise ConflictError(f"task set {name!r} is closed")
+        disabled = s.scalar(select(Annotator.disabled).where(Annotator.id == annotator_id))
+        if disabled is None or disabled:
+            raise AuthError(f"annotator {annotator_id} does not exist or is disabled")
+        schema = parse_schema(raw_schema)
+        held = s.execute(
+            select(Assignment.task_id, Assignment.expires_at)
+            .join(Task, Task.id == Assignment.task_id)
+            .where(
+                Assignment.annotator_id == annotator_id,
+                Assignment.state == "leased",
+                Assignment.expires_at > now,
+                Task.task_set_id == task_set_id,
             )
-            return self._leased(task, expires, schema)
+            .limit(1)
+        ).one_or_none()
+        if held is not None:
+            return self._leased(s, held[0], _aware(held[1]), schema)
+        task_id: int | None = None
+        if gold_share > 0 and self._rng.random() < gold_share:
+            task_id = self._pick_gold(s, task_set_id, annotator_id)
+        if task_id is None:
+            task_id = self._pick_regular(s, task_set_id, annotator_id, now)
+        if task_id is None:
+            return None
+        expires = now + timedelta(seconds=lease_seconds)
+        s.execute(
+            insert(Assignment).values(
+                task_id=task_id,
+                annotator_id=annotator_id,
+                state="leased",
+                leased_at=now,
+                expires_at=expires,
+            )
+        )
+        return self._leased(s, task_id, expires, schema)
 
     @staticmethod
-    def _leased(t: Task, expires: datetime, schema: LabelSchema) -> LeasedTask:
+    def _leased(s: Session, task_id: int, expires: datetime, schema: LabelSchema) -> LeasedTask:
+        row = s.execute(
+            select(Task.task_set_id, Task.external_id, Task.content, Task.outputs).where(
+                Task.id == task_id
+            )
+        ).one()
         return LeasedTask(
-            task_id=t.id,
-            task_set_id=t.task_set_id,
-            external_id=t.external_id,
-            content=t.content,
-            outputs=t.outputs,
+            task_id=task_id,
+            task_set_id=row[0],
+            external_id=row[1],
+            content=row[2],
+            outputs=row[3],
             expires_at=expires,
             schema=schema,
         )
@@ -705,10 +736,10 @@ class CurationStore:
         )
         return ~seen
 
-    def _pick_gold(self, s: Session, task_set_id: int, annotator_id: int) -> Task | None:
+    def _pick_gold(self, s: Session, task_set_id: int, annotator_id: int) -> int | None:
         candidates = list(
             s.scalars(
-                select(Task)
+                select(Task.id)
                 .where(
                     Task.task_set_id == task_set_id,
                     Task.is_gold.is_(True),
@@ -722,39 +753,37 @@ class CurationStore:
 
     def _pick_regular(
         self, s: Session, task_set_id: int, annotator_id: int, now: datetime
-    ) -> Task | None:
+    ) -> int | None:
         offset = 0
         while True:
-            window = list(
-                s.scalars(
-                    select(Task)
-                    .where(
-                        Task.task_set_id == task_set_id,
-                        Task.is_gold.is_(False),
-                        Task.status == "open",
-                        self._not_seen_by(annotator_id),
-                    )
-                    .order_by(Task.n_annotations.desc(), Task.id)
-                    .offset(offset)
-                    .limit(_QUEUE_WINDOW)
+            window = s.execute(
+                select(Task.id, Task.n_annotations, Task.needed)
+                .where(
+                    Task.task_set_id == task_set_id,
+                    Task.is_gold.is_(False),
+                    Task.status == "open",
+                    self._not_seen_by(annotator_id),
                 )
-            )
+                .order_by(Task.n_annotations.desc(), Task.id.desc())
+                .offset(offset)
+                .limit(_QUEUE_WINDOW)
+            ).all()
             if not window:
                 return None
             live = dict(
                 s.execute(
                     select(Assignment.task_id, func.count())
                     .where(
-                        Assignment.task_id.in_([t.id for t in window]),
+                        Assignment.task_id.in_([row[0] for row in window]),
                         Assignment.state == "leased",
                         Assignment.expires_at > now,
                     )
                     .group_by(Assignment.task_id)
                 ).all()
             )
-            for t in window:
-                if t.n_annotations + live.get(t.id, 0) < t.needed and self._claim(s, t.id, now):
-                    return t
+            for task_id, n, needed in window:
+                if n + live.get(task_id, 0) < needed and self._claim(s, task_id, now):
+                    return int(task_id)
             offset += _QUEUE_WINDOW
 
     def _claim(self, s: Session, task_id: int, now: datetime) -> bool:
@@ -784,7 +813,8 @@ class CurationStore:
 
     def skip(self, annotator_id: int, task_id: int) -> None:
         """Give a leased task back; it is requeued for others, never offered to this annotator."""
-        with self._write() as s:
+
+        def tx(s: Session) -> None:
             asg = s.scalars(
                 select(Assignment).where(
                     Assignment.task_id == task_id, Assignment.annotator_id == annotator_id
@@ -793,6 +823,8 @@ class CurationStore:
             if asg is None or asg.state != "leased":
                 raise ConflictError(f"task {task_id} is not leased to annotator {annotator_id}")
             asg.state = "skipped"
+
+        self._committer.run(tx)
 
     def submit(
         self, annotator_id: int, task_id: int, value: Any, time_spent_ms: int
@@ -806,77 +838,85 @@ class CurationStore:
             raise CurationError("time_spent_ms must be an integer")
         if not 0 <= time_spent_ms <= 7 * 86400 * 1000:
             raise CurationError(f"time_spent_ms must be 0..604800000, got {time_spent_ms}")
-        for attempt in range(_DEADLOCK_RETRIES):
-            try:
-                with self._write() as s:
-                    return self._submit_tx(s, annotator_id, task_id, value, time_spent_ms)
-            except DBAPIError as e:
-                if not _is_retryable(e) or attempt == _DEADLOCK_RETRIES - 1:
-                    raise
-                log.info("submit of task %d hit %s; retrying", task_id, type(e.orig).__name__)
-                time.sleep(0.01 * (attempt + 1) * (1 + self._rng.random()))
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self._committer.run(
+            lambda s: self._submit_tx(s, annotator_id, task_id, value, time_spent_ms)
+        )
 
     def _submit_tx(
         self, s: Session, annotator_id: int, task_id: int, value: Any, time_spent_ms: int
     ) -> SubmitResult:
+        # Core statements, not ORM objects: this is the hot path of the platform, and the
+        # ORM's per-object bookkeeping cost more than the SQL itself.
         now = self._clock()
         row = s.execute(
-            select(Assignment, Task, TaskSet, Annotator)
+            select(
+                Assignment.id,
+                Assignment.state,
+                Assignment.expires_at,
+                Task.digest,
+                Task.is_gold,
+                Task.gold,
+                Task.status,
+                TaskSet.label_schema,
+                Annotator.public_id,
+                Annotator.disabled,
+            )
             .join(Task, Task.id == Assignment.task_id)
             .join(TaskSet, TaskSet.id == Task.task_set_id)
             .join(Annotator, Annotator.id == Assignment.annotator_id)
             .where(Assignment.task_id == task_id, Assignment.annotator_id == annotator_id)
         ).one_or_none()
         if row is None:
-            if s.get(Task, task_id) is None:
+            if s.scalar(select(Task.id).where(Task.id == task_id)) is None:
                 raise NotFoundError(f"task {task_id} does not exist")
             raise ConflictError(f"task {task_id} is not leased to annotator {annotator_id}")
-        asg, task, ts, annotator = row
-        if annotator.disabled:
+        asg_id, state, expires, digest, is_gold, gold, status, raw_schema, public_id, disabled = row
+        if disabled:
             raise AuthError(f"annotator {annotator_id} is disabled")
-        if asg.state != "leased":
-            raise ConflictError(f"task {task_id} was already {asg.state} by this annotator")
-        if _aware(asg.expires_at) <= now:
+        if state != "leased":
+            raise ConflictError(f"task {task_id} was already {state} by this annotator")
+        if _aware(expires) <= now:
             raise ConflictError(f"the lease on task {task_id} expired; fetch a new task")
-        schema = parse_schema(ts.label_schema)
+        schema = parse_schema(raw_schema)
         value = validate_value(schema, value)
         created_ms = int(now.timestamp() * 1000)
-        record = signed_record(task.digest, annotator.public_id, value, time_spent_ms, created_ms)
+        record = signed_record(digest, public_id, value, time_spent_ms, created_ms)
         signer, signature = sign_record(self.identity, record)
-        ann = Annotation(
-            task_id=task_id,
-            annotator_id=annotator_id,
-            value=value,
-            time_spent_ms=time_spent_ms,
-            created_at_ms=created_ms,
-            signer_public_key=signer,
-            signature=signature,
-        )
-        s.add(ann)
-        asg.state = "submitted"
-        s.flush()
+        ann_id = s.execute(
+            insert(Annotation)
+            .values(
+                task_id=task_id,
+                annotator_id=annotator_id,
+                value=value,
+                time_spent_ms=time_spent_ms,
+                created_at_ms=created_ms,
+                signer_public_key=signer,
+                signature=signature,
+            )
+            .returning(Annotation.id)
+        ).scalar_one()
+        s.execute(update(Assignment).where(Assignment.id == asg_id).values(state="submitted"))
         # The row lock taken here orders concurrent submits of one task (PostgreSQL).
-        n = s.execute(
+        n, needed = s.execute(
             update(Task)
             .where(Task.id == task_id)
             .values(n_annotations=Task.n_annotations + 1)
-            .returning(Task.n_annotations)
-        ).scalar_one()
-        s.refresh(task)
+            .returning(Task.n_annotations, Task.needed)
+            .execution_options(synchronize_session=False)
+        ).one()
         changes: dict[int, _ScoreChange] = {annotator_id: _ScoreChange()}
         changes[annotator_id].points.append((POINTS_PER_ANNOTATION, "annotation"))
         finalised = False
-        if task.is_gold:
-            correct = quality.agrees(schema, value, task.gold)
+        if is_gold:
+            correct = quality.agrees(schema, value, gold)
             changes[annotator_id].gold = correct
             if correct:
                 changes[annotator_id].points.append((POINTS_FOR_AGREEMENT, "gold correct"))
-        elif n >= task.needed and task.status == "open":
-            finalised = self._maybe_finalise(s, task, ts, schema, changes)
+        elif n >= needed and status == "open":
+            finalised = self._maybe_finalise(s, task_id, n, schema, changes)
         self._apply_scores(s, changes, task_id, now)
         return SubmitResult(
-            annotation_id=ann.id,
+            annotation_id=ann_id,
             task_id=task_id,
             finalised=finalised,
             points_awarded=sum(d for d, _ in changes[annotator_id].points),
@@ -888,73 +928,93 @@ class CurationStore:
         self, s: Session, changes: dict[int, _ScoreChange], task_id: int, now: datetime
     ) -> None:
         """Update annotators in ascending id order (a fixed lock order: no deadlocks)."""
-        ids = sorted(changes)
-        annotators = {
-            a.id: a
-            for a in s.scalars(
-                select(Annotator)
-                .where(Annotator.id.in_(ids))
-                .order_by(Annotator.id)
-                .with_for_update()
-                .execution_options(populate_existing=True)
-            )
-        }
-        for aid in ids:
-            ch, a = changes[aid], annotators[aid]
-            if ch.gold is not None:
-                a.gold_total += 1
-                a.gold_correct += int(ch.gold)
-            if ch.agreed is not None:
-                a.agree_total += 1
-                a.agree_count += int(ch.agreed)
+        ledger: list[dict[str, Any]] = []
+        for aid in sorted(changes):
+            ch = changes[aid]
+            delta = sum(d for d, _ in ch.points)
+            values: dict[str, Any] = {"points": Annotator.points + delta}
             if ch.gold is not None or ch.agreed is not None:
-                a.reputation = quality.reputation_score(
-                    a.gold_correct, a.gold_total, a.agree_count, a.agree_total
-                )
-            for delta, reason in ch.points:
-                a.points += delta
-                s.add(
-                    PointsEntry(
-                        annotator_id=aid,
-                        delta=delta,
-                        reason=reason,
-                        task_id=task_id,
-                        created_at=now,
+                gc, gt, ac, at = s.execute(
+                    select(
+                        Annotator.gold_correct,
+                        Annotator.gold_total,
+                        Annotator.agree_count,
+                        Annotator.agree_total,
                     )
+                    .where(Annotator.id == aid)
+                    .with_for_update()
+                ).one()
+                if ch.gold is not None:
+                    gt, gc = gt + 1, gc + int(ch.gold)
+                if ch.agreed is not None:
+                    at, ac = at + 1, ac + int(ch.agreed)
+                values.update(
+                    gold_correct=gc,
+                    gold_total=gt,
+                    agree_count=ac,
+                    agree_total=at,
+                    reputation=quality.reputation_score(gc, gt, ac, at),
                 )
-        s.flush()
+            s.execute(
+                update(Annotator)
+                .where(Annotator.id == aid)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            ledger += [
+                {
+                    "annotator_id": aid,
+                    "delta": d,
+                    "reason": reason,
+                    "task_id": task_id,
+                    "created_at": now,
+                }
+                for d, reason in ch.points
+            ]
+        if ledger:
+            s.execute(insert(PointsEntry), ledger)
 
     def _maybe_finalise(
         self,
         s: Session,
-        task: Task,
-        ts: TaskSet,
+        task_id: int,
+        n_annotations: int,
         schema: LabelSchema,
         changes: dict[int, _ScoreChange],
     ) -> bool:
+        threshold, cap = s.execute(
+            select(TaskSet.agreement_threshold, TaskSet.max_annotations)
+            .join(Task, Task.task_set_id == TaskSet.id)
+            .where(Task.id == task_id)
+        ).one()
         rows = s.execute(
             select(Annotation.annotator_id, Annotation.value, Annotator.reputation)
             .join(Annotator, Annotator.id == Annotation.annotator_id)
-            .where(Annotation.task_id == task.id)
+            .where(Annotation.task_id == task_id)
             .order_by(Annotation.id)
         ).all()
         result = quality.task_consensus(schema, [r[1] for r in rows], [r[2] for r in rows])
-        task.consensus = result.label
-        task.agreement = result.agreement
-        enough = result.agreement is None or result.agreement >= ts.agreement_threshold
-        if not enough and task.n_annotations < ts.max_annotations:
-            task.needed = task.n_annotations + 1
-            s.flush()
+        enough = result.agreement is None or result.agreement >= threshold
+        values: dict[str, Any] = {"consensus": result.label, "agreement": result.agreement}
+        if not enough and n_annotations < cap:
+            values["needed"] = n_annotations + 1
             log.debug(
                 "task %d agreement %.2f below %.2f: asking for annotation %d",
-                task.id,
+                task_id,
                 result.agreement or 0.0,
-                ts.agreement_threshold,
-                task.needed,
+                threshold,
+                n_annotations + 1,
             )
+        else:
+            values["status"] = "finalised"
+        s.execute(
+            update(Task)
+            .where(Task.id == task_id)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if "status" not in values:
             return False
-        task.status = "finalised"
-        s.flush()
         if result.label is not None:
             for aid, value, _ in rows:
                 agreed = quality.agrees(schema, value, result.label)

@@ -1,0 +1,479 @@
+"""Annotation platform benchmark: consensus quality and HTTP load, SQLite vs PostgreSQL.
+
+Simulated annotators work through the real HTTP API of a uvicorn server (a separate process):
+each of 50 concurrent clients is one annotator that fetches ``GET /api/tasks`` and answers
+``POST /api/submit`` until nothing is left. Profiles: 60% good (accuracy 0.9), 30% mediocre
+(0.7), 10% spammers (half always answer the first class, half answer at random); 3 classes,
+k = 5, 10% gold tasks. Load runs alternate between the SQLite and PostgreSQL servers in
+blocks of a few seconds; throughput is the median over blocks, latencies pool all requests.
+
+Reported:
+- error rate of a single annotator, majority vote, reputation-weighted vote, Dawid-Skene
+  (on the SQLite run, non-gold tasks); target ``consensus_error_ratio`` (DS / single) <= 0.6;
+- submissions/s and submit p50/p99 latency per backend; target >= 300/s, p99 <= 100 ms (SQLite);
+- ``GET /api/tasks`` p99 with 100,000 tasks in the store; target <= 50 ms;
+- lost submissions: acknowledged (HTTP 200 with an annotation id) but absent from the database.
+
+    python benchmarks/annotation.py            # full: 2,000 tasks per backend
+    python benchmarks/annotation.py --quick    # 600 tasks per backend, shorter 100k probe
+
+Last stdout line: one JSON object with the headline keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from argon2 import PasswordHasher
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from swarmlm.curation import quality
+from swarmlm.curation.pgserver import PostgresUnavailableError, TemporaryPostgres
+from swarmlm.curation.store import CurationStore, TaskInput
+from swarmlm.p2p.identity import NodeIdentity
+
+RESULTS = Path(__file__).parent / "results"
+CLASSES = ["cat", "dog", "bird"]
+N_CLIENTS = 50
+K = 5
+GOLD_SHARE = 0.1
+BENCH_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+console = Console(stderr=True)
+
+
+# -- the server process -------------------------------------------------------------------
+
+
+def serve(db_url: str, node_dir: Path, port: int) -> None:
+    """Run uvicorn with the app (benchmark rate limits lifted: we measure the platform)."""
+    import uvicorn
+
+    from swarmlm.web import WebSettings, create_app
+
+    store = CurationStore.open(db_url, NodeIdentity.load_or_create(node_dir))
+    settings = WebSettings(node_dir=node_dir, submit_per_second=1e6, submit_burst=10**6)
+    uvicorn.run(
+        create_app(store, settings),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Backend:
+    name: str
+    url: str
+    node_dir: Path
+    store: CurationStore
+    task_set_id: int = 0
+    truth: dict[str, int] = field(default_factory=dict)
+    tokens: list[str] = field(default_factory=list)
+    profiles: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    base: str = ""
+    acked: list[int] = field(default_factory=list)
+    submit_ms: list[float] = field(default_factory=list)
+    tasks_ms: list[float] = field(default_factory=list)
+    block_rates: list[float] = field(default_factory=list)
+    done_clients: set[int] = field(default_factory=set)
+
+    def start(self) -> None:
+        port = _free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--serve",
+                self.url,
+                "--node-dir",
+                str(self.node_dir),
+                "--port",
+                str(port),
+            ],
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base}/api/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"{self.name} server did not come up within 60 s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.store.close()
+
+
+def profiles(n: int) -> list[str]:
+    good, mediocre = round(0.6 * n), round(0.3 * n)
+    spam = n - good - mediocre
+    return (
+        ["good"] * good
+        + ["mediocre"] * mediocre
+        + ["spam_constant" if i % 2 == 0 else "spam_random" for i in range(spam)]
+    )
+
+
+def seed(b: Backend, n_tasks: int, rng: random.Random) -> None:
+    ts = b.store.create_task_set(
+        f"bench-{b.name}",
+        {"kind": "single_choice", "choices": CLASSES},
+        k=K,
+        max_annotations=K,
+        agreement_threshold=0.0,
+        gold_share=GOLD_SHARE,
+        lease_seconds=3600,
+    )
+    b.task_set_id = ts.id
+    n_gold = int(n_tasks * GOLD_SHARE)
+    tasks = []
+    for i in range(n_tasks + n_gold):
+        label = rng.randrange(len(CLASSES))
+        ext = f"t{i}"
+        b.truth[ext] = label
+        tasks.append(
+            TaskInput(
+                content=f"photo {ext}",
+                external_id=ext,
+                gold=CLASSES[label] if i >= n_tasks else None,
+            )
+        )
+    b.store.add_tasks(ts.id, tasks)
+    b.profiles = profiles(N_CLIENTS)
+    for i in range(N_CLIENTS):
+        a = b.store.create_annotator(f"sim{i:02d}", "simulated annotator")
+        b.tokens.append(b.store.create_api_token(a.id))
+
+
+def answer(profile: str, truth: int, rng: random.Random) -> int:
+    if profile == "spam_constant":
+        return 0
+    if profile == "spam_random":
+        return rng.randrange(len(CLASSES))
+    acc = 0.9 if profile == "good" else 0.7
+    if rng.random() < acc:
+        return truth
+    return rng.choice([c for c in range(len(CLASSES)) if c != truth])
+
+
+# -- the clients --------------------------------------------------------------------------
+
+
+async def client_loop(
+    b: Backend, idx: int, stop_at: float, http: httpx.AsyncClient, rng: random.Random
+) -> int:
+    """One annotator until ``stop_at`` (or until no task is left); returns submissions."""
+    headers = {"authorization": f"Bearer {b.tokens[idx]}"}
+    n = 0
+    while time.monotonic() < stop_at and idx not in b.done_clients:
+        t0 = time.perf_counter()
+        r = await http.get(f"/api/tasks?task_set_id={b.task_set_id}", headers=headers)
+        b.tasks_ms.append((time.perf_counter() - t0) * 1000)
+        r.raise_for_status()
+        task = r.json()["task"]
+        if task is None:
+            b.done_clients.add(idx)
+            break
+        label = answer(b.profiles[idx], b.truth[task["external_id"]], rng)
+        body = {"task_id": task["task_id"], "value": CLASSES[label], "time_spent_ms": 800}
+        t0 = time.perf_counter()
+        r = await http.post("/api/submit", json=body, headers=headers)
+        b.submit_ms.append((time.perf_counter() - t0) * 1000)
+        r.raise_for_status()
+        b.acked.append(int(r.json()["annotation_id"]))
+        n += 1
+    return n
+
+
+async def run_block(b: Backend, seconds: float, rng: random.Random) -> tuple[int, float, bool]:
+    """All not-yet-finished clients for ``seconds``; returns (submissions, elapsed, full)."""
+    active = [i for i in range(N_CLIENTS) if i not in b.done_clients]
+    if not active:
+        return 0, 0.0, False
+    limits = httpx.Limits(max_connections=N_CLIENTS, max_keepalive_connections=N_CLIENTS)
+    async with httpx.AsyncClient(base_url=b.base, limits=limits, timeout=60) as http:
+        t0 = time.monotonic()
+        counts = await asyncio.gather(
+            *(client_loop(b, i, t0 + seconds, http, random.Random(rng.random())) for i in active)
+        )
+        elapsed = time.monotonic() - t0
+    full = len(active) == N_CLIENTS and not b.done_clients
+    return sum(counts), elapsed, full
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+# -- quality ------------------------------------------------------------------------------
+
+
+def quality_report(b: Backend) -> dict[str, float]:
+    """Error rates on non-gold tasks of a single annotator and of each consensus method."""
+    pairs = b.store.annotations(b.task_set_id)
+    reps = {a.id: a.reputation for a in b.store.list_annotators()}
+    triples = [(t.id, a.annotator_id, a.value) for t, a in pairs]
+    gold = {t.id: t.gold for t, _ in pairs if t.is_gold}
+    methods = quality.set_consensus(b.store.get_task_set(b.task_set_id).schema, triples, reps, gold)
+    truth_of = {t.id: CLASSES[b.truth[t.external_id]] for t, _ in pairs}
+    regular = [(t, a) for t, a in pairs if not t.is_gold]
+    single = float(np.mean([a.value != truth_of[t.id] for t, a in regular]))
+    task_ids = {t.id for t, _ in regular}
+    err = {
+        m: float(np.mean([methods[t][m] != truth_of[t] for t in task_ids]))
+        for m in ("majority", "weighted", "dawid_skene")
+    }
+    return {
+        "single_error": single,
+        "majority_error": err["majority"],
+        "weighted_error": err["weighted"],
+        "ds_error": err["dawid_skene"],
+        "n_tasks_scored": float(len(task_ids)),
+    }
+
+
+# -- 100k probe ---------------------------------------------------------------------------
+
+
+def probe_100k(b: Backend, seconds: float, rng: random.Random) -> dict[str, float]:
+    """``GET /api/tasks`` latency with 100,000 tasks in the store (50 clients, get+submit)."""
+    ts = b.store.create_task_set(
+        "bench-100k",
+        {"kind": "single_choice", "choices": CLASSES},
+        k=K,
+        gold_share=0.0,
+        lease_seconds=3600,
+    )
+    for start in range(0, 100_000, 20_000):
+        b.store.add_tasks(
+            ts.id,
+            [
+                TaskInput(content=f"bulk {i}", external_id=f"b{i}")
+                for i in range(start, start + 20_000)
+            ],
+        )
+        b.truth.update({f"b{i}": 0 for i in range(start, start + 20_000)})
+    saved = (b.task_set_id, b.tasks_ms, b.submit_ms, b.done_clients)
+    b.task_set_id, b.tasks_ms, b.submit_ms, b.done_clients = ts.id, [], [], set()
+    n, elapsed, _ = asyncio.run(run_block(b, seconds, rng))
+    out = {
+        "tasks_p50_ms_100k": pct(b.tasks_ms, 50),
+        "tasks_p99_ms_100k": pct(b.tasks_ms, 99),
+        "submissions_per_s_100k": n / elapsed if elapsed else 0.0,
+    }
+    b.task_set_id, b.tasks_ms, b.submit_ms, b.done_clients = saved
+    return out
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="reduced run (a few minutes)")
+    ap.add_argument("--tasks", type=int, default=None, help="tasks per backend")
+    ap.add_argument("--block-seconds", type=float, default=None)
+    ap.add_argument("--no-postgres", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--node-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.serve, args.node_dir, args.port)
+        return
+
+    n_tasks = args.tasks or (600 if args.quick else 2000)
+    block_s = args.block_seconds or (4.0 if args.quick else 6.0)
+    probe_s = 8.0 if args.quick else 20.0
+    rng = random.Random(args.seed)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="swarmlm-bench-"))
+    pg: TemporaryPostgres | None = None
+    backends: list[Backend] = []
+    try:
+        sqlite_dir = tmp / "sqlite"
+        backends.append(
+            Backend(
+                "sqlite",
+                f"sqlite:///{sqlite_dir / 'curation.db'}",
+                sqlite_dir,
+                CurationStore.open(
+                    f"sqlite:///{sqlite_dir / 'curation.db'}",
+                    NodeIdentity.load_or_create(sqlite_dir),
+                    password_hasher=BENCH_HASHER,
+                ),
+            )
+        )
+        if not args.no_postgres:
+            try:
+                pg = TemporaryPostgres(durable=True).start()
+                url = pg.create_database("bench")
+                pg_dir = tmp / "pg"
+                backends.append(
+                    Backend(
+                        "postgresql",
+                        url,
+                        pg_dir,
+                        CurationStore.open(
+                            url, NodeIdentity.load_or_create(pg_dir), password_hasher=BENCH_HASHER
+                        ),
+                    )
+                )
+            except (PostgresUnavailableError, RuntimeError) as e:
+                console.print(f"[yellow]PostgreSQL skipped:[/yellow] {e}")
+        for b in backends:
+            seed(b, n_tasks, rng)
+            b.start()
+        total = sum((n_tasks + int(n_tasks * GOLD_SHARE)) * K for _ in backends)
+        blocks: list[dict[str, Any]] = []
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} submissions"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            bar = progress.add_task("annotating", total=total)
+            # alternate backends block by block until every client of every backend is done
+            while any(len(b.done_clients) < N_CLIENTS for b in backends):
+                for b in backends:
+                    n, elapsed, full = asyncio.run(run_block(b, block_s, rng))
+                    if n == 0:
+                        continue
+                    rate = n / elapsed
+                    if full:
+                        b.block_rates.append(rate)
+                    blocks.append(
+                        {
+                            "backend": b.name,
+                            "submissions": n,
+                            "seconds": elapsed,
+                            "rate": rate,
+                            "full": full,
+                        }
+                    )
+                    progress.update(bar, advance=n)
+        sqlite = backends[0]
+        probe = probe_100k(sqlite, probe_s, rng)
+        results: dict[str, Any] = {"tasks": n_tasks, "k": K, "clients": N_CLIENTS, "blocks": blocks}
+        lost = 0
+        for b in backends:
+            stored_ids = set().union(*(_ids_in(b, ts.name) for ts in b.store.list_task_sets()))
+            missing = len(set(b.acked) - stored_ids)
+            lost += missing
+            results[b.name] = {
+                "submissions_per_s": statistics.median(b.block_rates) if b.block_rates else None,
+                "full_blocks": len(b.block_rates),
+                "submit_p50_ms": pct(b.submit_ms, 50),
+                "submit_p99_ms": pct(b.submit_ms, 99),
+                "tasks_p50_ms": pct(b.tasks_ms, 50),
+                "tasks_p99_ms": pct(b.tasks_ms, 99),
+                "acknowledged": len(set(b.acked)),
+                "in_database": len(stored_ids),
+                "lost": missing,
+            }
+        results["quality"] = quality_report(sqlite)
+        results["probe_100k"] = probe
+    finally:
+        for b in backends:
+            b.stop()
+        if pg is not None:
+            pg.stop()
+
+    q = results["quality"]
+    s = results["sqlite"]
+    headline = {
+        "single_error": round(q["single_error"], 4),
+        "majority_error": round(q["majority_error"], 4),
+        "weighted_error": round(q["weighted_error"], 4),
+        "ds_error": round(q["ds_error"], 4),
+        "consensus_error_ratio": round(q["ds_error"] / q["single_error"], 4),
+        "submissions_per_s": round(s["submissions_per_s"] or 0.0, 1),
+        "submit_p50_ms": round(s["submit_p50_ms"], 2),
+        "submit_p99_ms": round(s["submit_p99_ms"], 2),
+        "tasks_p99_ms_100k": round(probe["tasks_p99_ms_100k"], 2),
+        "lost_submissions": lost,
+    }
+    if "postgresql" in results:
+        p = results["postgresql"]
+        headline["pg_submissions_per_s"] = round(p["submissions_per_s"] or 0.0, 1)
+        headline["pg_submit_p99_ms"] = round(p["submit_p99_ms"], 2)
+    results["headline"] = headline
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = RESULTS / f"annotation-{stamp}.json"
+    out.write_text(json.dumps(results, indent=2))
+    _plot(results, RESULTS / f"annotation-{stamp}.png")
+    console.print(f"results in {out}")
+    print(json.dumps(headline))
+
+
+def _ids_in(b: Backend, name: str) -> set[int]:
+    ts = b.store.find_task_set(name)
+    return {a.id for _, a in b.store.annotations(ts.id)}
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is a dev extra; the JSON is the record
+        return
+    q = results["quality"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    names = ["single", "majority", "weighted", "Dawid-Skene"]
+    vals = [q["single_error"], q["majority_error"], q["weighted_error"], q["ds_error"]]
+    ax1.bar(names, vals, color=["#999", "#457b9d", "#2a9d8f", "#e76f51"])
+    ax1.set_ylabel("error rate")
+    ax1.set_title(f"consensus quality ({results['tasks']} tasks, k={results['k']})")
+    for name in ("sqlite", "postgresql"):
+        if name in results:
+            r = results[name]
+            ax2.bar(
+                [f"{name}\nsubmit/s"],
+                [r["submissions_per_s"] or 0],
+                color="#457b9d" if name == "sqlite" else "#e9c46a",
+            )
+    ax2.set_title("HTTP throughput, 50 clients (median of blocks)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
