@@ -357,7 +357,8 @@ def main() -> None:
         for b in backends:
             seed(b, n_tasks, rng)
             b.start()
-        total = sum((n_tasks + int(n_tasks * GOLD_SHARE)) * K for _ in backends)
+        # regular tasks take exactly K each; gold is ~GOLD_SHARE of all offers on top
+        total = int(len(backends) * n_tasks * K / (1 - GOLD_SHARE))
         blocks: list[dict[str, Any]] = []
         with Progress(
             TextColumn("[bold]{task.description}"),
