@@ -5,28 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
-
-
-def _add_demo_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="train a small model on the bundled corpus for a minute, then sample"
-    )
-    parser.add_argument("--corpus", type=Path, default=None, help="text or .gz file")
-    parser.add_argument("--seconds", type=float, default=60.0, help="training time budget")
-    parser.set_defaults(handler=_run_demo)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from swarmlm.demo import DEFAULT_CORPUS, run_demo
-
-    run_demo(args.corpus or DEFAULT_CORPUS, seconds=args.seconds)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from swarmlm.curation.cli import add_curation_parser
+    from swarmlm.data.cli import add_data_parser
     from swarmlm.model.hf import add_export_hf_parser, add_import_hf_parser
+    from swarmlm.p2p.cli import add_p2p_parser
     from swarmlm.train.cli import add_train_parsers
+    from swarmlm.web.cli import add_web_parser
 
     parser = argparse.ArgumentParser(
         prog="swarmlm",
@@ -34,10 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_demo_parser(subparsers)
+    add_data_parser(subparsers)
     add_train_parsers(subparsers)
     add_export_hf_parser(subparsers)
     add_import_hf_parser(subparsers)
+    add_p2p_parser(subparsers)
+    add_curation_parser(subparsers)
+    add_web_parser(subparsers)
     return parser
 
 
@@ -48,8 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    handler = getattr(args, "handler", None) or getattr(args, "func", None)
+    if handler is None:  # a command group given without its subcommand
+        parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])
+        return 2
     try:
-        return int(args.handler(args))
+        return int(handler(args))
     except KeyboardInterrupt:
         return 130
 

@@ -20,6 +20,10 @@ class DataConfig(_Strict):
     seq_len: int = Field(default=256, ge=2)
     prefetch: int = Field(default=4, ge=1, description="batches queued by the loader thread")
     eval_batch_size: int | None = Field(default=None, ge=1)
+    order: Literal["random", "difficulty"] = Field(
+        default="random", description="'difficulty': first epochs run from easy to hard windows"
+    )
+    difficulty_epochs: int = Field(default=1, ge=0)
 
 
 class CurriculumStage(_Strict):

@@ -157,6 +157,8 @@ class Trainer:
             world_size=self.parallel.world_size,
             prefetch=cfg.data.prefetch,
             pin_memory=self.device.type == "cuda",
+            order=cfg.data.order,
+            difficulty_epochs=cfg.data.difficulty_epochs,
         )
         self.step = 0
         self.tokens_seen = 0
