@@ -27,7 +27,10 @@ run: $(STAMP)
 	$(VENV)/bin/swarmlm generate --checkpoint runs/tiny \
 		--prompt "In the beginning" --prompt "And the LORD said unto Moses" --top-k 40
 
+# system-deps.sh installs Debian's postgresql and chromium when missing (root only); the
+# store and browser tests use them and skip with a reason where they cannot be installed.
 test: $(STAMP)
+	bash scripts/system-deps.sh
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
