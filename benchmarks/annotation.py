@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -413,6 +414,7 @@ def main() -> None:
             b.stop()
         if pg is not None:
             pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     q = results["quality"]
     s = results["sqlite"]
