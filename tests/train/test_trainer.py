@@ -159,3 +159,37 @@ def test_checkpoints_load_for_generation_and_export(prepared_data: Path, tmp_pat
     assert hf_cfg == cfg.model
     assert json.loads((path / "config.json").read_text())["d_model"] == 64
     assert set(state) >= {"embed.weight"}
+
+
+def test_out_of_memory_splits_the_micro_batch_and_keeps_the_same_gradients(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    reference = make(prepared_data, tmp_path / "ref", max_steps=3)
+    expected = reference.fit().losses
+    trainer = make(prepared_data, tmp_path / "oom", max_steps=3)
+    real_forward = trainer.model.forward
+    calls = {"n": 0}
+
+    def forward_that_runs_out_of_memory_once(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(*args, **kwargs)
+
+    trainer.model.forward = forward_that_runs_out_of_memory_once  # type: ignore[method-assign]
+    losses = trainer.fit().losses
+    assert trainer.micro_splits == 2
+    assert losses == pytest.approx(expected, abs=1e-5)
+
+
+def test_out_of_memory_is_raised_when_adaptive_batch_is_off(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    trainer = make(prepared_data, tmp_path / "off", max_steps=2, adaptive_batch=False)
+
+    def oom(*args: object, **kwargs: object) -> object:
+        raise torch.OutOfMemoryError("simulated")
+
+    trainer.model.forward = oom  # type: ignore[method-assign]
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.fit()

@@ -55,6 +55,10 @@ class TrainConfig(_Strict):
     max_seconds: float | None = Field(default=None, gt=0, description="stop after this time")
     grad_accum: int = Field(default=1, ge=1)
     grad_clip: float | None = Field(default=1.0, gt=0)
+    adaptive_batch: bool = Field(
+        default=True,
+        description="CUDA: probe the micro-batch that fits; on out-of-memory, split and retry",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     qat_int8: bool = False

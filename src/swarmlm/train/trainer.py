@@ -162,6 +162,7 @@ class Trainer:
         )
         self.step = 0
         self.tokens_seen = 0
+        self.micro_splits = 1
         self.async_writer = AsyncCheckpointer() if cfg.train.async_checkpoint else None
         self.last_checkpoint: Path | None = None
         self.metrics: MetricsLogger | None = None
@@ -278,18 +279,64 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------
 
     def _forward_backward(self, batches: list[tuple[Tensor, Tensor]]) -> float:
-        """Accumulate gradients over micro-batches; returns their mean loss."""
+        """Accumulate gradients over micro-batches; returns their mean loss.
+
+        Each loaded micro-batch is cut into ``self.micro_splits`` row chunks (1 unless an
+        out-of-memory error forced smaller pieces); chunk losses are weighted by their share of
+        rows, so the gradient is the same as for the whole micro-batch.
+        """
+        pieces = [
+            (x_part, y_part, x_part.shape[0] / (x.shape[0] * len(batches)))
+            for x, y in batches
+            for x_part, y_part in zip(
+                x.chunk(self.micro_splits), y.chunk(self.micro_splits), strict=True
+            )
+        ]
         total = 0.0
-        n = len(batches)
-        for i, (x, y) in enumerate(batches):
-            sync_skip = i < n - 1
-            with self.parallel.no_sync(self.model, sync_skip):
+        for i, (x, y, weight) in enumerate(pieces):
+            with self.parallel.no_sync(self.model, i < len(pieces) - 1):
                 with self.precision.autocast():
                     out = self.model(x, targets=y)
                 loss: Tensor = out.loss
-                self.precision.backward(loss / n)
-            total += float(loss.detach())
-        return total / n
+                self.precision.backward(loss * weight)
+            total += float(loss.detach()) * weight
+        return total
+
+    def _forward_backward_adaptive(self, batches: list[tuple[Tensor, Tensor]]) -> float:
+        """Like :meth:`_forward_backward`, halving the chunk size after an out-of-memory
+        error and retrying the same batches (the adaptive batch size of CUDA runs)."""
+        while True:
+            try:
+                return self._forward_backward(batches)
+            except torch.OutOfMemoryError:
+                self.base_optimizer.zero_grad(set_to_none=True)
+                if not self.cfg.train.adaptive_batch or self.micro_splits >= batches[0][0].shape[0]:
+                    raise
+                self.micro_splits *= 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                log.warning(
+                    "out of memory at step %d: splitting each micro-batch into %d chunks",
+                    self.step,
+                    self.micro_splits,
+                )
+
+    def probe_batch_size(self) -> int:
+        """On CUDA, find how many chunks the configured micro-batch needs to fit in memory by
+        running one forward/backward on random tokens; returns the chunk count."""
+        if self.device.type != "cuda" or not self.cfg.train.adaptive_batch:
+            return self.micro_splits
+        shape = (self.cfg.data.batch_size, self.cfg.data.seq_len)
+        x = torch.randint(0, self.cfg.model.vocab_size, shape, device=self.device)
+        self._forward_backward_adaptive([(x, x)])
+        self.base_optimizer.zero_grad(set_to_none=True)
+        log.info(
+            "batch probe: micro-batch %d fits as %d chunk(s) of %d",
+            shape[0],
+            self.micro_splits,
+            shape[0] // self.micro_splits,
+        )
+        return self.micro_splits
 
     def _clip(self) -> float:
         self.precision.unscale(self.base_optimizer)
@@ -316,7 +363,7 @@ class Trainer:
             batches.append(
                 (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             )
-        loss = self._forward_backward(batches)
+        loss = self._forward_backward_adaptive(batches)
         loss = self.parallel.mean(loss)
         if not math.isfinite(loss):
             raise TrainingDivergedError(
@@ -350,6 +397,7 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
                 "or set train.out_dir to a new directory"
             )
+        self.probe_batch_size()
         first_step = self.step
         result = TrainResult(step=self.step, checkpoint=self.last_checkpoint)
         evaluated_at = checkpointed_at = -1
