@@ -164,6 +164,22 @@ def open_signed(wire: Any) -> SignedMessage:
     return SignedMessage(kind, sender, pk, seq, rnd, ts, body, raw, sig)
 
 
+def peek_sender_ts(wire: Any) -> tuple[str, float] | None:
+    """(claimed sender, timestamp) of a signed message WITHOUT verifying it, or None.
+
+    Only for deciding whether a message is worth verifying (e.g. a peer record we already
+    hold a newer copy of); never trust the result for anything else.
+    """
+    try:
+        m = msgpack.unpackb(wire["m"], raw=False, strict_map_key=True)
+        sender, ts = m["from"], m["ts"]
+    except Exception:
+        return None
+    if isinstance(sender, str) and isinstance(ts, float):
+        return sender, ts
+    return None
+
+
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

@@ -31,6 +31,7 @@ from swarmlm.p2p.messages import (
     PeerScores,
     SignedMessage,
     open_signed,
+    peek_sender_ts,
 )
 from swarmlm.p2p.tls import make_contexts, peer_node_id, write_tls_files
 from swarmlm.p2p.wire import (
@@ -311,6 +312,7 @@ class P2PNode:
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         self._port = 0
         self._record: SignedMessage | None = None
+        self._record_signed_at = 0.0
         self.on("ping", lambda m, p: None)
         self.on("peers", self._on_peers)
         self.on("fetch", self._on_fetch)
@@ -569,6 +571,7 @@ class P2PNode:
     # -- discovery -----------------------------------------------------------------------
     def _sign_record(self) -> None:
         self._record = self.sign("peer_record", {"addr": list(self.address)})
+        self._record_signed_at = self._record.ts
 
     def _peers_message(self) -> SignedMessage:
         now = time.time()
@@ -585,6 +588,13 @@ class P2PNode:
         if len(records) > self.config.max_peers + 1:
             raise MessageRejectedError("invalid", f"{len(records)} peer records, over max_peers")
         for wire in records:
+            seen = peek_sender_ts(wire)
+            if (
+                seen is not None
+                and seen[0] in self.peers
+                and seen[1] <= self.peers[seen[0]].record_ts
+            ):
+                continue  # not newer than what we hold: skip the (costly) signature check
             rec = open_signed(wire)  # a bad record rejects the whole message (and scores)
             if rec.kind != "peer_record" or not _valid_addr(rec.body["addr"]):
                 raise MessageRejectedError("invalid", "peer list holds a non-record")
@@ -627,7 +637,8 @@ class P2PNode:
                     await self._drop_connection(conn, "link blocked")
             if now >= next_pex:
                 next_pex = now + cfg.pex_interval
-                self._sign_record()
+                if time.time() - self._record_signed_at > cfg.peer_ttl / 4:
+                    self._sign_record()  # re-signed rarely: receivers verify only new records
                 self.broadcast(self._peers_message())
             await asyncio.sleep(min(cfg.heartbeat_interval, cfg.reconnect_base, 0.25))
 
