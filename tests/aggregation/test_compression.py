@@ -251,3 +251,23 @@ def test_encoders_refuse_non_finite_or_out_of_range_inputs() -> None:
         get_codec("topk", fraction=0.0)
     with pytest.raises(CodecError, match="block_size"):
         get_codec("int8", block_size=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.sampled_from(CODECS),
+    edits=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 255)), min_size=1, max_size=4),
+    n=st.sampled_from([1, 5, 64, 300]),
+)
+def test_crafted_payloads_decode_to_finite_values_or_raise_codec_errors_only(
+    name: str, edits: list[tuple[int, int]], n: int
+) -> None:
+    payload = bytearray(get_codec(name).encode(torch.randn(n))[:-4])
+    for pos, value in edits:
+        payload[4 + pos % (len(payload) - 4)] = value
+    data = bytes(payload) + struct.pack("<I", zlib.crc32(bytes(payload)))
+    try:
+        out = decode(data, max_numel=100_000)
+    except CodecError:
+        return
+    assert bool(torch.isfinite(out).all())

@@ -63,8 +63,10 @@ logger = logging.getLogger(__name__)
 MAGIC = b"SWLC"
 FORMAT_VERSION = 1
 MAX_NDIM = 8
-#: Decoders refuse payloads claiming more elements than this (an allocation-bomb guard).
-DEFAULT_MAX_NUMEL = 1 << 30
+#: Decoders refuse payloads claiming more elements than this (an allocation-bomb guard: a
+#: sparse payload of a few bytes can claim a large dense shape). 2**28 float32 = 1 GiB.
+#: Receivers that know the expected size should pass it as ``max_numel``.
+DEFAULT_MAX_NUMEL = 1 << 28
 
 _HEADER = struct.Struct("<4sBBBBQ")
 _CRC = struct.Struct("<I")
@@ -143,7 +145,7 @@ def _unframe(data: bytes | bytearray | memoryview, max_numel: int) -> _Frame:
         )
     shape = struct.unpack_from(f"<{ndim}Q", view, _HEADER.size)
     numel = math.prod(shape)
-    if numel > max_numel:
+    if numel > max_numel or any(dim > max_numel for dim in shape):
         raise CorruptPayloadError(
             f"payload claims shape {shape} ({numel} elements), above the limit {max_numel}"
         )
@@ -226,13 +228,16 @@ def _quantize_blocks(flat: Tensor, block_size: int, levels: int) -> tuple[Tensor
 
 
 def _dequantize_blocks(q: Tensor, scales: Tensor, block_size: int) -> Tensor:
+    """Inverse of :func:`_quantize_blocks`; allocates ``O(numel)`` whatever ``block_size``."""
     numel = q.numel()
-    nblocks = scales.numel()
-    pad = nblocks * block_size - numel
-    qf = q.to(torch.float32)
-    if pad:
-        qf = torch.nn.functional.pad(qf, (0, pad))
-    return (qf.view(nblocks, block_size) * scales[:, None]).view(-1)[:numel]
+    full = numel // block_size * block_size
+    out = torch.empty(numel, dtype=torch.float32)
+    if full:
+        blocks = q[:full].to(torch.float32).view(-1, block_size)
+        out[:full] = (blocks * scales[: full // block_size, None]).view(-1)
+    if full < numel:
+        out[full:] = q[full:].to(torch.float32) * scales[-1]
+    return out
 
 
 def _read_blocks(
@@ -252,6 +257,11 @@ def _read_blocks(
     if numel and int(q.abs().max()) > levels:
         raise CorruptPayloadError(f"{r.codec} payload has quantised values outside ±{levels}")
     return scales, q
+
+
+def _check_payload_block_size(codec: str, block_size: int) -> None:
+    if not 1 <= block_size <= 1 << 24:
+        raise CorruptPayloadError(f"{codec} payload has block_size {block_size}, not in [1, 2**24]")
 
 
 def _check_block_size(codec: str, block_size: int) -> int:
@@ -282,6 +292,10 @@ def _encode_indices(idx: np.ndarray[Any, Any], use_zstd: bool) -> bytes:
 
 def _decode_indices(r: _Reader, k: int, numel: int) -> Tensor:
     first, width, zflag, nbytes = r.unpack("QBBQ", "index header")
+    if k and first >= numel:
+        raise CorruptPayloadError(
+            f"{r.codec} payload index {first} out of range for {numel} elements"
+        )
     if width not in (1, 2, 4, 8) or zflag not in (0, 1):
         raise CorruptPayloadError(
             f"{r.codec} payload index header invalid: width={width}, zstd={zflag}"
@@ -431,8 +445,7 @@ class Int8BlockCodec(Codec):
     @classmethod
     def _decode_body(cls, r: _Reader, numel: int, shape: tuple[int, ...]) -> Tensor:
         (block_size,) = r.unpack("I", "block_size")
-        if block_size < 1:
-            raise CorruptPayloadError(f"{r.codec} payload has block_size 0")
+        _check_payload_block_size(r.codec, block_size)
         scales, q = _read_blocks(r, numel, block_size, cls.levels, cls.name == "int4")
         return _dequantize_blocks(q, scales, block_size)
 
@@ -511,8 +524,7 @@ class _SparseCodec(Codec):
         idx = _decode_indices(r, k, numel)
         if kind == 1:
             (block_size,) = r.unpack("I", "block_size")
-            if block_size < 1:
-                raise CorruptPayloadError(f"{r.codec} payload has block_size 0")
+            _check_payload_block_size(r.codec, block_size)
             scales, q = _read_blocks(r, k, block_size, 127, False)
             values = _dequantize_blocks(q, scales, block_size)
         else:
@@ -661,6 +673,8 @@ def _decode_frame(frame: _Frame) -> Tensor:
     reader = _Reader(frame.codec, frame.body)
     flat = cls._decode_body(reader, frame.numel, frame.shape)
     reader.finish()
+    # Finite fields can still multiply out to infinity (a huge scale, a huge P Q^T).
+    _finite_or_raise(flat, frame.codec, "decoded values")
     return flat.reshape(frame.shape)
 
 

@@ -1,0 +1,39 @@
+"""The robustness benchmark script still runs end to end against the real model (tiny run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "robustness.py"
+
+
+@pytest.mark.timeout(300)
+def test_robustness_benchmark_reports_its_headline_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = importlib.util.spec_from_file_location("robustness_benchmark", SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    argv = ["--quick", "--steps", "2", "--skip-speed", "--aggregators", "mean", "centered_clip"]
+    argv += ["--attacks", "alie", "large_constant", "--out", str(tmp_path)]
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # main() sets the simulator's thread count
+    headline = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert headline["cc_worst_attack"] in ("alie", "large_constant")
+    assert headline["compression_factor"] > 50
+    assert headline["cc_worst_attack_loss_ratio"] > 0
+    report = json.loads((tmp_path / "robustness_quick.json").read_text())
+    assert len(report["runs"]) == 7
+    assert (tmp_path / "robustness_quick.png").stat().st_size > 0
