@@ -108,6 +108,7 @@ class _Round:
     seen_votes: dict[tuple[str, int, str], SignedMessage] = field(default_factory=dict)
     quorum_at: float | None = None
     fetching: bool = False
+    pulling: bool = False
     decided: Decision | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -162,6 +163,7 @@ class RoundProtocol:
         for kind in (*ROUND_KINDS, "equivocation", "join", "leave"):
             node.on(kind, self._on_message)
         node.blobs.on_put.append(self._on_blob)
+        node.on_peer_connected = self._on_peer_connected
         self._ensure_round(start_round)
 
     # -- public API ----------------------------------------------------------------------
@@ -657,6 +659,9 @@ class RoundProtocol:
             entries, changes = old.body["entries"], old.body["changes"]
         else:
             held = self._held(st)
+            if len(held) < len(st.contribs) and not st.pulling:
+                st.pulling = True
+                self._spawn(self._pull_payloads(st))
             if len(held) < st.q:
                 return
             if view == 0 and len(held) < st.n:
@@ -759,7 +764,38 @@ class RoundProtocol:
             msg = self.node.sign("viewchange", {"view": view, "prepared": st.prepared}, st.round)
             st.viewchanges.setdefault(view, {})[msg.sender] = msg
             self._send(msg, st.members)
+        # the transport may have lost our contribution with a replaced connection: the new
+        # leader gets it again (re-signed, same digest) and pulls the payload if it lacks it
+        self._resend_contrib(st, [leader_of(st.members, st.round, view)])
         self._changed.set()
+
+    def _resend_contrib(self, st: _Round, peers: list[str]) -> None:
+        mine = st.contribs.get(self.node.node_id)
+        peers = [p for p in peers if p != self.node.node_id and p in st.members]
+        if mine is not None and peers:
+            self._send(self.node.sign("contrib", mine.body, st.round), peers)
+
+    def _on_peer_connected(self, peer: str) -> None:
+        st = self.rounds.get(self.last_decided + 1)
+        if st is not None and st.decided is None:
+            self._resend_contrib(st, [peer])
+
+    async def _pull_payloads(self, st: _Round) -> None:
+        """Leader side: fetch payloads of known contributions that never arrived."""
+        await asyncio.sleep(self.cfg.proposal_grace)
+        try:
+            for peer, c in list(st.contribs.items()):
+                digest = c.body["digest"]
+                if st.decided is not None or digest in self.node.blobs or peer in self.proofs:
+                    continue
+                if self.node.receiving(digest):
+                    continue  # still streaming in: asking again would only duplicate it
+                others = [p for p in st.members if p != peer]
+                with contextlib.suppress(TransportError):
+                    await self.node.fetch(digest, [peer, *others], self.cfg.fetch_timeout)
+        finally:
+            st.pulling = False
+        self._progress(st)
 
     async def _timer(self, st: _Round) -> None:
         while st.decided is None:

@@ -415,6 +415,10 @@ class P2PNode:
             f"payload {digest.hex()[:12]} not obtained from {len(candidates)} peers"
         )
 
+    def receiving(self, digest: bytes) -> bool:
+        """True while some connection is part-way through receiving payload ``digest``."""
+        return any(c.assembler.receiving(digest) for c in self.connections.values())
+
     # -- connections ---------------------------------------------------------------------
     def peer(self, node_id: str) -> PeerInfo:
         info = self.peers.get(node_id)

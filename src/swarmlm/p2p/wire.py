@@ -355,6 +355,10 @@ class BlobAssembler:
         if self._current is not None and self._current[0] == d:
             self._current = None
 
+    def receiving(self, d: bytes) -> bool:
+        """True while blob ``d`` is partly received on this stream."""
+        return d in self._partial
+
     @property
     def held_bytes(self) -> int:
         return self._held
