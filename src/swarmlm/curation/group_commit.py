@@ -8,6 +8,11 @@ failing request is rolled back alone and gets its exception), commits once, and 
 wakes the callers. So a call that returns has been committed durably, and a call that
 raises has changed nothing. The queue is bounded: when full, callers wait up to ``timeout``
 and then get :class:`StoreBusyError`.
+
+Several server processes may each run a committer on the same database: every batch is one
+ordinary transaction (SQLite: ``BEGIN IMMEDIATE``, so batches of different processes take
+the write lock in turn, waiting up to the busy timeout; PostgreSQL: row locks), and each
+process acknowledges only what its own commit made durable.
 """
 
 from __future__ import annotations
@@ -15,13 +20,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine
 
+from swarmlm.curation.db import RawSql
 from swarmlm.curation.errors import CurationError
 
 log = logging.getLogger(__name__)
@@ -32,19 +37,46 @@ class StoreBusyError(CurationError):
     """The write queue stayed full (or the writer stopped) for longer than the timeout."""
 
 
-_Request = tuple[Callable[[Session], Any], "Future[Any]"]
+class WriteTx:
+    """What a request sees of the group transaction: a DB-API cursor (hot paths, via
+    :meth:`execute`) and the SQLAlchemy connection of the same transaction (``conn``)."""
+
+    def __init__(self, conn: Connection, sql: RawSql) -> None:
+        self.conn = conn
+        self.sql = sql
+        dbapi_conn = conn.connection.dbapi_connection
+        assert dbapi_conn is not None
+        self.cur: Any = dbapi_conn.cursor()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run ``sql`` (``?`` placeholders, see :class:`RawSql`); returns the cursor."""
+        self.cur.execute(self.sql.q(sql), tuple(params))
+        return self.cur
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """The first row of ``sql`` or ``None`` (the rest, if any, is discarded)."""
+        self.cur.execute(self.sql.q(sql), tuple(params))
+        row = self.cur.fetchone()
+        if row is not None:
+            self.cur.fetchall()
+        return row
+
+
+_Request = tuple[Callable[[WriteTx], Any], "Future[Any]"]
 
 
 class GroupCommitter:
     def __init__(
         self,
         engine: Engine,
+        sql: RawSql,
         *,
         max_batch: int = 64,
         queue_size: int = 4096,
         timeout_s: float = 30.0,
     ) -> None:
         self._engine = engine
+        self._sql = sql
         self._max_batch = max_batch
         self._timeout = timeout_s
         self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=queue_size)
@@ -54,8 +86,8 @@ class GroupCommitter:
         self.batches = 0
         self.requests = 0
 
-    def run(self, fn: Callable[[Session], T]) -> T:
-        """Run ``fn(session)`` in the next group transaction; return once it is committed."""
+    def run(self, fn: Callable[[WriteTx], T]) -> T:
+        """Run ``fn(tx)`` in the next group transaction; return once it is committed."""
         self._ensure_started()
         fut: Future[T] = Future()
         try:
@@ -112,14 +144,20 @@ class GroupCommitter:
     def _run_batch(self, batch: list[_Request]) -> None:
         outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
         try:
-            with Session(self._engine, expire_on_commit=False) as s, s.begin():
+            with self._engine.connect() as conn, conn.begin():
+                tx = WriteTx(conn, self._sql)
                 for fn, fut in batch:
+                    # Raw savepoints: SQLAlchemy's begin_nested() costs ~0.3 ms of Python.
+                    tx.cur.execute("SAVEPOINT request")
                     try:
-                        with s.begin_nested():
-                            result = fn(s)
-                        outcomes.append((fut, result, None))
+                        result = fn(tx)
                     except Exception as e:  # delivered to the caller that sent fn
+                        tx.cur.execute("ROLLBACK TO SAVEPOINT request")
+                        tx.cur.execute("RELEASE SAVEPOINT request")
                         outcomes.append((fut, None, e))
+                    else:
+                        tx.cur.execute("RELEASE SAVEPOINT request")
+                        outcomes.append((fut, result, None))
         except Exception as e:  # the commit itself failed: nothing in the batch happened
             log.error("group commit of %d writes failed: %s", len(batch), e)
             for _, fut in batch:

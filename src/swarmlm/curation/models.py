@@ -4,7 +4,11 @@ Invariants the store keeps (and the database enforces where it can):
 - one assignment row and at most one annotation per (task, annotator): nobody sees a task
   twice, whether they annotated it, skipped it or let the lease expire;
 - ``Task.n_annotations`` equals the number of annotation rows of the task;
-- ``Task.needed`` starts at the task set's ``k`` and only grows, up to ``max_annotations``.
+- ``Task.needed`` starts at the task set's ``k`` and only grows, up to ``max_annotations``;
+- ``Task.n_leased`` equals the number of the task's assignments in state ``leased`` (a lease
+  past its expiry stays ``leased`` until the next sweep turns it ``expired``);
+- ``AuthEpoch.epoch`` grows whenever a credential or a role stops being valid (disable,
+  role change, token revocation, logout), so every process drops its cached lookups.
 """
 
 from __future__ import annotations
@@ -24,12 +28,25 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# A task with a free slot: open, and fewer annotations plus leases than it needs.
+OPEN_TASK_PREDICATE = "status = 'open' AND needed > n_annotations + n_leased"
 
 
 class Base(DeclarativeBase):
     pass
+
+
+class AuthEpoch(Base):
+    """One row (``id = 1``): a counter bumped by every revocation of access."""
+
+    __tablename__ = "auth_epoch"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
 
 
 class Annotator(Base):
@@ -90,7 +107,20 @@ class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
         UniqueConstraint("task_set_id", "external_id", name="uq_tasks_set_external"),
-        Index("ix_tasks_queue", "task_set_id", "is_gold", "status", "n_annotations"),
+        # The assignment queue: only tasks with a free slot are in this index, in the order
+        # they are offered (most annotations first), so picking one is a short index walk
+        # whatever the number of tasks. Queries must repeat OPEN_TASK_PREDICATE verbatim
+        # for SQLite and PostgreSQL to use it.
+        Index(
+            "ix_tasks_open",
+            "task_set_id",
+            "is_gold",
+            "n_annotations",
+            "id",
+            sqlite_where=text(OPEN_TASK_PREDICATE),
+            postgresql_where=text(OPEN_TASK_PREDICATE),
+        ),
+        Index("ix_tasks_gold", "task_set_id", "is_gold", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -103,6 +133,8 @@ class Task(Base):
     digest: Mapped[str] = mapped_column(String(64))
     needed: Mapped[int] = mapped_column(Integer)
     n_annotations: Mapped[int] = mapped_column(Integer, default=0)
+    # assignments of this task in state "leased" (live or expired but not yet swept)
+    n_leased: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     status: Mapped[str] = mapped_column(String(16), default="open")
     consensus: Mapped[Any] = mapped_column(JSON, nullable=True)
     agreement: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -115,6 +147,13 @@ class Assignment(Base):
         UniqueConstraint("task_id", "annotator_id", name="uq_assignments_task_annotator"),
         Index("ix_assignments_task_state", "task_id", "state", "expires_at"),
         Index("ix_assignments_annotator_state", "annotator_id", "state"),
+        # leases by expiry, for the sweep that returns expired slots to the queue
+        Index(
+            "ix_assignments_leased_expiry",
+            "expires_at",
+            sqlite_where=text("state = 'leased'"),
+            postgresql_where=text("state = 'leased'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

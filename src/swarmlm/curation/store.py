@@ -22,7 +22,9 @@ import hashlib
 import logging
 import random
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from swarmlm.curation import quality
-from swarmlm.curation.db import Engines, create_engines, migrate
+from swarmlm.curation.db import Engines, RawSql, create_engines, migrate
 from swarmlm.curation.errors import (
     AuthError,
     ConflictError,
@@ -45,12 +47,14 @@ from swarmlm.curation.errors import (
     LabelSchemaError,
     NotFoundError,
 )
-from swarmlm.curation.group_commit import GroupCommitter
+from swarmlm.curation.group_commit import GroupCommitter, WriteTx
 from swarmlm.curation.models import (
+    OPEN_TASK_PREDICATE,
     Annotation,
     Annotator,
     ApiToken,
     Assignment,
+    AuthEpoch,
     PointsEntry,
     Task,
     TaskSet,
@@ -73,6 +77,7 @@ USERNAME_ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX
 POINTS_PER_ANNOTATION = 1
 POINTS_FOR_AGREEMENT = 2
 _QUEUE_WINDOW = 64
+_AUTH_CACHE_SIZE = 10_000
 
 
 def utcnow() -> datetime:
@@ -223,21 +228,6 @@ def _annotator_info(a: Annotator) -> AnnotatorInfo:
     )
 
 
-_ANNOTATOR_COLUMNS = (
-    Annotator.id,
-    Annotator.public_id,
-    Annotator.username,
-    Annotator.role,
-    Annotator.disabled,
-    Annotator.points,
-    Annotator.reputation,
-    Annotator.gold_correct,
-    Annotator.gold_total,
-    Annotator.agree_count,
-    Annotator.agree_total,
-)
-
-
 def _task_set_info(ts: TaskSet) -> TaskSetInfo:
     return TaskSetInfo(
         id=ts.id,
@@ -293,8 +283,19 @@ class CurationStore:
         self._rng = rng or random.Random()
         self._hasher = password_hasher or PasswordHasher()
         self._clock = clock
+        self._sql = RawSql(engines.is_sqlite)
+        dbapi = engines.write.dialect.dbapi
+        self._integrity_errors: tuple[type[BaseException], ...] = (
+            (dbapi.IntegrityError,) if dbapi is not None else (IntegrityError,)
+        )
         # Leases and submissions go through one writer thread that commits them in groups.
-        self._committer = GroupCommitter(engines.write)
+        self._committer = GroupCommitter(engines.write, self._sql)
+        self._cache_lock = threading.Lock()
+        self._schemas: dict[int, LabelSchema] = {}
+        # token hash -> (auth epoch when read, annotator, csrf or None, expiry or None)
+        self._auth_cache: OrderedDict[
+            str, tuple[int, AnnotatorInfo, str | None, datetime | None]
+        ] = OrderedDict()
 
     @classmethod
     def open(
@@ -415,6 +416,7 @@ class CurationStore:
             )
             if not n:
                 raise NotFoundError(f"annotator {annotator_id} does not exist")
+            self._bump_auth_epoch(s)
 
     def set_disabled(self, annotator_id: int, disabled: bool) -> None:
         """Disable (or re-enable) an account; disabling also ends its web sessions."""
@@ -428,6 +430,7 @@ class CurationStore:
                 raise NotFoundError(f"annotator {annotator_id} does not exist")
             if disabled:
                 s.execute(delete(WebSession).where(WebSession.annotator_id == annotator_id))
+            self._bump_auth_epoch(s)
 
     def create_api_token(self, annotator_id: int, name: str = "script") -> str:
         """A new bearer token for scripts; only its SHA-256 is stored, so show it once."""
@@ -447,22 +450,98 @@ class CurationStore:
 
     def revoke_api_tokens(self, annotator_id: int) -> int:
         with self._write() as s:
-            return _rowcount(
-                s.execute(delete(ApiToken).where(ApiToken.annotator_id == annotator_id))
-            )
+            n = _rowcount(s.execute(delete(ApiToken).where(ApiToken.annotator_id == annotator_id)))
+            self._bump_auth_epoch(s)
+            return n
+
+    # -- cached credential lookups ----------------------------------------------------------
+    # Every API call and page load resolves a token or session cookie. The answers are cached
+    # per process and tagged with the auth epoch read in the same statement; each lookup
+    # re-reads the epoch (one primary-key read), and any revocation (disable, enable, role
+    # change, token revocation, logout) bumps it in its own transaction, so no process, this
+    # one or another, serves a cached answer older than the last revocation. Cached
+    # AnnotatorInfo is for identity and role: points and reputation in it may lag.
+    _ANNOTATOR_SQL_COLUMNS = (
+        "a.id, a.public_id, a.username, a.role, a.disabled, a.points, a.reputation,"
+        " a.gold_correct, a.gold_total, a.agree_count, a.agree_total"
+    )
+
+    def _read_rows(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        conn = self.engines.read.raw_connection()
+        try:
+            cur = conn.cursor()
+            cur.execute(self._sql.q(sql), params)
+            rows: list[Any] = list(cur.fetchall())
+            cur.close()
+        finally:
+            conn.close()  # back to the pool, which ends the read transaction
+        return rows
+
+    def _auth_epoch(self) -> int | None:
+        rows = self._read_rows("SELECT epoch FROM auth_epoch WHERE id = 1", ())
+        return int(rows[0][0]) if rows else None
+
+    @staticmethod
+    def _info_from_row(row: Any) -> AnnotatorInfo:
+        return AnnotatorInfo(
+            id=int(row[0]),
+            public_id=row[1],
+            username=row[2],
+            role=row[3],
+            disabled=bool(row[4]),
+            points=int(row[5]),
+            reputation=float(row[6]),
+            gold_correct=int(row[7]),
+            gold_total=int(row[8]),
+            agree_count=int(row[9]),
+            agree_total=int(row[10]),
+        )
+
+    def _cached_credential(
+        self, key: str, sql: str
+    ) -> tuple[AnnotatorInfo, str | None, datetime | None] | None:
+        """``(annotator, csrf, expiry)`` for a credential hash, cached while the epoch holds.
+
+        ``sql`` selects the epoch, the annotator columns, then csrf and expiry for ``key``.
+        """
+        epoch = self._auth_epoch()
+        if epoch is not None:
+            with self._cache_lock:
+                hit = self._auth_cache.get(key)
+                if hit is not None and hit[0] == epoch:
+                    self._auth_cache.move_to_end(key)
+                    return hit[1], hit[2], hit[3]
+        rows = self._read_rows(sql, (key,))
+        if not rows:
+            return None
+        row = rows[0]
+        info = self._info_from_row(row[1:12])
+        csrf = row[12]
+        expires = None if row[13] is None else self._sql.from_ts(row[13])
+        if row[0] is not None:
+            with self._cache_lock:
+                self._auth_cache[key] = (int(row[0]), info, csrf, expires)
+                self._auth_cache.move_to_end(key)
+                while len(self._auth_cache) > _AUTH_CACHE_SIZE:
+                    self._auth_cache.popitem(last=False)
+        return info, csrf, expires
+
+    @staticmethod
+    def _bump_auth_epoch(s: Session) -> None:
+        s.execute(update(AuthEpoch).where(AuthEpoch.id == 1).values(epoch=AuthEpoch.epoch + 1))
 
     def annotator_for_token(self, token: str) -> AnnotatorInfo | None:
         """The enabled account owning ``token``, or ``None`` (checked on every API call)."""
-        with self.engines.read.connect() as conn:
-            row = conn.execute(
-                select(*_ANNOTATOR_COLUMNS)
-                .join(ApiToken, ApiToken.annotator_id == Annotator.id)
-                .where(ApiToken.token_hash == _hash_token(token))
-            ).one_or_none()
-            conn.rollback()
-        if row is None or row.disabled:
+        found = self._cached_credential(
+            _hash_token(token),
+            "SELECT (SELECT epoch FROM auth_epoch WHERE id = 1), "
+            + self._ANNOTATOR_SQL_COLUMNS
+            + ", NULL, NULL FROM annotators a JOIN api_tokens t ON t.annotator_id = a.id"
+            " WHERE t.token_hash = ?",
+        )
+        if found is None or found[0].disabled:
             return None
-        return AnnotatorInfo(**row._asdict())
+        return found[0]
 
     def create_session(self, annotator_id: int, ttl_seconds: int) -> tuple[str, str]:
         """Start a web session; returns ``(session token, CSRF token)``."""
@@ -483,22 +562,24 @@ class CurationStore:
 
     def session_lookup(self, token: str) -> tuple[AnnotatorInfo, str] | None:
         """``(annotator, csrf token)`` for a live session of an enabled account, else ``None``."""
-        with self._read() as s:
-            row = s.execute(
-                select(Annotator, WebSession.csrf_token, WebSession.expires_at)
-                .join(WebSession, WebSession.annotator_id == Annotator.id)
-                .where(WebSession.token_hash == _hash_token(token))
-            ).one_or_none()
-            if row is None:
-                return None
-            a, csrf, expires = row
-            if a.disabled or _aware(expires) < self._clock():
-                return None
-            return _annotator_info(a), csrf
+        found = self._cached_credential(
+            _hash_token(token),
+            "SELECT (SELECT epoch FROM auth_epoch WHERE id = 1), "
+            + self._ANNOTATOR_SQL_COLUMNS
+            + ", w.csrf_token, w.expires_at FROM annotators a"
+            " JOIN web_sessions w ON w.annotator_id = a.id WHERE w.token_hash = ?",
+        )
+        if found is None:
+            return None
+        info, csrf, expires = found
+        if info.disabled or csrf is None or expires is None or expires < self._clock():
+            return None
+        return info, csrf
 
     def delete_session(self, token: str) -> None:
         with self._write() as s:
             s.execute(delete(WebSession).where(WebSession.token_hash == _hash_token(token)))
+            self._bump_auth_epoch(s)
 
     # -- task sets and tasks --------------------------------------------------------------
     def create_task_set(
@@ -647,6 +728,8 @@ class CurationStore:
             ]
 
     # -- distribution ---------------------------------------------------------------------
+    # Leases and submissions are the platform's hot path: they run as prepared DB-API SQL
+    # (see RawSql) inside the group commit, a handful of index lookups each.
     def next_task(self, annotator_id: int, task_set_id: int) -> LeasedTask | None:
         """Lease the next task of ``task_set_id`` for the annotator, or ``None`` when done.
 
@@ -654,177 +737,175 @@ class CurationStore:
         reload does not burn tasks).
         """
         return self._committer.run(
-            lambda s: self._next_task_tx(s, annotator_id, task_set_id, self._clock())
+            lambda tx: self._next_task_tx(tx, annotator_id, task_set_id, self._clock())
         )
 
     def _next_task_tx(
-        self, s: Session, annotator_id: int, task_set_id: int, now: datetime
+        self, tx: WriteTx, annotator_id: int, task_set_id: int, now: datetime
     ) -> LeasedTask | None:
-        ts = s.execute(
-            select(
-                TaskSet.name,
-                TaskSet.active,
-                TaskSet.label_schema,
-                TaskSet.gold_share,
-                TaskSet.lease_seconds,
-            ).where(TaskSet.id == task_set_id)
-        ).one_or_none()
+        sql = tx.sql
+        now_db = sql.ts(now)
+        self._sweep_expired_leases(tx, now_db)
+        ts = tx.one(
+            "SELECT name, active, gold_share, lease_seconds,"
+            " (SELECT disabled FROM annotators WHERE id = ?),"
+            " (SELECT a.task_id FROM assignments a JOIN tasks t ON t.id = a.task_id"
+            "  WHERE a.annotator_id = ? AND a.state = 'leased' AND a.expires_at > ?"
+            "  AND t.task_set_id = ? LIMIT 1)"
+            " FROM task_sets WHERE id = ?",
+            (annotator_id, annotator_id, now_db, task_set_id, task_set_id),
+        )
         if ts is None:
             raise NotFoundError(f"task set {task_set_id} does not exist")
-        name, active, raw_schema, gold_share, lease_seconds = ts
+        name, active, gold_share, lease_seconds, disabled, held = ts
         if not active:
             raise ConflictError(f"task set {name!r} is closed")
-        disabled = s.scalar(select(Annotator.disabled).where(Annotator.id == annotator_id))
         if disabled is None or disabled:
             raise AuthError(f"annotator {annotator_id} does not exist or is disabled")
-        schema = parse_schema(raw_schema)
-        held = s.execute(
-            select(Assignment.task_id, Assignment.expires_at)
-            .join(Task, Task.id == Assignment.task_id)
-            .where(
-                Assignment.annotator_id == annotator_id,
-                Assignment.state == "leased",
-                Assignment.expires_at > now,
-                Task.task_set_id == task_set_id,
-            )
-            .limit(1)
-        ).one_or_none()
+        schema = self._schema(tx, task_set_id)
         if held is not None:
-            return self._leased(s, held[0], _aware(held[1]), schema)
-        task_id: int | None = None
-        if gold_share > 0 and self._rng.random() < gold_share:
-            task_id = self._pick_gold(s, task_set_id, annotator_id)
-        if task_id is None:
-            task_id = self._pick_regular(s, task_set_id, annotator_id, now)
-        if task_id is None:
-            return None
-        expires = now + timedelta(seconds=lease_seconds)
-        s.execute(
-            insert(Assignment).values(
-                task_id=task_id,
-                annotator_id=annotator_id,
-                state="leased",
-                leased_at=now,
-                expires_at=expires,
+            row = tx.one(
+                "SELECT t.external_id, t.content, t.outputs, a.expires_at"
+                " FROM tasks t JOIN assignments a ON a.task_id = t.id"
+                " WHERE t.id = ? AND a.annotator_id = ?",
+                (held, annotator_id),
             )
-        )
-        return self._leased(s, task_id, expires, schema)
+            return self._leased(sql, held, task_set_id, row, schema)
+        expires = now + timedelta(seconds=lease_seconds)
+        claimed = None
+        if gold_share > 0 and self._rng.random() < gold_share:
+            claimed = self._claim_gold(tx, task_set_id, annotator_id)
+        if claimed is None:
+            claimed = self._claim_regular(tx, task_set_id, annotator_id)
+        if claimed is None:
+            return None
+        task_id, ext, content, outputs = claimed
+        try:
+            tx.execute(
+                "INSERT INTO assignments (task_id, annotator_id, state, leased_at, expires_at)"
+                " VALUES (?, ?, 'leased', ?, ?)",
+                (task_id, annotator_id, now_db, sql.ts(expires)),
+            )
+        except self._integrity_errors as e:  # the same annotator leasing twice at once
+            raise ConflictError(
+                f"annotator {annotator_id} asked for two tasks of task set {task_set_id} at "
+                "once; retry"
+            ) from e
+        return self._leased(sql, task_id, task_set_id, (ext, content, outputs, expires), schema)
 
     @staticmethod
-    def _leased(s: Session, task_id: int, expires: datetime, schema: LabelSchema) -> LeasedTask:
-        row = s.execute(
-            select(Task.task_set_id, Task.external_id, Task.content, Task.outputs).where(
-                Task.id == task_id
-            )
-        ).one()
+    def _leased(
+        sql: RawSql, task_id: int, task_set_id: int, row: Any, schema: LabelSchema
+    ) -> LeasedTask:
+        ext, content, outputs, expires = row
         return LeasedTask(
-            task_id=task_id,
-            task_set_id=row[0],
-            external_id=row[1],
-            content=row[2],
-            outputs=row[3],
-            expires_at=expires,
+            task_id=int(task_id),
+            task_set_id=task_set_id,
+            external_id=ext,
+            content=sql.from_json(content),
+            outputs=sql.from_json(outputs),
+            expires_at=sql.from_ts(expires),
             schema=schema,
         )
 
-    @staticmethod
-    def _not_seen_by(annotator_id: int) -> Any:
-        seen = (
-            select(Assignment.id)
-            .where(Assignment.task_id == Task.id, Assignment.annotator_id == annotator_id)
-            .exists()
-        )
-        return ~seen
+    def _sweep_expired_leases(self, tx: WriteTx, now_db: Any) -> None:
+        """Turn leases past their expiry into ``expired`` and give their slots back.
 
-    def _pick_gold(self, s: Session, task_set_id: int, annotator_id: int) -> int | None:
-        candidates = list(
-            s.scalars(
-                select(Task.id)
-                .where(
-                    Task.task_set_id == task_set_id,
-                    Task.is_gold.is_(True),
-                    self._not_seen_by(annotator_id),
-                )
-                .order_by(Task.id)
-                .limit(_QUEUE_WINDOW)
-            )
-        )
-        return self._rng.choice(candidates) if candidates else None
-
-    def _pick_regular(
-        self, s: Session, task_set_id: int, annotator_id: int, now: datetime
-    ) -> int | None:
-        offset = 0
-        while True:
-            window = s.execute(
-                select(Task.id, Task.n_annotations, Task.needed)
-                .where(
-                    Task.task_set_id == task_set_id,
-                    Task.is_gold.is_(False),
-                    Task.status == "open",
-                    self._not_seen_by(annotator_id),
-                )
-                .order_by(Task.n_annotations.desc(), Task.id.desc())
-                .offset(offset)
-                .limit(_QUEUE_WINDOW)
-            ).all()
-            if not window:
-                return None
-            live = dict(
-                s.execute(
-                    select(Assignment.task_id, func.count())
-                    .where(
-                        Assignment.task_id.in_([row[0] for row in window]),
-                        Assignment.state == "leased",
-                        Assignment.expires_at > now,
-                    )
-                    .group_by(Assignment.task_id)
-                ).all()
-            )
-            for task_id, n, needed in window:
-                if n + live.get(task_id, 0) < needed and self._claim(s, task_id, now):
-                    return int(task_id)
-            offset += _QUEUE_WINDOW
-
-    def _claim(self, s: Session, task_id: int, now: datetime) -> bool:
-        """Re-check a slot under the task's row lock (PostgreSQL runs leases concurrently).
-
-        SQLite write transactions are already serial (BEGIN IMMEDIATE), so the first check
-        stands there. On PostgreSQL two transactions could both see the last free slot;
-        ``FOR UPDATE`` serialises them on the task row and the recount sees the winner's lease.
+        Runs in every lease transaction, so an expired lease never blocks a slot; finding
+        nothing to do is one probe of ``ix_assignments_leased_expiry``. On PostgreSQL a
+        concurrent sweep waits for the row lock, re-checks ``state`` and skips the row.
         """
-        if self.engines.is_sqlite:
-            return True
-        n, needed, status = s.execute(
-            select(Task.n_annotations, Task.needed, Task.status)
-            .where(Task.id == task_id)
-            .with_for_update()
-        ).one()
-        live = s.scalar(
-            select(func.count())
-            .select_from(Assignment)
-            .where(
-                Assignment.task_id == task_id,
-                Assignment.state == "leased",
-                Assignment.expires_at > now,
-            )
+        expired = tx.execute(
+            "UPDATE assignments SET state = 'expired'"
+            " WHERE state = 'leased' AND expires_at <= ? RETURNING task_id",
+            (now_db,),
+        ).fetchall()
+        for (task_id,) in expired:
+            tx.execute("UPDATE tasks SET n_leased = n_leased - 1 WHERE id = ?", (task_id,))
+
+    # The WHERE clause repeats models.OPEN_TASK_PREDICATE verbatim so that SQLite and
+    # PostgreSQL walk the partial index ix_tasks_open in offer order (most annotations first).
+    _PICK_REGULAR = (
+        "SELECT id FROM tasks WHERE task_set_id = ? AND is_gold = ? AND "
+        + OPEN_TASK_PREDICATE
+        + " AND NOT EXISTS (SELECT 1 FROM assignments"
+        " WHERE assignments.task_id = tasks.id AND assignments.annotator_id = ?)"
+        " ORDER BY n_annotations DESC, id DESC LIMIT 1"
+    )
+    _CLAIM_REGULAR = (
+        "UPDATE tasks SET n_leased = n_leased + 1 WHERE id = ? AND "
+        + OPEN_TASK_PREDICATE
+        + " RETURNING external_id, content, outputs"
+    )
+
+    def _claim_regular(
+        self, tx: WriteTx, task_set_id: int, annotator_id: int
+    ) -> tuple[int, str, Any, Any] | None:
+        """Take a slot of the first eligible task: ``(id, external id, content, outputs)``.
+
+        The UPDATE re-checks the free slot under the row lock: on SQLite write transactions
+        are serial so it always holds; on PostgreSQL a concurrent lease of the last slot makes
+        it match nothing (READ COMMITTED re-evaluates the WHERE clause on the locked row), and
+        we pick again.
+        """
+        for _ in range(1000):
+            row = tx.one(self._PICK_REGULAR, (task_set_id, False, annotator_id))
+            if row is None:
+                return None
+            got = tx.one(self._CLAIM_REGULAR, (row[0],))
+            if got is not None:
+                return int(row[0]), got[0], got[1], got[2]
+        raise ConflictError(f"task set {task_set_id}: too much contention for free slots; retry")
+
+    def _claim_gold(
+        self, tx: WriteTx, task_set_id: int, annotator_id: int
+    ) -> tuple[int, str, Any, Any] | None:
+        """A random gold task among the first unseen ones (gold tasks have no slot limit)."""
+        candidates = tx.execute(
+            "SELECT id FROM tasks WHERE task_set_id = ? AND is_gold = ? AND NOT EXISTS"
+            " (SELECT 1 FROM assignments"
+            "  WHERE assignments.task_id = tasks.id AND assignments.annotator_id = ?)"
+            " ORDER BY id LIMIT ?",
+            (task_set_id, True, annotator_id, _QUEUE_WINDOW),
+        ).fetchall()
+        if not candidates:
+            return None
+        task_id = int(self._rng.choice(candidates)[0])
+        got = tx.one(
+            "UPDATE tasks SET n_leased = n_leased + 1 WHERE id = ?"
+            " RETURNING external_id, content, outputs",
+            (task_id,),
         )
-        return bool(status == "open" and n + (live or 0) < needed)
+        return task_id, got[0], got[1], got[2]
+
+    def _schema(self, tx: WriteTx, task_set_id: int) -> LabelSchema:
+        """The task set's parsed label schema (immutable once created, so cached per id)."""
+        schema = self._schemas.get(task_set_id)
+        if schema is None:
+            row = tx.one("SELECT label_schema FROM task_sets WHERE id = ?", (task_set_id,))
+            if row is None:
+                raise NotFoundError(f"task set {task_set_id} does not exist")
+            schema = parse_schema(tx.sql.from_json(row[0]))
+            with self._cache_lock:
+                if len(self._schemas) >= 4096:
+                    self._schemas.clear()
+                self._schemas[task_set_id] = schema
+        return schema
 
     def skip(self, annotator_id: int, task_id: int) -> None:
         """Give a leased task back; it is requeued for others, never offered to this annotator."""
 
-        def tx(s: Session) -> None:
-            asg = s.scalars(
-                select(Assignment).where(
-                    Assignment.task_id == task_id, Assignment.annotator_id == annotator_id
-                )
-            ).one_or_none()
-            if asg is None or asg.state != "leased":
+        def tx_fn(tx: WriteTx) -> None:
+            n = tx.execute(
+                "UPDATE assignments SET state = 'skipped'"
+                " WHERE task_id = ? AND annotator_id = ? AND state = 'leased'",
+                (task_id, annotator_id),
+            ).rowcount
+            if not n:
                 raise ConflictError(f"task {task_id} is not leased to annotator {annotator_id}")
-            asg.state = "skipped"
+            tx.execute("UPDATE tasks SET n_leased = n_leased - 1 WHERE id = ?", (task_id,))
 
-        self._committer.run(tx)
+        self._committer.run(tx_fn)
 
     def submit(
         self, annotator_id: int, task_id: int, value: Any, time_spent_ms: int
@@ -839,84 +920,64 @@ class CurationStore:
         if not 0 <= time_spent_ms <= 7 * 86400 * 1000:
             raise CurationError(f"time_spent_ms must be 0..604800000, got {time_spent_ms}")
         return self._committer.run(
-            lambda s: self._submit_tx(s, annotator_id, task_id, value, time_spent_ms)
+            lambda tx: self._submit_tx(tx, annotator_id, task_id, value, time_spent_ms)
         )
 
     def _submit_tx(
-        self, s: Session, annotator_id: int, task_id: int, value: Any, time_spent_ms: int
+        self, tx: WriteTx, annotator_id: int, task_id: int, value: Any, time_spent_ms: int
     ) -> SubmitResult:
-        # Core statements, not ORM objects: this is the hot path of the platform, and the
-        # ORM's per-object bookkeeping cost more than the SQL itself.
+        sql = tx.sql
         now = self._clock()
-        row = s.execute(
-            select(
-                Assignment.id,
-                Assignment.state,
-                Assignment.expires_at,
-                Task.digest,
-                Task.is_gold,
-                Task.gold,
-                Task.status,
-                TaskSet.label_schema,
-                Annotator.public_id,
-                Annotator.disabled,
-            )
-            .join(Task, Task.id == Assignment.task_id)
-            .join(TaskSet, TaskSet.id == Task.task_set_id)
-            .join(Annotator, Annotator.id == Assignment.annotator_id)
-            .where(Assignment.task_id == task_id, Assignment.annotator_id == annotator_id)
-        ).one_or_none()
+        row = tx.one(
+            "SELECT a.id, a.state, a.expires_at, t.digest, t.is_gold, t.gold, t.status,"
+            " t.task_set_id, n.public_id, n.disabled"
+            " FROM assignments a JOIN tasks t ON t.id = a.task_id"
+            " JOIN annotators n ON n.id = a.annotator_id"
+            " WHERE a.task_id = ? AND a.annotator_id = ?",
+            (task_id, annotator_id),
+        )
         if row is None:
-            if s.scalar(select(Task.id).where(Task.id == task_id)) is None:
+            if tx.one("SELECT id FROM tasks WHERE id = ?", (task_id,)) is None:
                 raise NotFoundError(f"task {task_id} does not exist")
             raise ConflictError(f"task {task_id} is not leased to annotator {annotator_id}")
-        asg_id, state, expires, digest, is_gold, gold, status, raw_schema, public_id, disabled = row
+        asg_id, state, expires, digest, is_gold, gold, status, ts_id, public_id, disabled = row
         if disabled:
             raise AuthError(f"annotator {annotator_id} is disabled")
+        if state == "expired" or (state == "leased" and sql.from_ts(expires) <= now):
+            raise ConflictError(f"the lease on task {task_id} expired; fetch a new task")
         if state != "leased":
             raise ConflictError(f"task {task_id} was already {state} by this annotator")
-        if _aware(expires) <= now:
-            raise ConflictError(f"the lease on task {task_id} expired; fetch a new task")
-        schema = parse_schema(raw_schema)
+        schema = self._schema(tx, ts_id)
         value = validate_value(schema, value)
         created_ms = int(now.timestamp() * 1000)
         record = signed_record(digest, public_id, value, time_spent_ms, created_ms)
         signer, signature = sign_record(self.identity, record)
-        ann_id = s.execute(
-            insert(Annotation)
-            .values(
-                task_id=task_id,
-                annotator_id=annotator_id,
-                value=value,
-                time_spent_ms=time_spent_ms,
-                created_at_ms=created_ms,
-                signer_public_key=signer,
-                signature=signature,
-            )
-            .returning(Annotation.id)
-        ).scalar_one()
-        s.execute(update(Assignment).where(Assignment.id == asg_id).values(state="submitted"))
+        (ann_id,) = tx.one(
+            "INSERT INTO annotations (task_id, annotator_id, value, time_spent_ms,"
+            " created_at_ms, signer_public_key, signature) VALUES (?, ?, ?json, ?, ?, ?, ?)"
+            " RETURNING id",
+            (task_id, annotator_id, sql.json(value), time_spent_ms, created_ms, signer, signature),
+        )
+        tx.execute("UPDATE assignments SET state = 'submitted' WHERE id = ?", (asg_id,))
         # The row lock taken here orders concurrent submits of one task (PostgreSQL).
-        n, needed = s.execute(
-            update(Task)
-            .where(Task.id == task_id)
-            .values(n_annotations=Task.n_annotations + 1)
-            .returning(Task.n_annotations, Task.needed)
-            .execution_options(synchronize_session=False)
-        ).one()
+        n, needed = tx.one(
+            "UPDATE tasks SET n_annotations = n_annotations + 1, n_leased = n_leased - 1"
+            " WHERE id = ? RETURNING n_annotations, needed",
+            (task_id,),
+        )
         changes: dict[int, _ScoreChange] = {annotator_id: _ScoreChange()}
         changes[annotator_id].points.append((POINTS_PER_ANNOTATION, "annotation"))
         finalised = False
         if is_gold:
-            correct = quality.agrees(schema, value, gold)
+            correct = quality.agrees(schema, value, sql.from_json(gold))
             changes[annotator_id].gold = correct
             if correct:
                 changes[annotator_id].points.append((POINTS_FOR_AGREEMENT, "gold correct"))
         elif n >= needed and status == "open":
-            finalised = self._maybe_finalise(s, task_id, n, schema, changes)
-        self._apply_scores(s, changes, task_id, now)
+            finalised = self._maybe_finalise(tx, task_id, ts_id, n, schema, changes)
+        self._apply_scores(tx, changes, task_id, now)
         return SubmitResult(
-            annotation_id=ann_id,
+            annotation_id=int(ann_id),
             task_id=task_id,
             finalised=finalised,
             points_awarded=sum(d for d, _ in changes[annotator_id].points),
@@ -925,79 +986,66 @@ class CurationStore:
 
     # -- quality --------------------------------------------------------------------------
     def _apply_scores(
-        self, s: Session, changes: dict[int, _ScoreChange], task_id: int, now: datetime
+        self, tx: WriteTx, changes: dict[int, _ScoreChange], task_id: int, now: datetime
     ) -> None:
         """Update annotators in ascending id order (a fixed lock order: no deadlocks)."""
-        ledger: list[dict[str, Any]] = []
+        ledger: list[tuple[int, int, str, int, Any]] = []
+        now_db = tx.sql.ts(now)
         for aid in sorted(changes):
             ch = changes[aid]
             delta = sum(d for d, _ in ch.points)
-            values: dict[str, Any] = {"points": Annotator.points + delta}
-            if ch.gold is not None or ch.agreed is not None:
-                gc, gt, ac, at = s.execute(
-                    select(
-                        Annotator.gold_correct,
-                        Annotator.gold_total,
-                        Annotator.agree_count,
-                        Annotator.agree_total,
-                    )
-                    .where(Annotator.id == aid)
-                    .with_for_update()
-                ).one()
-                if ch.gold is not None:
-                    gt, gc = gt + 1, gc + int(ch.gold)
-                if ch.agreed is not None:
-                    at, ac = at + 1, ac + int(ch.agreed)
-                values.update(
-                    gold_correct=gc,
-                    gold_total=gt,
-                    agree_count=ac,
-                    agree_total=at,
-                    reputation=quality.reputation_score(gc, gt, ac, at),
+            if ch.gold is None and ch.agreed is None:
+                tx.execute("UPDATE annotators SET points = points + ? WHERE id = ?", (delta, aid))
+            else:
+                gold_n = int(ch.gold is not None)
+                agree_n = int(ch.agreed is not None)
+                # The UPDATE's row lock (PostgreSQL) makes the read-modify-write atomic.
+                gc, gt, ac, at = tx.one(
+                    "UPDATE annotators SET points = points + ?,"
+                    " gold_correct = gold_correct + ?, gold_total = gold_total + ?,"
+                    " agree_count = agree_count + ?, agree_total = agree_total + ?"
+                    " WHERE id = ? RETURNING gold_correct, gold_total, agree_count, agree_total",
+                    (delta, int(bool(ch.gold)), gold_n, int(bool(ch.agreed)), agree_n, aid),
                 )
-            s.execute(
-                update(Annotator)
-                .where(Annotator.id == aid)
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
-            ledger += [
-                {
-                    "annotator_id": aid,
-                    "delta": d,
-                    "reason": reason,
-                    "task_id": task_id,
-                    "created_at": now,
-                }
-                for d, reason in ch.points
-            ]
+                tx.execute(
+                    "UPDATE annotators SET reputation = ? WHERE id = ?",
+                    (quality.reputation_score(gc, gt, ac, at), aid),
+                )
+            ledger += [(aid, d, reason, task_id, now_db) for d, reason in ch.points]
         if ledger:
-            s.execute(insert(PointsEntry), ledger)
+            tx.cur.executemany(
+                tx.sql.q(
+                    "INSERT INTO points_ledger (annotator_id, delta, reason, task_id, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)"
+                ),
+                ledger,
+            )
 
     def _maybe_finalise(
         self,
-        s: Session,
+        tx: WriteTx,
         task_id: int,
+        task_set_id: int,
         n_annotations: int,
         schema: LabelSchema,
         changes: dict[int, _ScoreChange],
     ) -> bool:
-        threshold, cap = s.execute(
-            select(TaskSet.agreement_threshold, TaskSet.max_annotations)
-            .join(Task, Task.task_set_id == TaskSet.id)
-            .where(Task.id == task_id)
-        ).one()
-        rows = s.execute(
-            select(Annotation.annotator_id, Annotation.value, Annotator.reputation)
-            .join(Annotator, Annotator.id == Annotation.annotator_id)
-            .where(Annotation.task_id == task_id)
-            .order_by(Annotation.id)
-        ).all()
+        sql = tx.sql
+        threshold, cap = tx.one(
+            "SELECT agreement_threshold, max_annotations FROM task_sets WHERE id = ?",
+            (task_set_id,),
+        )
+        rows = [
+            (int(aid), sql.from_json(value), float(rep))
+            for aid, value, rep in tx.execute(
+                "SELECT a.annotator_id, a.value, n.reputation FROM annotations a"
+                " JOIN annotators n ON n.id = a.annotator_id WHERE a.task_id = ? ORDER BY a.id",
+                (task_id,),
+            ).fetchall()
+        ]
         result = quality.task_consensus(schema, [r[1] for r in rows], [r[2] for r in rows])
         enough = result.agreement is None or result.agreement >= threshold
-        values: dict[str, Any] = {"consensus": result.label, "agreement": result.agreement}
         if not enough and n_annotations < cap:
-            values["needed"] = n_annotations + 1
             log.debug(
                 "task %d agreement %.2f below %.2f: asking for annotation %d",
                 task_id,
@@ -1005,16 +1053,15 @@ class CurationStore:
                 threshold,
                 n_annotations + 1,
             )
-        else:
-            values["status"] = "finalised"
-        s.execute(
-            update(Task)
-            .where(Task.id == task_id)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-        if "status" not in values:
+            tx.execute(
+                "UPDATE tasks SET consensus = ?json, agreement = ?, needed = ? WHERE id = ?",
+                (sql.json(result.label), result.agreement, n_annotations + 1, task_id),
+            )
             return False
+        tx.execute(
+            "UPDATE tasks SET consensus = ?json, agreement = ?, status = 'finalised' WHERE id = ?",
+            (sql.json(result.label), result.agreement, task_id),
+        )
         if result.label is not None:
             for aid, value, _ in rows:
                 agreed = quality.agrees(schema, value, result.label)
