@@ -627,6 +627,9 @@ class RoundProtocol:
                 break
 
     def _vote(self, st: _Round, kind: str, view: int, h: bytes) -> None:
+        log.debug(
+            "round %d view %d: %s after %.3f s", st.round, view, kind, time.monotonic() - st.t0
+        )
         st.sent.add((kind, view))
         msg = self.node.sign(kind, {"view": view, "h": h}, st.round)
         st.seen_votes[(kind, view, msg.sender)] = msg
@@ -676,6 +679,7 @@ class RoundProtocol:
         st.sent.add(("propose", view))
         body = {"view": view, "entries": entries, "changes": changes, "justify": justify}
         msg = self.node.sign("propose", body, st.round)
+        log.debug("round %d view %d: proposing %d entries", st.round, view, len(entries))
         st.proposals[view] = msg
         self._send(msg, st.members)
 

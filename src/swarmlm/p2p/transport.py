@@ -109,6 +109,7 @@ class Connection:
         self.assembler = BlobAssembler(max_blob=node.config.max_blob, accept=node.blobs.expects)
         self.tasks: list[asyncio.Task[None]] = []
         self.closed = False
+        self.last_write = time.monotonic()
 
     def start(self) -> None:
         for coro in (self._read_loop(), self._write_loop(), self._heartbeat_loop()):
@@ -161,6 +162,7 @@ class Connection:
                     if self.writer.is_closing():
                         return
                     self.writer.write(frame)
+                    self.last_write = time.monotonic()
                     self.node.bytes_sent += len(frame)
                     if chunk is not None:
                         self.writer.write(chunk)
@@ -175,9 +177,11 @@ class Connection:
 
     async def _heartbeat_loop(self) -> None:
         ping = encode_frame({"t": "ping"})
+        interval = self.node.config.heartbeat_interval
         while not self.closed:
-            await asyncio.sleep(self.node.config.heartbeat_interval)
-            self.send_frame(ping)
+            await asyncio.sleep(interval)
+            if time.monotonic() - self.last_write >= interval * 0.9:  # only on quiet links
+                self.send_frame(ping)
 
     async def _read_loop(self) -> None:
         node, cfg = self.node, self.node.config
