@@ -17,9 +17,11 @@ process acknowledges only what its own commit made durable.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -101,6 +103,30 @@ class GroupCommitter:
         except TimeoutError as e:
             raise StoreBusyError("write did not complete in time") from e
 
+    async def run_async(self, fn: Callable[[WriteTx], T]) -> T:
+        """:meth:`run` for an event loop: awaits the commit without holding a thread.
+
+        A caller cancelled before the writer took its request is dropped unexecuted (and was
+        never acknowledged); once the writer has started it, it completes and commits.
+        """
+        self._ensure_started()
+        fut: Future[T] = Future()
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                self._queue.put_nowait((fn, fut))
+                break
+            except queue.Full:
+                if time.monotonic() > deadline:
+                    raise StoreBusyError(
+                        f"write queue full for {self._timeout:.0f} s; the store is overloaded"
+                    ) from None
+                await asyncio.sleep(0.005)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), self._timeout * 4)
+        except TimeoutError as e:
+            raise StoreBusyError("write did not complete in time") from e
+
     def _ensure_started(self) -> None:
         if self._thread is not None:
             return
@@ -147,6 +173,8 @@ class GroupCommitter:
             with self._engine.connect() as conn, conn.begin():
                 tx = WriteTx(conn, self._sql)
                 for fn, fut in batch:
+                    if not fut.set_running_or_notify_cancel():
+                        continue  # its caller gave up before we started: never run, never acked
                     # Raw savepoints: SQLAlchemy's begin_nested() costs ~0.3 ms of Python.
                     tx.cur.execute("SAVEPOINT request")
                     try:
@@ -162,6 +190,8 @@ class GroupCommitter:
             log.error("group commit of %d writes failed: %s", len(batch), e)
             for _, fut in batch:
                 if not fut.done():
+                    if not fut.running():  # never started (the commit failed first)
+                        fut.set_running_or_notify_cancel()
                     fut.set_exception(e)
             return
         self.batches += 1

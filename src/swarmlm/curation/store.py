@@ -103,6 +103,13 @@ def _rowcount(result: Any) -> int:
     return int(result.rowcount)
 
 
+def _check_time_spent(time_spent_ms: Any) -> None:
+    if isinstance(time_spent_ms, bool) or not isinstance(time_spent_ms, int):
+        raise CurationError("time_spent_ms must be an integer")
+    if not 0 <= time_spent_ms <= 7 * 86400 * 1000:
+        raise CurationError(f"time_spent_ms must be 0..604800000, got {time_spent_ms}")
+
+
 def _hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -740,6 +747,12 @@ class CurationStore:
             lambda tx: self._next_task_tx(tx, annotator_id, task_set_id, self._clock())
         )
 
+    async def next_task_async(self, annotator_id: int, task_set_id: int) -> LeasedTask | None:
+        """:meth:`next_task` for an event loop (no thread waits on the commit)."""
+        return await self._committer.run_async(
+            lambda tx: self._next_task_tx(tx, annotator_id, task_set_id, self._clock())
+        )
+
     def _next_task_tx(
         self, tx: WriteTx, annotator_id: int, task_set_id: int, now: datetime
     ) -> LeasedTask | None:
@@ -915,11 +928,17 @@ class CurationStore:
         Raises :class:`LabelSchemaError` for a value that does not fit the schema,
         :class:`ConflictError` without a live lease (expired, skipped or already submitted).
         """
-        if isinstance(time_spent_ms, bool) or not isinstance(time_spent_ms, int):
-            raise CurationError("time_spent_ms must be an integer")
-        if not 0 <= time_spent_ms <= 7 * 86400 * 1000:
-            raise CurationError(f"time_spent_ms must be 0..604800000, got {time_spent_ms}")
+        _check_time_spent(time_spent_ms)
         return self._committer.run(
+            lambda tx: self._submit_tx(tx, annotator_id, task_id, value, time_spent_ms)
+        )
+
+    async def submit_async(
+        self, annotator_id: int, task_id: int, value: Any, time_spent_ms: int
+    ) -> SubmitResult:
+        """:meth:`submit` for an event loop (no thread waits on the commit)."""
+        _check_time_spent(time_spent_ms)
+        return await self._committer.run_async(
             lambda tx: self._submit_tx(tx, annotator_id, task_id, value, time_spent_ms)
         )
 

@@ -255,20 +255,22 @@ def create_task_set(
     return _task_set_out(state, ts.id)
 
 
+# The two hot endpoints are coroutines: they await the group commit instead of holding a
+# threadpool thread (and its hand-offs) per request.
 @router.get("/tasks")
-def next_task(
+async def next_task(
     *,
     task_set_id: Annotated[int, Query(ge=1, le=2**31 - 1)],
     principal: Annotated[Principal, Depends(api_user)],
     state: Annotated[AppState, Depends(app_state)],
 ) -> NextTaskOut:
     """Lease the next task of a task set for the caller (the same one again while leased)."""
-    t = state.store.next_task(principal.annotator.id, task_set_id)
+    t = await state.store.next_task_async(principal.annotator.id, task_set_id)
     return NextTaskOut(task=None if t is None else TaskOut.of(t))
 
 
 @router.post("/submit")
-def submit(
+async def submit(
     *,
     body: SubmitIn,
     principal: Annotated[Principal, Depends(api_write_user)],
@@ -281,7 +283,9 @@ def submit(
             "too many submissions; slow down",
             headers={"Retry-After": str(state.submit_limiter.retry_after())},
         )
-    r = state.store.submit(principal.annotator.id, body.task_id, body.value, body.time_spent_ms)
+    r = await state.store.submit_async(
+        principal.annotator.id, body.task_id, body.value, body.time_spent_ms
+    )
     return SubmitOut(
         annotation_id=r.annotation_id,
         task_id=r.task_id,

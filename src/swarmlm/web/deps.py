@@ -1,5 +1,8 @@
 """Who is asking: session cookies, bearer tokens, roles and CSRF checks.
 
+The dependencies are coroutines: FastAPI runs a plain ``def`` dependency in its threadpool,
+and a thread hand-off per dependency per request cost more than the checks themselves.
+
 Browsers authenticate with an HttpOnly, SameSite=Lax session cookie (Secure over TLS) and
 must echo the session's CSRF token in every form post (``csrf_token`` field) or API write
 (``X-CSRF-Token`` header). Scripts authenticate with ``Authorization: Bearer <token>`` and
@@ -11,11 +14,13 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from fastapi import Depends, HTTPException, Request, Response
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 
 from swarmlm.curation.store import AnnotatorInfo, CurationStore
 from swarmlm.web.security import RateLimiter
@@ -23,6 +28,7 @@ from swarmlm.web.settings import WebSettings
 
 SESSION_COOKIE = "swarmlm_session"
 ANON_CSRF_COOKIE = "swarmlm_csrf"
+T = TypeVar("T")
 CSRF_HEADER = "x-csrf-token"
 
 
@@ -47,7 +53,7 @@ class LoginRequiredError(Exception):
     """Raised by page dependencies; the app turns it into a redirect to /login."""
 
 
-def app_state(request: Request) -> AppState:
+async def app_state(request: Request) -> AppState:
     state: AppState = request.app.state.swarm
     return state
 
@@ -56,7 +62,19 @@ def client_ip(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def optional_principal(
+async def _lookup(state: AppState, fn: Callable[[str], T], arg: str) -> T:
+    """Run a credential lookup: inline on SQLite, in the threadpool otherwise.
+
+    The lookup is a cached entry plus one primary-key read of the auth epoch; on a local
+    SQLite file (WAL: readers never wait for writers) that read takes microseconds, less than
+    handing the call to a thread and back. A network database gets the threadpool.
+    """
+    if state.store.engines.is_sqlite:
+        return fn(arg)
+    return await run_in_threadpool(fn, arg)
+
+
+async def optional_principal(
     *, request: Request, state: Annotated[AppState, Depends(app_state)]
 ) -> Principal | None:
     auth = request.headers.get("authorization", "")
@@ -64,31 +82,33 @@ def optional_principal(
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise HTTPException(401, "Authorization header must be 'Bearer <token>'")
-        info = state.store.annotator_for_token(token.strip())
+        info = await _lookup(state, state.store.annotator_for_token, token.strip())
         if info is None:
             raise HTTPException(401, "invalid or revoked API token")
         return Principal(info, "token")
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
-        found = state.store.session_lookup(cookie)
+        found = await _lookup(state, state.store.session_lookup, cookie)
         if found is not None:
             return Principal(found[0], "session", found[1])
     return None
 
 
-def api_user(*, principal: Annotated[Principal | None, Depends(optional_principal)]) -> Principal:
+async def api_user(
+    *, principal: Annotated[Principal | None, Depends(optional_principal)]
+) -> Principal:
     if principal is None:
         raise HTTPException(401, "authentication required (session cookie or bearer token)")
     return principal
 
 
-def api_admin(*, principal: Annotated[Principal, Depends(api_user)]) -> Principal:
+async def api_admin(*, principal: Annotated[Principal, Depends(api_user)]) -> Principal:
     if not principal.annotator.is_admin:
         raise HTTPException(403, "administrator role required")
     return principal
 
 
-def api_write_user(
+async def api_write_user(
     *, request: Request, principal: Annotated[Principal, Depends(api_user)]
 ) -> Principal:
     """An API write: cookie-authenticated callers must send the CSRF header."""
@@ -99,19 +119,21 @@ def api_write_user(
     return principal
 
 
-def api_write_admin(*, principal: Annotated[Principal, Depends(api_write_user)]) -> Principal:
+async def api_write_admin(*, principal: Annotated[Principal, Depends(api_write_user)]) -> Principal:
     if not principal.annotator.is_admin:
         raise HTTPException(403, "administrator role required")
     return principal
 
 
-def page_user(*, principal: Annotated[Principal | None, Depends(optional_principal)]) -> Principal:
+async def page_user(
+    *, principal: Annotated[Principal | None, Depends(optional_principal)]
+) -> Principal:
     if principal is None:
         raise LoginRequiredError()
     return principal
 
 
-def page_admin(*, principal: Annotated[Principal, Depends(page_user)]) -> Principal:
+async def page_admin(*, principal: Annotated[Principal, Depends(page_user)]) -> Principal:
     if not principal.annotator.is_admin:
         raise HTTPException(403, "administrator role required")
     return principal
