@@ -186,9 +186,14 @@ async def _main(args: argparse.Namespace, config: P2PConfig, console: Console) -
     try:
         if args.no_repl:
             if args.rounds:
-                await tasks[0]
-                for _ in range(args.rounds):
-                    session.print_decision(await session.test_round())
+                work = asyncio.create_task(_run_rounds(session, tasks[0], args.rounds))
+                stopper = asyncio.create_task(stop.wait())
+                await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if not work.done():
+                    work.cancel()  # Ctrl+C during the rounds
+                else:
+                    work.result()  # re-raises ConsensusError
             else:
                 await stop.wait()
         else:
@@ -204,6 +209,12 @@ async def _main(args: argparse.Namespace, config: P2PConfig, console: Console) -
         await node.stop()
         console.print("node stopped")
     return code
+
+
+async def _run_rounds(session: _Session, membership: asyncio.Task[None], rounds: int) -> None:
+    await membership
+    for _ in range(rounds):
+        session.print_decision(await session.test_round())
 
 
 async def _repl(session: _Session, stop: asyncio.Event) -> int:
