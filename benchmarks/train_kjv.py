@@ -21,8 +21,10 @@ What runs, in one process and one invocation:
 4. **memory** (one fresh subprocess per side): peak resident set size (``ru_maxrss``) after a
    few training steps and an evaluation, and its growth over the same process after imports
    (torch, transformers and swarmlm are imported on both sides before the baseline).
-5. **training**, the headline: the two contenders alternate in blocks of ``--block-steps``
-   steps (order reversed every round), each with its own wall-clock account, until each has
+5. **training**, the headline: the two contenders alternate in blocks of ``--block-s``
+   seconds of steps (order reversed every round; a block ends after the step that crosses its
+   time, so blocks stay short and interleaved however slow a step is under background load),
+   each with its own wall-clock account, until each has
    spent ``--budget-s`` seconds of training (evaluations are not counted). Both are then
    evaluated on the whole validation split with ``swarmlm.data.eval_batches`` and
    ``swarmlm.data.bits_per_byte``.
@@ -124,7 +126,7 @@ class Plan:
     """How much to run. A block is the unit of interleaving; its throughput is one sample."""
 
     budget_s: float
-    block_steps: int
+    block_s: float  # seconds of steps per interleaved block (one block = one throughput sample)
     evals: int  # validation points spread over each side's budget (plus one at t=0)
     prepare_repeats: int
     loader_seconds: float
@@ -135,7 +137,7 @@ class Plan:
 
 QUICK = Plan(
     budget_s=120.0,
-    block_steps=10,
+    block_s=10.0,
     evals=4,
     prepare_repeats=1,
     loader_seconds=3.0,
@@ -145,7 +147,7 @@ QUICK = Plan(
 )
 FULL = Plan(
     budget_s=600.0,
-    block_steps=20,
+    block_s=20.0,
     evals=10,
     prepare_repeats=3,
     loader_seconds=8.0,
@@ -533,15 +535,15 @@ class Account:
     def done(self) -> bool:
         return self.elapsed_s >= self.budget_s
 
-    def run_block(self, steps: int) -> None:
-        block_time, block_tokens = 0.0, 0
-        for _ in range(steps):
-            if self.done:
-                break
+    def run_block(self, seconds: float) -> None:
+        """Steps until ``seconds`` of this side's time have passed (or its budget is spent)."""
+        block_time, block_tokens, spent = 0.0, 0, 0.0
+        while spent < seconds and not self.done:
             lr = self.side.lr()
             start = time.perf_counter()
             loss = self.side.step()
             dt = time.perf_counter() - start
+            spent += dt
             self.elapsed_s += dt
             self.steps += 1
             self.step_seconds.append(dt)
@@ -608,7 +610,7 @@ def train_interleaved(sides: dict[str, Any], plan: Plan, progress: Progress) -> 
             acc = accounts[name]
             if acc.done:
                 continue
-            acc.run_block(plan.block_steps)
+            acc.run_block(plan.block_s)
             acc.maybe_evaluate()
             rate = acc.blocks.median if acc.blocks.values else math.nan
             last = acc.losses[-1][2] if acc.losses else math.nan
@@ -645,11 +647,12 @@ def account_summary(acc: Account) -> dict[str, Any]:
 # ---- output -------------------------------------------------------------------------------
 
 
-def ema(values: list[float], beta: float = 0.95) -> list[float]:
-    out, avg = [], values[0] if values else 0.0
+def ema(values: list[float], beta: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average (as Adam corrects its moments)."""
+    out, avg = [], 0.0
     for i, v in enumerate(values):
         avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta ** (i + 1)) if i < 200 else avg)
+        out.append(avg / (1 - beta ** (i + 1)))
     return out
 
 
@@ -681,7 +684,8 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     ax_loss.legend(fontsize=8)
     ax_bpb.set_xlabel("training seconds (own budget)")
     ax_bpb.set_ylabel("validation bits per byte")
-    ax_bpb.set_yscale("log")
+    ax_bpb.grid(alpha=0.3)
+    ax_loss.grid(alpha=0.3)
     ax_bpb.legend(fontsize=8)
     s, r = results["training"]["swarmlm"], results["training"]["reference"]
     ax_bpb.set_title(
@@ -745,7 +749,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="about 2 minutes of training per side")
     p.add_argument("--budget-s", type=float, default=None, help="training seconds per side")
-    p.add_argument("--block-steps", type=int, default=None, help="steps per interleaved block")
+    p.add_argument("--block-s", type=float, default=None, help="seconds per interleaved block")
     p.add_argument(
         "--compile",
         choices=("auto", "on", "off"),
@@ -763,8 +767,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.budget_s is not None and args.budget_s <= 0:
         p.error(f"--budget-s must be > 0, got {args.budget_s}")
-    if args.block_steps is not None and args.block_steps < 1:
-        p.error(f"--block-steps must be >= 1, got {args.block_steps}")
+    if args.block_s is not None and args.block_s <= 0:
+        p.error(f"--block-s must be > 0, got {args.block_s}")
     if args.probe and (args.data is None or args.workdir is None):
         p.error("--probe needs --data and --workdir")
     if args.probe == "memory" and args.side is None:
@@ -777,8 +781,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     updates: dict[str, Any] = {}
     if args.budget_s is not None:
         updates["budget_s"] = args.budget_s
-    if args.block_steps is not None:
-        updates["block_steps"] = args.block_steps
+    if args.block_s is not None:
+        updates["block_s"] = args.block_s
     return Plan(**{**plan.__dict__, **updates}) if updates else plan
 
 
