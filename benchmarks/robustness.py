@@ -25,6 +25,7 @@ import argparse
 import gzip
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -91,6 +92,9 @@ class SimConfig:
     val_sequences: int = 64
     seed: int = 0
     topk_fraction: float = 0.01
+    # What compressed workers send: their gradients (momentum kept by the receiver per
+    # worker) or their momentum.
+    compress: str = "gradient"
     # Diverged runs stop early once validation loss exceeds this multiple of the initial loss.
     divergence_factor: float = 1.5
     model: dict[str, Any] = field(
@@ -154,12 +158,22 @@ class Simulator:
             assert out.loss is not None
             return out.loss
 
+        self._last_bytes = 0
         self._loss_fn = loss_fn
         self._per_worker_grad = vmap(grad(loss_fn), in_dims=(None, 0, 0))
 
     def params(self, theta: Tensor) -> dict[str, Tensor]:
         views = torch.split(theta, [math.prod(s) for s in self.shapes])
         return {n: v.view(s) for n, v, s in zip(self.names, views, self.shapes, strict=True)}
+
+    def _send(self, feedback: list[ErrorFeedback], rows: Tensor) -> Tensor:
+        """Encode each worker's row with its error feedback; return what receivers decode."""
+        received, self._last_bytes = [], 0
+        for w, ef in enumerate(feedback):
+            update = ef.encode(rows[w])
+            self._last_bytes += len(update.payload)
+            received.append(decode(update.payload))
+        return torch.stack(received)
 
     def batch(self, step: int, flip_workers: int) -> tuple[Tensor, Tensor]:
         span = self.cfg.seq_len + 1
@@ -226,18 +240,18 @@ class Simulator:
                 break
             norms = grads.norm(dim=1, keepdim=True)
             grads = grads * (cfg.grad_clip / norms.clamp_min(cfg.grad_clip))
-            if feedback:
+            if feedback and cfg.compress == "gradient":
                 # Workers send compressed gradients with per-worker error feedback; the
                 # receiver keeps each worker's momentum over what it decoded.
-                received = []
-                for w, ef in enumerate(feedback):
-                    update = ef.encode(grads[w])
-                    sent_bytes += len(update.payload)
-                    received.append(decode(update.payload))
-                grads = torch.stack(received)
-            else:
+                grads = self._send(feedback, grads)
+                sent_bytes += self._last_bytes
+            elif not feedback:
                 sent_bytes += len(get_codec("none").encode(grads[0])) * cfg.workers
             moms = wm.update_stack(grads)
+            if feedback and cfg.compress == "momentum":
+                # Workers keep their own momentum and send it compressed with error feedback.
+                moms = self._send(feedback, moms)
+                sent_bytes += self._last_bytes
             if atk is not None:
                 ctx = AttackContext(honest=moms[f:], own=moms[:f], n=cfg.workers, generator=gen)
                 moms = torch.cat([atk(ctx), moms[f:]])
@@ -265,16 +279,22 @@ class Simulator:
 
 def time_rounds(
     fns: dict[str, Callable[[], object]], rounds: int, progress: Progress, task: Any
-) -> dict[str, list[float]]:
-    """Alternate the functions round by round (A B C A B C ...) so drift hits all alike."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Alternate the functions round by round (A B C A B C ...) so drift hits all alike.
+
+    Returns wall-clock and process CPU seconds per call. On a shared machine wall time
+    includes waiting for a core; CPU time does not (but sums over threads).
+    """
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
             progress.advance(task)
-    return times
+    return wall, cpu
 
 
 def speed(rounds: int, progress: Progress) -> dict[str, Any]:
@@ -291,7 +311,7 @@ def speed(rounds: int, progress: Progress) -> dict[str, Any]:
         "mean": get_aggregator("mean"),
     }
     task = progress.add_task("aggregation speed n=16 d=10M", total=rounds * len(aggs))
-    agg_times = time_rounds(
+    agg_times, agg_cpu = time_rounds(
         {k: (lambda a=a, s=stack: a(s)) for k, a in aggs.items()}, rounds, progress, task
     )
     x = torch.randn(d, generator=gen)
@@ -309,17 +329,23 @@ def speed(rounds: int, progress: Progress) -> dict[str, Any]:
         fns[f"{k}_encode"] = lambda c=c: c.encode(x)
         fns[f"{k}_decode"] = lambda k=k: decode(payloads[k])
     task = progress.add_task("codec speed 10M values", total=rounds * len(fns))
-    codec_times = time_rounds(fns, rounds, progress, task)
+    codec_times, codec_cpu = time_rounds(fns, rounds, progress, task)
     med = {k: statistics.median(v) for k, v in {**agg_times, **codec_times}.items()}
+    med_cpu = {k: statistics.median(v) for k, v in {**agg_cpu, **codec_cpu}.items()}
     throughput = {k: mb / med[k] for k in codec_times}
     return {
         "n": n,
         "d": d,
         "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
         "aggregator_median_s": {k: med[k] for k in agg_times},
+        "aggregator_median_cpu_s": {k: med_cpu[k] for k in agg_times},
         "codec_mb_per_s": throughput,
+        "codec_mb_per_cpu_s": {k: mb / med_cpu[k] for k in codec_times},
         "codec_bytes": {k: len(p) for k, p in payloads.items()},
-        "raw": {**agg_times, **codec_times},
+        "raw_wall": {**agg_times, **codec_times},
+        "raw_cpu": {**agg_cpu, **codec_cpu},
     }
 
 
@@ -546,12 +572,19 @@ def main(argv: list[str] | None = None) -> int:
         print(report["markdown_table"])
     if "speed" in report:
         sp = report["speed"]
-        print("\n| operation (n=16, d=10M) | median s |\n|---|---|")
+        print(
+            f"\nthreads {sp['threads']}, 1-min load average {sp['load_average_1min']:.1f}\n"
+            "\n| operation (n=16, d=10M) | median wall s | median CPU s |\n|---|---|---|"
+        )
         for k, v in sp["aggregator_median_s"].items():
-            print(f"| {k} | {v:.3f} |")
-        print("\n| codec (10M float32) | MB/s | payload bytes |\n|---|---|---|")
+            print(f"| {k} | {v:.3f} | {sp['aggregator_median_cpu_s'][k]:.3f} |")
+        print(
+            "\n| codec (10M float32) | MB/s wall | MB per CPU s | payload bytes |"
+            "\n|---|---|---|---|"
+        )
         for k, v in sp["codec_mb_per_s"].items():
-            print(f"| {k} | {v:.0f} | {sp['codec_bytes'][k.rsplit('_', 1)[0]]} |")
+            size = sp["codec_bytes"][k.rsplit("_", 1)[0]]
+            print(f"| {k} | {v:.0f} | {sp['codec_mb_per_cpu_s'][k]:.0f} | {size} |")
     print(json.dumps(headline))
     return 0
 
