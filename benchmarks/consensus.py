@@ -64,8 +64,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def run_rounds(n: int, size: int, rounds: int) -> dict[str, Any]:
     """One swarm of ``n`` processes, ``rounds`` rounds of ``size``-byte payloads."""
-    timeout = max(2.0, size / MB * n * 0.15)
-    with Swarm(n, round_timeout=timeout, grace=min(0.5, timeout / 4), keep_rounds=2) as swarm:
+    timeout = max(3.0, size / MB * n * 0.3)
+    with Swarm(n, round_timeout=timeout, grace=0.1, keep_rounds=2) as swarm:
         swarm.genesis(timeout=60)
         swarm.rounds(1, rounds, size=size, wait=timeout * 20, deadline=timeout * 20 * rounds)
         swarm.wait_done(swarm.nodes, timeout * 20 * rounds + 60)

@@ -662,7 +662,9 @@ class RoundProtocol:
             entries, changes = old.body["entries"], old.body["changes"]
         else:
             held = self._held(st)
-            if len(held) < len(st.contribs) and not st.pulling:
+            # after a timeout, pull payloads that were announced but never arrived (in view 0
+            # they are normally still queued behind other transfers: pulling would duplicate)
+            if view > 0 and len(held) < len(st.contribs) and not st.pulling:
                 st.pulling = True
                 self._spawn(self._pull_payloads(st))
             if len(held) < st.q:
