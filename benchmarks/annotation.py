@@ -12,7 +12,14 @@ Reported:
   (on the SQLite run, non-gold tasks); target ``consensus_error_ratio`` (DS / single) <= 0.6;
 - submissions/s and submit p50/p99 latency per backend; target >= 300/s, p99 <= 100 ms (SQLite);
 - ``GET /api/tasks`` p99 with 100,000 tasks in the store; target <= 50 ms;
-- lost submissions: acknowledged (HTTP 200 with an annotation id) but absent from the database.
+- lost submissions: acknowledged (HTTP 200 with an annotation id) but absent from the database;
+- CPU per submission (one lease + one submit) of the server processes and of the clients, read
+  from /proc, and the rate two otherwise idle cores could sustain at that cost: on a shared
+  machine the wall-clock rate and latencies mostly measure the other jobs. With 50 clients
+  and no think time, latency is bound to throughput (Little's law: a lease + submit cycle
+  takes 50 / rate seconds on average), so the latency targets need ~700 submissions/s.
+
+Servers run as ``swarmlm web`` does, with ``--workers`` uvicorn processes (default 2).
 
     python benchmarks/annotation.py            # full: 2,000 tasks per backend
     python benchmarks/annotation.py --quick    # 600 tasks per backend, shorter 100k probe
@@ -62,21 +69,20 @@ console = Console(stderr=True)
 # -- the server process -------------------------------------------------------------------
 
 
-def serve(db_url: str, node_dir: Path, port: int) -> None:
-    """Run uvicorn with the app (benchmark rate limits lifted: we measure the platform)."""
-    import uvicorn
+def serve(db_url: str, node_dir: Path, port: int, workers: int) -> None:
+    """Run the app as ``swarmlm web`` does (benchmark rate limits lifted: we measure the
+    platform, not the per-annotator limit)."""
+    from swarmlm.web import WebSettings
+    from swarmlm.web.app import serve as serve_app
 
-    from swarmlm.web import WebSettings, create_app
-
-    store = CurationStore.open(db_url, NodeIdentity.load_or_create(node_dir))
-    settings = WebSettings(node_dir=node_dir, submit_per_second=1e6, submit_burst=10**6)
-    uvicorn.run(
-        create_app(store, settings),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
+    settings = WebSettings(
+        node_dir=node_dir,
+        db_url=db_url,
+        submit_per_second=1e6,
+        submit_burst=10**6,
+        workers=workers,
     )
+    serve_app(settings, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 def _free_port() -> int:
@@ -92,6 +98,7 @@ class Backend:
     url: str
     node_dir: Path
     store: CurationStore
+    workers: int = 1
     task_set_id: int = 0
     truth: dict[str, int] = field(default_factory=dict)
     tokens: list[str] = field(default_factory=list)
@@ -102,6 +109,9 @@ class Backend:
     submit_ms: list[float] = field(default_factory=list)
     tasks_ms: list[float] = field(default_factory=list)
     block_rates: list[float] = field(default_factory=list)
+    server_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+    measured_submissions: int = 0
     done_clients: set[int] = field(default_factory=set)
 
     def start(self) -> None:
@@ -117,6 +127,8 @@ class Backend:
                 str(self.node_dir),
                 "--port",
                 str(port),
+                "--workers",
+                str(self.workers),
             ],
         )
         deadline = time.monotonic() + 60
@@ -236,13 +248,49 @@ async def run_block(b: Backend, seconds: float, rng: random.Random) -> tuple[int
     connector = aiohttp.TCPConnector(limit=N_CLIENTS)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        server0, client0 = server_cpu_seconds(b), _own_cpu_seconds()
         t0 = time.monotonic()
         counts = await asyncio.gather(
             *(client_loop(b, i, t0 + seconds, http, random.Random(rng.random())) for i in active)
         )
         elapsed = time.monotonic() - t0
+        b.server_cpu_s += server_cpu_seconds(b) - server0
+        b.client_cpu_s += _own_cpu_seconds() - client0
+        b.measured_submissions += sum(counts)
     full = len(active) == N_CLIENTS and not b.done_clients
     return sum(counts), elapsed, full
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def server_cpu_seconds(b: Backend) -> float:
+    """CPU seconds used so far by the server process and its worker processes (Linux /proc).
+
+    With the CPU per submission (one lease plus one submit) the benchmark states what the
+    machine could serve if the server and the clients had both cores to themselves, which
+    the wall-clock rate on a shared machine does not show.
+    """
+    if b.proc is None:
+        return 0.0
+    pids = [b.proc.pid]
+    try:
+        pids += [
+            int(p)
+            for p in Path(f"/proc/{b.proc.pid}/task/{b.proc.pid}/children").read_text().split()
+        ]
+    except OSError:
+        return 0.0
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -322,9 +370,12 @@ def main() -> None:
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--node-dir", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--workers", type=int, default=2, help="uvicorn worker processes per server (default 2)"
+    )
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve, args.node_dir, args.port)
+        serve(args.serve, args.node_dir, args.port, args.workers)
         return
 
     n_tasks = args.tasks or (600 if args.quick else 2000)
@@ -347,6 +398,7 @@ def main() -> None:
                     NodeIdentity.load_or_create(sqlite_dir),
                     password_hasher=BENCH_HASHER,
                 ),
+                workers=args.workers,
             )
         )
         if not args.no_postgres:
@@ -362,6 +414,7 @@ def main() -> None:
                         CurationStore.open(
                             url, NodeIdentity.load_or_create(pg_dir), password_hasher=BENCH_HASHER
                         ),
+                        workers=args.workers,
                     )
                 )
             except (PostgresUnavailableError, RuntimeError) as e:
@@ -396,6 +449,7 @@ def main() -> None:
                             "seconds": elapsed,
                             "rate": rate,
                             "full": full,
+                            "load_1m": os.getloadavg()[0],
                         }
                     )
                     progress.update(bar, advance=n)
@@ -409,6 +463,9 @@ def main() -> None:
             lost += missing
             results[b.name] = {
                 "submissions_per_s": statistics.median(b.block_rates) if b.block_rates else None,
+                "workers": b.workers,
+                "server_cpu_ms_per_submission": 1000 * b.server_cpu_s / b.measured_submissions,
+                "client_cpu_ms_per_submission": 1000 * b.client_cpu_s / b.measured_submissions,
                 "full_blocks": len(b.block_rates),
                 "submit_p50_ms": pct(b.submit_ms, 50),
                 "submit_p99_ms": pct(b.submit_ms, 99),
@@ -440,6 +497,14 @@ def main() -> None:
         "submit_p99_ms": round(s["submit_p99_ms"], 2),
         "tasks_p99_ms_100k": round(probe["tasks_p99_ms_100k"], 2),
         "lost_submissions": lost,
+        "workers": s["workers"],
+        "server_cpu_ms_per_submission": round(s["server_cpu_ms_per_submission"], 3),
+        "client_cpu_ms_per_submission": round(s["client_cpu_ms_per_submission"], 3),
+        # what two otherwise idle cores could sustain at the measured CPU per submission
+        "cpu_bound_submissions_per_s_2_cores": round(
+            2000 / (s["server_cpu_ms_per_submission"] + s["client_cpu_ms_per_submission"]), 1
+        ),
+        "load_average_1m": round(statistics.median(b["load_1m"] for b in blocks), 2),
     }
     if "postgresql" in results:
         p = results["postgresql"]

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 import threading
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import func, insert, select, text
 
+from swarmlm.curation.db import create_engines, migrate
 from swarmlm.curation.errors import (
     AuthError,
     ConflictError,
@@ -17,7 +22,8 @@ from swarmlm.curation.errors import (
     LabelSchemaError,
     NotFoundError,
 )
-from swarmlm.curation.models import Base
+from swarmlm.curation.group_commit import GroupCommitter, WriteTx
+from swarmlm.curation.models import Annotator, Assignment, Base, Task, TaskSet
 from swarmlm.curation.signing import signed_record, task_digest, verify_record
 from swarmlm.curation.store import CurationStore, TaskInput
 
@@ -361,3 +367,246 @@ def test_progress_reports_counts_and_agreement(store: CurationStore) -> None:
     stats = store.stats()
     assert stats["annotations"] == 18
     assert stats["tasks_finalised"] == 6
+
+
+# -- the lease queue, cached credentials and the group commit -------------------------------
+
+
+def _lease_counts(store: CurationStore, ts_id: int) -> tuple[dict[int, int], dict[int, int]]:
+    """(tasks.n_leased, count of assignments in state 'leased') per task of the set."""
+    with store.engines.read.connect() as conn:
+        stored = dict(
+            conn.execute(select(Task.id, Task.n_leased).where(Task.task_set_id == ts_id)).all()
+        )
+        counted = dict(
+            conn.execute(
+                select(Assignment.task_id, func.count())
+                .join(Task, Task.id == Assignment.task_id)
+                .where(Task.task_set_id == ts_id, Assignment.state == "leased")
+                .group_by(Assignment.task_id)
+            ).all()
+        )
+    return stored, {t: counted.get(t, 0) for t in stored}
+
+
+def test_lease_counts_stay_exact_through_leases_skips_submissions_and_expiry(
+    store: CurationStore, clock: Any
+) -> None:
+    ts = store.create_task_set("q", CHOICES, k=2, gold_share=0.2, lease_seconds=30)
+    store.add_tasks(
+        ts.id,
+        [TaskInput(content=f"t{i}", gold="pos" if i % 4 == 0 else None) for i in range(8)],
+    )
+    users = _users(store, 5)
+    rng = random.Random(1)
+    for step in range(60):
+        uid = rng.choice(users)
+        lease = store.next_task(uid, ts.id)
+        if lease is not None:
+            action = rng.random()
+            if action < 0.5:
+                store.submit(uid, lease.task_id, "pos", 10)
+            elif action < 0.7:
+                store.skip(uid, lease.task_id)
+            elif action < 0.85:
+                clock.advance(31)  # this lease (and maybe others) expires
+        stored, counted = _lease_counts(store, ts.id)
+        assert stored == counted, f"after step {step}"
+    # every regular task ends up with exactly k annotations once everyone keeps working
+    for uid in users * 3:
+        while (lease := store.next_task(uid, ts.id)) is not None:
+            store.submit(uid, lease.task_id, "pos", 10)
+    regular = [t for t in store.list_tasks(ts.id) if not t.is_gold]
+    assert all(t.n_annotations <= t.needed for t in regular)
+    stored, counted = _lease_counts(store, ts.id)
+    assert stored == counted
+
+
+def test_leasing_walks_the_open_task_index_whatever_the_store_size(store: CurationStore) -> None:
+    ts_id = _set(store, n_tasks=50, k=2)
+    (uid,) = _users(store, 1)
+    sql = store._sql.q(store._PICK_REGULAR)
+    conn = store.engines.read.raw_connection()
+    try:
+        cur = conn.cursor()
+        if store.engines.is_sqlite:
+            cur.execute("EXPLAIN QUERY PLAN " + sql, (ts_id, False, uid))
+            plan = " ".join(str(r[-1]) for r in cur.fetchall())
+            assert "ix_tasks_open" in plan, plan
+            assert "TEMP B-TREE" not in plan, plan
+        else:  # tiny tables favour a sequential scan: check the index can serve the query
+            cur.execute("SET enable_seqscan = off")
+            cur.execute("EXPLAIN " + sql, (ts_id, False, uid))
+            plan = " ".join(r[0] for r in cur.fetchall())
+            assert "ix_tasks_open" in plan, plan
+            assert "Sort" not in plan, plan
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def test_revoked_credentials_stop_working_in_every_process_at_once(
+    make_store: Callable[..., CurationStore],
+) -> None:
+    admin_side, server = make_store(), make_store()  # two processes on one database
+    uid = admin_side.create_annotator("carol", "correct horse").id
+    token = admin_side.create_api_token(uid)
+    seen = server.annotator_for_token(token)
+    assert seen is not None
+    assert seen.role == "annotator"
+    assert server.annotator_for_token(token) == seen  # served from the cache
+    admin_side.set_role(uid, "admin")
+    promoted = server.annotator_for_token(token)
+    assert promoted is not None
+    assert promoted.role == "admin"
+    admin_side.set_disabled(uid, True)
+    assert server.annotator_for_token(token) is None
+    admin_side.set_disabled(uid, False)
+    assert server.annotator_for_token(token) is not None
+    admin_side.revoke_api_tokens(uid)
+    assert server.annotator_for_token(token) is None
+    session, csrf = admin_side.create_session(uid, 3600)
+    found = server.session_lookup(session)
+    assert found is not None
+    assert found[1] == csrf
+    admin_side.delete_session(session)
+    assert server.session_lookup(session) is None
+
+
+def test_cached_session_still_expires_on_time(store: CurationStore, clock: Any) -> None:
+    (uid,) = _users(store, 1)
+    session, _ = store.create_session(uid, 120)
+    assert store.session_lookup(session) is not None
+    clock.advance(121)
+    assert store.session_lookup(session) is None
+
+
+def test_upgrading_a_first_schema_database_backfills_lease_counts(
+    db_url: str, make_store: Callable[..., CurationStore]
+) -> None:
+    engines = create_engines(db_url)
+    migrate(engines, "0001")
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with engines.write.begin() as conn:
+        conn.execute(
+            insert(Annotator.__table__),
+            [
+                {
+                    "public_id": f"p{i}",
+                    "username": f"old{i}",
+                    "password_hash": "x",
+                    "role": "annotator",
+                    "disabled": False,
+                    "created_at": now,
+                    "points": 0,
+                    "reputation": 0.7,
+                    "gold_correct": 0,
+                    "gold_total": 0,
+                    "agree_count": 0,
+                    "agree_total": 0,
+                }
+                for i in range(3)
+            ],
+        )
+        conn.execute(
+            insert(TaskSet.__table__).values(
+                name="old",
+                description="",
+                label_schema=CHOICES,
+                k=2,
+                max_annotations=4,
+                agreement_threshold=0.0,
+                gold_share=0.0,
+                lease_seconds=600,
+                active=True,
+                created_at=now,
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO tasks (task_set_id, external_id, content, is_gold, digest, needed,"
+                " n_annotations, status, created_at) VALUES (1, 'only', '\"x\"', :g, 'd', 2, 0,"
+                " 'open', :now)"
+            ),
+            {"g": False, "now": now},
+        )
+        conn.execute(
+            insert(Assignment.__table__),
+            [
+                {
+                    "task_id": 1,
+                    "annotator_id": a,
+                    "state": "leased",
+                    "leased_at": now,
+                    "expires_at": now + timedelta(days=3650),
+                }
+                for a in (1, 2)
+            ],
+        )
+    engines.dispose()
+    store = make_store()  # migrates to the newest revision
+    assert _lease_counts(store, 1) == ({1: 2}, {1: 2})
+    assert store.next_task(3, 1) is None  # both slots are still held by the old leases
+
+
+def test_a_request_abandoned_before_the_writer_took_it_never_runs(
+    store: CurationStore,
+) -> None:
+    committer = GroupCommitter(store.engines.write, store._sql)
+    gate, ran = threading.Event(), []
+
+    def blocker(tx: WriteTx) -> None:
+        gate.wait(10)
+
+    async def scenario() -> None:
+        first = asyncio.get_running_loop().run_in_executor(None, committer.run, blocker)
+        await asyncio.sleep(0.2)  # the writer is now inside blocker
+        abandoned = asyncio.create_task(committer.run_async(lambda tx: ran.append(1)))
+        await asyncio.sleep(0.1)
+        abandoned.cancel()
+        gate.set()
+        await first
+        assert await committer.run_async(lambda tx: "done") == "done"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        committer.close()
+    assert ran == []
+
+
+def test_two_processes_writing_one_database_neither_deadlock_nor_lose_writes(
+    make_store: Callable[..., CurationStore],
+) -> None:
+    first, second = make_store(), make_store()  # two committers, as with two web workers
+    ts_id = _set(first, n_tasks=20, k=3)
+    users = _users(first, 8)
+    acked: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def work(uid: int) -> None:
+        try:
+            while True:
+                # alternate processes per request, as a load balancer would
+                lt = (first if len(acked) % 2 else second).next_task(uid, ts_id)
+                if lt is None:
+                    return
+                store = second if uid % 2 else first
+                r = store.submit(uid, lt.task_id, "pos" if uid % 3 else "neg", 5)
+                with lock:
+                    acked.append(r.annotation_id)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert len(acked) == len(set(acked)) == first.count_annotations(ts_id)
+    tasks = first.list_tasks(ts_id)
+    assert all(t.status == "finalised" for t in tasks)
+    assert all(t.n_annotations == t.needed for t in tasks)
+    assert _lease_counts(first, ts_id)[0] == dict.fromkeys((t.id for t in tasks), 0)

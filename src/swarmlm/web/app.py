@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
@@ -69,21 +73,22 @@ def create_app(store: CurationStore, settings: WebSettings | None = None) -> Fas
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.autoescape = True  # also for any non-.html template
     minute = 60.0
+    # Buckets live in each process: with N workers each gets 1/N of every limit, so the
+    # total a client can get past all of them stays the configured one.
+    share = 1.0 / settings.workers
+
+    def limiter(rate: float, burst: float) -> RateLimiter:
+        return RateLimiter(rate * share, max(1.0, burst * share), settings.rate_limit_keys)
+
     app.state.swarm = AppState(
         store=store,
         settings=settings,
         templates=templates,
-        login_limiter=RateLimiter(
-            settings.login_per_minute / minute, settings.login_per_minute, settings.rate_limit_keys
+        login_limiter=limiter(settings.login_per_minute / minute, settings.login_per_minute),
+        register_limiter=limiter(
+            settings.register_per_minute / minute, settings.register_per_minute
         ),
-        register_limiter=RateLimiter(
-            settings.register_per_minute / minute,
-            settings.register_per_minute,
-            settings.rate_limit_keys,
-        ),
-        submit_limiter=RateLimiter(
-            settings.submit_per_second, settings.submit_burst, settings.rate_limit_keys
-        ),
+        submit_limiter=limiter(settings.submit_per_second, settings.submit_burst),
     )
     app.include_router(api.router)
     app.include_router(pages.router)
@@ -136,3 +141,80 @@ def create_app(store: CurationStore, settings: WebSettings | None = None) -> Fas
         upload_limit=settings.max_upload_bytes,
     )
     return app
+
+
+SETTINGS_ENV = "SWARMLM_WEB_SETTINGS"
+
+
+def app_from_environment() -> FastAPI:
+    """App factory for uvicorn worker processes (``--workers N``).
+
+    Each worker opens its own store (already migrated by the parent) from the settings in
+    ``$SWARMLM_WEB_SETTINGS`` and closes it at shutdown. Workers share the database: SQLite
+    in WAL mode serialises their write batches (``BEGIN IMMEDIATE`` with a busy timeout),
+    PostgreSQL its row locks, and each worker acknowledges only what it has committed.
+    """
+    raw = os.environ.get(SETTINGS_ENV)
+    if not raw:
+        raise RuntimeError(f"{SETTINGS_ENV} is not set: start workers through swarmlm.web.serve")
+    settings = WebSettings.model_validate_json(raw)
+    url = settings.db_url or default_db_url(settings.node_dir)
+    store = CurationStore.open(
+        url, NodeIdentity.load_or_create(settings.node_dir), run_migrations=False
+    )
+    app = create_app(store, settings)
+
+    @asynccontextmanager
+    async def close_store(_: Any) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            store.close()
+
+    app.router.lifespan_context = close_store
+    return app
+
+
+def serve(
+    settings: WebSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    log_level: str = "info",
+    access_log: bool = True,
+    **uvicorn_options: Any,
+) -> None:
+    """Serve the app with uvicorn in ``settings.workers`` processes (blocks until stopped).
+
+    One worker serves in this process. Several are started by uvicorn's supervisor from
+    :func:`app_from_environment`, after this process has migrated the store and created the
+    node identity once (so workers neither race on migrations nor sign with different keys).
+    """
+    import uvicorn
+
+    store = open_store(settings)
+    if settings.workers == 1:
+        try:
+            uvicorn.run(
+                create_app(store, settings),
+                host=host,
+                port=port,
+                log_level=log_level,
+                access_log=access_log,
+                **uvicorn_options,
+            )
+        finally:
+            store.close()
+        return
+    store.close()
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    uvicorn.run(
+        "swarmlm.web.app:app_from_environment",
+        factory=True,
+        workers=settings.workers,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        **uvicorn_options,
+    )

@@ -23,6 +23,7 @@ def add_web_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--db", default=None, help="database URL (default <node dir>/curation.db)")
     p.add_argument("--node-dir", type=Path, default=DEFAULT_NODE_DIR)
+    p.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     p.add_argument("--closed-registration", action="store_true", help="disable self sign-up")
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS (cookies become Secure)")
     p.add_argument("--ssl-keyfile", default=None)
@@ -30,40 +31,48 @@ def add_web_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _cmd_web(args: argparse.Namespace) -> int:
-    import uvicorn
+    from pydantic import ValidationError
+    from sqlalchemy.engine import make_url
 
-    from swarmlm.web.app import create_app, open_store
+    from swarmlm.curation.db import default_db_url, normalize_url
+    from swarmlm.web.app import serve
     from swarmlm.web.settings import WebSettings
 
     console = Console()
     if not 1 <= args.port <= 65535:
         console.print(f"[red]error:[/red] --port must be 1..65535, got {args.port}")
         return 2
-    settings = WebSettings(
-        node_dir=args.node_dir,
-        db_url=args.db,
-        open_registration=not args.closed_registration,
-    )
     try:
-        store = open_store(settings)
+        settings = WebSettings(
+            node_dir=args.node_dir,
+            db_url=args.db,
+            open_registration=not args.closed_registration,
+            workers=args.workers,
+        )
+        url = make_url(normalize_url(settings.db_url or default_db_url(settings.node_dir)))
+    except ValidationError as e:
+        err = e.errors()[0]
+        console.print(f"[red]error:[/red] --{err['loc'][0]}: {err['msg']}".replace("_", "-"))
+        return 2
     except CurationError as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
     logging.basicConfig(level=logging.INFO)
     scheme = "https" if args.ssl_certfile else "http"
     console.print(
-        f"serving on {scheme}://{args.host}:{args.port} (store {store.engines.url}); "
+        f"serving on {scheme}://{args.host}:{args.port} with {settings.workers} worker(s) "
+        f"(store {url.render_as_string(hide_password=True)}); "
         "create the first admin with `swarmlm curation add-user NAME --role admin`"
     )
     try:
-        uvicorn.run(
-            create_app(store, settings),
+        serve(
+            settings,
             host=args.host,
             port=args.port,
             ssl_certfile=args.ssl_certfile,
             ssl_keyfile=args.ssl_keyfile,
-            log_level="info",
         )
-    finally:
-        store.close()
+    except CurationError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
     return 0

@@ -25,3 +25,9 @@ class WebSettings(BaseModel):
     submit_burst: int = Field(default=40, ge=1, description="submission burst per annotator")
     open_registration: bool = Field(default=True, description="anyone may register as annotator")
     rate_limit_keys: int = Field(default=100_000, ge=100, description="bound on tracked keys")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="server processes; rate limits are split evenly between them",
+    )
