@@ -1,0 +1,157 @@
+"""Swarm configuration: a run config (model, data, optimizer, ...) plus ``swarm`` and ``p2p``.
+
+A swarm config file is a run config file (``configs/tiny.json``) with two more sections::
+
+    {"model": {...}, "data": {...}, ..., "swarm": {"mode": "diloco", ...}, "p2p": {...}}
+
+:class:`SwarmConfig` is the one source of truth for the swarm settings: defaults, bounds,
+the CLI help and the docs table (``docs/swarm.md``) all come from it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from swarmlm.aggregation import AGGREGATORS, get_aggregator, get_codec
+from swarmlm.aggregation.errors import AggregationError, CodecError
+from swarmlm.p2p.config import P2PConfig
+from swarmlm.swarm.errors import SwarmError
+from swarmlm.train.config import RunConfig
+
+Mode = Literal["synchronous", "cooperative", "diloco"]
+
+
+class SwarmConfig(BaseModel):
+    """How peers train together. Rounds are the unit of agreement (one per decided set)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode = Field(
+        default="diloco",
+        description="synchronous: a round per optimizer step; cooperative: alpha rule every "
+        "inner_steps; diloco: inner_steps AdamW steps then an outer Nesterov step",
+    )
+    rounds: int = Field(default=20, ge=1, description="rounds to train before stopping")
+    inner_steps: int = Field(
+        default=50, ge=1, description="local steps per round (H for diloco, K for cooperative)"
+    )
+    outer_lr: float = Field(default=0.7, gt=0, description="outer SGD learning rate (diloco)")
+    outer_momentum: float = Field(default=0.5, ge=0, lt=1, description="outer momentum (diloco)")
+    nesterov: bool = Field(default=True, description="Nesterov form of the outer momentum")
+    alpha: float = Field(
+        default=0.5, ge=0, le=1, description="cooperative: weight of the peer's own update"
+    )
+    codec: str = Field(default="int8", description="compression codec of contributions")
+    codec_params: dict[str, Any] = Field(default_factory=dict, description="codec parameters")
+    aggregator: str = Field(default="centered_clip", description="robust aggregation rule")
+    aggregator_params: dict[str, Any] = Field(
+        default_factory=dict, description="aggregator parameters other than f"
+    )
+    byzantine_f: int | None = Field(
+        default=None, ge=0, description="Byzantine inputs tolerated; None = (n - 1) // 3"
+    )
+    worker_momentum: float = Field(
+        default=0.5, ge=0, lt=1, description="per-contributor momentum before aggregation"
+    )
+    reputation_weighted: bool = Field(
+        default=False, description="weight contributions by reputation (weighted rules only)"
+    )
+    exclude_below: float = Field(
+        default=0.2, ge=0, le=1, description="contributions of peers below this score are ignored"
+    )
+    outlier_z: float = Field(default=3.0, gt=0, description="robust z-score flagging an outlier")
+    expect_peers: int = Field(
+        default=1, ge=1, description="genesis membership: this node and the first N-1 peers"
+    )
+    genesis_timeout: float = Field(default=120.0, gt=0, description="wait for the genesis peers")
+    round_timeout: float = Field(
+        default=600.0, gt=0, description="bound on waiting for one round's decision (s)"
+    )
+    data_shards: int = Field(default=64, ge=1, description="the corpus is cut into this many")
+    data_shard: int | None = Field(
+        default=None, ge=0, description="this peer's shard; None = chosen by its node id"
+    )
+    eval_every: int = Field(default=1, ge=1, description="evaluate every this many rounds")
+    attack: Literal["none", "sign_flip"] = Field(
+        default="none", description="tests and benchmarks only: misbehave as this attacker"
+    )
+    attack_scale: float = Field(default=1.0, gt=0, description="sign_flip sends -scale * update")
+
+    @model_validator(mode="after")
+    def _check(self) -> SwarmConfig:
+        if self.data_shard is not None and self.data_shard >= self.data_shards:
+            raise ValueError(
+                f"swarm.data_shard={self.data_shard} must be below swarm.data_shards="
+                f"{self.data_shards}"
+            )
+        try:
+            get_codec(self.codec, **self.codec_params)
+        except (CodecError, TypeError, ValueError) as exc:
+            raise ValueError(f"swarm.codec / swarm.codec_params: {exc}") from exc
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(
+                f"swarm.aggregator {self.aggregator!r} is unknown; available: "
+                f"{', '.join(sorted(AGGREGATORS))}"
+            )
+        if "f" in self.aggregator_params:
+            raise ValueError("swarm.aggregator_params must not set 'f': use swarm.byzantine_f")
+        try:
+            get_aggregator(self.aggregator, **self.aggregator_params)
+        except AggregationError as exc:
+            raise ValueError(f"swarm.aggregator_params: {exc}") from exc
+        if self.reputation_weighted and not AGGREGATORS[self.aggregator].accepts_weights:
+            raise ValueError(
+                f"swarm.reputation_weighted needs a weighted aggregator; {self.aggregator!r} "
+                "takes no weights"
+            )
+        return self
+
+
+class SwarmRunConfig(RunConfig):
+    """A run config plus the ``swarm`` and ``p2p`` sections."""
+
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+    p2p: P2PConfig = Field(default_factory=P2PConfig)
+
+    def run_config(self) -> RunConfig:
+        """The plain run config the trainer and its checkpoints see."""
+        data = self.model_dump(mode="json", exclude={"swarm", "p2p"})
+        return RunConfig.model_validate(data)
+
+
+def load_swarm_config(path: Path, overrides: list[str] | None = None) -> SwarmRunConfig:
+    """Read a JSON swarm config, apply ``key.sub=value`` overrides (values parsed as JSON,
+    else taken as strings), validate; errors name the file and the field."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SwarmError(f"cannot read swarm config {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise SwarmError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise SwarmError(f"{path}: the top level must be a JSON object")
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SwarmError(f"override {item!r}: expected key.sub=value")
+        try:
+            value: Any = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SwarmError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    try:
+        return SwarmRunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise SwarmError(f"{path}: invalid swarm config\n" + "\n".join(lines)) from exc

@@ -1,0 +1,90 @@
+"""The bytes a peer contributes to a round, and their strict decoder.
+
+Layout (version 1)::
+
+    b"SWCT" | u8 version | u32 header length (little-endian) | header | update payload
+
+``header`` is canonical JSON (sorted keys, no spaces) ``{"round": int, "state": hex sha256
+of the swarm state the update was computed from, "samples": int}``; the update payload is a
+``swarmlm.aggregation`` codec frame (its own magic, shape and CRC). The p2p layer signs and
+hashes the whole thing, so who sent it is never in doubt; this decoder only has to make sure
+malformed bytes become a :class:`ContributionError` naming the peer, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from swarmlm.aggregation import decode
+from swarmlm.aggregation.errors import CodecError
+from swarmlm.swarm.errors import ContributionError
+
+MAGIC = b"SWCT"
+VERSION = 1
+MAX_HEADER = 4096
+_HEAD = struct.Struct("<4sBI")
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """A decoded contribution: ``update`` is float32 ``(numel,)``."""
+
+    round: int
+    state_digest: bytes
+    samples: int
+    update: Tensor
+
+
+def encode_contribution(round: int, state_digest: bytes, samples: int, payload: bytes) -> bytes:
+    header = json.dumps(
+        {"round": round, "samples": samples, "state": state_digest.hex()},
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    return _HEAD.pack(MAGIC, VERSION, len(header)) + header + payload
+
+
+def decode_contribution(
+    peer: str, data: bytes | bytearray | memoryview, numel: int
+) -> Contribution:
+    """Parse and validate; raises :class:`ContributionError` naming ``peer`` and the field."""
+    view = memoryview(data)
+    if len(view) < _HEAD.size:
+        raise ContributionError(peer, f"{len(view)} bytes is shorter than the header")
+    magic, version, hlen = _HEAD.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise ContributionError(peer, "not a swarm contribution (bad magic)")
+    if version != VERSION:
+        raise ContributionError(peer, f"unsupported version {version} (this node reads 1)")
+    if hlen > MAX_HEADER or _HEAD.size + hlen > len(view):
+        raise ContributionError(peer, f"header length {hlen} out of bounds")
+    try:
+        header = json.loads(bytes(view[_HEAD.size : _HEAD.size + hlen]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ContributionError(peer, f"header is not JSON ({exc})") from exc
+    if not isinstance(header, dict) or set(header) != {"round", "samples", "state"}:
+        raise ContributionError(peer, "header must hold exactly round, samples and state")
+    rnd, samples, state = header["round"], header["samples"], header["state"]
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 1:
+        raise ContributionError(peer, f"field 'round' must be a positive int, got {rnd!r}")
+    if not isinstance(samples, int) or isinstance(samples, bool) or not 0 <= samples < 2**40:
+        raise ContributionError(peer, f"field 'samples' out of range: {samples!r}")
+    try:
+        digest = bytes.fromhex(state) if isinstance(state, str) else b""
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise ContributionError(peer, "field 'state' must be 64 hex digits")
+    try:
+        update = decode(view[_HEAD.size + hlen :], max_numel=max(numel, 1))
+    except CodecError as exc:
+        raise ContributionError(peer, f"update payload: {exc}") from exc
+    if update.numel() != numel:
+        raise ContributionError(
+            peer, f"update has {update.numel()} values, the model has {numel} parameters"
+        )
+    return Contribution(rnd, digest, samples, update.reshape(-1).float())

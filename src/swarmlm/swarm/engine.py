@@ -1,0 +1,318 @@
+"""The round engine: from a decided set of contributions to the next consensus state.
+
+Pure computation over CPU float32 tensors, no network and no disk, so it is tested with N
+simulated peers in one process (:mod:`swarmlm.swarm.simulate`) and reused unchanged by real
+peers (:mod:`swarmlm.swarm.node`).
+
+A round ``r`` on every peer::
+
+    decode every decided entry (sorted by peer id; malformed -> invalid, penalised)
+    agreed state = the state digest most entries carry (ties: smallest digest)
+    ours differs -> OutOfSyncError (fetch the agreed state blob, load it, apply again)
+    keep entries computed from the agreed state, drop peers below the reputation threshold
+    worker momentum per contributor -> robust aggregate (centered clipping by default)
+    reputation <- distance of each contribution to the aggregate
+    apply: outer Nesterov SGD (diloco), AdamW (synchronous) or the alpha rule (cooperative)
+
+Determinism contract: given the same state and the same decided bytes, every peer produces
+bitwise-identical state. Aggregation runs with one torch thread (reductions then do not
+depend on the peer's thread count) and the optimizers use only elementwise operations.
+Cooperative mode mixes in each peer's own update, so its peers' parameters differ by design:
+it skips the agreed-state check and its state digests are per peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from swarmlm.aggregation import (
+    AGGREGATORS,
+    ErrorFeedback,
+    centered_clip,
+    cooperative_combine,
+    get_aggregator,
+    get_codec,
+    outlier_scores,
+)
+from swarmlm.swarm.config import SwarmConfig
+from swarmlm.swarm.contribution import Contribution, decode_contribution, encode_contribution
+from swarmlm.swarm.errors import ContributionError, OutOfSyncError, StateSyncError
+from swarmlm.swarm.outer import FlatAdamW, NesterovOuter
+from swarmlm.swarm.params import ParamLayout
+from swarmlm.swarm.state import StateBlob, decode_state, encode_state, state_digest
+from swarmlm.train.config import OptimConfig
+
+log = logging.getLogger(__name__)
+
+INITIAL_REPUTATION = 1.0
+FORGET_AFTER_ROUNDS = 8  # worker momentum of a peer absent this long is dropped
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the enclosed torch work on one thread, so reductions are thread-count independent."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class RoundReport:
+    """What applying one round did (identical on every in-sync peer)."""
+
+    round: int
+    entries: int
+    accepted: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    invalid: dict[str, str] = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)
+    flagged: list[str] = field(default_factory=list)
+    f: int = 0
+    aggregate_norm: float = 0.0
+    applied: bool = False
+
+
+class RoundEngine:
+    """One peer's copy of the consensus state and the rule that advances it.
+
+    ``params`` is the flat float32 parameter vector in :class:`ParamLayout` order; ``round``
+    is the last round applied (0 = genesis). The error feedback of our own contributions is
+    local state and not part of the consensus state.
+    """
+
+    def __init__(
+        self,
+        cfg: SwarmConfig,
+        layout: ParamLayout,
+        params: Tensor,
+        optim: OptimConfig,
+    ) -> None:
+        if params.shape != (layout.numel,) or params.dtype != torch.float32:
+            raise ValueError(f"params must be float32 ({layout.numel},), got {params.shape}")
+        self.cfg = cfg
+        self.layout = layout
+        self.d = layout.numel
+        self.params = params.detach().clone()
+        self.round = 0
+        self.outer: NesterovOuter | FlatAdamW
+        if cfg.mode == "synchronous":
+            self.outer = FlatAdamW(optim.betas, optim.eps, optim.weight_decay, layout.matrix_mask())
+        else:
+            self.outer = NesterovOuter(cfg.outer_lr, cfg.outer_momentum, cfg.nesterov)
+        self.center: Tensor | None = None
+        self.momenta: dict[str, Tensor] = {}
+        self.last_seen: dict[str, int] = {}
+        self.reputation: dict[str, float] = {}
+        self.feedback = ErrorFeedback(get_codec(cfg.codec, **cfg.codec_params))
+        self._blob: bytes | None = None
+        self._digest: bytes | None = None
+
+    # -- state -------------------------------------------------------------------------
+    def _changed(self) -> None:
+        self._blob = None
+        self._digest = None
+
+    def state_blob(self) -> bytes:
+        """The canonical serialisation of the consensus state (cached until it changes)."""
+        if self._blob is None:
+            tensors: dict[str, Tensor] = {"params": self.params}
+            tensors.update(self.outer.tensors(self.d))
+            tensors["aggregator.center"] = (
+                self.center if self.center is not None else torch.zeros(0)
+            )
+            for peer in sorted(self.momenta):
+                tensors[f"momentum.{peer}"] = self.momenta[peer]
+            scalars: dict[str, int | float] = dict(self.outer.scalars())
+            for peer in sorted(self.last_seen):
+                scalars[f"seen.{peer}"] = self.last_seen[peer]
+            blob = StateBlob(
+                self.round,
+                self.cfg.mode,
+                self.layout.describe(),
+                tensors,
+                scalars,
+                {p: self.reputation[p] for p in sorted(self.reputation)},
+            )
+            self._blob = encode_state(blob)
+        return self._blob
+
+    def state_digest(self) -> bytes:
+        if self._digest is None:
+            self._digest = state_digest(self.state_blob())
+        return self._digest
+
+    def load_state(self, blob: bytes | bytearray | memoryview, expected: bytes | None) -> None:
+        """Replace our state with ``blob``; its SHA-256 must equal ``expected`` (when given)."""
+        if expected is not None and state_digest(blob) != expected:
+            raise StateSyncError(f"state blob does not hash to the agreed {expected.hex()[:16]}")
+        st = decode_state(blob)
+        if st.mode != self.cfg.mode:
+            raise StateSyncError(f"swarm state field 'mode' is {st.mode!r}, ours {self.cfg.mode!r}")
+        if st.layout != self.layout.describe():
+            raise StateSyncError("swarm state field 'layout' differs from this model's parameters")
+        params = st.tensors.get("params")
+        if params is None or params.numel() != self.d:
+            raise StateSyncError(f"swarm state field 'params' must hold {self.d} values")
+        center = st.tensors.get("aggregator.center")
+        if center is None or center.numel() not in (0, self.d):
+            raise StateSyncError("swarm state field 'aggregator.center' has a wrong size")
+        momenta = {}
+        for name, t in st.tensors.items():
+            if name.startswith("momentum."):
+                if t.numel() != self.d:
+                    raise StateSyncError(f"swarm state field {name!r} has a wrong size")
+                momenta[name.removeprefix("momentum.")] = t
+        self.outer.load(st.tensors, st.scalars, self.d)
+        self.params = params.clone()
+        self.center = center.clone() if center.numel() else None
+        self.momenta = momenta
+        self.last_seen = {
+            k.removeprefix("seen."): int(v) for k, v in st.scalars.items() if k.startswith("seen.")
+        }
+        self.reputation = dict(st.reputation)
+        self.round = st.round
+        self._changed()
+        self._blob = bytes(blob)
+
+    # -- contributing ----------------------------------------------------------------------
+    def contribution(self, round: int, update: Tensor, samples: int) -> bytes:
+        """Compress ``update`` (float32 ``(d,)``) with error feedback; the payload we send."""
+        if update.shape != (self.d,):
+            raise ValueError(f"update must have shape ({self.d},), got {tuple(update.shape)}")
+        encoded = self.feedback.encode(update.detach().float())
+        return encode_contribution(round, self.state_digest(), samples, encoded.payload)
+
+    # -- applying --------------------------------------------------------------------------
+    def apply(
+        self,
+        round: int,
+        entries: list[tuple[str, bytes | bytearray | memoryview]],
+        *,
+        lr: float = 0.0,
+        own_update: Tensor | None = None,
+    ) -> RoundReport:
+        """Advance the state by decided round ``round`` (``entries`` as the protocol decided
+        them: one payload per distinct peer). Raises :class:`OutOfSyncError` when the agreed
+        state is not ours; the state is then untouched."""
+        if round != self.round + 1:
+            raise StateSyncError(f"round {round} cannot follow our last applied round {self.round}")
+        report = RoundReport(round, len(entries))
+        valid: list[tuple[str, Contribution]] = []
+        for peer, data in sorted(entries, key=lambda e: e[0]):
+            try:
+                c = decode_contribution(peer, data, self.d)
+                if c.round != round:
+                    raise ContributionError(peer, f"made for round {c.round}, not {round}")
+                valid.append((peer, c))
+            except ContributionError as exc:
+                report.invalid[peer] = exc.reason
+                log.warning("round %d: %s", round, exc)
+        if self.cfg.mode != "cooperative" and valid:
+            counts = Counter(c.state_digest for _, c in valid)
+            agreed = min(counts, key=lambda dg: (-counts[dg], dg))
+            if agreed != self.state_digest():
+                raise OutOfSyncError(round, agreed)
+            report.stale = [p for p, c in valid if c.state_digest != agreed]
+            valid = [(p, c) for p, c in valid if c.state_digest == agreed]
+        with single_thread():
+            self._aggregate_and_step(report, valid, lr, own_update)
+        self.round = round
+        self._changed()
+        return report
+
+    def _aggregate_and_step(
+        self,
+        report: RoundReport,
+        valid: list[tuple[str, Contribution]],
+        lr: float,
+        own_update: Tensor | None,
+    ) -> None:
+        r = report.round
+        for peer in report.invalid:
+            self.reputation[peer] = self.reputation.get(peer, INITIAL_REPUTATION) * 0.5
+        rows: list[tuple[str, Tensor]] = []
+        for peer, c in valid:
+            beta = self.cfg.worker_momentum
+            prev = self.momenta.get(peer)
+            m = (
+                c.update.clone()
+                if prev is None or beta == 0.0
+                else prev * beta + c.update * (1 - beta)
+            )
+            self.momenta[peer] = m
+            self.last_seen[peer] = r
+            rows.append((peer, m))
+        for peer in [p for p, seen in self.last_seen.items() if r - seen > FORGET_AFTER_ROUNDS]:
+            self.momenta.pop(peer, None)
+            del self.last_seen[peer]
+        use = [
+            (p, m)
+            for p, m in rows
+            if self.reputation.get(p, INITIAL_REPUTATION) >= self.cfg.exclude_below
+        ]
+        report.excluded = [
+            p
+            for p, _ in rows
+            if self.reputation.get(p, INITIAL_REPUTATION) < self.cfg.exclude_below
+        ]
+        report.accepted = [p for p, _ in use]
+        if not use:
+            log.warning("round %d: no usable contribution; the state is unchanged", r)
+            return
+        n = len(use)
+        spec = AGGREGATORS[self.cfg.aggregator]
+        f = self.cfg.byzantine_f if self.cfg.byzantine_f is not None else (n - 1) // 3
+        if f > spec.max_f(n):
+            log.warning(
+                "round %d: %d inputs tolerate only f=%d with %s", r, n, spec.max_f(n), spec.name
+            )
+            f = spec.max_f(n)
+        report.f = f
+        stack = torch.stack([m for _, m in use])
+        weights = None
+        if self.cfg.reputation_weighted:
+            w = torch.tensor(
+                [self.reputation.get(p, INITIAL_REPUTATION) for p, _ in use], dtype=torch.float64
+            )
+            weights = w / w.sum()
+        if self.cfg.aggregator == "centered_clip":
+            agg = centered_clip(
+                stack, f=f, center=self.center, weights=weights, **self.cfg.aggregator_params
+            )
+            self.center = agg.clone()
+        else:
+            agg = get_aggregator(self.cfg.aggregator, f=f, **self.cfg.aggregator_params)(
+                stack, weights
+            )
+        report.aggregate_norm = float(agg.norm())
+        if len(rows) >= 3:
+            scored = torch.stack([m for _, m in rows])
+            flags = outlier_scores(scored, agg, k=self.cfg.outlier_z).flagged.tolist()
+            for (peer, _), flagged in zip(rows, flags, strict=True):
+                score = self.reputation.get(peer, INITIAL_REPUTATION)
+                if flagged:
+                    report.flagged.append(peer)
+                    score *= 0.7
+                else:
+                    score += 0.1 * (1.0 - score)
+                self.reputation[peer] = score
+        if isinstance(self.outer, FlatAdamW):  # synchronous
+            self.outer.step(self.params, agg, lr)
+        elif self.cfg.mode == "diloco":
+            self.outer.step(self.params, agg)
+        else:
+            step = (
+                agg if own_update is None else cooperative_combine(own_update, agg, self.cfg.alpha)
+            )
+            self.params.sub_(step)
+        report.applied = True

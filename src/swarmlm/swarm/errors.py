@@ -1,0 +1,36 @@
+"""Errors of the swarm layer; every message names the peer, field, round or file at fault."""
+
+from __future__ import annotations
+
+
+class SwarmError(RuntimeError):
+    """Base class of swarm training errors."""
+
+
+class ContributionError(SwarmError):
+    """A peer's contribution is malformed, for another round, or of the wrong size."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"contribution from peer {peer[:12]}: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+
+class StateSyncError(SwarmError):
+    """A swarm state blob does not match its agreed digest or this run's model layout."""
+
+
+class OutOfSyncError(SwarmError):
+    """Our state differs from the one the decided contributions were computed from.
+
+    ``digest`` is the agreed state digest of the round start: fetch that state blob from a
+    peer, load it and apply the round again.
+    """
+
+    def __init__(self, round: int, digest: bytes) -> None:
+        super().__init__(
+            f"round {round}: our state differs from the agreed state {digest.hex()[:16]}; "
+            "resynchronise"
+        )
+        self.round = round
+        self.digest = digest

@@ -1,0 +1,170 @@
+"""One peer's compute side: local training (the trainer's inner steps) plus the round engine.
+
+No networking and no asyncio here: :class:`SwarmWorker` is driven round by round, either by
+the in-process simulator (:mod:`swarmlm.swarm.simulate`) or by a real node
+(:mod:`swarmlm.swarm.node`), which calls these methods off its event loop.
+
+Per round: :meth:`local_phase` (H inner AdamW steps for diloco / K local steps for
+cooperative, or one gradient for synchronous) -> :meth:`contribution` -> (the protocol
+decides) -> :meth:`apply` (robust aggregate and outer step; the model then holds the new
+consensus parameters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from swarmlm.swarm.config import SwarmRunConfig
+from swarmlm.swarm.engine import RoundEngine, RoundReport
+from swarmlm.swarm.params import ParamLayout, flatten_grads, flatten_params, load_flat_params
+from swarmlm.train.parallel import SingleProcess
+from swarmlm.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class DataShard(SingleProcess):
+    """The trainer's process-group interface for one swarm peer: a data shard, no collectives.
+
+    ``rank``/``world_size`` only choose which slice of the corpus the loader reads; every
+    peer writes its own metrics and checkpoints (``is_main``).
+    """
+
+    def __init__(self, shard: int, shards: int) -> None:
+        super().__init__(torch.device("cpu"))
+        self.rank = shard
+        self.world_size = shards
+
+    @property
+    def is_main(self) -> bool:
+        return True
+
+
+def shard_for(node_id: str, shards: int) -> int:
+    """The data shard a peer reads by default: a hash of its node id, mod ``shards``."""
+    return int.from_bytes(hashlib.sha256(node_id.encode()).digest()[:8], "big") % shards
+
+
+class SwarmWorker:
+    """A peer's trainer (model, inner AdamW, loader on its shard) and its :class:`RoundEngine`.
+
+    All peers start from identical parameters: the model is initialised from
+    ``train.seed``, which the swarm config shares.
+    """
+
+    def __init__(
+        self,
+        cfg: SwarmRunConfig,
+        node_id: str,
+        *,
+        out_dir: Path | None = None,
+        show_progress: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.node_id = node_id
+        sw = cfg.swarm
+        run = cfg.run_config()
+        steps_per_round = 1 if sw.mode == "synchronous" else sw.inner_steps
+        run.train.max_steps = sw.rounds * steps_per_round
+        if out_dir is not None:
+            run.train.out_dir = out_dir
+        self.shard = (
+            sw.data_shard if sw.data_shard is not None else shard_for(node_id, sw.data_shards)
+        )
+        self.trainer = Trainer(
+            run, parallel=DataShard(self.shard, sw.data_shards), show_progress=show_progress
+        )
+        self.model = self.trainer.model_core
+        self.layout = ParamLayout.of(self.model)
+        self.engine = RoundEngine(
+            sw, self.layout, flatten_params(self.model, self.layout), run.optim
+        )
+        self.last_update: Tensor | None = None
+        self.last_loss = float("nan")
+        self.samples_per_round = steps_per_round * run.data.batch_size * run.train.grad_accum
+
+    @property
+    def round(self) -> int:
+        return self.engine.round
+
+    # -- local phase -----------------------------------------------------------------------
+    def local_phase(self) -> Tensor:
+        """Train locally from the consensus parameters; return the update to contribute
+        (float32 ``(d,)``): the pseudo-gradient ``start - local`` (diloco, cooperative) or the
+        clipped gradient of one global step (synchronous)."""
+        start = self.engine.params
+        load_flat_params(self.model, self.layout, start)
+        self.model.train()
+        if self.cfg.swarm.mode == "synchronous":
+            update = self._gradient()
+        else:
+            losses = [self.trainer.train_step()[0] for _ in range(self.cfg.swarm.inner_steps)]
+            self.last_loss = sum(losses) / len(losses)
+            update = start - flatten_params(self.model, self.layout)
+        self.last_update = update
+        return update
+
+    def _gradient(self) -> Tensor:
+        tr = self.trainer
+        accum = tr.cfg.train.grad_accum
+        tr.base_optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(accum):
+            x, y = next(tr.loader)
+            with tr.precision.autocast():
+                out = tr.model(x.to(tr.device), targets=y.to(tr.device))
+            (out.loss / accum).backward()
+            total += float(out.loss.detach()) / accum
+        clip = tr.cfg.train.grad_clip
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), clip)
+        grad = flatten_grads(self.model, self.layout)
+        tr.base_optimizer.zero_grad(set_to_none=True)
+        tr.step += 1
+        self.last_loss = total
+        return grad
+
+    def contribution(self, round: int, update: Tensor) -> bytes:
+        """The payload for ``round``; an attacker (tests, benchmarks) distorts it first."""
+        if self.cfg.swarm.attack == "sign_flip":
+            update = -self.cfg.swarm.attack_scale * update
+        return self.engine.contribution(round, update, self.samples_per_round)
+
+    # -- applying --------------------------------------------------------------------------
+    def apply(
+        self, round: int, entries: list[tuple[str, bytes | bytearray | memoryview]]
+    ) -> RoundReport:
+        """Apply decided round ``round``; raises OutOfSyncError when we must resynchronise."""
+        lr = self.trainer.schedule.lr(round - 1)
+        own = self.last_update if self.cfg.swarm.mode == "cooperative" else None
+        report = self.engine.apply(round, entries, lr=lr, own_update=own)
+        load_flat_params(self.model, self.layout, self.engine.params)
+        return report
+
+    def load_state(self, blob: bytes | bytearray | memoryview, digest: bytes) -> None:
+        """Adopt the agreed consensus state (verified against ``digest``)."""
+        self.engine.load_state(blob, digest)
+        load_flat_params(self.model, self.layout, self.engine.params)
+        if self.cfg.swarm.mode == "synchronous":
+            self.trainer.step = self.engine.round
+        log.info(
+            "loaded the agreed swarm state of round %d (%s)", self.engine.round, digest.hex()[:12]
+        )
+
+    # -- inspection ------------------------------------------------------------------------
+    def params_sha256(self) -> str:
+        from swarmlm.swarm.params import params_sha256
+
+        return params_sha256(self.engine.params)
+
+    def evaluate(self, max_batches: int | None = None) -> float:
+        """Validation loss of the current consensus parameters."""
+        return self.trainer.evaluate(max_batches).loss
+
+    def close(self) -> None:
+        self.trainer.loader.close()

@@ -1,0 +1,133 @@
+"""The round engine on synthetic updates: agreement, resynchronisation, bad input, reputation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from swarmlm.swarm.config import SwarmConfig
+from swarmlm.swarm.engine import RoundEngine
+from swarmlm.swarm.errors import OutOfSyncError, StateSyncError
+from swarmlm.swarm.params import ParamLayout
+from swarmlm.train.config import OptimConfig
+from tests.swarm.conftest import peer_id
+
+D = 64
+LAYOUT = ParamLayout(("a", "b"), ((8, 4), (32,)))
+
+
+def engines(n: int, **cfg: Any) -> list[RoundEngine]:
+    sw = SwarmConfig(**cfg)
+    start = torch.linspace(-1, 1, D)
+    return [RoundEngine(sw, LAYOUT, start, OptimConfig()) for _ in range(n)]
+
+
+def run_round(
+    es: list[RoundEngine], r: int, updates: list[torch.Tensor]
+) -> list[tuple[str, bytes]]:
+    entries = [
+        (peer_id(i), e.contribution(r, u, 4))
+        for i, (e, u) in enumerate(zip(es, updates, strict=False))
+    ]
+    for e in es:
+        e.apply(r, entries, lr=1e-2)
+    return entries
+
+
+@pytest.mark.parametrize("mode", ["diloco", "synchronous"])
+def test_peers_applying_the_same_decided_set_hold_identical_state(mode: str) -> None:
+    es = engines(4, mode=mode)
+    gen = torch.Generator().manual_seed(0)
+    for r in range(1, 6):
+        run_round(es, r, [torch.randn(D, generator=gen) for _ in es])
+        assert len({e.state_digest() for e in es}) == 1
+        assert len({e.params.numpy().tobytes() for e in es}) == 1
+    assert not torch.equal(es[0].params, torch.linspace(-1, 1, D))
+
+
+def test_a_peer_whose_state_differs_resynchronises_from_the_agreed_digest() -> None:
+    es = engines(4)
+    gen = torch.Generator().manual_seed(1)
+    run_round(es, 1, [torch.randn(D, generator=gen) for _ in es])
+    es[3].params[0] += 1.0  # a silent corruption
+    es[3]._changed()
+    agreed = es[0].state_digest()
+    entries = [
+        (peer_id(i), e.contribution(2, torch.randn(D, generator=gen), 4)) for i, e in enumerate(es)
+    ]
+    for e in es[:3]:
+        report = e.apply(2, entries)
+        assert report.stale == [peer_id(3)]
+        assert peer_id(3) not in report.accepted
+    with pytest.raises(OutOfSyncError) as err:
+        es[3].apply(2, entries)
+    assert err.value.digest == agreed
+    good = engines(1)[0]
+    run_round([good], 1, [torch.zeros(D)])  # unrelated state: wrong digest is refused
+    with pytest.raises(StateSyncError, match="does not hash"):
+        es[3].load_state(good.state_blob(), err.value.digest)
+
+
+def test_resync_loads_the_agreed_state_and_then_matches_bit_for_bit() -> None:
+    es = engines(3)
+    gen = torch.Generator().manual_seed(2)
+    run_round(es, 1, [torch.randn(D, generator=gen) for _ in es])
+    before = es[0].state_blob()
+    es[2].params.mul_(2.0)
+    es[2]._changed()
+    entries = [
+        (peer_id(i), e.contribution(2, torch.randn(D, generator=gen), 4)) for i, e in enumerate(es)
+    ]
+    for e in es[:2]:
+        e.apply(2, entries)
+    with pytest.raises(OutOfSyncError) as err:
+        es[2].apply(2, entries)
+    es[2].load_state(before, err.value.digest)
+    es[2].apply(2, entries)
+    assert es[2].state_digest() == es[0].state_digest()
+
+
+def test_malformed_or_wrong_round_contributions_are_dropped_and_penalised() -> None:
+    es = engines(4)
+    gen = torch.Generator().manual_seed(3)
+    entries = [
+        (peer_id(i), e.contribution(1, torch.randn(D, generator=gen), 4))
+        for i, e in enumerate(es[:2])
+    ]
+    entries.append((peer_id(2), b"garbage"))
+    entries.append((peer_id(3), es[3].contribution(7, torch.randn(D, generator=gen), 4)))
+    for e in es:
+        report = e.apply(1, entries)
+        assert set(report.invalid) == {peer_id(2), peer_id(3)}
+        assert "round 7" in report.invalid[peer_id(3)]
+        assert report.accepted == [peer_id(0), peer_id(1)]
+        assert e.reputation[peer_id(2)] < 1.0
+    assert len({e.state_digest() for e in es}) == 1
+
+
+def test_a_persistent_outlier_loses_reputation_until_it_is_excluded() -> None:
+    es = engines(5, worker_momentum=0.0)
+    gen = torch.Generator().manual_seed(4)
+    excluded_at = None
+    for r in range(1, 12):
+        honest = torch.randn(D, generator=gen)
+        updates = [honest + 0.05 * torch.randn(D, generator=gen) for _ in range(4)]
+        updates.append(-20.0 * honest)
+        entries = [
+            (peer_id(i), e.contribution(r, u, 4))
+            for i, (e, u) in enumerate(zip(es, updates, strict=False))
+        ]
+        reports = [e.apply(r, entries) for e in es]
+        if peer_id(4) in reports[0].excluded and excluded_at is None:
+            excluded_at = r
+    assert excluded_at is not None
+    assert excluded_at <= 8
+    assert es[0].reputation[peer_id(0)] > 0.9 > es[0].reputation[peer_id(4)]
+
+
+def test_rounds_must_be_applied_in_order() -> None:
+    (e,) = engines(1)
+    with pytest.raises(StateSyncError, match="round 2 cannot follow"):
+        e.apply(2, [])

@@ -1,0 +1,117 @@
+"""N real swarm workers (trainer, codec, aggregator, optimizers) in one process; the round
+protocol replaced by an in-process fake that decides every present contribution."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from swarmlm.swarm.simulate import LocalSwarm
+from swarmlm.swarm.worker import SwarmWorker
+from tests.swarm.conftest import peer_id, swarm_config
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def make_swarm(
+    data: Path, tmp: Path, n: int = 4, attackers: tuple[int, ...] = (), **swarm: Any
+) -> LocalSwarm:
+    workers = []
+    for i in range(n):
+        cfg = swarm_config(
+            data, tmp, data_shard=i, attack="sign_flip" if i in attackers else "none", **swarm
+        )
+        workers.append(SwarmWorker(cfg, peer_id(i), out_dir=tmp / f"peer{i}"))
+    return LocalSwarm(workers)
+
+
+def train(swarm: LocalSwarm, rounds: int, honest: list[str]) -> list[float]:
+    """Run ``rounds`` rounds; return the first honest peer's validation loss before and after
+    each round, asserting after every round that all honest peers hold identical parameters."""
+    first = swarm.workers[honest[0]]
+    losses = [first.evaluate()]
+    for r in range(1, rounds + 1):
+        swarm.run_round(r)
+        hashes = {swarm.workers[p].params_sha256() for p in honest}
+        assert len(hashes) == 1, f"round {r}: honest peers diverged"
+        digests = {swarm.workers[p].engine.state_digest() for p in honest}
+        assert len(digests) == 1, f"round {r}: consensus states differ"
+        losses.append(first.evaluate())
+    return losses
+
+
+@pytest.mark.parametrize(("mode", "rounds"), [("diloco", 6), ("synchronous", 30)])
+def test_simulated_peers_hold_identical_weights_and_learn(
+    prepared_data: Path, tmp_path: Path, mode: str, rounds: int
+) -> None:
+    swarm = make_swarm(prepared_data, tmp_path, mode=mode, rounds=rounds)
+    try:
+        losses = train(swarm, rounds, sorted(swarm.workers))
+    finally:
+        swarm.close()
+    assert losses[-1] < losses[0] - 0.8, losses
+
+
+def test_cooperative_peers_learn_with_their_own_mix(prepared_data: Path, tmp_path: Path) -> None:
+    swarm = make_swarm(prepared_data, tmp_path, n=3, mode="cooperative", alpha=0.5)
+    try:
+        first = next(iter(swarm.workers.values()))
+        before = first.evaluate()
+        for r in range(1, 5):
+            swarm.run_round(r)
+        after = first.evaluate()
+        hashes = {w.params_sha256() for w in swarm.workers.values()}
+    finally:
+        swarm.close()
+    assert after < before - 0.5
+    assert len(hashes) == 3  # alpha mixes in each peer's own update: weights differ by design
+
+
+def test_sign_flip_attacker_is_absorbed_by_centered_clipping_but_not_by_the_mean(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    honest = [peer_id(i) for i in (1, 2, 3)]
+    common: dict[str, Any] = {"attack_scale": 10.0, "exclude_below": 0.0}
+    results = {}
+    for name, attackers, extra in [
+        ("clean", (), {}),
+        ("clipped", (0,), {}),
+        ("mean", (0,), {"aggregator": "mean", "worker_momentum": 0.0}),
+    ]:
+        swarm = make_swarm(prepared_data, tmp_path / name, attackers=attackers, **common, **extra)
+        try:
+            results[name] = train(swarm, 6, honest)[-1]
+        finally:
+            swarm.close()
+    assert results["clipped"] <= results["clean"] * 1.05, results
+    assert results["mean"] > results["clean"] * 1.5, results  # the attack is real
+
+
+def test_crashed_peer_is_left_out_and_a_corrupted_peer_resynchronises(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    swarm = make_swarm(prepared_data, tmp_path)
+    try:
+        swarm.run_round(1)
+        swarm.run_round(2, absent=[peer_id(2)])  # its contribution never arrived
+        victim = swarm.workers[peer_id(3)]
+        victim.engine.params[:10] += 0.5
+        victim.engine._changed()
+        reports = swarm.run_round(3)
+        hashes = {w.params_sha256() for w in swarm.workers.values()}
+    finally:
+        swarm.close()
+    assert swarm.resyncs[peer_id(3)] == 1
+    assert reports[peer_id(0)].stale == [peer_id(3)]
+    assert len(hashes) == 1
