@@ -211,15 +211,16 @@ def run_training(
             f"{section}: swarmlm has {n_ours} parameters but HF has {n_theirs}: shapes differ"
         )
 
+    # Compiled copies start from the same weights as their eager twins (same losses expected).
     builders: dict[str, Callable[[], TrainingContender]] = {
-        "swarmlm-eager": lambda: TrainingContender(ours, swarmlm_loss, ids, compiled=False),
-        f"{hf_label}-eager": lambda: TrainingContender(theirs, hf_loss, ids, compiled=False),
+        "swarmlm-eager": lambda: TrainingContender(ours, swarmlm_loss, ids, compiled=False)
     }
     if compile_swarmlm:
         ours_c = copy.deepcopy(ours)
         builders["swarmlm-compiled"] = lambda: TrainingContender(
             ours_c, swarmlm_loss, ids, compiled=True
         )
+    builders[f"{hf_label}-eager"] = lambda: TrainingContender(theirs, hf_loss, ids, compiled=False)
     if compile_hf:
         theirs_c = copy.deepcopy(theirs)
         builders[f"{hf_label}-compiled"] = lambda: TrainingContender(
