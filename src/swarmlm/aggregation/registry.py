@@ -9,6 +9,7 @@ the previous aggregate as the next round's centre.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from torch import Tensor
 
 from swarmlm.aggregation import robust
 from swarmlm.aggregation.errors import AggregationError, ByzantineToleranceError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,11 @@ class Aggregator:
         if self.name == "centered_clip":
             center = self._center
             if center is not None and center.shape != (stack.shape[1],):
+                logger.warning(
+                    "centered_clip: input dimension changed from %d to %d; restarting from zero",
+                    center.shape[0],
+                    stack.shape[1],
+                )
                 center = None
             out = self.spec.fn(stack, center=center, **kwargs)
             self._center = out.clone()
