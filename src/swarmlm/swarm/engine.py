@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -196,7 +196,7 @@ class RoundEngine:
     def apply(
         self,
         round: int,
-        entries: list[tuple[str, bytes | bytearray | memoryview]],
+        entries: Sequence[tuple[str, bytes | bytearray | memoryview]],
         *,
         lr: float = 0.0,
         own_update: Tensor | None = None,

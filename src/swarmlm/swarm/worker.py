@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -137,7 +138,7 @@ class SwarmWorker:
 
     # -- applying --------------------------------------------------------------------------
     def apply(
-        self, round: int, entries: list[tuple[str, bytes | bytearray | memoryview]]
+        self, round: int, entries: Sequence[tuple[str, bytes | bytearray | memoryview]]
     ) -> RoundReport:
         """Apply decided round ``round``; raises OutOfSyncError when we must resynchronise."""
         lr = self.trainer.schedule.lr(round - 1)

@@ -1,0 +1,228 @@
+"""A real swarm peer: one asyncio loop for networking, training and aggregation off the loop.
+
+:class:`SwarmNode` joins the p2p swarm (:class:`swarmlm.p2p.transport.P2PNode`), forms the
+genesis membership, then per round ``r``:
+
+1. runs the worker's local phase in a thread (inner AdamW steps / one gradient);
+2. compresses and contributes it through :class:`swarmlm.p2p.consensus.RoundProtocol`;
+3. once ``r`` is decided, applies the decided payloads in a thread (every honest peer gets
+   bitwise-identical state); if the decided contributions were computed from a state that
+   is not ours, fetches that state blob by its agreed digest from the members (verified
+   chunks), loads it and applies the round again;
+4. publishes its new state blob in the node's blob store under its digest, so a lagging
+   peer can fetch it, and reports the round (JSON line in ``<out_dir>/swarm_rounds.jsonl``).
+
+Rounds continue with whoever contributed: a crashed peer's entry is simply absent from the
+decided set (the protocol decides with ``n - f`` members).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swarmlm.p2p.consensus import Decision, RoundProtocol
+from swarmlm.p2p.errors import ConsensusError, TransportError
+from swarmlm.p2p.identity import NodeIdentity
+from swarmlm.p2p.transport import P2PNode
+from swarmlm.swarm.config import SwarmRunConfig
+from swarmlm.swarm.engine import RoundReport
+from swarmlm.swarm.errors import OutOfSyncError, StateSyncError, SwarmError
+from swarmlm.swarm.worker import SwarmWorker
+
+log = logging.getLogger(__name__)
+
+KEEP_STATE_BLOBS = 3  # our recent state blobs stay fetchable for lagging peers
+
+
+@dataclass
+class SwarmResult:
+    rounds: int = 0
+    last_loss: float | None = None
+    resyncs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class SwarmNode:
+    """One peer. ``events`` receives one dict per notable event (ready, genesis, round, done)."""
+
+    def __init__(
+        self,
+        cfg: SwarmRunConfig,
+        identity: NodeIdentity,
+        out_dir: Path,
+        *,
+        events: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.out_dir = out_dir
+        self.events = events or (lambda ev: None)
+        self.node = P2PNode(identity, cfg.p2p)
+        self.proto: RoundProtocol | None = None
+        self.worker: SwarmWorker | None = None
+        self._state_blobs: list[bytes] = []
+        self.result = SwarmResult()
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        ev = {"event": event, "time": round(time.time(), 3), **fields}
+        if event == "round":
+            self.result.history.append(ev)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with (self.out_dir / "swarm_rounds.jsonl").open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(ev) + "\n")
+        self.events(ev)
+
+    async def run(self, stop: asyncio.Event | None = None) -> SwarmResult:
+        """Train ``swarm.rounds`` rounds (or until ``stop`` is set); always stops the node."""
+        stop = stop or asyncio.Event()
+        sw = self.cfg.swarm
+        self.worker = await asyncio.to_thread(
+            SwarmWorker, self.cfg, self.identity.node_id, out_dir=self.out_dir
+        )
+        await self.node.start()
+        self._emit("ready", id=self.identity.node_id, port=self.node.port, shard=self.worker.shard)
+        try:
+            members = await self._genesis(sw.expect_peers, sw.genesis_timeout)
+            self.proto = RoundProtocol(self.node, members)
+            await asyncio.to_thread(self.worker.engine.state_digest)
+            self._publish_state()
+            initial = await asyncio.to_thread(self.worker.evaluate)
+            self._emit("genesis", members=members, val_loss=initial)
+            for r in range(1, sw.rounds + 1):
+                if stop.is_set():
+                    break
+                decision = await self._round(r)
+                if self.identity.node_id not in decision.members_next:
+                    log.warning("round %d removed us from the membership; stopping", r)
+                    break
+            self._emit("done", rounds=self.result.rounds, resyncs=self.result.resyncs)
+            # Stay reachable briefly: slower peers may still fetch payloads or our state.
+            linger = min(self.cfg.p2p.round_timeout, 5.0)
+            with_stop = asyncio.create_task(stop.wait())
+            await asyncio.wait([with_stop], timeout=linger)
+            with_stop.cancel()
+        finally:
+            if self.proto is not None:
+                self.proto.close()
+            await self.node.stop()
+            await asyncio.to_thread(self.worker.close)
+        return self.result
+
+    async def _genesis(self, expect: int, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while len(self.node.connections) < expect - 1:
+            if time.monotonic() > deadline:
+                raise SwarmError(
+                    f"genesis: only {len(self.node.connections) + 1} of swarm.expect_peers="
+                    f"{expect} peers connected within {timeout:.0f} s"
+                )
+            await asyncio.sleep(0.05)
+        peers = sorted(self.node.connections)[: expect - 1]
+        return sorted([self.identity.node_id, *peers])
+
+    async def _round(self, r: int) -> Decision:
+        assert self.worker is not None
+        assert self.proto is not None
+        worker, proto = self.worker, self.proto
+        t0 = time.perf_counter()
+        update = await asyncio.to_thread(worker.local_phase)
+        payload = await asyncio.to_thread(worker.contribution, r, update)
+        t_compute = time.perf_counter() - t0
+        decision = await self._decide(r, payload)
+        t_decided = time.perf_counter()
+        entries = []
+        for e in decision.entries:
+            data = await proto.fetch(e.digest, timeout=self.cfg.p2p.fetch_timeout)
+            entries.append((e.peer, bytes(data)))
+        resynced = False
+        try:
+            report = await asyncio.to_thread(worker.apply, r, entries)
+        except OutOfSyncError as exc:
+            await self._resync(exc, decision.members)
+            report = await asyncio.to_thread(worker.apply, r, entries)
+            resynced = True
+        params_hash, _ = await asyncio.to_thread(
+            lambda: (worker.params_sha256(), worker.engine.state_digest())
+        )
+        self._publish_state()
+        t_applied = time.perf_counter()
+        loss = None
+        if r % self.cfg.swarm.eval_every == 0 or r == self.cfg.swarm.rounds:
+            loss = await asyncio.to_thread(worker.evaluate)
+            self.result.last_loss = loss
+        self.result.rounds = r
+        self._emit(
+            "round",
+            round=r,
+            params_sha256=params_hash,
+            state=worker.engine.state_digest().hex(),
+            val_loss=loss,
+            train_loss=worker.last_loss,
+            resynced=resynced,
+            view=decision.view,
+            compute_s=round(t_compute, 3),
+            wait_s=round(t_decided - t0 - t_compute, 3),
+            apply_s=round(t_applied - t_decided, 3),
+            bytes_sent=self.node.bytes_sent,
+            payload_bytes=len(payload),
+            **_report_fields(report),
+        )
+        return decision
+
+    async def _decide(self, r: int, payload: bytes) -> Decision:
+        assert self.proto is not None
+        deadline = time.monotonic() + self.cfg.swarm.round_timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SwarmError(
+                    f"round {r} did not decide within swarm.round_timeout="
+                    f"{self.cfg.swarm.round_timeout:.0f} s"
+                )
+            try:
+                return await self.proto.contribute(r, payload, timeout=min(left, 60.0))
+            except ConsensusError:
+                log.info("round %d: still undecided, waiting", r)
+
+    async def _resync(self, exc: OutOfSyncError, members: list[str]) -> None:
+        assert self.worker is not None
+        peers = [p for p in members if p != self.identity.node_id]
+        log.warning("round %d: fetching the agreed state %s", exc.round, exc.digest.hex()[:12])
+        try:
+            blob = await self.node.fetch(exc.digest, peers, self.cfg.p2p.fetch_timeout * 3)
+        except TransportError as err:
+            raise StateSyncError(
+                f"round {exc.round}: no member served the agreed state {exc.digest.hex()[:12]}"
+            ) from err
+        await asyncio.to_thread(self.worker.load_state, bytes(blob), exc.digest)
+        self.result.resyncs += 1
+
+    def _publish_state(self) -> None:
+        """Make our current state fetchable by digest; forget older ones (bounded memory)."""
+        assert self.worker is not None
+        engine = self.worker.engine
+        digest = engine.state_digest()
+        if digest not in self.node.blobs:
+            self.node.blobs.put(digest, engine.state_blob())
+            self._state_blobs.append(digest)
+        while len(self._state_blobs) > KEEP_STATE_BLOBS:
+            self.node.blobs.forget({self._state_blobs.pop(0)})
+
+
+def _report_fields(report: RoundReport) -> dict[str, Any]:
+    return {
+        "entries": report.entries,
+        "accepted": len(report.accepted),
+        "stale": [p[:12] for p in report.stale],
+        "invalid": {p[:12]: why for p, why in report.invalid.items()},
+        "excluded": [p[:12] for p in report.excluded],
+        "flagged": [p[:12] for p in report.flagged],
+        "aggregate_norm": report.aggregate_norm,
+    }

@@ -1,0 +1,78 @@
+"""Real swarm peers as processes on 127.0.0.1 (``swarmlm.swarm.harness``): they train the
+tiny model together over the p2p round protocol."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from swarmlm.swarm.harness import SwarmProcesses
+
+
+def write_config(data: Path, out: Path, path: Path, **swarm: Any) -> Path:
+    """The tiny config of configs/swarm-tiny.json, shrunk further for a quick test."""
+    cfg = {
+        "model": {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4,
+                  "n_kv_heads": 2, "max_seq_len": 64},
+        "data": {"path": str(data), "batch_size": 4, "seq_len": 32, "prefetch": 2},
+        "optim": {"lr": 0.003},
+        "schedule": {"kind": "constant", "warmup_steps": 0},
+        "train": {"eval_batches": 8, "out_dir": str(out), "seed": 0, "threads": 1},
+        "swarm": {"rounds": 4, "inner_steps": 10, "data_shards": 16, "expect_peers": 3,
+                  "genesis_timeout": 120, **swarm},
+        "p2p": {"round_timeout": 2.0, "proposal_grace": 0.1, "heartbeat_interval": 0.5,
+                "dead_timeout": 3.0, "pex_interval": 1.0, "fetch_timeout": 5.0},
+    }  # fmt: skip
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    return path
+
+
+def assert_identical_rounds(rounds: dict[int, dict[int, dict[str, Any]]], upto: int) -> None:
+    for r in range(1, upto + 1):
+        hashes = {idx: per_peer[r]["params_sha256"] for idx, per_peer in rounds.items()}
+        assert len(set(hashes.values())) == 1, f"round {r}: parameter hashes differ {hashes}"
+
+
+@pytest.mark.timeout(240)
+def test_three_peers_learn_with_identical_weights_after_every_round(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    config = write_config(prepared_data, tmp_path / "runs", tmp_path / "swarm.json")
+    with SwarmProcesses(config, 3, tmp_path) as swarm:
+        genesis = swarm.wait_all("genesis", 120)
+        swarm.wait_all("done", 150)
+        rounds = {p.index: p.rounds() for p in swarm.peers}
+    assert all(len(g["members"]) == 3 for g in genesis)
+    assert all(sorted(r) == [1, 2, 3, 4] for r in rounds.values())
+    assert_identical_rounds(rounds, 4)
+    first, last = genesis[0]["val_loss"], rounds[0][4]["val_loss"]
+    assert last < first - 0.5, (first, last)
+    assert all(ev["accepted"] == 3 for per_peer in rounds.values() for ev in per_peer.values())
+    log = (tmp_path / "peer1" / "swarm_rounds.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in log] == [1, 2, 3, 4]
+
+
+@pytest.mark.timeout(300)
+def test_training_continues_with_identical_weights_after_a_peer_is_sigkilled(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        prepared_data, tmp_path / "runs", tmp_path / "swarm.json", rounds=6, expect_peers=4
+    )
+    with SwarmProcesses(config, 4, tmp_path) as swarm:
+        swarm.wait_all("genesis", 150)
+        victim = swarm.peers[3]
+        while 2 not in victim.rounds():
+            victim.wait("round", 120)
+        victim.kill()
+        survivors = swarm.peers[:3]
+        for p in survivors:
+            p.wait("done", 180)
+        rounds = {p.index: p.rounds() for p in survivors}
+    assert all(sorted(r) == [1, 2, 3, 4, 5, 6] for r in rounds.values())
+    assert_identical_rounds(rounds, 6)
+    assert rounds[0][6]["accepted"] == 3  # the dead peer no longer contributes
+    assert rounds[0][6]["val_loss"] < rounds[0][2]["val_loss"]
