@@ -76,3 +76,31 @@ def test_training_continues_with_identical_weights_after_a_peer_is_sigkilled(
     assert_identical_rounds(rounds, 6)
     assert rounds[0][6]["accepted"] == 3  # the dead peer no longer contributes
     assert rounds[0][6]["val_loss"] < rounds[0][2]["val_loss"]
+
+
+@pytest.mark.timeout(360)
+def test_a_peer_restarted_from_its_checkpoint_catches_up_to_identical_weights(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        prepared_data, tmp_path / "runs", tmp_path / "swarm.json",
+        rounds=14, inner_steps=30, expect_peers=4, checkpoint_every=1,
+    )  # fmt: skip
+    with SwarmProcesses(config, 4, tmp_path) as swarm:
+        swarm.wait_all("genesis", 150)
+        victim = swarm.peers[3]
+        while 3 not in victim.rounds():
+            victim.wait("round", 120)
+        victim.kill()
+        back = swarm.restart(3)
+        genesis = back.wait("genesis", 120)
+        back.wait("done", 240)
+        for p in swarm.peers[:3]:
+            p.wait("done", 120)
+        rounds = {p.index: p.rounds() for p in swarm.peers}
+    assert genesis["round"] >= 3  # resumed from its checkpoint, not from scratch
+    resumed = sorted(rounds[3])
+    assert resumed == list(range(genesis["round"] + 1, 15))
+    for r in resumed:
+        assert rounds[3][r]["params_sha256"] == rounds[0][r]["params_sha256"], f"round {r}"
+    assert rounds[0][14]["accepted"] == 4  # it contributes again once caught up

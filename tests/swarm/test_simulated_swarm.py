@@ -115,3 +115,28 @@ def test_crashed_peer_is_left_out_and_a_corrupted_peer_resynchronises(
     assert swarm.resyncs[peer_id(3)] == 1
     assert reports[peer_id(0)].stale == [peer_id(3)]
     assert len(hashes) == 1
+
+
+def test_a_peer_restarted_from_its_checkpoint_continues_bit_for_bit(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    swarm = make_swarm(prepared_data, tmp_path, n=3)
+    try:
+        swarm.run_round(1)
+        swarm.run_round(2)
+        old = swarm.workers[peer_id(2)]
+        members = sorted(swarm.workers)
+        old.save_checkpoint(members)
+        digest = old.engine.state_digest()
+        old.close()
+        cfg = swarm_config(prepared_data, tmp_path, data_shard=2)
+        restarted = SwarmWorker(cfg, peer_id(2), out_dir=tmp_path / "peer2")
+        assert restarted.resume_latest() == (2, members)
+        assert restarted.engine.state_digest() == digest
+        swarm.workers[peer_id(2)] = restarted
+        swarm.run_round(3)
+        hashes = {w.engine.state_digest() for w in swarm.workers.values()}
+    finally:
+        swarm.close()
+    assert len(hashes) == 1
+    assert swarm.resyncs[peer_id(2)] == 0

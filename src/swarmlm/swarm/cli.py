@@ -50,6 +50,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config field, e.g. swarm.rounds=10",
     )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from this peer's latest checkpoint"
+    )
     p.add_argument("--json", action="store_true", help="print events as JSON lines on stdout")
     p.add_argument("--log-level", default="WARNING")
 
@@ -98,7 +101,7 @@ def run_swarm(args: argparse.Namespace) -> int:
         elif ev["event"] == "done":
             console.print(f"done: {ev['rounds']} rounds, {ev['resyncs']} resyncs")
 
-    node = SwarmNode(cfg, identity, out_dir, events=show)
+    node = SwarmNode(cfg, identity, out_dir, events=show, resume=args.resume)
 
     async def main() -> None:
         stop = asyncio.Event()

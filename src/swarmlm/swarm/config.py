@@ -76,6 +76,9 @@ class SwarmConfig(BaseModel):
         default=None, ge=0, description="this peer's shard; None = chosen by its node id"
     )
     eval_every: int = Field(default=1, ge=1, description="evaluate every this many rounds")
+    checkpoint_every: int = Field(
+        default=5, ge=1, description="checkpoint the swarm state every this many rounds"
+    )
     attack: Literal["none", "sign_flip"] = Field(
         default="none", description="tests and benchmarks only: misbehave as this attacker"
     )

@@ -131,13 +131,19 @@ class SwarmProcesses:
             self.close()
             raise
 
-    def _start(self, i: int, boot: list[str], extra: list[str]) -> PeerProcess:
+    def _start(
+        self, i: int, boot: list[str], extra: list[str], flags: tuple[str, ...] = ()
+    ) -> PeerProcess:
         sets = [a for s in extra for a in ("--set", s)]
         argv = ["--config", str(self.config), "--port", "0", *boot,
                 "--node-dir", str(self.root / f"node{i}"),
-                "--out-dir", str(self.root / f"peer{i}"), *sets]  # fmt: skip
-        peer = PeerProcess(i, argv, self.root / f"peer{i}.log")
-        self.peers.append(peer)
+                "--out-dir", str(self.root / f"peer{i}"), *sets, *flags]  # fmt: skip
+        suffix = "-resumed" if "--resume" in flags else ""
+        peer = PeerProcess(i, argv, self.root / f"peer{i}{suffix}.log")
+        if i < len(self.peers):
+            self.peers[i] = peer
+        else:
+            self.peers.append(peer)
         if not boot:
             ev = peer.wait("ready", 60)
             peer.id, peer.port = ev["id"], ev["port"]
@@ -148,6 +154,12 @@ class SwarmProcesses:
     def add_peer(self, extra: list[str] | None = None) -> PeerProcess:
         """Start one more peer bootstrapping from peer 0."""
         return self._start(len(self.peers), ["--bootstrap", self.bootstrap], extra or [])
+
+    def restart(self, index: int, extra: list[str] | None = None) -> PeerProcess:
+        """Start peer ``index`` again (same identity and run directory) with ``--resume``."""
+        old = self.peers[index]
+        old.stop()
+        return self._start(index, ["--bootstrap", self.bootstrap], extra or [], ("--resume",))
 
     def wait_all(self, event: str, timeout: float) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout

@@ -35,6 +35,7 @@ from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.engine import RoundReport
 from swarmlm.swarm.errors import OutOfSyncError, StateSyncError, SwarmError
 from swarmlm.swarm.worker import SwarmWorker
+from swarmlm.train.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,9 @@ class SwarmNode:
         out_dir: Path,
         *,
         events: Callable[[dict[str, Any]], None] | None = None,
+        resume: bool = False,
     ) -> None:
+        self.resume = resume
         self.cfg = cfg
         self.identity = identity
         self.out_dir = out_dir
@@ -83,19 +86,30 @@ class SwarmNode:
         """Train ``swarm.rounds`` rounds (or until ``stop`` is set); always stops the node."""
         stop = stop or asyncio.Event()
         sw = self.cfg.swarm
+        if not self.resume and latest_checkpoint(self.out_dir) is not None:
+            raise SwarmError(
+                f"{self.out_dir} already holds checkpoints: pass --resume to continue that "
+                "peer, or use another --out-dir"
+            )
         self.worker = await asyncio.to_thread(
             SwarmWorker, self.cfg, self.identity.node_id, out_dir=self.out_dir
         )
         await self.node.start()
         self._emit("ready", id=self.identity.node_id, port=self.node.port, shard=self.worker.shard)
         try:
-            members = await self._genesis(sw.expect_peers, sw.genesis_timeout)
-            self.proto = RoundProtocol(self.node, members)
+            resumed = await asyncio.to_thread(self.worker.resume_latest) if self.resume else None
+            if resumed is not None:
+                start, members = resumed[0] + 1, resumed[1]
+                # a returning member: connect to anyone, then catch up from decisions
+                await self._genesis(2, sw.genesis_timeout)
+            else:
+                start, members = 1, await self._genesis(sw.expect_peers, sw.genesis_timeout)
+            self.proto = RoundProtocol(self.node, members, start_round=start)
             await asyncio.to_thread(self.worker.engine.state_digest)
             self._publish_state()
             initial = await asyncio.to_thread(self.worker.evaluate)
-            self._emit("genesis", members=members, val_loss=initial)
-            for r in range(1, sw.rounds + 1):
+            self._emit("genesis", members=members, val_loss=initial, round=start - 1)
+            for r in range(start, sw.rounds + 1):
                 if stop.is_set():
                     break
                 decision = await self._round(r)
@@ -132,10 +146,16 @@ class SwarmNode:
         assert self.proto is not None
         worker, proto = self.worker, self.proto
         t0 = time.perf_counter()
-        update = await asyncio.to_thread(worker.local_phase)
-        payload = await asyncio.to_thread(worker.contribution, r, update)
-        t_compute = time.perf_counter() - t0
-        decision = await self._decide(r, payload)
+        payload = b""
+        if proto.highest_seen > r or r in proto.decisions:
+            # catching up (restart): the swarm is past this round; follow its decision
+            decision = await proto.decision(r, self.cfg.swarm.round_timeout)
+            t_compute = 0.0
+        else:
+            update = await asyncio.to_thread(worker.local_phase)
+            payload = await asyncio.to_thread(worker.contribution, r, update)
+            t_compute = time.perf_counter() - t0
+            decision = await self._decide(r, payload)
         t_decided = time.perf_counter()
         entries = []
         for e in decision.entries:
@@ -158,6 +178,8 @@ class SwarmNode:
             loss = await asyncio.to_thread(worker.evaluate)
             self.result.last_loss = loss
         self.result.rounds = r
+        if r % self.cfg.swarm.checkpoint_every == 0 or r == self.cfg.swarm.rounds:
+            await asyncio.to_thread(worker.save_checkpoint, decision.members_next)
         self._emit(
             "round",
             round=r,
@@ -166,6 +188,7 @@ class SwarmNode:
             val_loss=loss,
             train_loss=worker.last_loss,
             resynced=resynced,
+            caught_up=not payload,
             view=decision.view,
             compute_s=round(t_compute, 3),
             wait_s=round(t_decided - t0 - t_compute, 3),

@@ -23,8 +23,15 @@ from torch import Tensor
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.engine import RoundEngine, RoundReport
 from swarmlm.swarm.params import ParamLayout, flatten_grads, flatten_params, load_flat_params
+from swarmlm.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    snapshot,
+)
 from swarmlm.train.parallel import SingleProcess
-from swarmlm.train.trainer import Trainer
+from swarmlm.train.trainer import Trainer, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +163,47 @@ class SwarmWorker:
         log.info(
             "loaded the agreed swarm state of round %d (%s)", self.engine.round, digest.hex()[:12]
         )
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self, members_next: list[str]) -> Path:
+        """Write the trainer checkpoint format (#3: weights, inner AdamW, loader, RNG) with the
+        swarm state inside ``trainer.pt``: round, consensus state blob and its digest, and the
+        membership of the next round. Atomic and checksummed like every trainer checkpoint."""
+        tr = self.trainer
+        blob = self.engine.state_blob()
+        trainer_state = {
+            "optimizer": tr.base_optimizer.state_dict(),
+            "rng": rng_state(),
+            "swarm": {
+                "round": self.engine.round,
+                "state": torch.frombuffer(bytearray(blob), dtype=torch.uint8),
+                "digest": self.engine.state_digest().hex(),
+                "members_next": list(members_next),
+            },
+        }
+        state = {**tr.state(), "swarm_round": self.engine.round}
+        model_state = snapshot(tr.parallel.model_state(tr.model))
+        return save_checkpoint(
+            tr.run_dir, tr.step, model_state, trainer_state, state, tr.cfg.train.keep_checkpoints
+        )
+
+    def resume_latest(self) -> tuple[int, list[str]] | None:
+        """Restore the newest swarm checkpoint of our run directory, if any; returns the
+        round it holds and the membership of the round after it."""
+        path = latest_checkpoint(self.trainer.run_dir)
+        if path is None:
+            return None
+        ckpt = load_checkpoint(path)
+        sw = ckpt.trainer_state.get("swarm")
+        if not isinstance(sw, dict) or not isinstance(sw.get("state"), torch.Tensor):
+            raise CheckpointError(f"{ckpt.path}: not a swarm checkpoint (no 'swarm' state)")
+        self.trainer.resume(ckpt.path)
+        blob = sw["state"].numpy().tobytes()
+        self.engine.load_state(blob, bytes.fromhex(str(sw["digest"])))
+        load_flat_params(self.model, self.layout, self.engine.params)
+        members = [str(m) for m in sw["members_next"]]
+        log.info("resumed swarm round %d from %s", self.engine.round, ckpt.path)
+        return self.engine.round, members
 
     # -- inspection ------------------------------------------------------------------------
     def params_sha256(self) -> str:
