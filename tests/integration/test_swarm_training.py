@@ -4,6 +4,7 @@ tiny model together over the p2p round protocol."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,18 @@ def test_a_peer_restarted_from_its_checkpoint_catches_up_to_identical_weights(
     for r in resumed:
         assert rounds[3][r]["params_sha256"] == rounds[0][r]["params_sha256"], f"round {r}"
     assert rounds[0][14]["accepted"] == 4  # it contributes again once caught up
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_a_training_peer_cleanly(prepared_data: Path, tmp_path: Path) -> None:
+    config = write_config(
+        prepared_data, tmp_path / "runs", tmp_path / "swarm.json", rounds=500, expect_peers=1
+    )
+    with SwarmProcesses(config, 1, tmp_path) as swarm:
+        peer = swarm.peers[0]
+        peer.wait("round", 90)
+        peer.proc.send_signal(signal.SIGTERM)
+        done = peer.wait("done", 30)
+        assert peer.proc.wait(timeout=30) == 0
+    assert 1 <= done["rounds"] < 500
+    assert "Traceback" not in peer.log_tail(200)

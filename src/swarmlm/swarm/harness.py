@@ -77,7 +77,8 @@ class PeerProcess:
         return {int(e["round"]): e for e in self.history if e["event"] == "round"}
 
     def log_tail(self, lines: int = 30) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         text = self.log_path.read_text(encoding="utf-8", errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 

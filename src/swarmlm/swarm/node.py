@@ -19,6 +19,7 @@ decided set (the protocol decides with ``n - f`` members).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -85,7 +86,6 @@ class SwarmNode:
     async def run(self, stop: asyncio.Event | None = None) -> SwarmResult:
         """Train ``swarm.rounds`` rounds (or until ``stop`` is set); always stops the node."""
         stop = stop or asyncio.Event()
-        sw = self.cfg.swarm
         if not self.resume and latest_checkpoint(self.out_dir) is not None:
             raise SwarmError(
                 f"{self.out_dir} already holds checkpoints: pass --resume to continue that "
@@ -96,38 +96,48 @@ class SwarmNode:
         )
         await self.node.start()
         self._emit("ready", id=self.identity.node_id, port=self.node.port, shard=self.worker.shard)
+        stop_task = asyncio.create_task(stop.wait())
         try:
-            resumed = await asyncio.to_thread(self.worker.resume_latest) if self.resume else None
-            if resumed is not None:
-                start, members = resumed[0] + 1, resumed[1]
-                # a returning member: connect to anyone, then catch up from decisions
-                await self._genesis(2, sw.genesis_timeout)
+            work = asyncio.create_task(self._train())
+            await asyncio.wait([work, stop_task], return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                log.info("stop requested: leaving after the running computation")
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
             else:
-                start, members = 1, await self._genesis(sw.expect_peers, sw.genesis_timeout)
-            self.proto = RoundProtocol(self.node, members, start_round=start)
-            await asyncio.to_thread(self.worker.engine.state_digest)
-            self._publish_state()
-            initial = await asyncio.to_thread(self.worker.evaluate)
-            self._emit("genesis", members=members, val_loss=initial, round=start - 1)
-            for r in range(start, sw.rounds + 1):
-                if stop.is_set():
-                    break
-                decision = await self._round(r)
-                if self.identity.node_id not in decision.members_next:
-                    log.warning("round %d removed us from the membership; stopping", r)
-                    break
+                work.result()  # re-raise a training failure
+                # Stay reachable briefly: slower peers may still fetch payloads or our state.
+                await asyncio.wait([stop_task], timeout=min(self.cfg.p2p.round_timeout, 5.0))
             self._emit("done", rounds=self.result.rounds, resyncs=self.result.resyncs)
-            # Stay reachable briefly: slower peers may still fetch payloads or our state.
-            linger = min(self.cfg.p2p.round_timeout, 5.0)
-            with_stop = asyncio.create_task(stop.wait())
-            await asyncio.wait([with_stop], timeout=linger)
-            with_stop.cancel()
         finally:
+            stop_task.cancel()
             if self.proto is not None:
                 self.proto.close()
             await self.node.stop()
             await asyncio.to_thread(self.worker.close)
         return self.result
+
+    async def _train(self) -> None:
+        assert self.worker is not None
+        sw = self.cfg.swarm
+        resumed = await asyncio.to_thread(self.worker.resume_latest) if self.resume else None
+        if resumed is not None:
+            start, members = resumed[0] + 1, resumed[1]
+            # a returning member: connect to anyone, then catch up from decisions
+            await self._genesis(2, sw.genesis_timeout)
+        else:
+            start, members = 1, await self._genesis(sw.expect_peers, sw.genesis_timeout)
+        self.proto = RoundProtocol(self.node, members, start_round=start)
+        await asyncio.to_thread(self.worker.engine.state_digest)
+        self._publish_state()
+        initial = await asyncio.to_thread(self.worker.evaluate)
+        self._emit("genesis", members=members, val_loss=initial, round=start - 1)
+        for r in range(start, sw.rounds + 1):
+            decision = await self._round(r)
+            if self.identity.node_id not in decision.members_next:
+                log.warning("round %d removed us from the membership; stopping", r)
+                break
 
     async def _genesis(self, expect: int, timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout

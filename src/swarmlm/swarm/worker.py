@@ -12,10 +12,13 @@ consensus parameters).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -34,6 +37,22 @@ from swarmlm.train.parallel import SingleProcess
 from swarmlm.train.trainer import Trainer, rng_state
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _exclusive(
+    method: Callable[Concatenate[SwarmWorker, P], R],
+) -> Callable[Concatenate[SwarmWorker, P], R]:
+    """Run a worker method under the worker's lock (one computation at a time)."""
+
+    def locked(self: SwarmWorker, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._busy:
+            return method(self, *args, **kwargs)
+
+    functools.update_wrapper(locked, method)
+    return locked
 
 
 class DataShard(SingleProcess):
@@ -95,12 +114,16 @@ class SwarmWorker:
         self.last_update: Tensor | None = None
         self.last_loss = float("nan")
         self.samples_per_round = steps_per_round * run.data.batch_size * run.train.grad_accum
+        # The node runs these methods in threads; a stop request may abandon one mid-way, so
+        # closing waits for it instead of pulling the loader from under it.
+        self._busy = threading.RLock()
 
     @property
     def round(self) -> int:
         return self.engine.round
 
     # -- local phase -----------------------------------------------------------------------
+    @_exclusive
     def local_phase(self) -> Tensor:
         """Train locally from the consensus parameters; return the update to contribute
         (float32 ``(d,)``): the pseudo-gradient ``start - local`` (diloco, cooperative) or the
@@ -137,6 +160,7 @@ class SwarmWorker:
         self.last_loss = total
         return grad
 
+    @_exclusive
     def contribution(self, round: int, update: Tensor) -> bytes:
         """The payload for ``round``; an attacker (tests, benchmarks) distorts it first."""
         if self.cfg.swarm.attack == "sign_flip":
@@ -144,6 +168,7 @@ class SwarmWorker:
         return self.engine.contribution(round, update, self.samples_per_round)
 
     # -- applying --------------------------------------------------------------------------
+    @_exclusive
     def apply(
         self, round: int, entries: Sequence[tuple[str, bytes | bytearray | memoryview]]
     ) -> RoundReport:
@@ -154,6 +179,7 @@ class SwarmWorker:
         load_flat_params(self.model, self.layout, self.engine.params)
         return report
 
+    @_exclusive
     def load_state(self, blob: bytes | bytearray | memoryview, digest: bytes) -> None:
         """Adopt the agreed consensus state (verified against ``digest``)."""
         self.engine.load_state(blob, digest)
@@ -165,6 +191,7 @@ class SwarmWorker:
         )
 
     # -- checkpoints -----------------------------------------------------------------------
+    @_exclusive
     def save_checkpoint(self, members_next: list[str]) -> Path:
         """Write the trainer checkpoint format (#3: weights, inner AdamW, loader, RNG) with the
         swarm state inside ``trainer.pt``: round, consensus state blob and its digest, and the
@@ -187,6 +214,7 @@ class SwarmWorker:
             tr.run_dir, tr.step, model_state, trainer_state, state, tr.cfg.train.keep_checkpoints
         )
 
+    @_exclusive
     def resume_latest(self) -> tuple[int, list[str]] | None:
         """Restore the newest swarm checkpoint of our run directory, if any; returns the
         round it holds and the membership of the round after it."""
@@ -211,9 +239,11 @@ class SwarmWorker:
 
         return params_sha256(self.engine.params)
 
+    @_exclusive
     def evaluate(self, max_batches: int | None = None) -> float:
         """Validation loss of the current consensus parameters."""
         return self.trainer.evaluate(max_batches).loss
 
+    @_exclusive
     def close(self) -> None:
         self.trainer.loader.close()
