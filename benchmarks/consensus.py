@@ -70,18 +70,23 @@ def run_rounds(n: int, size: int, rounds: int) -> dict[str, Any]:
         swarm.rounds(1, rounds, size=size, wait=timeout * 20, deadline=timeout * 20 * rounds)
         swarm.wait_done(swarm.nodes, timeout * 20 * rounds + 60)
         latencies, per_round_bytes, views, sizes = [], [], [], []
+        missing = 0
         for p in swarm.nodes:
             dec = p.decided()
             for r in range(2, rounds + 1):
+                if r not in dec or r - 1 not in dec:
+                    missing += 1  # did not decide before the deadline on this node
+                    continue
                 latencies.append(dec[r]["latency_ms"])
                 per_round_bytes.append(dec[r]["bytes_sent"] - dec[r - 1]["bytes_sent"])
                 views.append(dec[r]["view"])
                 sizes.append(len(dec[r]["entries"]))
         sets = [{r: tuple(map(tuple, e["entries"])) for r, e in p.decided().items()}
                 for p in swarm.nodes]  # fmt: skip
-        agree = all(s == sets[0] for s in sets)
+        # safety: no two nodes decided different sets for any round (missing != different)
+        agree = all(len({s[r] for s in sets if r in s}) <= 1 for r in range(1, rounds + 1))
     minimum = (n - 1) * size
-    sent = statistics.median(per_round_bytes)
+    sent = statistics.median(per_round_bytes) if per_round_bytes else float("nan")
     return {
         "n": n,
         "payload_bytes": size,
@@ -92,8 +97,9 @@ def run_rounds(n: int, size: int, rounds: int) -> dict[str, Any]:
         "minimum_bytes": minimum,
         "overhead_fraction": sent / minimum - 1,
         "rounds_with_view_change": sum(1 for v in views if v > 0) / max(1, len(views)),
-        "mean_entries": statistics.mean(sizes),
+        "mean_entries": statistics.mean(sizes) if sizes else float("nan"),
         "all_nodes_agree": agree,
+        "node_rounds_missing": missing,
     }
 
 

@@ -194,7 +194,7 @@ PENALTIES: dict[str, float] = {
     "wrong_sender": 10.0,
     "equivocation": 100.0,
     "bad_blob": 5.0,
-    "unsolicited_blob": 0.5,
+    "unsolicited_blob": 0.1,  # honest fetch/push races cause these; skipping them is cheap
     "invalid": 5.0,
 }
 
