@@ -79,8 +79,10 @@ class SwarmConfig(BaseModel):
     checkpoint_every: int = Field(
         default=5, ge=1, description="checkpoint the swarm state every this many rounds"
     )
-    attack: Literal["none", "sign_flip"] = Field(
-        default="none", description="tests and benchmarks only: misbehave as this attacker"
+    attack: Literal["none", "sign_flip", "alie"] = Field(
+        default="none",
+        description="tests and benchmarks only: misbehave as this attacker (alie estimates the "
+        "honest mean and spread from the previous round's decided contributions)",
     )
     attack_scale: float = Field(default=1.0, gt=0, description="sign_flip sends -scale * update")
 

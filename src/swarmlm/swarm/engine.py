@@ -116,6 +116,8 @@ class RoundEngine:
         self.feedback = ErrorFeedback(get_codec(cfg.codec, **cfg.codec_params))
         self._blob: bytes | None = None
         self._digest: bytes | None = None
+        # last round's decoded contributions, kept only for the simulated ALIE attacker
+        self.observed: list[tuple[str, Tensor]] = []
 
     # -- state -------------------------------------------------------------------------
     def _changed(self) -> None:
@@ -224,6 +226,8 @@ class RoundEngine:
                 raise OutOfSyncError(round, agreed)
             report.stale = [p for p, c in valid if c.state_digest != agreed]
             valid = [(p, c) for p, c in valid if c.state_digest == agreed]
+        if self.cfg.attack == "alie":
+            self.observed = [(p, c.update) for p, c in valid]
         with single_thread():
             self._aggregate_and_step(report, valid, lr, own_update)
         self.round = round

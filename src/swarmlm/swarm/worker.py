@@ -23,6 +23,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 import torch
 from torch import Tensor
 
+from swarmlm.aggregation import AttackContext, get_attack
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.engine import RoundEngine, RoundReport
 from swarmlm.swarm.params import ParamLayout, flatten_grads, flatten_params, load_flat_params
@@ -165,6 +166,11 @@ class SwarmWorker:
         """The payload for ``round``; an attacker (tests, benchmarks) distorts it first."""
         if self.cfg.swarm.attack == "sign_flip":
             update = -self.cfg.swarm.attack_scale * update
+        elif self.cfg.swarm.attack == "alie":
+            others = [u for p, u in self.engine.observed if p != self.node_id]
+            if len(others) >= 2:  # before that, behave (nothing to hide inside yet)
+                ctx = AttackContext(torch.stack(others), update[None], n=len(others) + 1)
+                update = get_attack("alie")(ctx)[0]
         return self.engine.contribution(round, update, self.samples_per_round)
 
     # -- applying --------------------------------------------------------------------------
