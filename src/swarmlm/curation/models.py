@@ -159,7 +159,7 @@ class Assignment(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
-    state: Mapped[str] = mapped_column(String(16))  # leased | submitted | skipped
+    state: Mapped[str] = mapped_column(String(16))  # leased | submitted | skipped | expired
     leased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

@@ -12,10 +12,11 @@ need no CSRF token, since browsers never attach that header on their own. Anonym
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal, TypeVar
 
 from fastapi import Depends, HTTPException, Request, Response
@@ -40,6 +41,10 @@ class AppState:
     login_limiter: RateLimiter
     register_limiter: RateLimiter
     submit_limiter: RateLimiter
+    # Below the PostgreSQL pool size (10): concurrent lookups beyond the pool open overflow
+    # connections that are closed again on return, and a new pg8000 connection costs
+    # milliseconds of CPU (measured: 90% of a PostgreSQL server's CPU went to that churn).
+    lookups: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
 
 
 @dataclass(frozen=True)
@@ -67,11 +72,13 @@ async def _lookup(state: AppState, fn: Callable[[str], T], arg: str) -> T:
 
     The lookup is a cached entry plus one primary-key read of the auth epoch; on a local
     SQLite file (WAL: readers never wait for writers) that read takes microseconds, less than
-    handing the call to a thread and back. A network database gets the threadpool.
+    handing the call to a thread and back. A network database gets the threadpool, at most
+    ``AppState.lookups`` calls at a time.
     """
     if state.store.engines.is_sqlite:
         return fn(arg)
-    return await run_in_threadpool(fn, arg)
+    async with state.lookups:
+        return await run_in_threadpool(fn, arg)
 
 
 async def optional_principal(
