@@ -38,10 +38,13 @@ def assert_identical_rounds(rounds: dict[int, dict[int, dict[str, Any]]], upto: 
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
 def test_three_peers_learn_with_identical_weights_after_every_round(
-    prepared_data: Path, tmp_path: Path
+    prepared_data: Path, tmp_path: Path, overlap: bool
 ) -> None:
-    config = write_config(prepared_data, tmp_path / "runs", tmp_path / "swarm.json")
+    config = write_config(
+        prepared_data, tmp_path / "runs", tmp_path / "swarm.json", overlap=overlap
+    )
     with SwarmProcesses(config, 3, tmp_path) as swarm:
         genesis = swarm.wait_all("genesis", 120)
         swarm.wait_all("done", 150)
@@ -50,7 +53,8 @@ def test_three_peers_learn_with_identical_weights_after_every_round(
     assert all(sorted(r) == [1, 2, 3, 4] for r in rounds.values())
     assert_identical_rounds(rounds, 4)
     first, last = genesis[0]["val_loss"], rounds[0][4]["val_loss"]
-    assert last < first - 0.5, (first, last)
+    # one-round-delayed updates start slower (rounds 1 and 2 both start from the genesis)
+    assert last < first - (0.2 if overlap else 0.5), (first, last)
     assert all(ev["accepted"] == 3 for per_peer in rounds.values() for ev in per_peer.values())
     log = (tmp_path / "peer1" / "swarm_rounds.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in log] == [1, 2, 3, 4]

@@ -131,3 +131,17 @@ def test_rounds_must_be_applied_in_order() -> None:
     (e,) = engines(1)
     with pytest.raises(StateSyncError, match="round 2 cannot follow"):
         e.apply(2, [])
+
+
+def test_entries_computed_from_another_base_state_are_stale() -> None:
+    es = engines(4)
+    gen = torch.Generator().manual_seed(5)
+    run_round(es, 1, [torch.randn(D, generator=gen) for _ in es])
+    entries = [
+        (peer_id(i), e.contribution(2, torch.randn(D, generator=gen), 4)) for i, e in enumerate(es)
+    ]
+    odd = es[3].contribution(2, torch.randn(D, generator=gen), 4, base_digest=b"\x07" * 32)
+    entries[3] = (peer_id(3), odd)
+    reports = [e.apply(2, entries) for e in es]
+    assert all(rep.stale == [peer_id(3)] for rep in reports)
+    assert len({e.state_digest() for e in es}) == 1

@@ -150,3 +150,17 @@ def test_a_peer_restarted_from_its_checkpoint_continues_bit_for_bit(
         swarm.close()
     assert len(hashes) == 1
     assert swarm.resyncs[peer_id(2)] == 0
+
+
+def test_overlapped_rounds_keep_peers_identical_and_learning(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    """Round r + 1 computed from the state before round r (one-round-delayed application)."""
+    swarm = make_swarm(prepared_data, tmp_path, n=3, overlap=True)
+    try:
+        losses = train(swarm, 6, sorted(swarm.workers))
+        reports = swarm.run_round(7)
+    finally:
+        swarm.close()
+    assert losses[-1] < losses[0] - 0.8, losses
+    assert all(len(rep.accepted) == 3 and not rep.stale for rep in reports.values())

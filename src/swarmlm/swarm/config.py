@@ -75,6 +75,11 @@ class SwarmConfig(BaseModel):
     data_shard: int | None = Field(
         default=None, ge=0, description="this peer's shard; None = chosen by its node id"
     )
+    overlap: bool = Field(
+        default=False,
+        description="compute round r + 1 while round r is communicated; its update is applied "
+        "one round late (synchronous and diloco)",
+    )
     eval_every: int = Field(default=1, ge=1, description="evaluate every this many rounds")
     checkpoint_every: int = Field(
         default=5, ge=1, description="checkpoint the swarm state every this many rounds"
@@ -88,6 +93,8 @@ class SwarmConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SwarmConfig:
+        if self.overlap and self.mode == "cooperative":
+            raise ValueError("swarm.overlap is not available in cooperative mode")
         if self.data_shard is not None and self.data_shard >= self.data_shards:
             raise ValueError(
                 f"swarm.data_shard={self.data_shard} must be below swarm.data_shards="

@@ -5,7 +5,9 @@ Layout (version 1)::
     b"SWCT" | u8 version | u32 header length (little-endian) | header | update payload
 
 ``header`` is canonical JSON (sorted keys, no spaces) ``{"round": int, "state": hex sha256
-of the swarm state the update was computed from, "samples": int}``; the update payload is a
+of the sender's swarm state when it contributes (after applying round - 1), "base": hex
+sha256 of the state the update was computed from (the same state, or the one before it when
+rounds overlap), "samples": int}``; the update payload is a
 ``swarmlm.aggregation`` codec frame (its own magic, shape and CRC). The p2p layer signs and
 hashes the whole thing, so who sent it is never in doubt; this decoder only has to make sure
 malformed bytes become a :class:`ContributionError` naming the peer, never a crash.
@@ -35,13 +37,17 @@ class Contribution:
 
     round: int
     state_digest: bytes
+    base_digest: bytes
     samples: int
     update: Tensor
 
 
-def encode_contribution(round: int, state_digest: bytes, samples: int, payload: bytes) -> bytes:
+def encode_contribution(
+    round: int, state_digest: bytes, samples: int, payload: bytes, base_digest: bytes | None = None
+) -> bytes:
+    base = state_digest if base_digest is None else base_digest
     header = json.dumps(
-        {"round": round, "samples": samples, "state": state_digest.hex()},
+        {"base": base.hex(), "round": round, "samples": samples, "state": state_digest.hex()},
         sort_keys=True,
         separators=(",", ":"),
     ).encode()
@@ -66,19 +72,15 @@ def decode_contribution(
         header = json.loads(bytes(view[_HEAD.size : _HEAD.size + hlen]))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ContributionError(peer, f"header is not JSON ({exc})") from exc
-    if not isinstance(header, dict) or set(header) != {"round", "samples", "state"}:
-        raise ContributionError(peer, "header must hold exactly round, samples and state")
-    rnd, samples, state = header["round"], header["samples"], header["state"]
+    if not isinstance(header, dict) or set(header) != {"base", "round", "samples", "state"}:
+        raise ContributionError(peer, "header must hold exactly base, round, samples and state")
+    rnd, samples = header["round"], header["samples"]
     if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 1:
         raise ContributionError(peer, f"field 'round' must be a positive int, got {rnd!r}")
     if not isinstance(samples, int) or isinstance(samples, bool) or not 0 <= samples < 2**40:
         raise ContributionError(peer, f"field 'samples' out of range: {samples!r}")
-    try:
-        digest = bytes.fromhex(state) if isinstance(state, str) else b""
-    except ValueError:
-        digest = b""
-    if len(digest) != 32:
-        raise ContributionError(peer, "field 'state' must be 64 hex digits")
+    digest = _digest_field(peer, header, "state")
+    base = _digest_field(peer, header, "base")
     try:
         update = decode(view[_HEAD.size + hlen :], max_numel=max(numel, 1))
     except CodecError as exc:
@@ -87,4 +89,15 @@ def decode_contribution(
         raise ContributionError(
             peer, f"update has {update.numel()} values, the model has {numel} parameters"
         )
-    return Contribution(rnd, digest, samples, update.reshape(-1).float())
+    return Contribution(rnd, digest, base, samples, update.reshape(-1).float())
+
+
+def _digest_field(peer: str, header: dict[str, object], name: str) -> bytes:
+    text = header[name]
+    try:
+        digest = bytes.fromhex(text) if isinstance(text, str) else b""
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise ContributionError(peer, f"field {name!r} must be 64 hex digits")
+    return digest

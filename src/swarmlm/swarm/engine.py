@@ -9,7 +9,8 @@ A round ``r`` on every peer::
     decode every decided entry (sorted by peer id; malformed -> invalid, penalised)
     agreed state = the state digest most entries carry (ties: smallest digest)
     ours differs -> OutOfSyncError (fetch the agreed state blob, load it, apply again)
-    keep entries computed from the agreed state, drop peers below the reputation threshold
+    keep entries sent from the agreed state and computed from the agreed base state
+    drop peers below the reputation threshold
     worker momentum per contributor -> robust aggregate (centered clipping by default)
     reputation <- distance of each contribution to the aggregate
     apply: outer Nesterov SGD (diloco), AdamW (synchronous) or the alpha rule (cooperative)
@@ -80,6 +81,12 @@ class RoundReport:
     f: int = 0
     aggregate_norm: float = 0.0
     applied: bool = False
+
+
+def _majority(digests: list[bytes]) -> bytes:
+    """The most frequent digest; ties go to the smallest (every peer picks the same)."""
+    counts = Counter(digests)
+    return min(counts, key=lambda dg: (-counts[dg], dg))
 
 
 class RoundEngine:
@@ -187,12 +194,17 @@ class RoundEngine:
         self._blob = bytes(blob)
 
     # -- contributing ----------------------------------------------------------------------
-    def contribution(self, round: int, update: Tensor, samples: int) -> bytes:
-        """Compress ``update`` (float32 ``(d,)``) with error feedback; the payload we send."""
+    def contribution(
+        self, round: int, update: Tensor, samples: int, base_digest: bytes | None = None
+    ) -> bytes:
+        """Compress ``update`` (float32 ``(d,)``) with error feedback; the payload we send.
+        ``base_digest``: the state the update was computed from (default: our state now)."""
         if update.shape != (self.d,):
             raise ValueError(f"update must have shape ({self.d},), got {tuple(update.shape)}")
         encoded = self.feedback.encode(update.detach().float())
-        return encode_contribution(round, self.state_digest(), samples, encoded.payload)
+        return encode_contribution(
+            round, self.state_digest(), samples, encoded.payload, base_digest
+        )
 
     # -- applying --------------------------------------------------------------------------
     def apply(
@@ -220,12 +232,15 @@ class RoundEngine:
                 report.invalid[peer] = exc.reason
                 log.warning("round %d: %s", round, exc)
         if self.cfg.mode != "cooperative" and valid:
-            counts = Counter(c.state_digest for _, c in valid)
-            agreed = min(counts, key=lambda dg: (-counts[dg], dg))
+            agreed = _majority([c.state_digest for _, c in valid])
             if agreed != self.state_digest():
                 raise OutOfSyncError(round, agreed)
-            report.stale = [p for p, c in valid if c.state_digest != agreed]
-            valid = [(p, c) for p, c in valid if c.state_digest == agreed]
+            current = [(p, c) for p, c in valid if c.state_digest == agreed]
+            base = _majority([c.base_digest for _, c in current])
+            report.stale = [
+                p for p, c in valid if (c.state_digest, c.base_digest) != (agreed, base)
+            ]
+            valid = [(p, c) for p, c in current if c.base_digest == base]
         if self.cfg.attack == "alie":
             self.observed = [(p, c.update) for p, c in valid]
         with single_thread():

@@ -44,6 +44,16 @@ KEEP_STATE_BLOBS = 3  # our recent state blobs stay fetchable for lagging peers
 
 
 @dataclass
+class _Pending:
+    """A contributed round whose decision has not been applied yet."""
+
+    round: int
+    task: asyncio.Task[Decision]
+    payload: bytes
+    compute_s: float
+
+
+@dataclass
 class SwarmResult:
     rounds: int = 0
     last_loss: float | None = None
@@ -133,11 +143,47 @@ class SwarmNode:
         self._publish_state()
         initial = await asyncio.to_thread(self.worker.evaluate)
         self._emit("genesis", members=members, val_loss=initial, round=start - 1)
-        for r in range(start, sw.rounds + 1):
-            decision = await self._round(r)
-            if self.identity.node_id not in decision.members_next:
-                log.warning("round %d removed us from the membership; stopping", r)
-                break
+        await self._rounds(start)
+
+    async def _rounds(self, start: int) -> None:
+        """Rounds ``start..rounds``. Without overlap each round completes (decision, apply)
+        before the next local phase; with overlap the next local phase runs first, so round
+        r's communication overlaps round r + 1's compute and r + 1's update, computed from
+        the state before r, is applied one round late."""
+        assert self.worker is not None
+        assert self.proto is not None
+        worker, proto, sw = self.worker, self.proto, self.cfg.swarm
+        pending: _Pending | None = None
+        try:
+            for r in range(start, sw.rounds + 1):
+                if proto.highest_seen > r or r in proto.decisions:
+                    # catching up (restart): the swarm is past this round; follow its decisions
+                    if pending is not None and not await self._complete(pending):
+                        return
+                    pending = None
+                    task = asyncio.create_task(proto.decision(r, sw.round_timeout))
+                    if not await self._complete(_Pending(r, task, b"", 0.0)):
+                        return
+                    continue
+                base = await asyncio.to_thread(worker.engine.state_digest)
+                t0 = time.perf_counter()
+                update = await asyncio.to_thread(worker.local_phase)
+                t_compute = time.perf_counter() - t0
+                if pending is not None and not await self._complete(pending):
+                    return
+                payload = await asyncio.to_thread(worker.contribution, r, update, base)
+                pending = _Pending(
+                    r, asyncio.create_task(self._decide(r, payload)), payload, t_compute
+                )
+                if not sw.overlap:
+                    done, pending = pending, None
+                    if not await self._complete(done):
+                        return
+            if pending is not None:
+                await self._complete(pending)
+        finally:
+            if pending is not None and not pending.task.done():
+                pending.task.cancel()
 
     async def _genesis(self, expect: int, timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout
@@ -151,21 +197,18 @@ class SwarmNode:
         peers = sorted(self.node.connections)[: expect - 1]
         return sorted([self.identity.node_id, *peers])
 
-    async def _round(self, r: int) -> Decision:
+    async def _complete(self, pending: _Pending) -> bool:
+        """Wait for round ``pending.round``'s decision, apply it (resynchronising if needed),
+        publish, evaluate, checkpoint and report. False when we are no longer a member."""
         assert self.worker is not None
         assert self.proto is not None
-        worker, proto = self.worker, self.proto
-        t0 = time.perf_counter()
-        payload = b""
-        if proto.highest_seen > r or r in proto.decisions:
-            # catching up (restart): the swarm is past this round; follow its decision
-            decision = await proto.decision(r, self.cfg.swarm.round_timeout)
-            t_compute = 0.0
-        else:
-            update = await asyncio.to_thread(worker.local_phase)
-            payload = await asyncio.to_thread(worker.contribution, r, update)
-            t_compute = time.perf_counter() - t0
-            decision = await self._decide(r, payload)
+        worker, proto, r = self.worker, self.proto, pending.round
+        t_wait = time.perf_counter()
+        try:
+            decision = await pending.task
+        except BaseException:
+            pending.task.cancel()
+            raise
         t_decided = time.perf_counter()
         entries = []
         for e in decision.entries:
@@ -198,16 +241,19 @@ class SwarmNode:
             val_loss=loss,
             train_loss=worker.last_loss,
             resynced=resynced,
-            caught_up=not payload,
+            caught_up=not pending.payload,
             view=decision.view,
-            compute_s=round(t_compute, 3),
-            wait_s=round(t_decided - t0 - t_compute, 3),
+            compute_s=round(pending.compute_s, 3),
+            wait_s=round(t_decided - t_wait, 3),
             apply_s=round(t_applied - t_decided, 3),
             bytes_sent=self.node.bytes_sent,
-            payload_bytes=len(payload),
+            payload_bytes=len(pending.payload),
             **_report_fields(report),
         )
-        return decision
+        if self.identity.node_id not in decision.members_next:
+            log.warning("round %d removed us from the membership; stopping", r)
+            return False
+        return True
 
     async def _decide(self, r: int, payload: bytes) -> Decision:
         assert self.proto is not None

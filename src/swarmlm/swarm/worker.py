@@ -125,11 +125,12 @@ class SwarmWorker:
 
     # -- local phase -----------------------------------------------------------------------
     @_exclusive
-    def local_phase(self) -> Tensor:
-        """Train locally from the consensus parameters; return the update to contribute
-        (float32 ``(d,)``): the pseudo-gradient ``start - local`` (diloco, cooperative) or the
-        clipped gradient of one global step (synchronous)."""
-        start = self.engine.params
+    def local_phase(self, start: Tensor | None = None) -> Tensor:
+        """Train locally from ``start`` (default: the consensus parameters now; with overlap,
+        those of one round earlier); return the update to contribute (float32 ``(d,)``): the
+        pseudo-gradient ``start - local`` (diloco, cooperative) or the clipped gradient of one
+        global step (synchronous)."""
+        start = self.engine.params if start is None else start
         load_flat_params(self.model, self.layout, start)
         self.model.train()
         if self.cfg.swarm.mode == "synchronous":
@@ -162,8 +163,9 @@ class SwarmWorker:
         return grad
 
     @_exclusive
-    def contribution(self, round: int, update: Tensor) -> bytes:
-        """The payload for ``round``; an attacker (tests, benchmarks) distorts it first."""
+    def contribution(self, round: int, update: Tensor, base_digest: bytes | None = None) -> bytes:
+        """The payload for ``round`` (``base_digest``: the state ``update`` was computed from,
+        default our state now); an attacker (tests, benchmarks) distorts it first."""
         if self.cfg.swarm.attack == "sign_flip":
             update = -self.cfg.swarm.attack_scale * update
         elif self.cfg.swarm.attack == "alie":
@@ -171,7 +173,7 @@ class SwarmWorker:
             if len(others) >= 2:  # before that, behave (nothing to hide inside yet)
                 ctx = AttackContext(torch.stack(others), update[None], n=len(others) + 1)
                 update = get_attack("alie")(ctx)[0]
-        return self.engine.contribution(round, update, self.samples_per_round)
+        return self.engine.contribution(round, update, self.samples_per_round, base_digest)
 
     # -- applying --------------------------------------------------------------------------
     @_exclusive
