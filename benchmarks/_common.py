@@ -136,6 +136,18 @@ def environment() -> dict[str, Any]:
     return info
 
 
+def contention(*envs: Mapping[str, Any]) -> dict[str, Any]:
+    """Was the CPU shared during the run? ``envs`` are :func:`environment` snapshots (start,
+    end). ``contended`` is True when the 1-minute load average exceeded the core count: other
+    processes then compete for the cores, multi-threaded small ops (batch-1 decoding above
+    all) slow down far more than large matmuls, and even interleaved ratios become unreliable.
+    """
+    loads = [float(e["load_average_1_5_15min"][0]) for e in envs if "load_average_1_5_15min" in e]
+    cores = os.cpu_count() or 1
+    peak = max(loads) if loads else math.nan
+    return {"max_load_1min": peak, "cores": cores, "contended": bool(loads) and peak > cores}
+
+
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` as indented JSON atomically (temp file in the same dir + rename), so a
     reader never sees a half-written result file."""

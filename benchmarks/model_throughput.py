@@ -49,6 +49,7 @@ from _common import (
     RESULTS_DIR,
     Samples,
     bar_chart,
+    contention,
     emit_headline,
     environment,
     interleave,
@@ -517,6 +518,15 @@ def main(argv: list[str] | None = None) -> int:
 
     results["environment_end"] = environment()
     results["wall_seconds"] = time.perf_counter() - started
+    load = contention(results["environment_start"], results["environment_end"])
+    results["contention"] = load
+    if load["contended"]:
+        log.warning(
+            "the 1-minute load average reached %.1f on %d cores: other processes shared the CPU,"
+            " so absolute numbers are far below an idle machine's and ratios are unreliable",
+            load["max_load_1min"],
+            load["cores"],
+        )
 
     def pick(section: str, key: str) -> Any:
         return results[section][key] if section in results else None
@@ -529,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         "moe_train_ratio_vs_hf": pick("moe_train", "ratio_vs_hf"),
         "moe_train_mode": pick("moe_train", "best_swarmlm_mode"),
         "greedy_tokens_match": pick("decode", "greedy_tokens_match"),
+        "machine_contended": load["contended"],
         "targets_met": {
             key: (results[section]["ratio_vs_hf"] >= target if section in results else None)
             for key, section, target in (
