@@ -86,16 +86,21 @@ class MoEFeedForward(nn.Module):
             self.expert_counts += counts
         token_of = order // k
         routed = flat.index_select(0, token_of)
+        # unbind: one view per expert whose backward stacks the expert gradients once, instead
+        # of zero-filling and accumulating a full (E, out, in) gradient for every expert.
+        w_up = self.w_up.unbind(0)
+        w_down = self.w_down.unbind(0)
+        w_gate = self.w_gate.unbind(0) if self.w_gate is not None else None
         pieces = []
         for e, seg in enumerate(torch.split(routed, counts.tolist())):
             if seg.shape[0] == 0:
                 continue
-            up = seg @ self.w_up[e].t()
-            if self.w_gate is not None:
-                h = swiglu(seg @ self.w_gate[e].t(), up)
+            up = seg @ w_up[e].t()
+            if w_gate is not None:
+                h = swiglu(seg @ w_gate[e].t(), up)
             else:
                 h = F.gelu(up, approximate="tanh")
-            pieces.append(h @ self.w_down[e].t())
+            pieces.append(h @ w_down[e].t())
         outputs = torch.cat(pieces) if pieces else routed
         scaled = outputs * weights.reshape(-1)[order].unsqueeze(-1).to(outputs.dtype)
         result = torch.zeros_like(flat)
