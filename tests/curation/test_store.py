@@ -610,3 +610,13 @@ def test_two_processes_writing_one_database_neither_deadlock_nor_lose_writes(
     assert all(t.status == "finalised" for t in tasks)
     assert all(t.n_annotations == t.needed for t in tasks)
     assert _lease_counts(first, ts_id)[0] == dict.fromkeys((t.id for t in tasks), 0)
+
+
+def test_a_session_token_never_passes_as_an_api_token(store: CurationStore) -> None:
+    (uid,) = _users(store, 1)
+    session, _ = store.create_session(uid, 3600)
+    assert store.session_lookup(session) is not None  # now cached
+    assert store.annotator_for_token(session) is None
+    token = store.create_api_token(uid)
+    assert store.annotator_for_token(token) is not None  # now cached
+    assert store.session_lookup(token) is None

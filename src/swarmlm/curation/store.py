@@ -505,12 +505,15 @@ class CurationStore:
         )
 
     def _cached_credential(
-        self, key: str, sql: str
+        self, kind: str, token_hash: str, sql: str
     ) -> tuple[AnnotatorInfo, str | None, datetime | None] | None:
         """``(annotator, csrf, expiry)`` for a credential hash, cached while the epoch holds.
 
-        ``sql`` selects the epoch, the annotator columns, then csrf and expiry for ``key``.
+        ``sql`` selects the epoch, the annotator columns, then csrf and expiry for the hash.
+        ``kind`` keeps API tokens and session tokens apart in the cache (a session token
+        must never pass as a bearer token, nor the reverse).
         """
+        key = f"{kind}:{token_hash}"
         epoch = self._auth_epoch()
         if epoch is not None:
             with self._cache_lock:
@@ -518,7 +521,7 @@ class CurationStore:
                 if hit is not None and hit[0] == epoch:
                     self._auth_cache.move_to_end(key)
                     return hit[1], hit[2], hit[3]
-        rows = self._read_rows(sql, (key,))
+        rows = self._read_rows(sql, (token_hash,))
         if not rows:
             return None
         row = rows[0]
@@ -540,6 +543,7 @@ class CurationStore:
     def annotator_for_token(self, token: str) -> AnnotatorInfo | None:
         """The enabled account owning ``token``, or ``None`` (checked on every API call)."""
         found = self._cached_credential(
+            "token",
             _hash_token(token),
             "SELECT (SELECT epoch FROM auth_epoch WHERE id = 1), "
             + self._ANNOTATOR_SQL_COLUMNS
@@ -570,6 +574,7 @@ class CurationStore:
     def session_lookup(self, token: str) -> tuple[AnnotatorInfo, str] | None:
         """``(annotator, csrf token)`` for a live session of an enabled account, else ``None``."""
         found = self._cached_credential(
+            "session",
             _hash_token(token),
             "SELECT (SELECT epoch FROM auth_epoch WHERE id = 1), "
             + self._ANNOTATOR_SQL_COLUMNS
