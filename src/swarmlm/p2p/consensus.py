@@ -263,7 +263,7 @@ class RoundProtocol:
             if peer != self.node.node_id:
                 self._spawn(self._push_one(peer, digest, payload))
 
-    async def _push_one(self, peer: str, digest: bytes, payload: bytes) -> None:
+    async def _push_one(self, peer: str, digest: bytes, payload: Payload) -> None:
         with contextlib.suppress(TransportError, TimeoutError):
             await self.node.send_blob(peer, digest, payload)
 
@@ -782,9 +782,15 @@ class RoundProtocol:
             self._send(self.node.sign("contrib", mine.body, st.round), peers)
 
     def _on_peer_connected(self, peer: str) -> None:
+        """A (re)connected peer may have lost our contribution with the old connection."""
         st = self.rounds.get(self.last_decided + 1)
-        if st is not None and st.decided is None:
-            self._resend_contrib(st, [peer])
+        if st is None or st.decided is not None or peer not in st.members:
+            return
+        self._resend_contrib(st, [peer])
+        mine = st.contribs.get(self.node.node_id)
+        payload = self.node.blobs.get(mine.body["digest"]) if mine is not None else None
+        if mine is not None and payload is not None:
+            self._spawn(self._push_one(peer, mine.body["digest"], payload))
 
     async def _pull_payloads(self, st: _Round) -> None:
         """Leader side: fetch payloads of known contributions that never arrived."""

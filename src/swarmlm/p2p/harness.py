@@ -162,7 +162,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-delay", type=float, default=1.0)
     p.add_argument("--round-timeout", type=float, default=1.0)
     p.add_argument("--heartbeat", type=float, default=0.5)
-    p.add_argument("--dead-timeout", type=float, default=2.0)
+    p.add_argument("--dead-timeout", type=float, default=5.0)
     p.add_argument("--pex", type=float, default=1.0)
     p.add_argument("--grace", type=float, default=0.1)
     p.add_argument("--keep-rounds", type=int, default=8)
