@@ -417,7 +417,8 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{s['max']:,.0f}",
                 f"{res['ratios_vs_hf_eager'][name]:.2f}x",
             )
-    stderr_console.print(table)
+    # Non-terminal consoles default to 80 columns, which wraps this table in log files.
+    stderr_console.print(table, width=max(stderr_console.width, 110))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
