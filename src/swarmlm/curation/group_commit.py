@@ -11,16 +11,18 @@ and then get :class:`StoreBusyError`.
 
 Several server processes may each run a committer on the same database: every batch is one
 ordinary transaction, and each process acknowledges only what its own commit made durable.
-Batches of different processes take turns: on SQLite through ``BEGIN IMMEDIATE`` (waiting up
-to the busy timeout), on PostgreSQL through a transaction-scoped advisory lock. Without that
-lock, two batches touching the same task and annotator rows in different orders deadlock
-(measured: with two workers, within seconds).
+Batches of different processes take turns: on SQLite through an exclusive ``flock`` on
+``<database>-writer.lock`` and then ``BEGIN IMMEDIATE`` (waiting up to the busy timeout for
+writers outside the group commit), on PostgreSQL through a transaction-scoped advisory lock.
+Without that lock, two batches touching the same task and annotator rows in different orders
+deadlock (measured: with two workers, within seconds).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -29,6 +31,11 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: SQLite's busy timeout alone
+    fcntl = None  # type: ignore[assignment]
 from sqlalchemy.exc import DBAPIError
 
 from swarmlm.curation.db import RawSql
@@ -88,6 +95,43 @@ def _is_transient(e: BaseException) -> bool:
     return _sqlstate(e) in _TRANSIENT_SQLSTATES
 
 
+class _FileLock:
+    """An exclusive ``flock`` on ``path`` (held per batch; a no-op without ``fcntl``).
+
+    Batches of several processes on one SQLite file queue here rather than in SQLite's busy
+    handler, which polls with sleeps growing to 100 ms: a process that lost the race kept
+    sleeping while the other committed batch after batch (measured with two web workers:
+    submit p99 400-900 ms; with this lock 160-270 ms, in alternating runs). A kernel lock
+    wakes the next waiter as soon as it is released.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self._fd: int | None = None
+        if path is not None and fcntl is not None:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def __enter__(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _sqlite_writer_lock(engine: Engine) -> _FileLock:
+    """``<database file>-writer.lock`` for a SQLite file; a no-op lock otherwise."""
+    db = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not db or db == ":memory:":
+        return _FileLock(None)
+    return _FileLock(f"{db}-writer.lock")
+
+
 class GroupCommitter:
     def __init__(
         self,
@@ -108,6 +152,7 @@ class GroupCommitter:
         self._stopped = False
         self.batches = 0
         self.requests = 0
+        self._writer_lock = _sqlite_writer_lock(engine)
 
     def run(self, fn: Callable[[WriteTx], T]) -> T:
         """Run ``fn(tx)`` in the next group transaction; return once it is committed."""
@@ -167,6 +212,8 @@ class GroupCommitter:
         if thread is not None:
             self._queue.put(None)
             thread.join(timeout=self._timeout)
+        if thread is None or not thread.is_alive():
+            self._writer_lock.close()
 
     def _loop(self) -> None:
         while True:
@@ -215,7 +262,7 @@ class GroupCommitter:
     def _run_batch(self, batch: list[_Request]) -> None:
         outcomes: list[tuple[Future[Any], Any, Exception | None]] = []
         try:
-            with self._engine.connect() as conn, conn.begin():
+            with self._writer_lock, self._engine.connect() as conn, conn.begin():
                 tx = WriteTx(conn, self._sql)
                 if not self._sql.is_sqlite:
                     tx.execute("SELECT pg_advisory_xact_lock(?)", (_PG_BATCH_LOCK,))
