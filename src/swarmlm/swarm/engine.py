@@ -234,7 +234,8 @@ class RoundEngine:
         if self.cfg.mode != "cooperative" and valid:
             agreed = _majority([c.state_digest for _, c in valid])
             if agreed != self.state_digest():
-                raise OutOfSyncError(round, agreed)
+                holders = [p for p, c in valid if c.state_digest == agreed]
+                raise OutOfSyncError(round, agreed, holders)
             current = [(p, c) for p, c in valid if c.state_digest == agreed]
             base = _majority([c.base_digest for _, c in current])
             report.stale = [

@@ -24,13 +24,14 @@ class OutOfSyncError(SwarmError):
     """Our state differs from the one the decided contributions were computed from.
 
     ``digest`` is the agreed state digest of the round start: fetch that state blob from a
-    peer, load it and apply the round again.
+    peer (``holders`` announced it), load it and apply the round again.
     """
 
-    def __init__(self, round: int, digest: bytes) -> None:
+    def __init__(self, round: int, digest: bytes, holders: list[str] | None = None) -> None:
         super().__init__(
             f"round {round}: our state differs from the agreed state {digest.hex()[:16]}; "
             "resynchronise"
         )
         self.round = round
         self.digest = digest
+        self.holders = holders or []  # peers whose contributions were sent from that state

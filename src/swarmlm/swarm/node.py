@@ -271,15 +271,33 @@ class SwarmNode:
                 log.info("round %d: still undecided, waiting", r)
 
     async def _resync(self, exc: OutOfSyncError, members: list[str]) -> None:
+        """Fetch the agreed state blob (verified against its digest by the transport), asking
+        the peers that announced it first, and load it."""
         assert self.worker is not None
-        peers = [p for p in members if p != self.identity.node_id]
+        me = self.identity.node_id
+        holders = [p for p in exc.holders if p != me]
+        order = holders + [p for p in members if p != me and p not in holders]
         log.warning("round %d: fetching the agreed state %s", exc.round, exc.digest.hex()[:12])
-        try:
-            blob = await self.node.fetch(exc.digest, peers, self.cfg.p2p.fetch_timeout * 3)
-        except TransportError as err:
+        deadline = time.monotonic() + 3 * self.cfg.p2p.fetch_timeout
+        blob = None
+        while blob is None and time.monotonic() < deadline:
+            for peer in order:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    blob = await self.node.fetch(
+                        exc.digest, [peer], min(self.cfg.p2p.fetch_timeout, left)
+                    )
+                    break
+                except TransportError:
+                    continue
+            else:
+                await asyncio.sleep(0.2)
+        if blob is None:
             raise StateSyncError(
                 f"round {exc.round}: no member served the agreed state {exc.digest.hex()[:12]}"
-            ) from err
+            )
         await asyncio.to_thread(self.worker.load_state, bytes(blob), exc.digest)
         self.result.resyncs += 1
 

@@ -39,6 +39,10 @@ from swarmlm.train.trainer import Trainer, rng_state
 
 log = logging.getLogger(__name__)
 
+# Model initialisation draws from torch's global RNG: peers built in one process (simulations,
+# in-process tests) must not interleave their draws, or their genesis weights would differ.
+_INIT_LOCK = threading.Lock()
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -104,9 +108,10 @@ class SwarmWorker:
         self.shard = (
             sw.data_shard if sw.data_shard is not None else shard_for(node_id, sw.data_shards)
         )
-        self.trainer = Trainer(
-            run, parallel=DataShard(self.shard, sw.data_shards), show_progress=show_progress
-        )
+        with _INIT_LOCK:
+            self.trainer = Trainer(
+                run, parallel=DataShard(self.shard, sw.data_shards), show_progress=show_progress
+            )
         self.model = self.trainer.model_core
         self.layout = ParamLayout.of(self.model)
         self.engine = RoundEngine(
