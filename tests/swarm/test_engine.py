@@ -145,3 +145,17 @@ def test_entries_computed_from_another_base_state_are_stale() -> None:
     reports = [e.apply(2, entries) for e in es]
     assert all(rep.stale == [peer_id(3)] for rep in reports)
     assert len({e.state_digest() for e in es}) == 1
+
+
+def test_members_missing_from_the_decided_set_lose_reputation() -> None:
+    es = engines(4)
+    gen = torch.Generator().manual_seed(6)
+    members = [peer_id(i) for i in range(4)]
+    for r in (1, 2):
+        entries = [
+            (peer_id(i), es[i].contribution(r, torch.randn(D, generator=gen), 4)) for i in range(3)
+        ]
+        reports = [e.apply(r, entries, members=members) for e in es]
+    assert all(rep.absent == [peer_id(3)] for rep in reports)
+    assert es[0].reputation[peer_id(3)] == pytest.approx(0.81)
+    assert len({e.state_digest() for e in es}) == 1

@@ -12,7 +12,7 @@ A round ``r`` on every peer::
     keep entries sent from the agreed state and computed from the agreed base state
     drop peers below the reputation threshold
     worker momentum per contributor -> robust aggregate (centered clipping by default)
-    reputation <- distance of each contribution to the aggregate
+    reputation <- distance of each contribution to the aggregate, invalid entries, absence
     apply: outer Nesterov SGD (diloco), AdamW (synchronous) or the alpha rule (cooperative)
 
 Determinism contract: given the same state and the same decided bytes, every peer produces
@@ -77,6 +77,7 @@ class RoundReport:
     stale: list[str] = field(default_factory=list)
     invalid: dict[str, str] = field(default_factory=dict)
     excluded: list[str] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)
     flagged: list[str] = field(default_factory=list)
     f: int = 0
     aggregate_norm: float = 0.0
@@ -214,10 +215,12 @@ class RoundEngine:
         *,
         lr: float = 0.0,
         own_update: Tensor | None = None,
+        members: Sequence[str] = (),
     ) -> RoundReport:
         """Advance the state by decided round ``round`` (``entries`` as the protocol decided
-        them: one payload per distinct peer). Raises :class:`OutOfSyncError` when the agreed
-        state is not ours; the state is then untouched."""
+        them: one payload per distinct peer; ``members``: the round's agreed membership, whose
+        members without an entry were late or down). Raises :class:`OutOfSyncError` when the
+        agreed state is not ours; the state is then untouched."""
         if round != self.round + 1:
             raise StateSyncError(f"round {round} cannot follow our last applied round {self.round}")
         report = RoundReport(round, len(entries))
@@ -244,6 +247,8 @@ class RoundEngine:
             valid = [(p, c) for p, c in current if c.base_digest == base]
         if self.cfg.attack == "alie":
             self.observed = [(p, c.update) for p, c in valid]
+        present = {p for p, _ in entries}
+        report.absent = sorted(set(members) - present)
         with single_thread():
             self._aggregate_and_step(report, valid, lr, own_update)
         self.round = round
@@ -260,6 +265,8 @@ class RoundEngine:
         r = report.round
         for peer in report.invalid:
             self.reputation[peer] = self.reputation.get(peer, INITIAL_REPUTATION) * 0.5
+        for peer in report.absent:  # uptime: a member that misses rounds loses standing
+            self.reputation[peer] = self.reputation.get(peer, INITIAL_REPUTATION) * 0.9
         rows: list[tuple[str, Tensor]] = []
         for peer, c in valid:
             beta = self.cfg.worker_momentum

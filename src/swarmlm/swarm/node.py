@@ -216,10 +216,10 @@ class SwarmNode:
             entries.append((e.peer, bytes(data)))
         resynced = False
         try:
-            report = await asyncio.to_thread(worker.apply, r, entries)
+            report = await asyncio.to_thread(worker.apply, r, entries, decision.members)
         except OutOfSyncError as exc:
             await self._resync(exc, decision.members)
-            report = await asyncio.to_thread(worker.apply, r, entries)
+            report = await asyncio.to_thread(worker.apply, r, entries, decision.members)
             resynced = True
         params_hash, _ = await asyncio.to_thread(
             lambda: (worker.params_sha256(), worker.engine.state_digest())
@@ -320,6 +320,7 @@ def _report_fields(report: RoundReport) -> dict[str, Any]:
         "stale": [p[:12] for p in report.stale],
         "invalid": {p[:12]: why for p, why in report.invalid.items()},
         "excluded": [p[:12] for p in report.excluded],
+        "absent": [p[:12] for p in report.absent],
         "flagged": [p[:12] for p in report.flagged],
         "aggregate_norm": report.aggregate_norm,
     }

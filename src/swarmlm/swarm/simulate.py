@@ -42,10 +42,11 @@ class LocalSwarm:
             self._base[pid] = now
         store = {w.engine.state_digest(): w.engine.state_blob() for w in self.workers.values()}
         decided = sorted(payloads.items())
+        members = sorted(self.workers)
         reports = {}
         for pid, w in self.workers.items():
             try:
-                reports[pid] = w.apply(round, list(decided))
+                reports[pid] = w.apply(round, list(decided), members)
             except OutOfSyncError as exc:
                 blob = store.get(exc.digest)
                 if blob is None:
@@ -54,7 +55,7 @@ class LocalSwarm:
                     ) from exc
                 w.load_state(blob, exc.digest)
                 self.resyncs[pid] += 1
-                reports[pid] = w.apply(round, list(decided))
+                reports[pid] = w.apply(round, list(decided), members)
         return reports
 
     def close(self) -> None:

@@ -183,12 +183,16 @@ class SwarmWorker:
     # -- applying --------------------------------------------------------------------------
     @_exclusive
     def apply(
-        self, round: int, entries: Sequence[tuple[str, bytes | bytearray | memoryview]]
+        self,
+        round: int,
+        entries: Sequence[tuple[str, bytes | bytearray | memoryview]],
+        members: Sequence[str] = (),
     ) -> RoundReport:
-        """Apply decided round ``round``; raises OutOfSyncError when we must resynchronise."""
+        """Apply decided round ``round`` of membership ``members``; raises OutOfSyncError
+        when we must resynchronise."""
         lr = self.trainer.schedule.lr(round - 1)
         own = self.last_update if self.cfg.swarm.mode == "cooperative" else None
-        report = self.engine.apply(round, entries, lr=lr, own_update=own)
+        report = self.engine.apply(round, entries, lr=lr, own_update=own, members=members)
         load_flat_params(self.model, self.layout, self.engine.params)
         return report
 
