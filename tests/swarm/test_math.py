@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from swarmlm.aggregation import get_codec
+from swarmlm.swarm.batching import round_time_budget
 from swarmlm.swarm.contribution import decode_contribution, encode_contribution
 from swarmlm.swarm.errors import ContributionError, StateSyncError
 from swarmlm.swarm.outer import FlatAdamW, NesterovOuter
@@ -149,3 +150,20 @@ def test_state_decoder_never_crashes_on_arbitrary_bytes(junk: bytes, cut: int) -
     for data in (junk, blob[:cut] + junk):
         with contextlib.suppress(StateSyncError):
             decode_state(data)
+
+
+def test_round_budget_targets_the_swarm_total_and_ignores_a_lying_minority() -> None:
+    honest = {f"p{i}": (100, 1.0) for i in range(3)}
+    assert round_time_budget(800, {**honest, "p3": (100, 1.0)}) == pytest.approx(2.0)
+    liar = {**honest, "p3": (10**9, 0.001)}  # claims to be a million times faster
+    assert round_time_budget(800, liar) == pytest.approx(2.0)
+    assert round_time_budget(800, {}) is None
+    assert round_time_budget(800, {"p0": (0, 0.0)}) is None
+
+
+def test_contribution_carries_samples_and_compute_seconds() -> None:
+    payload = get_codec("none").encode(torch.ones(4))
+    c = decode_contribution(
+        "ab" * 32, encode_contribution(2, b"\x01" * 32, 64, payload, None, 1.23456), 4
+    )
+    assert (c.samples, c.seconds, c.base_digest) == (64, 1.235, b"\x01" * 32)

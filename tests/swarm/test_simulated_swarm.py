@@ -164,3 +164,28 @@ def test_overlapped_rounds_keep_peers_identical_and_learning(
         swarm.close()
     assert losses[-1] < losses[0] - 0.8, losses
     assert all(len(rep.accepted) == 3 and not rep.stale for rep in reports.values())
+
+
+def test_target_global_batch_sets_how_much_the_swarm_trains_per_round(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    """Rounds after the first train for the time the swarm needs to reach target_samples at
+    its measured throughput: a 4x larger target processes about 4x more samples per round."""
+    totals = {}
+    for target in (96, 384):
+        swarm = make_swarm(
+            prepared_data, tmp_path / str(target), n=3, target_samples=target, inner_steps=2
+        )
+        try:
+            train(swarm, 1, sorted(swarm.workers))
+            processed = []
+            for r in range(2, 5):
+                reports = swarm.run_round(r)
+                hashes = {w.params_sha256() for w in swarm.workers.values()}
+                assert len(hashes) == 1
+                processed.append(sum(s for s, _ in reports[peer_id(0)].throughput.values()))
+        finally:
+            swarm.close()
+        totals[target] = sum(processed) / len(processed)
+    ratio = totals[384] / totals[96]
+    assert 2.0 < ratio < 8.0, totals

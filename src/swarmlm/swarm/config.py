@@ -39,6 +39,16 @@ class SwarmConfig(BaseModel):
     inner_steps: int = Field(
         default=50, ge=1, description="local steps per round (H for diloco, K for cooperative)"
     )
+    target_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="target global batch: samples the swarm processes together per round; each "
+        "peer trains for the time this takes at the swarm's last measured throughput "
+        "(None = inner_steps per peer)",
+    )
+    max_inner_steps: int = Field(
+        default=10_000, ge=1, description="bound on local steps per round with target_samples"
+    )
     outer_lr: float = Field(default=0.7, gt=0, description="outer SGD learning rate (diloco)")
     outer_momentum: float = Field(default=0.5, ge=0, lt=1, description="outer momentum (diloco)")
     nesterov: bool = Field(default=True, description="Nesterov form of the outer momentum")
@@ -93,6 +103,11 @@ class SwarmConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SwarmConfig:
+        if self.target_samples is not None and self.mode == "synchronous":
+            raise ValueError(
+                "swarm.target_samples needs local steps: use diloco or cooperative mode "
+                "(synchronous rounds take one batch per peer)"
+            )
         if self.overlap and self.mode == "cooperative":
             raise ValueError("swarm.overlap is not available in cooperative mode")
         if self.data_shard is not None and self.data_shard >= self.data_shards:

@@ -7,15 +7,17 @@ Layout (version 1)::
 ``header`` is canonical JSON (sorted keys, no spaces) ``{"round": int, "state": hex sha256
 of the sender's swarm state when it contributes (after applying round - 1), "base": hex
 sha256 of the state the update was computed from (the same state, or the one before it when
-rounds overlap), "samples": int}``; the update payload is a
-``swarmlm.aggregation`` codec frame (its own magic, shape and CRC). The p2p layer signs and
-hashes the whole thing, so who sent it is never in doubt; this decoder only has to make sure
-malformed bytes become a :class:`ContributionError` naming the peer, never a crash.
+rounds overlap), "samples": int, "seconds": float (the local phase's compute time)}``; the
+update payload is a ``swarmlm.aggregation`` codec frame (its own magic, shape and CRC). The
+p2p layer signs and hashes the whole thing, so who sent it is never in doubt; this decoder
+only has to make sure malformed bytes become a :class:`ContributionError` naming the peer,
+never a crash.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ from swarmlm.swarm.errors import ContributionError
 MAGIC = b"SWCT"
 VERSION = 1
 MAX_HEADER = 4096
+MAX_SECONDS = 1e7  # a local phase longer than ~4 months is not believable
 _HEAD = struct.Struct("<4sBI")
 
 
@@ -39,15 +42,27 @@ class Contribution:
     state_digest: bytes
     base_digest: bytes
     samples: int
+    seconds: float
     update: Tensor
 
 
 def encode_contribution(
-    round: int, state_digest: bytes, samples: int, payload: bytes, base_digest: bytes | None = None
+    round: int,
+    state_digest: bytes,
+    samples: int,
+    payload: bytes,
+    base_digest: bytes | None = None,
+    seconds: float = 0.0,
 ) -> bytes:
     base = state_digest if base_digest is None else base_digest
     header = json.dumps(
-        {"base": base.hex(), "round": round, "samples": samples, "state": state_digest.hex()},
+        {
+            "base": base.hex(),
+            "round": round,
+            "samples": samples,
+            "seconds": round_seconds(seconds),
+            "state": state_digest.hex(),
+        },
         sort_keys=True,
         separators=(",", ":"),
     ).encode()
@@ -72,13 +87,20 @@ def decode_contribution(
         header = json.loads(bytes(view[_HEAD.size : _HEAD.size + hlen]))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ContributionError(peer, f"header is not JSON ({exc})") from exc
-    if not isinstance(header, dict) or set(header) != {"base", "round", "samples", "state"}:
-        raise ContributionError(peer, "header must hold exactly base, round, samples and state")
-    rnd, samples = header["round"], header["samples"]
+    fields = {"base", "round", "samples", "seconds", "state"}
+    if not isinstance(header, dict) or set(header) != fields:
+        raise ContributionError(peer, f"header must hold exactly {', '.join(sorted(fields))}")
+    rnd, samples, seconds = header["round"], header["samples"], header["seconds"]
     if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 1:
         raise ContributionError(peer, f"field 'round' must be a positive int, got {rnd!r}")
     if not isinstance(samples, int) or isinstance(samples, bool) or not 0 <= samples < 2**40:
         raise ContributionError(peer, f"field 'samples' out of range: {samples!r}")
+    if (
+        not isinstance(seconds, (int, float))
+        or isinstance(seconds, bool)
+        or not 0.0 <= seconds <= MAX_SECONDS
+    ):
+        raise ContributionError(peer, f"field 'seconds' out of range: {seconds!r}")
     digest = _digest_field(peer, header, "state")
     base = _digest_field(peer, header, "base")
     try:
@@ -89,7 +111,7 @@ def decode_contribution(
         raise ContributionError(
             peer, f"update has {update.numel()} values, the model has {numel} parameters"
         )
-    return Contribution(rnd, digest, base, samples, update.reshape(-1).float())
+    return Contribution(rnd, digest, base, samples, float(seconds), update.reshape(-1).float())
 
 
 def _digest_field(peer: str, header: dict[str, object], name: str) -> bytes:
@@ -101,3 +123,10 @@ def _digest_field(peer: str, header: dict[str, object], name: str) -> bytes:
     if len(digest) != 32:
         raise ContributionError(peer, f"field {name!r} must be 64 hex digits")
     return digest
+
+
+def round_seconds(seconds: float) -> float:
+    """Seconds with millisecond resolution, finite and within range (what the header holds)."""
+    if math.isnan(seconds) or seconds < 0:
+        return 0.0
+    return round(min(seconds, MAX_SECONDS), 3)

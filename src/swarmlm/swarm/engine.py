@@ -78,6 +78,7 @@ class RoundReport:
     invalid: dict[str, str] = field(default_factory=dict)
     excluded: list[str] = field(default_factory=list)
     absent: list[str] = field(default_factory=list)
+    throughput: dict[str, tuple[int, float]] = field(default_factory=dict)
     flagged: list[str] = field(default_factory=list)
     f: int = 0
     aggregate_norm: float = 0.0
@@ -196,7 +197,12 @@ class RoundEngine:
 
     # -- contributing ----------------------------------------------------------------------
     def contribution(
-        self, round: int, update: Tensor, samples: int, base_digest: bytes | None = None
+        self,
+        round: int,
+        update: Tensor,
+        samples: int,
+        base_digest: bytes | None = None,
+        seconds: float = 0.0,
     ) -> bytes:
         """Compress ``update`` (float32 ``(d,)``) with error feedback; the payload we send.
         ``base_digest``: the state the update was computed from (default: our state now)."""
@@ -204,7 +210,7 @@ class RoundEngine:
             raise ValueError(f"update must have shape ({self.d},), got {tuple(update.shape)}")
         encoded = self.feedback.encode(update.detach().float())
         return encode_contribution(
-            round, self.state_digest(), samples, encoded.payload, base_digest
+            round, self.state_digest(), samples, encoded.payload, base_digest, seconds
         )
 
     # -- applying --------------------------------------------------------------------------
@@ -247,6 +253,7 @@ class RoundEngine:
             valid = [(p, c) for p, c in current if c.base_digest == base]
         if self.cfg.attack == "alie":
             self.observed = [(p, c.update) for p, c in valid]
+        report.throughput = {p: (c.samples, c.seconds) for p, c in valid}
         present = {p for p, _ in entries}
         report.absent = sorted(set(members) - present)
         with single_thread():

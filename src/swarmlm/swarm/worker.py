@@ -16,6 +16,7 @@ import functools
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from swarmlm.aggregation import AttackContext, get_attack
+from swarmlm.swarm.batching import round_time_budget
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.engine import RoundEngine, RoundReport
 from swarmlm.swarm.params import ParamLayout, flatten_grads, flatten_params, load_flat_params
@@ -119,7 +121,11 @@ class SwarmWorker:
         )
         self.last_update: Tensor | None = None
         self.last_loss = float("nan")
-        self.samples_per_round = steps_per_round * run.data.batch_size * run.train.grad_accum
+        self.samples_per_step = run.data.batch_size * run.train.grad_accum
+        self.last_samples = 0
+        self.last_seconds = 0.0
+        # the last decided round's (samples, seconds) per contributor: target_samples plans
+        self.last_throughput: dict[str, tuple[int, float]] = {}
         # The node runs these methods in threads; a stop request may abandon one mid-way, so
         # closing waits for it instead of pulling the loader from under it.
         self._busy = threading.RLock()
@@ -138,12 +144,28 @@ class SwarmWorker:
         start = self.engine.params if start is None else start
         load_flat_params(self.model, self.layout, start)
         self.model.train()
-        if self.cfg.swarm.mode == "synchronous":
+        sw = self.cfg.swarm
+        t0 = time.perf_counter()
+        if sw.mode == "synchronous":
             update = self._gradient()
+            steps = 1
         else:
-            losses = [self.trainer.train_step()[0] for _ in range(self.cfg.swarm.inner_steps)]
-            self.last_loss = sum(losses) / len(losses)
+            budget = None
+            if sw.target_samples is not None and self.last_throughput:
+                budget = round_time_budget(sw.target_samples, self.last_throughput)
+            losses: list[float] = []
+            while True:
+                losses.append(self.trainer.train_step()[0])
+                if budget is None:
+                    if len(losses) >= sw.inner_steps:
+                        break
+                elif len(losses) >= sw.max_inner_steps or time.perf_counter() - t0 >= budget:
+                    break
+            steps = len(losses)
+            self.last_loss = sum(losses) / steps
             update = start - flatten_params(self.model, self.layout)
+        self.last_seconds = time.perf_counter() - t0
+        self.last_samples = steps * self.samples_per_step
         self.last_update = update
         return update
 
@@ -178,7 +200,9 @@ class SwarmWorker:
             if len(others) >= 2:  # before that, behave (nothing to hide inside yet)
                 ctx = AttackContext(torch.stack(others), update[None], n=len(others) + 1)
                 update = get_attack("alie")(ctx)[0]
-        return self.engine.contribution(round, update, self.samples_per_round, base_digest)
+        return self.engine.contribution(
+            round, update, self.last_samples, base_digest, self.last_seconds
+        )
 
     # -- applying --------------------------------------------------------------------------
     @_exclusive
@@ -193,6 +217,7 @@ class SwarmWorker:
         lr = self.trainer.schedule.lr(round - 1)
         own = self.last_update if self.cfg.swarm.mode == "cooperative" else None
         report = self.engine.apply(round, entries, lr=lr, own_update=own, members=members)
+        self.last_throughput = report.throughput
         load_flat_params(self.model, self.layout, self.engine.params)
         return report
 
