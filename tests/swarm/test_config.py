@@ -63,3 +63,17 @@ def test_cli_reports_a_bad_config_without_a_traceback(
     path.write_text(json.dumps(cfg), encoding="utf-8")
     assert main(["--config", str(path), "--port", "0"]) == 2
     assert "swarm.outer_lr" in capsys.readouterr().out
+
+
+def test_cli_reports_missing_data_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = json.loads((CONFIGS / "swarm-tiny.json").read_text())
+    cfg["data"]["path"] = str(tmp_path / "nowhere")
+    path = tmp_path / "nodata.json"
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    code = main(["--config", str(path), "--port", "0", "--out-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "nowhere" in out
+    assert "Traceback" not in out

@@ -18,12 +18,14 @@ from typing import Any
 
 from rich.console import Console
 
+from swarmlm.data.errors import DataError
 from swarmlm.p2p.config import parse_bootstrap
 from swarmlm.p2p.errors import P2PError
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.swarm.config import load_swarm_config
 from swarmlm.swarm.errors import SwarmError
 from swarmlm.swarm.node import SwarmNode
+from swarmlm.train.checkpoint import CheckpointError
 
 
 def add_swarm_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -113,7 +115,7 @@ def run_swarm(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except (SwarmError, P2PError) as exc:
+    except (SwarmError, P2PError, CheckpointError, DataError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
     return 0

@@ -28,7 +28,13 @@ from swarmlm.aggregation import AttackContext, get_attack
 from swarmlm.swarm.batching import round_time_budget
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.engine import RoundEngine, RoundReport
-from swarmlm.swarm.params import ParamLayout, flatten_grads, flatten_params, load_flat_params
+from swarmlm.swarm.params import (
+    ParamLayout,
+    flatten_grads,
+    flatten_params,
+    load_flat_params,
+    params_sha256,
+)
 from swarmlm.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -277,8 +283,6 @@ class SwarmWorker:
 
     # -- inspection ------------------------------------------------------------------------
     def params_sha256(self) -> str:
-        from swarmlm.swarm.params import params_sha256
-
         return params_sha256(self.engine.params)
 
     @_exclusive
