@@ -12,6 +12,8 @@ import pytest
 
 from swarmlm.swarm.harness import SwarmProcesses
 
+pytestmark = pytest.mark.integration
+
 
 def write_config(data: Path, out: Path, path: Path, **swarm: Any) -> Path:
     """The tiny config of configs/swarm-tiny.json, shrunk further for a quick test."""
@@ -124,3 +126,30 @@ def test_sigterm_stops_a_training_peer_cleanly(prepared_data: Path, tmp_path: Pa
         assert peer.proc.wait(timeout=30) == 0
     assert 1 <= done["rounds"] < 500
     assert "Traceback" not in peer.log_tail(200)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_honest_peers_stay_within_5_percent_of_the_clean_run_under_attack(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    """Peer 0 of 4 attacks (sign flip x10, then ALIE); peers keep fixed data shards, so the
+    runs see the same batches and differ only by the attack."""
+    final = {}
+    for attack in ("none", "sign_flip", "alie"):
+        root = tmp_path / attack
+        root.mkdir()
+        config = write_config(
+            prepared_data, root / "runs", root / "swarm.json",
+            rounds=6, expect_peers=4, attack_scale=10.0,
+        )  # fmt: skip
+        sets = {i: [f"swarm.data_shard={i}"] for i in range(4)}
+        sets[0].append(f"swarm.attack={attack}")
+        with SwarmProcesses(config, 4, root, overrides=sets) as swarm:
+            swarm.wait_all("done", 240)
+            rounds = {p.index: p.rounds() for p in swarm.peers}
+        assert_identical_rounds({i: rounds[i] for i in (1, 2, 3)}, 6)
+        final[attack] = rounds[1][6]["val_loss"]
+    print("final validation losses", final)
+    assert final["sign_flip"] <= final["none"] * 1.05, final
+    assert final["alie"] <= final["none"] * 1.05, final

@@ -278,12 +278,9 @@ class RoundEngine:
         for peer, c in valid:
             beta = self.cfg.worker_momentum
             prev = self.momenta.get(peer)
-            m = (
-                c.update.clone()
-                if prev is None or beta == 0.0
-                else prev * beta + c.update * (1 - beta)
-            )
-            self.momenta[peer] = m
+            m = c.update.clone() if prev is None else prev * beta + c.update * (1 - beta)
+            if beta > 0.0:  # without momentum there is no per-peer vector to keep
+                self.momenta[peer] = m
             self.last_seen[peer] = r
             rows.append((peer, m))
         for peer in [p for p, seen in self.last_seen.items() if r - seen > FORGET_AFTER_ROUNDS]:
