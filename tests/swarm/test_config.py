@@ -77,3 +77,10 @@ def test_cli_reports_missing_data_without_a_traceback(
     assert code == 1
     assert "nowhere" in out
     assert "Traceback" not in out
+
+
+def test_cli_refuses_resume_without_a_persistent_identity(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--config", str(CONFIGS / "swarm-tiny.json"), "--resume"]) == 2
+    assert "--resume needs --node-dir" in capsys.readouterr().out

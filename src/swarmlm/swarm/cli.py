@@ -75,6 +75,11 @@ def run_swarm(args: argparse.Namespace) -> int:
             overrides.append("p2p.node_dir=" + json.dumps(str(args.node_dir)))
         cfg = load_swarm_config(args.config, overrides)
         node_dir = cfg.p2p.node_dir
+        if args.resume and node_dir is None:
+            raise SwarmError(
+                "--resume needs --node-dir (or p2p.node_dir): a peer resumes under its own "
+                "identity, which lives there"
+            )
         identity = (
             NodeIdentity.load_or_create(Path(node_dir)) if node_dir else NodeIdentity.generate()
         )
