@@ -55,7 +55,7 @@ def test_four_headless_nodes_started_from_one_bootstrap_print_identical_rounds(
     tmp_path: Path,
 ) -> None:
     port = free_port()
-    common = ["--no-repl", "--expect", "4", "--rounds", "3", "--round-timeout", "2"]
+    common = ["--no-repl", "--expect", "4", "--rounds", "3", "--round-timeout", "10"]
     procs = [p2p("--port", str(port), "--node-dir", str(tmp_path / "n0"), *common)]
     time.sleep(0.5)
     for i in range(1, 4):
