@@ -74,6 +74,9 @@ class SwarmConfig(BaseModel):
         default=0.2, ge=0, le=1, description="contributions of peers below this score are ignored"
     )
     outlier_z: float = Field(default=3.0, gt=0, description="robust z-score flagging an outlier")
+    outlier_ratio: float = Field(
+        default=2.0, ge=1, description="an outlier must also be this many median distances away"
+    )
     expect_peers: int = Field(
         default=1, ge=1, description="genesis membership: this node and the first N-1 peers"
     )

@@ -328,7 +328,11 @@ class RoundEngine:
         report.aggregate_norm = float(agg.norm())
         if len(rows) >= 3:
             scored = torch.stack([m for _, m in rows])
-            flags = outlier_scores(scored, agg, k=self.cfg.outlier_z).flagged.tolist()
+            out = outlier_scores(scored, agg, k=self.cfg.outlier_z)
+            # With few inputs the MAD is noisy and honest peers on different data sit at
+            # different distances: flag only rows also far beyond the median distance.
+            far = out.distances > self.cfg.outlier_ratio * out.distances.median()
+            flags = (out.flagged & far).tolist()
             for (peer, _), flagged in zip(rows, flags, strict=True):
                 score = self.reputation.get(peer, INITIAL_REPUTATION)
                 if flagged:
