@@ -60,9 +60,18 @@ class RotaryEmbedding(nn.Module):
         self.cos = emb.cos()
         self.sin = emb.sin()
 
-    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Return cos, sin of shape (batch, 1, seq, head_dim) for ``position_ids`` (batch, seq)."""
-        needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
+    def forward(
+        self, position_ids: Tensor, dtype: torch.dtype, max_position: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Return cos, sin of shape (batch, 1, seq, head_dim) for ``position_ids`` (batch, seq).
+
+        ``max_position``, an upper bound on the ids known from shapes, avoids reading the
+        tensor back (a device sync, and a graph break under ``torch.compile``).
+        """
+        if max_position is not None:
+            needed = max_position + 1
+        else:
+            needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
         if needed > self.cos.shape[0] or self.cos.device != position_ids.device:
             self._build(max(needed, self.cos.shape[0]))
         cos = self.cos[position_ids].unsqueeze(1).to(dtype)

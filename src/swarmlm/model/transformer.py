@@ -114,24 +114,30 @@ class Transformer(nn.Module):
         cache it covers only the new tokens. ``targets`` use -100 for ignored positions.
         ``num_logits_to_keep`` > 0 computes logits for the last positions only (decoding).
         """
+        max_position: int | None = None
         if position_ids is None:
             position_ids = self._default_positions(input_ids, attention_mask, cache)
-        if self.pos_embed is not None and int(position_ids.max()) >= self.cfg.max_seq_len:
-            raise ValueError(
-                f"position {int(position_ids.max())} exceeds max_seq_len={self.cfg.max_seq_len}"
-                " with learned positions (field 'max_seq_len')"
-            )
+            # Default positions never exceed the time index: a bound without a device sync.
+            max_position = input_ids.shape[1] - 1 + (cache.length if cache is not None else 0)
+        if self.pos_embed is not None:
+            exact = max_position is None or attention_mask is not None  # padding: bound is loose
+            top = int(position_ids.max()) if exact else max_position
+            assert top is not None
+            if top >= self.cfg.max_seq_len:
+                raise ValueError(
+                    f"position {top} exceeds max_seq_len={self.cfg.max_seq_len}"
+                    " with learned positions (field 'max_seq_len')"
+                )
         x = self.embed(input_ids)
         rope = None
         if self.rope is not None:
-            rope = self.rope(position_ids, x.dtype)
+            rope = self.rope(position_ids, x.dtype, max_position)
         elif self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
         else:
-            if int(position_ids.max()) >= self.pos_table.shape[0]:
-                self.pos_table = sinusoidal_table(int(position_ids.max()) + 1, self.cfg.d_model).to(
-                    x.device
-                )
+            needed = (max_position if max_position is not None else int(position_ids.max())) + 1
+            if needed > self.pos_table.shape[0]:
+                self.pos_table = sinusoidal_table(needed, self.cfg.d_model).to(x.device)
             x = x + self.pos_table[position_ids].to(x.dtype)
         x = self.drop(x)
 
