@@ -193,3 +193,16 @@ def test_out_of_memory_is_raised_when_adaptive_batch_is_off(
     trainer.model.forward = oom  # type: ignore[method-assign]
     with pytest.raises(torch.OutOfMemoryError):
         trainer.fit()
+
+
+def test_a_time_budget_anneals_the_learning_rate_within_the_budget(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    trainer = make(prepared_data, tmp_path / "t", max_steps=100_000, max_seconds=4.0)
+    result = trainer.fit()
+    assert 0 < result.step < 100_000
+    # The cosine horizon was pulled in to where the budget ends, so the last rate is near the
+    # floor rather than the peak (with max_steps=100,000 it would still be at the peak).
+    assert trainer.schedule.max_steps < 100_000
+    last_lr = trainer.schedule.lr(result.step - 1)
+    assert last_lr < 0.5 * trainer.cfg.optim.lr

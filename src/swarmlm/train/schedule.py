@@ -56,9 +56,15 @@ class LRSchedule:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad": self.bad_evals}
+        return {
+            "plateau_scale": self.plateau_scale,
+            "best": self.best,
+            "bad": self.bad_evals,
+            "max_steps": self.max_steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.plateau_scale = float(state["plateau_scale"])
         self.best = None if state["best"] is None else float(state["best"])
         self.bad_evals = int(state["bad"])
+        self.max_steps = int(state.get("max_steps", self.max_steps))

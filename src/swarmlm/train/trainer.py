@@ -419,6 +419,8 @@ class Trainer:
                         break
                     loss, grad_norm = self.train_step()
                     result.losses.append(loss)
+                    if cfg.max_seconds is not None:
+                        self._fit_schedule_to_budget(start, first_step, cfg.max_seconds)
                     rate = (self.tokens_seen - tokens_at_start) / max(
                         time.perf_counter() - start, 1e-9
                     )
@@ -459,6 +461,14 @@ class Trainer:
         result.tokens = self.tokens_seen - tokens_at_start
         result.seconds = time.perf_counter() - start
         return result
+
+    def _fit_schedule_to_budget(self, start: float, first_step: int, budget_s: float) -> None:
+        """With a time budget, end the decay where the budget will end, not at max_steps:
+        the horizon becomes steps so far + remaining time / measured time per step."""
+        spent = time.perf_counter() - start
+        per_step = spent / max(1, self.step - first_step)
+        left = max(0.0, budget_s - spent)
+        self.schedule.max_steps = min(self.cfg.train.max_steps, self.step + int(left / per_step))
 
     def _eval_and_log(self) -> EvalResult:
         ev = self.evaluate()
