@@ -198,6 +198,13 @@ def bar_chart(
         for i, m in enumerate(medians):
             ax.text(i, m, f"{m:,.0f}", ha="center", va="bottom", fontsize=8)
     fig.suptitle(title, fontsize=11)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure atomically (temp file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)

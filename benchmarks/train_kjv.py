@@ -93,6 +93,7 @@ from _common import (
     Samples,
     emit_headline,
     environment,
+    save_figure,  # the benchmarks folder is the script's sys.path[0]
     stderr_console,
     write_json,
 )
@@ -695,18 +696,7 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     fig.suptitle(
         f"configs/tiny.json on KJV, {results['budget_s']:.0f} s each, 2-core CPU", fontsize=11
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def print_table(results: dict[str, Any]) -> None:
