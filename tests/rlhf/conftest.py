@@ -12,10 +12,36 @@ from swarmlm.model import ModelConfig, Transformer
 from swarmlm.train import RunConfig
 from swarmlm.train.checkpoint import save_checkpoint
 
-WORDS = (
-    "the lord said unto moses good joy peace love light bad evil wrath death sin "
-    "and he they them in of to for with glory mercy darkness fear"
-).split()
+WORDS = [
+    "the",
+    "lord",
+    "said",
+    "unto",
+    "moses",
+    "good",
+    "joy",
+    "peace",
+    "love",
+    "light",
+    "bad",
+    "evil",
+    "wrath",
+    "death",
+    "sin",
+    "and",
+    "he",
+    "they",
+    "them",
+    "in",
+    "of",
+    "to",
+    "for",
+    "with",
+    "glory",
+    "mercy",
+    "darkness",
+    "fear",
+]
 
 
 def tiny_model_config(vocab_size: int) -> ModelConfig:

@@ -100,7 +100,7 @@ def test_clipped_value_loss_matches_hand_values() -> None:
     # token 1: both (0 - 1)^2 = 1; loss = 0.5 * mean(1, 1) = 0.5
     assert float(loss) == pytest.approx(0.5)
     assert float(frac) == 0.0
-    loss2, frac2 = ppo_value_loss(
+    loss2, _frac2 = ppo_value_loss(
         torch.tensor([[0.0]]), torch.tensor([[1.0]]), torch.tensor([[2.0]]), torch.ones(1, 1), 0.2
     )
     # unclipped (0-2)^2 = 4, clipped 0.8 -> 1.44: the clipped term is not larger

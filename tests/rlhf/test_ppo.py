@@ -121,6 +121,9 @@ def test_state_round_trip_restores_value_head_optimizer_and_kl_coefficient() -> 
     assert b.kl_ctl.value == a.kl_ctl.value
     assert b.steps_done == 1
     assert torch.equal(b.value_head.proj.weight, a.value_head.proj.weight)
-    assert b.critic is not None and a.critic is not None
-    for (_, pa), (_, pb) in zip(a.critic.named_parameters(), b.critic.named_parameters()):
+    assert b.critic is not None
+    assert a.critic is not None
+    for (_, pa), (_, pb) in zip(
+        a.critic.named_parameters(), b.critic.named_parameters(), strict=True
+    ):
         assert torch.equal(pa, pb)

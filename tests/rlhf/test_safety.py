@@ -85,7 +85,9 @@ def test_block_list_files_extend_the_rules(tmp_path: Path) -> None:
 
 
 def test_repetition_measure() -> None:
-    assert repeated_ngram_fraction("a b c a b c a b c".split(), 3) == pytest.approx(1 - 3 / 7)
+    assert repeated_ngram_fraction(
+        ["a", "b", "c", "a", "b", "c", "a", "b", "c"], 3
+    ) == pytest.approx(1 - 3 / 7)
     assert RepetitionLimit(0.5, 2, 50)("p", "and the and the and the and the") is not None
     assert RepetitionLimit(0.5, 2, 50)("p", "in the beginning god created") is None
 

@@ -186,15 +186,16 @@ def train_reward_model(
             schedule.step()
             step += 1
             acc = pairwise_accuracy(c.detach(), r.detach())
+            loss_value = float(loss.detach())
             if step % cfg.log_every == 0:
                 log.info(
                     "reward step %d loss %.4f acc %.3f grad_norm %.3f",
                     step,
-                    float(loss),
+                    loss_value,
                     acc,
                     grad_norm,
                 )
-            progress.update(task, advance=1, status=f"loss {float(loss):.3f} acc {acc:.2f}")
+            progress.update(task, advance=1, status=f"loss {loss_value:.3f} acc {acc:.2f}")
             if step % cfg.checkpoint_every == 0 and step < total:
                 path = save(final=False)
 
