@@ -51,14 +51,6 @@ def decided_rows(output: str) -> dict[int, set[str]]:
     return rounds
 
 
-@pytest.mark.xfail(
-    reason=(
-        "known liveness bug (session 1): one of four CLI nodes can form its membership, miss "
-        "round 1 (decided by the others in view 1 after a view change) and never catch up; "
-        "reproduced by hand with --round-timeout 10. The harness-based swarm tests pass."
-    ),
-    strict=False,
-)
 def test_four_headless_nodes_started_from_one_bootstrap_print_identical_rounds(
     tmp_path: Path,
 ) -> None:

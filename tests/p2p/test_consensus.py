@@ -165,3 +165,55 @@ def test_joining_peer_is_added_at_a_round_boundary_and_then_contributes() -> Non
             await _close([*nodes, joiner], protos)
 
     run(go())
+
+
+def test_a_node_whose_protocol_starts_late_catches_up_on_every_decided_round() -> None:
+    """The CLI race of session 1: three members decide rounds (q = 3 of 4) before the fourth
+    has set up its protocol. Messages that reached it early are kept by the transport, its
+    refused payload pushes are fetched once announced, and it decides the same rounds."""
+
+    async def go() -> None:
+        nodes = await start_mesh(4)
+        ids = [x.node_id for x in nodes]
+        protos = [RoundProtocol(x, ids) for x in nodes[:3]]
+        late: RoundProtocol | None = None
+        try:
+            decided = []
+            for r in (1, 2):
+                ds = await asyncio.gather(*(p.contribute(r, os.urandom(3000), 30) for p in protos))
+                decided.append(ds[0])
+            assert nodes[3].counters["unhandled_contrib"] > 0  # it really arrived too early
+            late = RoundProtocol(nodes[3], ids)
+            for r, want in zip((1, 2), decided, strict=True):
+                got = await late.decision(r, timeout=30)
+                assert got.digests == want.digests
+                for e in got.entries:
+                    assert nodes[3].blobs.get(e.digest) is not None
+            # and it takes part in the next round with everyone
+            ds = await asyncio.gather(
+                *(p.contribute(3, os.urandom(100), 30) for p in [*protos, late])
+            )
+            assert len({tuple(d.digests) for d in ds}) == 1
+            assert all(p.all_reached(2) for p in protos)
+        finally:
+            await _close(nodes, [*protos, *([late] if late else [])])
+
+    run(go())
+
+
+def test_a_decision_request_sent_before_the_round_decides_is_answered_when_it_does() -> None:
+    async def go() -> None:
+        nodes = await start_mesh(4, round_timeout=30.0)  # no timer will ask again in time
+        ids = sorted(x.node_id for x in nodes[:3])
+        protos = [RoundProtocol(x, ids) for x in nodes[:3]]
+        observer = RoundProtocol(nodes[3], ids)  # not a member: it hears no votes
+        try:
+            observer._request_decided(1, None)  # before anyone contributed
+            await asyncio.sleep(0.3)
+            ds = await asyncio.gather(*(p.contribute(1, os.urandom(100), 30) for p in protos))
+            await until(lambda: 1 in observer.decisions, 5)
+            assert observer.decisions[1].digests == ds[0].digests
+        finally:
+            await _close(nodes, [*protos, observer])
+
+    run(go())

@@ -155,3 +155,39 @@ def test_config_names_the_bad_field() -> None:
         P2PConfig(chunk_size=4 * 1024 * 1024, max_frame=4 * 1024 * 1024)
     with pytest.raises(ValidationError, match="nohost:"):
         P2PConfig(bootstrap="nohost:")
+
+
+def test_messages_that_arrive_before_their_handler_are_delivered_once_it_registers() -> None:
+    """A peer's round protocol may start before ours: its first messages must not be lost."""
+
+    async def go() -> None:
+        a, b = await start_mesh(2)
+        try:
+            for i in range(3):
+                a.send(b.node_id, a.sign("contrib", {"digest": bytes(32), "size": i}, 1))
+            await until(lambda: b.counters["unhandled_contrib"] == 3, 5)
+            got: list[int] = []
+            b.on("contrib", lambda m, p: got.append(m.body["size"]))
+            await until(lambda: len(got) == 3, 5)
+            assert got == [0, 1, 2]  # in arrival order
+            a.send(b.node_id, a.sign("contrib", {"digest": bytes(32), "size": 9}, 1))
+            await until(lambda: got[-1] == 9, 5)
+        finally:
+            await stop_all([a, b])
+
+    run(go())
+
+
+def test_a_payload_refused_before_its_announcement_is_remembered() -> None:
+    async def go() -> None:
+        a, b = await start_mesh(2)
+        try:
+            data = os.urandom(5000)
+            digest = digest_of(data)
+            await a.send_blob(b.node_id, digest, data)  # nobody announced it to b
+            await until(lambda: digest in b.blobs.refused, 5)
+            assert digest not in b.blobs  # refused, but remembered for a late announcement
+        finally:
+            await stop_all([a, b])
+
+    run(go())

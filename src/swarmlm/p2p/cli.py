@@ -47,7 +47,7 @@ def add_p2p_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="peers (including this one) that form the initial membership")  # fmt: skip
     p.add_argument("--round-timeout", type=float, default=5.0, help="view-0 timeout, seconds")
     p.add_argument("--rounds", type=int, default=0,
-                   help="with --no-repl: run this many test rounds, print them, exit")  # fmt: skip
+                   help="with --no-repl: take part in rounds 1..N, print them, exit")  # fmt: skip
     p.add_argument("--payload-bytes", type=int, default=1024, help="size of test payloads")
     p.add_argument("--no-repl", action="store_true", help="no prompt (scripts and tests)")
     p.add_argument("--log-level", default="WARNING", help="stdlib logging level")
@@ -98,9 +98,13 @@ class _Session:
         self.proto = RoundProtocol(self.node, members)
         self.console.print(f"membership formed: {len(members)} peers")
 
-    async def test_round(self) -> Decision:
+    async def test_round(self, r: int | None = None) -> Decision:
+        """Contribute a random payload to round ``r`` (default: the next undecided one);
+        returns its decision, which may not include us when the swarm was quicker."""
         assert self.proto is not None
-        r = self.proto.last_decided + 1
+        r = self.proto.last_decided + 1 if r is None else r
+        if r <= self.proto.last_decided:
+            return await self.proto.decision(r)
         return await self.proto.contribute(r, os.urandom(self.payload_bytes))
 
     async def follow(self) -> None:
@@ -213,8 +217,16 @@ async def _main(args: argparse.Namespace, config: P2PConfig, console: Console) -
 
 async def _run_rounds(session: _Session, membership: asyncio.Task[None], rounds: int) -> None:
     await membership
-    for _ in range(rounds):
-        session.print_decision(await session.test_round())
+    assert session.proto is not None
+    for r in range(1, rounds + 1):
+        # rounds the swarm decided while we were behind are printed, not contributed to
+        session.print_decision(await session.test_round(r))
+    # A member that is behind (it formed its membership late, or lost a message) catches up
+    # from our decision certificates and payloads: stay until everyone has the last round.
+    proto, last = session.proto, session.proto.last_decided
+    deadline = time.monotonic() + 3 * session.node.config.round_timeout
+    while not proto.all_reached(last) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
 
 
 async def _repl(session: _Session, stop: asyncio.Event) -> int:

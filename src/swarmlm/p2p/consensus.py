@@ -45,6 +45,7 @@ ROUND_KINDS = ("contrib", "propose", "prepare", "commit", "viewchange", "decided
 MAX_VIEW_TIMEOUT_FACTOR = 8
 LOOKAHEAD_ROUNDS = 4
 MAX_BUFFERED = 20_000
+MAX_WAITING = 256  # peers waiting for one round's certificate
 
 
 def quorum(n: int) -> int:
@@ -109,6 +110,7 @@ class _Round:
     quorum_at: float | None = None
     fetching: bool = False
     pulling: bool = False
+    waiting: set[str] = field(default_factory=set)  # asked us for the decision before we had it
     decided: Decision | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -153,7 +155,9 @@ class RoundProtocol:
         self.leave_requests: dict[str, dict[str, Any]] = {}
         self.stats: Counter[str] = Counter()
         self.latencies: deque[float] = deque(maxlen=1000)
-        self._answered: set[tuple[str, int]] = set()
+        self._answered: dict[tuple[str, int], float] = {}
+        # highest round each peer is known to have decided (or to be about to: it committed)
+        self.peer_round: dict[str, int] = {}
         self._requested: dict[int, float] = {}
         self._round_payloads: dict[int, set[bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -296,9 +300,11 @@ class RoundProtocol:
         if msg.kind == "decided":
             self._on_decided(msg, peer)
             return
+        if msg.sender in (self._members.get(r) or ()):
+            self._note_progress(msg.sender, r if msg.kind == "commit" else r - 1)
         if r in self.decisions:
-            if msg.kind != "contrib":
-                self._answer_decided(peer, r)
+            # a late contribution or vote, or a request: the sender missed the decision
+            self._answer_decided(peer, r)
             return
         st = self.rounds.get(r)
         if st is None:
@@ -317,6 +323,11 @@ class RoundProtocol:
             if r > self.last_decided + 1:
                 self._request_decided(self.last_decided + 1, [peer])
             return
+        if msg.kind == "decided_req":
+            # members and observers (joiners) alike get the certificate once we have it
+            if len(st.waiting) < MAX_WAITING:
+                st.waiting.add(peer)
+            return
         if msg.sender not in st.members:
             self.stats["dropped_nonmember"] += 1
             return
@@ -327,7 +338,6 @@ class RoundProtocol:
             "prepare": self._on_vote,
             "commit": self._on_vote,
             "viewchange": self._on_viewchange,
-            "decided_req": lambda s, m, p: None,
         }[msg.kind]
         handler(st, msg, peer)
         self._progress(st)
@@ -344,6 +354,15 @@ class RoundProtocol:
         st.contribs[msg.sender] = msg
         self.node.blobs.expect(digest)
         self._round_payloads.setdefault(st.round, set()).add(digest)
+        if self.node.blobs.refused.pop(digest, 0) is None:
+            # its payload raced ahead of this announcement (or of our protocol start) and was
+            # refused: the sender will not push it again, so ask for it now
+            self._spawn(self._fetch_one(st, digest, [msg.sender]))
+
+    async def _fetch_one(self, st: _Round, digest: bytes, peers: list[str]) -> None:
+        others = [p for p in st.members if p not in peers]
+        with contextlib.suppress(TransportError):
+            await self.node.fetch(digest, [*peers, *others], self.cfg.fetch_timeout)
 
     def _on_vote(self, st: _Round, msg: SignedMessage, peer: str) -> None:
         view, h = msg.body["view"], msg.body["h"]
@@ -745,6 +764,8 @@ class RoundProtocol:
         del self.rounds[st.round]
         self._prune()
         log.info("round %d decided in view %d: %d entries", st.round, view, len(entries))
+        for peer in st.waiting:
+            self._answer_decided(peer, st.round)
         nxt_st = self._ensure_round(st.round + 1)
         if self.highest_seen > st.round + 1 or nxt_st is None:
             self._request_decided(st.round + 1, None)
@@ -757,7 +778,7 @@ class RoundProtocol:
         for r in [r for r in self.decisions if r <= self.last_decided - 256]:
             del self.decisions[r]
             self._members.pop(r, None)
-        self._answered = {(p, r) for p, r in self._answered if r > keep}
+        self._answered = {k: t for k, t in self._answered.items() if k[1] > keep}
 
     def _enter_view(self, st: _Round, view: int, announce: bool) -> None:
         if view <= st.view:
@@ -826,6 +847,19 @@ class RoundProtocol:
             self._request_decided(st.round, None)
 
     # -- catch-up ------------------------------------------------------------------------
+    def _note_progress(self, peer: str, r: int) -> None:
+        if r > self.peer_round.get(peer, 0) and (
+            peer in self.peer_round or len(self.peer_round) < self.cfg.max_peers
+        ):
+            self.peer_round[peer] = r
+
+    def all_reached(self, r: int) -> bool:
+        """True once every member of round ``r`` is known to have decided it (it committed,
+        asked for a later round, or received our certificate): nobody still needs us for it."""
+        members = self._members.get(r) or []
+        me = self.node.node_id
+        return all(p == me or self.peer_round.get(p, 0) >= r for p in members)
+
     def _request_decided(self, r: int, peers: list[str] | None) -> None:
         now = time.monotonic()
         if now - self._requested.get(r, 0.0) < min(self.cfg.round_timeout, 1.0):
@@ -838,9 +872,13 @@ class RoundProtocol:
         self._send(self.node.sign("decided_req", {}, r), targets)
 
     def _answer_decided(self, peer: str, r: int) -> None:
-        if (peer, r) in self._answered or r not in self.decisions:
+        # at most one answer per peer and round per second: a lost answer is sent again when
+        # the peer asks again, and a peer cannot make us sign in a loop
+        now = time.monotonic()
+        if r not in self.decisions or now - self._answered.get((peer, r), -1e9) < 1.0:
             return
-        self._answered.add((peer, r))
+        self._answered[(peer, r)] = now
+        self._note_progress(peer, r)
         d = self.decisions[r]
         self.node.send(peer, self.node.sign("decided", d.certificate, r))
 

@@ -16,7 +16,7 @@ import logging
 import random
 import tempfile
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 # Small stream buffers: FrameReader drains them as data arrives, so large frames never sit in
 # (and get re-copied inside) one big buffer; reading pauses at 2x this, which is backpressure.
 STREAM_BUFFER = 256 * 1024
+EARLY_MESSAGES = 1024  # unhandled messages kept for a handler registered soon after
+EARLY_MAX_BYTES = 16 << 20
+EARLY_MAX_AGE = 30.0  # seconds
 
 Handler = Callable[[SignedMessage, str], Awaitable[None] | None]
 
@@ -233,11 +236,18 @@ class BlobStore:
     def __init__(self) -> None:
         self._data: dict[bytes, Payload] = {}
         self._expected: set[bytes] = set()
+        self.refused: OrderedDict[bytes, None] = OrderedDict()  # pushed before announced
         self._waiters: dict[bytes, list[asyncio.Future[Payload]]] = {}
         self.on_put: list[Callable[[bytes], None]] = []
 
     def expects(self, digest: bytes) -> bool:
-        return digest in self._expected and digest not in self._data
+        ok = digest in self._expected and digest not in self._data
+        if not ok and digest not in self._data:
+            # remembered (bounded) so that a late announcement fetches it at once
+            self.refused[digest] = None
+            while len(self.refused) > 256:
+                self.refused.popitem(last=False)
+        return ok
 
     def expect(self, digest: bytes) -> None:
         if digest not in self._data:
@@ -309,6 +319,9 @@ class P2PNode:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.handlers: dict[str, Handler] = {}
+        # Messages of kinds nobody handles yet (a peer's round protocol may start before
+        # ours): kept briefly, bounded, and delivered once a handler registers.
+        self._early: deque[tuple[float, SignedMessage, str]] = deque(maxlen=EARLY_MESSAGES)
         self.on_peer_connected: Callable[[str], None] | None = None
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -367,7 +380,31 @@ class P2PNode:
 
     # -- messaging -----------------------------------------------------------------------
     def on(self, kind: str, handler: Handler) -> None:
+        """Handle messages of ``kind``; ones that arrived before (at most ``EARLY_MESSAGES``,
+        younger than ``EARLY_MAX_AGE`` s) are delivered on the next loop iteration, in
+        arrival order, so the registering object finishes its set-up first."""
         self.handlers[kind] = handler
+        if any(m.kind == kind for _, m, _ in self._early):
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to replay to
+                asyncio.get_running_loop().call_soon(self._replay_early)
+
+    def _replay_early(self) -> None:
+        now = time.monotonic()
+        keep: deque[tuple[float, SignedMessage, str]] = deque(maxlen=EARLY_MESSAGES)
+        ready: list[tuple[SignedMessage, str]] = []
+        for t, msg, peer in self._early:
+            if now - t > EARLY_MAX_AGE:
+                self.counters["unhandled_expired"] += 1
+            elif msg.kind in self.handlers:
+                ready.append((msg, peer))
+            else:
+                keep.append((t, msg, peer))
+        self._early = keep
+        for msg, peer in ready:
+            self.counters["early_delivered"] += 1
+            task = asyncio.create_task(self._deliver(msg, peer))
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks_done)
 
     def sign(self, kind: str, body: dict[str, Any], round: int = 0) -> SignedMessage:
         return self.signer.sign(kind, body, round)
@@ -527,18 +564,12 @@ class P2PNode:
             except MessageRejectedError:
                 return
             self.bytes_received += len(msg.raw) + 80
-            handler = self.handlers.get(msg.kind)
-            if handler is None:  # e.g. round messages before this node set up its protocol
+            if msg.kind not in self.handlers:  # e.g. round messages before our protocol starts
                 self.counters[f"unhandled_{msg.kind}"] += 1
+                if sum(len(m.raw) for _, m, _ in self._early) + len(msg.raw) <= EARLY_MAX_BYTES:
+                    self._early.append((time.monotonic(), msg, peer))
                 return
-            try:
-                result = handler(msg, peer)
-                if result is not None:
-                    await result
-            except MessageRejectedError as exc:
-                self.validator.reject(peer, exc.reason, exc.detail)
-            except Exception:
-                log.exception("handler for %s from %s failed", msg.kind, peer[:12])
+            await self._deliver(msg, peer)
         elif t == "blob":
             self.bytes_received += int(frame.get("size", 0)) + HEADER.size
             error = frame.get("error")
@@ -557,6 +588,17 @@ class P2PNode:
             pass
         else:
             self.validator.reject(peer, "malformed", f"unknown frame type {t!r}")
+
+    async def _deliver(self, msg: SignedMessage, peer: str) -> None:
+        handler = self.handlers[msg.kind]
+        try:
+            result = handler(msg, peer)
+            if result is not None:
+                await result
+        except MessageRejectedError as exc:
+            self.validator.reject(peer, exc.reason, exc.detail)
+        except Exception:
+            log.exception("handler for %s from %s failed", msg.kind, peer[:12])
 
     def _on_fetch(self, msg: SignedMessage, peer: str) -> None:
         digest = msg.body["digest"]
