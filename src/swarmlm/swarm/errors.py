@@ -35,3 +35,15 @@ class OutOfSyncError(SwarmError):
         self.round = round
         self.digest = digest
         self.holders = holders or []  # peers whose contributions were sent from that state
+
+
+class RoundClosedError(SwarmError):
+    """The swarm decided the round while our local phase was still running.
+
+    Work for a closed round can no longer be accepted; the node drops it and follows the
+    decision, so a late (e.g. restarted) peer is back in step at the next round.
+    """
+
+    def __init__(self, steps: int) -> None:
+        super().__init__(f"round closed without us after {steps} inner steps")
+        self.steps = steps

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -34,7 +35,7 @@ from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.transport import P2PNode
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.engine import RoundReport
-from swarmlm.swarm.errors import OutOfSyncError, StateSyncError, SwarmError
+from swarmlm.swarm.errors import OutOfSyncError, RoundClosedError, StateSyncError, SwarmError
 from swarmlm.swarm.worker import SwarmWorker
 from swarmlm.train.checkpoint import latest_checkpoint
 
@@ -158,16 +159,23 @@ class SwarmNode:
             for r in range(start, sw.rounds + 1):
                 if proto.highest_seen > r or r in proto.decisions:
                     # catching up (restart): the swarm is past this round; follow its decisions
-                    if pending is not None and not await self._complete(pending):
+                    if not await self._follow(r, pending):
                         return
                     pending = None
-                    task = asyncio.create_task(proto.decision(r, sw.round_timeout))
-                    if not await self._complete(_Pending(r, task, b"", 0.0)):
-                        return
                     continue
                 base = await asyncio.to_thread(worker.engine.state_digest)
                 t0 = time.perf_counter()
-                update = await asyncio.to_thread(worker.local_phase)
+                try:
+                    update = await asyncio.to_thread(
+                        worker.local_phase, None, functools.partial(proto.decisions.__contains__, r)
+                    )
+                except RoundClosedError as exc:
+                    # decided without us (we started late): follow it, be on time for r + 1
+                    log.info("round %d: %s", r, exc)
+                    if not await self._follow(r, pending):
+                        return
+                    pending = None
+                    continue
                 t_compute = time.perf_counter() - t0
                 if pending is not None and not await self._complete(pending):
                     return
@@ -184,6 +192,15 @@ class SwarmNode:
         finally:
             if pending is not None and not pending.task.done():
                 pending.task.cancel()
+
+    async def _follow(self, r: int, pending: _Pending | None) -> bool:
+        """Complete ``pending``, then apply round ``r`` as decided without a contribution of
+        ours. False when we are no longer a member."""
+        assert self.proto is not None
+        if pending is not None and not await self._complete(pending):
+            return False
+        task = asyncio.create_task(self.proto.decision(r, self.cfg.swarm.round_timeout))
+        return await self._complete(_Pending(r, task, b"", 0.0))
 
     async def _genesis(self, expect: int, timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout

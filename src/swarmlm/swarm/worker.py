@@ -28,6 +28,7 @@ from swarmlm.aggregation import AttackContext, get_attack
 from swarmlm.swarm.batching import round_time_budget
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.engine import RoundEngine, RoundReport
+from swarmlm.swarm.errors import RoundClosedError
 from swarmlm.swarm.params import (
     ParamLayout,
     flatten_grads,
@@ -142,11 +143,19 @@ class SwarmWorker:
 
     # -- local phase -----------------------------------------------------------------------
     @_exclusive
-    def local_phase(self, start: Tensor | None = None) -> Tensor:
+    def local_phase(
+        self, start: Tensor | None = None, abandon: Callable[[], bool] | None = None
+    ) -> Tensor:
         """Train locally from ``start`` (default: the consensus parameters now; with overlap,
         those of one round earlier); return the update to contribute (float32 ``(d,)``): the
         pseudo-gradient ``start - local`` (diloco, cooperative) or the clipped gradient of one
-        global step (synchronous)."""
+        global step (synchronous).
+
+        ``abandon`` is polled between inner steps: when it turns true (the swarm decided the
+        round without us, e.g. right after a restart) the work could no longer be accepted,
+        so we stop and raise :class:`RoundClosedError`. Finishing it would keep this peer one
+        round late for ever.
+        """
         start = self.engine.params if start is None else start
         load_flat_params(self.model, self.layout, start)
         self.model.train()
@@ -162,6 +171,9 @@ class SwarmWorker:
             losses: list[float] = []
             while True:
                 losses.append(self.trainer.train_step()[0])
+                if abandon is not None and abandon():
+                    self.last_loss = sum(losses) / len(losses)
+                    raise RoundClosedError(len(losses))
                 if budget is None:
                     if len(losses) >= sw.inner_steps:
                         break
