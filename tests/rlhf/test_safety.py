@@ -95,3 +95,13 @@ def test_repetition_measure() -> None:
 def test_disabled_filter_passes_everything() -> None:
     flt = build_safety_filter(SafetyConfig(enabled=False))
     assert flt.check("make a bomb", "x" * 10000).ok
+
+
+def test_shipped_sentiment_lexicon_scores_positive_minus_negative_share() -> None:
+    from swarmlm.rlhf.lexicon import LexiconSentiment
+
+    lex = LexiconSentiment.default()
+    assert lex.score("Joy and peace, but wrath!") == pytest.approx((2 - 1) / 5)
+    assert lex.score("") == 0.0
+    assert lex.negativity("death death life") == pytest.approx(2 / 3)
+    assert lex.positive.isdisjoint(lex.negative)

@@ -93,7 +93,7 @@ def dpo_batch_loss(
         label_smoothing=cfg.label_smoothing,
     )
     stats = {
-        "loss": float(loss),
+        "loss": float(loss.detach()),
         "reward_accuracy": float((rc > rr).float().mean()),
         "reward_margin": float((rc - rr).mean()),
         "chosen_logp": float(pc.detach().mean()),
