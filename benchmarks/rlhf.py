@@ -1,0 +1,793 @@
+"""Alignment benchmark (issue #8): a sentiment task with a known true reward, end to end.
+
+No human preference data set exists offline, so, in the spirit of TRL's classic sentiment
+task, the *true* reward of a response is a lexicon sentiment score (share of positive words
+minus share of negative words; the lists ship in ``swarmlm/rlhf/lexicon/``). The loop:
+
+1. a small base LM is trained on the bundled KJV corpus (cached under
+   ``benchmarks/results/rlhf_cache/``);
+2. ``rlhf sample`` writes pairwise comparison tasks (two responses to KJV verse openings);
+3. simulated annotators label them through the annotation platform's real HTTP API (a
+   ``swarmlm web`` server in a subprocess), with Bradley-Terry noise on the true reward plus
+   10 % lapses; the platform's preference export is the training data;
+4. a reward model is trained on those labels (swarmlm) and, side by side, with TRL's
+   ``RewardTrainer`` on the same base model exported to the Hugging Face format, same data,
+   epochs, batch and learning rate; both are scored on held-out pairs judged by the true
+   reward;
+5. PPO (swarmlm) optimises the base model against the swarmlm reward model; DPO (swarmlm) and
+   TRL's ``DPOTrainer`` train on the same preference pairs with the same budget;
+6. true reward before and after, and KL to the reference (summed over response tokens, on
+   fresh samples), are measured for every result with one evaluator; TRL's DPO model is
+   imported back into swarmlm for that (``import_hf``).
+
+TRL 1.16 (the current release, the only one that installs next to torch 2.13.0 and
+transformers 5 here) no longer ships a PPO trainer (``trl.experimental.ppo`` is gone), so the
+PPO side has no TRL contender: ``trl_*`` keys describe TRL's DPO, and ``ppo_step_ratio_vs_trl``
+is null with the reason in the JSON. Nothing is estimated or filled in for a missing side.
+
+    python benchmarks/rlhf.py --quick      # a few minutes
+    python benchmarks/rlhf.py              # more pairs, longer PPO
+
+Last stdout line: one JSON object with the headline keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    RESULTS_DIR,
+    emit_headline,
+    make_progress,
+    save_figure,
+    stderr_console,
+    write_json,
+)
+from swarmlm.data import Tokenizer
+from swarmlm.model import Transformer
+from swarmlm.model.generate import GenerationConfig, generate
+from swarmlm.rlhf.lexicon import LexiconSentiment
+from swarmlm.rlhf.preferences import PreferencePair
+
+ROOT = Path(__file__).resolve().parents[1]
+KJV = ROOT / "data" / "kjv.txt.gz"
+CACHE = RESULTS_DIR / "rlhf_cache"
+LEX = LexiconSentiment.default()
+log = logging.getLogger("bench.rlhf")
+
+
+# -- sizes ------------------------------------------------------------------------------------
+
+
+def sizes(quick: bool) -> dict[str, Any]:
+    return {
+        "base_steps": 500 if quick else 1500,
+        "n_prompts": 240 if quick else 800,
+        "n_eval_prompts": 48 if quick else 128,
+        "max_new_tokens": 16 if quick else 24,
+        "annotators": 5,
+        "k": 3,
+        "rm_epochs": 2,
+        "ppo_steps": 16 if quick else 60,
+        "dpo_epochs": 1 if quick else 2,
+        "batch_size": 16,
+    }
+
+
+# -- 1. base model ----------------------------------------------------------------------------
+
+
+def base_model(quick: bool, steps: int, threads: int) -> Path:
+    """Prepare a KJV subset and train a small LM once; later runs reuse the checkpoint."""
+    from swarmlm.data import prepare_corpus
+    from swarmlm.train import RunConfig
+    from swarmlm.train.trainer import Trainer
+
+    tag = f"base-{steps}"
+    run_dir = CACHE / tag
+    data_dir = CACHE / "data"
+    if (run_dir / "checkpoints" / "latest").exists():
+        return run_dir
+    if not (data_dir / "meta.json").exists():
+        lines = gzip.decompress(KJV.read_bytes()).decode("utf-8").splitlines()
+        text = CACHE / "kjv-verses.txt"
+        CACHE.mkdir(parents=True, exist_ok=True)
+        # Verse text without the "Ge1:1" reference: responses should be prose.
+        text.write_text("\n".join(v.split(" ", 1)[1] for v in lines if " " in v) + "\n")
+        prepare_corpus([text], data_dir, vocab_size=1024, val_fraction=0.01, seed=0)
+    cfg = RunConfig.model_validate(
+        {
+            "model": {
+                "vocab_size": 1024,
+                "d_model": 128,
+                "n_layers": 4,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "max_seq_len": 128,
+            },
+            "data": {"path": str(data_dir), "batch_size": 32, "seq_len": 64},
+            "optim": {"lr": 3e-3, "weight_decay": 0.1},
+            "schedule": {"kind": "cosine", "warmup_steps": 50},
+            "train": {
+                "max_steps": steps,
+                "eval_every": steps,
+                "eval_batches": 5,
+                "checkpoint_every": steps,
+                "out_dir": str(run_dir),
+                "threads": threads,
+                "log_every": 50,
+            },
+        }
+    )
+    Trainer(cfg, console=stderr_console).fit()
+    return run_dir
+
+
+def verse_openings(n: int, seed: int, skip: int = 0) -> list[str]:
+    """First 3-5 words of random verses (the prompts)."""
+    lines = gzip.decompress(KJV.read_bytes()).decode("utf-8").splitlines()
+    rng = random.Random(seed)
+    picks = rng.sample(lines, n + skip)[skip:]
+    out = []
+    for line in picks:
+        words = line.split(" ")[1:]
+        out.append(" ".join(words[: rng.randint(3, 5)]))
+    return out
+
+
+# -- 3. the annotation platform ---------------------------------------------------------------
+
+
+def serve(db_url: str, node_dir: Path, port: int) -> None:
+    from swarmlm.web import WebSettings
+    from swarmlm.web.app import serve as serve_app
+
+    settings = WebSettings(
+        node_dir=node_dir, db_url=db_url, submit_per_second=1e6, submit_burst=10**6, workers=1
+    )
+    serve_app(settings, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def annotate(
+    tasks_file: Path, work: Path, n_annotators: int, k: int, seed: int
+) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """Import tasks, let simulated annotators label them over HTTP, export preferences."""
+    from argon2 import PasswordHasher
+
+    from swarmlm.curation.store import CurationStore
+    from swarmlm.p2p.identity import NodeIdentity
+
+    node_dir = work / "web"
+    node_dir.mkdir(parents=True, exist_ok=True)
+    db_url = f"sqlite:///{node_dir / 'curation.db'}"
+    store = CurationStore.open(
+        db_url,
+        NodeIdentity.load_or_create(node_dir),
+        password_hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1),
+    )
+    ts = store.create_task_set(
+        "rlhf-sentiment",
+        {"kind": "pairwise"},
+        k=k,
+        max_annotations=k,
+        agreement_threshold=0.0,
+        gold_share=0.0,
+        lease_seconds=3600,
+    )
+    admin = store.create_annotator("bench-admin", "bench-admin-password", role="admin")
+    admin_token = store.create_api_token(admin.id)
+    tokens = [
+        store.create_api_token(store.create_annotator(f"sim{i:02d}", "simulated-annotator").id)
+        for i in range(n_annotators)
+    ]
+    store.close()
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--serve",
+            db_url,
+            "--node-dir",
+            str(node_dir),
+            "--port",
+            str(port),
+        ]
+    )
+    rng = random.Random(seed)
+    stats = {"submissions": 0, "lapses": 0, "ties": 0}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/api/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("annotation server did not come up within 60 s")
+            time.sleep(0.2)
+        with httpx.Client(base_url=base, timeout=30) as http:
+            admin_h = {"authorization": f"Bearer {admin_token}"}
+            text = tasks_file.read_text()
+            lines = text.splitlines()
+            for i in range(0, len(lines), 200):  # keep bodies under the server's size limit
+                r = http.post(
+                    f"/api/task-sets/{ts.id}/import",
+                    json={"format": "jsonl", "text": "\n".join(lines[i : i + 200])},
+                    headers=admin_h,
+                )
+                r.raise_for_status()
+            active = list(range(n_annotators))
+            while active:
+                for a in list(active):
+                    h = {"authorization": f"Bearer {tokens[a]}"}
+                    r = http.get("/api/tasks", params={"task_set_id": ts.id}, headers=h)
+                    r.raise_for_status()
+                    task = r.json()["task"]
+                    if task is None:
+                        active.remove(a)
+                        continue
+                    value = noisy_judgement(task["outputs"], rng, stats)
+                    r = http.post(
+                        "/api/submit",
+                        json={"task_id": task["task_id"], "value": value, "time_spent_ms": 900},
+                        headers=h,
+                    )
+                    r.raise_for_status()
+                    stats["submissions"] += 1
+            r = http.get(
+                f"/api/task-sets/{ts.id}/export", params={"kind": "preferences"}, headers=admin_h
+            )
+            r.raise_for_status()
+            prefs = [json.loads(line) for line in r.text.splitlines() if line.strip()]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return prefs, stats
+
+
+def noisy_judgement(outputs: list[str], rng: random.Random, stats: dict[str, Any]) -> str:
+    """Bradley-Terry on the true reward (temperature 0.05) with 10 % random lapses."""
+    if rng.random() < 0.10:
+        stats["lapses"] += 1
+        return rng.choice(["A", "B"])
+    a, b = LEX.score(outputs[0]), LEX.score(outputs[1])
+    if a == b:
+        stats["ties"] += 1
+        return "tie" if rng.random() < 0.5 else rng.choice(["A", "B"])
+    p_a = 1 / (1 + math.exp(-(a - b) / 0.05))
+    return "A" if rng.random() < p_a else "B"
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy: Transformer,
+    reference: Transformer,
+    tok: Tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    seed: int,
+) -> dict[str, Any]:
+    """True reward (mean lexicon score) and KL(policy || reference) on 2 samples per prompt."""
+    from swarmlm.rlhf.modeling import response_logprobs
+    from swarmlm.rlhf.preferences import right_pad
+
+    torch.manual_seed(seed)
+    enc = [tok.encode(p) for p in prompts for _ in range(2)]
+    out = generate(
+        policy,
+        enc,
+        GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=1.0,
+            stop_tokens=[tok.eos_id],
+            pad_token_id=tok.pad_id,
+        ),
+    )
+    texts = [tok.decode(s) for s in out.sequences]
+    rewards = [LEX.score(t) for t in texts]
+    seqs = [
+        [*p, *s, *([tok.eos_id] if r == "stop" else [])]
+        for p, s, r in zip(enc, out.sequences, out.finish_reasons, strict=True)
+    ]
+    ids, lengths = right_pad(seqs, tok.pad_id)
+    plens = torch.tensor([len(p) for p in enc])
+    kls = []
+    for i in range(0, len(seqs), 32):
+        sl = slice(i, i + 32)
+        lp, _ = response_logprobs(policy, ids[sl], plens[sl], lengths[sl])
+        lr, _ = response_logprobs(reference, ids[sl], plens[sl], lengths[sl])
+        kls.append(lp - lr)
+    return {
+        "true_reward": statistics.fmean(rewards),
+        "kl": float(torch.cat(kls).mean()),
+        "samples": [
+            {"prompt": prompts[i // 2], "response": texts[i]}
+            for i in range(0, min(12, len(texts)), 2)
+        ],
+    }
+
+
+def truth_pairs(prefs: list[dict[str, str]]) -> list[PreferencePair]:
+    """Held-out pairs relabelled by the true reward (pairs of equal true reward dropped)."""
+    out = []
+    for p in prefs:
+        a, b = LEX.score(p["chosen"]), LEX.score(p["rejected"])
+        if a == b:
+            continue
+        good, bad = (p["chosen"], p["rejected"]) if a > b else (p["rejected"], p["chosen"])
+        out.append(PreferencePair(p["prompt"], good, bad))
+    return out
+
+
+def write_pairs(pairs: list[PreferencePair], path: Path) -> Path:
+    from swarmlm.rlhf.preferences import write_preferences
+
+    write_preferences(pairs, path)
+    return path
+
+
+# -- TRL side ---------------------------------------------------------------------------------
+
+
+def hf_export(run_dir: Path, tok: Tokenizer, out: Path) -> Path:
+    from transformers import PreTrainedTokenizerFast
+
+    from swarmlm.model.hf import export_hf
+    from swarmlm.rlhf.modeling import load_language_model
+
+    model, _ = load_language_model(run_dir)
+    export_hf(
+        model, model.cfg, out, overwrite=True, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id
+    )
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok.hf, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    )
+    hf_tok.save_pretrained(out)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["pad_token_id"] = tok.pad_id
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def _dataset(pairs: list[PreferencePair]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+    )
+
+
+def trl_reward(
+    hf_dir: Path,
+    train: list[PreferencePair],
+    held: list[PreferencePair],
+    s: dict[str, Any],
+    lr: float,
+    out: Path,
+) -> dict[str, Any]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(hf_dir, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    args = RewardConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=s["batch_size"],
+        num_train_epochs=s["rm_epochs"],
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_length=128,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    t0 = time.perf_counter()
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=_dataset(train), processing_class=tok
+    )
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for p in held:
+            scores = []
+            for resp in (p.chosen, p.rejected):
+                ids = tok(p.prompt + resp + tok.eos_token, return_tensors="pt")
+                scores.append(float(model(**ids).logits[0, 0]))
+            correct += scores[0] > scores[1]
+    return {"accuracy": correct / len(held), "seconds": seconds}
+
+
+def trl_dpo(
+    hf_dir: Path,
+    train: list[PreferencePair],
+    s: dict[str, Any],
+    lr: float,
+    beta: float,
+    out: Path,
+) -> tuple[Transformer, float]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from swarmlm.model.hf import import_hf
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    args = DPOConfig(
+        output_dir=str(out / "train"),
+        per_device_train_batch_size=s["batch_size"],
+        num_train_epochs=s["dpo_epochs"],
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        beta=beta,
+        max_length=128,
+        precompute_ref_log_probs=True,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    t0 = time.perf_counter()
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=_dataset(train), processing_class=tok
+    )
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    model.save_pretrained(out / "final")
+    _, imported = import_hf(out / "final")
+    return imported.eval(), seconds
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="reduced run (a few minutes)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-trl", action="store_true", help="swarmlm only")
+    ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--node-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.serve, args.node_dir, args.port)
+        return
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    torch.set_num_threads(args.threads)
+    s = sizes(args.quick)
+    load_start = os.getloadavg()
+    t_start = time.perf_counter()
+    results: dict[str, Any] = {"sizes": s, "loadavg_start": load_start, "quick": args.quick}
+    work = Path(tempfile.mkdtemp(prefix="bench-rlhf-"))
+    try:
+        run(args, s, results, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["loadavg_end"] = os.getloadavg()
+    results["wall_seconds"] = time.perf_counter() - t_start
+    write_json(RESULTS_DIR / "rlhf.json", results)
+    plot(results, RESULTS_DIR / "rlhf.png")
+    emit_headline({k: results.get(k) for k in HEADLINE})
+
+
+HEADLINE = (
+    "rm_accuracy",
+    "trl_rm_accuracy",
+    "ppo_true_reward_gain",
+    "trl_true_reward_gain",
+    "ppo_kl",
+    "trl_kl",
+    "ppo_step_ratio_vs_trl",
+    "dpo_true_reward_gain",
+    "dpo_kl",
+    "ppo_step_seconds",
+)
+
+
+def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], work: Path) -> None:
+    from swarmlm.rlhf.config import DPORunConfig, PPOConfig, RewardRunConfig, SampleConfig
+    from swarmlm.rlhf.dpo import train_dpo
+    from swarmlm.rlhf.modeling import load_language_model, load_reward_model, tokenizer_for
+    from swarmlm.rlhf.ppo import PPOTrainer
+    from swarmlm.rlhf.ppo_run import reward_model_fn
+    from swarmlm.rlhf.reward import train_reward_model
+    from swarmlm.rlhf.safety import SafetyConfig, build_safety_filter
+    from swarmlm.rlhf.sample import sample_comparison_tasks
+    from swarmlm.train.config import OptimConfig
+
+    con = stderr_console
+    t = time.perf_counter()
+    base = base_model(args.quick, s["base_steps"], args.threads)
+    results["base_seconds"] = time.perf_counter() - t
+    base_lm, base_ckpt = load_language_model(base)
+    tok = tokenizer_for(base_ckpt)
+
+    # 2. candidate pairs through `rlhf sample`
+    prompts_file = work / "prompts.jsonl"
+    prompts = verse_openings(s["n_prompts"], args.seed)
+    eval_prompts = verse_openings(s["n_eval_prompts"], args.seed + 1)
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    safety = SafetyConfig(min_response_chars=2, max_repeated_ngram_fraction=0.5)
+    t = time.perf_counter()
+    sample_summary = sample_comparison_tasks(
+        SampleConfig(
+            checkpoint=base,
+            prompts_file=prompts_file,
+            out_file=work / "tasks.jsonl",
+            max_new_tokens=s["max_new_tokens"],
+            temperature=1.0,
+            seed=args.seed,
+            safety=safety,
+        ),
+        console=con,
+    )
+    results["sample"] = {**sample_summary, "seconds": time.perf_counter() - t}
+
+    # 3. simulated annotators over HTTP
+    t = time.perf_counter()
+    prefs, ann_stats = annotate(work / "tasks.jsonl", work, s["annotators"], s["k"], args.seed)
+    results["annotation"] = {
+        **ann_stats,
+        "preferences": len(prefs),
+        "seconds": time.perf_counter() - t,
+    }
+    label_acc = [
+        LEX.score(p["chosen"]) > LEX.score(p["rejected"])
+        for p in prefs
+        if LEX.score(p["chosen"]) != LEX.score(p["rejected"])
+    ]
+    results["annotation"]["consensus_accuracy_vs_truth"] = statistics.fmean(label_acc)
+    rng = random.Random(args.seed)
+    rng.shuffle(prefs)
+    n_held = max(16, len(prefs) // 5)
+    held_raw, train_raw = prefs[:n_held], prefs[n_held:]
+    train_pairs = [PreferencePair(p["prompt"], p["chosen"], p["rejected"]) for p in train_raw]
+    held = truth_pairs(held_raw)
+    results["data"] = {"train_pairs": len(train_pairs), "held_out_pairs_truth": len(held)}
+    train_file = write_pairs(train_pairs, work / "train.jsonl")
+    held_file = write_pairs(held, work / "held.jsonl")
+
+    # 4. reward models
+    rm_lr = 1e-3
+    t = time.perf_counter()
+    rm_result = train_reward_model(
+        RewardRunConfig(
+            init_checkpoint=base,
+            train_file=train_file,
+            eval_file=held_file,
+            out_dir=work / "rm",
+            batch_size=s["batch_size"],
+            epochs=s["rm_epochs"],
+            optim=OptimConfig(lr=rm_lr, weight_decay=0.0),
+            threads=args.threads,
+            safety=SafetyConfig(enabled=False),
+            checkpoint_every=10_000,
+        ),
+        console=con,
+    )
+    results["rm"] = {**rm_result.eval, "seconds": time.perf_counter() - t}
+    results["rm_accuracy"] = rm_result.eval["accuracy"]
+    hf_dir = None
+    if not args.skip_trl:
+        try:
+            hf_dir = hf_export(base, tok, work / "hf-base")
+            trl_rm = trl_reward(hf_dir, train_pairs, held, s, rm_lr, work / "trl-rm")
+            results["trl_rm"] = trl_rm
+            results["trl_rm_accuracy"] = trl_rm["accuracy"]
+        except Exception as exc:  # report why, never a made-up number
+            results["trl_rm_error"] = f"{type(exc).__name__}: {exc}"
+            con.print(f"[red]TRL RewardTrainer failed:[/red] {exc}")
+
+    # 5a. PPO against the swarmlm reward model
+    before = evaluate_policy(base_lm, base_lm, tok, eval_prompts, s["max_new_tokens"], 123)
+    results["before"] = before
+    rm, _ = load_reward_model(work / "rm")
+    rm.eval().requires_grad_(False)
+    policy, _ = load_language_model(base)
+    reference, _ = load_language_model(base)
+    ppo_cfg = PPOConfig(
+        rollout_batch_size=s["batch_size"],
+        minibatch_size=8,
+        ppo_epochs=4,
+        max_new_tokens=s["max_new_tokens"],
+        init_kl_coef=0.05,
+        target_kl=4.0,
+        kl_horizon=200,
+    )
+    trainer = PPOTrainer(
+        policy,
+        reference,
+        reward_model_fn(rm, tok, build_safety_filter(safety), -1.0),
+        ppo_cfg,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        optim=OptimConfig(lr=5e-4, weight_decay=0.0),
+        grad_clip=1.0,
+    )
+    enc_prompts = [tok.encode(p) for p in prompts]
+    history = []
+    with make_progress() as progress:
+        bar = progress.add_task("ppo", total=s["ppo_steps"])
+        for step in range(s["ppo_steps"]):
+            batch = [
+                enc_prompts[(step * s["batch_size"] + i) % len(enc_prompts)]
+                for i in range(s["batch_size"])
+            ]
+            stats = trainer.step(batch)
+            roll = trainer.last_rollout
+            assert roll is not None
+            stats["true_reward"] = statistics.fmean(
+                LEX.score(tok.decode(r)) for r in roll.responses
+            )
+            history.append(stats)
+            progress.advance(bar)
+    results["ppo_history"] = history
+    after = evaluate_policy(policy, reference, tok, eval_prompts, s["max_new_tokens"], 123)
+    results["ppo_after"] = after
+    results["ppo_true_reward_gain"] = after["true_reward"] - before["true_reward"]
+    results["ppo_kl"] = after["kl"]
+    step_times = [h["seconds"] for h in history[1:]] or [history[0]["seconds"]]
+    results["ppo_step_seconds"] = statistics.median(step_times)
+    results["ppo_step_ratio_vs_trl"] = None
+    results["ppo_step_ratio_vs_trl_reason"] = (
+        "TRL 1.16 ships no PPO trainer (trl.experimental.ppo was removed); older TRL releases "
+        "that had it need transformers 4.x, which would replace the project's transformers"
+    )
+
+    # 5b. DPO (swarmlm) and TRL DPO on the same pairs
+    dpo_lr, beta = 5e-4, 0.1
+    t = time.perf_counter()
+    train_dpo(
+        DPORunConfig(
+            init_checkpoint=base,
+            train_file=train_file,
+            eval_fraction=0.0,
+            out_dir=work / "dpo",
+            batch_size=s["batch_size"],
+            epochs=s["dpo_epochs"],
+            optim=OptimConfig(lr=dpo_lr, weight_decay=0.0),
+            threads=args.threads,
+            safety=SafetyConfig(enabled=False),
+            checkpoint_every=10_000,
+            dpo={"beta": beta},
+        ),
+        console=con,
+    )
+    dpo_seconds = time.perf_counter() - t
+    dpo_policy, _ = load_language_model(work / "dpo")
+    dpo_after = evaluate_policy(dpo_policy, reference, tok, eval_prompts, s["max_new_tokens"], 123)
+    results["dpo_after"] = {**dpo_after, "seconds": dpo_seconds}
+    results["dpo_true_reward_gain"] = dpo_after["true_reward"] - before["true_reward"]
+    results["dpo_kl"] = dpo_after["kl"]
+    if hf_dir is not None:
+        try:
+            trl_policy, trl_seconds = trl_dpo(
+                hf_dir, train_pairs, s, dpo_lr, beta, work / "trl-dpo"
+            )
+            trl_after = evaluate_policy(
+                trl_policy, reference, tok, eval_prompts, s["max_new_tokens"], 123
+            )
+            results["trl_dpo_after"] = {**trl_after, "seconds": trl_seconds}
+            results["trl_true_reward_gain"] = trl_after["true_reward"] - before["true_reward"]
+            results["trl_kl"] = trl_after["kl"]
+            results["dpo_seconds_ratio_vs_trl"] = dpo_seconds / trl_seconds
+        except Exception as exc:
+            results["trl_dpo_error"] = f"{type(exc).__name__}: {exc}"
+            con.print(f"[red]TRL DPOTrainer failed:[/red] {exc}")
+    _print_table(results)
+
+
+def _print_table(r: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="RLHF sentiment benchmark")
+    for col in ("contender", "RM acc (truth)", "true reward", "gain", "KL", "seconds"):
+        table.add_column(col)
+    b = r["before"]["true_reward"]
+    table.add_row("base", "", f"{b:.4f}", "", "0", "")
+    table.add_row("swarmlm RM", f"{r['rm_accuracy']:.3f}", "", "", "", f"{r['rm']['seconds']:.1f}")
+    if "trl_rm" in r:
+        table.add_row(
+            "TRL RewardTrainer",
+            f"{r['trl_rm_accuracy']:.3f}",
+            "",
+            "",
+            "",
+            f"{r['trl_rm']['seconds']:.1f}",
+        )
+    for name, key in (
+        ("swarmlm PPO", "ppo_after"),
+        ("swarmlm DPO", "dpo_after"),
+        ("TRL DPO", "trl_dpo_after"),
+    ):
+        if key in r:
+            a = r[key]
+            table.add_row(
+                name,
+                "",
+                f"{a['true_reward']:.4f}",
+                f"{a['true_reward'] - b:+.4f}",
+                f"{a['kl']:.3f}",
+                f"{a.get('seconds', 0):.1f}",
+            )
+    stderr_console.print(table)
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    if not r.get("ppo_history"):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = r["ppo_history"]
+    steps = [x["step"] for x in h]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(steps, [x["true_reward"] for x in h], label="swarmlm PPO (rollouts)")
+    ax[0].axhline(r["before"]["true_reward"], color="grey", ls="--", label="base")
+    if "trl_dpo_after" in r:
+        ax[0].axhline(r["trl_dpo_after"]["true_reward"], color="C2", ls=":", label="TRL DPO")
+    if "dpo_after" in r:
+        ax[0].axhline(r["dpo_after"]["true_reward"], color="C1", ls=":", label="swarmlm DPO")
+    ax[0].set_xlabel("PPO step")
+    ax[0].set_ylabel("true reward (lexicon)")
+    ax[0].legend()
+    ax[1].plot(steps, [x["kl"] for x in h], label="KL (rollouts)")
+    ax[1].plot(steps, [x["kl_coef"] * 100 for x in h], label="KL coef x100")
+    ax[1].set_xlabel("PPO step")
+    ax[1].legend()
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()
