@@ -113,7 +113,13 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "swiglu":
-            hidden = swiglu(self.w_gate(x), self.w_up(x))
+            # Gate and up projections as one matmul (parameters and keys stay separate).
+            weight = torch.cat((self.w_gate.weight, self.w_up.weight))
+            bias = None
+            if self.w_gate.bias is not None and self.w_up.bias is not None:
+                bias = torch.cat((self.w_gate.bias, self.w_up.bias))
+            gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+            hidden = swiglu(gate, up)
         else:
             hidden = F.gelu(self.w_up(x), approximate="tanh")
         out: Tensor = self.w_down(hidden)
