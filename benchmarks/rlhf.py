@@ -8,8 +8,9 @@ minus share of negative words; the lists ship in ``swarmlm/rlhf/lexicon/``). The
    ``benchmarks/results/rlhf_cache/``);
 2. ``rlhf sample`` writes pairwise comparison tasks (two responses to KJV verse openings);
 3. simulated annotators label them through the annotation platform's real HTTP API (a
-   ``swarmlm web`` server in a subprocess), with Bradley-Terry noise on the true reward plus
-   10 % lapses; the platform's preference export is the training data;
+   ``swarmlm web`` server in a subprocess), k = 3 each, with Bradley-Terry noise on the true
+   reward, 10 % lapses and mostly "tie" for equally scored pairs; the platform's consensus
+   and preference export (A/B consensus only) are the training data;
 4. a reward model is trained on those labels (swarmlm) and, side by side, with TRL's
    ``RewardTrainer`` on the same base model exported to the Hugging Face format, same data,
    epochs, batch and learning rate; both are scored on held-out pairs judged by the true
@@ -25,7 +26,11 @@ transformers 5 here) no longer ships a PPO trainer (``trl.experimental.ppo`` is 
 PPO side has no TRL contender: ``trl_*`` keys describe TRL's DPO, and ``ppo_step_ratio_vs_trl``
 is null with the reason in the JSON. Nothing is estimated or filled in for a missing side.
 
-    python benchmarks/rlhf.py --quick      # a few minutes
+Every contender runs in this one process with the same torch thread count (``--threads``,
+default 1: on a machine shared with other jobs, two threads spin-wait on each other and run
+up to 10x slower than one).
+
+    python benchmarks/rlhf.py --quick      # a few minutes (plus ~2 min once for the base LM)
     python benchmarks/rlhf.py              # more pairs, longer PPO
 
 Last stdout line: one JSON object with the headline keys.
@@ -81,14 +86,14 @@ log = logging.getLogger("bench.rlhf")
 def sizes(quick: bool) -> dict[str, Any]:
     return {
         "base_steps": 500 if quick else 1500,
-        "n_prompts": 240 if quick else 800,
+        "n_prompts": 1200 if quick else 3000,
         "n_eval_prompts": 48 if quick else 128,
-        "max_new_tokens": 16 if quick else 24,
+        "max_new_tokens": 32,
         "annotators": 5,
         "k": 3,
-        "rm_epochs": 2,
-        "ppo_steps": 16 if quick else 60,
-        "dpo_epochs": 1 if quick else 2,
+        "rm_epochs": 3,
+        "ppo_steps": 30 if quick else 100,
+        "dpo_epochs": 2,
         "batch_size": 16,
     }
 
@@ -278,14 +283,16 @@ def annotate(
 
 
 def noisy_judgement(outputs: list[str], rng: random.Random, stats: dict[str, Any]) -> str:
-    """Bradley-Terry on the true reward (temperature 0.05) with 10 % random lapses."""
+    """Bradley-Terry on the true reward (temperature 0.05) with 10 % random lapses; pairs of
+    equal true reward get "tie" 80 % of the time."""
     if rng.random() < 0.10:
         stats["lapses"] += 1
         return rng.choice(["A", "B"])
     a, b = LEX.score(outputs[0]), LEX.score(outputs[1])
     if a == b:
         stats["ties"] += 1
-        return "tie" if rng.random() < 0.5 else rng.choice(["A", "B"])
+        # Equally good (often: neither has a sentiment word): mostly "tie", else a coin flip.
+        return "tie" if rng.random() < 0.8 else rng.choice(["A", "B"])
     p_a = 1 / (1 + math.exp(-(a - b) / 0.05))
     return "A" if rng.random() < p_a else "B"
 
@@ -490,9 +497,18 @@ def trl_dpo(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="reduced run (a few minutes)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for every contender (1: on a shared machine 2 threads spin)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-trl", action="store_true", help="swarmlm only")
+    ap.add_argument(
+        "--base-steps", type=int, default=None, help="override the base model's training steps"
+    )
+    ap.add_argument("--ppo-steps", type=int, default=None, help="override the PPO steps")
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--node-dir", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -504,6 +520,10 @@ def main() -> None:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     torch.set_num_threads(args.threads)
     s = sizes(args.quick)
+    if args.base_steps is not None:
+        s["base_steps"] = args.base_steps
+    if args.ppo_steps is not None:
+        s["ppo_steps"] = args.ppo_steps
     load_start = os.getloadavg()
     t_start = time.perf_counter()
     results: dict[str, Any] = {"sizes": s, "loadavg_start": load_start, "quick": args.quick}
@@ -588,7 +608,7 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
     results["annotation"]["consensus_accuracy_vs_truth"] = statistics.fmean(label_acc)
     rng = random.Random(args.seed)
     rng.shuffle(prefs)
-    n_held = max(16, len(prefs) // 5)
+    n_held = max(16, len(prefs) // 4)
     held_raw, train_raw = prefs[:n_held], prefs[n_held:]
     train_pairs = [PreferencePair(p["prompt"], p["chosen"], p["rejected"]) for p in train_raw]
     held = truth_pairs(held_raw)
@@ -639,9 +659,9 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
         minibatch_size=8,
         ppo_epochs=4,
         max_new_tokens=s["max_new_tokens"],
-        init_kl_coef=0.05,
+        init_kl_coef=0.1,
         target_kl=4.0,
-        kl_horizon=200,
+        kl_horizon=100,
     )
     trainer = PPOTrainer(
         policy,
@@ -650,7 +670,7 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
         ppo_cfg,
         eos_id=tok.eos_id,
         pad_id=tok.pad_id,
-        optim=OptimConfig(lr=5e-4, weight_decay=0.0),
+        optim=OptimConfig(lr=1e-4, weight_decay=0.0),
         grad_clip=1.0,
     )
     enc_prompts = [tok.encode(p) for p in prompts]
