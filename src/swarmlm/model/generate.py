@@ -161,8 +161,11 @@ def _sample(
     seen = torch.zeros((batch, vocab), dtype=torch.bool, device=device)
     if cfg.repetition_penalty != 1.0:
         seen.scatter_(1, ids, mask.bool())
-    stop = torch.tensor(cfg.stop_tokens, dtype=torch.long, device=device)
-    running = torch.ones(batch, dtype=torch.bool, device=device)
+    stop_set = set(cfg.stop_tokens)
+    # Which rows still run lives on the host: the per-token bookkeeping reads tokens back
+    # anyway, so keeping it there saves several tiny device ops per step (at batch 1 a step
+    # is short enough for those to count).
+    running = [True] * batch
     out_tokens: list[list[int]] = [[] for _ in range(batch)]
     out_logprobs: list[list[float]] = [[] for _ in range(batch)]
     reasons = ["length"] * batch
@@ -180,26 +183,27 @@ def _sample(
             token = logits.argmax(dim=-1)
         logprob = torch.log_softmax(scaled, dim=-1).gather(1, token[:, None]).squeeze(1)
 
-        is_stop = torch.isin(token, stop) & running
-        # One host transfer for the integer state and one for the floats, not four.
-        token_list, stop_list, run_list = torch.stack((token, is_stop, running)).tolist()
-        logprob_list = logprob.tolist()
+        token_list, logprob_list = token.tolist(), logprob.tolist()
         for row in range(batch):
-            if not run_list[row]:
+            if not running[row]:
                 continue
-            if stop_list[row]:
+            if token_list[row] in stop_set:
                 reasons[row] = "stop"
+                running[row] = False
                 continue
             out_tokens[row].append(token_list[row])
             out_logprobs[row].append(logprob_list[row])
             if callback is not None:
                 callback(row, token_list[row])
-        running &= ~is_stop
-        if not bool(running.any()):
+        if not any(running):
             break
-        token = torch.where(running, token, torch.full_like(token, cfg.pad_token_id))
-        if cfg.repetition_penalty != 1.0:
-            seen.scatter_(1, token[:, None], running[:, None])
+        if not all(running):
+            keep = torch.tensor(running, device=device)
+            token = torch.where(keep, token, torch.full_like(token, cfg.pad_token_id))
+            if cfg.repetition_penalty != 1.0:
+                seen.scatter_(1, token[:, None], keep[:, None])
+        elif cfg.repetition_penalty != 1.0:
+            seen.scatter_(1, token[:, None], True)
         logits = step(token)
     return GenerationOutput(sequences=out_tokens, finish_reasons=reasons, logprobs=out_logprobs)
 
