@@ -615,6 +615,10 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
     results["data"] = {"train_pairs": len(train_pairs), "held_out_pairs_truth": len(held)}
     train_file = write_pairs(train_pairs, work / "train.jsonl")
     held_file = write_pairs(held, work / "held.jsonl")
+    kept = RESULTS_DIR / "rlhf_pairs"  # the labelled data, for inspection and re-runs
+    kept.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(train_file, kept / "train.jsonl")
+    shutil.copyfile(held_file, kept / "held_out_truth.jsonl")
 
     # 4. reward models
     rm_lr = 1e-3
