@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,17 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     state = {"config": json.loads(run_cfg.model_dump_json())}
     save_checkpoint(root / "run", 1, model.state_dict(), {}, state, keep=1)
     return root / "run"
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; on a shared machine two threads spin-wait on each
+    other and run up to 10x slower. Restored after each test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
