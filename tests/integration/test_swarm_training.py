@@ -87,6 +87,40 @@ def test_training_continues_with_identical_weights_after_a_peer_is_sigkilled(
     assert rounds[0][6]["val_loss"] < rounds[0][2]["val_loss"]
 
 
+@pytest.mark.timeout(300)
+def test_a_new_peer_joins_mid_training_with_identical_weights_before_contributing(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    # open-ended run (rounds take ~1 s; a peer needs ~10 s to start): stopped once the
+    # joiner has contributed to a few rounds
+    config = write_config(
+        prepared_data, tmp_path / "runs", tmp_path / "swarm.json", rounds=10_000, expect_peers=3
+    )
+    with SwarmProcesses(config, 3, tmp_path) as swarm:
+        swarm.wait_all("genesis", 150)
+        swarm.peers[0].wait("round", 120)
+        joiner = swarm.add_peer()
+        genesis = joiner.wait("genesis", 120)
+        contributed: list[int] = []
+        while len(contributed) < 3:
+            ev = joiner.wait("round", 120)
+            if not ev["caught_up"]:
+                contributed.append(ev["round"])
+        for p in swarm.peers:
+            p.stop()
+        rounds = {p.index: p.rounds() for p in swarm.peers}
+    assert genesis["round"] >= 1 and joiner.id not in genesis["members"]  # a running swarm
+    mine = rounds[3]
+    assert min(mine) > genesis["round"]  # (rounds it could not sync from are skipped)
+    both = [r for r in mine if r in rounds[0]]  # (a stopped peer may miss the last one)
+    assert len(both) >= len(mine) - 1
+    for r in both:
+        assert mine[r]["params_sha256"] == rounds[0][r]["params_sha256"], f"round {r}"
+    first = contributed[0]
+    assert first - 1 in mine  # it applied a round, identical to the others', before that
+    assert any(rounds[0][r]["accepted"] == 4 for r in contributed if r in rounds[0])
+
+
 @pytest.mark.timeout(360)
 def test_a_peer_restarted_from_its_checkpoint_catches_up_to_identical_weights(
     prepared_data: Path, tmp_path: Path

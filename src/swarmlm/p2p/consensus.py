@@ -166,6 +166,8 @@ class RoundProtocol:
         self._entry_cache: dict[bytes, list[Entry]] = {}
         for kind in (*ROUND_KINDS, "equivocation", "join", "leave"):
             node.on(kind, self._on_message)
+        node.on("status_req", self._on_status_req)
+        self._status_sent: dict[str, float] = {}
         node.blobs.on_put.append(self._on_blob)
         node.on_peer_connected = self._on_peer_connected
         self._ensure_round(start_round)
@@ -222,6 +224,15 @@ class RoundProtocol:
     def request_leave(self) -> None:
         members = self._members.get(self.last_decided + 1) or []
         self._send(self.node.sign("leave", {}), members)
+
+    def request_join_if_needed(self) -> bool:
+        """Repeat our join request while we are not a member of the next round (a request
+        can be lost, or left out of a full proposal); True once we are a member."""
+        members = self._members.get(self.last_decided + 1) or []
+        if self.node.node_id in members:
+            return True
+        self.request_join()
+        return False
 
     def close(self) -> None:
         for t in list(self._tasks):
@@ -585,6 +596,18 @@ class RoundProtocol:
             a, b = open_signed(msg.body["a"]), open_signed(msg.body["b"])
             self._record_equivocation(a, b)
 
+    def _on_status_req(self, msg: SignedMessage, peer: str) -> None:
+        """Tell a (prospective) joiner where the swarm is: our last decided round and the
+        membership of the next one. At most one answer per peer and second."""
+        now = time.monotonic()
+        if now - self._status_sent.get(peer, -1e9) < 1.0:
+            return
+        if len(self._status_sent) >= self.cfg.max_peers:
+            self._status_sent.clear()
+        self._status_sent[peer] = now
+        members = self._members.get(self.last_decided + 1) or []
+        self.node.send(peer, self.node.sign("status", {"members": members}, self.last_decided))
+
     def _on_membership_request(self, msg: SignedMessage) -> None:
         table = self.join_requests if msg.kind == "join" else self.leave_requests
         if len(table) < self.cfg.max_peers:
@@ -767,7 +790,9 @@ class RoundProtocol:
         for peer in st.waiting:
             self._answer_decided(peer, st.round)
         nxt_st = self._ensure_round(st.round + 1)
-        if self.highest_seen > st.round + 1 or nxt_st is None:
+        observer = self.node.node_id not in d.members_next
+        if self.highest_seen > st.round + 1 or nxt_st is None or observer:
+            # observers hear no votes: ask now, members answer the moment they decide
             self._request_decided(st.round + 1, None)
         self._changed.set()
 
@@ -914,3 +939,44 @@ class RoundProtocol:
         for c in commits.values():
             st.votes.setdefault(("commit", view, h), {})[c.sender] = c
         self._try_decide(st, view, h, commits)
+
+
+async def discover(node: P2PNode, timeout: float) -> tuple[int, list[str]] | None:
+    """Where a running swarm is, for a node about to join it: ``(last decided round,
+    members of the next round)``, or None when no swarm answers within ``timeout``.
+
+    We ask every connected peer. A claimed membership ``M`` is believed only when more than
+    ``f(M)`` of its own members report it, so up to ``f`` liars (or peers that are not
+    members at all) cannot steer a joiner into a fake swarm. Agreeing reports may differ by
+    a round or two; the highest one is returned.
+    """
+    replies: dict[str, tuple[int, tuple[str, ...]]] = {}
+
+    def on_status(msg: SignedMessage, peer: str) -> None:
+        members = msg.body["members"]
+        if (
+            msg.sender == peer
+            and all(isinstance(m, str) for m in members)
+            and len(members) <= node.config.max_peers
+        ):
+            replies[peer] = (msg.round, tuple(sorted(set(members))))
+
+    node.on("status", on_status)
+    deadline = time.monotonic() + timeout
+    asked = 0.0
+    try:
+        while time.monotonic() < deadline:
+            if time.monotonic() - asked >= 1.0:
+                asked = time.monotonic()
+                node.broadcast(node.sign("status_req", {}), list(node.connections))
+            votes: dict[tuple[str, ...], list[int]] = {}
+            for sender, (r, members) in replies.items():
+                if sender in members:
+                    votes.setdefault(members, []).append(r)
+            for members, rounds in votes.items():
+                if len(rounds) > (len(members) - 1) // 3:
+                    return max(rounds), list(members)
+            await asyncio.sleep(0.1)
+    finally:
+        node.handlers.pop("status", None)
+    return None

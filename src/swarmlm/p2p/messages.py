@@ -63,6 +63,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "equivocation": {"a": (dict,), "b": (dict,)},
     "join": {},
     "leave": {},
+    "status_req": {},
+    "status": {"members": _LIST},
 }
 
 

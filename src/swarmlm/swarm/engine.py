@@ -227,8 +227,6 @@ class RoundEngine:
         them: one payload per distinct peer; ``members``: the round's agreed membership, whose
         members without an entry were late or down). Raises :class:`OutOfSyncError` when the
         agreed state is not ours; the state is then untouched."""
-        if round != self.round + 1:
-            raise StateSyncError(f"round {round} cannot follow our last applied round {self.round}")
         report = RoundReport(round, len(entries))
         valid: list[tuple[str, Contribution]] = []
         for peer, data in sorted(entries, key=lambda e: e[0]):
@@ -240,6 +238,15 @@ class RoundEngine:
             except ContributionError as exc:
                 report.invalid[peer] = exc.reason
                 log.warning("round %d: %s", round, exc)
+        if round != self.round + 1:
+            # a joiner, or a peer back from a long absence: fetch the state round ``round``
+            # started from, as the decided contributions name it, then apply the round
+            if self.cfg.mode == "cooperative" or not valid:
+                raise StateSyncError(
+                    f"round {round} cannot follow our last applied round {self.round}"
+                )
+            agreed = _majority([c.state_digest for _, c in valid])
+            raise OutOfSyncError(round, agreed, [p for p, c in valid if c.state_digest == agreed])
         if self.cfg.mode != "cooperative" and valid:
             agreed = _majority([c.state_digest for _, c in valid])
             if agreed != self.state_digest():

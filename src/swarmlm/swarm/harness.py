@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ class PeerProcess:
         )
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.history: list[dict[str, Any]] = []
+        self.other_output: deque[str] = deque(maxlen=50)
         self.id = ""
         self.port = 0
         threading.Thread(target=self._read, daemon=True).start()
@@ -50,6 +52,7 @@ class PeerProcess:
             try:
                 ev = json.loads(line)
             except json.JSONDecodeError:
+                self.other_output.append(line.rstrip())  # e.g. the CLI's error message
                 continue
             if not isinstance(ev, dict) or "event" not in ev:
                 continue
@@ -64,7 +67,8 @@ class PeerProcess:
             if left <= 0 or (self.proc.poll() is not None and self.events.empty()):
                 raise TimeoutError(
                     f"peer {self.index} sent no {event!r} within {timeout} s "
-                    f"(exit code {self.proc.poll()}); log tail:\n{self.log_tail()}"
+                    f"(exit code {self.proc.poll()}); output: {list(self.other_output)}; "
+                    f"log tail:\n{self.log_tail()}"
                 )
             try:
                 ev = self.events.get(timeout=min(left, 0.5))

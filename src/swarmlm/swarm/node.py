@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swarmlm.p2p.consensus import Decision, RoundProtocol
+from swarmlm.p2p.consensus import Decision, RoundProtocol, discover
 from swarmlm.p2p.errors import ConsensusError, TransportError
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.transport import P2PNode
@@ -42,6 +42,7 @@ from swarmlm.train.checkpoint import latest_checkpoint
 log = logging.getLogger(__name__)
 
 KEEP_STATE_BLOBS = 3  # our recent state blobs stay fetchable for lagging peers
+DISCOVER_SECONDS = 2.0  # how long a starting peer asks whether a swarm already runs
 
 
 @dataclass
@@ -138,7 +139,13 @@ class SwarmNode:
             # a returning member: connect to anyone, then catch up from decisions
             await self._genesis(2, sw.genesis_timeout)
         else:
-            start, members = 1, await self._genesis(sw.expect_peers, sw.genesis_timeout)
+            found = await self._find_swarm(sw.genesis_timeout)
+            if found is not None:  # a swarm is running (or formed its genesis with us in it)
+                start, members = found[0] + 1, found[1]
+                if self.identity.node_id not in members:
+                    log.info("joining the running swarm at round %d", start)
+            else:
+                start, members = 1, await self._genesis(sw.expect_peers, sw.genesis_timeout)
         self.proto = RoundProtocol(self.node, members, start_round=start)
         await asyncio.to_thread(self.worker.engine.state_digest)
         self._publish_state()
@@ -157,8 +164,16 @@ class SwarmNode:
         pending: _Pending | None = None
         try:
             for r in range(start, sw.rounds + 1):
-                if proto.highest_seen > r or r in proto.decisions:
-                    # catching up (restart): the swarm is past this round; follow its decisions
+                # (with overlap, round r - 1 may be undecided: the latest known membership)
+                known = proto.members(r) or proto.members(proto.last_decided + 1) or ()
+                joining = self.identity.node_id not in known
+                if joining:
+                    proto.request_join_if_needed()
+                if pending is None and worker.engine.round < r - 1 and proto.last_decided > r:
+                    continue  # our state must be fetched anyway: fetch the freshest one
+                if joining or proto.highest_seen > r or r in proto.decisions:
+                    # joining, or catching up after a restart: follow the swarm's decisions
+                    # (the first one we apply resynchronises our state from the members)
                     if not await self._follow(r, pending):
                         return
                     pending = None
@@ -200,7 +215,26 @@ class SwarmNode:
         if pending is not None and not await self._complete(pending):
             return False
         task = asyncio.create_task(self.proto.decision(r, self.cfg.swarm.round_timeout))
-        return await self._complete(_Pending(r, task, b"", 0.0))
+        try:
+            return await self._complete(_Pending(r, task, b"", 0.0))
+        except StateSyncError as exc:
+            if self.proto.last_decided <= r:
+                raise
+            # the members moved on and dropped that state: a later round names a fresh one
+            log.warning("%s; syncing from a later round", exc)
+            return True
+
+    async def _find_swarm(self, timeout: float) -> tuple[int, list[str]] | None:
+        """A running swarm's (last decided round, next members), asked of the first peers we
+        reach; None at a fresh start, when no peer has a round protocol yet."""
+        if not self.cfg.p2p.bootstrap:
+            return None  # we are the first peer: the others find us
+        deadline = time.monotonic() + timeout
+        while not self.node.connections:
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.05)
+        return await discover(self.node, min(DISCOVER_SECONDS, timeout))
 
     async def _genesis(self, expect: int, timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout
@@ -267,7 +301,8 @@ class SwarmNode:
             payload_bytes=len(pending.payload),
             **_report_fields(report),
         )
-        if self.identity.node_id not in decision.members_next:
+        me = self.identity.node_id
+        if me in decision.members and me not in decision.members_next:
             log.warning("round %d removed us from the membership; stopping", r)
             return False
         return True
