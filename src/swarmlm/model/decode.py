@@ -10,9 +10,10 @@ bookkeeping). :class:`FastDecoder` therefore
 * snapshots the weights once per ``generate`` call, fused (one QKV matrix, one gate+up matrix)
   and transposed to ``(in, out)`` contiguous layout (a copy of the parameters; the model is not
   touched and its state-dict keys are unchanged);
-* runs every layer as a plain function over tensors (no module calls), writing keys and values
-  into the model's own :class:`~swarmlm.model.cache.KVCache` buffers, so prefill (through the
-  module path) and decoding share one cache;
+* runs every layer as a plain function over tensors (no module calls, RoPE on queries and keys
+  in one op), writing keys and values into the model's own
+  :class:`~swarmlm.model.cache.KVCache` buffers, so prefill (through the module path) and
+  decoding share one cache;
 * optionally compiles that function with ``torch.compile(dynamic=False)``: every step then has
   the same shapes (it attends over the whole preallocated buffer with a mask computed from the
   slot positions inside the graph), so it compiles once per (config, batch, cache length).
@@ -131,20 +132,16 @@ def _decode_step(
     ``length`` unused); otherwise over the first ``length`` slots with no mask.
 
     The query columns of ``wqkv`` carry the 1/sqrt(head_dim) softmax scale (folded in when
-    the weights are snapshot; RoPE is linear, so the order does not matter). Attention for a
-    single query is two small matmuls: measured here, SDPA's CPU flash kernel costs about a
-    millisecond per call for one query, far more than the whole rest of the layer.
+    the weights are snapshot; RoPE is linear, so the order does not matter).
     """
     cfg = spec.cfg
     bsz = token.shape[0]
     h_, kv_, d_ = spec.n_heads, spec.n_kv_heads, spec.head_dim
-    group = h_ // kv_
     slot_pos.index_copy_(1, slot, pos[:, None])
-    bias = None
+    mask = None
     if spec.masked:
         allowed = keep_rows_finite(allowed_keys(cfg, pos[:, None], slot_pos))  # (batch, 1, slots)
-        bias = torch.zeros(allowed.shape, dtype=embed.dtype, device=embed.device)
-        bias = bias.masked_fill(~allowed, float("-inf"))[:, :, None, :]  # (batch, 1, 1, slots)
+        mask = allowed[:, :, None, :]  # (batch, 1, 1, slots), broadcast over heads
 
     x = embed[token]  # (batch, d_model)
     cos = sin = None
@@ -161,7 +158,7 @@ def _decode_step(
         if cos is not None and sin is not None:
             # rotate_half(x) * sin == roll(x, half) * (-sin | +sin): one op fewer, q and k at once
             qk = torch.addcmul(qk * cos, qk.roll(d_ // 2, dims=-1), sin)
-        q = qk[:, :h_].reshape(bsz, kv_, group, d_)  # query heads grouped by their KV head
+        q = qk[:, :h_, None, :]
         k = qk[:, h_:, None, :]
         v = qkv[:, (h_ + kv_) * d_ :].view(bsz, kv_, 1, d_)
         keys[i].index_copy_(2, slot, k)
@@ -170,10 +167,9 @@ def _decode_step(
             k_all, v_all = keys[i], values[i]
         else:
             k_all, v_all = keys[i][:, :, :length], values[i][:, :, :length]
-        scores = q @ k_all.transpose(-1, -2)  # (batch, kv_heads, group, slots)
-        if bias is not None:
-            scores = scores + bias
-        attn = torch.softmax(scores, dim=-1) @ v_all  # (batch, kv_heads, group, head_dim)
+        attn = F.scaled_dot_product_attention(
+            q, k_all, v_all, attn_mask=mask, enable_gqa=kv_ != h_, scale=1.0
+        )  # (batch, heads, 1, head_dim)
         x = _residual(x, attn.reshape(bsz, h_ * d_), w.wo, w.bo)
 
         h = _norm(cfg, x, w.ffn_norm_w, w.ffn_norm_b)
