@@ -135,3 +135,19 @@ def test_fast_decode_refuses_a_full_cache() -> None:
 def test_an_unknown_decode_mode_names_the_field() -> None:
     with pytest.raises(ValidationError, match="decode"):
         generate(_model({}), [[1]], decode="graph")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 63, 64, 300])
+def test_fused_projection_equals_the_separate_layers(bias: bool, rows: int) -> None:
+    from swarmlm.model.layers import fused_linear
+
+    layers = tuple(torch.nn.Linear(16, n, bias=bias) for n in (16, 8, 8))
+    x = torch.randn(rows, 16, requires_grad=True)
+    fused = fused_linear(x, layers)
+    separate = torch.cat([layer(x) for layer in layers], dim=-1)
+    torch.testing.assert_close(fused, separate)
+    fused_grads = torch.autograd.grad(fused.square().sum(), [x, layers[1].weight])
+    separate_grads = torch.autograd.grad(separate.square().sum(), [x, layers[1].weight])
+    for a, b in zip(fused_grads, separate_grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -99,6 +99,27 @@ def sinusoidal_table(length: int, dim: int) -> Tensor:
     return table
 
 
+FUSE_MIN_ROWS = 64
+"""Rows (tokens) from which :func:`fused_linear` concatenates the weights."""
+
+
+def fused_linear(x: Tensor, layers: tuple[nn.Linear, ...]) -> Tensor:
+    """``cat([layer(x) for layer in layers], -1)`` as one matmul when ``x`` holds enough rows.
+
+    Concatenating the weights costs a copy of them per call: well spent over a training batch
+    (on this CPU the separate Q, K and V projections cost about twice the fused one, forward
+    plus backward), wasted on a decode step of a few tokens, which runs the layers one by one.
+    Parameters and state-dict keys stay those of the separate layers either way.
+    """
+    if x.numel() // x.shape[-1] < FUSE_MIN_ROWS:
+        return torch.cat([layer(x) for layer in layers], dim=-1)
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = None
+    if all(layer.bias is not None for layer in layers):
+        bias = torch.cat([layer.bias for layer in layers if layer.bias is not None])
+    return F.linear(x, weight, bias)
+
+
 class FeedForward(nn.Module):
     """SwiGLU (Shazeer 2020) or GELU MLP. SwiGLU goes through the fused kernel on CUDA."""
 
@@ -113,12 +134,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "swiglu":
-            # Gate and up projections as one matmul (parameters and keys stay separate).
-            weight = torch.cat((self.w_gate.weight, self.w_up.weight))
-            bias = None
-            if self.w_gate.bias is not None and self.w_up.bias is not None:
-                bias = torch.cat((self.w_gate.bias, self.w_up.bias))
-            gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+            # Gate and up projections as one matmul for batches (parameters stay separate).
+            gate, up = fused_linear(x, (self.w_gate, self.w_up)).chunk(2, dim=-1)
             hidden = swiglu(gate, up)
         else:
             hidden = F.gelu(self.w_up(x), approximate="tanh")
