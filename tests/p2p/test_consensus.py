@@ -217,3 +217,51 @@ def test_a_decision_request_sent_before_the_round_decides_is_answered_when_it_do
             await _close(nodes, [*protos, observer])
 
     run(go())
+
+
+def test_a_member_evicted_by_a_quorum_of_votes_leaves_the_membership() -> None:
+    async def go() -> None:
+        nodes, protos = await _swarm(4)
+        try:
+            ids = protos[0].members(1) or []
+            target = ids[0]
+            ds = await asyncio.gather(*(p.contribute(1, os.urandom(100), 30) for p in protos))
+            assert target in ds[0].members_next
+            voters = [p for p, x in zip(protos, nodes, strict=True) if x.node_id != target]
+            voters[0].vote_evict(target)  # one vote (f + 1 would not do either) is not enough
+            ds = await asyncio.gather(*(p.contribute(2, os.urandom(100), 30) for p in protos))
+            assert target in ds[0].members_next
+            for p in voters[1:]:
+                p.vote_evict(target)
+            await asyncio.sleep(0.3)
+            ds = await asyncio.gather(*(p.contribute(3, os.urandom(100), 30) for p in protos))
+            assert all(target not in d.members_next for d in ds)
+            assert all(len(d.members_next) == 3 for d in ds)
+        finally:
+            await _close(nodes, protos)
+
+    run(go())
+
+
+def test_a_removal_without_a_quorum_of_eviction_votes_is_refused() -> None:
+    async def go() -> None:
+        nodes, protos = await _swarm(4)
+        try:
+            st = protos[0].rounds[1]
+            target = st.members[1]
+            votes = [
+                protos[i].node.sign("evict", {"peer": target}, 0).to_wire()
+                for i in range(4)
+                if nodes[i].node_id != target
+            ]
+            change = {"op": "remove", "peer": target, "votes": votes[:2]}  # q = 3
+            with pytest.raises(MessageRejectedError, match="few votes"):
+                protos[0]._check_changes(st, [change], "leader")
+            forged = [votes[0], votes[0], votes[1]]  # the same voter twice
+            with pytest.raises(MessageRejectedError, match="few votes"):
+                protos[0]._check_changes(st, [{**change, "votes": forged}], "leader")
+            protos[0]._check_changes(st, [{**change, "votes": votes}], "leader")  # q: accepted
+        finally:
+            await _close(nodes, protos)
+
+    run(go())

@@ -46,6 +46,7 @@ MAX_VIEW_TIMEOUT_FACTOR = 8
 LOOKAHEAD_ROUNDS = 4
 MAX_BUFFERED = 20_000
 MAX_WAITING = 256  # peers waiting for one round's certificate
+EVICT_VOTE_ROUNDS = 16  # an eviction vote older than this many rounds no longer counts
 
 
 def quorum(n: int) -> int:
@@ -153,6 +154,7 @@ class RoundProtocol:
         self.proofs: dict[str, dict[str, Any]] = {}
         self.join_requests: dict[str, dict[str, Any]] = {}
         self.leave_requests: dict[str, dict[str, Any]] = {}
+        self.evict_votes: dict[str, dict[str, SignedMessage]] = {}  # target -> voter -> vote
         self.stats: Counter[str] = Counter()
         self.latencies: deque[float] = deque(maxlen=1000)
         self._answered: dict[tuple[str, int], float] = {}
@@ -164,7 +166,7 @@ class RoundProtocol:
         self._changed = asyncio.Event()
         self._hash_cache: dict[bytes, bytes] = {}
         self._entry_cache: dict[bytes, list[Entry]] = {}
-        for kind in (*ROUND_KINDS, "equivocation", "join", "leave"):
+        for kind in (*ROUND_KINDS, "equivocation", "join", "leave", "evict"):
             node.on(kind, self._on_message)
         node.on("status_req", self._on_status_req)
         self._status_sent: dict[str, float] = {}
@@ -220,6 +222,18 @@ class RoundProtocol:
     def request_join(self) -> None:
         """Ask the members we are connected to to add us at the next round boundary."""
         self._send(self.node.sign("join", {}), list(self.node.connections))
+
+    def vote_evict(self, peer: str) -> None:
+        """Vote to remove member ``peer`` (the application's reason, e.g. its reputation fell
+        below a threshold). ``q`` signed votes from members justify a ``remove`` change that
+        every member can verify, so no single peer can evict anyone. Call it again each round
+        while the reason holds: votes expire after ``EVICT_VOTE_ROUNDS`` rounds."""
+        members = self._members.get(self.last_decided + 1) or []
+        if peer not in members or self.node.node_id not in members:
+            return
+        msg = self.node.sign("evict", {"peer": peer}, self.last_decided)
+        self.evict_votes.setdefault(peer, {})[msg.sender] = msg
+        self._send(msg, members)
 
     def request_leave(self) -> None:
         members = self._members.get(self.last_decided + 1) or []
@@ -303,6 +317,12 @@ class RoundProtocol:
             self._on_equivocation(msg)
         elif msg.kind in ("join", "leave"):
             self._on_membership_request(msg)
+        elif msg.kind == "evict":
+            members = self._members.get(self.last_decided + 1) or []
+            if msg.sender in members and msg.body["peer"] in members:
+                self.evict_votes.setdefault(msg.body["peer"], {})[msg.sender] = msg
+            else:
+                self.stats["dropped_evict"] += 1
         else:
             self._handle(msg, peer)
 
@@ -537,7 +557,12 @@ class RoundProtocol:
                 raise MessageRejectedError("invalid", f"proposal from {who}: bad change peer")
             seen.add(peer)
             if ch["op"] == "remove":
-                if self._verify_proof(ch.get("proof")) != peer or peer not in st.members:
+                if peer not in st.members:
+                    raise MessageRejectedError("invalid", f"proposal from {who}: bad removal")
+                if "votes" in ch:
+                    if self._evict_voters(st, peer, ch["votes"]) < st.q:
+                        raise MessageRejectedError("invalid", f"proposal from {who}: few votes")
+                elif self._verify_proof(ch.get("proof")) != peer:
                     raise MessageRejectedError("invalid", f"proposal from {who}: bad proof")
             else:
                 req = open_signed(ch.get("req"))
@@ -547,6 +572,22 @@ class RoundProtocol:
                     raise MessageRejectedError("invalid", f"proposal from {who}: no-op change")
         if [c["peer"] for c in changes] != sorted(seen):
             raise MessageRejectedError("invalid", f"proposal from {who}: changes unsorted")
+
+    def _evict_voters(self, st: _Round, peer: str, votes: Any) -> int:
+        """Distinct members of round ``st`` whose recent signed votes evict ``peer``."""
+        if not isinstance(votes, list) or len(votes) > st.n:
+            return 0
+        voters = set()
+        for wire in votes:
+            v = open_signed(wire)
+            if (
+                v.kind == "evict"
+                and v.body["peer"] == peer
+                and v.sender in st.members
+                and st.round - EVICT_VOTE_ROUNDS <= v.round < st.round
+            ):
+                voters.add(v.sender)
+        return len(voters)
 
     def _cross_check_votes(self, st: _Round, votes: list[SignedMessage]) -> None:
         """Votes relayed inside certificates can expose a peer that voted two ways."""
@@ -626,6 +667,14 @@ class RoundProtocol:
         for peer, proof in self.proofs.items():
             if peer in st.members:
                 changes.append({"op": "remove", "peer": peer, "proof": proof})
+        for peer, by in self.evict_votes.items():
+            fresh = [
+                v.to_wire()
+                for v in by.values()
+                if v.sender in st.members and st.round - EVICT_VOTE_ROUNDS <= v.round < st.round
+            ]
+            if peer in st.members and peer not in self.proofs and len(fresh) >= st.q:
+                changes.append({"op": "remove", "peer": peer, "votes": fresh[: st.q]})
         for peer, req in self.join_requests.items():
             if peer not in st.members and peer not in self.proofs:
                 changes.append({"op": "join", "peer": peer, "req": req})
@@ -774,6 +823,7 @@ class RoundProtocol:
                 nxt.discard(ch["peer"])
             self.join_requests.pop(ch["peer"], None)
             self.leave_requests.pop(ch["peer"], None)
+            self.evict_votes.pop(ch["peer"], None)
         latency = time.monotonic() - st.t0
         d = Decision(st.round, view, entries, st.members, sorted(nxt), changes, cert, latency)
         st.decided = d

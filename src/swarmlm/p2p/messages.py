@@ -63,6 +63,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "equivocation": {"a": (dict,), "b": (dict,)},
     "join": {},
     "leave": {},
+    "evict": {"peer": (str,)},
     "status_req": {},
     "status": {"members": _LIST},
 }

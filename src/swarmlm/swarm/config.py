@@ -73,6 +73,13 @@ class SwarmConfig(BaseModel):
     exclude_below: float = Field(
         default=0.2, ge=0, le=1, description="contributions of peers below this score are ignored"
     )
+    evict_below: float | None = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="members below this score are voted out of the membership (None = never); "
+        "about 9 flagged rounds in a row, or 29 absent ones, from a fresh 1.0",
+    )
     outlier_z: float = Field(default=3.0, gt=0, description="robust z-score flagging an outlier")
     outlier_ratio: float = Field(
         default=2.0, ge=1, description="an outlier must also be this many median distances away"

@@ -333,7 +333,9 @@ class RoundEngine:
                 stack, weights
             )
         report.aggregate_norm = float(agg.norm())
-        if len(rows) >= 3:
+        if len(rows) >= 4:
+            # with 3 inputs f = 0 (nothing to tolerate) and the aggregate sits near two of
+            # them, so the third honest peer always looks far: it was flagged every round
             scored = torch.stack([m for _, m in rows])
             out = outlier_scores(scored, agg, k=self.cfg.outlier_z)
             # With few inputs the MAD is noisy and honest peers on different data sit at

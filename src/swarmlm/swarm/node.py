@@ -276,6 +276,7 @@ class SwarmNode:
             lambda: (worker.params_sha256(), worker.engine.state_digest())
         )
         self._publish_state()
+        self._vote_evictions(decision)
         t_applied = time.perf_counter()
         loss = None
         if r % self.cfg.swarm.eval_every == 0 or r == self.cfg.swarm.rounds:
@@ -294,6 +295,7 @@ class SwarmNode:
             resynced=resynced,
             caught_up=not pending.payload,
             view=decision.view,
+            members_next=len(decision.members_next),
             compute_s=round(pending.compute_s, 3),
             wait_s=round(t_decided - t_wait, 3),
             apply_s=round(t_applied - t_decided, 3),
@@ -306,6 +308,21 @@ class SwarmNode:
             log.warning("round %d removed us from the membership; stopping", r)
             return False
         return True
+
+    def _vote_evictions(self, decision: Decision) -> None:
+        """Reputation is consensus state (every in-sync peer computes the same scores), so
+        the members vote the same peers out; ``q`` votes make the protocol remove them."""
+        assert self.worker is not None
+        assert self.proto is not None
+        floor = self.cfg.swarm.evict_below
+        me = self.identity.node_id
+        if floor is None or me not in decision.members_next:
+            return
+        reputation = self.worker.engine.reputation
+        for peer in decision.members_next:
+            if peer != me and reputation.get(peer, 1.0) < floor:
+                log.warning("voting to evict %s (reputation %.3f)", peer[:12], reputation[peer])
+                self.proto.vote_evict(peer)
 
     async def _decide(self, r: int, payload: bytes) -> Decision:
         assert self.proto is not None
