@@ -15,6 +15,8 @@ thread each; one process gets both cores):
 * **d** as c with ``topk_int8`` (top-k of the pseudo-gradient, int8 values, error feedback kept
   per peer by the swarm engine);
 * **e** as c with peer 3 running the ALIE attack (honest peers' loss is reported);
+* **h** as c with ``swarm.overlap``: round r's communication runs while round r + 1's inner
+  steps compute, so each update is applied one round late (the loss cost of overlap);
 * **f** ``torchrun`` DDP, 4 gloo processes, micro-batch ``B`` each, ``H x R`` steps;
 * **g** hivemind 1.1.12 ``Optimizer`` with 4 peers (``_hivemind_peer.py`` in its own venv, see
   ``scripts/hivemind-env.sh``): the same model, loader shards, inner AdamW and LR schedule,
@@ -639,6 +641,8 @@ def headline(results: dict[str, RunResult]) -> dict[str, Any]:
         "topk_loss_ratio": loss("d") / loss("b"),
         "attack_loss_ratio": loss("e") / loss("c"),
         "compute_share": c.compute_share if c is not None and c.compute_share else math.nan,
+        # the price of overlapping communication with compute (issue #7 asks to measure it)
+        "overlap_loss_ratio": loss("h") / loss("c"),
     }
     met = {}
     for k, (op, bound) in TARGETS.items():
@@ -721,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         "--install-hivemind", action="store_true",
         help="create the hivemind venv with scripts/hivemind-env.sh when missing",
     )  # fmt: skip
-    parser.add_argument("--only", default="abcdefg", help="configurations to run, e.g. 'bc'")
+    parser.add_argument("--only", default="abcdefgh", help="configurations to run, e.g. 'bc'")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -755,6 +759,9 @@ def main(argv: list[str] | None = None) -> int:
         ("e", "c with one ALIE attacker", lambda p: run_swarm(
             "e", "c with one ALIE attacker", budget, data, work, p, timeout=timeout,
             attacker=ATTACKER, **d_swarm)),
+        ("h", "c with overlap (updates applied one round late)", lambda p: run_swarm(
+            "h", "c with overlap (updates applied one round late)", budget, data, work, p,
+            timeout=timeout, overlap=True, **d_swarm)),
         ("f", "torchrun DDP, 4 processes", lambda p: run_trainer(
             "f", "torchrun DDP, 4 processes", budget, data, work, p, nproc=PEERS,
             n_params=n_params, timeout=timeout)),
