@@ -127,6 +127,7 @@ class SwarmWorker:
             sw, self.layout, flatten_params(self.model, self.layout), run.optim
         )
         self.last_update: Tensor | None = None
+        self._pending: tuple[int, Tensor] | None = None  # our contribution not yet applied
         self.last_loss = float("nan")
         self.samples_per_step = run.data.batch_size * run.train.grad_accum
         self.last_samples = 0
@@ -157,9 +158,16 @@ class SwarmWorker:
         round late for ever.
         """
         start = self.engine.params if start is None else start
+        sw = self.cfg.swarm
+        pending = self._pending
+        if sw.overlap and sw.mode == "diloco" and pending and pending[0] == self.engine.round + 1:
+            # Overlap: our previous round's work is not aggregated yet. Continue from where
+            # it ended, so these inner steps make new progress; restarting from the same
+            # consensus state redid it, and the delayed outer steps then took it twice
+            # (the run diverged at H = 50). The update stays relative to that new start.
+            start = start - pending[1]
         load_flat_params(self.model, self.layout, start)
         self.model.train()
-        sw = self.cfg.swarm
         t0 = time.perf_counter()
         if sw.mode == "synchronous":
             update = self._gradient()
@@ -211,6 +219,7 @@ class SwarmWorker:
     def contribution(self, round: int, update: Tensor, base_digest: bytes | None = None) -> bytes:
         """The payload for ``round`` (``base_digest``: the state ``update`` was computed from,
         default our state now); an attacker (tests, benchmarks) distorts it first."""
+        self._pending = (round, update)
         if self.cfg.swarm.attack == "sign_flip":
             update = -self.cfg.swarm.attack_scale * update
         elif self.cfg.swarm.attack == "alie":
