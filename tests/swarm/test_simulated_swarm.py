@@ -191,8 +191,9 @@ def test_target_global_batch_sets_how_much_the_swarm_trains_per_round(
     assert 2.0 < ratio < 8.0, totals
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 def test_an_overlapped_local_phase_continues_from_its_own_pending_round(
-    prepared_data: Path, tmp_path: Path
+    prepared_data: Path, tmp_path: Path, overlap: bool
 ) -> None:
     """With overlap the consensus state lags one round; restarting the next local phase from
     it redid the pending round's work, which the delayed outer steps then applied twice (the
@@ -200,23 +201,22 @@ def test_an_overlapped_local_phase_continues_from_its_own_pending_round(
     update, and the update it returns is relative to that start."""
     from swarmlm.swarm.params import flatten_params
 
-    for overlap in (True, False):
-        cfg = swarm_config(prepared_data, tmp_path / str(overlap), data_shard=0, overlap=overlap)
-        w = SwarmWorker(cfg, peer_id(0), out_dir=tmp_path / f"peer-{overlap}")
-        try:
-            pending = w.local_phase()
-            w.contribution(1, pending)  # round 1 contributed, not yet decided
-            starts: list[torch.Tensor] = []
-            real_step = w.trainer.train_step
+    cfg = swarm_config(prepared_data, tmp_path, data_shard=0, overlap=overlap)
+    w = SwarmWorker(cfg, peer_id(0), out_dir=tmp_path / "peer")
+    try:
+        pending = w.local_phase()
+        w.contribution(1, pending)  # round 1 contributed, not yet decided
+        starts: list[torch.Tensor] = []
+        real_step = w.trainer.train_step
 
-            def spy() -> Any:
-                starts.append(flatten_params(w.model, w.layout).clone())
-                return real_step()
+        def spy() -> Any:
+            starts.append(flatten_params(w.model, w.layout).clone())
+            return real_step()
 
-            w.trainer.train_step = spy  # type: ignore[method-assign]
-            update = w.local_phase()
-            want = w.engine.params - pending if overlap else w.engine.params
-            torch.testing.assert_close(starts[0], want)
-            assert update.shape == pending.shape
-        finally:
-            w.close()
+        w.trainer.train_step = spy  # type: ignore[method-assign]
+        update = w.local_phase()
+        want = w.engine.params - pending if overlap else w.engine.params
+        torch.testing.assert_close(starts[0], want)
+        assert update.shape == pending.shape
+    finally:
+        w.close()
