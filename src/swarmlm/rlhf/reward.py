@@ -26,16 +26,16 @@ from swarmlm.rlhf.modeling import (
     tokenizer_for,
     without_dropout,
 )
-from swarmlm.rlhf.preferences import TokenizedPairs, read_preferences, tokenize_pairs
+from swarmlm.rlhf.preferences import TokenizedPairs
 from swarmlm.rlhf.runs import (
     batch_indices,
     build_optimizer,
     clip_gradients,
+    load_pair_data,
     make_progress,
     resume_checkpoint,
     save_run,
     seed_all,
-    split_pairs,
     steps_for,
 )
 from swarmlm.rlhf.safety import build_safety_filter
@@ -128,21 +128,7 @@ def train_reward_model(
     tok = tokenizer_for(base_ckpt, cfg.tokenizer)
     safety = build_safety_filter(cfg.safety)
 
-    pairs = safety.filter_pairs(read_preferences(cfg.train_file))
-    if cfg.eval_file is not None:
-        train_pairs, eval_pairs = pairs, safety.filter_pairs(read_preferences(cfg.eval_file))
-    else:
-        train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
-    if not train_pairs:
-        raise ValueError(f"{cfg.train_file}: no pairs left after the safety filter")
-
-    def encode(pairs_: list[Any]) -> TokenizedPairs:
-        return tokenize_pairs(
-            pairs_, tok.encode, eos_id=tok.eos_id, pad_id=tok.pad_id, max_len=cfg.max_len
-        )
-
-    train_data = encode(train_pairs)
-    eval_data = encode(eval_pairs) if eval_pairs else None
+    train_data, eval_data = load_pair_data(cfg, tok, safety, cfg.seed)
 
     rm = RewardModel(Transformer(without_dropout(lm.cfg)))
     rm.backbone.load_state_dict(lm.state_dict())

@@ -15,8 +15,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from swarmlm.rlhf.config import RunSettings
-from swarmlm.rlhf.preferences import PreferencePair
+from swarmlm.data import Tokenizer
+from swarmlm.rlhf.config import PairDataSettings, RunSettings
+from swarmlm.rlhf.preferences import (
+    PreferencePair,
+    TokenizedPairs,
+    read_preferences,
+    tokenize_pairs,
+)
+from swarmlm.rlhf.safety import SafetyFilter
 from swarmlm.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from swarmlm.train.optim import build_adamw
 
@@ -100,6 +107,27 @@ def split_pairs(
     n_eval = max(1, round(len(pairs) * fraction))
     held = set(order[:n_eval])
     return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
+
+
+def load_pair_data(
+    cfg: PairDataSettings, tok: Tokenizer, safety: SafetyFilter, seed: int
+) -> tuple[TokenizedPairs, TokenizedPairs | None]:
+    """Train and held-out pairs of a reward or DPO run: read, safety-filtered, split (or the
+    given eval file), tokenized. Raises ValueError when the filter leaves nothing to train."""
+    pairs = safety.filter_pairs(read_preferences(cfg.train_file))
+    if cfg.eval_file is not None:
+        train_pairs, eval_pairs = pairs, safety.filter_pairs(read_preferences(cfg.eval_file))
+    else:
+        train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, seed)
+    if not train_pairs:
+        raise ValueError(f"{cfg.train_file}: no pairs left after the safety filter")
+
+    def encode(ps: list[PreferencePair]) -> TokenizedPairs:
+        return tokenize_pairs(
+            ps, tok.encode, eos_id=tok.eos_id, pad_id=tok.pad_id, max_len=cfg.max_len
+        )
+
+    return encode(train_pairs), (encode(eval_pairs) if eval_pairs else None)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Tensor:
