@@ -1,8 +1,10 @@
 """Which defences hold under which attacks, what compression costs, and how fast aggregation is.
 
 Part 1, a single-process simulator: n = 10 workers, each with its own contiguous shard of the
-KJV corpus (raw bytes as tokens, vocabulary 256), train the tiny transformer with SGD on the
-aggregate of their (momentum) vectors; workers 0..f-1 attack. Every run starts from the same
+KJV corpus (raw bytes as tokens, vocabulary 256), train the tiny transformer; each worker sends
+its momentum divided by the root of its own second moment (Adam's direction), workers 0..f-1
+replace theirs by an attack, and the server applies the aggregate with plain SGD (the setup of
+Karimireddy, He and Jaggi 2021; see ``SimConfig``). Every run starts from the same
 initial weights and sees the same batches, so cells differ only by aggregator, attack, f and
 momentum. The grid is aggregators x attacks x f in {1, 3} x worker momentum in {0, 0.9}, plus
 one clean run (f = 0) per aggregator and momentum, plus centered clipping with momentum with
@@ -14,7 +16,8 @@ Part 2, speed at n = 16, d = 10 million: median, Krum and centered clipping (thr
 encode/decode throughput of the codecs on 10 million values.
 
 ``--quick`` runs a reduced grid (momentum 0.9 only, f = 3, fewer aggregators and steps) and
-fewer timing rounds. The last stdout line is one JSON object with the headline keys:
+fewer timing rounds; grid cells run in ``--jobs`` child processes. The last stdout line is
+one JSON object with the headline keys:
 ``cc_worst_attack_loss_ratio``, ``compressed_loss_ratio``, ``compression_factor``,
 ``median_s``, ``krum_s``, ``cc_s``, ``codec_mb_per_s``.
 """
@@ -22,18 +25,24 @@ fewer timing rounds. The last stdout line is one JSON object with the headline k
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gzip
 import json
 import math
 import os
+import queue
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from rich.console import Console
@@ -82,19 +91,35 @@ class SimConfig:
     steps: int = 150
     batch: int = 4
     seq_len: int = 64
-    # Server optimizer: Adam with beta1 = 0 (RMSprop-like) on the aggregate, so that worker
-    # momentum is the only momentum; SGD stalls at the unigram plateau for this model.
-    lr: float = 3e-3
+    # The setup of Karimireddy, He and Jaggi (2021): every worker sends a momentum vector,
+    # the server aggregates those vectors and applies the aggregate with plain SGD,
+    # ``theta -= lr * agg(...)``, so no server-side state rescales what the aggregator let
+    # through. Plain SGD on raw gradients stalls at the unigram plateau (~3.17 nats/byte) for
+    # this transformer, so each worker preconditions its own momentum with its own second
+    # moment (Adam's direction, bias-corrected; ``worker_precondition="adam"``): the vectors
+    # aggregated are the steps applied. ``server="adam"`` (Adam with beta1 = 0 on the
+    # aggregate) and ``worker_precondition="none"`` give the earlier setup, in which the
+    # server's per-coordinate normalisation amplified the clipped Byzantine residue.
+    server: str = "sgd"
+    worker_precondition: str = "adam"
+    lr: float = 1e-2
     adam_beta2: float = 0.99
-    # Every worker clips its own gradient to this norm (standard LM practice; keeps SGD stable).
+    adam_eps: float = 1e-8
+    # Centered clipping: ``tau=None`` is the library's median-distance radius; three clipping
+    # iterations per round (the paper's ``l``) instead of one, because with one the radius is
+    # set by a centre the attackers have not yet been clipped away from.
+    cc_tau: float | None = None
+    cc_iterations: int = 3
+    # Every worker clips its own gradient to this norm (standard LM practice).
     grad_clip: float = 1.0
     eval_every: int = 25
     val_sequences: int = 64
     seed: int = 0
     topk_fraction: float = 0.01
-    # What compressed workers send: their gradients (momentum kept by the receiver per
-    # worker) or their momentum.
-    compress: str = "gradient"
+    # What compressed workers compress: "update", the vector they would send uncompressed
+    # (error feedback on what is transmitted, as in the EF literature), or "gradient", their
+    # clipped gradient before momentum (the receiver keeps the momentum per worker).
+    compress: str = "update"
     # Diverged runs stop early once validation loss exceeds this multiple of the initial loss.
     divergence_factor: float = 1.5
     model: dict[str, Any] = field(
@@ -108,6 +133,23 @@ class SimConfig:
             "max_seq_len": 256,
         }
     )
+
+    def __post_init__(self) -> None:
+        choices = {
+            "server": ("sgd", "adam"),
+            "worker_precondition": ("adam", "none"),
+            "compress": ("update", "gradient"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"SimConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        if self.steps < 1 or self.cc_iterations < 1 or not self.lr > 0:
+            raise ValueError(
+                f"SimConfig: steps ({self.steps}) and cc_iterations ({self.cc_iterations}) "
+                f"must be >= 1 and lr ({self.lr}) > 0"
+            )
 
 
 @dataclass
@@ -155,8 +197,9 @@ class Simulator:
 
         def loss_fn(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
             out = functional_call(self.model, params, (x,), {"targets": y})
-            assert out.loss is not None
-            return out.loss
+            loss: Tensor | None = out.loss
+            assert loss is not None
+            return loss
 
         self._last_bytes = 0
         self._loss_fn = loss_fn
@@ -205,6 +248,10 @@ class Simulator:
         cfg = self.cfg
         start = time.perf_counter()
         params: dict[str, Any] = {"f": f} if aggregator != "mean" else {}
+        if aggregator == "centered_clip":
+            params["iterations"] = cfg.cc_iterations
+            if cfg.cc_tau is not None:
+                params["tau"] = cfg.cc_tau
         agg = get_aggregator(aggregator, **params)
         result = RunResult(
             aggregator, attack, f, momentum, codec, math.nan, False, None, 0, 0.0, [], 0.0
@@ -228,6 +275,7 @@ class Simulator:
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         theta = self.init.clone()
         second_moment = torch.zeros_like(theta)
+        worker_sq = torch.zeros(cfg.workers, self.dim)
         initial = self.val_loss(theta)
         result.curve.append((0, initial))
         sent_bytes = 0
@@ -248,18 +296,34 @@ class Simulator:
             elif not feedback:
                 sent_bytes += len(get_codec("none").encode(grads[0])) * cfg.workers
             moms = wm.update_stack(grads)
-            if feedback and cfg.compress == "momentum":
-                # Workers keep their own momentum and send it compressed with error feedback.
+            if cfg.worker_precondition == "adam":
+                # Each worker divides its momentum by the root of its own second moment
+                # (Adam's direction, bias-corrected), so the vectors the server aggregates are
+                # already the steps it applies: nothing after aggregation rescales coordinates.
+                worker_sq.mul_(cfg.adam_beta2).addcmul_(grads, grads, value=1 - cfg.adam_beta2)
+                bias = 1 - cfg.adam_beta2 ** (step + 1)
+                moms = moms / (worker_sq / bias).sqrt_().add_(cfg.adam_eps)
+            if feedback and cfg.compress == "update":
+                # Workers send what they would send uncompressed, through top-k with their own
+                # error feedback (the residual is on the transmitted vector).
                 moms = self._send(feedback, moms)
                 sent_bytes += self._last_bytes
             if atk is not None:
                 ctx = AttackContext(honest=moms[f:], own=moms[:f], n=cfg.workers, generator=gen)
                 moms = torch.cat([atk(ctx), moms[f:]])
             update = agg(moms)
-            # Adam with beta1 = 0 and bias correction of the second moment.
-            second_moment.mul_(cfg.adam_beta2).addcmul_(update, update, value=1 - cfg.adam_beta2)
-            denom = (second_moment / (1 - cfg.adam_beta2 ** (step + 1))).sqrt_().add_(1e-8)
-            theta = theta - cfg.lr * update / denom
+            lr = cfg.lr
+            if cfg.server == "sgd":
+                theta = theta - lr * update
+            else:
+                # Adam with beta1 = 0 and bias correction of the second moment.
+                second_moment.mul_(cfg.adam_beta2).addcmul_(
+                    update, update, value=1 - cfg.adam_beta2
+                )
+                denom = (
+                    (second_moment / (1 - cfg.adam_beta2 ** (step + 1))).sqrt_().add_(cfg.adam_eps)
+                )
+                theta = theta - lr * update / denom
             result.steps_run = step + 1
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 loss = self.val_loss(theta)
@@ -312,7 +376,7 @@ def speed(rounds: int, progress: Progress) -> dict[str, Any]:
     }
     task = progress.add_task("aggregation speed n=16 d=10M", total=rounds * len(aggs))
     agg_times, agg_cpu = time_rounds(
-        {k: (lambda a=a, s=stack: a(s)) for k, a in aggs.items()}, rounds, progress, task
+        {k: functools.partial(a, stack) for k, a in aggs.items()}, rounds, progress, task
     )
     x = torch.randn(d, generator=gen)
     mb = x.numel() * 4 / 1e6
@@ -326,8 +390,8 @@ def speed(rounds: int, progress: Progress) -> dict[str, Any]:
     payloads = {k: c.encode(x) for k, c in codecs.items()}
     fns: dict[str, Callable[[], object]] = {}
     for k, c in codecs.items():
-        fns[f"{k}_encode"] = lambda c=c: c.encode(x)
-        fns[f"{k}_decode"] = lambda k=k: decode(payloads[k])
+        fns[f"{k}_encode"] = functools.partial(c.encode, x)
+        fns[f"{k}_decode"] = functools.partial(decode, payloads[k])
     task = progress.add_task("codec speed 10M values", total=rounds * len(fns))
     codec_times, codec_cpu = time_rounds(fns, rounds, progress, task)
     med = {k: statistics.median(v) for k, v in {**agg_times, **codec_times}.items()}
@@ -492,6 +556,121 @@ def headline_from(
     return out
 
 
+Cell = tuple[str, str, int, float, str]
+_RESULT_PREFIX = "RESULT "
+
+
+def _grid_worker() -> int:
+    """Child process: read ``{"cfg", "cells", "threads"}`` JSON on stdin, print one result line
+    per cell (``RESULT {json}``) as soon as it is done."""
+    job = json.loads(sys.stdin.read())
+    torch.set_num_threads(int(job["threads"]))
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+    sim = Simulator(SimConfig(**job["cfg"]))
+    for agg, atk, f, mom, codec in job["cells"]:
+        r = sim.run(agg, atk, int(f), float(mom), codec)
+        print(_RESULT_PREFIX + json.dumps(asdict(r)), flush=True)
+    return 0
+
+
+def run_grid(
+    cfg: SimConfig, cells: list[Cell], jobs: int, threads: int, progress: Progress
+) -> dict[Cell, RunResult]:
+    """Run the cells in ``jobs`` child processes (cells dealt round-robin), or in this process
+    for ``jobs == 1``. Every cell is deterministic on its own (same initial weights, same
+    batches, its own generators), so the split does not change any result."""
+    task = progress.add_task(f"grid: {len(cells)} runs x {cfg.steps} steps", total=len(cells))
+    index: dict[Cell, RunResult] = {}
+    if jobs <= 1:
+        torch.set_num_threads(threads)
+        sim = Simulator(cfg)
+        for agg, atk, f, mom, codec in cells:
+            progress.update(task, description=f"{agg} {atk} f={f} m={mom} {codec}")
+            r = sim.run(agg, atk, f, mom, codec)
+            index[_key(r)] = r
+            progress.advance(task)
+        return index
+    results: queue.Queue[str | None] = queue.Queue(maxsize=len(cells) + jobs)
+    children: list[tuple[subprocess.Popen[str], IO[str]]] = []
+
+    def pump(child: subprocess.Popen[str]) -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            if line.startswith(_RESULT_PREFIX):
+                results.put(line[len(_RESULT_PREFIX) :])
+        results.put(None)
+
+    with contextlib.ExitStack() as files:
+        try:
+            _run_children(cfg, cells, jobs, threads, children, files, pump)
+            _collect(children, results, index, progress, task)
+        finally:
+            for child, _ in children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+    missing = [c for c in cells if c not in index]
+    if missing:
+        raise RuntimeError(f"grid workers returned no result for {missing}")
+    return index
+
+
+def _run_children(
+    cfg: SimConfig,
+    cells: list[Cell],
+    jobs: int,
+    threads: int,
+    children: list[tuple[subprocess.Popen[str], IO[str]]],
+    files: contextlib.ExitStack,
+    pump: Callable[[subprocess.Popen[str]], None],
+) -> None:
+    for j in range(jobs):
+        share = cells[j::jobs]
+        if not share:
+            continue
+        # Closed by the caller's ExitStack, after the child has exited.
+        err = files.enter_context(tempfile.TemporaryFile("w+"))  # noqa: SIM115
+        child = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--grid-worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        children.append((child, err))
+        assert child.stdin is not None
+        child.stdin.write(json.dumps({"cfg": asdict(cfg), "cells": share, "threads": threads}))
+        child.stdin.close()
+        threading.Thread(target=pump, args=(child,), daemon=True).start()
+
+
+def _collect(
+    children: list[tuple[subprocess.Popen[str], IO[str]]],
+    results: queue.Queue[str | None],
+    index: dict[Cell, RunResult],
+    progress: Progress,
+    task: Any,
+) -> None:
+    finished = 0
+    # One cell of the quick grid takes ~10 s; an hour without any result means a hang.
+    while finished < len(children):
+        item = results.get(timeout=3600)
+        if item is None:
+            finished += 1
+            continue
+        raw = json.loads(item)
+        raw["curve"] = [tuple(point) for point in raw["curve"]]
+        r = RunResult(**raw)
+        index[_key(r)] = r
+        progress.update(task, description=f"{r.aggregator} {r.attack} f={r.f} m={r.momentum}")
+        progress.advance(task)
+    for child, err in children:
+        if child.wait(timeout=60) != 0:
+            err.seek(0)
+            tail = err.read()[-2000:]
+            raise RuntimeError(f"grid worker {child.pid} exited {child.returncode}: {tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -513,8 +692,26 @@ def main(argv: list[str] | None = None) -> int:
         "spin badly when the machine is shared)",
     )
     parser.add_argument("--speed-threads", type=int, default=2, help="torch threads for timing")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="simulator processes running grid cells side by side (1: in this process)",
+    )
+    parser.add_argument("--server", choices=("sgd", "adam"), default=SimConfig.server)
+    parser.add_argument(
+        "--worker-precondition",
+        choices=("adam", "none"),
+        default=SimConfig.worker_precondition,
+    )
+    parser.add_argument("--lr", type=float, default=SimConfig.lr)
+    parser.add_argument("--cc-iterations", type=int, default=SimConfig.cc_iterations)
+    parser.add_argument("--compress", choices=("update", "gradient"), default=SimConfig.compress)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--grid-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.grid_worker:
+        return _grid_worker()
     warnings.filterwarnings("ignore", message=".*batching rule.*")
 
     quick = args.quick
@@ -522,9 +719,16 @@ def main(argv: list[str] | None = None) -> int:
     attacks = args.attacks or ATTACK_NAMES
     fs = args.fs or ([3] if quick else [1, 3])
     momenta = args.momenta or ([0.9] if quick else [0.0, 0.9])
-    steps = args.steps or (80 if quick else 150)
+    steps = args.steps or (150 if quick else 300)
     rounds = args.speed_rounds or (3 if quick else 7)
-    cfg = SimConfig(steps=steps)
+    cfg = SimConfig(
+        steps=steps,
+        server=args.server,
+        worker_precondition=args.worker_precondition,
+        lr=args.lr,
+        cc_iterations=args.cc_iterations,
+        compress=args.compress,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "robustness_quick" if quick else "robustness"
     report: dict[str, Any] = {"quick": quick, "config": asdict(cfg)}
@@ -532,17 +736,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with Progress(console=console) as progress:
         if not args.skip_grid:
-            torch.set_num_threads(args.sim_threads)
-            sim = Simulator(cfg)
             cells = build_cells(aggregators, attacks, fs, momenta, quick)
-            task = progress.add_task(f"grid: {len(cells)} runs x {steps} steps", total=len(cells))
-            index: dict[tuple[str, str, int, float, str], RunResult] = {}
-            for agg, atk, f, mom, codec in cells:
-                progress.update(task, description=f"{agg} {atk} f={f} m={mom} {codec}")
-                r = sim.run(agg, atk, f, mom, codec)
-                index[_key(r)] = r
-                progress.advance(task)
-            report["param_count"] = sim.dim
+            grid_start = time.perf_counter()
+            index = run_grid(cfg, cells, args.jobs, args.sim_threads, progress)
+            report["grid_seconds"] = time.perf_counter() - grid_start
+            report["grid_load_average_1min_at_end"] = os.getloadavg()[0]
+            report["param_count"] = sum(
+                p.numel() for p in Transformer(ModelConfig(**cfg.model)).parameters()
+            )
             report["runs"] = [asdict(r) for r in index.values()]
             base_mom = 0.9 if 0.9 in momenta else momenta[-1]
             clean_mean = index.get(("mean", "none", 0, base_mom, "none"))
