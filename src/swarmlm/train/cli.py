@@ -56,6 +56,12 @@ def add_train_parsers(subparsers: Subparsers) -> None:
     gen.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
     gen.add_argument("--length-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--decode",
+        choices=("fast", "compiled", "module"),
+        default="fast",
+        help="decode step: fused fast path (default), torch.compile'd, or the module path",
+    )
     gen.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json override")
     gen.set_defaults(handler=run_generate)
 
@@ -121,6 +127,7 @@ def run_generate(args: argparse.Namespace) -> int:
         stop_tokens=[tokenizer.eos_id],
         pad_token_id=tokenizer.pad_id,
         seed=args.seed,
+        decode=args.decode,
     )
     console = Console()
     prompts = [tokenizer.encode(p) for p in args.prompt]
