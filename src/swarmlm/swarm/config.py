@@ -74,11 +74,12 @@ class SwarmConfig(BaseModel):
         default=0.2, ge=0, le=1, description="contributions of peers below this score are ignored"
     )
     evict_below: float | None = Field(
-        default=0.05,
+        default=None,
         ge=0,
         le=1,
-        description="members below this score are voted out of the membership (None = never); "
-        "about 9 flagged rounds in a row, or 29 absent ones, from a fresh 1.0",
+        description="members below this score are voted out of the membership (None = never, "
+        "the default: with 4 peers on different data honest peers are flagged as outliers "
+        "often enough to be voted out); 0.05 = about 9 flagged or 29 absent rounds in a row",
     )
     outlier_z: float = Field(default=3.0, gt=0, description="robust z-score flagging an outlier")
     outlier_ratio: float = Field(
