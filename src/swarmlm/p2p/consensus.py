@@ -580,14 +580,14 @@ class RoundProtocol:
         voters = set()
         for wire in votes:
             v = open_signed(wire)
-            if (
-                v.kind == "evict"
-                and v.body["peer"] == peer
-                and v.sender in st.members
-                and st.round - EVICT_VOTE_ROUNDS <= v.round < st.round
-            ):
+            if v.kind == "evict" and v.body["peer"] == peer and self._counts_for(st, v):
                 voters.add(v.sender)
         return len(voters)
+
+    @staticmethod
+    def _counts_for(st: _Round, vote: SignedMessage) -> bool:
+        """An eviction vote counts in round ``st``: from a member, and recent."""
+        return vote.sender in st.members and st.round - EVICT_VOTE_ROUNDS <= vote.round < st.round
 
     def _cross_check_votes(self, st: _Round, votes: list[SignedMessage]) -> None:
         """Votes relayed inside certificates can expose a peer that voted two ways."""
@@ -668,11 +668,7 @@ class RoundProtocol:
             if peer in st.members:
                 changes.append({"op": "remove", "peer": peer, "proof": proof})
         for peer, by in self.evict_votes.items():
-            fresh = [
-                v.to_wire()
-                for v in by.values()
-                if v.sender in st.members and st.round - EVICT_VOTE_ROUNDS <= v.round < st.round
-            ]
+            fresh = [v.to_wire() for v in by.values() if self._counts_for(st, v)]
             if peer in st.members and peer not in self.proofs and len(fresh) >= st.q:
                 changes.append({"op": "remove", "peer": peer, "votes": fresh[: st.q]})
         for peer, req in self.join_requests.items():
