@@ -323,6 +323,10 @@ class P2PNode:
         # ours): kept briefly, bounded, and delivered once a handler registers.
         self._early: deque[tuple[float, SignedMessage, str]] = deque(maxlen=EARLY_MESSAGES)
         self.on_peer_connected: Callable[[str], None] | None = None
+        # more listeners (node components: replication, the node's peer table, metrics);
+        # each is called on the loop and must not block or raise
+        self.connect_listeners: list[Callable[[str], None]] = []
+        self.disconnect_listeners: list[Callable[[str], None]] = []
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._dialing: set[tuple[str, int]] = set()
@@ -547,12 +551,22 @@ class P2PNode:
             self.send(peer_id, self._peers_message())
         if self.on_peer_connected is not None:
             self.on_peer_connected(peer_id)
+        self._notify(self.connect_listeners, peer_id)
         return peer_id
+
+    @staticmethod
+    def _notify(listeners: list[Callable[[str], None]], peer_id: str) -> None:
+        for cb in list(listeners):
+            try:
+                cb(peer_id)
+            except Exception:
+                log.exception("peer listener %r failed", cb)
 
     async def _drop_connection(self, conn: Connection, why: str) -> None:
         if self.connections.get(conn.peer_id) is conn:
             del self.connections[conn.peer_id]
             log.info("disconnected from %s: %s", conn.peer_id[:12], why)
+            self._notify(self.disconnect_listeners, conn.peer_id)
         await conn.close()
 
     async def _dispatch(self, conn: Connection, frame: dict[str, Any]) -> None:

@@ -1,0 +1,1 @@
+"""The integrated node: one process running swarm training, curation, web and alignment."""
