@@ -66,6 +66,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "evict": {"peer": (str,)},
     "status_req": {},
     "status": {"members": _LIST},
+    # the integrated node's role announcement (swarmlm.node): which components a peer runs
+    "node_info": {"name": (str,), "type": (str,), "web_port": _INT},
 }
 
 
