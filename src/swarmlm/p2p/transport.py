@@ -170,6 +170,7 @@ class Connection:
                     if chunk is not None:
                         self.writer.write(chunk)
                         self.node.bytes_sent += len(chunk)
+                        self.node.bytes_sent_by_kind["blob"] += len(frame) + len(chunk)
                     await asyncio.wait_for(self.writer.drain(), cfg.io_timeout)
         except (OSError, TimeoutError, ConnectionError) as exc:
             log.info("write to %s failed: %r", self.peer_id[:12], exc)
@@ -318,6 +319,9 @@ class P2PNode:
         self.counters: Counter[str] = Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
+        # Per message kind ("blob" for payload chunks); kinds are the validator's closed set.
+        self.bytes_sent_by_kind: Counter[str] = Counter()
+        self.bytes_received_by_kind: Counter[str] = Counter()
         self.handlers: dict[str, Handler] = {}
         # Messages of kinds nobody handles yet (a peer's round protocol may start before
         # ours): kept briefly, bounded, and delivered once a handler registers.
@@ -414,7 +418,11 @@ class P2PNode:
         return self.signer.sign(kind, body, round)
 
     def send(self, peer_id: str, msg: SignedMessage) -> bool:
-        return self.send_raw(peer_id, encode_frame({"t": "msg", **msg.to_wire()}))
+        frame = encode_frame({"t": "msg", **msg.to_wire()})
+        queued = self.send_raw(peer_id, frame)
+        if queued:
+            self.bytes_sent_by_kind[msg.kind] += len(frame)
+        return queued
 
     def send_raw(self, peer_id: str, frame: bytes) -> bool:
         conn = self.connections.get(peer_id)
@@ -426,7 +434,9 @@ class P2PNode:
         """Send to ``peers`` (default: all connected); returns how many were queued."""
         frame = encode_frame({"t": "msg", **msg.to_wire()})
         targets = list(self.connections) if peers is None else peers
-        return sum(self.send_raw(p, frame) for p in targets if p != self.node_id)
+        queued = sum(self.send_raw(p, frame) for p in targets if p != self.node_id)
+        self.bytes_sent_by_kind[msg.kind] += queued * len(frame)
+        return queued
 
     async def send_blob(self, peer_id: str, digest: bytes, data: Payload | memoryview) -> None:
         conn = self.connections.get(peer_id)
@@ -578,6 +588,7 @@ class P2PNode:
             except MessageRejectedError:
                 return
             self.bytes_received += len(msg.raw) + 80
+            self.bytes_received_by_kind[msg.kind] += len(msg.raw) + 80
             if msg.kind not in self.handlers:  # e.g. round messages before our protocol starts
                 self.counters[f"unhandled_{msg.kind}"] += 1
                 if sum(len(m.raw) for _, m, _ in self._early) + len(msg.raw) <= EARLY_MAX_BYTES:
@@ -586,6 +597,7 @@ class P2PNode:
             await self._deliver(msg, peer)
         elif t == "blob":
             self.bytes_received += int(frame.get("size", 0)) + HEADER.size
+            self.bytes_received_by_kind["blob"] += int(frame.get("size", 0)) + HEADER.size
             error = frame.get("error")
             if isinstance(error, WireError):
                 # payloads racing ahead of their announcement are an honest, cheap mistake
@@ -741,6 +753,8 @@ class P2PNode:
             "known_peers": len(self.peers),
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "bytes_sent_by_kind": dict(self.bytes_sent_by_kind),
+            "bytes_received_by_kind": dict(self.bytes_received_by_kind),
             "dropped": dict(self.validator.dropped),
             "counters": dict(self.counters),
             "blacklisted": [p[:12] for p in self.scores.blacklisted()],
