@@ -11,6 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
     from swarmlm.curation.cli import add_curation_parser
     from swarmlm.data.cli import add_data_parser
     from swarmlm.model.hf import add_export_hf_parser, add_import_hf_parser
+    from swarmlm.node.cli import add_node_parser
     from swarmlm.p2p.cli import add_p2p_parser
     from swarmlm.rlhf.cli import add_rlhf_parser
     from swarmlm.swarm.cli import add_swarm_parser
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_curation_parser(subparsers)
     add_web_parser(subparsers)
     add_rlhf_parser(subparsers)
+    add_node_parser(subparsers)
     return parser
 
 

@@ -219,6 +219,11 @@ class RoundProtocol:
         peers = self._members.get(self.last_decided + 1) or []
         return await self.node.fetch(digest, peers, timeout)
 
+    def contributors(self, round: int) -> set[str]:
+        """Members whose signed contribution to ``round`` we hold (a voter waits for them)."""
+        st = self.rounds.get(round)
+        return set(st.contribs) if st is not None else set()
+
     def request_join(self) -> None:
         """Ask the members we are connected to to add us at the next round boundary."""
         self._send(self.node.sign("join", {}), list(self.node.connections))

@@ -69,6 +69,21 @@ def encode_contribution(
     return _HEAD.pack(MAGIC, VERSION, len(header)) + header + payload
 
 
+ABSTAIN_MAGIC = b"SWAB"
+_ABSTAIN = struct.Struct("<4sQ")
+
+
+def encode_abstain(round: int, node_id: str) -> bytes:
+    """A voter's entry: a lightweight node counts toward a round's quorum without an update.
+
+    The node id makes each voter's payload (and so its digest) distinct within a round."""
+    return _ABSTAIN.pack(ABSTAIN_MAGIC, round) + node_id.encode()[:128]
+
+
+def is_abstain(data: bytes | bytearray | memoryview) -> bool:
+    return len(data) >= _ABSTAIN.size and bytes(memoryview(data)[:4]) == ABSTAIN_MAGIC
+
+
 def decode_contribution(
     peer: str, data: bytes | bytearray | memoryview, numel: int
 ) -> Contribution:

@@ -43,7 +43,12 @@ from swarmlm.aggregation import (
     outlier_scores,
 )
 from swarmlm.swarm.config import SwarmConfig
-from swarmlm.swarm.contribution import Contribution, decode_contribution, encode_contribution
+from swarmlm.swarm.contribution import (
+    Contribution,
+    decode_contribution,
+    encode_contribution,
+    is_abstain,
+)
 from swarmlm.swarm.errors import ContributionError, OutOfSyncError, StateSyncError
 from swarmlm.swarm.outer import FlatAdamW, NesterovOuter
 from swarmlm.swarm.params import ParamLayout
@@ -80,6 +85,7 @@ class RoundReport:
     absent: list[str] = field(default_factory=list)
     throughput: dict[str, tuple[int, float]] = field(default_factory=dict)
     flagged: list[str] = field(default_factory=list)
+    voters: list[str] = field(default_factory=list)  # lightweight members' abstentions
     f: int = 0
     aggregate_norm: float = 0.0
     applied: bool = False
@@ -230,6 +236,9 @@ class RoundEngine:
         report = RoundReport(round, len(entries))
         valid: list[tuple[str, Contribution]] = []
         for peer, data in sorted(entries, key=lambda e: e[0]):
+            if is_abstain(data):  # a lightweight voter: in the quorum, not in the aggregate
+                report.voters.append(peer)
+                continue
             try:
                 c = decode_contribution(peer, data, self.d)
                 if c.round != round:

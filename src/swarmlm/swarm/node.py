@@ -74,16 +74,24 @@ class SwarmNode:
         *,
         events: Callable[[dict[str, Any]], None] | None = None,
         resume: bool = False,
+        p2p: P2PNode | None = None,
+        peer_filter: Callable[[str], bool] | None = None,
     ) -> None:
+        """``p2p``: a node owned (started and stopped) by the caller, shared with other
+        components; ``peer_filter``: which connected peers may be genesis members (an
+        integrated node also connects to annotation-only nodes, which hold no rounds)."""
         self.resume = resume
         self.cfg = cfg
         self.identity = identity
         self.out_dir = out_dir
         self.events = events or (lambda ev: None)
-        self.node = P2PNode(identity, cfg.p2p)
+        self._owns_node = p2p is None
+        self.node = p2p if p2p is not None else P2PNode(identity, cfg.p2p)
+        self.peer_filter = peer_filter
         self.proto: RoundProtocol | None = None
         self.worker: SwarmWorker | None = None
         self._state_blobs: list[bytes] = []
+        self._checkpointed = 0  # last round saved
         self.result = SwarmResult()
 
     def _emit(self, event: str, **fields: Any) -> None:
@@ -106,7 +114,8 @@ class SwarmNode:
         self.worker = await asyncio.to_thread(
             SwarmWorker, self.cfg, self.identity.node_id, out_dir=self.out_dir
         )
-        await self.node.start()
+        if self._owns_node:
+            await self.node.start()
         self._emit("ready", id=self.identity.node_id, port=self.node.port, shard=self.worker.shard)
         stop_task = asyncio.create_task(stop.wait())
         try:
@@ -117,6 +126,7 @@ class SwarmNode:
                 work.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await work
+                await self._final_checkpoint()
             else:
                 work.result()  # re-raise a training failure
                 # Stay reachable briefly: slower peers may still fetch payloads or our state.
@@ -126,7 +136,8 @@ class SwarmNode:
             stop_task.cancel()
             if self.proto is not None:
                 self.proto.close()
-            await self.node.stop()
+            if self._owns_node:
+                await self.node.stop()
             await asyncio.to_thread(self.worker.close)
         return self.result
 
@@ -136,6 +147,7 @@ class SwarmNode:
         resumed = await asyncio.to_thread(self.worker.resume_latest) if self.resume else None
         if resumed is not None:
             start, members = resumed[0] + 1, resumed[1]
+            self._checkpointed = resumed[0]
             # a returning member: connect to anyone, then catch up from decisions
             await self._genesis(2, sw.genesis_timeout)
         else:
@@ -227,26 +239,10 @@ class SwarmNode:
     async def _find_swarm(self, timeout: float) -> tuple[int, list[str]] | None:
         """A running swarm's (last decided round, next members), asked of the first peers we
         reach; None at a fresh start, when no peer has a round protocol yet."""
-        if not self.cfg.p2p.bootstrap:
-            return None  # we are the first peer: the others find us
-        deadline = time.monotonic() + timeout
-        while not self.node.connections:
-            if time.monotonic() > deadline:
-                return None
-            await asyncio.sleep(0.05)
-        return await discover(self.node, min(DISCOVER_SECONDS, timeout))
+        return await find_swarm(self.node, timeout)
 
     async def _genesis(self, expect: int, timeout: float) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while len(self.node.connections) < expect - 1:
-            if time.monotonic() > deadline:
-                raise SwarmError(
-                    f"genesis: only {len(self.node.connections) + 1} of swarm.expect_peers="
-                    f"{expect} peers connected within {timeout:.0f} s"
-                )
-            await asyncio.sleep(0.05)
-        peers = sorted(self.node.connections)[: expect - 1]
-        return sorted([self.identity.node_id, *peers])
+        return await form_genesis(self.node, expect, timeout, self.peer_filter)
 
     async def _complete(self, pending: _Pending) -> bool:
         """Wait for round ``pending.round``'s decision, apply it (resynchronising if needed),
@@ -284,7 +280,9 @@ class SwarmNode:
             self.result.last_loss = loss
         self.result.rounds = r
         if r % self.cfg.swarm.checkpoint_every == 0 or r == self.cfg.swarm.rounds:
-            await asyncio.to_thread(worker.save_checkpoint, decision.members_next)
+            path = await asyncio.to_thread(worker.save_checkpoint, decision.members_next)
+            self._checkpointed = r
+            self._emit("checkpoint", round=r, path=str(path))
         self._emit(
             "round",
             round=r,
@@ -308,6 +306,21 @@ class SwarmNode:
             log.warning("round %d removed us from the membership; stopping", r)
             return False
         return True
+
+    async def _final_checkpoint(self) -> None:
+        """On a requested stop: checkpoint the last applied round unless already saved. The
+        abandoned local phase is lost by design (its round goes on without us); an apply
+        that was running finishes first (the worker's lock), so the state saved is a
+        consensus state, never a half-applied one."""
+        assert self.worker is not None
+        worker = self.worker
+        r = await asyncio.to_thread(lambda: worker.engine.round)
+        if self.proto is None or r <= self._checkpointed or r == 0:
+            return
+        members = self.proto.members(r + 1) or self.proto.members(self.proto.last_decided + 1)
+        path = await asyncio.to_thread(worker.save_checkpoint, list(members or []))
+        self._checkpointed = r
+        self._emit("checkpoint", round=r, path=str(path))
 
     def _vote_evictions(self, decision: Decision) -> None:
         """Reputation is consensus state (every in-sync peer computes the same scores), so
@@ -382,6 +395,38 @@ class SwarmNode:
             self.node.blobs.forget({self._state_blobs.pop(0)})
 
 
+async def find_swarm(node: P2PNode, timeout: float) -> tuple[int, list[str]] | None:
+    """A running swarm's (last decided round, next members), asked of the first peers we
+    reach; None at a fresh start, when no peer has a round protocol yet."""
+    if not node.config.bootstrap:
+        return None  # we are the first peer: the others find us
+    deadline = time.monotonic() + timeout
+    while not node.connections:
+        if time.monotonic() > deadline:
+            return None
+        await asyncio.sleep(0.05)
+    return await discover(node, min(DISCOVER_SECONDS, timeout))
+
+
+async def form_genesis(
+    node: P2PNode, expect: int, timeout: float, peer_filter: Callable[[str], bool] | None = None
+) -> list[str]:
+    """This node and the first ``expect - 1`` connected round-capable peers (sorted ids)."""
+    deadline = time.monotonic() + timeout
+
+    def eligible() -> list[str]:
+        return sorted(p for p in node.connections if peer_filter is None or peer_filter(p))
+
+    while len(eligible()) < expect - 1:
+        if time.monotonic() > deadline:
+            raise SwarmError(
+                f"genesis: only {len(eligible()) + 1} of swarm.expect_peers="
+                f"{expect} round members connected within {timeout:.0f} s"
+            )
+        await asyncio.sleep(0.05)
+    return sorted([node.node_id, *eligible()[: expect - 1]])
+
+
 def _report_fields(report: RoundReport) -> dict[str, Any]:
     return {
         "entries": report.entries,
@@ -391,5 +436,6 @@ def _report_fields(report: RoundReport) -> dict[str, Any]:
         "excluded": [p[:12] for p in report.excluded],
         "absent": [p[:12] for p in report.absent],
         "flagged": [p[:12] for p in report.flagged],
+        "voters": [p[:12] for p in report.voters],
         "aggregate_norm": report.aggregate_norm,
     }

@@ -1,0 +1,147 @@
+"""``swarmlm node``: start an integrated node of a given type.
+
+``swarmlm node --type full|training|annotation|lightweight --node-id ID [--p2p-port 7777]
+[--web-port 8080] [--bootstrap host:port,...] [--config FILE] [--node-dir DIR]``
+
+Settings come from the config file (JSON, YAML or TOML), then the flags, then ``--set``
+(``key.sub=value``, values parsed as JSON). With ``--json`` every node event is printed as
+one JSON line on stdout (tests and scripts read those); otherwise a short human log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from swarmlm.node.config import ConfigError, NodeConfig, read_config_file, validate_config
+from swarmlm.node.events import Event
+
+
+def add_node_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "node",
+        help="run an integrated node: swarm training, curation, web and alignment",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--type",
+        dest="node_type",
+        choices=["full", "training", "annotation", "lightweight"],
+        default=None,
+        help="which components run (default: the config's, else full)",
+    )
+    p.add_argument("--node-id", default=None, help="this node's name (required here or in config)")
+    p.add_argument("--p2p-port", type=int, default=None, help="p2p port (default 7777; 0 = any)")
+    p.add_argument("--web-port", type=int, default=None, help="http port (default 8080; 0 = any)")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--bootstrap", default=None, help="host:port,... of peers to join")
+    p.add_argument("--config", type=Path, default=None, help="node config (.json/.yaml/.toml)")
+    p.add_argument("--node-dir", type=Path, default=None, help="identity, store, checkpoints")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. rlhf.sample_every_rounds=2 (value parsed as JSON)",
+    )
+    p.add_argument("--json", action="store_true", help="print node events as JSON lines")
+    p.set_defaults(func=run_node)
+    return p
+
+
+def build_config(args: argparse.Namespace) -> NodeConfig:
+    raw: dict[str, Any] = read_config_file(args.config) if args.config is not None else {}
+    flags = {
+        "type": args.node_type,
+        "node_id": args.node_id,
+        "p2p_port": args.p2p_port,
+        "web_port": args.web_port,
+        "host": args.host,
+        "bootstrap_peers": args.bootstrap,
+        "node_dir": str(args.node_dir) if args.node_dir is not None else None,
+    }
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    for item in args.overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        try:
+            value: Any = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    if "node_id" not in raw:
+        raise ConfigError("a node needs a name: pass --node-id or set node_id in --config")
+    return validate_config(raw, str(args.config) if args.config is not None else "command line")
+
+
+def run_node(args: argparse.Namespace) -> int:
+    console = Console(stderr=args.json)
+    try:
+        cfg = build_config(args)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    logging.getLogger().setLevel(cfg.log_level)
+    logging.getLogger("swarmlm").setLevel(cfg.log_level)
+    from swarmlm.node.runtime import NodeRuntime
+
+    runtime = NodeRuntime(cfg, config_path=args.config)
+
+    def show(ev: Event) -> None:
+        if args.json:
+            sys.stdout.write(json.dumps(ev.to_json(), default=str) + "\n")
+            sys.stdout.flush()
+            return
+        d = ev.data
+        if ev.kind == "node_started":
+            console.print(
+                f"node [bold]{cfg.node_id}[/bold] ({cfg.type}) p2p port {d['p2p_port']}, "
+                f"http://{cfg.host}:{d['web_port']}"
+            )
+        elif ev.kind == "round_decided":
+            loss = d.get("val_loss")
+            console.print(
+                f"round {d['round']:>4}  members {d['members']}  accepted {d['accepted']}  "
+                f"val loss {'-' if loss is None else f'{loss:.4f}'}"
+            )
+        elif ev.kind in ("peer_joined", "peer_left"):
+            console.print(f"{ev.kind.replace('_', ' ')}: {d.get('name') or d['peer']}")
+        elif ev.kind in ("config_reloaded", "config_rejected", "attack_detected"):
+            console.print(f"{ev.kind.replace('_', ' ')}: {d}")
+        elif ev.kind == "checkpoint_saved":
+            console.print(f"checkpoint (round {d['round']}): {d['path']}")
+
+    runtime.bus.on(None, show)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        return await runtime.run(stop)
+
+    try:
+        return asyncio.run(main())
+    except (ConfigError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1

@@ -1,0 +1,742 @@
+"""One process, any mix of components: the integrated node behind ``swarmlm node``.
+
+A node owns one identity and one :class:`~swarmlm.p2p.transport.P2PNode`, shared by every
+component that talks to peers:
+
+* training (full, training): a :class:`~swarmlm.swarm.node.SwarmNode` on that P2P node;
+* lightweight: a :class:`~swarmlm.swarm.voter.VoterNode` (membership and votes only);
+* curation (full, annotation): the SQL store plus its replication over P2P
+  (:mod:`swarmlm.node.replication`), and the web app on ``web_port``;
+* alignment (full): every ``rlhf.sample_every_rounds`` decided rounds, the current model
+  answers the prompts and the answers become pairwise tasks for the annotators.
+
+Every node type serves ``/api/health``, ``/metrics`` and ``/api/events`` on ``web_port``
+(the annotation UI only where the web interface is enabled). Peers learn each other's type
+from a signed ``node_info`` message sent on connect, so only round-capable peers are chosen
+as genesis members and a voter knows which members it need not wait for.
+
+Shutdown (SIGTERM or Ctrl+C): stop taking work, abandon the running local phase (its round
+continues without us), let a running apply finish, checkpoint, stop replication, flush and
+close the store, stop the servers. Each step is bounded so a stuck part cannot hang exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from swarmlm.node.config import (
+    ConfigError,
+    NodeConfig,
+    read_config_file,
+    reload_changes,
+)
+from swarmlm.node.events import EventBus
+from swarmlm.p2p.identity import NodeIdentity
+from swarmlm.p2p.messages import SignedMessage
+from swarmlm.p2p.transport import P2PNode
+from swarmlm.swarm.config import SwarmRunConfig, load_swarm_config
+
+log = logging.getLogger(__name__)
+
+ROUND_CAPABLE = frozenset({"full", "training", "lightweight"})
+RELOAD_POLL_S = 1.0
+STOP_STEP_S = 30.0  # bound on each shutdown step
+DISK_LOW_BYTES = 1 << 30
+HISTORY = 2000  # training curve points kept for the dashboard
+
+
+class NodeRuntime:
+    """Build with a validated :class:`NodeConfig`; ``await run(stop)`` until ``stop`` is set."""
+
+    def __init__(self, cfg: NodeConfig, config_path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.dir = cfg.directory
+        self.bus = EventBus()
+        self.started_at = time.time()
+        self.peer_types: dict[str, dict[str, Any]] = {}
+        self.identity: NodeIdentity | None = None
+        self.p2p: P2PNode | None = None
+        self.swarm_cfg: SwarmRunConfig | None = None
+        self.swarm: Any = None  # SwarmNode | VoterNode
+        self.store: Any = None  # CurationStore
+        self.replicator: Any = None
+        self.web_app: Any = None
+        self.web_port: int | None = None
+        self.metrics: Any = None
+        self._server: Any = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._training_state = "off"
+        self._training_error: str | None = None
+        self._last_round: dict[str, Any] | None = None
+        self._last_round_at: float | None = None
+        self._curve: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self._sampling = False
+        self._sampled_rounds: set[int] = set()
+        self._reloads: dict[str, Any] = {"applied": 0, "rejected": 0, "last_error": None}
+        self._process = psutil.Process()
+        self._apply_resource_limits()
+
+    # -- resources ------------------------------------------------------------------------
+    def _apply_resource_limits(self) -> None:
+        threads = self.cfg.max_cpu_threads
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+            with contextlib.suppress(RuntimeError):  # only settable before parallel work
+                torch.set_num_interop_threads(max(1, min(threads, 4)))
+
+    def resources(self) -> dict[str, Any]:
+        mem = self._process.memory_info().rss
+        limit = self.cfg.max_memory_mb
+        over = limit is not None and mem > limit * 1024 * 1024
+        return {
+            "status": "degraded" if over else "ok",
+            "rss_mb": round(mem / 2**20, 1),
+            "max_memory_mb": limit,
+            "threads": self._process.num_threads(),
+            "max_cpu_threads": self.cfg.max_cpu_threads,
+            "cpu_percent": self._process.cpu_percent(None),
+            **({"detail": f"resident memory above max_memory_mb={limit}"} if over else {}),
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> int:
+        loop = asyncio.get_running_loop()
+        self.bus.bind(loop)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.identity = await asyncio.to_thread(NodeIdentity.load_or_create, self.dir / "identity")
+        self.swarm_cfg = self._load_swarm_config()
+        self.p2p = P2PNode(self.identity, self.swarm_cfg.p2p)
+        self.p2p.on("node_info", self._on_node_info)
+        self.p2p.connect_listeners.append(self._on_connect)
+        self.p2p.disconnect_listeners.append(self._on_disconnect)
+        self._init_metrics()
+        try:
+            if self.cfg.runs("curation"):
+                await self._start_store()
+            await self.p2p.start()
+            await self._start_http()
+            if self.cfg.runs("curation"):
+                await self._start_replication()
+            if self.cfg.runs("training"):
+                self._spawn(self._run_training(stop))
+            elif self.cfg.type == "lightweight":
+                self._spawn(self._run_voter(stop))
+            if self.config_path is not None:
+                self._spawn(self._watch_config())
+            self.bus.publish(
+                "node_started",
+                type=self.cfg.type,
+                node_id=self.cfg.node_id,
+                peer_id=self.identity.node_id,
+                p2p_port=self.p2p.port,
+                web_port=self.web_port,
+            )
+            log.info(
+                "node %s (%s) up: p2p %s:%d, http %s:%s",
+                self.cfg.node_id,
+                self.cfg.type,
+                self.cfg.host,
+                self.p2p.port,
+                self.cfg.host,
+                self.web_port,
+            )
+            await stop.wait()
+        finally:
+            await self._shutdown()
+        return 1 if self._training_state == "failed" else 0
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.append(task)
+
+    async def _shutdown(self) -> None:
+        self.bus.publish("node_stopping")
+        log.info("node %s stopping", self.cfg.node_id)
+        # the training task sees ``stop`` itself: it abandons its local phase, checkpoints
+        for t in self._tasks:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(t), STOP_STEP_S)
+        for t in self._tasks:
+            t.cancel()
+        if self.replicator is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.replicator.stop(), STOP_STEP_S)
+        if self._server is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server_task, STOP_STEP_S)
+        if self.p2p is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.p2p.stop(), STOP_STEP_S)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)  # commits are durable; closes the WAL
+
+    # -- configuration --------------------------------------------------------------------
+    def _load_swarm_config(self) -> SwarmRunConfig:
+        """The training run's config with this node's network, paths and limits applied."""
+        cfg = self.cfg
+        import json
+
+        sets = list(cfg.training.set)
+        sets += [
+            f"p2p.host={json.dumps(cfg.host)}",
+            f"p2p.port={cfg.p2p_port}",
+            "p2p.bootstrap=" + json.dumps(cfg.bootstrap_peers),
+            "p2p.node_dir=" + json.dumps(str(self.dir / "identity")),
+            "train.out_dir=" + json.dumps(str(self.dir / "train")),
+            f"swarm.exclude_below={cfg.thresholds.exclude_below}",
+            f"swarm.evict_below={json.dumps(cfg.thresholds.evict_below)}",
+            f"swarm.outlier_z={cfg.thresholds.outlier_z}",
+        ]
+        if cfg.training.aggregator_params is not None:
+            sets.append("swarm.aggregator_params=" + json.dumps(cfg.training.aggregator_params))
+        if cfg.max_cpu_threads is not None:
+            sets.append(f"train.threads={cfg.max_cpu_threads}")
+        if cfg.type == "lightweight":
+            sets.append("p2p.keep_rounds=2")  # a voter keeps as few payloads as it can
+        try:
+            return load_swarm_config(cfg.training.config, sets)
+        except Exception as exc:
+            raise ConfigError(f"training.config: {exc}") from exc
+
+    async def _watch_config(self) -> None:
+        """Poll the config file; apply a valid edit of the hot subset, refuse the rest."""
+        assert self.config_path is not None
+        path = self.config_path
+
+        def stamp() -> tuple[float, int] | None:
+            try:
+                st = path.stat()
+            except OSError:
+                return None
+            return st.st_mtime, st.st_size
+
+        seen = stamp()
+        while True:
+            await asyncio.sleep(RELOAD_POLL_S)
+            now = stamp()
+            if now is None or now == seen:
+                continue
+            seen = now
+            self.reload()
+
+    def reload(self) -> bool:
+        """Re-read the config file; True when the edit was applied."""
+        assert self.config_path is not None
+        try:
+            raw = read_config_file(self.config_path)
+            new = reload_changes(self.cfg, raw, str(self.config_path))
+        except ConfigError as exc:
+            self._reloads["rejected"] = int(self._reloads["rejected"] or 0) + 1
+            self._reloads["last_error"] = str(exc)
+            log.error("config reload refused; the running config stays: %s", exc)
+            self.bus.publish("config_rejected", error=str(exc))
+            return False
+        changed = [n for n in NodeConfig.model_fields if getattr(new, n) != getattr(self.cfg, n)]
+        self._apply_hot(new)
+        self.cfg = new
+        self._reloads["applied"] = int(self._reloads["applied"] or 0) + 1
+        log.info("config reloaded: %s", ", ".join(changed) or "no change")
+        self.bus.publish("config_reloaded", fields=changed)
+        return True
+
+    def _apply_hot(self, new: NodeConfig) -> None:
+        logging.getLogger().setLevel(new.log_level)
+        logging.getLogger("swarmlm").setLevel(new.log_level)
+        if self.web_app is not None:
+            state = self.web_app.state.swarm
+            rl = new.rate_limits
+            state.login_limiter.rate = rl.login_per_minute / 60.0
+            state.login_limiter.burst = float(rl.login_per_minute)
+            state.register_limiter.rate = rl.register_per_minute / 60.0
+            state.register_limiter.burst = float(rl.register_per_minute)
+            state.submit_limiter.rate = rl.submit_per_second
+            state.submit_limiter.burst = float(rl.submit_burst)
+        if self.swarm_cfg is not None:
+            sw = self.swarm_cfg.swarm
+            # read by the engine at its next round (consensus inputs: see node.config)
+            sw.exclude_below = new.thresholds.exclude_below
+            sw.evict_below = new.thresholds.evict_below
+            sw.outlier_z = new.thresholds.outlier_z
+            if new.training.aggregator_params is not None:
+                sw.aggregator_params = dict(new.training.aggregator_params)
+        if self.p2p is not None and new.bootstrap_peers != self.cfg.bootstrap_peers:
+            addrs = new.bootstrap_addresses()
+            self.p2p.config.bootstrap = addrs
+            for host, port in addrs:  # dial the new ones now; maintenance keeps redialling
+                self.p2p._spawn_dial(host, port, None)
+
+    # -- peers ----------------------------------------------------------------------------
+    def _node_info(self) -> SignedMessage:
+        assert self.p2p is not None
+        return self.p2p.sign(
+            "node_info",
+            {"name": self.cfg.node_id, "type": self.cfg.type, "web_port": self.web_port or 0},
+        )
+
+    def _on_connect(self, peer: str) -> None:
+        assert self.p2p is not None
+        self.p2p.send(peer, self._node_info())
+
+    def _on_disconnect(self, peer: str) -> None:
+        info = self.peer_types.get(peer)
+        if info is not None:
+            info["connected"] = False
+        self.bus.publish("peer_left", peer=peer[:12], name=(info or {}).get("name"))
+
+    def _on_node_info(self, msg: SignedMessage, peer: str) -> None:
+        body = msg.body
+        kind, name = body["type"], body["name"]
+        if msg.sender != peer or kind not in ("full", "training", "annotation", "lightweight"):
+            return  # relayed or unknown: ignore (the transport already verified the signature)
+        if not isinstance(name, str) or len(name) > 64:
+            return
+        first = peer not in self.peer_types
+        self.peer_types[peer] = {
+            "name": name,
+            "type": kind,
+            "web_port": body["web_port"],
+            "connected": True,
+        }
+        if first:
+            self.bus.publish("peer_joined", peer=peer[:12], name=name, type=kind)
+
+    def is_round_member(self, peer: str) -> bool:
+        info = self.peer_types.get(peer)
+        return info is not None and info["type"] in ROUND_CAPABLE
+
+    def is_voter(self, peer: str) -> bool:
+        info = self.peer_types.get(peer)
+        return info is not None and info["type"] == "lightweight"
+
+    def is_curation_peer(self, peer: str) -> bool:
+        info = self.peer_types.get(peer)
+        return info is not None and info["type"] in ("full", "annotation")
+
+    # -- components -----------------------------------------------------------------------
+    def _init_metrics(self) -> None:
+        from swarmlm.node.metrics import NodeMetrics
+
+        self.metrics = NodeMetrics(self.cfg.node_id, self.cfg.type)
+        self.metrics.attach(self.bus)
+        p2p = self.p2p
+        assert p2p is not None
+        self.metrics.set_sources(
+            p2p=p2p.stats, reputation=self._reputation, store=self._store_counts
+        )
+
+    def _reputation(self) -> dict[str, float]:
+        worker = getattr(self.swarm, "worker", None)
+        return dict(worker.engine.reputation) if worker is not None else {}
+
+    def _store_counts(self) -> dict[str, int] | None:
+        if self.store is None:
+            return None
+        stats = self.store.stats()
+        return {
+            "annotations": int(stats.get("annotations", 0)),
+            "tasks": int(stats.get("tasks", 0)),
+            "tasks_finalised": int(stats.get("tasks_finalised", 0)),
+        }
+
+    async def _start_store(self) -> None:
+        from swarmlm.curation.db import default_db_url
+        from swarmlm.curation.store import CurationStore
+
+        assert self.identity is not None
+        url = self.cfg.db_url or default_db_url(self.dir)
+        self.store = await asyncio.to_thread(CurationStore.open, url, self.identity)
+        if self.cfg.admin_username and self.cfg.admin_password:
+            await asyncio.to_thread(self._ensure_admin)
+
+    def _ensure_admin(self) -> None:
+        from swarmlm.curation.errors import CurationError
+
+        assert self.cfg.admin_username
+        assert self.cfg.admin_password
+        try:
+            self.store.find_annotator(self.cfg.admin_username)
+        except CurationError:
+            self.store.create_annotator(
+                self.cfg.admin_username, self.cfg.admin_password, role="admin"
+            )
+
+    async def _start_replication(self) -> None:
+        from swarmlm.node.replication import CurationReplicator
+
+        assert self.p2p is not None
+        self.replicator = CurationReplicator(
+            self.store,
+            self.p2p,
+            bus=self.bus,
+            sync_interval=self.cfg.replication.sync_interval,
+            max_batch=self.cfg.replication.max_batch,
+            peer_filter=self.is_curation_peer,
+        )
+        await self.replicator.start()
+
+    async def _start_http(self) -> None:
+        import uvicorn
+
+        from swarmlm.node.ops import create_ops_app
+
+        if self.cfg.runs("web"):
+            from swarmlm.web.app import create_app
+            from swarmlm.web.settings import WebSettings
+
+            rl = self.cfg.rate_limits
+            settings = WebSettings(
+                node_dir=self.dir,
+                db_url=self.cfg.db_url,
+                login_per_minute=rl.login_per_minute,
+                register_per_minute=rl.register_per_minute,
+                submit_per_second=rl.submit_per_second,
+                submit_burst=rl.submit_burst,
+            )
+            self.web_app = create_app(self.store, settings, node=self)
+            app = self.web_app
+        else:
+            app = create_ops_app(self)
+        config = uvicorn.Config(
+            app,
+            host=self.cfg.host,
+            port=self.cfg.web_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        server = uvicorn.Server(config)
+        # the node owns SIGINT/SIGTERM (its loop handlers): uvicorn must not take them
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+        self._server = server
+        self._server_task = asyncio.create_task(server.serve())
+        deadline = time.monotonic() + 15.0
+        while not server.started:
+            if self._server_task.done():
+                exc = self._server_task.exception()
+                raise OSError(
+                    f"web server on {self.cfg.host}:{self.cfg.web_port} did not start: {exc}"
+                )
+            if time.monotonic() > deadline:
+                raise OSError(f"web server on {self.cfg.host}:{self.cfg.web_port}: start timeout")
+            await asyncio.sleep(0.02)
+        self.web_port = server.servers[0].sockets[0].getsockname()[1]
+
+    async def _run_training(self, stop: asyncio.Event) -> None:
+        from swarmlm.swarm.node import SwarmNode
+        from swarmlm.train.checkpoint import latest_checkpoint
+
+        assert self.swarm_cfg is not None
+        assert self.identity is not None
+        assert self.p2p
+        out_dir = self.dir / "train"
+        resume = latest_checkpoint(out_dir) is not None
+        node = SwarmNode(
+            self.swarm_cfg,
+            self.identity,
+            out_dir,
+            events=self._swarm_event,
+            resume=resume,
+            p2p=self.p2p,
+            peer_filter=self.is_round_member,
+        )
+        self.swarm = node
+        self._training_state = "starting"
+        try:
+            await node.run(stop)
+            self._training_state = "stopped" if stop.is_set() else "finished"
+        except Exception as exc:
+            self._training_state = "failed"
+            self._training_error = f"{type(exc).__name__}: {exc}"
+            log.exception("training failed")
+
+    async def _run_voter(self, stop: asyncio.Event) -> None:
+        from swarmlm.swarm.voter import VoterNode
+
+        assert self.swarm_cfg is not None
+        assert self.p2p is not None
+        voter = VoterNode(
+            self.swarm_cfg,
+            self.p2p,
+            is_voter=self.is_voter,
+            peer_filter=self.is_round_member,
+            events=self._swarm_event,
+        )
+        self.swarm = voter
+        self._training_state = "voting"
+        try:
+            await voter.run(stop)
+            self._training_state = "stopped" if stop.is_set() else "finished"
+        except Exception as exc:
+            self._training_state = "failed"
+            self._training_error = f"{type(exc).__name__}: {exc}"
+            log.exception("voting failed")
+
+    def _swarm_event(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        if kind == "genesis":
+            if self._training_state == "starting":
+                self._training_state = "training"
+            if ev.get("val_loss") is not None:
+                self._curve.append({"round": ev["round"], "val_loss": ev["val_loss"]})
+        elif kind == "round":
+            self._on_round(ev)
+        elif kind == "checkpoint":
+            self.bus.publish("checkpoint_saved", round=ev["round"], path=ev["path"])
+
+    def _on_round(self, ev: dict[str, Any]) -> None:
+        now = time.time()
+        self._last_round = ev
+        self._last_round_at = now
+        reputation: dict[str, float] = {}
+        worker = getattr(self.swarm, "worker", None)
+        if worker is not None:
+            reputation = {p[:12]: round(s, 4) for p, s in worker.engine.reputation.items()}
+        self.bus.publish(
+            "round_decided",
+            round=ev["round"],
+            latency_s=ev.get("wait_s", 0.0),
+            members=ev.get("members_next", ev.get("members", 0)),
+            accepted=ev.get("accepted", 0),
+            val_loss=ev.get("val_loss"),
+            train_loss=ev.get("train_loss"),
+            reputation=reputation,
+        )
+        if ev.get("voter"):
+            return
+        point = {
+            "round": ev["round"],
+            "val_loss": ev.get("val_loss"),
+            "train_loss": ev.get("train_loss"),
+            "time": now,
+        }
+        self._curve.append(point)
+        compute = float(ev.get("compute_s") or 0.0)
+        assert self.swarm_cfg is not None
+        data = self.swarm_cfg.data
+        sw = self.swarm_cfg.swarm
+        steps = 1 if sw.mode == "synchronous" else sw.inner_steps
+        if compute > 0 and ev.get("train_loss") is not None:
+            tokens = steps * data.batch_size * data.seq_len
+            self.bus.publish(
+                "training_progress",
+                step=int(ev["round"]) * steps,
+                loss=ev["train_loss"],
+                tokens_per_s=round(tokens / compute, 1),
+            )
+        every = self.cfg.rlhf.sample_every_rounds
+        if (
+            self.cfg.runs("rlhf")
+            and self.store is not None
+            and every is not None
+            and ev["round"] % every == 0
+            and not self._sampling
+        ):
+            self._sampling = True
+            self._spawn(self._sample_for_annotators(int(ev["round"])))
+
+    # -- alignment: model samples become comparison tasks ---------------------------------
+    async def _sample_for_annotators(self, r: int) -> None:
+        try:
+            added = await asyncio.to_thread(self._sample_tasks, r)
+            log.info("round %d: %d comparison tasks from model samples", r, added)
+        except Exception:
+            log.exception("round %d: sampling comparison tasks failed", r)
+        finally:
+            self._sampling = False
+
+    def _sample_tasks(self, r: int) -> int:
+        from swarmlm.curation.errors import CurationError
+        from swarmlm.curation.interchange import read_tasks_file
+        from swarmlm.rlhf.config import SampleConfig
+        from swarmlm.rlhf.sample import sample_comparison_tasks
+        from swarmlm.train.checkpoint import latest_checkpoint
+
+        rc = self.cfg.rlhf
+        ckpt = latest_checkpoint(self.dir / "train")
+        if ckpt is None:
+            return 0
+        prompts = rc.prompts or default_prompts()
+        sample_dir = self.dir / "samples"
+        sample_dir.mkdir(parents=True, exist_ok=True)
+        # a stable subset per round: the prompts rotate through the file
+        lines = [p for p in prompts.read_text(encoding="utf-8").splitlines() if p.strip()]
+        if not lines:
+            return 0
+        start = (r * rc.prompts_per_batch) % len(lines)
+        chosen = (lines + lines)[start : start + min(rc.prompts_per_batch, len(lines))]
+        batch_file = sample_dir / f"prompts-{r:06d}.txt"
+        batch_file.write_text("\n".join(chosen) + "\n", encoding="utf-8")
+        out = sample_dir / f"tasks-{r:06d}.jsonl"
+        sample_comparison_tasks(
+            SampleConfig(
+                checkpoint=ckpt,
+                prompts_file=batch_file,
+                out_file=out,
+                responses=rc.responses,
+                max_new_tokens=rc.max_new_tokens,
+                seed=r,
+            ),
+            show_progress=False,
+        )
+        schema = {"kind": "pairwise" if rc.responses == 2 else "ranking"}
+        try:
+            ts = self.store.find_task_set(rc.task_set)
+        except CurationError:
+            ts = self.store.create_task_set(
+                rc.task_set,
+                schema if rc.responses == 2 else {**schema, "k": rc.responses},
+                k=3,
+                description="responses of the swarm's model; your preferences train the "
+                "reward model",
+            )
+        tasks = [  # the same prompt comes back in later rounds with new answers
+            dataclasses.replace(t, external_id=f"r{r}-{t.external_id or 'task'}")
+            for t in read_tasks_file(out)
+        ]
+        return int(self.store.add_tasks(ts.id, tasks, source=f"round {r} samples"))
+
+    # -- what the ops endpoints and the dashboard read ------------------------------------
+    def health(self) -> dict[str, Any]:
+        comps: dict[str, dict[str, Any]] = {}
+        p2p = self.p2p
+        if p2p is not None:
+            connected = len(p2p.connections)
+            lonely = connected == 0 and bool(self.cfg.bootstrap_peers)
+            comps["p2p"] = {
+                "status": "degraded" if lonely else "ok",
+                "peers_connected": connected,
+                "peers_known": len(p2p.peers),
+                "port": p2p.port,
+                **({"detail": "no bootstrap peer reachable"} if lonely else {}),
+            }
+        if self.swarm is not None:
+            proto = getattr(self.swarm, "proto", None)
+            last = proto.last_decided if proto is not None else 0
+            age = (
+                None if self._last_round_at is None else round(time.time() - self._last_round_at, 1)
+            )
+            assert self.swarm_cfg is not None
+            stale = (
+                age is not None
+                and self._training_state in ("training", "voting")
+                and age > 3 * self.swarm_cfg.swarm.round_timeout
+            )
+            comps["rounds"] = {
+                "status": "degraded" if stale else "ok",
+                "last_decided": last,
+                "members": len(proto.members(last + 1) or []) if proto is not None else 0,
+                "last_round_age_s": age,
+                "state": "forming" if proto is None else "running",
+            }
+            rate = self._step_rate()
+            comps["training"] = {
+                "status": "down" if self._training_state == "failed" else "ok",
+                "state": self._training_state,
+                "round": (self._last_round or {}).get("round", 0),
+                "val_loss": (self._last_round or {}).get("val_loss"),
+                "train_loss": (self._last_round or {}).get("train_loss"),
+                "rounds_per_min": rate,
+                **({"error": self._training_error} if self._training_error else {}),
+            }
+        if self.store is not None:
+            try:
+                comps["store"] = {"status": "ok", **self.store.health()}
+                comps["store"].pop("signer", None)
+            except Exception as exc:
+                comps["store"] = {"status": "down", "error": type(exc).__name__}
+        if self.replicator is not None:
+            comps["replication"] = {"status": "ok", **self.replicator.stats()}
+        disk = shutil.disk_usage(self.dir)
+        comps["disk"] = {
+            "status": "degraded" if disk.free < DISK_LOW_BYTES else "ok",
+            "free_bytes": disk.free,
+            "path": str(self.dir),
+        }
+        comps["resources"] = self.resources()
+        statuses = {c["status"] for c in comps.values()}
+        overall = "down" if "down" in statuses else "degraded" if "degraded" in statuses else "ok"
+        return {
+            "status": overall,
+            "node_id": self.cfg.node_id,
+            "peer_id": self.identity.node_id if self.identity else None,
+            "type": self.cfg.type,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "components": comps,
+        }
+
+    def _step_rate(self) -> float | None:
+        pts = [p for p in self._curve if "time" in p]
+        if len(pts) < 2:
+            return None
+        span = pts[-1]["time"] - pts[0]["time"]
+        return round(60.0 * (pts[-1]["round"] - pts[0]["round"]) / span, 3) if span > 0 else None
+
+    def network(self) -> dict[str, Any]:
+        p2p = self.p2p
+        rows = p2p.peer_rows() if p2p is not None else []
+        reputation: dict[str, float] = {}
+        worker = getattr(self.swarm, "worker", None)
+        if worker is not None:
+            reputation = dict(worker.engine.reputation)
+        for row in rows:
+            info = self.peer_types.get(row["id"], {})
+            row["name"] = info.get("name")
+            row["type"] = info.get("type")
+            row["reputation"] = round(reputation[row["id"]], 4) if row["id"] in reputation else None
+        proto = getattr(self.swarm, "proto", None)
+        return {
+            "self": {
+                "peer_id": self.identity.node_id if self.identity else None,
+                "name": self.cfg.node_id,
+                "type": self.cfg.type,
+            },
+            "peers": rows,
+            "rounds": proto.summary() if proto is not None else None,
+            "stats": p2p.stats() if p2p is not None else {},
+        }
+
+    def training(self) -> dict[str, Any]:
+        return {
+            "state": self._training_state,
+            "curve": [{k: v for k, v in p.items() if k != "time"} for p in self._curve],
+            "last_round": self._last_round,
+        }
+
+    def annotation(self) -> dict[str, Any]:
+        if self.store is None:
+            return {"enabled": False}
+        sets = []
+        for ts in self.store.list_task_sets():
+            pr = self.store.progress(ts.id, with_agreement=False)
+            sets.append(
+                {k: v for k, v in vars(pr).items() if isinstance(v, (int, float, str, type(None)))}
+            )
+        return {"enabled": True, "task_sets": sets, "stats": _jsonable(self.store.stats())}
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {str(k): v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def default_prompts() -> Path:
+    """The prompts shipped with the package (KJV-style openings)."""
+    return Path(__file__).resolve().parent / "prompts.txt"
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
