@@ -12,6 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     from swarmlm.data.cli import add_data_parser
     from swarmlm.model.hf import add_export_hf_parser, add_import_hf_parser
     from swarmlm.node.cli import add_node_parser
+    from swarmlm.node.status import add_status_parser
     from swarmlm.p2p.cli import add_p2p_parser
     from swarmlm.rlhf.cli import add_rlhf_parser
     from swarmlm.swarm.cli import add_swarm_parser
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_web_parser(subparsers)
     add_rlhf_parser(subparsers)
     add_node_parser(subparsers)
+    add_status_parser(subparsers)
     return parser
 
 

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import time
 from collections import deque
 from pathlib import Path
@@ -52,7 +51,6 @@ log = logging.getLogger(__name__)
 ROUND_CAPABLE = frozenset({"full", "training", "lightweight"})
 RELOAD_POLL_S = 1.0
 STOP_STEP_S = 30.0  # bound on each shutdown step
-DISK_LOW_BYTES = 1 << 30
 HISTORY = 2000  # training curve points kept for the dashboard
 
 
@@ -515,6 +513,8 @@ class NodeRuntime:
             val_loss=ev.get("val_loss"),
             train_loss=ev.get("train_loss"),
             reputation=reputation,
+            params_sha256=ev.get("params_sha256"),
+            resynced=ev.get("resynced", False),
         )
         if ev.get("voter"):
             return
@@ -612,72 +612,69 @@ class NodeRuntime:
 
     # -- what the ops endpoints and the dashboard read ------------------------------------
     def health(self) -> dict[str, Any]:
+        """Per component (see :mod:`swarmlm.node.ops`); the node is down when a required
+        one is: the transport, the store, the disk, or training that failed."""
+        from swarmlm.node.ops import (
+            component,
+            disk_component,
+            health_report,
+            p2p_component,
+            store_component,
+        )
+
         comps: dict[str, dict[str, Any]] = {}
         p2p = self.p2p
-        if p2p is not None:
-            connected = len(p2p.connections)
-            lonely = connected == 0 and bool(self.cfg.bootstrap_peers)
-            comps["p2p"] = {
-                "status": "degraded" if lonely else "ok",
-                "peers_connected": connected,
-                "peers_known": len(p2p.peers),
-                "port": p2p.port,
-                **({"detail": "no bootstrap peer reachable"} if lonely else {}),
-            }
+        comps["p2p"] = p2p_component(
+            p2p.stats() if p2p is not None else None,
+            min_peers=1 if self.cfg.bootstrap_peers else 0,
+        )
         if self.swarm is not None:
             proto = getattr(self.swarm, "proto", None)
             last = proto.last_decided if proto is not None else 0
-            age = (
-                None if self._last_round_at is None else round(time.time() - self._last_round_at, 1)
-            )
+            since = self._last_round_at
+            age = None if since is None else round(time.time() - since, 1)
             assert self.swarm_cfg is not None
             stale = (
                 age is not None
                 and self._training_state in ("training", "voting")
                 and age > 3 * self.swarm_cfg.swarm.round_timeout
             )
-            comps["rounds"] = {
-                "status": "degraded" if stale else "ok",
-                "last_decided": last,
-                "members": len(proto.members(last + 1) or []) if proto is not None else 0,
-                "last_round_age_s": age,
-                "state": "forming" if proto is None else "running",
-            }
-            rate = self._step_rate()
-            comps["training"] = {
-                "status": "down" if self._training_state == "failed" else "ok",
-                "state": self._training_state,
-                "round": (self._last_round or {}).get("round", 0),
-                "val_loss": (self._last_round or {}).get("val_loss"),
-                "train_loss": (self._last_round or {}).get("train_loss"),
-                "rounds_per_min": rate,
+            comps["rounds"] = component(
+                "degraded" if stale else "ok",
+                False,
+                last_decided=last,
+                members=len(proto.members(last + 1) or []) if proto is not None else 0,
+                round_age_s=age,
+                state="forming" if proto is None else "running",
+            )
+            last_round = self._last_round or {}
+            comps["training"] = component(
+                "down" if self._training_state == "failed" else "ok",
+                True,
+                state=self._training_state,
+                round=last_round.get("round", 0),
+                val_loss=last_round.get("val_loss"),
+                train_loss=last_round.get("train_loss"),
+                rounds_per_min=self._step_rate(),
                 **({"error": self._training_error} if self._training_error else {}),
-            }
+            )
         if self.store is not None:
-            try:
-                comps["store"] = {"status": "ok", **self.store.health()}
-                comps["store"].pop("signer", None)
-            except Exception as exc:
-                comps["store"] = {"status": "down", "error": type(exc).__name__}
+            comps["store"] = store_component(self.store.health)
+            comps["store"].pop("signer", None)
         if self.replicator is not None:
-            comps["replication"] = {"status": "ok", **self.replicator.stats()}
-        disk = shutil.disk_usage(self.dir)
-        comps["disk"] = {
-            "status": "degraded" if disk.free < DISK_LOW_BYTES else "ok",
-            "free_bytes": disk.free,
-            "path": str(self.dir),
-        }
-        comps["resources"] = self.resources()
-        statuses = {c["status"] for c in comps.values()}
-        overall = "down" if "down" in statuses else "degraded" if "degraded" in statuses else "ok"
-        return {
-            "status": overall,
-            "node_id": self.cfg.node_id,
-            "peer_id": self.identity.node_id if self.identity else None,
-            "type": self.cfg.type,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "components": comps,
-        }
+            stats = {k: v for k, v in self.replicator.stats().items() if k != "peers"}
+            comps["replication"] = component("ok", False, **stats)
+        comps["disk"] = disk_component(self.dir)
+        comps["resources"] = {"required": False, **self.resources()}
+        report = health_report(comps)
+        report.update(
+            node_id=self.cfg.node_id,
+            peer_id=self.identity.node_id if self.identity else None,
+            type=self.cfg.type,
+            uptime_s=round(time.time() - self.started_at, 1),
+            reloads=dict(self._reloads),
+        )
+        return report
 
     def _step_rate(self) -> float | None:
         pts = [p for p in self._curve if "time" in p]

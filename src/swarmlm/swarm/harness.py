@@ -25,13 +25,16 @@ from typing import Any
 class PeerProcess:
     """One swarm peer process and the events it printed."""
 
+    COMMAND: tuple[str, ...] = ("-m", "swarmlm.swarm.cli", "--json")
+    KEY = "event"  # the field naming an event's kind in its JSON line
+
     def __init__(self, index: int, argv: list[str], log_path: Path) -> None:
         self.index = index
         self.log_path = log_path
         self._log = log_path.open("wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swarmlm.swarm.cli", "--json", *argv],
+            [sys.executable, *self.COMMAND, *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -54,7 +57,7 @@ class PeerProcess:
             except json.JSONDecodeError:
                 self.other_output.append(line.rstrip())  # e.g. the CLI's error message
                 continue
-            if not isinstance(ev, dict) or "event" not in ev:
+            if not isinstance(ev, dict) or self.KEY not in ev:
                 continue
             self.history.append(ev)
             self.events.put(ev)
@@ -74,11 +77,11 @@ class PeerProcess:
                 ev = self.events.get(timeout=min(left, 0.5))
             except queue.Empty:
                 continue
-            if ev["event"] == event:
+            if ev[self.KEY] == event:
                 return ev
 
     def rounds(self) -> dict[int, dict[str, Any]]:
-        return {int(e["round"]): e for e in self.history if e["event"] == "round"}
+        return {int(e["round"]): e for e in self.history if e[self.KEY] == "round"}
 
     def log_tail(self, lines: int = 30) -> str:
         if not self._log.closed:
