@@ -41,7 +41,7 @@ RUN_INTEGRATION = ROOT / "scripts" / "run_integration_tests.sh"
 NODE_TYPES = {"full", "training", "annotation", "lightweight"}
 
 # Sample values for what the orchestrator fills in at run time.
-K8S_FIELDS = {"POD_NAME": "swarmlm-0", "POD_NAMESPACE": "default"}
+K8S_FIELDS = {"POD_NAME": "swarmlm-0"}
 SAMPLE_ENV_VALUE = "sample-value-123"
 
 
@@ -83,6 +83,26 @@ def node_config(argv: list[str], where: str, config_file: Path | None = None) ->
         return build_config(args)
     except ConfigError as exc:
         pytest.fail(f"{where}: `swarmlm {shlex.join(argv)}` parses but the node refuses it: {exc}")
+
+
+def advertised_host(argv: list[str]) -> str | None:
+    """The p2p address host a node tells peers to dial: ``p2p.advertise_host`` from a
+    ``--set training.set=[...]`` override, else the ``--host`` it binds."""
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--set" and argv[i + 1].startswith("training.set="):
+            for item in json.loads(argv[i + 1].split("=", 1)[1]):
+                key, _, value = item.partition("=")
+                if key == "p2p.advertise_host":
+                    return str(value)
+    return flag(argv, "--host")
+
+
+def swarm_p2p_of(cfg: NodeConfig) -> Any:
+    """The p2p settings the node runs with: its swarm config plus its training.set."""
+    from swarmlm.swarm.config import load_swarm_config
+
+    path = cfg.training.config if cfg.training.config.is_absolute() else ROOT / cfg.training.config
+    return load_swarm_config(path, cfg.training.set).p2p
 
 
 def flag(argv: list[str], name: str) -> str | None:
@@ -305,8 +325,14 @@ def test_compose_command_and_healthcheck_parse_with_the_real_cli(service: str) -
     argv = compose_command(svc)
     cfg = node_config(argv, f"docker-compose.yml service {service} command")
     assert cfg.node_id == service
+    p2p = swarm_p2p_of(cfg)
+    assert (p2p.advertise_host or cfg.host) == service, "the node must advertise a dialable name"
     test = svc.get("healthcheck", {}).get("test")
-    assert test, f"service {service} has no healthcheck"
+    if test is None:
+        # The image's HEALTHCHECK applies: it probes 127.0.0.1:8080 inside the container.
+        assert cfg.web_port == 8080, f"{service}: the image healthcheck probes port 8080"
+        assert cfg.host in ("0.0.0.0", "127.0.0.1"), f"{service}: 127.0.0.1 must reach the node"
+        return
     assert test[0] in ("CMD", "CMD-SHELL")
     probe = test[1:] if test[0] == "CMD" else shlex.split(test[1])
     assert probe[:2] == ["swarmlm", "status"]
@@ -320,9 +346,9 @@ def test_compose_nodes_bootstrap_into_one_connected_swarm_with_no_coordinator() 
     edges: dict[str, set[str]] = {}
     for name, svc in services.items():
         argv = compose_command(svc)
-        # A node advertises the address it binds; peers can dial only a resolvable name.
-        assert flag(argv, "--host") in (name, svc.get("hostname")), (
-            f"{name}: --host must be its own service name so peers can dial what it advertises"
+        # Peers dial the address a node advertises: it must be a name the network resolves.
+        assert advertised_host(argv) == name, (
+            f"{name}: must advertise its own service name (p2p.advertise_host) so peers can dial it"
         )
         p2p_port[name] = int(flag(argv, "--p2p-port") or 7777)
     for name, svc in services.items():
@@ -407,10 +433,8 @@ def test_statefulset_pods_bootstrap_from_the_stable_names_of_the_headless_servic
     expected = {f"{name}-{i}.{service}:{cfg.p2p_port}" for i in range(replicas)}
     assert set(cfg.bootstrap_peers) == expected
     argv = [substitute_k8s_vars(str(a)) for a in node_container()["args"]]
-    host = flag(argv, "--host")
-    assert host is not None
-    assert host.startswith(f"{K8S_FIELDS['POD_NAME']}.{service}."), (
-        "a pod must bind (and so advertise) its own stable DNS name"
+    assert advertised_host(argv) == f"{K8S_FIELDS['POD_NAME']}.{service}", (
+        "a pod must advertise its own stable DNS name (what the other pods bootstrap from)"
     )
     ports = {p["name"]: p["containerPort"] for p in node_container()["ports"]}
     assert ports == {"p2p": cfg.p2p_port, "web": cfg.web_port}
