@@ -183,6 +183,8 @@ class NodeMetrics:
         self.last_step: int | None = None
         self.last_round_number: int | None = None
         self.last_round_at: float | None = None
+        self.finalised_count = 0  # since start, from task_finalised events
+        self.replicated_count = 0  # since start, from annotation_replicated events
 
     # -- inputs ----------------------------------------------------------------------------
     def attach(self, bus: EventBus) -> None:
@@ -275,6 +277,17 @@ class NodeMetrics:
                 self.tokens_per_s.set(tps)
                 self.last_tokens_per_s = tps
 
+    def _on_finalised(self, at: float, d: Mapping[str, Any]) -> None:
+        self.tasks_finalised.inc()
+        with self._lock:
+            self.finalised_count += 1
+
+    def _on_replicated(self, at: float, d: Mapping[str, Any]) -> None:
+        n = int(max(0.0, _number(d.get("count")) or 0.0))
+        self.annotations_replicated.inc(n)
+        with self._lock:
+            self.replicated_count += n
+
     def _on_reload(self, result: str) -> None:
         self.config_reloads.labels(result=result).inc()
 
@@ -350,10 +363,8 @@ _HANDLERS: dict[str, Callable[[NodeMetrics, float, Mapping[str, Any]], None]] = 
     "round_decided": NodeMetrics._on_round,
     "training_progress": NodeMetrics._on_progress,
     "checkpoint_saved": lambda m, at, d: m.checkpoints.inc(),
-    "task_finalised": lambda m, at, d: m.tasks_finalised.inc(),
-    "annotation_replicated": lambda m, at, d: m.annotations_replicated.inc(
-        max(0.0, _number(d.get("count")) or 0.0)
-    ),
+    "task_finalised": NodeMetrics._on_finalised,
+    "annotation_replicated": NodeMetrics._on_replicated,
     "peer_joined": lambda m, at, d: m.peer_events.labels(event="joined").inc(),
     "peer_left": lambda m, at, d: m.peer_events.labels(event="left").inc(),
     "attack_detected": lambda m, at, d: m.attacks.labels(
