@@ -19,7 +19,9 @@
 #
 # Settings (environment): SWARMLM (the CLI, default .venv/bin/swarmlm), PYTHON,
 # TESTNET_DIR, TESTNET_P2P_BASE (17777), TESTNET_WEB_BASE (18080), TESTNET_HEALTH_TIMEOUT
-# (seconds, 180), TESTNET_STOP_TIMEOUT (seconds, 60), TESTNET_FRESH=1 (delete node dirs first),
+# (seconds, 180), TESTNET_DEGRADED_GRACE (seconds a node may answer "degraded" before it is
+# accepted as started, with a warning naming the components; 20), TESTNET_STOP_TIMEOUT
+# (seconds, 60), TESTNET_FRESH=1 (delete node dirs first),
 # SWARMLM_NODE_ARGS (extra arguments for every node, e.g. "--set log_level=DEBUG").
 set -euo pipefail
 
@@ -38,6 +40,7 @@ P2P_BASE="${TESTNET_P2P_BASE:-17777}"
 WEB_BASE="${TESTNET_WEB_BASE:-18080}"
 HEALTH_TIMEOUT="${TESTNET_HEALTH_TIMEOUT:-180}"
 STOP_TIMEOUT="${TESTNET_STOP_TIMEOUT:-60}"
+DEGRADED_GRACE="${TESTNET_DEGRADED_GRACE:-20}"
 ADMIN_USER="${SWARMLM_TEST_ADMIN_USER:-admin}"
 ADMIN_PASSWORD="${SWARMLM_TEST_ADMIN_PASSWORD:-testnet-admin-password}"
 PID_FILE="$TESTNET_DIR/network.pid"
@@ -81,14 +84,24 @@ stop_network() {
     log "stopped ${#pids[@]} node(s)"
 }
 
-# 0 when the URL's /api/health answers with a JSON status (ok or degraded; 503 = down is not
-# an answer we accept as started).
-healthy() {
-    "$PYTHON" - "$1" <<'PY' >/dev/null 2>&1
+# Exit 0 when the URL's /api/health says ok, 1 when degraded (it prints the components that
+# are not ok), 2 when it is down (503) or does not answer.
+health_of() {
+    "$PYTHON" - "$1" <<'PY' 2>/dev/null
 import json, sys, urllib.request
-with urllib.request.urlopen(sys.argv[1] + "/api/health", timeout=2) as r:
-    status = json.load(r).get("status")
-sys.exit(0 if status in ("ok", "degraded") else 1)
+try:
+    with urllib.request.urlopen(sys.argv[1] + "/api/health", timeout=2) as r:
+        body = json.load(r)
+except Exception:
+    sys.exit(2)
+if body.get("status") == "ok":
+    sys.exit(0)
+if body.get("status") == "degraded":
+    comps = body.get("components") or {}
+    print(", ".join(f"{k}: {v.get('detail') or v.get('status')}" for k, v in comps.items()
+                    if isinstance(v, dict) and v.get("status") != "ok"))
+    sys.exit(1)
+sys.exit(2)
 PY
 }
 
@@ -191,8 +204,11 @@ done
     echo "SWARMLM_TEST_ADMIN_PASSWORD=$ADMIN_PASSWORD"
 } >"$ENV_FILE"
 
+# A node counts as started when it says ok, or when it has said degraded for
+# DEGRADED_GRACE seconds (peers still connecting is degraded; low disk stays degraded).
 deadline=$((SECONDS + HEALTH_TIMEOUT))
 pending=("${!urls[@]}")
+declare -A degraded_since=()
 while [ "${#pending[@]}" -gt 0 ]; do
     still=()
     for k in "${pending[@]}"; do
@@ -202,7 +218,16 @@ while [ "${#pending[@]}" -gt 0 ]; do
             tail -n 30 "${logs[$k]}" >&2 || true
             false
         fi
-        if ! healthy "${urls[$k]}"; then still+=("$k"); fi
+        rc=0
+        detail="$(health_of "${urls[$k]}")" || rc=$?
+        if [ "$rc" -eq 1 ]; then
+            : "${degraded_since[$k]:=$SECONDS}"
+            if [ $((SECONDS - degraded_since[$k])) -ge "$DEGRADED_GRACE" ]; then
+                log "warning: node-$((k + 1)) answers but is degraded ($detail)"
+                continue
+            fi
+        fi
+        if [ "$rc" -ne 0 ]; then still+=("$k"); fi
     done
     pending=("${still[@]+"${still[@]}"}")
     if [ "${#pending[@]}" -gt 0 ]; then

@@ -497,7 +497,11 @@ FAKE_SWARMLM = textwrap.dedent(
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            body = json.dumps({"status": "ok"}).encode()
+            if node_id == os.environ.get("FAKE_DEGRADED"):
+                p2p = {"status": "degraded", "detail": "no bootstrap peer reachable"}
+                body = json.dumps({"status": "degraded", "components": {"p2p": p2p}}).encode()
+            else:
+                body = json.dumps({"status": "ok", "components": {}}).encode()
             self.send_response(200 if self.path == "/api/health" else 404)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
@@ -632,6 +636,18 @@ def test_start_test_network_reports_a_node_that_dies_and_stops_the_others(
     terminated = {a[1] for a in recorded(fake_network["record"]) if a[:1] == ["SIGTERM"]}
     assert terminated == {"node-1", "node-3"}
     assert not (fake_network["dir"] / "network.pid").exists()
+
+
+def test_start_test_network_accepts_a_degraded_node_after_the_grace_and_names_why(
+    fake_network: dict[str, Any],
+) -> None:
+    env = {**fake_network["env"], "FAKE_DEGRADED": "node-2", "TESTNET_DEGRADED_GRACE": "1"}
+    run = subprocess.run(
+        [str(START_NETWORK), "2"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert "node-2 answers but is degraded (p2p: no bootstrap peer reachable)" in run.stderr
+    assert "node-1 answers but is degraded" not in run.stderr
 
 
 @pytest.mark.parametrize("arg", ["0", "abc", "-3"])
