@@ -391,7 +391,9 @@ def test_compose_publishes_the_full_node_web_ui_and_gives_every_node_its_own_vol
 
 # -- Kubernetes --------------------------------------------------------------------------------
 def test_configmap_node_config_validates() -> None:
-    cfg = validate_config(configmap_node_config(), f"{STATEFULSET.name} ConfigMap")
+    raw = configmap_node_config()
+    assert "node_id" not in raw, "node_id is per pod: it comes from --node-id"
+    cfg = validate_config({**raw, "node_id": K8S_FIELDS["POD_NAME"]}, f"{STATEFULSET.name}")
     assert cfg.max_memory_mb is not None
     assert cfg.max_cpu_threads is not None
 
@@ -424,7 +426,7 @@ def test_statefulset_pods_bootstrap_from_the_stable_names_of_the_headless_servic
     assert svc["spec"].get("publishNotReadyAddresses") is True, (
         "pods must resolve each other before they are ready (they become ready by joining)"
     )
-    cfg = validate_config(configmap_node_config())
+    cfg = validate_config({**configmap_node_config(), "node_id": K8S_FIELDS["POD_NAME"]})
     name, service, replicas = (
         sts["metadata"]["name"],
         svc["metadata"]["name"],
@@ -442,7 +444,7 @@ def test_statefulset_pods_bootstrap_from_the_stable_names_of_the_headless_servic
 
 def test_statefulset_probes_resources_and_node_dir_match_the_node_config() -> None:
     container = node_container()
-    cfg = validate_config(configmap_node_config())
+    cfg = validate_config({**configmap_node_config(), "node_id": K8S_FIELDS["POD_NAME"]})
     for probe in ("readinessProbe", "livenessProbe"):
         get = container[probe]["httpGet"]
         assert get["path"] == "/api/health"
@@ -466,6 +468,25 @@ def test_statefulset_probes_resources_and_node_dir_match_the_node_config() -> No
         v["name"] for v in sts["spec"]["template"]["spec"]["volumes"] if "configMap" in v
     ]
     assert any(config_path.startswith(mounts[v] + "/") for v in config_mounts)
+
+
+def test_scaling_edit_of_the_configmap_hot_reloads_into_a_running_pod(tmp_path: Path) -> None:
+    """Adding a pod's name to bootstrap_peers must apply without restarts: the running
+    config (file + this pod's flags) accepts the edited file."""
+    from swarmlm.node.config import reload_changes
+
+    argv = [substitute_k8s_vars(str(a)) for a in node_container()["args"]]
+    local_config = tmp_path / "node.yaml"
+    raw = configmap_node_config()
+    local_config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    running = node_config(argv, "StatefulSet args", config_file=local_config)
+    edited = {**raw, "bootstrap_peers": [*raw["bootstrap_peers"], "swarmlm-4.swarmlm:7777"]}
+    try:
+        new = reload_changes(running, edited, "node.yaml")
+    except ConfigError as exc:
+        pytest.fail(f"a bootstrap edit of the ConfigMap would be refused: {exc}")
+    assert new.bootstrap_peers[-1] == "swarmlm-4.swarmlm:7777"
+    assert new.node_id == running.node_id
 
 
 # -- the test-network scripts ------------------------------------------------------------------
