@@ -72,7 +72,7 @@ class Api:
         task = r.json()["task"]
         if task is None:
             return False
-        r = self.http.post("/api/submit", json={"task_id": task["id"], "value": value})
+        r = self.http.post("/api/submit", json={"task_id": task["task_id"], "value": value})
         assert r.status_code == 200, r.text
         return True
 
