@@ -133,11 +133,20 @@ def test_metrics_endpoint_serves_the_text_format_prometheus_parses(view: FakeNod
     assert samples["swarmlm_training_loss"] == 3.25
 
 
-def test_standalone_feeds_serve_the_node_view(view: FakeNodeView) -> None:
-    client = TestClient(create_ops_app(view))
+def test_standalone_feeds_serve_loopback_clients_only(view: FakeNodeView) -> None:
+    client = TestClient(create_ops_app(view), client=("127.0.0.1", 40000))
     assert client.get("/api/node/network").json()["self"]["name"] == "fake"
     assert client.get("/api/node/training").json()["state"] == "training"
     assert client.get("/api/node/annotation").json()["enabled"] is True
+    remote = TestClient(create_ops_app(view), client=("192.0.2.7", 40000))
+    assert remote.get("/api/health").status_code == 200
+    assert remote.get("/metrics").status_code == 200
+    for path in ("/api/node/network", "/api/events"):
+        r = remote.get(path)
+        assert r.status_code == 403
+        assert "loopback" in r.json()["detail"]
+    opened = TestClient(create_ops_app(view, open_feeds=True), client=("192.0.2.7", 40000))
+    assert opened.get("/api/node/training").status_code == 200
 
 
 # -- server-sent events ---------------------------------------------------------------------
@@ -201,7 +210,7 @@ def test_events_forgotten_before_reconnect_are_announced_as_a_gap(view: FakeNode
 
 
 def test_bad_stream_parameters_are_refused_with_the_reason(view: FakeNodeView) -> None:
-    client = TestClient(create_ops_app(view))
+    client = TestClient(create_ops_app(view), client=("127.0.0.1", 40000))
     r = client.get("/api/events?kinds=round_decided,coffee_break")
     assert r.status_code == 422
     assert "coffee_break" in r.json()["detail"]

@@ -413,15 +413,27 @@ def install(app: FastAPI, view: NodeView, feed_dependencies: list[Any] | None = 
     app.include_router(feed_router, dependencies=feed_dependencies or [])
 
 
-def create_ops_app(view: NodeView) -> FastAPI:
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+async def require_loopback(request: Request) -> None:
+    """Refuse clients that are not on this machine (the standalone app has no accounts)."""
+    host = request.client.host if request.client else ""
+    if host not in LOOPBACK_HOSTS and not host.startswith("127."):
+        raise HTTPException(403, "node feeds are served to loopback clients only")
+
+
+def create_ops_app(view: NodeView, open_feeds: bool = False) -> FastAPI:
     """A standalone ops app (health, metrics, events, feeds) for nodes without the web UI.
 
-    Unauthenticated: serve it on 127.0.0.1 only (or behind an authenticating proxy).
+    Health and metrics answer anyone (probes, Prometheus). The feeds and the event stream
+    have no accounts to check here, so they answer loopback clients only unless
+    ``open_feeds`` (then bind to loopback or put an authenticating proxy in front).
     uvicorn waits for open responses before it stops, so end the event streams first:
     publish ``node_stopping`` on the bus or call :func:`close_event_streams`.
     """
     app = FastAPI(title="swarmlm node", version="1")
-    install(app, view)
+    install(app, view, None if open_feeds else [Depends(require_loopback)])
     return app
 
 

@@ -4,17 +4,22 @@ annotators (roles, disable) and system health. Every route requires the admin ro
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Path, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from swarmlm.curation.errors import CurationError
 from swarmlm.curation.interchange import parse_tasks_text
 from swarmlm.web.deps import AppState, Principal, app_state, check_form_csrf, page_admin
 from swarmlm.web.pages import render
+
+if TYPE_CHECKING:
+    from swarmlm.node.ops import NodeView
 
 router = APIRouter(prefix="/admin", include_in_schema=False)
 PathId = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -228,3 +233,141 @@ def health(
         "settings": json.dumps(state.settings.model_dump(mode="json"), indent=2),
     }
     return render(request, state, "admin/health.html", info, principal=principal)
+
+
+# -- node dashboard (only with an attached node: create_app(..., node=view)) ---------------
+NODE_PAGES = {
+    "network": (
+        "admin/node_network.html",
+        "peer_joined,peer_left,round_decided,attack_detected,config_reloaded,node_stopping",
+    ),
+    "training": ("admin/node_training.html", "training_progress,round_decided,checkpoint_saved"),
+    "annotation": (
+        "admin/node_annotation.html",
+        "annotation_replicated,task_finalised,round_decided",
+    ),
+}
+CHART_W, CHART_H, CHART_PAD = 720.0, 200.0, 8.0
+
+
+def line_chart(
+    points: list[list[float]], width: float = CHART_W, height: float = CHART_H
+) -> dict[str, Any]:
+    """SVG geometry for a line chart of (x, y) points: a polyline and its axis labels.
+
+    The y range is padded so a flat curve stays visible in the middle; x and y are scaled
+    into the box independently. Non-finite points are skipped.
+    """
+    pts = [(float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)]
+    if not pts:
+        return {"points": "", "n": 0, "width": width, "height": height}
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    if y1 - y0 < 1e-9:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    span_x = (x1 - x0) or 1.0
+    inner_w, inner_h = width - 2 * CHART_PAD, height - 2 * CHART_PAD
+
+    def sx(x: float) -> float:
+        return round(CHART_PAD + (x - x0) / span_x * inner_w, 1)
+
+    def sy(y: float) -> float:
+        return round(CHART_PAD + (y1 - y) / (y1 - y0) * inner_h, 1)
+
+    return {
+        "points": " ".join(f"{sx(x)},{sy(y)}" for x, y in pts),
+        "n": len(pts),
+        "width": width,
+        "height": height,
+        "x_min": x0,
+        "x_max": x1,
+        "y_min": round(y0, 4),
+        "y_max": round(y1, 4),
+        "last": [pts[-1][0], round(pts[-1][1], 4)],
+        "last_xy": [sx(pts[-1][0]), sy(pts[-1][1])],
+    }
+
+
+def _node_view(request: Request) -> NodeView:
+    view: NodeView | None = getattr(request.app.state, "node_view", None)
+    if view is None:
+        raise HTTPException(404, "no node is attached to this web app (start it with swarmlm node)")
+    return view
+
+
+def _event_line(kind: str, at: float, data: dict[str, Any]) -> dict[str, str]:
+    """An event as the dashboard's log shows it (the same text dashboard.js builds)."""
+    text = json.dumps(data, separators=(", ", ": "), default=str, sort_keys=True)
+    return {
+        "kind": kind,
+        "when": time.strftime("%H:%M:%S", time.localtime(at)),
+        "text": text if len(text) <= 200 else text[:199] + "…",
+    }
+
+
+def _series(rows: object, x: str, y: str) -> list[list[float]]:
+    """(x, y) pairs from a list of dicts, skipping rows where either is missing."""
+    out: list[list[float]] = []
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, dict):
+            vx, vy = row.get(x), row.get(y)
+            if isinstance(vx, int | float) and isinstance(vy, int | float):
+                out.append([float(vx), float(vy)])
+    return out
+
+
+def _node_context(page: str, view: NodeView, state: AppState) -> dict[str, Any]:
+    """What a dashboard page shows; runs in the threadpool (store and node reads block)."""
+    m = view.metrics
+    if page == "network":
+        health = view.health()
+        return {
+            "net": view.network(),
+            "components": health.get("components") or {},
+            "overall": health.get("status", "down"),
+            "rounds": m.rounds_feed(50),
+            "reputation": sorted(m.reputation().items()),
+        }
+    if page == "training":
+        tr = view.training()
+        feed = m.training_feed()
+        curve = tr.get("curve")
+        train = _series(curve, "round", "train_loss") if curve else feed["round_train_loss"]
+        val = _series(curve, "round", "val_loss") if curve else feed["round_val_loss"]
+        return {
+            "tr": tr,
+            "feed": feed,
+            "train_chart": line_chart(train),
+            "val_chart": line_chart(val),
+            "step_chart": line_chart(feed["loss_curve"]),
+        }
+    progress = [
+        state.store.progress(ts.id, with_agreement=False) for ts in state.store.list_task_sets()
+    ]
+    stats = state.store.stats()
+    return {
+        "progress": progress,
+        "stats": stats,
+        "replicated": m.replicated_count,
+        "finalised_here": m.finalised_count,
+    }
+
+
+@router.get("/node/{page}")
+async def node_page(
+    *,
+    request: Request,
+    page: Annotated[str, Path(pattern="^(network|training|annotation)$")],
+    part: Annotated[str | None, Query(pattern="^live$")] = None,
+    principal: Annotated[Principal, Depends(page_admin)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> HTMLResponse:
+    """A dashboard page; ``?part=live`` returns only the region the page's script refreshes."""
+    view = _node_view(request)
+    template, kinds = NODE_PAGES[page]
+    context = await run_in_threadpool(_node_context, page, view, state)
+    recent = [_event_line(e.kind, e.time, e.data) for e in view.bus.recent(kinds.split(","), 30)]
+    recent.reverse()
+    context.update(page=page, kinds=kinds, recent=recent, live_only=part == "live")
+    return render(request, state, template, context, principal=principal)

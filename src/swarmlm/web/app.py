@@ -7,9 +7,9 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
@@ -28,9 +28,12 @@ from swarmlm.curation.errors import (
 from swarmlm.curation.store import CurationStore
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.web import admin, api, pages
-from swarmlm.web.deps import AppState, LoginRequiredError
+from swarmlm.web.deps import AppState, LoginRequiredError, api_admin
 from swarmlm.web.security import BodySizeLimitMiddleware, RateLimiter, SecurityHeadersMiddleware
 from swarmlm.web.settings import WebSettings
+
+if TYPE_CHECKING:
+    from swarmlm.node.ops import NodeView
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -62,8 +65,15 @@ def open_store(settings: WebSettings) -> CurationStore:
     return CurationStore.open(url, NodeIdentity.load_or_create(settings.node_dir))
 
 
-def create_app(store: CurationStore, settings: WebSettings | None = None) -> FastAPI:
-    """The web app over ``store``. The caller owns the store (and closes it)."""
+def create_app(
+    store: CurationStore, settings: WebSettings | None = None, node: NodeView | None = None
+) -> FastAPI:
+    """The web app over ``store``. The caller owns the store (and closes it).
+
+    With ``node`` (a running integrated node), ``/api/health`` becomes the node's
+    per-component health, ``/metrics`` is served, and the admin dashboard gains the
+    network, training and annotation pages fed live by ``/api/events`` (admin only).
+    """
     settings = settings or WebSettings()
     app = FastAPI(
         title="swarmlm human feedback",
@@ -90,7 +100,18 @@ def create_app(store: CurationStore, settings: WebSettings | None = None) -> Fas
         ),
         submit_limiter=limiter(settings.submit_per_second, settings.submit_burst),
     )
-    app.include_router(api.router)
+    app.state.node_view = None
+    api_router = api.router
+    if node is not None:
+        from swarmlm.node.ops import install
+
+        install(app, node, feed_dependencies=[Depends(api_admin)])
+        # The node's per-component /api/health replaces the database-only one.
+        api_router = APIRouter()
+        api_router.routes.extend(
+            r for r in api.router.routes if getattr(r, "endpoint", None) is not api.health
+        )
+    app.include_router(api_router)
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
