@@ -277,6 +277,10 @@ def test_status_prints_components_and_exits_by_health(
         assert name in out
     assert "peers_connected=2" in out
 
+    console = Console(record=True, width=160, force_terminal=False)
+    assert status_main(server.url, 5.0, as_json=True, console=console) == 0
+    assert json.loads(console.export_text())["components"]["store"]["round_trip_ms"] == 0.4
+
     view.components["training"] = component("degraded", False, step_rate=0.0)
     code, out = run_status(f"127.0.0.1:{server.port}")
     assert code == 1
