@@ -25,6 +25,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -65,6 +66,10 @@ class Annotator(Base):
     gold_total: Mapped[int] = mapped_column(Integer, default=0)
     agree_count: Mapped[int] = mapped_column(Integer, default=0)
     agree_total: Mapped[int] = mapped_column(Integer, default=0)
+    # replication: the record this account came from / was published as, and the public
+    # key of the node it came from (NULL: created here)
+    record_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    origin: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class ApiToken(Base):
@@ -101,6 +106,8 @@ class TaskSet(Base):
     lease_seconds: Mapped[int] = mapped_column(Integer)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # digest of the signed definition record (the set's content hash across nodes)
+    record_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Task(Base):
@@ -115,12 +122,14 @@ class Task(Base):
             "ix_tasks_open",
             "task_set_id",
             "is_gold",
+            "preferred",
             "n_annotations",
             "id",
             sqlite_where=text(OPEN_TASK_PREDICATE),
             postgresql_where=text(OPEN_TASK_PREDICATE),
         ),
         Index("ix_tasks_gold", "task_set_id", "is_gold", "id"),
+        Index("ix_tasks_digest", "digest"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -139,6 +148,10 @@ class Task(Base):
     consensus: Mapped[Any] = mapped_column(JSON, nullable=True)
     agreement: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # replication: the signed batch record holding this task, and whether this node serves
+    # it first (its rendezvous share; 1 for every task when not replicating)
+    record_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    preferred: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class Assignment(Base):
@@ -178,6 +191,20 @@ class Annotation(Base):
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     signer_public_key: Mapped[str] = mapped_column(String(64))
     signature: Mapped[str] = mapped_column(String(128))
+    # digest of the replicated record (order-independent consensus sorts by it)
+    digest: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+
+
+class ReplicaRecordRow(Base):
+    """A signed replication record exactly as it travels (see :mod:`..replica`)."""
+
+    __tablename__ = "replica_records"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
 
 
 class PointsEntry(Base):

@@ -68,6 +68,12 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "status": {"members": _LIST},
     # the integrated node's role announcement (swarmlm.node): which components a peer runs
     "node_info": {"name": (str,), "type": (str,), "web_port": _INT},
+    # curation replication (swarmlm.node.replication checks list contents and sizes)
+    "cur_records": {"records": _LIST},
+    "cur_summary": {"summary": _BYTES, "total": _INT},
+    "cur_digests_req": {"buckets": _LIST},
+    "cur_digests": {"lists": _LIST},
+    "cur_fetch": {"digests": _LIST},
 }
 
 
