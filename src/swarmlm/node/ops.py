@@ -349,29 +349,34 @@ async def events(
     if len(streams.open) >= streams.limit:
         raise HTTPException(503, f"too many event streams open (limit {streams.limit})")
     bus = view.bus
-    # Subscribe before reading the history: nothing published in between is lost, and
-    # the sequence numbers let us skip what the replay already sent.
-    sub = bus.subscribe(wanted)
-    streams.open.add(sub)
-    history = bus.recent()
-    forgotten = after is not None and bool(history) and history[0].seq > after + 1
-    backlog = [e for e in history if wanted is None or e.kind in wanted]
-    if after is None:
-        backlog = backlog[len(backlog) - replay :] if replay else []
+    # Everything after ``floor`` is sent: after Last-Event-ID, or after the replay window
+    # (or after the newest event, with no replay). Fixed now, so events published before
+    # the stream's first iteration are not lost either.
+    if after is not None:
+        floor = after
     else:
-        backlog = [e for e in backlog if e.seq > after]
+        window = bus.recent(wanted, replay) if replay else []
+        newest = bus.recent(limit=1)
+        floor = window[0].seq - 1 if window else (newest[0].seq if newest else 0)
 
     async def stream() -> AsyncIterator[bytes]:
-        sent = after if after is not None else 0
-        dropped = 0
+        # The subscription is made here, not in the endpoint: a generator that never
+        # starts (client gone before the first byte) then leaves nothing behind.
+        sub = bus.subscribe(wanted)
+        streams.open.add(sub)
+        sent, dropped = floor, 0
         deadline = time.monotonic() + streams.max_stream_s
         try:
             yield f"retry: {RETRY_MS}\n\n".encode()
-            if forgotten:
-                yield _gap(sent, history[0].seq)
-            for past in backlog:
-                yield format_sse(past)
-                sent = past.seq
+            # Subscribed before reading the history: nothing published in between is
+            # lost, and sequence numbers skip what the replay already sent.
+            history = bus.recent()
+            if history and history[0].seq > floor + 1:
+                yield _gap(floor, history[0].seq)  # forgotten before we got here
+            for past in history:
+                if past.seq > floor and (wanted is None or past.kind in wanted):
+                    yield format_sse(past)
+                    sent = past.seq
             while time.monotonic() < deadline:
                 ev = await sub.get(
                     timeout=min(streams.heartbeat_s, max(0.0, deadline - time.monotonic()))
