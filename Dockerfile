@@ -14,9 +14,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 # A fixed uid/gid so volume ownership is predictable on every host and in Kubernetes
-# (fsGroup 10001 in deploy/kubernetes/statefulset.yaml).
+# (fsGroup 10001 in deploy/kubernetes/statefulset.yaml). A writable home gives torch and
+# matplotlib a cache directory.
 RUN groupadd --system --gid 10001 swarmlm \
-    && useradd --system --uid 10001 --gid swarmlm --home-dir /app --shell /usr/sbin/nologin swarmlm
+    && useradd --system --uid 10001 --gid swarmlm --create-home --home-dir /home/swarmlm \
+        --shell /usr/sbin/nologin swarmlm
 
 WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
