@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from swarmlm.curation.interchange import annotation_rows
+from swarmlm.curation.pgserver import PostgresUnavailableError, TemporaryPostgres
 from swarmlm.curation.replica import decode_record, make_record, task_owner
 from swarmlm.curation.store import CurationStore, TaskInput
 from swarmlm.node.events import EventBus
@@ -32,6 +34,7 @@ FAST_P2P = dict(
     reconnect_max=0.3,
 )  # fmt: skip
 CHOICES = {"kind": "single_choice", "choices": ["pos", "neg", "neutral"]}
+_DB_COUNTER = itertools.count()
 
 
 @dataclass
@@ -43,11 +46,31 @@ class CurationNode:
     db: Path
 
 
-def open_store(db: Path, seed: int = 0) -> CurationStore:
+def open_store(db: Path | str, seed: int = 0) -> CurationStore:
+    url = db if isinstance(db, str) else f"sqlite:///{db}"
     return CurationStore.open(
-        f"sqlite:///{db}", NodeIdentity.generate(), rng=random.Random(seed),
-        password_hasher=FAST_HASHER,
-    )  # fmt: skip
+        url, NodeIdentity.generate(), rng=random.Random(seed), password_hasher=FAST_HASHER
+    )
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[TemporaryPostgres]:
+    try:
+        pg = TemporaryPostgres()
+    except PostgresUnavailableError as e:
+        pytest.skip(f"PostgreSQL tests skipped: {e}")
+    with pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], str]:
+    """A database URL per store name, on the backend the test is parametrised with."""
+    if request.param == "sqlite":
+        return lambda name: f"sqlite:///{tmp_path / name}.db"
+    pg: TemporaryPostgres = request.getfixturevalue("postgres")
+    prefix = f"rep{next(_DB_COUNTER)}"
+    return lambda name: pg.create_database(f"{prefix}_{name}")
 
 
 async def start_node(
@@ -216,6 +239,8 @@ def test_annotations_submitted_on_two_nodes_converge_with_identical_consensus(
             view = task_view(c.store)
             assert all(status == "finalised" for _, _, status, *_ in view)
             assert a.bus.counts.get("annotation_replicated", 0) >= 1
+            # each node reports every finalisation, whether a local submission or a merge did it
+            assert all(n.bus.counts.get("task_finalised", 0) >= 6 for n in (a, b, c))
             ev = await finalised.get(timeout=5)
             assert ev is not None
             assert ev.data["task_set"] == "sentiment"
@@ -399,10 +424,12 @@ def _merge_until_settled(store: CurationStore, batches: list[list[bytes]]) -> No
     assert not pending
 
 
-def test_consensus_is_identical_whatever_order_records_arrive_in(tmp_path: Path) -> None:
-    origin = open_store(tmp_path / "origin.db")
-    x, y = open_store(tmp_path / "x.db", 1), open_store(tmp_path / "y.db", 2)
-    replicas = [open_store(tmp_path / f"r{i}.db", i) for i in range(3)]
+def test_consensus_is_identical_whatever_order_records_arrive_in(
+    db_urls: Callable[[str], str],
+) -> None:
+    origin = open_store(db_urls("origin"))
+    x, y = open_store(db_urls("x"), 1), open_store(db_urls("y"), 2)
+    replicas = [open_store(db_urls(f"r{i}"), i) for i in range(3)]
     try:
         for s in (x, y, *replicas):
             s.replicated = True
@@ -463,3 +490,29 @@ def test_conflicting_task_set_definitions_keep_the_first_and_are_not_attacks(
     finally:
         a.close()
         b.close()
+
+
+def test_data_made_before_replication_is_signed_and_replicates(tmp_path: Path) -> None:
+    old, new = open_store(tmp_path / "old.db"), open_store(tmp_path / "new.db")
+    try:
+        make_set(old, n_tasks=3, k=1)
+        old.create_annotator("ann0", "correct horse")
+        annotate(old, "ann0", "sentiment", lambda _: "neg")
+        with old.engines.write.begin() as conn:  # as a store from before migration 0003
+            for table, col in [
+                ("task_sets", "record_digest"),
+                ("tasks", "record_digest"),
+                ("annotators", "record_digest"),
+                ("annotations", "digest"),
+            ]:
+                conn.exec_driver_sql(f"UPDATE {table} SET {col} = NULL")  # fmt: skip
+            conn.exec_driver_sql("DELETE FROM replica_records")
+        assert old.record_digests() == []
+        assert old.ensure_records() == 1 + 1 + 1 + 3  # set, one task batch, account, 3 answers
+        assert old.ensure_records() == 0
+        _merge_until_settled(new, [old.get_records(old.record_digests())])
+        assert export_view(new) == export_view(old)
+        assert new.authenticate("ann0", "correct horse").username == "ann0"
+    finally:
+        old.close()
+        new.close()

@@ -143,6 +143,15 @@ class MergeResult:
     finalised: list[tuple[str, str]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class LocalChange:
+    """What a committed local change gives store listeners: the signed records it made
+    (to push to peers) and ``(task set name, external id)`` of tasks it finalised."""
+
+    records: list[ReplicaRecord]
+    finalised: list[tuple[str, str]] = field(default_factory=list)
+
+
 class _NeedsDependencyError(Exception):
     """A record needs another record first (internal to the merge)."""
 
@@ -350,7 +359,7 @@ class CurationStore:
         self.engines = engines
         self.replicated = replicated
         # Called (outside any transaction) with the records each local change produced.
-        self._listeners: list[Callable[[list[ReplicaRecord]], None]] = []
+        self._listeners: list[Callable[[LocalChange], None]] = []
         # task digest -> does this node serve it first (None: every task is preferred)
         self.task_preference: Callable[[str], bool] | None = None
         self.identity = identity
@@ -1033,10 +1042,10 @@ class CurationStore:
         :class:`ConflictError` without a live lease (expired, skipped or already submitted).
         """
         _check_time_spent(time_spent_ms)
-        result, record = self._committer.run(
+        result, record, done = self._committer.run(
             lambda tx: self._submit_tx(tx, annotator_id, task_id, value, time_spent_ms)
         )
-        self._notify([record])
+        self._notify([record], done)
         return result
 
     async def submit_async(
@@ -1044,15 +1053,15 @@ class CurationStore:
     ) -> SubmitResult:
         """:meth:`submit` for an event loop (no thread waits on the commit)."""
         _check_time_spent(time_spent_ms)
-        result, record = await self._committer.run_async(
+        result, record, done = await self._committer.run_async(
             lambda tx: self._submit_tx(tx, annotator_id, task_id, value, time_spent_ms)
         )
-        self._notify([record])
+        self._notify([record], done)
         return result
 
     def _submit_tx(
         self, tx: WriteTx, annotator_id: int, task_id: int, value: Any, time_spent_ms: int
-    ) -> tuple[SubmitResult, ReplicaRecord]:
+    ) -> tuple[SubmitResult, ReplicaRecord, list[tuple[str, str]]]:
         sql = tx.sql
         now = self._clock()
         row = tx.one(
@@ -1136,7 +1145,11 @@ class CurationStore:
             points_awarded=sum(d for d, _ in changes[annotator_id].points),
             signature=signature,
         )
-        return result, replica
+        done: list[tuple[str, str]] = []
+        if finalised:
+            (ext,) = tx.one("SELECT external_id FROM tasks WHERE id = ?", (task_id,))
+            done.append((ts_name, ext))
+        return result, replica, done
 
     # -- quality --------------------------------------------------------------------------
     def _apply_scores(
@@ -1392,20 +1405,24 @@ class CurationStore:
     # Every local change that other nodes need (task set, task batch, account, annotation)
     # writes its signed record into ``replica_records`` in the same transaction, so what the
     # store holds and what it can serve to peers never disagree. See docs/curation-replication.md.
-    def add_listener(self, callback: Callable[[list[ReplicaRecord]], None]) -> None:
-        """Call ``callback(records)`` after each committed local change (any thread)."""
+    def add_listener(self, callback: Callable[[LocalChange], None]) -> None:
+        """Call ``callback(change)`` after each committed local change, on the thread that
+        made it (a worker thread or the event loop): it must be quick and thread-safe."""
         self._listeners.append(callback)
 
-    def remove_listener(self, callback: Callable[[list[ReplicaRecord]], None]) -> None:
+    def remove_listener(self, callback: Callable[[LocalChange], None]) -> None:
         if callback in self._listeners:
             self._listeners.remove(callback)
 
-    def _notify(self, records: list[ReplicaRecord]) -> None:
+    def _notify(
+        self, records: list[ReplicaRecord], finalised: list[tuple[str, str]] | None = None
+    ) -> None:
         if not records:
             return
+        change = LocalChange(records, finalised or [])
         for cb in list(self._listeners):
             try:
-                cb(records)
+                cb(change)
             except Exception:
                 log.exception("replication listener %r failed", cb)
 

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from swarmlm.curation.replica import RecordError, ReplicaRecord, decode_record, task_owner
-from swarmlm.curation.store import CurationStore, MergeResult
+from swarmlm.curation.store import CurationStore, LocalChange, MergeResult
 from swarmlm.p2p.errors import MessageRejectedError
 from swarmlm.p2p.messages import SignedMessage
 from swarmlm.p2p.transport import P2PNode
@@ -491,7 +491,7 @@ class CurationReplicator:
                 log.exception("publishing %s failed", kind)
 
     # -- local changes ---------------------------------------------------------------------
-    def _on_local_records(self, records: list[ReplicaRecord]) -> None:
+    def _on_local_records(self, change: LocalChange) -> None:
         """Store listener (any thread): push what this node just made to every peer."""
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -501,13 +501,16 @@ class CurationReplicator:
         except RuntimeError:
             running = None
         if running is loop:
-            self._push(records)
+            self._push(change)
         else:
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._push, records)
+                loop.call_soon_threadsafe(self._push, change)
 
-    def _push(self, records: list[ReplicaRecord]) -> None:
-        new = [r for r in records if self.index.add(r.digest)]
+    def _push(self, change: LocalChange) -> None:
+        for ts_name, ext in change.finalised:
+            self.counts["tasks_finalised"] += 1
+            self._publish("task_finalised", task_set=ts_name, external_id=ext, via="local")
+        new = [r for r in change.records if self.index.add(r.digest)]
         if not new or not self._running:
             return
         raws = [r.raw for r in new]
