@@ -461,10 +461,10 @@ class CurationReplicator:
             self.counts["rejected"] += len(result.invalid)
         if n_ann:
             self.counts["annotations_replicated"] += n_ann
-            self._publish("annotation_replicated", count=n_ann, peer=(peer or "")[:12])
+            self._publish("annotation_replicated", count=n_ann, source=(peer or "")[:12])
         for ts_name, ext in result.finalised:
             self.counts["tasks_finalised"] += 1
-            self._publish("task_finalised", task_set=ts_name, external_id=ext, via="replication")
+            self._publish("task_finalised", task_set=ts_name, task=ext, via="replication")
 
     def _reject_all(self, peer: str, failures: list[tuple[str, str]]) -> None:
         """Count every bad record; charge the peer once per reason per message."""
@@ -509,7 +509,7 @@ class CurationReplicator:
     def _push(self, change: LocalChange) -> None:
         for ts_name, ext in change.finalised:
             self.counts["tasks_finalised"] += 1
-            self._publish("task_finalised", task_set=ts_name, external_id=ext, via="local")
+            self._publish("task_finalised", task_set=ts_name, task=ext, via="local")
         new = [r for r in change.records if self.index.add(r.digest)]
         if not new or not self._running:
             return
