@@ -377,6 +377,8 @@ async def events(
                 if past.seq > floor and (wanted is None or past.kind in wanted):
                     yield format_sse(past)
                     sent = past.seq
+                    if past.kind == "node_stopping":  # the node is going away
+                        return
             while time.monotonic() < deadline:
                 ev = await sub.get(
                     timeout=min(streams.heartbeat_s, max(0.0, deadline - time.monotonic()))
