@@ -516,3 +516,28 @@ def test_data_made_before_replication_is_signed_and_replicates(tmp_path: Path) -
     finally:
         old.close()
         new.close()
+
+
+def test_records_reach_a_node_that_only_hears_them_through_another(tmp_path: Path) -> None:
+    async def go() -> None:
+        a, b, c = await start_cluster(tmp_path, 3)
+        try:
+            # a and c cannot talk: only anti-entropy through b can carry a's records to c
+            a.p2p.blocked.add(c.p2p.node_id)
+            c.p2p.blocked.add(a.p2p.node_id)
+            await until(lambda: c.p2p.node_id not in a.p2p.connections)
+            await until(lambda: a.p2p.node_id not in c.p2p.connections)
+
+            def work() -> None:
+                make_set(a.store, n_tasks=3, k=1)
+                a.store.create_annotator("ann0", "correct horse")
+                annotate(a.store, "ann0", "sentiment", lambda _: "neutral")
+
+            await asyncio.to_thread(work)
+            await until(lambda: c.store.count_annotations() == 3)
+            assert task_view(c.store) == task_view(a.store)
+            assert c.p2p.node_id not in a.p2p.connections
+        finally:
+            await stop_all([a, b, c])
+
+    run(go())
