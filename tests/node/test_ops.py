@@ -229,6 +229,14 @@ def test_streams_end_on_node_stopping_on_close_and_when_the_client_leaves(
         assert read_events(lines, 1)[0]["event"] == "node_stopping"
         assert list(lines) == []  # the server ended the response
 
+    url = f"{server.url}/api/events?replay=0&kinds=peer_joined"
+    with httpx.stream("GET", url, timeout=5) as r:
+        lines = r.iter_lines()
+        view.bus.publish("peer_joined", peer="w")
+        assert read_events(lines, 1)[0]["event"] == "peer_joined"
+        view.bus.publish("node_stopping")
+        assert read_events(lines, 1) == []  # ended without sending the unwanted kind
+
     with httpx.stream("GET", f"{server.url}/api/events?replay=0", timeout=5) as r:
         lines = r.iter_lines()
         view.bus.publish("peer_joined", peer="x")

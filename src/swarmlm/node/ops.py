@@ -362,7 +362,8 @@ async def events(
     async def stream() -> AsyncIterator[bytes]:
         # The subscription is made here, not in the endpoint: a generator that never
         # starts (client gone before the first byte) then leaves nothing behind.
-        sub = bus.subscribe(wanted)
+        # node_stopping always ends a stream, even one filtered to other kinds.
+        sub = bus.subscribe(None if wanted is None else [*wanted, "node_stopping"])
         streams.open.add(sub)
         sent, dropped = floor, 0
         deadline = time.monotonic() + streams.max_stream_s
@@ -374,11 +375,13 @@ async def events(
             if history and history[0].seq > floor + 1:
                 yield _gap(floor, history[0].seq)  # forgotten before we got here
             for past in history:
-                if past.seq > floor and (wanted is None or past.kind in wanted):
+                if past.seq <= floor:
+                    continue
+                if wanted is None or past.kind in wanted:
                     yield format_sse(past)
                     sent = past.seq
-                    if past.kind == "node_stopping":  # the node is going away
-                        return
+                if past.kind == "node_stopping":  # the node is going away
+                    return
             while time.monotonic() < deadline:
                 ev = await sub.get(
                     timeout=min(streams.heartbeat_s, max(0.0, deadline - time.monotonic()))
@@ -395,8 +398,9 @@ async def events(
                     continue
                 if ev.seq <= sent:
                     continue
-                yield format_sse(ev)
-                sent = ev.seq
+                if wanted is None or ev.kind in wanted:
+                    yield format_sse(ev)
+                    sent = ev.seq
                 if ev.kind == "node_stopping":
                     return
         finally:
