@@ -541,3 +541,29 @@ def test_records_reach_a_node_that_only_hears_them_through_another(tmp_path: Pat
             await stop_all([a, b, c])
 
     run(go())
+
+
+def test_a_store_offers_its_rendezvous_share_first_then_the_rest(
+    db_urls: Callable[[str], str],
+) -> None:
+    store = open_store(db_urls("share"))
+    try:
+        make_set(store, n_tasks=30, k=1)
+        group = ["node-a", "node-b", "node-c"]
+        assert store.update_preferences(lambda d: task_owner(d, group) == "node-a") > 0
+        store.add_tasks(  # tasks added later follow the same preference
+            store.find_task_set("sentiment").id, [TaskInput(content=f"late {i}") for i in range(6)]
+        )
+        me = store.create_annotator("ann0", "correct horse")
+        ts = store.find_task_set("sentiment")
+        owners = []
+        while (lease := store.next_task(me.id, ts.id)) is not None:
+            store.skip(me.id, lease.task_id)
+            owners.append(task_owner(store.get_task(lease.task_id).digest, group))
+        mine = owners.count("node-a")
+        assert len(owners) == 36
+        assert 0 < mine < 36
+        assert owners[:mine] == ["node-a"] * mine
+        assert store.update_preferences(None) == 36 - mine  # alone again: every task is mine
+    finally:
+        store.close()
