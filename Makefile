@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup run test lint typecheck check bench clean clean-runs
+.PHONY: setup run train-tiny test lint typecheck check bench clean clean-runs
 
 setup: $(STAMP)
 
@@ -17,10 +17,29 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,triton]'
 	@touch $(STAMP)
 
-# The main job: tokenize the bundled corpus (once), train configs/tiny.json with a live
-# progress bar (resuming if a run exists), then print samples from the trained model.
+# The main job: tokenize the bundled corpus (once), then start a full node (configs/node.yaml):
+# swarm training with a live dashboard and annotation tasks from model samples at
+# http://127.0.0.1:8080 (admin password in runs/nodes/node-1/admin-password). Ctrl+C stops it
+# cleanly (checkpoint, store flushed); `make run` again resumes. `make run NODES=3` starts a
+# local swarm of three (node 1 full on :8080, the others training) and stops it on Ctrl+C.
 RUN_DATA := runs/data/kjv
+NODES ?= 1
+LOCAL_SWARM := TESTNET_DIR=runs/local-swarm TESTNET_P2P_BASE=7777 TESTNET_WEB_BASE=8080
 run: $(STAMP)
+	@test -f $(RUN_DATA)/meta.json || $(VENV)/bin/swarmlm data prepare \
+		--input data/kjv.txt.gz --out $(RUN_DATA) --vocab-size 2048
+	@if [ "$(NODES)" = "1" ]; then \
+		$(VENV)/bin/swarmlm node --config configs/node.yaml; \
+	else \
+		trap '$(LOCAL_SWARM) bash scripts/start_test_network.sh stop' EXIT; \
+		$(LOCAL_SWARM) SWARMLM_NODE_ARGS="--config configs/node.yaml --set training.set=[\"swarm.expect_peers=$(NODES)\",\"swarm.rounds=200\"]" \
+			bash scripts/start_test_network.sh $(NODES) && \
+		echo "local swarm of $(NODES) up: http://127.0.0.1:8080 (Ctrl+C stops it)" && \
+		tail -n +1 -f runs/local-swarm/logs/node-1.log; \
+	fi
+
+# The single-process trainer (issue #3's main job), kept as its own target.
+train-tiny: $(STAMP)
 	@test -f $(RUN_DATA)/meta.json || $(VENV)/bin/swarmlm data prepare \
 		--input data/kjv.txt.gz --out $(RUN_DATA) --vocab-size 2048
 	$(VENV)/bin/swarmlm train --config configs/tiny.json --resume

@@ -60,8 +60,10 @@ def add_node_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def build_config(args: argparse.Namespace) -> NodeConfig:
-    raw: dict[str, Any] = read_config_file(args.config) if args.config is not None else {}
+def overlay(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The command line over a config file's settings: flags, then ``--set``. Applied at
+    start and again to every reloaded file, so an edit never fights the command line."""
+    raw = dict(raw)
     flags = {
         "type": args.node_type,
         "node_id": args.node_id,
@@ -83,11 +85,18 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {} if child is None else child
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node[part] = child
             node = child
         node[parts[-1]] = value
+    return raw
+
+
+def build_config(args: argparse.Namespace) -> NodeConfig:
+    raw = overlay(read_config_file(args.config) if args.config is not None else {}, args)
     if "node_id" not in raw:
         raise ConfigError("a node needs a name: pass --node-id or set node_id in --config")
     return validate_config(raw, str(args.config) if args.config is not None else "command line")
@@ -104,7 +113,7 @@ def run_node(args: argparse.Namespace) -> int:
     logging.getLogger("swarmlm").setLevel(cfg.log_level)
     from swarmlm.node.runtime import NodeRuntime
 
-    runtime = NodeRuntime(cfg, config_path=args.config)
+    runtime = NodeRuntime(cfg, config_path=args.config, overlay=lambda raw: overlay(raw, args))
 
     def show(ev: Event) -> None:
         if args.json:

@@ -24,8 +24,6 @@ import tomllib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from swarmlm.aggregation import get_aggregator
-from swarmlm.aggregation.errors import AggregationError
 from swarmlm.p2p.config import parse_address
 
 NodeType = Literal["full", "training", "annotation", "lightweight"]
@@ -252,8 +250,9 @@ def reload_changes(current: NodeConfig, raw: dict[str, Any], source: str) -> Nod
     """Validate an edited file against the running config. Returns the new config, or raises
     :class:`ConfigError` naming the first field that is invalid or needs a restart.
 
-    Fields the command line set at start keep their running values (the file edit cannot
-    override them unnoticed), so only fields present in the file are compared.
+    ``raw`` is the file with the command line's settings laid over it again (see
+    ``swarmlm.node.cli.overlay``), so a flag given at start never reads as an edit; fields
+    absent from the file keep their running values.
     """
     merged = current.model_dump(mode="python")
     merged.update(raw)
@@ -277,6 +276,8 @@ def reload_changes(current: NodeConfig, raw: dict[str, Any], source: str) -> Nod
 
 def check_aggregator_params(cfg: NodeConfig, params: dict[str, Any], source: str) -> None:
     """Refuse parameters the configured aggregator does not accept (checked by building it)."""
+    from swarmlm.aggregation import get_aggregator  # torch: only when reloading a trainer
+    from swarmlm.aggregation.errors import AggregationError
     from swarmlm.swarm.config import load_swarm_config
 
     try:

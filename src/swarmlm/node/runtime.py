@@ -27,10 +27,12 @@ import contextlib
 import dataclasses
 import logging
 import os
+import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -44,7 +46,10 @@ from swarmlm.node.events import EventBus
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.messages import SignedMessage
 from swarmlm.p2p.transport import P2PNode
-from swarmlm.swarm.config import SwarmRunConfig, load_swarm_config
+
+if TYPE_CHECKING:
+    from swarmlm.swarm.config import SwarmRunConfig
+    from swarmlm.swarm.voter import VoterConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +62,23 @@ HISTORY = 2000  # training curve points kept for the dashboard
 class NodeRuntime:
     """Build with a validated :class:`NodeConfig`; ``await run(stop)`` until ``stop`` is set."""
 
-    def __init__(self, cfg: NodeConfig, config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        config_path: Path | None = None,
+        overlay: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        """``overlay``: re-applies the command line's settings to a reloaded file."""
         self.cfg = cfg
         self.config_path = config_path
+        self.overlay = overlay or (lambda raw: raw)
         self.dir = cfg.directory
         self.bus = EventBus()
         self.started_at = time.time()
         self.peer_types: dict[str, dict[str, Any]] = {}
         self.identity: NodeIdentity | None = None
         self.p2p: P2PNode | None = None
-        self.swarm_cfg: SwarmRunConfig | None = None
+        self.swarm_cfg: SwarmRunConfig | VoterConfig | None = None
         self.swarm: Any = None  # SwarmNode | VoterNode
         self.store: Any = None  # CurationStore
         self.replicator: Any = None
@@ -89,7 +101,8 @@ class NodeRuntime:
     # -- resources ------------------------------------------------------------------------
     def _apply_resource_limits(self) -> None:
         threads = self.cfg.max_cpu_threads
-        if threads is not None:
+        # a lightweight node never computes with torch (and never imports it)
+        if threads is not None and (self.cfg.runs("training") or self.cfg.runs("rlhf")):
             import torch
 
             torch.set_num_threads(threads)
@@ -184,7 +197,19 @@ class NodeRuntime:
             await asyncio.to_thread(self.store.close)  # commits are durable; closes the WAL
 
     # -- configuration --------------------------------------------------------------------
-    def _load_swarm_config(self) -> SwarmRunConfig:
+    def training_config(self) -> SwarmRunConfig:
+        from swarmlm.swarm.config import SwarmRunConfig
+
+        assert isinstance(self.swarm_cfg, SwarmRunConfig), "not a training node"
+        return self.swarm_cfg
+
+    def voter_config(self) -> VoterConfig:
+        from swarmlm.swarm.voter import VoterConfig
+
+        assert isinstance(self.swarm_cfg, VoterConfig), "not a lightweight node"
+        return self.swarm_cfg
+
+    def _load_swarm_config(self) -> SwarmRunConfig | VoterConfig:
         """The training run's config with this node's network, paths and limits applied."""
         cfg = self.cfg
         import json
@@ -207,7 +232,13 @@ class NodeRuntime:
         if cfg.type == "lightweight":
             sets.append("p2p.keep_rounds=2")  # a voter keeps as few payloads as it can
         try:
-            return load_swarm_config(cfg.training.config, sets)
+            if cfg.runs("training"):
+                from swarmlm.swarm.config import load_swarm_config
+
+                return load_swarm_config(cfg.training.config, sets)
+            from swarmlm.swarm.voter import load_voter_config
+
+            return load_voter_config(cfg.training.config, sets)
         except Exception as exc:
             raise ConfigError(f"training.config: {exc}") from exc
 
@@ -236,7 +267,7 @@ class NodeRuntime:
         """Re-read the config file; True when the edit was applied."""
         assert self.config_path is not None
         try:
-            raw = read_config_file(self.config_path)
+            raw = self.overlay(read_config_file(self.config_path))
             new = reload_changes(self.cfg, raw, str(self.config_path))
         except ConfigError as exc:
             self._reloads["rejected"] = int(self._reloads["rejected"] or 0) + 1
@@ -264,8 +295,8 @@ class NodeRuntime:
             state.register_limiter.burst = float(rl.register_per_minute)
             state.submit_limiter.rate = rl.submit_per_second
             state.submit_limiter.burst = float(rl.submit_burst)
-        if self.swarm_cfg is not None:
-            sw = self.swarm_cfg.swarm
+        if self.cfg.runs("training") and self.swarm_cfg is not None:
+            sw = self.training_config().swarm
             # read by the engine at its next round (consensus inputs: see node.config)
             sw.exclude_below = new.thresholds.exclude_below
             sw.evict_below = new.thresholds.evict_below
@@ -358,20 +389,30 @@ class NodeRuntime:
         assert self.identity is not None
         url = self.cfg.db_url or default_db_url(self.dir)
         self.store = await asyncio.to_thread(CurationStore.open, url, self.identity)
-        if self.cfg.admin_username and self.cfg.admin_password:
+        if self.cfg.admin_username:
             await asyncio.to_thread(self._ensure_admin)
 
     def _ensure_admin(self) -> None:
+        """Create the configured admin account once. Without a configured password a random
+        one is generated and written to ``<node_dir>/admin-password`` (mode 0600): a node
+        never starts with a guessable default credential."""
         from swarmlm.curation.errors import CurationError
 
-        assert self.cfg.admin_username
-        assert self.cfg.admin_password
+        name = self.cfg.admin_username
+        assert name is not None
         try:
-            self.store.find_annotator(self.cfg.admin_username)
+            self.store.find_annotator(name)
+            return
         except CurationError:
-            self.store.create_annotator(
-                self.cfg.admin_username, self.cfg.admin_password, role="admin"
+            pass
+        password = self.cfg.admin_password
+        if password is None:
+            password = secrets.token_urlsafe(12)
+            write_private(self.dir / "admin-password", password + "\n")
+            log.warning(
+                "created admin account %r; its password is in %s", name, self.dir / "admin-password"
             )
+        self.store.create_annotator(name, password, role="admin")
 
     async def _start_replication(self) -> None:
         from swarmlm.node.replication import CurationReplicator
@@ -444,7 +485,7 @@ class NodeRuntime:
         out_dir = self.dir / "train"
         resume = latest_checkpoint(out_dir) is not None
         node = SwarmNode(
-            self.swarm_cfg,
+            self.training_config(),
             self.identity,
             out_dir,
             events=self._swarm_event,
@@ -468,7 +509,7 @@ class NodeRuntime:
         assert self.swarm_cfg is not None
         assert self.p2p is not None
         voter = VoterNode(
-            self.swarm_cfg,
+            self.voter_config(),
             self.p2p,
             is_voter=self.is_voter,
             peer_filter=self.is_round_member,
@@ -526,9 +567,9 @@ class NodeRuntime:
         }
         self._curve.append(point)
         compute = float(ev.get("compute_s") or 0.0)
-        assert self.swarm_cfg is not None
-        data = self.swarm_cfg.data
-        sw = self.swarm_cfg.swarm
+        run_cfg = self.training_config()
+        data = run_cfg.data
+        sw = run_cfg.swarm
         steps = 1 if sw.mode == "synchronous" else sw.inner_steps
         if compute > 0 and ev.get("train_loss") is not None:
             tokens = steps * data.batch_size * data.seq_len
@@ -720,14 +761,24 @@ class NodeRuntime:
         sets = []
         for ts in self.store.list_task_sets():
             pr = self.store.progress(ts.id, with_agreement=False)
-            sets.append(
-                {k: v for k, v in vars(pr).items() if isinstance(v, (int, float, str, type(None)))}
-            )
+            row = {k: v for k, v in vars(pr).items() if isinstance(v, int | float | str | None)}
+            sets.append({"id": ts.id, "name": ts.name, "k": ts.k, "active": ts.active, **row})
         return {"enabled": True, "task_sets": sets, "stats": _jsonable(self.store.stats())}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {str(k): v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def write_private(path: Path, text: str) -> None:
+    """Atomically write a secret readable by the owner only."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def default_prompts() -> Path:

@@ -10,7 +10,6 @@ the CLI help and the docs table (``docs/swarm.md``) all come from it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +19,7 @@ from swarmlm.aggregation import AGGREGATORS, get_aggregator, get_codec
 from swarmlm.aggregation.errors import AggregationError, CodecError
 from swarmlm.p2p.config import P2PConfig
 from swarmlm.swarm.errors import SwarmError
+from swarmlm.swarm.rawconfig import read_json_config, validation_lines
 from swarmlm.train.config import RunConfig
 
 Mode = Literal["synchronous", "cooperative", "diloco"]
@@ -164,32 +164,8 @@ class SwarmRunConfig(RunConfig):
 def load_swarm_config(path: Path, overrides: list[str] | None = None) -> SwarmRunConfig:
     """Read a JSON swarm config, apply ``key.sub=value`` overrides (values parsed as JSON,
     else taken as strings), validate; errors name the file and the field."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SwarmError(f"cannot read swarm config {path}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise SwarmError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise SwarmError(f"{path}: the top level must be a JSON object")
-    for item in overrides or []:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise SwarmError(f"override {item!r}: expected key.sub=value")
-        try:
-            value: Any = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise SwarmError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
+    raw = read_json_config(path, overrides)
     try:
         return SwarmRunConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
-        raise SwarmError(f"{path}: invalid swarm config\n" + "\n".join(lines)) from exc
+        raise SwarmError(f"{path}: invalid swarm config\n" + validation_lines(exc)) from exc

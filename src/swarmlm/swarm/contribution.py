@@ -25,6 +25,7 @@ from torch import Tensor
 
 from swarmlm.aggregation import decode
 from swarmlm.aggregation.errors import CodecError
+from swarmlm.swarm.abstain import ABSTAIN_MAGIC, encode_abstain, is_abstain
 from swarmlm.swarm.errors import ContributionError
 
 MAGIC = b"SWCT"
@@ -32,6 +33,14 @@ VERSION = 1
 MAX_HEADER = 4096
 MAX_SECONDS = 1e7  # a local phase longer than ~4 months is not believable
 _HEAD = struct.Struct("<4sBI")
+__all__ = [
+    "ABSTAIN_MAGIC",
+    "Contribution",
+    "decode_contribution",
+    "encode_abstain",
+    "encode_contribution",
+    "is_abstain",
+]
 
 
 @dataclass(frozen=True)
@@ -67,21 +76,6 @@ def encode_contribution(
         separators=(",", ":"),
     ).encode()
     return _HEAD.pack(MAGIC, VERSION, len(header)) + header + payload
-
-
-ABSTAIN_MAGIC = b"SWAB"
-_ABSTAIN = struct.Struct("<4sQ")
-
-
-def encode_abstain(round: int, node_id: str) -> bytes:
-    """A voter's entry: a lightweight node counts toward a round's quorum without an update.
-
-    The node id makes each voter's payload (and so its digest) distinct within a round."""
-    return _ABSTAIN.pack(ABSTAIN_MAGIC, round) + node_id.encode()[:128]
-
-
-def is_abstain(data: bytes | bytearray | memoryview) -> bool:
-    return len(data) >= _ABSTAIN.size and bytes(memoryview(data)[:4]) == ABSTAIN_MAGIC
 
 
 def decode_contribution(

@@ -29,20 +29,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swarmlm.p2p.consensus import Decision, RoundProtocol, discover
+from swarmlm.p2p.consensus import Decision, RoundProtocol
 from swarmlm.p2p.errors import ConsensusError, TransportError
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.transport import P2PNode
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.engine import RoundReport
 from swarmlm.swarm.errors import OutOfSyncError, RoundClosedError, StateSyncError, SwarmError
+from swarmlm.swarm.membership import find_swarm, form_genesis
 from swarmlm.swarm.worker import SwarmWorker
 from swarmlm.train.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
 KEEP_STATE_BLOBS = 3  # our recent state blobs stay fetchable for lagging peers
-DISCOVER_SECONDS = 2.0  # how long a starting peer asks whether a swarm already runs
 
 
 @dataclass
@@ -92,6 +92,7 @@ class SwarmNode:
         self.worker: SwarmWorker | None = None
         self._state_blobs: list[bytes] = []
         self._checkpointed = 0  # last round saved
+        self._stopping = False
         self.result = SwarmResult()
 
     def _emit(self, event: str, **fields: Any) -> None:
@@ -122,7 +123,8 @@ class SwarmNode:
             work = asyncio.create_task(self._train())
             await asyncio.wait([work, stop_task], return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
-                log.info("stop requested: leaving after the running computation")
+                log.info("stop requested: abandoning the local phase, checkpointing")
+                self._stopping = True  # polled between inner steps: the phase ends now
                 work.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await work
@@ -194,7 +196,7 @@ class SwarmNode:
                 t0 = time.perf_counter()
                 try:
                     update = await asyncio.to_thread(
-                        worker.local_phase, None, functools.partial(proto.decisions.__contains__, r)
+                        worker.local_phase, None, functools.partial(self._abandon, r)
                     )
                 except RoundClosedError as exc:
                     # decided without us (we started late): follow it, be on time for r + 1
@@ -307,6 +309,11 @@ class SwarmNode:
             return False
         return True
 
+    def _abandon(self, r: int) -> bool:
+        """Polled by the local phase: stop when round ``r`` closed without us, or on stop."""
+        assert self.proto is not None
+        return self._stopping or r in self.proto.decisions
+
     async def _final_checkpoint(self) -> None:
         """On a requested stop: checkpoint the last applied round unless already saved. The
         abandoned local phase is lost by design (its round goes on without us); an apply
@@ -393,38 +400,6 @@ class SwarmNode:
             self._state_blobs.append(digest)
         while len(self._state_blobs) > KEEP_STATE_BLOBS:
             self.node.blobs.forget({self._state_blobs.pop(0)})
-
-
-async def find_swarm(node: P2PNode, timeout: float) -> tuple[int, list[str]] | None:
-    """A running swarm's (last decided round, next members), asked of the first peers we
-    reach; None at a fresh start, when no peer has a round protocol yet."""
-    if not node.config.bootstrap:
-        return None  # we are the first peer: the others find us
-    deadline = time.monotonic() + timeout
-    while not node.connections:
-        if time.monotonic() > deadline:
-            return None
-        await asyncio.sleep(0.05)
-    return await discover(node, min(DISCOVER_SECONDS, timeout))
-
-
-async def form_genesis(
-    node: P2PNode, expect: int, timeout: float, peer_filter: Callable[[str], bool] | None = None
-) -> list[str]:
-    """This node and the first ``expect - 1`` connected round-capable peers (sorted ids)."""
-    deadline = time.monotonic() + timeout
-
-    def eligible() -> list[str]:
-        return sorted(p for p in node.connections if peer_filter is None or peer_filter(p))
-
-    while len(eligible()) < expect - 1:
-        if time.monotonic() > deadline:
-            raise SwarmError(
-                f"genesis: only {len(eligible()) + 1} of swarm.expect_peers="
-                f"{expect} round members connected within {timeout:.0f} s"
-            )
-        await asyncio.sleep(0.05)
-    return sorted([node.node_id, *eligible()[: expect - 1]])
 
 
 def _report_fields(report: RoundReport) -> dict[str, Any]:

@@ -24,19 +24,50 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from swarmlm.p2p.config import P2PConfig
 from swarmlm.p2p.consensus import Decision, RoundProtocol
 from swarmlm.p2p.errors import ConsensusError
 from swarmlm.p2p.transport import P2PNode
-from swarmlm.swarm.config import SwarmRunConfig
-from swarmlm.swarm.contribution import encode_abstain
+from swarmlm.swarm.abstain import encode_abstain
 from swarmlm.swarm.errors import SwarmError
-from swarmlm.swarm.node import find_swarm, form_genesis
+from swarmlm.swarm.membership import find_swarm, form_genesis
+from swarmlm.swarm.rawconfig import read_json_config, validation_lines
 
 log = logging.getLogger(__name__)
 
 MIN_STRAGGLER_S = 2.0
+
+
+class VoterSwarmSettings(BaseModel):
+    """The part of a swarm config's ``swarm`` section a voter uses (the rest is the
+    trainers' business and is not validated here, so a voter never loads torch)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    rounds: int = Field(default=20, ge=1)
+    expect_peers: int = Field(default=1, ge=1)
+    genesis_timeout: float = Field(default=120.0, gt=0)
+    round_timeout: float = Field(default=600.0, gt=0)
+
+
+class VoterConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    swarm: VoterSwarmSettings = Field(default_factory=VoterSwarmSettings)
+    p2p: P2PConfig = Field(default_factory=P2PConfig)
+
+
+def load_voter_config(path: Path, overrides: list[str] | None = None) -> VoterConfig:
+    raw = read_json_config(path, overrides)
+    try:
+        return VoterConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise SwarmError(f"{path}: invalid swarm config\n" + validation_lines(exc)) from exc
 
 
 class VoterNode:
@@ -44,7 +75,7 @@ class VoterNode:
 
     def __init__(
         self,
-        cfg: SwarmRunConfig,
+        cfg: VoterConfig,
         p2p: P2PNode,
         *,
         is_voter: Callable[[str], bool],
