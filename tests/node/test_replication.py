@@ -567,3 +567,26 @@ def test_a_store_offers_its_rendezvous_share_first_then_the_rest(
         assert store.update_preferences(None) == 36 - mine  # alone again: every task is mine
     finally:
         store.close()
+
+
+def test_the_same_task_set_created_on_two_nodes_is_one_set_with_both_nodes_tasks(
+    tmp_path: Path,
+) -> None:
+    a, b = open_store(tmp_path / "a.db"), open_store(tmp_path / "b.db")
+    try:
+        for store, prefix in ((a, "a"), (b, "b")):
+            ts = store.create_task_set("samples", CHOICES, k=2, gold_share=0.0)
+            store.add_tasks(
+                ts.id, [TaskInput(content=f"{prefix} {i}", external_id=f"{prefix}{i}")
+                        for i in range(3)]
+            )  # fmt: skip
+        _merge_until_settled(a, [b.get_records(b.record_digests())])
+        _merge_until_settled(b, [a.get_records(a.record_digests())])
+        for store in (a, b):
+            (ts,) = store.list_task_sets()
+            ids = sorted(t.external_id for t in store.list_tasks(ts.id))
+            assert ids == ["a0", "a1", "a2", "b0", "b1", "b2"]
+        assert sorted(a.record_digests()) == sorted(b.record_digests())
+    finally:
+        a.close()
+        b.close()

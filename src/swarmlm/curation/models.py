@@ -106,7 +106,8 @@ class TaskSet(Base):
     lease_seconds: Mapped[int] = mapped_column(Integer)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    # digest of the signed definition record (the set's content hash across nodes)
+    # content hash of the definition (replica.definition_digest): identical definitions
+    # made on two nodes share it, so their tasks merge into one set
     record_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 

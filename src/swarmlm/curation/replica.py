@@ -3,9 +3,10 @@
 Four kinds of immutable record, each signed by the node where it originated:
 
 - ``task_set``: a task set's definition (name, description, label schema, k, caps,
-  thresholds, gold share, lease length). Its record digest is the set's content hash.
+  thresholds, gold share, lease length), identified by name and content hash
+  (:func:`definition_digest`, independent of who signed it).
 - ``tasks``: a batch of up to :data:`TASK_BATCH` tasks added to one task set (external id,
-  content, outputs and the gold answer of honeypots), pinned to the set's definition digest.
+  content, outputs and the gold answer of honeypots), pinned to the set's content hash.
   Batches keep the cost of a large import at one signature per batch, not per task.
 - ``annotator``: an account (public id, username, argon2 password hash) so an annotator can
   log in at any node. The role never travels: a replicated account is always an annotator.
@@ -78,6 +79,15 @@ class ReplicaRecord:
 
 def _signed_bytes(kind: str, body: dict[str, Any]) -> bytes:
     return canonical_encode({"record": kind, "body": body})
+
+
+def definition_digest(body: dict[str, Any]) -> str:
+    """Content hash of a task set definition (hex): what identifies a set with its name.
+
+    Independent of the signer, so two nodes that create the same definition (the same
+    configured task set, say) agree on it and merge each other's tasks into one set.
+    """
+    return hashlib.sha256(_signed_bytes("task_set", body)).hexdigest()
 
 
 def make_record(identity: NodeIdentity, kind: str, body: dict[str, Any]) -> ReplicaRecord:

@@ -67,6 +67,7 @@ from swarmlm.curation.replica import (
     RecordError,
     ReplicaRecord,
     annotation_record,
+    definition_digest,
     make_record,
 )
 from swarmlm.curation.schema import (
@@ -732,7 +733,7 @@ class CurationStore:
                     lease_seconds=lease_seconds,
                     active=True,
                     created_at=self._clock(),
-                    record_digest=record.hex,
+                    record_digest=definition_digest(record.body),
                 )
                 s.add(ts)
                 self._add_record_rows(s, [record])
@@ -1503,7 +1504,7 @@ class CurationStore:
                         "lease_seconds": ts.lease_seconds,
                     },
                 )
-                ts.record_digest = rec.hex
+                ts.record_digest = definition_digest(rec.body)
                 made.append(rec)
             s.flush()
             sets = {ts.id: ts for ts in s.scalars(select(TaskSet))}
@@ -1673,10 +1674,11 @@ class CurationStore:
         )
         if b["name"] != b["name"].strip():
             raise CurationError("task set name has surrounding spaces")
+        definition = definition_digest(b)
         row = tx.one("SELECT record_digest FROM task_sets WHERE name = ?", (b["name"],))
         if row is not None:
-            if row[0] == rec.hex:
-                return
+            if row[0] == definition:
+                return  # the same definition, made on another node too: one set
             raise _LostConflictError(f"a different task set named {b['name']!r} is held")
         tx.execute(
             "INSERT INTO task_sets (name, description, label_schema, k, max_annotations,"
@@ -1693,7 +1695,7 @@ class CurationStore:
                 b["lease_seconds"],
                 True,
                 tx.sql.ts(now),
-                rec.hex,
+                definition,
             ),
         )
 

@@ -2,8 +2,9 @@
 
 - ``replica_records``: every signed record this store holds (its own and its peers'), by
   digest, as the exact bytes that travel, so anti-entropy can re-serve them unchanged;
-- ``record_digest`` on task sets, tasks and annotators and ``digest`` on annotations: which
-  record a row came from (NULL: made before replication existed; backfilled on first use);
+- ``record_digest`` on tasks and annotators and ``digest`` on annotations: which record a
+  row came from; on task sets, the content hash of the definition (NULL: made before
+  replication existed; backfilled on first use);
 - ``tasks.preferred``: 1 for tasks this node serves first (its rendezvous share, or every
   task when not replicating); ``ix_tasks_open`` now walks preferred tasks first;
 - ``annotators.origin``: public key of the node a replicated account came from (NULL: local).
