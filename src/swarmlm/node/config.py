@@ -275,8 +275,10 @@ def reload_changes(current: NodeConfig, raw: dict[str, Any], source: str) -> Nod
 
 
 def check_aggregator_params(cfg: NodeConfig, params: dict[str, Any], source: str) -> None:
-    """Refuse parameters the configured aggregator does not accept (checked by building it)."""
-    from swarmlm.aggregation import get_aggregator  # torch: only when reloading a trainer
+    """Refuse parameters the configured aggregator does not accept (checked by running it)."""
+    import torch  # only when reloading a trainer
+
+    from swarmlm.aggregation import get_aggregator
     from swarmlm.aggregation.errors import AggregationError
     from swarmlm.swarm.config import load_swarm_config
 
@@ -285,6 +287,8 @@ def check_aggregator_params(cfg: NodeConfig, params: dict[str, Any], source: str
     except Exception as exc:  # the swarm config is checked at start; here it only names the rule
         raise ConfigError(f"{source}: cannot read training.config: {exc}") from exc
     try:
-        get_aggregator(name, **params)
+        # building checks the names only; a call checks the values too (a negative tau
+        # would otherwise be applied and fail every following round on every node)
+        get_aggregator(name, f=0, **params)(torch.zeros(3, 2))
     except (AggregationError, TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: training.aggregator_params for {name!r}: {exc}") from exc
