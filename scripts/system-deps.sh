@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the curation/web tests need: PostgreSQL (the store tests start
-# their own server on a loopback port) and Chromium (Playwright drives /usr/bin/chromium; no
-# browser is ever downloaded). Idempotent: installs only what is missing, runs `apt-get update`
+# their own server on a loopback port), Chromium (Playwright drives /usr/bin/chromium; no
+# browser is ever downloaded) and shellcheck (the deployment scripts' lint test). Idempotent: installs only what is missing, runs `apt-get update`
 # at most once, and does nothing (successfully) when not root or when apt-get is absent, so the
 # tests that need these binaries skip with a clear reason instead.
 set -euo pipefail
@@ -12,6 +12,9 @@ if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
 fi
 if [ ! -x /usr/bin/chromium ]; then
     missing+=(chromium)
+fi
+if ! command -v shellcheck >/dev/null 2>&1; then
+    missing+=(shellcheck) # lints scripts/start_test_network.sh and run_integration_tests.sh
 fi
 
 if [ "${#missing[@]}" -eq 0 ]; then
