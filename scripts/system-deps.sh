@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the curation/web tests need: PostgreSQL (the store tests start
 # their own server on a loopback port), Chromium (Playwright drives /usr/bin/chromium; no
-# browser is ever downloaded) and shellcheck (the deployment scripts' lint test). Idempotent: installs only what is missing, runs `apt-get update`
-# at most once, and does nothing (successfully) when not root or when apt-get is absent, so the
-# tests that need these binaries skip with a clear reason instead.
+# browser is ever downloaded) and shellcheck (the deployment scripts' lint test). Idempotent:
+# installs only what is missing, runs `apt-get update` at most once, and does nothing
+# (successfully) when not root or when apt-get is absent, so the tests that need these
+# binaries skip with a clear reason instead.
 set -euo pipefail
 
 missing=()
