@@ -109,6 +109,14 @@ class NodeRuntime:
             with contextlib.suppress(RuntimeError):  # only settable before parallel work
                 torch.set_num_interop_threads(max(1, min(threads, 4)))
 
+    def _over_memory(self, what: str) -> bool:
+        """Above ``max_memory_mb`` optional work (sampling) is skipped, and said so."""
+        limit = self.cfg.max_memory_mb
+        if limit is None or self._process.memory_info().rss <= limit * 2**20:
+            return False
+        log.warning("resident memory above max_memory_mb=%d: skipping %s", limit, what)
+        return True
+
     def resources(self) -> dict[str, Any]:
         mem = self._process.memory_info().rss
         limit = self.cfg.max_memory_mb
@@ -586,6 +594,7 @@ class NodeRuntime:
             and every is not None
             and ev["round"] % every == 0
             and not self._sampling
+            and not self._over_memory("sampling comparison tasks")
         ):
             self._sampling = True
             self._spawn(self._sample_for_annotators(int(ev["round"])))
