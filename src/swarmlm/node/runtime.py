@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import secrets
@@ -396,7 +397,10 @@ class NodeRuntime:
 
         assert self.identity is not None
         url = self.cfg.db_url or default_db_url(self.dir)
-        self.store = await asyncio.to_thread(CurationStore.open, url, self.identity)
+        # replicated: consensus is a pure function of each task's annotation set
+        self.store = await asyncio.to_thread(
+            functools.partial(CurationStore.open, url, self.identity, replicated=True)
+        )
         if self.cfg.admin_username:
             await asyncio.to_thread(self._ensure_admin)
 
@@ -654,8 +658,10 @@ class NodeRuntime:
                 description="responses of the swarm's model; your preferences train the "
                 "reward model",
             )
-        tasks = [  # the same prompt comes back in later rounds with new answers
-            dataclasses.replace(t, external_id=f"r{r}-{t.external_id or 'task'}")
+        # the same prompt comes back in later rounds with new answers, and other full nodes
+        # sample too: the external id names the node and the round
+        tasks = [
+            dataclasses.replace(t, external_id=f"{self.cfg.node_id}-r{r}-{t.external_id or 'task'}")
             for t in read_tasks_file(out)
         ]
         return int(self.store.add_tasks(ts.id, tasks, source=f"round {r} samples"))
