@@ -153,8 +153,13 @@ def test_events_published_from_worker_threads_are_delivered_on_the_bound_loop() 
         threads = [threading.Thread(target=worker, args=(k * 100,)) for k in range(4)]
         for t in threads:
             t.start()
-        await asyncio.to_thread(lambda: [t.join() for t in threads])
-        steps = []
+
+        def join_all() -> None:
+            for t in threads:
+                t.join()
+
+        await asyncio.to_thread(join_all)
+        steps: list[int] = []
         while len(steps) < 200:
             ev = await sub.get(timeout=5)
             assert ev is not None, f"only {len(steps)} of 200 events arrived"

@@ -288,12 +288,12 @@ class FakeProcess:
 
 def test_resources_degrade_above_the_memory_ceiling(tmp_path: Path) -> None:
     rt = NodeRuntime(node_config(tmp_path, type="lightweight", max_memory_mb=64))
-    rt._process = FakeProcess(100 * 2**20)  # type: ignore[assignment]
+    rt._process = FakeProcess(100 * 2**20)
     res = rt.resources()
     assert res["status"] == "degraded"
     assert "max_memory_mb=64" in res["detail"]
     assert (res["rss_mb"], res["max_memory_mb"], res["threads"]) == (100.0, 64, 3)
-    rt._process = FakeProcess(10 * 2**20)  # type: ignore[assignment]
+    rt._process = FakeProcess(10 * 2**20)
     assert rt.resources()["status"] == "ok"
     assert "detail" not in rt.resources()
 
