@@ -12,6 +12,9 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -425,3 +428,46 @@ def test_two_nodes_never_share_a_generated_admin_password(tmp_path: Path) -> Non
             rt.store.close()
         passwords.append((rt.dir / "admin-password").read_text(encoding="utf-8"))
     assert passwords[0] != passwords[1]
+
+
+def test_reloading_bootstrap_peers_dials_the_new_ones(tmp_path: Path) -> None:
+    r = Reloading(tmp_path, annotation_file(tmp_path, bootstrap_peers=["127.0.0.1:7001"]))
+    dialled: list[tuple[str, int]] = []
+    p2p = SimpleNamespace(
+        config=SimpleNamespace(bootstrap=[("127.0.0.1", 7001)]),
+        _spawn_dial=lambda host, port, peer: dialled.append((host, port)),
+    )
+    r.runtime.p2p = p2p  # type: ignore[assignment]
+    r.write(annotation_file(tmp_path, bootstrap_peers=["127.0.0.1:7001", "127.0.0.1:7002"]))
+    assert r.runtime.reload()
+    assert p2p.config.bootstrap == [("127.0.0.1", 7001), ("127.0.0.1", 7002)]
+    assert ("127.0.0.1", 7002) in dialled
+
+
+def test_a_lightweight_node_reloads_without_importing_torch(tmp_path: Path) -> None:
+    """A shared config file may carry the trainers' aggregator parameters: a voter neither
+    applies nor checks them, so a reload must not load torch (~225 MB) into it."""
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        from pathlib import Path
+        from swarmlm.node.config import validate_config
+        from swarmlm.node.runtime import NodeRuntime
+        path = Path({str(tmp_path / "node.json")!r})
+        file = {{"node_id": "light-1", "type": "lightweight",
+                "node_dir": {str(tmp_path / "node")!r},
+                "training": {{"config": {str(SWARM_TINY)!r},
+                             "aggregator_params": {{"tau": 1.0}}}}}}
+        path.write_text(json.dumps(file))
+        rt = NodeRuntime(validate_config(file), config_path=path)
+        file["log_level"] = "WARNING"
+        path.write_text(json.dumps(file))
+        assert rt.reload(), rt._reloads
+        print("torch" in sys.modules)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

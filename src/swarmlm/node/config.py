@@ -269,7 +269,8 @@ def reload_changes(current: NodeConfig, raw: dict[str, Any], source: str) -> Nod
                     raise ConfigError(
                         f"{source}: training.{sub} cannot change while the node runs (restart it)"
                     )
-    if new.training.aggregator_params is not None:
+    # only a trainer applies them; a voter checking them would load torch for nothing
+    if new.training.aggregator_params is not None and current.runs("training"):
         check_aggregator_params(current, new.training.aggregator_params, source)
     return new
 
