@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from swarmlm.aggregation import robust
@@ -167,3 +168,10 @@ class Aggregator:
 def get_aggregator(name: str, **params: Any) -> Aggregator:
     """Build the aggregator ``name`` (see :data:`AGGREGATORS`) with ``params``."""
     return Aggregator(name, **params)
+
+
+def check_aggregator(name: str, **params: Any) -> None:
+    """Build ``name`` with ``params`` and run it once on a tiny stack: building checks the
+    parameter names, the call their values (a negative ``tau`` would otherwise be accepted
+    at start and fail every round on every node). Raises what the aggregator raises."""
+    get_aggregator(name, f=0, **params)(torch.zeros(3, 2))

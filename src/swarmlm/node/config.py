@@ -277,10 +277,8 @@ def reload_changes(current: NodeConfig, raw: dict[str, Any], source: str) -> Nod
 
 def check_aggregator_params(cfg: NodeConfig, params: dict[str, Any], source: str) -> None:
     """Refuse parameters the configured aggregator does not accept (checked by running it)."""
-    import torch  # only when reloading a trainer
-
-    from swarmlm.aggregation import get_aggregator
     from swarmlm.aggregation.errors import AggregationError
+    from swarmlm.aggregation.registry import check_aggregator  # torch: trainers only
     from swarmlm.swarm.config import load_swarm_config
 
     try:
@@ -288,8 +286,6 @@ def check_aggregator_params(cfg: NodeConfig, params: dict[str, Any], source: str
     except Exception as exc:  # the swarm config is checked at start; here it only names the rule
         raise ConfigError(f"{source}: cannot read training.config: {exc}") from exc
     try:
-        # building checks the names only; a call checks the values too (a negative tau
-        # would otherwise be applied and fail every following round on every node)
-        get_aggregator(name, f=0, **params)(torch.zeros(3, 2))
+        check_aggregator(name, **params)
     except (AggregationError, TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: training.aggregator_params for {name!r}: {exc}") from exc

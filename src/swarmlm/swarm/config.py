@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from swarmlm.aggregation import AGGREGATORS, get_aggregator, get_codec
+from swarmlm.aggregation import AGGREGATORS, get_codec
 from swarmlm.aggregation.errors import AggregationError, CodecError
+from swarmlm.aggregation.registry import check_aggregator
 from swarmlm.p2p.config import P2PConfig
 from swarmlm.swarm.errors import SwarmError
 from swarmlm.swarm.rawconfig import read_json_config, validation_lines
@@ -138,8 +139,8 @@ class SwarmConfig(BaseModel):
         if "f" in self.aggregator_params:
             raise ValueError("swarm.aggregator_params must not set 'f': use swarm.byzantine_f")
         try:
-            get_aggregator(self.aggregator, **self.aggregator_params)
-        except AggregationError as exc:
+            check_aggregator(self.aggregator, **self.aggregator_params)
+        except (AggregationError, TypeError, ValueError) as exc:
             raise ValueError(f"swarm.aggregator_params: {exc}") from exc
         if self.reputation_weighted and not AGGREGATORS[self.aggregator].accepts_weights:
             raise ValueError(
