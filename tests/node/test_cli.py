@@ -74,9 +74,11 @@ def test_set_applies_after_the_flags() -> None:
     assert out["p2p_port"] == 7002
 
 
-@pytest.mark.parametrize("item", ["noequals", "=5"])
-def test_malformed_set_item_is_refused_naming_it(item: str) -> None:
-    with pytest.raises(ConfigError, match=f"--set '{item}': expected key.sub=value"):
+@pytest.mark.parametrize(
+    ("item", "why"), [("noequals", "must look like key=value"), ("=5", "has an empty key")]
+)
+def test_malformed_set_item_is_refused_naming_it(item: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=f"override '{item}' {why}"):
         overlay({}, parse("--set", item))
 
 

@@ -93,7 +93,7 @@ def test_unparsable_file_is_refused_naming_the_file(tmp_path: Path, name: str, t
 
 
 def test_missing_file_is_refused_naming_the_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"cannot read node config .*nowhere\.yaml"):
+    with pytest.raises(ConfigError, match=r"config file not found: .*nowhere\.yaml"):
         read_config_file(tmp_path / "nowhere.yaml")
 
 

@@ -239,7 +239,7 @@ def test_reload_of_a_deleted_file_is_refused(tmp_path: Path) -> None:
     r = Reloading(tmp_path, annotation_file(tmp_path))
     before = r.runtime.cfg
     r.path.unlink()
-    assert_refused(r, before, "cannot read node config")
+    assert_refused(r, before, "config file not found")
 
 
 def test_a_command_line_flag_never_reads_as_an_edit(tmp_path: Path) -> None:

@@ -147,10 +147,12 @@ def test_voter_config_errors_name_the_file_and_field(
         load_voter_config(path, [override])
 
 
-def test_voter_config_that_is_not_json_is_refused_naming_the_file(tmp_path: Path) -> None:
+def test_voter_config_yaml_is_read_and_unparsable_one_refused(tmp_path: Path) -> None:
     path = tmp_path / "swarm.yaml"
     path.write_text("swarm: {rounds: 3}\n", encoding="utf-8")
-    with pytest.raises(SwarmError, match=r"swarm\.yaml: not valid JSON"):
+    assert load_voter_config(path).swarm.rounds == 3
+    path.write_text("swarm: {rounds: [3\n", encoding="utf-8")
+    with pytest.raises(SwarmError, match=r"swarm\.yaml: cannot parse"):
         load_voter_config(path)
 
 

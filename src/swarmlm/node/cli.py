@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import signal
@@ -22,6 +23,7 @@ from typing import Any
 
 from rich.console import Console
 
+from swarmlm.config import apply_overrides
 from swarmlm.node.config import ConfigError, NodeConfig, read_config_file, validate_config
 from swarmlm.node.events import Event
 
@@ -63,7 +65,7 @@ def add_node_parser(subparsers: Any) -> argparse.ArgumentParser:
 def overlay(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The command line over a config file's settings: flags, then ``--set``. Applied at
     start and again to every reloaded file, so an edit never fights the command line."""
-    raw = dict(raw)
+    raw = copy.deepcopy(raw)  # the caller's dict (a reloaded file) stays as read
     flags = {
         "type": args.node_type,
         "node_id": args.node_id,
@@ -74,25 +76,7 @@ def overlay(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "node_dir": str(args.node_dir) if args.node_dir is not None else None,
     }
     raw.update({k: v for k, v in flags.items() if v is not None})
-    for item in args.overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected key.sub=value")
-        try:
-            value: Any = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            child = dict(child) if isinstance(child, dict) else {} if child is None else child
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-            node[part] = child
-            node = child
-        node[parts[-1]] = value
-    return raw
+    return apply_overrides(raw, args.overrides)
 
 
 def build_config(args: argparse.Namespace) -> NodeConfig:

@@ -15,16 +15,16 @@ node; see docs/operations.md).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from swarmlm.config import ConfigError, read_config_file
 from swarmlm.p2p.config import parse_address
+
+__all__ = ["ConfigError", "NodeConfig", "read_config_file", "reload_changes", "validate_config"]
 
 NodeType = Literal["full", "training", "annotation", "lightweight"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -37,10 +37,6 @@ TYPE_DEFAULTS: dict[str, dict[str, bool]] = {
     "annotation": {"training": False, "curation": True, "web": True, "rlhf": False},
     "lightweight": {"training": False, "curation": False, "web": False, "rlhf": False},
 }
-
-
-class ConfigError(ValueError):
-    """A node config that cannot be read or is invalid; the message names file and field."""
 
 
 class RateLimits(BaseModel):
@@ -199,31 +195,6 @@ class NodeConfig(BaseModel):
 # Fields a running node applies on reload; anything else needs a restart.
 HOT_FIELDS = frozenset({"log_level", "rate_limits", "thresholds", "bootstrap_peers", "training"})
 HOT_TRAINING_FIELDS = frozenset({"aggregator_params"})
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Parse JSON, YAML (``.yaml``/``.yml``) or TOML (``.toml``) into a dict."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read node config {path}: {exc}") from exc
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".yaml", ".yml"):
-            raw = yaml.safe_load(text)
-        elif suffix == ".toml":
-            raw = tomllib.loads(text)
-        elif suffix == ".json":
-            raw = json.loads(text)
-        else:
-            raise ConfigError(f"{path}: unknown config format {suffix!r} (use .json, .yaml, .toml)")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot parse ({exc})") from exc
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return raw
 
 
 def validate_config(raw: dict[str, Any], source: str = "node config") -> NodeConfig:
