@@ -491,34 +491,23 @@ class NodeRuntime:
         from swarmlm.swarm.node import SwarmNode
         from swarmlm.train.checkpoint import latest_checkpoint
 
-        assert self.swarm_cfg is not None
         assert self.identity is not None
-        assert self.p2p
+        assert self.p2p is not None
         out_dir = self.dir / "train"
-        resume = latest_checkpoint(out_dir) is not None
         node = SwarmNode(
             self.training_config(),
             self.identity,
             out_dir,
             events=self._swarm_event,
-            resume=resume,
+            resume=latest_checkpoint(out_dir) is not None,
             p2p=self.p2p,
             peer_filter=self.is_round_member,
         )
-        self.swarm = node
-        self._training_state = "starting"
-        try:
-            await node.run(stop)
-            self._training_state = "stopped" if stop.is_set() else "finished"
-        except Exception as exc:
-            self._training_state = "failed"
-            self._training_error = f"{type(exc).__name__}: {exc}"
-            log.exception("training failed")
+        await self._run_rounds(node, stop, "starting")
 
     async def _run_voter(self, stop: asyncio.Event) -> None:
         from swarmlm.swarm.voter import VoterNode
 
-        assert self.swarm_cfg is not None
         assert self.p2p is not None
         voter = VoterNode(
             self.voter_config(),
@@ -527,15 +516,20 @@ class NodeRuntime:
             peer_filter=self.is_round_member,
             events=self._swarm_event,
         )
-        self.swarm = voter
-        self._training_state = "voting"
+        await self._run_rounds(voter, stop, "voting")
+
+    async def _run_rounds(self, member: Any, stop: asyncio.Event, state: str) -> None:
+        """Run a round member (trainer or voter) until done; a failure marks the training
+        component down in health instead of taking the node (and its store) with it."""
+        self.swarm = member
+        self._training_state = state
         try:
-            await voter.run(stop)
+            await member.run(stop)
             self._training_state = "stopped" if stop.is_set() else "finished"
         except Exception as exc:
             self._training_state = "failed"
             self._training_error = f"{type(exc).__name__}: {exc}"
-            log.exception("voting failed")
+            log.exception("round member failed")
 
     def _swarm_event(self, ev: dict[str, Any]) -> None:
         kind = ev.get("event")
