@@ -230,9 +230,7 @@ def test_integrated_network(prepared_data: Path, tmp_path: Path) -> None:
         ann.wait_for(caught_up, 30, "restarted annotation node caught up")
 
         # -- alignment: model samples became comparison tasks, replicated everywhere -----
-        full.wait_for(
-            lambda: admin.task_set_id("model-samples") is not None, 120, "sampled tasks"
-        )
+        full.wait_for(lambda: admin.task_set_id("model-samples") is not None, 120, "sampled tasks")
         ann.wait_for(
             lambda: admin_ann.task_set_id("model-samples") is not None, 30, "samples replicated"
         )
