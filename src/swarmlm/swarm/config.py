@@ -66,7 +66,11 @@ class SwarmConfig(BaseModel):
         default=None, ge=0, description="Byzantine inputs tolerated; None = (n - 1) // 3"
     )
     worker_momentum: float = Field(
-        default=0.5, ge=0, lt=1, description="per-contributor momentum before aggregation"
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="per-contributor momentum before aggregation (0 = off: the outer "
+        "optimizer's momentum already averages over rounds; see docs/swarm.md)",
     )
     reputation_weighted: bool = Field(
         default=False, description="weight contributions by reputation (weighted rules only)"
