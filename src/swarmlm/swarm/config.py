@@ -19,11 +19,45 @@ from swarmlm.aggregation import AGGREGATORS, get_codec
 from swarmlm.aggregation.errors import AggregationError, CodecError
 from swarmlm.aggregation.registry import check_aggregator
 from swarmlm.p2p.config import P2PConfig
+from swarmlm.rlhf.config import DPOConfig
+from swarmlm.rlhf.safety import SafetyConfig
 from swarmlm.swarm.errors import SwarmError
 from swarmlm.swarm.rawconfig import read_json_config, validation_lines
 from swarmlm.train.config import RunConfig
 
 Mode = Literal["synchronous", "cooperative", "diloco"]
+Objective = Literal["lm", "dpo"]
+
+
+class SwarmDPOConfig(DPOConfig):
+    """The ``swarm.dpo`` section: what a peer aligns on with ``swarm.objective = "dpo"``.
+
+    Every peer must point at the same files: the held-out split and the starting weights
+    are derived from them, and identical inputs are what make peers agree bit for bit.
+    """
+
+    preferences: Path = Field(
+        description="preference JSONL (the curation platform's export or TRL's format: "
+        "prompt, chosen, rejected); pair i of the training split goes to shard i % data_shards"
+    )
+    init_checkpoint: Path = Field(
+        description="language-model checkpoint the policy starts from; also the reference model"
+    )
+    eval_file: Path | None = Field(
+        default=None, description="held-out pairs (default: a seeded split of preferences)"
+    )
+    val_fraction: float = Field(
+        default=0.1, ge=0, lt=1, description="held-out share of preferences (without eval_file)"
+    )
+    batch_size: int = Field(default=8, ge=1, description="pairs per inner step")
+    max_len: int = Field(default=256, ge=4, description="tokens of prompt + response")
+    eval_batch_size: int = Field(default=16, ge=1, description="pairs per evaluation batch")
+    tokenizer: Path | None = Field(
+        default=None, description="tokenizer.json; default: the one init_checkpoint names"
+    )
+    safety: SafetyConfig = Field(
+        default_factory=SafetyConfig, description="checks the pairs pass before training"
+    )
 
 
 class SwarmConfig(BaseModel):
@@ -31,6 +65,14 @@ class SwarmConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    objective: Objective = Field(
+        default="lm",
+        description="lm: language-model inner steps on the corpus; dpo: DPO inner steps on "
+        "preference pairs (needs the dpo section)",
+    )
+    dpo: SwarmDPOConfig | None = Field(
+        default=None, description="DPO settings (objective dpo); see docs/swarm.md"
+    )
     mode: Mode = Field(
         default="diloco",
         description="synchronous: a round per optimizer step; cooperative: alpha rule every "
@@ -119,6 +161,16 @@ class SwarmConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SwarmConfig:
+        if self.objective == "dpo" and self.dpo is None:
+            raise ValueError(
+                'swarm.objective "dpo" needs a swarm.dpo section (at least preferences and '
+                "init_checkpoint)"
+            )
+        if self.objective == "lm" and self.dpo is not None:
+            raise ValueError(
+                'swarm.dpo is set but swarm.objective is "lm": set swarm.objective to "dpo" '
+                "or remove the section"
+            )
         if self.target_samples is not None and self.mode == "synchronous":
             raise ValueError(
                 "swarm.target_samples needs local steps: use diloco or cooperative mode "
@@ -159,6 +211,21 @@ class SwarmRunConfig(RunConfig):
 
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     p2p: P2PConfig = Field(default_factory=P2PConfig)
+
+    @model_validator(mode="after")
+    def _check_objective(self) -> SwarmRunConfig:
+        if self.swarm.objective == "dpo":
+            if self.optim.name != "adamw":
+                raise ValueError(
+                    f'optim.name "{self.optim.name}" is not available with swarm.objective '
+                    '"dpo": DPO inner steps use the trainer\'s AdamW'
+                )
+            if self.train.grad_accum != 1:
+                raise ValueError(
+                    f"train.grad_accum={self.train.grad_accum} is not available with "
+                    'swarm.objective "dpo": one inner step takes swarm.dpo.batch_size pairs'
+                )
+        return self
 
     def run_config(self) -> RunConfig:
         """The plain run config the trainer and its checkpoints see."""

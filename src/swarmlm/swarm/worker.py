@@ -5,7 +5,8 @@ the in-process simulator (:mod:`swarmlm.swarm.simulate`) or by a real node
 (:mod:`swarmlm.swarm.node`), which calls these methods off its event loop.
 
 Per round: :meth:`local_phase` (H inner AdamW steps for diloco / K local steps for
-cooperative, or one gradient for synchronous) -> :meth:`contribution` -> (the protocol
+cooperative, or one gradient for synchronous; of the language-model or the DPO objective,
+:mod:`swarmlm.swarm.objective`) -> :meth:`contribution` -> (the protocol
 decides) -> :meth:`apply` (robust aggregate and outer step; the model then holds the new
 consensus parameters).
 """
@@ -29,9 +30,15 @@ from swarmlm.swarm.batching import round_time_budget
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.engine import RoundEngine, RoundReport
 from swarmlm.swarm.errors import RoundClosedError
+from swarmlm.swarm.objective import (
+    DPOObjective,
+    LanguageModelObjective,
+    Objective,
+    check_model_section,
+    read_init_checkpoint,
+)
 from swarmlm.swarm.params import (
     ParamLayout,
-    flatten_grads,
     flatten_params,
     load_flat_params,
     params_sha256,
@@ -95,7 +102,8 @@ class SwarmWorker:
     """A peer's trainer (model, inner AdamW, loader on its shard) and its :class:`RoundEngine`.
 
     All peers start from identical parameters: the model is initialised from
-    ``train.seed``, which the swarm config shares.
+    ``train.seed``, which the swarm config shares, or (``swarm.objective = "dpo"``) loaded
+    from ``swarm.dpo.init_checkpoint``, the same file on every peer.
     """
 
     def __init__(
@@ -117,11 +125,30 @@ class SwarmWorker:
         self.shard = (
             sw.data_shard if sw.data_shard is not None else shard_for(node_id, sw.data_shards)
         )
+        init = None
+        if sw.objective == "dpo":
+            assert sw.dpo is not None  # the config validator requires the section
+            init = read_init_checkpoint(sw.dpo)
+            if "model" in cfg.model_fields_set:
+                check_model_section(cfg.model, init)
+            run.model = init.model
         with _INIT_LOCK:
             self.trainer = Trainer(
                 run, parallel=DataShard(self.shard, sw.data_shards), show_progress=show_progress
             )
         self.model = self.trainer.model_core
+        self.objective: Objective
+        if init is not None and sw.dpo is not None:
+            try:
+                # loads the initial weights: the engine's genesis state is taken after this
+                self.objective = DPOObjective(
+                    self.trainer, sw.dpo, init, shard=self.shard, shards=sw.data_shards
+                )
+            except BaseException:
+                self.trainer.loader.close()
+                raise
+        else:
+            self.objective = LanguageModelObjective(self.trainer)
         self.layout = ParamLayout.of(self.model)
         self.engine = RoundEngine(
             sw, self.layout, flatten_params(self.model, self.layout), run.optim
@@ -129,7 +156,7 @@ class SwarmWorker:
         self.last_update: Tensor | None = None
         self._pending: tuple[int, Tensor] | None = None  # our contribution not yet applied
         self.last_loss = float("nan")
-        self.samples_per_step = run.data.batch_size * run.train.grad_accum
+        self.samples_per_step = self.objective.samples_per_step
         self.last_samples = 0
         self.last_seconds = 0.0
         # the last decided round's (samples, seconds) per contributor: target_samples plans
@@ -178,7 +205,7 @@ class SwarmWorker:
                 budget = round_time_budget(sw.target_samples, self.last_throughput)
             losses: list[float] = []
             while True:
-                losses.append(self.trainer.train_step()[0])
+                losses.append(self.objective.step())
                 if abandon is not None and abandon():
                     self.last_loss = sum(losses) / len(losses)
                     raise RoundClosedError(len(losses))
@@ -196,23 +223,7 @@ class SwarmWorker:
         return update
 
     def _gradient(self) -> Tensor:
-        tr = self.trainer
-        accum = tr.cfg.train.grad_accum
-        tr.base_optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(accum):
-            x, y = next(tr.loader)
-            with tr.precision.autocast():
-                out = tr.model(x.to(tr.device), targets=y.to(tr.device))
-            (out.loss / accum).backward()
-            total += float(out.loss.detach()) / accum
-        clip = tr.cfg.train.grad_clip
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), clip)
-        grad = flatten_grads(self.model, self.layout)
-        tr.base_optimizer.zero_grad(set_to_none=True)
-        tr.step += 1
-        self.last_loss = total
+        grad, self.last_loss = self.objective.gradient(self.layout)
         return grad
 
     @_exclusive
@@ -308,8 +319,16 @@ class SwarmWorker:
 
     @_exclusive
     def evaluate(self, max_batches: int | None = None) -> float:
-        """Validation loss of the current consensus parameters."""
-        return self.trainer.evaluate(max_batches).loss
+        """Held-out loss of the current consensus parameters: the corpus validation loss, or
+        with objective dpo the DPO loss on the held-out pairs (the same pairs on every peer;
+        ``eval_metrics`` then adds reward accuracy and margin)."""
+        return self.objective.evaluate(max_batches)
+
+    @property
+    def eval_metrics(self) -> dict[str, float]:
+        """The last :meth:`evaluate`'s figures (``loss``; with dpo also ``reward_accuracy``,
+        ``reward_margin``, ``chosen_logp``)."""
+        return self.objective.metrics
 
     @_exclusive
     def close(self) -> None:
