@@ -17,6 +17,7 @@ import torch
 from swarmlm.model import Transformer
 from swarmlm.swarm.config import SwarmRunConfig, load_swarm_config
 from swarmlm.swarm.errors import SwarmError
+from swarmlm.swarm.objective import DPOObjective
 from swarmlm.swarm.simulate import LocalSwarm
 from swarmlm.swarm.worker import SwarmWorker
 from swarmlm.train import RunConfig
@@ -168,8 +169,10 @@ def test_each_peer_trains_on_its_own_disjoint_shard_of_pairs(
 ) -> None:
     swarm = make_dpo_swarm(prepared_data, tmp_path, init_lm, preferences, n=3)
     try:
-        shards = [w.objective.train for w in swarm.workers.values()]  # type: ignore[attr-defined]
-        held = [w.objective.held_out for w in swarm.workers.values()]  # type: ignore[attr-defined]
+        objectives = [w.objective for w in swarm.workers.values()]
+        assert all(isinstance(o, DPOObjective) for o in objectives)
+        shards = [o.train for o in objectives if isinstance(o, DPOObjective)]
+        held = [o.held_out for o in objectives if isinstance(o, DPOObjective)]
     finally:
         swarm.close()
     assert [len(s) for s in shards] == [64, 64, 64]  # 240 pairs, 48 held out, i % 3
