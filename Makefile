@@ -32,6 +32,7 @@ run: $(STAMP)
 		$(VENV)/bin/swarmlm node --config configs/node.yaml; \
 	else \
 		trap '$(LOCAL_SWARM) bash scripts/start_test_network.sh stop' EXIT; \
+		trap 'exit 130' INT TERM; \
 		$(LOCAL_SWARM) SWARMLM_NODE_ARGS="--config configs/node.yaml --set training.set=[\"swarm.expect_peers=$(NODES)\",\"swarm.rounds=200\"]" \
 			bash scripts/start_test_network.sh $(NODES) && \
 		echo "local swarm of $(NODES) up: http://127.0.0.1:8080 (Ctrl+C stops it)" && \
