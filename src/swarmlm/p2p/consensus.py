@@ -114,6 +114,7 @@ class _Round:
     waiting: set[str] = field(default_factory=set)  # asked us for the decision before we had it
     decided: Decision | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    active: asyncio.Event = field(default_factory=asyncio.Event)  # a contribution arrived
 
     @property
     def n(self) -> int:
@@ -204,6 +205,7 @@ class RoundProtocol:
             self._round_payloads.setdefault(round, set()).add(digest)
             msg = self.node.sign("contrib", {"digest": digest, "size": len(payload)}, round)
             st.contribs[me] = msg
+            st.active.set()
             self._send(msg, st.members)
             self._push_payload(st, digest, payload)
             self._progress(st)
@@ -388,6 +390,7 @@ class RoundProtocol:
                 self._record_equivocation(old, msg)
             return
         st.contribs[msg.sender] = msg
+        st.active.set()
         self.node.blobs.expect(digest)
         self._round_payloads.setdefault(st.round, set()).add(digest)
         if self.node.blobs.refused.pop(digest, 0) is None:
@@ -491,6 +494,7 @@ class RoundProtocol:
                 self._record_equivocation(mine, c)  # it told the leader something else
             elif mine is None:
                 st.contribs[c.sender] = c
+                st.active.set()
                 self.node.blobs.expect(c.body["digest"])
                 self._round_payloads.setdefault(st.round, set()).add(c.body["digest"])
             peers.append(c.sender)
@@ -907,6 +911,21 @@ class RoundProtocol:
         self._progress(st)
 
     async def _timer(self, st: _Round) -> None:
+        # View 0's clock starts with the round's first contribution. Before it no leader can
+        # propose in any view, so a timeout would only rotate leaders while every member is
+        # still computing (a swarm's local phase can take minutes); keep asking for the
+        # decision meanwhile, in case the others decided without us.
+        while st.decided is None and not st.active.is_set():
+            waits = [asyncio.ensure_future(e.wait()) for e in (st.done, st.active)]
+            try:
+                await asyncio.wait(
+                    waits, timeout=self.cfg.round_timeout, return_when="FIRST_COMPLETED"
+                )
+            finally:
+                for w in waits:
+                    w.cancel()
+            if st.decided is None and not st.active.is_set():
+                self._request_decided(st.round, None)
         while st.decided is None:
             factor = min(2**st.view, MAX_VIEW_TIMEOUT_FACTOR)
             view = st.view
