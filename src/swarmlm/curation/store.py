@@ -108,6 +108,18 @@ class _ScoreChange:
     agreed: bool | None = None
 
 
+def _score_agreement(
+    changes: dict[int, _ScoreChange], schema: Any, labels: list[tuple[int, Any]], label: Any
+) -> None:
+    """Mark who agreed with a finalised task's consensus and award their points."""
+    for aid, value in labels:
+        agreed = quality.agrees(schema, value, label)
+        ch = changes.setdefault(aid, _ScoreChange())
+        ch.agreed = agreed
+        if agreed:
+            ch.points.append((POINTS_FOR_AGREEMENT, "agreed with consensus"))
+
+
 def _rowcount(result: Any) -> int:
     """Rows matched by an UPDATE/DELETE (``Result`` is typed without ``rowcount``)."""
     return int(result.rowcount)
@@ -1231,12 +1243,9 @@ class CurationStore:
             (sql.json(result.label), result.agreement, task_id),
         )
         if result.label is not None:
-            for aid, value, _ in rows:
-                agreed = quality.agrees(schema, value, result.label)
-                ch = changes.setdefault(aid, _ScoreChange())
-                ch.agreed = agreed
-                if agreed:
-                    ch.points.append((POINTS_FOR_AGREEMENT, "agreed with consensus"))
+            _score_agreement(
+                changes, schema, [(aid, value) for aid, value, _ in rows], result.label
+            )
         return True
 
     # -- reading back ---------------------------------------------------------------------
@@ -1903,10 +1912,7 @@ class CurationStore:
         if not final or status == "finalised":
             return False
         if result.label is not None:
-            for _, aid, value in rows:
-                agreed = quality.agrees(schema, value, result.label)
-                ch = changes.setdefault(aid, _ScoreChange())
-                ch.agreed = agreed
-                if agreed:
-                    ch.points.append((POINTS_FOR_AGREEMENT, "agreed with consensus"))
+            _score_agreement(
+                changes, schema, [(aid, value) for _, aid, value in rows], result.label
+            )
         return True
