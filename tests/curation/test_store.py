@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -587,11 +588,20 @@ def test_two_processes_writing_one_database_neither_deadlock_nor_lose_writes(
 
     def work(uid: int) -> None:
         try:
+            deadline = time.monotonic() + 60
             while True:
                 # alternate processes per request, as a load balancer would
                 lt = (first if len(acked) % 2 else second).next_task(uid, ts_id)
                 if lt is None:
-                    return
+                    # Nothing for us right now, but a task whose last annotation is still
+                    # in flight may yet ask for one more (low agreement): an annotator who
+                    # left early would strand it. Come back until every task is final.
+                    if time.monotonic() > deadline or all(
+                        t.status == "finalised" for t in first.list_tasks(ts_id)
+                    ):
+                        return
+                    time.sleep(0.01)
+                    continue
                 store = second if uid % 2 else first
                 r = store.submit(uid, lt.task_id, "pos" if uid % 3 else "neg", 5)
                 with lock:
