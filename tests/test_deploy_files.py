@@ -85,14 +85,11 @@ def node_config(argv: list[str], where: str, config_file: Path | None = None) ->
 
 
 def advertised_host(argv: list[str]) -> str | None:
-    """The p2p address host a node tells peers to dial: ``p2p.advertise_host`` from a
-    ``--set training.set=[...]`` override, else the ``--host`` it binds."""
+    """The p2p address host a node tells peers to dial: the ``advertise_host`` of its config
+    (``--set advertise_host=...``), else the ``--host`` it binds."""
     for i, arg in enumerate(argv[:-1]):
-        if arg == "--set" and argv[i + 1].startswith("training.set="):
-            for item in json.loads(argv[i + 1].split("=", 1)[1]):
-                key, _, value = item.partition("=")
-                if key == "p2p.advertise_host":
-                    return str(value)
+        if arg == "--set" and argv[i + 1].startswith("advertise_host="):
+            return argv[i + 1].split("=", 1)[1]
     return flag(argv, "--host")
 
 
@@ -325,7 +322,8 @@ def test_compose_command_and_healthcheck_parse_with_the_real_cli(service: str) -
     cfg = node_config(argv, f"docker-compose.yml service {service} command")
     assert cfg.node_id == service
     p2p = swarm_p2p_of(cfg)
-    assert (p2p.advertise_host or cfg.host) == service, "the node must advertise a dialable name"
+    advertised = cfg.advertise_host or p2p.advertise_host or cfg.host
+    assert advertised == service, "the node must advertise a dialable name"
     test = svc.get("healthcheck", {}).get("test")
     if test is None:
         # The image's HEALTHCHECK applies: it probes 127.0.0.1:8080 inside the container.
@@ -347,7 +345,7 @@ def test_compose_nodes_bootstrap_into_one_connected_swarm_with_no_coordinator() 
         argv = compose_command(svc)
         # Peers dial the address a node advertises: it must be a name the network resolves.
         assert advertised_host(argv) == name, (
-            f"{name}: must advertise its own service name (p2p.advertise_host) so peers can dial it"
+            f"{name}: must advertise its own service name (advertise_host) so peers can dial it"
         )
         p2p_port[name] = int(flag(argv, "--p2p-port") or 7777)
     for name, svc in services.items():

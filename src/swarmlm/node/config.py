@@ -112,6 +112,11 @@ class NodeConfig(BaseModel):
     node_id: str = Field(description="this node's name (letters, digits, '._-', up to 64)")
     type: NodeType = Field(default="full", description="which components run (see TYPE_DEFAULTS)")
     host: str = Field(default="127.0.0.1", description="address the p2p and web servers bind")
+    advertise_host: str | None = Field(
+        default=None,
+        description="address peers should dial (e.g. a container's service name when host "
+        "is 0.0.0.0); None = host",
+    )
     p2p_port: int = Field(default=7777, ge=0, le=65535, description="p2p port (0 = any free)")
     web_port: int = Field(default=8080, ge=0, le=65535, description="web port (0 = any free)")
     bootstrap_peers: list[str] = Field(

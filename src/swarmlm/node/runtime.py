@@ -227,6 +227,7 @@ class NodeRuntime:
         sets += [
             f"p2p.host={json.dumps(cfg.host)}",
             f"p2p.port={cfg.p2p_port}",
+            f"p2p.advertise_host={json.dumps(cfg.advertise_host)}",
             "p2p.bootstrap=" + json.dumps(cfg.bootstrap_peers),
             "p2p.node_dir=" + json.dumps(str(self.dir / "identity")),
             "train.out_dir=" + json.dumps(str(self.dir / "train")),
