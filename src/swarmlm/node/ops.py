@@ -118,6 +118,12 @@ def p2p_component(
     )
 
 
+def _staleness(last: float | None, started_at: float, stale_after_s: float, now: float) -> Status:
+    """Degraded once nothing happened for ``stale_after_s`` (counted from start at first)."""
+    age = now - (last if last is not None else started_at)
+    return "ok" if age <= stale_after_s else "degraded"
+
+
 def rounds_component(
     metrics: NodeMetrics,
     stale_after_s: float,
@@ -128,8 +134,7 @@ def rounds_component(
     """Degraded when no round was decided for ``stale_after_s`` (counted from start at first)."""
     now = time.time() if now is None else now
     last, at = metrics.last_round_number, metrics.last_round_at
-    age = now - (at if at is not None else started_at)
-    status: Status = "ok" if age <= stale_after_s else "degraded"
+    status = _staleness(at, started_at, stale_after_s, now)
     return component(
         status,
         required,
@@ -164,8 +169,7 @@ def training_component(
     """Degraded when no training progress was reported for ``stale_after_s``."""
     now = time.time() if now is None else now
     last = metrics.last_progress_time
-    age = now - (last if last is not None else started_at)
-    status: Status = "ok" if age <= stale_after_s else "degraded"
+    status = _staleness(last, started_at, stale_after_s, now)
     rate = metrics.step_rate(now)
     return component(
         status,

@@ -91,7 +91,6 @@ class NodeRuntime:
         self._training_state = "off"
         self._training_error: str | None = None
         self._last_round: dict[str, Any] | None = None
-        self._last_round_at: float | None = None
         self._curve: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self._sampling = False
         self._sampled_rounds: set[int] = set()
@@ -110,18 +109,24 @@ class NodeRuntime:
             with contextlib.suppress(RuntimeError):  # only settable before parallel work
                 torch.set_num_interop_threads(max(1, min(threads, 4)))
 
+    def _memory(self) -> tuple[int, bool]:
+        """Resident bytes, and whether they exceed ``max_memory_mb``."""
+        rss = self._process.memory_info().rss
+        limit = self.cfg.max_memory_mb
+        return rss, limit is not None and rss > limit * 2**20
+
     def _over_memory(self, what: str) -> bool:
         """Above ``max_memory_mb`` optional work (sampling) is skipped, and said so."""
-        limit = self.cfg.max_memory_mb
-        if limit is None or self._process.memory_info().rss <= limit * 2**20:
+        if not self._memory()[1]:
             return False
-        log.warning("resident memory above max_memory_mb=%d: skipping %s", limit, what)
+        log.warning(
+            "resident memory above max_memory_mb=%d: skipping %s", self.cfg.max_memory_mb, what
+        )
         return True
 
     def resources(self) -> dict[str, Any]:
-        mem = self._process.memory_info().rss
+        mem, over = self._memory()
         limit = self.cfg.max_memory_mb
-        over = limit is not None and mem > limit * 1024 * 1024
         return {
             "status": "degraded" if over else "ok",
             "rss_mb": round(mem / 2**20, 1),
@@ -547,7 +552,6 @@ class NodeRuntime:
     def _on_round(self, ev: dict[str, Any]) -> None:
         now = time.time()
         self._last_round = ev
-        self._last_round_at = now
         reputation: dict[str, float] = {}
         worker = getattr(self.swarm, "worker", None)
         if worker is not None:
@@ -682,7 +686,7 @@ class NodeRuntime:
         if self.swarm is not None:
             proto = getattr(self.swarm, "proto", None)
             last = proto.last_decided if proto is not None else 0
-            since = self._last_round_at
+            since = self.metrics.last_round_at if self.metrics is not None else None
             age = None if since is None else round(time.time() - since, 1)
             assert self.swarm_cfg is not None
             stale = (
