@@ -271,3 +271,32 @@ def test_crafted_payloads_decode_to_finite_values_or_raise_codec_errors_only(
     except CodecError:
         return
     assert bool(torch.isfinite(out).all())
+
+
+def _frame_body(codec_id: int, shape: tuple[int, ...], body: bytes, flags: int = 0) -> bytes:
+    """A well-formed frame around a hand-made body (valid checksum)."""
+    head = struct.pack("<4sBBBBQ", MAGIC, 1, codec_id, len(shape), flags, len(body))
+    data = head + struct.pack(f"<{len(shape)}Q", *shape) + body
+    return data + struct.pack("<I", zlib.crc32(data))
+
+
+def _zstd_frame_claiming(size: int) -> bytes:
+    """A tiny, valid zstd frame whose header claims ``size`` decompressed bytes (one raw
+    1-byte block): decompressors that trust the header allocate ``size`` up front."""
+    return b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + struct.pack("<Q", size) + b"\x09\x00\x00\x01"
+
+
+def test_a_zstd_section_claiming_a_huge_size_is_refused_before_allocating() -> None:
+    # top-k body: k, value kind (float32), index header (first, width, zstd flag, length),
+    # the index bytes, then k float32 values. k = 10 needs 9 one-byte deltas; the frame
+    # claims a terabyte. Before the fix the receiver raised MemoryError (a crash), not a
+    # CodecError.
+    section = _zstd_frame_claiming(1 << 40)
+    body = (
+        struct.pack("<QB", 10, 0)
+        + struct.pack("<QBBQ", 0, 1, 1, len(section))
+        + section
+        + struct.pack("<10f", *range(10))
+    )
+    with pytest.raises(CorruptPayloadError, match="indices"):
+        decode(_frame_body(5, (100,), body))

@@ -271,6 +271,33 @@ def _check_block_size(codec: str, block_size: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# zstd sections
+
+
+def _unzstd(codec: str, raw: bytes | memoryview, limit: int, field: str) -> bytes:
+    """Decompress a zstd section of at most ``limit`` bytes from a peer.
+
+    The frame header's claimed size is checked before decompressing: python-zstandard
+    allocates whatever a header claims and ignores ``max_output_size`` then, so a 20-byte
+    frame claiming a terabyte raised ``MemoryError`` (a crash, not a refusal).
+    """
+    data = bytes(raw)
+    try:
+        claimed = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise CorruptPayloadError(f"{codec} payload {field}: not a zstd frame ({exc})") from exc
+    if limit <= 0 or claimed > limit:
+        raise CorruptPayloadError(
+            f"{codec} payload {field}: zstd frame claims {claimed} bytes, at most {limit} fit"
+        )
+    try:
+        # claimed == -1 (size not in the header): max_output_size bounds the allocation
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
+    except zstandard.ZstdError as exc:
+        raise CorruptPayloadError(f"{codec} payload {field} fail zstd: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
 # sparse index encoding
 
 
@@ -303,10 +330,7 @@ def _decode_indices(r: _Reader, k: int, numel: int) -> Tensor:
     raw: bytes | memoryview = r.take(nbytes, "indices")
     expected = max(k - 1, 0) * width
     if zflag:
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(bytes(raw), max_output_size=expected)
-        except zstandard.ZstdError as exc:
-            raise CorruptPayloadError(f"{r.codec} payload indices fail zstd: {exc}") from exc
+        raw = _unzstd(r.codec, raw, expected, "indices")
     if len(raw) != expected:
         raise CorruptPayloadError(
             f"{r.codec} payload index section holds {len(raw)} bytes, expected {expected} for k={k}"
