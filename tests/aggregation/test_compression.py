@@ -300,3 +300,54 @@ def test_a_zstd_section_claiming_a_huge_size_is_refused_before_allocating() -> N
     )
     with pytest.raises(CorruptPayloadError, match="indices"):
         decode(_frame_body(5, (100,), body))
+
+
+def test_int8_with_zstd_decodes_to_the_same_values_in_fewer_bytes() -> None:
+    # A pseudo-gradient-like vector: most values small against each block's extremes.
+    gen = torch.Generator().manual_seed(4)
+    x = torch.distributions.Laplace(0.0, 0.01).sample((100_000,)) * (
+        1 + torch.rand(100_000, generator=gen)
+    )
+    plain = get_codec("int8", block_size=1024).encode(x)
+    packed = get_codec("int8", block_size=1024, zstd=True).encode(x)
+    assert payload_codec(packed) == "int8"
+    torch.testing.assert_close(decode(packed), decode(plain), rtol=0, atol=0)
+    assert len(packed) < 0.95 * len(plain)
+    # Incompressible bodies are sent as they are (no flag, no growth).
+    tiny = torch.randn(3)
+    assert get_codec("int8", zstd=True).encode(tiny) == get_codec("int8").encode(tiny)
+
+
+def test_a_compressed_body_must_state_a_plausible_size() -> None:
+    int8 = 3
+    with pytest.raises(CorruptPayloadError, match="claims"):
+        decode(_frame_body(int8, (100,), _zstd_frame_claiming(1 << 40), flags=1))
+    with pytest.raises(CorruptPayloadError, match="not a zstd frame"):
+        decode(_frame_body(int8, (100,), b"definitely not zstd", flags=1))
+    import zstandard
+
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 200)
+    with pytest.raises(CorruptPayloadError, match="does not state its size"):
+        decode(_frame_body(int8, (100,), unsized, flags=1))
+    with pytest.raises(CorruptPayloadError, match="flags=2"):
+        decode(_frame_body(int8, (100,), b"\0" * 8, flags=2))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 255)), min_size=1, max_size=4),
+)
+def test_crafted_zstd_int8_payloads_decode_to_finite_values_or_raise_codec_errors(
+    edits: list[tuple[int, int]],
+) -> None:
+    x = torch.randn(2000, generator=torch.Generator().manual_seed(5)).pow(3)
+    payload = bytearray(get_codec("int8", block_size=1024, zstd=True).encode(x)[:-4])
+    assert payload[7] == 1  # the body is compressed
+    for pos, value in edits:
+        payload[4 + pos % (len(payload) - 4)] = value
+    data = bytes(payload) + struct.pack("<I", zlib.crc32(bytes(payload)))
+    try:
+        out = decode(data, max_numel=100_000)
+    except CodecError:
+        return
+    assert bool(torch.isfinite(out).all())

@@ -31,6 +31,8 @@ def test_overrides_reach_nested_fields() -> None:
     ("override", "named"),
     [
         ("swarm.codec=zip", "unknown codec 'zip'"),
+        ('swarm.codec_params={"block_size": 0}', "block_size must be an int"),
+        ('swarm.codec_params={"levels": 3}', "codec 'int8': bad parameters"),
         ("swarm.aggregator=vote", "swarm.aggregator 'vote' is unknown"),
         ("swarm.mode=gossip", "swarm.mode"),
         ("swarm.inner_steps=0", "swarm.inner_steps"),

@@ -159,3 +159,20 @@ def test_members_missing_from_the_decided_set_lose_reputation() -> None:
     assert all(rep.absent == [peer_id(3)] for rep in reports)
     assert es[0].reputation[peer_id(3)] == pytest.approx(0.81)
     assert len({e.state_digest() for e in es}) == 1
+
+
+def test_default_int8_contributions_cost_under_one_byte_a_parameter() -> None:
+    # The int8 payload of a DiLoCo pseudo-gradient: blocks of 1024 values and zstd on top
+    # (benchmarks/swarm.py needs < 1 byte a value to send 200x fewer bytes than float32
+    # gradients every step). Explicit codec_params still win over the swarm defaults.
+    layout = ParamLayout(("w",), ((20_000,),))
+    gen = torch.Generator().manual_seed(3)
+    update = torch.randn(20_000, generator=gen).pow(3) * 1e-3  # heavy-tailed, as they are
+
+    def payload_bytes(**cfg: Any) -> int:
+        e = RoundEngine(SwarmConfig(**cfg), layout, torch.zeros(20_000), OptimConfig())
+        return len(e.contribution(1, update, 4))
+
+    assert payload_bytes() < 0.95 * 20_000
+    assert payload_bytes(codec_params={"zstd": False}) > 20_000
+    assert payload_bytes(codec_params={"block_size": 64, "zstd": False}) > 1.06 * 20_000

@@ -11,8 +11,8 @@ Wire format, version 1 (all integers little-endian)::
     version u8       1
     codec   u8       codec id (see CODEC_IDS)
     ndim    u8       0..8
-    flags   u8       0 (reserved)
-    body    u64      length of the codec body in bytes
+    flags   u8       bit 0: the body is one zstd frame (see below); other bits 0 (reserved)
+    body    u64      length of the (possibly zstd-compressed) codec body in bytes
     shape   ndim x u64
     body    codec-specific (below)
     crc32   u32      zlib.crc32 of every preceding byte
@@ -23,7 +23,10 @@ Codecs and their documented error bounds (``x`` input, ``y = decode(encode(x))``
 * ``fp16``: ``|y - x| <= max(|x| * 2**-11, 2**-25)``; refuses ``|x| > 65504``.
 * ``bf16``: ``|y - x| <= max(|x| * 2**-8, 2**-134)``; refuses values that round to infinity.
 * ``int8``: blocks of ``block_size`` values share a float32 scale ``absmax / 127``;
-  ``|y - x| <= absmax(block) / 254`` (plus float32 rounding, relative 1e-6).
+  ``|y - x| <= absmax(block) / 254`` (plus float32 rounding, relative 1e-6). With
+  ``zstd=True`` the body is zstd-compressed when that makes it smaller (flag bit 0): the
+  quantised values of a pseudo-gradient are far from uniform over the 255 levels (about
+  7.2 bits of entropy with blocks of 1024), so this saves 5-10 % of the bytes, exactly.
 * ``int4``: as int8 with levels -7..7; ``|y - x| <= absmax(block) / 14``.
 * ``topk``: keeps the ``k = ceil(fraction * numel)`` largest magnitudes exactly;
   every dropped value has ``|x| <= min kept |x|``, so ``|y - x| <= min kept |x|``.
@@ -34,6 +37,10 @@ Codecs and their documented error bounds (``x`` input, ``y = decode(encode(x))``
 * ``powersgd``: rank-``r`` approximation ``P Q^T`` of the tensor viewed as a matrix
   (one power iteration, warm-started from the previous round's ``Q`` when a state dict is
   passed); ``|y - x|_F <= |x|_F`` and exact when the matrix has rank <= r.
+
+Compressed bodies (flag bit 0) must name their decompressed size in the zstd frame header,
+at most ``16 x numel + 4096`` bytes (more than any codec's body), which the decoder checks
+before decompressing.
 
 Sparse bodies store sorted indices as the first index (u64) plus deltas in the narrowest of
 1/2/4/8 bytes, compressed with zstd when that makes them smaller.
@@ -69,6 +76,7 @@ MAX_NDIM = 8
 DEFAULT_MAX_NUMEL = 1 << 28
 
 _HEADER = struct.Struct("<4sBBBBQ")
+FLAG_ZSTD_BODY = 1
 _CRC = struct.Struct("<I")
 
 CODEC_IDS: dict[str, int] = {
@@ -91,8 +99,13 @@ State = dict[str, Tensor]
 # framing
 
 
-def _frame(codec_id: int, shape: tuple[int, ...], body: bytes) -> bytes:
-    head = _HEADER.pack(MAGIC, FORMAT_VERSION, codec_id, len(shape), 0, len(body))
+def _frame(codec_id: int, shape: tuple[int, ...], body: bytes, zstd: bool = False) -> bytes:
+    flags = 0
+    if zstd and body:
+        packed = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(body)
+        if len(packed) < len(body):
+            body, flags = packed, FLAG_ZSTD_BODY
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, codec_id, len(shape), flags, len(body))
     dims = struct.pack(f"<{len(shape)}Q", *shape)
     data = b"".join((head, dims, body))
     return data + _CRC.pack(zlib.crc32(data))
@@ -136,7 +149,7 @@ def _unframe(data: bytes | bytearray | memoryview, max_numel: int) -> _Frame:
     name = _CODEC_NAMES.get(codec_id)
     if name is None:
         raise CorruptPayloadError(f"payload names unknown codec id {codec_id}")
-    if ndim > MAX_NDIM or flags != 0:
+    if ndim > MAX_NDIM or flags & ~FLAG_ZSTD_BODY:
         raise CorruptPayloadError(f"payload header invalid: ndim={ndim}, flags={flags}")
     expected = _HEADER.size + 8 * ndim + body_len + _CRC.size
     if expected != len(view):
@@ -150,7 +163,22 @@ def _unframe(data: bytes | bytearray | memoryview, max_numel: int) -> _Frame:
             f"payload claims shape {shape} ({numel} elements), above the limit {max_numel}"
         )
     start = _HEADER.size + 8 * ndim
-    return _Frame(name, tuple(int(s) for s in shape), view[start : start + body_len])
+    body = view[start : start + body_len]
+    if flags & FLAG_ZSTD_BODY:
+        body = memoryview(_zstd_body(name, body, numel))
+    return _Frame(name, tuple(int(s) for s in shape), body)
+
+
+def _zstd_body(codec: str, body: memoryview, numel: int) -> bytes:
+    """Decompress a flagged body; its frame must state its size, within what any codec's
+    body of ``numel`` values can take (the codec's own decoder then checks it exactly)."""
+    try:
+        claimed = zstandard.frame_content_size(bytes(body[:18]))
+    except zstandard.ZstdError as exc:
+        raise CorruptPayloadError(f"{codec} payload body: not a zstd frame ({exc})") from exc
+    if claimed < 0:
+        raise CorruptPayloadError(f"{codec} payload body: zstd frame does not state its size")
+    return _unzstd(codec, body, 16 * numel + 4096, "body")
 
 
 class _Reader:
@@ -366,11 +394,13 @@ class Codec:
     """
 
     name: ClassVar[str] = ""
+    #: zstd-compress the whole body when that makes it smaller (frame flag bit 0)
+    zstd_body: bool = False
 
     def encode(self, x: Tensor, state: State | None = None) -> bytes:
         flat = _check_input(x, self.name)
         body = self._encode_body(flat, tuple(x.shape), state)
-        return _frame(CODEC_IDS[self.name], tuple(x.shape), body)
+        return _frame(CODEC_IDS[self.name], tuple(x.shape), body, self.zstd_body)
 
     def decode(
         self, data: bytes | bytearray | memoryview, max_numel: int = DEFAULT_MAX_NUMEL
@@ -448,13 +478,15 @@ class BFloat16Codec(Codec):
 
 
 class Int8BlockCodec(Codec):
-    """Block-wise absmax int8: 1 byte a value plus a float32 scale per block."""
+    """Block-wise absmax int8: 1 byte a value plus a float32 scale per block; ``zstd``
+    compresses the body losslessly on top (kept only when smaller)."""
 
     name = "int8"
     levels: ClassVar[int] = 127
 
-    def __init__(self, block_size: int = 64) -> None:
+    def __init__(self, block_size: int = 64, zstd: bool = False) -> None:
         self.block_size = _check_block_size(self.name, block_size)
+        self.zstd_body = bool(zstd)
 
     def _encode_body(self, flat: Tensor, shape: tuple[int, ...], state: State | None) -> bytes:
         scales, q = _quantize_blocks(flat, self.block_size, self.levels)
@@ -474,7 +506,7 @@ class Int8BlockCodec(Codec):
         return _dequantize_blocks(q, scales, block_size)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(block_size={self.block_size})"
+        return f"{type(self).__name__}(block_size={self.block_size}, zstd={self.zstd_body})"
 
 
 class Int4BlockCodec(Int8BlockCodec):

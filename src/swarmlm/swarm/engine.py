@@ -128,7 +128,7 @@ class RoundEngine:
         self.momenta: dict[str, Tensor] = {}
         self.last_seen: dict[str, int] = {}
         self.reputation: dict[str, float] = {}
-        self.feedback = ErrorFeedback(get_codec(cfg.codec, **cfg.codec_params))
+        self.feedback = ErrorFeedback(get_codec(cfg.codec, **cfg.codec_kwargs()))
         self._blob: bytes | None = None
         self._digest: bytes | None = None
         # last round's decoded contributions, kept only for the simulated ALIE attacker
