@@ -101,6 +101,12 @@ class SwarmConfig(BaseModel):
     outer_lr: float = Field(default=0.7, gt=0, description="outer SGD learning rate (diloco)")
     outer_momentum: float = Field(default=0.5, ge=0, lt=1, description="outer momentum (diloco)")
     nesterov: bool = Field(default=True, description="Nesterov form of the outer momentum")
+    keep_unsent: bool = Field(
+        default=True,
+        description="diloco: start each local phase from the consensus minus this peer's "
+        "error-feedback residual (progress it made but has not sent), so a lossy codec "
+        "neither drops nor repeats it; false: restart from the consensus",
+    )
     alpha: float = Field(
         default=0.5, ge=0, le=1, description="cooperative: weight of the peer's own update"
     )

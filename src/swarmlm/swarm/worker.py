@@ -193,6 +193,18 @@ class SwarmWorker:
             # consensus state redid it, and the delayed outer steps then took it twice
             # (the run diverged at H = 50). The update stays relative to that new start.
             start = start - pending[1]
+        elif (
+            sw.mode == "diloco"
+            and sw.keep_unsent
+            and not sw.overlap
+            and self.engine.feedback.residual is not None
+        ):
+            # The residual is progress we made but have not sent. Restarting from the
+            # consensus threw it away, the inner steps redid it, and error feedback then
+            # added it a second time (top-10 %: worse than no error feedback). Continuing
+            # from consensus - residual makes update + residual our whole displacement from
+            # the consensus, which is what the codec then encodes: each step of progress once.
+            start = start - self.engine.feedback.residual
         load_flat_params(self.model, self.layout, start)
         self.model.train()
         t0 = time.perf_counter()
