@@ -38,6 +38,10 @@ class RunSettings(_Strict):
     optim: OptimConfig = Field(default_factory=_default_optim)
     grad_clip: float | None = Field(default=1.0, gt=0)
     warmup_steps: int = Field(default=0, ge=0, description="linear learning-rate warm-up")
+    lr_decay: Literal["constant", "linear", "cosine"] = Field(
+        default="constant",
+        description="learning rate after warm-up: constant, or decayed to 0 at the last step",
+    )
 
 
 class PairDataSettings(_Strict):

@@ -150,7 +150,8 @@ def train_dpo(
     eval_ref = precompute_reference(ref, eval_data, average=average) if eval_data else None
     del ref
 
-    optimizer, schedule = build_optimizer(policy, cfg)
+    total = steps_for(len(train_data), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    optimizer, schedule = build_optimizer(policy, cfg, total)
     step = 0
     ckpt = resume_checkpoint(cfg, "dpo", resume)
     if ckpt is not None:
@@ -158,7 +159,6 @@ def train_dpo(
         optimizer.load_state_dict(ckpt.trainer_state["optimizer"])
         schedule.load_state_dict(ckpt.trainer_state["schedule"])
         step = ckpt.step
-    total = steps_for(len(train_data), cfg.batch_size, cfg.epochs, cfg.max_steps)
     base_cfg = base_config(base_ckpt)
     last_eval: dict[str, float] = {}
 

@@ -133,7 +133,8 @@ def train_reward_model(
     rm = RewardModel(Transformer(without_dropout(lm.cfg)))
     rm.backbone.load_state_dict(lm.state_dict())
     del lm
-    optimizer, schedule = build_optimizer(rm, cfg)
+    total = steps_for(len(train_data), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    optimizer, schedule = build_optimizer(rm, cfg, total)
     step = 0
     ckpt = resume_checkpoint(cfg, "reward", resume)
     if ckpt is not None:
@@ -143,7 +144,6 @@ def train_reward_model(
         step = ckpt.step
         log.info("resumed reward model from %s at step %d", ckpt.path, step)
 
-    total = steps_for(len(train_data), cfg.batch_size, cfg.epochs, cfg.max_steps)
     base_cfg = base_config(base_ckpt)
     last_eval: dict[str, float] = {}
     path = None

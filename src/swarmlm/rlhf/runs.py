@@ -4,8 +4,9 @@ format, deterministic batch order (so a resumed run sees the same batches), prog
 from __future__ import annotations
 
 import logging
+import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,35 @@ def seed_all(seed: int) -> None:
 
 
 def build_optimizer(
-    module: nn.Module, cfg: RunSettings
+    module: nn.Module, cfg: RunSettings, total_steps: int | None = None
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """The trainer's AdamW (norms and biases not decayed) with a linear warm-up."""
+    """The trainer's AdamW (norms and biases not decayed) with a linear warm-up, then
+    ``cfg.lr_decay``. A decayed run ends near a low learning rate, so its last weights are not
+    one noisy full-size step away from where they settled; decay needs ``total_steps``."""
     optimizer = build_adamw(module, cfg.optim)
-    warm = cfg.warmup_steps
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(cfg.warmup_steps, cfg.lr_decay, total_steps)
+    )
+
+
+def lr_factor(warmup: int, decay: str, total_steps: int | None) -> Callable[[int], float]:
+    """Multiplier of the base learning rate for the update after ``step`` scheduler steps."""
+    if decay != "constant" and total_steps is None:
+        raise ValueError(f"lr_decay={decay!r} needs the run's total step count")
+    total = total_steps or 1
 
     def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if decay == "constant":
+            return 1.0
+        span = max(1, total - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        if decay == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
 
 
 def clip_gradients(module: nn.Module, max_norm: float | None) -> float:
