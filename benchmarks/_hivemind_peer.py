@@ -145,7 +145,7 @@ def main() -> int:
     )
     emit("eval", step=0, epoch=opt.local_epoch, val_loss=evaluate(model, val, cfg))
     clip = cfg.train.grad_clip
-    compute_s = 0.0
+    compute_s = eval_s = 0.0
     t_loop = time.perf_counter()
     try:
         for step in range(1, steps + 1):
@@ -163,7 +163,10 @@ def main() -> int:
             opt.step()  # local AdamW step; averaging when the swarm reached the target batch
             opt.zero_grad()
             if step % args.inner_steps == 0 or step == steps:
-                emit("eval", step=step, epoch=opt.local_epoch, val_loss=evaluate(model, val, cfg))
+                t0 = time.perf_counter()
+                loss = evaluate(model, val, cfg)
+                eval_s += time.perf_counter() - t0
+                emit("eval", step=step, epoch=opt.local_epoch, val_loss=loss)
         loop_s = time.perf_counter() - t_loop
         emit(
             "done",
@@ -171,6 +174,7 @@ def main() -> int:
             epoch=opt.local_epoch,
             val_loss=evaluate(model, val, cfg),
             compute_s=round(compute_s, 3),
+            eval_s=round(eval_s, 3),
             loop_s=round(loop_s, 3),
             averagings=watcher.ok,
             averaging_failures=watcher.failed,

@@ -33,9 +33,12 @@ initial weights (``train.seed``) and is evaluated on the same validation batches
 Measured per configuration: final validation loss (honest peers), bytes sent per peer (the
 swarm transport's own counter, cumulative, handshakes and protocol messages included; for
 DDP and hivemind an *estimate* from the all-reduce volume, marked as such), wall time (start
-of the processes to the last one done), and the compute share: seconds in local training
-(``compute_s`` of the round reports) over the wall time of the round loop (first round
-start to last round report, evaluations included in the denominator).
+of the processes to the last one done), and the compute share: seconds computing (local
+training, ``compute_s`` of the round reports, plus the evaluations, ``eval_s``) over the wall
+time of the round loop (first round start to last round report); the rest is waiting for
+rounds, applying them and checkpoints, each reported as its own share (``train_share`` is
+training alone). hivemind's peers count the same way (forward, backward and evaluation; its
+optimizer step, which holds the averaging, is not counted as computing).
 
 Run:  .venv/bin/python benchmarks/swarm.py [--quick] [--skip-hivemind] [--only c,d]
 Writes benchmarks/results/swarm.json and swarm.png (validation loss against bytes sent per
@@ -331,14 +334,19 @@ def summarise_swarm(
     res.bytes_per_peer = statistics.mean(
         float(rounds[i][max(rounds[i])]["bytes_sent"]) for i in honest
     )
-    shares, waits, applies = [], [], []
+    shares, train_shares, waits, applies, eval_shares, saves = [], [], [], [], [], []
     for i in honest:
         evs = [rounds[i][r] for r in sorted(rounds[i])]
         # the round loop starts after genesis (its evaluation is not part of the loop)
         loop = evs[-1]["time"] - genesis[i]["time"]
-        shares.append(sum(e["compute_s"] for e in evs) / loop)
+        # computing = local training plus the evaluations (forward passes on the same CPU);
+        # what is left is waiting for the round, applying it and writing checkpoints
+        shares.append(sum(e["compute_s"] + e.get("eval_s", 0.0) for e in evs) / loop)
+        train_shares.append(sum(e["compute_s"] for e in evs) / loop)
         waits.append(sum(e["wait_s"] for e in evs) / loop)
         applies.append(sum(e["apply_s"] for e in evs) / loop)
+        eval_shares.append(sum(e.get("eval_s", 0.0) for e in evs) / loop)
+        saves.append(sum(e.get("checkpoint_s", 0.0) for e in evs) / loop)
     res.compute_share = statistics.median(shares)
     hashes_equal = all(
         len({rounds[i][r]["params_sha256"] for i in honest if r in rounds[i]}) == 1
@@ -347,8 +355,11 @@ def summarise_swarm(
     ref = rounds[honest[0]]
     res.extra = {
         "rounds": last,
+        "train_share": statistics.median(train_shares),
+        "eval_share": statistics.median(eval_shares),
         "wait_share": statistics.median(waits),
         "apply_share": statistics.median(applies),
+        "checkpoint_share": statistics.median(saves),
         "compute_share_per_peer": shares,
         "honest_params_identical_every_round": hashes_equal,
         "rounds_with_all_accepted": sum(1 for e in ref.values() if e["accepted"] == PEERS),
@@ -610,7 +621,9 @@ def summarise_hivemind(
     res.curve = curve
     res.final_val_loss = float(evals[-1]["val_loss"]) if evals else None
     res.bytes_per_peer = statistics.mean(per_peer)
-    res.compute_share = statistics.median(d["compute_s"] / d["loop_s"] for d in done)
+    res.compute_share = statistics.median(
+        (d["compute_s"] + d.get("eval_s", 0.0)) / d["loop_s"] for d in done
+    )
     groups = [int(e["group_size"]) for e in averagings]
     res.extra = {
         "epochs_per_peer": [d["epoch"] for d in done],

@@ -280,11 +280,13 @@ class SwarmNode:
         if r % self.cfg.swarm.eval_every == 0 or r == self.cfg.swarm.rounds:
             loss = await asyncio.to_thread(worker.evaluate)
             self.result.last_loss = loss
+        t_evaluated = time.perf_counter()
         self.result.rounds = r
         if r % self.cfg.swarm.checkpoint_every == 0 or r == self.cfg.swarm.rounds:
             path = await asyncio.to_thread(worker.save_checkpoint, decision.members_next)
             self._checkpointed = r
             self._emit("checkpoint", round=r, path=str(path))
+        t_saved = time.perf_counter()
         self._emit(
             "round",
             round=r,
@@ -299,6 +301,8 @@ class SwarmNode:
             compute_s=round(pending.compute_s, 3),
             wait_s=round(t_decided - t_wait, 3),
             apply_s=round(t_applied - t_decided, 3),
+            eval_s=round(t_evaluated - t_applied, 3),
+            checkpoint_s=round(t_saved - t_evaluated, 3),
             bytes_sent=self.node.bytes_sent,
             payload_bytes=len(pending.payload),
             **_report_fields(report),
