@@ -212,35 +212,52 @@ def answer(profile: str, truth: int, rng: random.Random) -> int:
 # -- the clients --------------------------------------------------------------------------
 
 
-async def client_loop(
-    b: Backend, idx: int, stop_at: float, http: aiohttp.ClientSession, rng: random.Random
-) -> int:
-    """One annotator until ``stop_at`` (or until no task is left); returns submissions.
+class Annotator:
+    """One simulated annotator's HTTP calls (shared by the closed and the open loop).
 
     A submission counts as acknowledged only on HTTP 200 with an annotation id; any other
     status stops the benchmark (raise_for_status), so errors cannot pass for throughput.
     """
-    headers = {"authorization": f"Bearer {b.tokens[idx]}"}
-    tasks_url = f"{b.base}/api/tasks?task_set_id={b.task_set_id}"
-    submit_url = f"{b.base}/api/submit"
+
+    def __init__(
+        self, b: Backend, idx: int, http: aiohttp.ClientSession, rng: random.Random
+    ) -> None:
+        self.b, self.idx, self.http, self.rng = b, idx, http, rng
+        self.headers = {"authorization": f"Bearer {b.tokens[idx]}"}
+        self.tasks_url = f"{b.base}/api/tasks?task_set_id={b.task_set_id}"
+        self.submit_url = f"{b.base}/api/submit"
+
+    async def fetch(self) -> dict[str, Any] | None:
+        async with self.http.get(self.tasks_url, headers=self.headers) as r:
+            r.raise_for_status()
+            task: dict[str, Any] | None = (await r.json())["task"]
+            return task
+
+    async def submit(self, task: dict[str, Any]) -> None:
+        label = answer(self.b.profiles[self.idx], self.b.truth[task["external_id"]], self.rng)
+        body = {"task_id": task["task_id"], "value": CLASSES[label], "time_spent_ms": 800}
+        async with self.http.post(self.submit_url, json=body, headers=self.headers) as r:
+            r.raise_for_status()
+            ack = await r.json()
+        self.b.acked.append(int(ack["annotation_id"]))
+
+
+async def client_loop(
+    b: Backend, idx: int, stop_at: float, http: aiohttp.ClientSession, rng: random.Random
+) -> int:
+    """One annotator until ``stop_at`` (or until no task is left); returns submissions."""
+    who = Annotator(b, idx, http, rng)
     n = 0
     while time.monotonic() < stop_at and idx not in b.done_clients:
         t0 = time.perf_counter()
-        async with http.get(tasks_url, headers=headers) as r:
-            r.raise_for_status()
-            task = (await r.json())["task"]
+        task = await who.fetch()
         b.tasks_ms.append((time.perf_counter() - t0) * 1000)
         if task is None:
             b.done_clients.add(idx)
             break
-        label = answer(b.profiles[idx], b.truth[task["external_id"]], rng)
-        body = {"task_id": task["task_id"], "value": CLASSES[label], "time_spent_ms": 800}
         t0 = time.perf_counter()
-        async with http.post(submit_url, json=body, headers=headers) as r:
-            r.raise_for_status()
-            ack = await r.json()
+        await who.submit(task)
         b.submit_ms.append((time.perf_counter() - t0) * 1000)
-        b.acked.append(int(ack["annotation_id"]))
         n += 1
     return n
 
@@ -284,9 +301,7 @@ async def paced_loop(
     charged for the wait too (no coordinated omission: a late cycle does not postpone the
     clock it is measured against, as in wrk2).
     """
-    headers = {"authorization": f"Bearer {b.tokens[idx]}"}
-    tasks_url = f"{b.base}/api/tasks?task_set_id={b.task_set_id}"
-    submit_url = f"{b.base}/api/submit"
+    who = Annotator(b, idx, http, rng)
     n, k = 0, 0
     while True:
         due = start + k * interval
@@ -296,22 +311,15 @@ async def paced_loop(
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        async with http.get(tasks_url, headers=headers) as r:
-            r.raise_for_status()
-            task = (await r.json())["task"]
+        task = await who.fetch()
         out["tasks_ms"].append((time.monotonic() - due) * 1000)
         if task is None:
             raise RuntimeError("paced phase ran out of tasks (seed more)")
-        label = answer(b.profiles[idx], b.truth[task["external_id"]], rng)
-        body = {"task_id": task["task_id"], "value": CLASSES[label], "time_spent_ms": 800}
         t0 = time.monotonic()
-        async with http.post(submit_url, json=body, headers=headers) as r:
-            r.raise_for_status()
-            ack = await r.json()
+        await who.submit(task)
         now = time.monotonic()
         out["submit_ms"].append((now - t0) * 1000)
         out["cycle_ms"].append((now - due) * 1000)
-        b.acked.append(int(ack["annotation_id"]))
         n += 1
 
 
