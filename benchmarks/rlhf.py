@@ -34,16 +34,17 @@ could not teach the lexicon:
   word occurrences over 77 distinct words: most words were seen a handful of times. An ideal
   bag-of-words Bradley-Terry learner on the same pairs scored 0.62 (5-fold, judged by truth);
 * the judge's temperature (0.05) is about one word's weight in 19 words (0.053), so a
-  one-word difference was judged right 74 % of the time; consensus labels agreed with the
-  truth on 84-86 % of the informative pairs, and ties (half the tasks) were thrown away.
+  one-word difference was judged right 74 % of the time before lapses; consensus labels
+  agreed with the truth on 84-86 % of the informative pairs, and ties (half the tasks) were
+  thrown away.
 
 What changed, each checked on dev pairs drawn from other prompts (never the held-out set):
-16-token responses (a one-word difference weighs 0.1: judged right ~88 % of the time);
+16-token responses (a one-word difference weighs 0.1: judged right 88 % of the time before lapses);
 rankings of 6 responses (one judgement gives 15 comparisons, as in InstructGPT's K = 4..9);
 the unanimity filter (label accuracy on informative pairs 0.99, where the platform's
-consensus order of a ranking also orders equally good responses and scored 0.85 vs 0.90 on
-dev at equal data); a base LM trained 1,500 steps instead of 500 (+6 points on dev at equal
-data); one reward-model epoch (2 or 3 epochs did not help on dev). The learning rate (5e-4 to
+consensus order of a ranking also orders equally good responses: 0.85 vs 0.88-0.90 on dev
+at equal data); a base LM trained 1,500 steps instead of 500 (0.88 vs 0.82 on dev, same
+pairs); one reward-model epoch (2 or 3 epochs did not help on dev). The learning rate (5e-4 to
 2e-3) and a linear decay made no difference beyond run-to-run noise (about ±0.03 on 400 dev
 pairs). The annotator noise model itself is unchanged. The reward-model accuracy is now
 limited by rare lexicon words (a word seen in no training pair cannot be learned), and by
@@ -343,8 +344,8 @@ def _content_text(content: Any) -> str:
 def noisy_ranking(outputs: list[str], rng: random.Random, stats: dict[str, int]) -> list[int]:
     """A ranking (best first) drawn from Plackett-Luce on the true reward, temperature 0.05
     (for two responses exactly the Bradley-Terry judge: a one-word difference in ten words is
-    ranked right ~88 % of the time), with 10 % random lapses. Equally scored responses are
-    ordered by chance, as a person forced to rank them would."""
+    ranked right 88 % of the time before lapses), with 10 % random lapses. Equally scored
+    responses are ordered by chance, as a person forced to rank them would."""
     order = list(range(len(outputs)))
     if rng.random() < 0.10:
         stats["lapses"] += 1
