@@ -81,6 +81,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -261,9 +262,19 @@ def annotate(
         ]
     )
 
+    # The j-th judgement of a task is drawn from its own seeded stream, so the labels do not
+    # depend on which annotator thread happened to fetch the task first: same seed, same data.
+    judgements: dict[str, int] = {}
+    judgements_lock = threading.Lock()
+
+    def judgement_rng(task_id: object) -> random.Random:
+        with judgements_lock:
+            j = judgements.get(str(task_id), 0)
+            judgements[str(task_id)] = j + 1
+        return random.Random(f"{seed}/{task_id}/{j}")
+
     def annotator(a: int) -> dict[str, int]:
         """One simulated annotator: take tasks until none is left for them."""
-        rng = random.Random(seed * 1000 + a)
         stats = {"submissions": 0, "lapses": 0}
         h = {"authorization": f"Bearer {tokens[a]}"}
         with httpx.Client(base_url=base, timeout=60) as http:
@@ -273,7 +284,7 @@ def annotate(
                 task = r.json()["task"]
                 if task is None:
                     return stats
-                value = noisy_ranking(task["outputs"], rng, stats)
+                value = noisy_ranking(task["outputs"], judgement_rng(task["task_id"]), stats)
                 r = http.post(
                     "/api/submit",
                     json={"task_id": task["task_id"], "value": value, "time_spent_ms": 900},
