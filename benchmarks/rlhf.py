@@ -8,11 +8,11 @@ minus share of negative words; the lists ship in ``swarmlm/rlhf/lexicon/``). The
    ``benchmarks/results/rlhf_cache/``);
 2. ``rlhf sample`` writes ranking tasks: 6 responses of 16 tokens to each KJV verse opening;
 3. simulated annotators rank them through the annotation platform's real HTTP API (a
-   ``swarmlm web`` server in a subprocess, 5 annotators working side by side), k = 3 rankings
+   ``swarmlm web`` server in a subprocess, 5 annotators working side by side), k = 5 rankings
    per task, each drawn from Plackett-Luce on the true reward at temperature 0.05 (for two
    responses exactly the Bradley-Terry judge) with 10 % random lapses; equally scored
    responses are ordered by chance. From the exported annotations, the training pairs are
-   the pairs of responses that all three annotators ordered the same way;
+   the pairs of responses that all five annotators ordered the same way;
 4. tasks (prompts) are split 80/20: a reward model is trained on the training tasks' pairs
    (swarmlm) and, side by side, with TRL's ``RewardTrainer`` on the same base model exported
    to the Hugging Face format, same pairs, epochs, batch and learning rate; both are scored
@@ -118,13 +118,13 @@ log = logging.getLogger("bench.rlhf")
 def sizes(quick: bool) -> dict[str, Any]:
     return {
         "base_steps": 1500 if quick else 3000,
-        "n_prompts": 1500 if quick else 5000,
+        "n_prompts": 2000 if quick else 6000,
         "n_eval_prompts": 48 if quick else 128,
         "max_new_tokens": 16,
         "responses": 6,
         "held_out_share": 0.2,
         "annotators": 5,
-        "k": 3,
+        "k": 5,
         "rm_epochs": 1,
         "ppo_steps": 100 if quick else 300,
         "dpo_epochs": 1,
