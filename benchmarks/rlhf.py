@@ -62,10 +62,14 @@ reward-model accuracy is now limited by data: rare lexicon words (a word seen in
 pair cannot be learned) and pairs that differ only in length (same words, different share),
 which no learner of word identity orders reliably.
 
-TRL 1.16 (the current release, the only one that installs next to torch 2.13.0 and
-transformers 5 here) no longer ships a PPO trainer (``trl.experimental.ppo`` is gone), so the
-PPO side has no TRL contender: ``trl_*`` keys describe TRL's DPO, and ``ppo_step_ratio_vs_trl``
-is null with the reason in the JSON. Nothing is estimated or filled in for a missing side.
+TRL removed its PPO trainer in September 2026 (huggingface/trl#7020); 1.12 is the last release
+that ships it (``trl.experimental.ppo``), it installs next to torch 2.13.0 and transformers 5,
+and its RewardTrainer and DPOTrainer take the same arguments as 1.16's, so the ``bench`` extra
+pins ``trl>=1.12,<1.13``. TRL's PPO (``benchmarks/_trl_ppo.py``) runs on the same base,
+prompts, steps and settings against TRL's own reward model, as ours runs against ours; it
+keeps its separate value model and its fixed KL coefficient. ``trl_*`` keys describe TRL's
+PPO, ``trl_dpo_*`` its DPO. Nothing is estimated or filled in for a side that fails: its
+error is in the JSON.
 
 Every contender runs in this one process with the same torch thread count (``--threads``,
 default 1: on a machine shared with other jobs, two threads spin-wait on each other and run
@@ -556,7 +560,7 @@ def trl_reward(
                 ids = tok(p.prompt + resp + tok.eos_token, return_tensors="pt")
                 scores.append(float(model(**ids).logits[0, 0]))
             correct += scores[0] > scores[1]
-    return {"accuracy": correct / len(held), "seconds": seconds}
+    return {"accuracy": correct / len(held), "seconds": seconds, "model": model}
 
 
 def trl_dpo(
@@ -660,7 +664,10 @@ HEADLINE = (
     "ppo_step_ratio_vs_trl",
     "dpo_true_reward_gain",
     "dpo_kl",
+    "trl_dpo_true_reward_gain",
+    "trl_dpo_kl",
     "ppo_step_seconds",
+    "trl_ppo_step_seconds",
 )
 
 
@@ -761,10 +768,12 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
     results["rm"] = {**rm_result.eval, "seconds": time.perf_counter() - t}
     results["rm_accuracy"] = rm_result.eval["accuracy"]
     hf_dir = None
+    trl_rm_model: Any = None
     if not args.skip_trl:
         try:
             hf_dir = hf_export(base, tok, work / "hf-base")
             trl_rm = trl_reward(hf_dir, train_pairs, held, s, rm_lr, work / "trl-rm")
+            trl_rm_model = trl_rm.pop("model")
             results["trl_rm"] = trl_rm
             results["trl_rm_accuracy"] = trl_rm["accuracy"]
         except Exception as exc:  # report why, never a made-up number
@@ -822,10 +831,46 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
     step_times = [h["seconds"] for h in history[1:]] or [history[0]["seconds"]]
     results["ppo_step_seconds"] = statistics.median(step_times)
     results["ppo_step_ratio_vs_trl"] = None
-    results["ppo_step_ratio_vs_trl_reason"] = (
-        "TRL 1.16 ships no PPO trainer (trl.experimental.ppo was removed); older TRL releases "
-        "that had it need transformers 4.x, which would replace the project's transformers"
-    )
+    if hf_dir is not None and trl_rm_model is not None:
+        # TRL's PPO on the same base, prompts, steps and settings, against TRL's own reward
+        # model (as ours runs against ours); benchmarks/_trl_ppo.py lists what differs.
+        try:
+            from _trl_ppo import trl_ppo
+
+            with make_progress() as progress:
+                progress.add_task("TRL ppo", total=None)
+                trl = trl_ppo(
+                    hf_dir,
+                    trl_rm_model,
+                    prompts,
+                    steps=s["ppo_steps"],
+                    rollout_batch=s["batch_size"],
+                    minibatch=ppo_cfg.minibatch_size,
+                    ppo_epochs=ppo_cfg.ppo_epochs,
+                    response_length=s["max_new_tokens"],
+                    lr=1e-4,
+                    kl_coef=ppo_cfg.init_kl_coef,
+                    missing_eos_penalty=1.0,
+                    out=work / "trl-ppo",
+                )
+            from swarmlm.model.hf import import_hf
+
+            _, trl_ppo_policy = import_hf(trl["policy_dir"])
+            trl_ppo_after = evaluate_policy(
+                trl_ppo_policy.eval(), reference, tok, eval_prompts, s["max_new_tokens"], 123
+            )
+            trl_steps = trl["step_seconds"][1:] or trl["step_seconds"]
+            results["trl_ppo_after"] = {**trl_ppo_after, "seconds": trl["seconds"]}
+            results["trl_ppo_history"] = trl["logs"]
+            results["trl_ppo_step_seconds"] = statistics.median(trl_steps)
+            results["trl_true_reward_gain"] = trl_ppo_after["true_reward"] - before["true_reward"]
+            results["trl_kl"] = trl_ppo_after["kl"]
+            results["ppo_step_ratio_vs_trl"] = (
+                results["ppo_step_seconds"] / results["trl_ppo_step_seconds"]
+            )
+        except Exception as exc:  # report why, never a made-up number
+            results["trl_ppo_error"] = f"{type(exc).__name__}: {exc}"
+            con.print(f"[red]TRL PPOTrainer failed:[/red] {exc}")
 
     # 5b. DPO (swarmlm) and TRL DPO on the same pairs
     dpo_lr, beta = 5e-4, 0.1
@@ -861,8 +906,8 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
                 trl_policy, reference, tok, eval_prompts, s["max_new_tokens"], 123
             )
             results["trl_dpo_after"] = {**trl_after, "seconds": trl_seconds}
-            results["trl_true_reward_gain"] = trl_after["true_reward"] - before["true_reward"]
-            results["trl_kl"] = trl_after["kl"]
+            results["trl_dpo_true_reward_gain"] = trl_after["true_reward"] - before["true_reward"]
+            results["trl_dpo_kl"] = trl_after["kl"]
             results["dpo_seconds_ratio_vs_trl"] = dpo_seconds / trl_seconds
         except Exception as exc:
             results["trl_dpo_error"] = f"{type(exc).__name__}: {exc}"
@@ -890,6 +935,7 @@ def _print_table(r: dict[str, Any]) -> None:
         )
     for name, key in (
         ("swarmlm PPO", "ppo_after"),
+        ("TRL PPO", "trl_ppo_after"),
         ("swarmlm DPO", "dpo_after"),
         ("TRL DPO", "trl_dpo_after"),
     ):
@@ -919,6 +965,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     ax[0].plot(steps, [x["true_reward"] for x in h], label="swarmlm PPO (rollouts)")
     ax[0].axhline(r["before"]["true_reward"], color="grey", ls="--", label="base")
+    if "trl_ppo_after" in r:
+        ax[0].axhline(r["trl_ppo_after"]["true_reward"], color="C3", ls="-.", label="TRL PPO (end)")
     if "trl_dpo_after" in r:
         ax[0].axhline(r["trl_dpo_after"]["true_reward"], color="C2", ls=":", label="TRL DPO")
     if "dpo_after" in r:
@@ -928,6 +976,9 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax[0].legend()
     ax[1].plot(steps, [x["kl"] for x in h], label="KL (rollouts)")
     ax[1].plot(steps, [x["kl_coef"] * 100 for x in h], label="KL coef x100")
+    trl_kl = [x["objective/kl"] for x in r.get("trl_ppo_history", []) if "objective/kl" in x]
+    if trl_kl:
+        ax[1].plot(range(1, len(trl_kl) + 1), trl_kl, label="TRL PPO KL (rollouts)")
     ax[1].set_xlabel("PPO step")
     ax[1].legend()
     save_figure(fig, path)
