@@ -624,6 +624,13 @@ def main() -> None:
         "--base-steps", type=int, default=None, help="override the base model's training steps"
     )
     ap.add_argument("--ppo-steps", type=int, default=None, help="override the PPO steps")
+    ap.add_argument(
+        "--ppo-kl",
+        choices=("fixed", "adaptive"),
+        default="fixed",
+        help="swarmlm PPO's KL control: fixed 0.1 as TRL's PPO (default: like for like), or "
+        "the adaptive controller from 0.1 towards 4 nats a response",
+    )
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--node-dir", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -792,10 +799,12 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
         minibatch_size=8,
         ppo_epochs=4,
         max_new_tokens=s["max_new_tokens"],
+        kl_controller=args.ppo_kl,
         init_kl_coef=0.1,
         target_kl=4.0,
         kl_horizon=100,
     )
+    results["ppo_kl_controller"] = args.ppo_kl
     trainer = PPOTrainer(
         policy,
         reference,
