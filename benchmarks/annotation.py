@@ -167,9 +167,10 @@ def profiles(n: int) -> list[str]:
     )
 
 
-def seed(b: Backend, n_tasks: int, rng: random.Random) -> None:
-    ts = b.store.create_task_set(
-        f"bench-{b.name}",
+def _benchmark_task_set(b: Backend, name: str) -> Any:
+    """Three classes, exactly k = 5 annotations a task, 10 % gold, hour-long leases."""
+    return b.store.create_task_set(
+        name,
         {"kind": "single_choice", "choices": CLASSES},
         k=K,
         max_annotations=K,
@@ -177,6 +178,10 @@ def seed(b: Backend, n_tasks: int, rng: random.Random) -> None:
         gold_share=GOLD_SHARE,
         lease_seconds=3600,
     )
+
+
+def seed(b: Backend, n_tasks: int, rng: random.Random) -> None:
+    ts = _benchmark_task_set(b, f"bench-{b.name}")
     b.task_set_id = ts.id
     n_gold = int(n_tasks * GOLD_SHARE)
     tasks = []
@@ -469,15 +474,7 @@ def paced_phase(b: Backend, rate: float, seconds: float, rng: random.Random) -> 
     """Latency at ``rate`` submissions/s on a fresh task set (k = 5, gold mixed in as in
     the closed-loop phase) sized so the clients cannot run out."""
     n_tasks = math.ceil(rate * seconds * 1.5 / K)
-    ts = b.store.create_task_set(
-        "bench-paced",
-        {"kind": "single_choice", "choices": CLASSES},
-        k=K,
-        max_annotations=K,
-        agreement_threshold=0.0,
-        gold_share=GOLD_SHARE,
-        lease_seconds=3600,
-    )
+    ts = _benchmark_task_set(b, "bench-paced")
     tasks = []
     for i in range(n_tasks):
         label = rng.randrange(len(CLASSES))
