@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,28 @@ from swarmlm.data import Tokenizer
 from swarmlm.model import ModelConfig, Transformer
 from swarmlm.train import RunConfig
 from swarmlm.train.checkpoint import save_checkpoint
+
+#: Sentiment words of the toy preference data: replies with GOOD words are preferred.
+GOOD = ["good", "joy", "peace", "love", "light", "glory", "mercy"]
+BAD = ["bad", "evil", "wrath", "death", "sin", "darkness", "fear"]
+FILLER = ["the", "lord", "and", "they", "in", "of", "to"]
+
+
+def write_pairs(path: Path, n: int, seed: int, bad: list[str] = BAD) -> Path:
+    """``n`` preference pairs as JSONL: replies with words of GOOD are preferred to replies
+    with words of ``bad``; deterministic for ``seed``."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(FILLER) for _ in range(3))
+
+        def reply(words: list[str]) -> str:
+            return " ".join(rng.choice(words + FILLER) for _ in range(4)) + " " + rng.choice(words)
+
+        rows.append({"prompt": prompt, "chosen": reply(GOOD), "rejected": reply(bad)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
 
 WORDS = [
     "the",

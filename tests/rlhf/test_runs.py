@@ -4,7 +4,6 @@ save in the trainer's checkpoint format, resume, and close the loop to annotatio
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -19,24 +18,7 @@ from swarmlm.rlhf.ppo_run import train_ppo
 from swarmlm.rlhf.reward import train_reward_model
 from swarmlm.rlhf.sample import sample_comparison_tasks
 from swarmlm.train.checkpoint import latest_checkpoint, load_checkpoint
-
-GOOD = ["good", "joy", "peace", "love", "light", "glory", "mercy"]
-BAD = ["bad", "evil", "wrath", "death", "sin", "darkness", "fear"]
-FILLER = ["the", "lord", "and", "they", "in", "of", "to"]
-
-
-def write_pairs(path: Path, n: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = " ".join(rng.choice(FILLER) for _ in range(3))
-
-        def reply(words: list[str]) -> str:
-            return " ".join(rng.choice(words + FILLER) for _ in range(4)) + " " + rng.choice(words)
-
-        rows.append({"prompt": prompt, "chosen": reply(GOOD), "rejected": reply(BAD)})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from tests.rlhf.conftest import write_pairs
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,12 @@ from swarmlm.swarm.simulate import LocalSwarm
 from swarmlm.swarm.worker import SwarmWorker
 from swarmlm.train import RunConfig
 from swarmlm.train.checkpoint import load_checkpoint, save_checkpoint
+from tests.rlhf.conftest import write_pairs
 from tests.swarm.conftest import peer_id, swarm_config
 
 pytestmark = pytest.mark.timeout(180)
 
-GOOD = ["good", "joy", "peace", "love", "light", "glory", "mercy"]
 BAD = ["evil", "wrath", "death", "sin", "darkness", "fear", "blood"]
-FILLER = ["the", "lord", "and", "they", "in", "of", "to"]
 
 
 @pytest.fixture(autouse=True)
@@ -38,21 +36,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def write_pairs(path: Path, n: int, seed: int) -> Path:
-    """Replies with words of GOOD are preferred to replies with words of BAD."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = " ".join(rng.choice(FILLER) for _ in range(3))
-
-        def reply(words: list[str]) -> str:
-            return " ".join(rng.choice(words + FILLER) for _ in range(4)) + " " + rng.choice(words)
-
-        rows.append({"prompt": prompt, "chosen": reply(GOOD), "rejected": reply(BAD)})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def base_config(data: Path, tmp: Path) -> SwarmRunConfig:
@@ -74,7 +57,7 @@ def init_lm(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="module")
 def preferences(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_pairs(tmp_path_factory.mktemp("prefs") / "pairs.jsonl", 240, 0)
+    return write_pairs(tmp_path_factory.mktemp("prefs") / "pairs.jsonl", 240, 0, bad=BAD)
 
 
 def dpo_config(
