@@ -165,20 +165,9 @@ def _unframe(data: bytes | bytearray | memoryview, max_numel: int) -> _Frame:
     start = _HEADER.size + 8 * ndim
     body = view[start : start + body_len]
     if flags & FLAG_ZSTD_BODY:
-        body = memoryview(_zstd_body(name, body, numel))
+        # within what any codec's body of numel values can take (its decoder checks exactly)
+        body = memoryview(_unzstd(name, body, 16 * numel + 4096, "body", require_size=True))
     return _Frame(name, tuple(int(s) for s in shape), body)
-
-
-def _zstd_body(codec: str, body: memoryview, numel: int) -> bytes:
-    """Decompress a flagged body; its frame must state its size, within what any codec's
-    body of ``numel`` values can take (the codec's own decoder then checks it exactly)."""
-    try:
-        claimed = zstandard.frame_content_size(bytes(body[:18]))
-    except zstandard.ZstdError as exc:
-        raise CorruptPayloadError(f"{codec} payload body: not a zstd frame ({exc})") from exc
-    if claimed < 0:
-        raise CorruptPayloadError(f"{codec} payload body: zstd frame does not state its size")
-    return _unzstd(codec, body, 16 * numel + 4096, "body")
 
 
 class _Reader:
@@ -302,18 +291,23 @@ def _check_block_size(codec: str, block_size: int) -> int:
 # zstd sections
 
 
-def _unzstd(codec: str, raw: bytes | memoryview, limit: int, field: str) -> bytes:
+def _unzstd(
+    codec: str, raw: bytes | memoryview, limit: int, field: str, *, require_size: bool = False
+) -> bytes:
     """Decompress a zstd section of at most ``limit`` bytes from a peer.
 
     The frame header's claimed size is checked before decompressing: python-zstandard
     allocates whatever a header claims and ignores ``max_output_size`` then, so a 20-byte
     frame claiming a terabyte raised ``MemoryError`` (a crash, not a refusal).
+    ``require_size``: refuse a frame whose header does not state its size (whole bodies).
     """
     data = bytes(raw)
     try:
         claimed = zstandard.frame_content_size(data)
     except zstandard.ZstdError as exc:
         raise CorruptPayloadError(f"{codec} payload {field}: not a zstd frame ({exc})") from exc
+    if require_size and claimed < 0:
+        raise CorruptPayloadError(f"{codec} payload {field}: zstd frame does not state its size")
     if limit <= 0 or claimed > limit:
         raise CorruptPayloadError(
             f"{codec} payload {field}: zstd frame claims {claimed} bytes, at most {limit} fit"
