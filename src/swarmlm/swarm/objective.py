@@ -72,6 +72,18 @@ class Objective(Protocol):
         ...
 
 
+def take_gradient(tr: Trainer, layout: ParamLayout) -> Tensor:
+    """Synchronous mode's end of a step: clip the accumulated gradient (``train.grad_clip``),
+    flatten it, clear it without stepping the optimizer, and count the step."""
+    clip = tr.cfg.train.grad_clip
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(list(tr.model_core.parameters()), clip)
+    grad = flatten_grads(tr.model_core, layout)
+    tr.base_optimizer.zero_grad(set_to_none=True)
+    tr.step += 1
+    return grad
+
+
 class LanguageModelObjective:
     """Next-token loss on this peer's corpus shard: the trainer's own step, unchanged."""
 
@@ -97,13 +109,7 @@ class LanguageModelObjective:
                 out = tr.model(x.to(tr.device), targets=y.to(tr.device))
             (out.loss / accum).backward()
             total += float(out.loss.detach()) / accum
-        clip = tr.cfg.train.grad_clip
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(tr.model_core.parameters()), clip)
-        grad = flatten_grads(tr.model_core, layout)
-        tr.base_optimizer.zero_grad(set_to_none=True)
-        tr.step += 1
-        return grad, total
+        return take_gradient(tr, layout), total
 
     def evaluate(self, max_batches: int | None = None) -> float:
         loss = self.trainer.evaluate(max_batches).loss
@@ -290,14 +296,8 @@ class DPOObjective:
         tr.base_optimizer.zero_grad(set_to_none=True)
         loss, stats = self._batch_loss()
         loss.backward()
-        clip = tr.cfg.train.grad_clip
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(tr.model_core.parameters()), clip)
-        grad = flatten_grads(tr.model_core, layout)
-        tr.base_optimizer.zero_grad(set_to_none=True)
-        tr.step += 1
         self.last_stats = stats
-        return grad, stats["loss"]
+        return take_gradient(tr, layout), stats["loss"]
 
     def evaluate(self, max_batches: int | None = None) -> float:
         n = len(self.held_out)
