@@ -39,6 +39,8 @@ def trl_ppo(
     """Run ``steps`` PPO updates of the exported base model against ``reward_model`` (TRL's
     own, from ``RewardTrainer``). Returns the trained policy's directory (HF format) and the
     wall time of every update, rollout included."""
+    if minibatch > rollout_batch or rollout_batch % minibatch:
+        raise ValueError(f"minibatch {minibatch} must divide rollout batch {rollout_batch}")
     import os
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -58,8 +60,6 @@ def trl_ppo(
     value.config.pad_token_id = tok.pad_token_id
     reward_model.config.pad_token_id = tok.pad_token_id
     reward_model.eval()
-    if minibatch > rollout_batch or rollout_batch % minibatch:
-        raise ValueError(f"minibatch {minibatch} must divide rollout batch {rollout_batch}")
     n = steps * rollout_batch
     rows = [{"input_ids": tok(prompts[i % len(prompts)])["input_ids"]} for i in range(n)]
     args = PPOConfig(

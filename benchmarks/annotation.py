@@ -247,6 +247,13 @@ class Annotator:
         self.b.acked.append(int(ack["annotation_id"]))
 
 
+def client_session() -> aiohttp.ClientSession:
+    """One connection per client, a minute per request at most."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=N_CLIENTS), timeout=aiohttp.ClientTimeout(total=60)
+    )
+
+
 async def client_loop(
     b: Backend, idx: int, stop_at: float, http: aiohttp.ClientSession, rng: random.Random
 ) -> int:
@@ -274,9 +281,7 @@ async def run_block(b: Backend, seconds: float, rng: random.Random) -> tuple[int
         return 0, 0.0, False
     # aiohttp: its C parser costs the client ~1/4 of httpx's CPU per request, and the
     # client shares this machine's two cores with the server it measures.
-    connector = aiohttp.TCPConnector(limit=N_CLIENTS)
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+    async with client_session() as http:
         server0, client0 = server_cpu_seconds(b), _own_cpu_seconds()
         t0 = time.monotonic()
         counts = await asyncio.gather(
@@ -336,9 +341,7 @@ async def run_paced(
     show."""
     interval = N_CLIENTS / rate
     out: dict[str, list[float]] = {"tasks_ms": [], "submit_ms": [], "cycle_ms": []}
-    connector = aiohttp.TCPConnector(limit=N_CLIENTS)
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+    async with client_session() as http:
         t0 = time.monotonic() + 0.2
         # clients' phases spread evenly over one interval: a steady arrival stream
         counts = await asyncio.gather(
