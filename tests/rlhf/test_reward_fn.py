@@ -1,0 +1,59 @@
+"""The PPO reward function reads the reward model where it was trained to read: at an EOS."""
+
+from __future__ import annotations
+
+import torch
+
+from swarmlm.model import ModelConfig, Transformer
+from swarmlm.rlhf.modeling import RewardModel
+from swarmlm.rlhf.ppo_run import reward_model_fn
+from swarmlm.rlhf.preferences import right_pad
+
+EOS, PAD = 1, 0
+
+
+class _Tok:
+    """The two ids and the decoder the reward function needs from a tokenizer."""
+
+    eos_id, pad_id = EOS, PAD
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(map(str, ids))
+
+
+def _reward_model() -> RewardModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+    return RewardModel(Transformer(cfg)).eval()
+
+
+def _direct(rm: RewardModel, seqs: list[list[int]]) -> torch.Tensor:
+    ids, lengths = right_pad(seqs, PAD)
+    return rm.score(ids, lengths)
+
+
+def test_truncated_responses_are_scored_with_the_eos_reward_training_appends() -> None:
+    # tokenize_pairs ends every training response with EOS, so a response cut at
+    # max_new_tokens must be scored as prompt + response + EOS, not at its last word.
+    rm = _reward_model()
+    score = reward_model_fn(rm, _Tok())  # type: ignore[arg-type]
+    prompts, responses = [[3, 4], [5]], [[6, 7, 8], [9, 10]]
+    got = score(prompts, responses)
+    want = _direct(rm, [[3, 4, 6, 7, 8, EOS], [5, 9, 10, EOS]])
+    without_eos = _direct(rm, [[3, 4, 6, 7, 8], [5, 9, 10]])
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, without_eos, atol=1e-3)
+
+
+def test_finished_responses_keep_their_single_eos() -> None:
+    rm = _reward_model()
+    score = reward_model_fn(rm, _Tok())  # type: ignore[arg-type]
+    got = score([[3, 4]], [[6, EOS]])
+    assert torch.allclose(got, _direct(rm, [[3, 4, 6, EOS]]), atol=1e-6)
+
+
+def test_the_caller_s_responses_are_left_untouched() -> None:
+    rm = _reward_model()
+    responses = [[6, 7]]
+    reward_model_fn(rm, _Tok())([[3]], responses)  # type: ignore[arg-type]
+    assert responses == [[6, 7]]
