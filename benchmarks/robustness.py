@@ -55,6 +55,7 @@ from swarmlm.aggregation import (
     AttackContext,
     ByzantineToleranceError,
     ErrorFeedback,
+    ReputationFilter,
     WorkerMomentum,
     decode,
     get_aggregator,
@@ -76,8 +77,12 @@ ALL_AGGREGATORS = [
     "bulyan",
     "geometric_median",
     "centered_clip",
+    "centered_clip_rep",
 ]
-QUICK_AGGREGATORS = ["mean", "median", "krum", "centered_clip"]
+QUICK_AGGREGATORS = ["mean", "median", "krum", "centered_clip", "centered_clip_rep"]
+#: Centered clipping behind the cross-round ``ReputationFilter`` (same clipping settings).
+CC_REP = "centered_clip_rep"
+DEFENCES = ("centered_clip", CC_REP)
 ATTACK_NAMES = ["sign_flip", "gaussian", "large_constant", "label_flip", "alie", "ipm", "mimic"]
 
 console = Console(stderr=True)
@@ -166,6 +171,9 @@ class RunResult:
     bytes_per_round_per_worker: float
     curve: list[tuple[int, float]]
     seconds: float
+    # Rows a reputation filter left out, summed over steps, and how many of them were honest.
+    excluded_rows: int = 0
+    excluded_honest_rows: int = 0
 
 
 class Simulator:
@@ -248,11 +256,17 @@ class Simulator:
         cfg = self.cfg
         start = time.perf_counter()
         params: dict[str, Any] = {"f": f} if aggregator != "mean" else {}
-        if aggregator == "centered_clip":
+        if aggregator in DEFENCES:
             params["iterations"] = cfg.cc_iterations
             if cfg.cc_tau is not None:
                 params["tau"] = cfg.cc_tau
-        agg = get_aggregator(aggregator, **params)
+        # ``centered_clip_rep``: the same centered clipping behind the cross-round reputation
+        # filter (workers whose moving-average cosine to the aggregate is negative, distance
+        # outliers scoring -1, are left out, at most f of them; with f = 0 never anyone).
+        agg = get_aggregator(DEFENCES[0] if aggregator == CC_REP else aggregator, **params)
+        rule: Callable[[Tensor], Tensor] = agg
+        if aggregator == CC_REP:
+            rule = ReputationFilter.around(agg)
         result = RunResult(
             aggregator, attack, f, momentum, codec, math.nan, False, None, 0, 0.0, [], 0.0
         )
@@ -261,7 +275,7 @@ class Simulator:
         except ByzantineToleranceError as exc:
             result.refused = str(exc)
             return result
-        atk = get_attack(attack) if f else None
+        atk = get_attack(attack) if f and attack != "none" else None
         flip = f if attack in DATA_ATTACKS else 0
         wm = WorkerMomentum(momentum)
         feedback = (
@@ -311,7 +325,11 @@ class Simulator:
             if atk is not None:
                 ctx = AttackContext(honest=moms[f:], own=moms[:f], n=cfg.workers, generator=gen)
                 moms = torch.cat([atk(ctx), moms[f:]])
-            update = agg(moms)
+            update = rule(moms)
+            if isinstance(rule, ReputationFilter):
+                result.excluded_rows += len(rule.last_excluded)
+                # Rows f.. are the honest workers.
+                result.excluded_honest_rows += sum(1 for i in rule.last_excluded if i >= f)
             lr = cfg.lr
             if cfg.server == "sgd":
                 theta = theta - lr * update
@@ -525,9 +543,12 @@ def build_cells(
                 for atk in attacks:
                     # Quick mode: every attack against the defence the targets are about,
                     # the three telling ones against the others.
-                    if quick and agg != "centered_clip" and atk not in QUICK_SIDE_ATTACKS:
+                    if quick and agg not in DEFENCES and atk not in QUICK_SIDE_ATTACKS:
                         continue
                     cells.append((agg, atk, f, mom, "none"))
+                if agg == CC_REP:
+                    # No attack but f configured: does the filter exclude honest workers?
+                    cells.append((agg, "none", f, mom, "none"))
     if ("centered_clip", "none", 0, 0.9, "none") not in cells:
         cells.append(("centered_clip", "none", 0, 0.9, "none"))
     cells.append(("centered_clip", "none", 0, 0.9, "topk_int8"))
@@ -544,6 +565,23 @@ def headline_from(
         worst = max(attacked, key=lambda r: r.final_val_loss)
         out["cc_worst_attack_loss_ratio"] = worst.final_val_loss / cc_clean.final_val_loss
         out["cc_worst_attack"] = worst.attack
+    rep_clean = index.get((CC_REP, "none", 0, 0.9, "none"))
+    rep_attacked = [index[k] for a in attacks if (k := (CC_REP, a, 3, 0.9, "none")) in index]
+    if rep_clean is not None and rep_attacked:
+        worst = max(rep_attacked, key=lambda r: r.final_val_loss)
+        out["cc_reputation_worst_attack_loss_ratio"] = (
+            worst.final_val_loss / rep_clean.final_val_loss
+        )
+        out["cc_reputation_worst_attack"] = worst.attack
+        unattacked = index.get((CC_REP, "none", 3, 0.9, "none"))
+        if unattacked is not None:
+            # f = 3 configured but nobody attacks: the price of the filter's false alarms.
+            out["cc_reputation_no_attack_f3_loss_ratio"] = (
+                unattacked.final_val_loss / rep_clean.final_val_loss
+            )
+        out["cc_reputation_honest_exclusions"] = sum(
+            r.excluded_honest_rows for k, r in index.items() if k[0] == CC_REP
+        )
     compressed = index[("centered_clip", "none", 0, 0.9, "topk_int8")]
     out["compressed_loss_ratio"] = compressed.final_val_loss / cc_clean.final_val_loss
     out["compression_factor"] = (

@@ -24,6 +24,7 @@ def test_robustness_benchmark_reports_its_headline_keys(
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     argv = ["--quick", "--steps", "2", "--skip-speed", "--aggregators", "mean", "centered_clip"]
+    argv += ["centered_clip_rep"]
     argv += ["--attacks", "alie", "large_constant", "--out", str(tmp_path)]
     threads = torch.get_num_threads()
     try:
@@ -34,6 +35,10 @@ def test_robustness_benchmark_reports_its_headline_keys(
     assert headline["cc_worst_attack"] in ("alie", "large_constant")
     assert headline["compression_factor"] > 50
     assert headline["cc_worst_attack_loss_ratio"] > 0
+    assert headline["cc_reputation_worst_attack"] in ("alie", "large_constant")
+    assert headline["cc_reputation_honest_exclusions"] == 0
     report = json.loads((tmp_path / "robustness_quick.json").read_text())
-    assert len(report["runs"]) == 7
+    # mean and centered_clip: clean + 2 attacks; the filtered row also runs f = 3 unattacked;
+    # plus the compressed run.
+    assert len(report["runs"]) == 3 + 3 + 4 + 1
     assert (tmp_path / "robustness_quick.png").stat().st_size > 0

@@ -32,6 +32,7 @@ from swarmlm.aggregation.errors import (
 from swarmlm.aggregation.momentum import WorkerMomentum
 from swarmlm.aggregation.outliers import OutlierReport, outlier_scores
 from swarmlm.aggregation.registry import AGGREGATORS, Aggregator, get_aggregator
+from swarmlm.aggregation.reputation import ReputationFilter
 from swarmlm.aggregation.robust import (
     bulyan,
     centered_clip,
@@ -59,6 +60,7 @@ __all__ = [
     "ErrorFeedback",
     "ForeignPayloadError",
     "OutlierReport",
+    "ReputationFilter",
     "WorkerMomentum",
     "bulyan",
     "centered_clip",
