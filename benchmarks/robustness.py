@@ -115,6 +115,9 @@ class SimConfig:
     # set by a centre the attackers have not yet been clipped away from.
     cc_tau: float | None = None
     cc_iterations: int = 3
+    # Bucketing (Karimireddy, He and Jaggi 2022) for every robust rule: 1 is off. The rules
+    # then count f poisoned buckets of ceil(n / s), and refuse f = 3 of 10 with s = 2.
+    bucketing: int = 1
     # Every worker clips its own gradient to this norm (standard LM practice).
     grad_clip: float = 1.0
     eval_every: int = 25
@@ -256,6 +259,8 @@ class Simulator:
         cfg = self.cfg
         start = time.perf_counter()
         params: dict[str, Any] = {"f": f} if aggregator != "mean" else {}
+        if aggregator != "mean" and cfg.bucketing > 1:
+            params.update(bucketing=cfg.bucketing, bucket_seed=cfg.seed)
         if aggregator in DEFENCES:
             params["iterations"] = cfg.cc_iterations
             if cfg.cc_tau is not None:
@@ -744,6 +749,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--lr", type=float, default=SimConfig.lr)
     parser.add_argument("--cc-iterations", type=int, default=SimConfig.cc_iterations)
+    parser.add_argument(
+        "--bucketing",
+        type=int,
+        default=SimConfig.bucketing,
+        help="bucket size s for every robust rule (1: off); cells the rule cannot tolerate "
+        "in buckets are reported as refused",
+    )
     parser.add_argument("--compress", choices=("update", "gradient"), default=SimConfig.compress)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--grid-worker", action="store_true", help=argparse.SUPPRESS)
@@ -765,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_precondition=args.worker_precondition,
         lr=args.lr,
         cc_iterations=args.cc_iterations,
+        bucketing=args.bucketing,
         compress=args.compress,
     )
     args.out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,11 @@ from swarmlm.aggregation import (
     multi_krum,
     trimmed_mean,
 )
-from swarmlm.aggregation.robust import _batcher_comparators, pairwise_sq_distances
+from swarmlm.aggregation.robust import (
+    _batcher_comparators,
+    bucket_means,
+    pairwise_sq_distances,
+)
 
 
 def honest_and_byzantine(n: int, f: int, d: int, seed: int = 0, scale: float = 1e4) -> torch.Tensor:
@@ -232,3 +236,53 @@ def test_aggregator_registry_names_bad_inputs() -> None:
         get_aggregator("median")(torch.randn(5, 4), weights=torch.ones(5))
     assert get_aggregator("krum", f=2).min_inputs() == 7
     assert get_aggregator("bulyan", f=2).min_inputs() == 11
+
+
+def test_bucket_means_shuffle_deterministically_and_average_buckets() -> None:
+    stack = torch.arange(7.0).unsqueeze(1).repeat(1, 3)
+    means, totals = bucket_means(stack, 2, seed=5)
+    again, _ = bucket_means(stack, 2, seed=5)
+    assert torch.equal(means, again)
+    assert totals is None
+    assert means.shape == (4, 3)
+    # Every row lands in exactly one bucket: the bucket sizes 2, 2, 2, 1 weight the means.
+    torch.testing.assert_close(means[:3, 0].sum() * 2 + means[3, 0], torch.tensor(21.0))
+    torch.testing.assert_close(bucket_means(stack, 7, seed=0)[0][0], torch.full((3,), 3.0))
+    assert torch.equal(bucket_means(stack, 1, seed=1)[0].sort(dim=0).values, stack)
+    with pytest.raises(AggregationError, match="bucket size"):
+        bucket_means(stack, 0, seed=0)
+
+
+def test_bucket_means_carry_reputation_weights() -> None:
+    stack = torch.tensor([[0.0], [4.0]])
+    means, totals = bucket_means(stack, 2, seed=0, weights=torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(means, torch.tensor([[1.0]]))
+    assert totals is not None
+    torch.testing.assert_close(totals, torch.tensor([1.0], dtype=torch.float64))
+
+
+def test_bucketing_counts_poisoned_buckets_against_the_rule_tolerance() -> None:
+    agg = get_aggregator("centered_clip", f=3, bucketing=2)
+    # 3 bad inputs can poison 3 of ceil(n / 2) buckets: centered clipping needs 7 buckets.
+    assert agg.min_inputs() == 13
+    with pytest.raises(ByzantineToleranceError, match=r"buckets of 2.*need n >= 13"):
+        agg(torch.zeros(10, 4))
+    assert get_aggregator("centered_clip", f=3).min_inputs() == 7
+    with pytest.raises(AggregationError, match="bucketing must be a positive int"):
+        get_aggregator("median", bucketing=0)
+    with pytest.raises(AggregationError, match="bucket_seed"):
+        get_aggregator("median", bucket_seed=1.5)
+
+
+def test_bucketing_lets_krum_pick_a_bucket_mean_with_half_the_noise() -> None:
+    gen = torch.Generator().manual_seed(0)
+    plain, bucketed = get_aggregator("krum", f=1), get_aggregator("krum", f=1, bucketing=2)
+    err_plain = err_bucketed = 0.0
+    for _ in range(5):
+        stack = 1.0 + torch.randn(12, 2000, generator=gen)
+        stack[0] = 50.0
+        err_plain += float((plain(stack) - 1.0).square().mean())
+        err_bucketed += float((bucketed(stack) - 1.0).square().mean())
+    # One honest row has variance 1 per coordinate; a bucket of two, 1/2.
+    assert 0.8 < err_plain / 5 < 1.2
+    assert 0.4 < err_bucketed / 5 < 0.6

@@ -87,6 +87,10 @@ AGGREGATORS: dict[str, AggregatorSpec] = {
 }
 
 
+#: Options every rule accepts, handled by :class:`Aggregator` rather than the rule itself.
+COMMON_PARAMS = ("bucketing", "bucket_seed")
+
+
 class Aggregator:
     """A configured aggregation rule: ``agg(stack, weights=None) -> (d,)``.
 
@@ -94,6 +98,12 @@ class Aggregator:
     :mod:`swarmlm.aggregation.robust` (``f``, ``beta``, ``tau``, ...); unknown names are
     rejected at construction. For ``centered_clip`` without an explicit ``center`` the
     previous output is the next centre (call :meth:`reset` when the model is reloaded).
+
+    ``bucketing=s`` (default 1: off) runs the rule on the means of ``ceil(n / s)`` random
+    buckets of ``s`` inputs (:func:`~swarmlm.aggregation.robust.bucket_means`), shuffled
+    under ``bucket_seed`` plus the number of calls so far; ``f`` then counts poisoned buckets,
+    so the rule must tolerate ``f`` out of ``ceil(n / s)`` (centered clipping:
+    ``n >= s (2f + 1)``, roughly) and :meth:`check` refuses what it cannot.
     """
 
     def __init__(self, name: str, **params: Any) -> None:
@@ -107,6 +117,7 @@ class Aggregator:
             for p, v in inspect.signature(spec.fn).parameters.items()
             if v.kind is inspect.Parameter.KEYWORD_ONLY and p not in ("weights", "center")
         }
+        allowed |= set(COMMON_PARAMS)
         unknown = sorted(set(params) - allowed)
         if unknown:
             raise AggregationError(
@@ -116,35 +127,62 @@ class Aggregator:
         f = params.get("f", 0)
         if not isinstance(f, int) or isinstance(f, bool) or f < 0:
             raise AggregationError(f"aggregator {name!r}: f must be a non-negative int, got {f!r}")
+        bucketing = params.pop("bucketing", 1)
+        if not isinstance(bucketing, int) or isinstance(bucketing, bool) or bucketing < 1:
+            raise AggregationError(
+                f"aggregator {name!r}: bucketing must be a positive int, got {bucketing!r}"
+            )
+        bucket_seed = params.pop("bucket_seed", 0)
+        if not isinstance(bucket_seed, int) or isinstance(bucket_seed, bool):
+            raise AggregationError(
+                f"aggregator {name!r}: bucket_seed must be an int, got {bucket_seed!r}"
+            )
         self.spec = spec
         self.name = name
         self.params = dict(params)
         self.f: int = f
+        self.bucketing: int = bucketing
+        self.bucket_seed: int = bucket_seed
         self._center: Tensor | None = None
+        self._calls = 0
 
     def min_inputs(self) -> int:
         """Smallest n for which this rule tolerates the configured ``f``."""
         n = 1
-        while self.spec.max_f(n) < self.f:
+        while self.spec.max_f(robust.bucket_count(n, self.bucketing)) < self.f:
             n += 1
         return n
 
     def check(self, n: int) -> None:
         """Raise :class:`ByzantineToleranceError` if ``n`` inputs cannot tolerate ``f``."""
-        if self.f > self.spec.max_f(n):
-            raise ByzantineToleranceError(self.name, n, self.f, self.spec.requirement)
+        if self.f > self.spec.max_f(robust.bucket_count(n, self.bucketing)):
+            requirement = self.spec.requirement
+            if self.bucketing > 1:
+                requirement = (
+                    f"{requirement} counted in buckets of {self.bucketing} "
+                    f"({robust.bucket_count(n, self.bucketing)} buckets here, each of the f "
+                    f"Byzantine inputs can poison one); need n >= {self.min_inputs()}"
+                )
+            raise ByzantineToleranceError(self.name, n, self.f, requirement)
 
     def reset(self) -> None:
-        """Forget the previous aggregate (centered clipping restarts from zero)."""
+        """Forget the previous aggregate (centered clipping restarts from zero) and restart the
+        bucket shuffles from ``bucket_seed``."""
         self._center = None
+        self._calls = 0
 
     def __call__(self, stack: Tensor, weights: Tensor | None = None) -> Tensor:
         robust.check_stack(stack)
         self.check(stack.shape[0])
         kwargs = dict(self.params)
+        if weights is not None and not self.spec.accepts_weights:
+            raise AggregationError(f"aggregator {self.name!r} does not take weights")
+        if self.bucketing > 1:
+            stack, weights = robust.bucket_means(
+                stack, self.bucketing, seed=self.bucket_seed + self._calls, weights=weights
+            )
+        self._calls += 1
         if weights is not None:
-            if not self.spec.accepts_weights:
-                raise AggregationError(f"aggregator {self.name!r} does not take weights")
             kwargs["weights"] = weights
         if self.name == "centered_clip":
             center = self._center
@@ -161,7 +199,10 @@ class Aggregator:
         return self.spec.fn(stack, **kwargs)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in sorted(self.params.items()))
+        shown = dict(self.params)
+        if self.bucketing > 1:
+            shown.update(bucketing=self.bucketing, bucket_seed=self.bucket_seed)
+        args = ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items()))
         return f"Aggregator({self.name!r}{', ' if args else ''}{args})"
 
 

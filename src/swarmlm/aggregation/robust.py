@@ -465,3 +465,53 @@ def centered_clip(
         for sl in _chunks(d, chunk_size):
             v[sl] = torch.addmv(v[sl], stack[:, sl].t(), c32, beta=keep)
     return v
+
+
+# --------------------------------------------------------------------------------------------
+# bucketing (a pre-processing step usable by any rule)
+
+
+def bucket_count(n: int, s: int) -> int:
+    """Number of buckets for ``n`` inputs in buckets of (at most) ``s``: ``ceil(n / s)``."""
+    return -(-n // s)
+
+
+def bucket_means(
+    stack: Tensor,
+    s: int,
+    *,
+    seed: int,
+    weights: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[Tensor, Tensor | None]:
+    """Bucketing (Karimireddy, He and Jaggi 2022): shuffle the rows, average buckets of ``s``.
+
+    Returns the ``(ceil(n / s), d)`` stack of bucket means (the last bucket holds the
+    remainder when ``s`` does not divide ``n``) and, when ``weights`` are given, each bucket's
+    total weight (its mean is then weighted within the bucket). Averaging ``s`` honest rows
+    divides their variance by ``s``, which shrinks what a robust rule lets through in
+    proportion to the honest spread; the price is that each Byzantine row now poisons a whole
+    bucket, so the rule must tolerate ``f`` bad buckets out of ``ceil(n / s)``. The shuffle is
+    ``torch.randperm`` under ``seed`` (pass the round number): identical inputs and seed give
+    identical buckets, and attackers cannot choose their bucket mates.
+    """
+    n, d = stack.shape
+    if not isinstance(s, int) or isinstance(s, bool) or s < 1:
+        raise AggregationError(f"bucketing: bucket size s must be a positive int, got {s!r}")
+    w = check_weights(weights, n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    groups = [perm[i : i + s] for i in range(0, n, s)]
+    coeffs = torch.zeros(len(groups), n, dtype=torch.float64)
+    totals = torch.zeros(len(groups), dtype=torch.float64)
+    for b, rows in enumerate(groups):
+        if w is None:
+            coeffs[b, rows] = 1.0 / len(rows)
+            continue
+        totals[b] = w[rows].sum()
+        # A bucket of zero-weight rows keeps an unweighted mean (its own weight is 0 anyway).
+        coeffs[b, rows] = w[rows] / totals[b] if float(totals[b]) > 0.0 else 1.0 / len(rows)
+    c32 = coeffs.to(torch.float32)
+    out = torch.empty(len(groups), d, dtype=stack.dtype)
+    for sl in _chunks(d, chunk_size):
+        torch.mm(c32, stack[:, sl], out=out[:, sl])
+    return out, (totals if w is not None else None)
