@@ -135,6 +135,23 @@ def test_kl_penalty_goes_on_every_token_and_the_score_on_the_last() -> None:
     assert rewards[1].tolist() == pytest.approx([0.0, 1.9, 0.0])
 
 
+def test_the_score_lands_on_the_last_response_token_after_a_prompt() -> None:
+    # PPO's per-token tensors span prompt + response, the mask being 0 on the prompt: the
+    # score belongs to the last response token, not to position (number of response tokens
+    # - 1), which falls inside the response (or the prompt) when the prompt is long.
+    mask = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    zeros = torch.zeros_like(mask)
+    rewards, _ = kl_penalised_rewards(torch.tensor([1.0, 2.0]), zeros, zeros, mask, 0.1)
+    assert rewards.tolist() == [[0.0, 0.0, 0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 2.0]]
+
+
+def test_a_row_without_response_tokens_gets_no_score() -> None:
+    mask = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    zeros = torch.zeros_like(mask)
+    rewards, _ = kl_penalised_rewards(torch.tensor([5.0, 3.0]), zeros, zeros, mask, 0.1)
+    assert rewards.tolist() == [[0.0, 0.0], [3.0, 0.0]]
+
+
 def test_whitening_gives_zero_mean_unit_variance_on_real_tokens() -> None:
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])

@@ -127,3 +127,14 @@ def test_state_round_trip_restores_value_head_optimizer_and_kl_coefficient() -> 
         a.critic.named_parameters(), b.critic.named_parameters(), strict=True
     ):
         assert torch.equal(pa, pb)
+
+
+@pytest.mark.timeout(300)
+def test_ppo_learns_behind_prompts_longer_than_the_response() -> None:
+    # The score must reach the last response token however long the prompt: behind a
+    # 12-token prompt and 8-token responses it once landed on the prompt and was lost.
+    trainer = make_trainer()
+    long_prompts = [[3, 4, 6, 7] * 3 for _ in range(16)]
+    start = sum(trainer.step(long_prompts)["reward"] for _ in range(2)) / 2
+    best = max(trainer.step(long_prompts)["reward"] for _ in range(40))
+    assert best >= start + 0.4

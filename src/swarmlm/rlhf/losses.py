@@ -195,12 +195,20 @@ def kl_penalised_rewards(
     scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float
 ) -> tuple[Tensor, Tensor]:
     """Per-token rewards ``-beta (log pi - log ref)`` plus the sequence score on the last real
-    token. ``scores`` is (b,). Returns (rewards (b, t), per-token KL estimate (b, t))."""
+    token. ``scores`` is (b,). Returns (rewards (b, t), per-token KL estimate (b, t)).
+
+    The last real token is the last position where ``mask`` is 1, so the tensors may span
+    prompt + response (the mask 0 on the prompt), as PPO's do. Reading it as "number of real
+    tokens - 1" would hold only for response-only tensors: with a prompt in front the score
+    landed inside the response (or, behind a long prompt, on the prompt, where it was lost).
+    """
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
-    last = (mask.sum(1).long() - 1).clamp(min=0)
+    real = mask > 0
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(real, positions, 0).max(1).values
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    has_token = mask.sum(1) > 0
+    has_token = real.any(1)
     rewards[rows, last] += torch.where(has_token, scores, torch.zeros_like(scores))
     return rewards, kl
 
