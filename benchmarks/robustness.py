@@ -8,7 +8,9 @@ Karimireddy, He and Jaggi 2021; see ``SimConfig``). Every run starts from the sa
 initial weights and sees the same batches, so cells differ only by aggregator, attack, f and
 momentum. The grid is aggregators x attacks x f in {1, 3} x worker momentum in {0, 0.9}, plus
 one clean run (f = 0) per aggregator and momentum, plus centered clipping with momentum with
-and without top-1% int8 compression with error feedback. Reports the final validation loss per
+and without top-1% int8 compression with error feedback. ``centered_clip_rep`` is the same
+centered clipping behind the cross-round ``ReputationFilter``; it also runs with f configured
+and no attack, to count honest workers it wrongly leaves out. Reports the final validation loss per
 cell (JSON and a heat-map PNG) and bytes per round per worker.
 
 Part 2, speed at n = 16, d = 10 million: median, Krum and centered clipping (through
@@ -19,7 +21,9 @@ encode/decode throughput of the codecs on 10 million values.
 fewer timing rounds; grid cells run in ``--jobs`` child processes. The last stdout line is
 one JSON object with the headline keys:
 ``cc_worst_attack_loss_ratio``, ``compressed_loss_ratio``, ``compression_factor``,
-``median_s``, ``krum_s``, ``cc_s``, ``codec_mb_per_s``.
+``median_s``, ``krum_s``, ``cc_s``, ``codec_mb_per_s``; with ``centered_clip_rep`` in the grid
+also ``cc_reputation_worst_attack_loss_ratio``, ``cc_reputation_no_attack_f3_loss_ratio`` and
+``cc_reputation_honest_exclusions``.
 """
 
 from __future__ import annotations
