@@ -11,13 +11,74 @@ model; ours is a zero-initialised head on the policy), and its KL penalty has a 
 coefficient (ours is adaptive, Ziegler et al. 2019, starting from the same value). Everything
 else is set equal: rollout batch, minibatch, PPO epochs, response length, temperature,
 learning rate, clip ranges, value-loss coefficient, GAE gamma and lambda, no-EOS penalty.
+
+Two adjustments give TRL's PPO the same reward as ours (both optional, both on in the
+benchmark), so neither side wins by how its reward model is read:
+
+* ``score_at_eos``: both reward models were trained on responses ending with EOS (TRL's
+  ``RewardTrainer`` appends it, as our ``tokenize_pairs`` does), but PPO's responses are cut at
+  ``response_length`` without one, and TRL reads the score at the last word, where the head was
+  never trained (our reward model's held-out accuracy read there: 0.75 instead of 0.89). Our
+  ``reward_model_fn`` appends the EOS for scoring; :class:`ReadAtEos` does the same inside
+  TRL's reward call.
+* ``reward_norm``: our rewards are normalised to mean 0 / std 1 on reference responses; TRL's
+  raw score is not, so the same KL coefficient weighed the KL 2-3x less on TRL's side. The
+  score head becomes ``(w h - mean) / std`` with the mean and std of TRL's own reward model on
+  the same reference responses.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class ReadAtEos(nn.Module):
+    """Wraps a reward model's backbone for TRL's ``get_reward``: a row whose last real token is
+    not EOS gets one appended, and the hidden state of that EOS is returned at the last real
+    token's position, the position ``get_reward`` reads the score from. Rows that end with EOS
+    (TRL truncates a response after its first stop token and keeps it) pass unchanged."""
+
+    def __init__(self, backbone: nn.Module, eos_id: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.eos_id = eos_id
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, **kwargs: Any
+    ) -> SimpleNamespace:
+        b, s = input_ids.shape
+        mask = attention_mask.bool()
+        positions = torch.arange(s, device=input_ids.device).expand(b, s)
+        last = torch.where(mask, positions, -1).max(1).values.clamp(min=0)
+        rows = torch.arange(b, device=input_ids.device)
+        append = (input_ids[rows, last] != self.eos_id).nonzero().squeeze(1)
+        ids = torch.cat((input_ids, input_ids.new_zeros(b, 1)), 1)
+        mask = torch.cat((mask, mask.new_zeros(b, 1)), 1)
+        ids[append, last[append] + 1] = self.eos_id
+        mask[append, last[append] + 1] = True
+        pos = mask.long().cumsum(1) - mask.long()
+        kwargs["output_hidden_states"] = True
+        out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs)
+        hidden = out.hidden_states[-1]
+        read = hidden[:, :s].clone()
+        read[append, last[append]] = hidden[append, last[append] + 1]
+        return SimpleNamespace(hidden_states=(read,))
+
+
+def normalised_score_head(head: nn.Linear, mean: float, std: float) -> nn.Linear:
+    """A score head with a bias that outputs ``(head(h) - mean) / std``."""
+    out = nn.Linear(head.in_features, 1, bias=True)
+    with torch.no_grad():
+        out.weight.copy_(head.weight / std)
+        bias = head.bias if head.bias is not None else torch.zeros(1)
+        out.bias.copy_((bias - mean) / std)
+    return out
 
 
 def trl_ppo(
@@ -35,10 +96,13 @@ def trl_ppo(
     missing_eos_penalty: float,
     out: Path,
     seed: int = 0,
+    score_at_eos: bool = True,
+    reward_norm: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Run ``steps`` PPO updates of the exported base model against ``reward_model`` (TRL's
-    own, from ``RewardTrainer``). Returns the trained policy's directory (HF format) and the
-    wall time of every update, rollout included."""
+    own, from ``RewardTrainer``; not modified: a wrapped copy is used). ``reward_norm`` =
+    (mean, std) of its raw score on reference responses. Returns the trained policy's
+    directory (HF format) and the wall time of every update, rollout included."""
     if minibatch > rollout_batch or rollout_batch % minibatch:
         raise ValueError(f"minibatch {minibatch} must divide rollout batch {rollout_batch}")
     import os
@@ -58,7 +122,15 @@ def trl_ppo(
     reference = AutoModelForCausalLM.from_pretrained(hf_dir)
     value = AutoModelForSequenceClassification.from_pretrained(hf_dir, num_labels=1)
     value.config.pad_token_id = tok.pad_token_id
+    import copy
+
+    reward_model = copy.deepcopy(reward_model)
     reward_model.config.pad_token_id = tok.pad_token_id
+    if score_at_eos:
+        prefix = reward_model.base_model_prefix
+        setattr(reward_model, prefix, ReadAtEos(getattr(reward_model, prefix), tok.eos_token_id))
+    if reward_norm is not None:
+        reward_model.score = normalised_score_head(reward_model.score, *reward_norm)
     reward_model.eval()
     n = steps * rollout_batch
     rows = [{"input_ids": tok(prompts[i % len(prompts)])["input_ids"]} for i in range(n)]

@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import logging
 import math
@@ -134,7 +135,7 @@ def sizes(quick: bool) -> dict[str, Any]:
     return {
         "base_steps": 1500 if quick else 3000,
         "n_prompts": 2000 if quick else 6000,
-        "n_eval_prompts": 48 if quick else 128,
+        "n_eval_prompts": 256 if quick else 512,
         "max_new_tokens": 16,
         "responses": 6,
         "held_out_share": 0.2,
@@ -553,6 +554,7 @@ def trl_reward(
     seconds = time.perf_counter() - t0
     model.eval()
     correct = 0
+    every: list[float] = []
     with torch.no_grad():
         for p in held:
             scores = []
@@ -560,7 +562,14 @@ def trl_reward(
                 ids = tok(p.prompt + resp + tok.eos_token, return_tensors="pt")
                 scores.append(float(model(**ids).logits[0, 0]))
             correct += scores[0] > scores[1]
-    return {"accuracy": correct / len(held), "seconds": seconds, "model": model}
+            every.extend(scores)
+    return {
+        "accuracy": correct / len(held),
+        "seconds": seconds,
+        "model": model,
+        # mean / std on the held-out responses, as our reward model's normalisation
+        "reward_norm": (statistics.fmean(every), statistics.stdev(every)),
+    }
 
 
 def trl_dpo(
@@ -606,7 +615,105 @@ def trl_dpo(
     return imported.eval(), seconds
 
 
+def interpolate_gain(points: list[dict[str, Any]], kl: float) -> float | None:
+    """Gain of a sweep's piecewise-linear gain-vs-KL curve at ``kl``; None outside its range
+    (no extrapolation: a curve says nothing beyond the KLs it reached)."""
+    pts = sorted((p["kl"], p["true_reward_gain"]) for p in points)
+    if not pts or kl < pts[0][0] or kl > pts[-1][0]:
+        return None
+    for (k0, g0), (k1, g1) in itertools.pairwise(pts):
+        if k0 <= kl <= k1:
+            return g0 if k1 == k0 else g0 + (g1 - g0) * (kl - k0) / (k1 - k0)
+    return pts[-1][1]
+
+
+def matched_kl(ours: list[dict[str, Any]], trl: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At every measured KL of either side: both sides' gains there (interpolated for the
+    other side), so "gain at equal KL" is read off one curve against the other."""
+    rows = []
+    for side, points in (("swarmlm", ours), ("trl", trl)):
+        for p in points:
+            rows.append(
+                {
+                    "at": f"{side} coef {p['kl_coef']:g}",
+                    "kl": p["kl"],
+                    "swarmlm_gain": interpolate_gain(ours, p["kl"]),
+                    "trl_gain": interpolate_gain(trl, p["kl"]),
+                }
+            )
+    return sorted(rows, key=lambda r: r["kl"])
+
+
+def _trl_ppo_point(
+    hf_dir: Path,
+    trl_rm_model: Any,
+    reward_norm: tuple[float, float],
+    prompts: list[str],
+    s: dict[str, Any],
+    ppo_cfg: Any,
+    coef: float,
+    reference: Transformer,
+    tok: Tokenizer,
+    eval_prompts: list[str],
+    before: dict[str, Any],
+    out: Path,
+) -> dict[str, Any]:
+    """TRL's PPO on the same base, prompts, steps and settings against TRL's own reward model
+    (as ours runs against ours), evaluated by the same evaluator; an error is reported, never
+    replaced by a number."""
+    try:
+        from _trl_ppo import trl_ppo
+        from swarmlm.model.hf import import_hf
+
+        with make_progress() as progress:
+            progress.add_task(f"TRL ppo (KL coef {coef:g})", total=None)
+            trl = trl_ppo(
+                hf_dir,
+                trl_rm_model,
+                prompts,
+                steps=s["ppo_steps"],
+                rollout_batch=s["batch_size"],
+                minibatch=ppo_cfg.minibatch_size,
+                ppo_epochs=ppo_cfg.ppo_epochs,
+                response_length=s["max_new_tokens"],
+                lr=1e-4,
+                kl_coef=coef,
+                missing_eos_penalty=1.0,
+                out=out,
+                score_at_eos=True,
+                reward_norm=reward_norm,
+            )
+        _, trl_policy = import_hf(trl["policy_dir"])
+        after = evaluate_policy(
+            trl_policy.eval(), reference, tok, eval_prompts, s["max_new_tokens"], 123
+        )
+        steps = trl["step_seconds"][1:] or trl["step_seconds"]
+        return {
+            "kl_coef": coef,
+            "true_reward_gain": after["true_reward"] - before["true_reward"],
+            "kl": after["kl"],
+            "step_seconds": statistics.median(steps),
+            "after": {**after, "seconds": trl["seconds"]},
+            "history": trl["logs"],
+        }
+    except Exception as exc:  # report why, never a made-up number
+        stderr_console.print(f"[red]TRL PPOTrainer failed:[/red] {exc}")
+        return {"kl_coef": coef, "error": f"{type(exc).__name__}: {exc}"}
+
+
 # -- main -------------------------------------------------------------------------------------
+
+
+def _coefficients(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--kl-sweep {text!r}: {exc}") from exc
+    if not values or any(v < 0 or not math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(
+            f"--kl-sweep {text!r}: give one or more finite coefficients >= 0, e.g. 0.1,0.05"
+        )
+    return values
 
 
 def main() -> None:
@@ -630,6 +737,24 @@ def main() -> None:
         default="fixed",
         help="swarmlm PPO's KL control: fixed 0.1 as TRL's PPO (default: like for like), or "
         "the adaptive controller from 0.1 towards 4 nats a response",
+    )
+    ap.add_argument(
+        "--kl-sweep",
+        type=_coefficients,
+        default=[0.1],
+        help="KL coefficients both PPOs run at, comma-separated (the first is the headline); "
+        "with two or more, gains are compared at matched KL (default: 0.1)",
+    )
+    ap.add_argument(
+        "--shared-value-head",
+        action="store_true",
+        help="swarmlm PPO's value head on the policy instead of a separate critic (TRL's PPO "
+        "always has a separate value model)",
+    )
+    ap.add_argument(
+        "--results-name",
+        default="rlhf",
+        help="results file stem under benchmarks/results/ (runs side by side need their own)",
     )
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--node-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -656,8 +781,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     results["loadavg_end"] = os.getloadavg()
     results["wall_seconds"] = time.perf_counter() - t_start
-    write_json(RESULTS_DIR / "rlhf.json", results)
-    plot(results, RESULTS_DIR / "rlhf.png")
+    write_json(RESULTS_DIR / f"{args.results_name}.json", results)
+    plot(results, RESULTS_DIR / f"{args.results_name}.png")
     emit_headline({k: results.get(k) for k in HEADLINE})
 
 
@@ -675,6 +800,7 @@ HEADLINE = (
     "trl_dpo_kl",
     "ppo_step_seconds",
     "trl_ppo_step_seconds",
+    "ppo_minus_trl_gain_at_matched_kl",
 )
 
 
@@ -756,6 +882,9 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
 
     # 4. reward models
     rm_lr = 5e-4  # dev, 3 draws of annotations: 0.917 mean vs 0.880 at 1e-3 (both sides)
+    # TRL's trainers use AdamW's usual betas (0.9, 0.999); ours default to the pre-training
+    # (0.9, 0.95). Same betas for both reward models (dev, seed 2: 0.923 vs 0.900 at 0.95).
+    rm_betas = (0.9, 0.999)
     t = time.perf_counter()
     rm_result = train_reward_model(
         RewardRunConfig(
@@ -765,7 +894,7 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
             out_dir=work / "rm",
             batch_size=s["batch_size"],
             epochs=s["rm_epochs"],
-            optim=OptimConfig(lr=rm_lr, weight_decay=0.0),
+            optim=OptimConfig(lr=rm_lr, weight_decay=0.0, betas=rm_betas),
             threads=args.threads,
             safety=SafetyConfig(enabled=False),
             checkpoint_every=10_000,
@@ -787,99 +916,121 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
             results["trl_rm_error"] = f"{type(exc).__name__}: {exc}"
             con.print(f"[red]TRL RewardTrainer failed:[/red] {exc}")
 
-    # 5a. PPO against the swarmlm reward model
+    # 5a. PPO against each side's own reward model, at each KL coefficient. Both rewards are
+    # normalised alike (mean 0 / std 1 on the held-out reference responses) and both are read
+    # at an EOS (benchmarks/_trl_ppo.py), so one coefficient means the same on both sides.
     before = evaluate_policy(base_lm, base_lm, tok, eval_prompts, s["max_new_tokens"], 123)
     results["before"] = before
     rm, _ = load_reward_model(work / "rm")
     rm.eval().requires_grad_(False)
-    policy, _ = load_language_model(base)
     reference, _ = load_language_model(base)
-    ppo_cfg = PPOConfig(
-        rollout_batch_size=s["batch_size"],
-        minibatch_size=8,
-        ppo_epochs=4,
-        max_new_tokens=s["max_new_tokens"],
-        kl_controller=args.ppo_kl,
-        init_kl_coef=0.1,
-        target_kl=4.0,
-        kl_horizon=100,
-    )
     results["ppo_kl_controller"] = args.ppo_kl
-    trainer = PPOTrainer(
-        policy,
-        reference,
-        reward_model_fn(rm, tok, build_safety_filter(safety), -1.0),
-        ppo_cfg,
-        eos_id=tok.eos_id,
-        pad_id=tok.pad_id,
-        optim=OptimConfig(lr=1e-4, weight_decay=0.0),
-        grad_clip=1.0,
-    )
     enc_prompts = [tok.encode(p) for p in prompts]
-    history = []
-    with make_progress() as progress:
-        bar = progress.add_task("ppo", total=s["ppo_steps"])
-        for step in range(s["ppo_steps"]):
-            batch = [
-                enc_prompts[(step * s["batch_size"] + i) % len(enc_prompts)]
-                for i in range(s["batch_size"])
-            ]
-            stats = trainer.step(batch)
-            roll = trainer.last_rollout
-            assert roll is not None
-            stats["true_reward"] = statistics.fmean(
-                LEX.score(tok.decode(r)) for r in roll.responses
-            )
-            history.append(stats)
-            progress.advance(bar)
-    results["ppo_history"] = history
-    after = evaluate_policy(policy, reference, tok, eval_prompts, s["max_new_tokens"], 123)
-    results["ppo_after"] = {**after, "seconds": sum(h["seconds"] for h in history)}
-    results["ppo_true_reward_gain"] = after["true_reward"] - before["true_reward"]
-    results["ppo_kl"] = after["kl"]
-    step_times = [h["seconds"] for h in history[1:]] or [history[0]["seconds"]]
-    results["ppo_step_seconds"] = statistics.median(step_times)
-    results["ppo_step_ratio_vs_trl"] = None
-    if hf_dir is not None and trl_rm_model is not None:
-        # TRL's PPO on the same base, prompts, steps and settings, against TRL's own reward
-        # model (as ours runs against ours); benchmarks/_trl_ppo.py lists what differs.
-        try:
-            from _trl_ppo import trl_ppo
-
-            with make_progress() as progress:
-                progress.add_task("TRL ppo", total=None)
-                trl = trl_ppo(
+    coefs = args.kl_sweep
+    ours_sweep: list[dict[str, Any]] = []
+    trl_sweep: list[dict[str, Any]] = []
+    for coef in coefs:
+        ppo_cfg = PPOConfig(
+            rollout_batch_size=s["batch_size"],
+            minibatch_size=8,
+            ppo_epochs=4,
+            max_new_tokens=s["max_new_tokens"],
+            kl_controller=args.ppo_kl,
+            init_kl_coef=coef,
+            target_kl=4.0,
+            kl_horizon=100,
+            # a value network apart from the policy, as TRL's PPO has (a value head on the
+            # policy lets the value loss move the policy's logits: more KL for the same gain)
+            separate_critic=not args.shared_value_head,
+        )
+        policy, _ = load_language_model(base)
+        trainer = PPOTrainer(
+            policy,
+            reference,
+            reward_model_fn(rm, tok, build_safety_filter(safety), -1.0),
+            ppo_cfg,
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
+            optim=OptimConfig(lr=1e-4, weight_decay=0.0),
+            grad_clip=1.0,
+        )
+        history = []
+        with make_progress() as progress:
+            bar = progress.add_task(f"ppo (KL coef {coef:g})", total=s["ppo_steps"])
+            for step in range(s["ppo_steps"]):
+                batch = [
+                    enc_prompts[(step * s["batch_size"] + i) % len(enc_prompts)]
+                    for i in range(s["batch_size"])
+                ]
+                stats = trainer.step(batch)
+                roll = trainer.last_rollout
+                assert roll is not None
+                stats["true_reward"] = statistics.fmean(
+                    LEX.score(tok.decode(r)) for r in roll.responses
+                )
+                history.append(stats)
+                progress.advance(bar)
+        after = evaluate_policy(policy, reference, tok, eval_prompts, s["max_new_tokens"], 123)
+        step_times = [h["seconds"] for h in history[1:]] or [history[0]["seconds"]]
+        ours_sweep.append(
+            {
+                "kl_coef": coef,
+                "true_reward_gain": after["true_reward"] - before["true_reward"],
+                "kl": after["kl"],
+                "step_seconds": statistics.median(step_times),
+                "after": {**after, "seconds": sum(h["seconds"] for h in history)},
+                "history": history,
+            }
+        )
+        if hf_dir is not None and trl_rm_model is not None:
+            trl_sweep.append(
+                _trl_ppo_point(
                     hf_dir,
                     trl_rm_model,
+                    results["trl_rm"]["reward_norm"],
                     prompts,
-                    steps=s["ppo_steps"],
-                    rollout_batch=s["batch_size"],
-                    minibatch=ppo_cfg.minibatch_size,
-                    ppo_epochs=ppo_cfg.ppo_epochs,
-                    response_length=s["max_new_tokens"],
-                    lr=1e-4,
-                    kl_coef=ppo_cfg.init_kl_coef,
-                    missing_eos_penalty=1.0,
-                    out=work / "trl-ppo",
+                    s,
+                    ppo_cfg,
+                    coef,
+                    reference,
+                    tok,
+                    eval_prompts,
+                    before,
+                    work / f"trl-ppo-{coef:g}",
                 )
-            from swarmlm.model.hf import import_hf
-
-            _, trl_ppo_policy = import_hf(trl["policy_dir"])
-            trl_ppo_after = evaluate_policy(
-                trl_ppo_policy.eval(), reference, tok, eval_prompts, s["max_new_tokens"], 123
             )
-            trl_steps = trl["step_seconds"][1:] or trl["step_seconds"]
-            results["trl_ppo_after"] = {**trl_ppo_after, "seconds": trl["seconds"]}
-            results["trl_ppo_history"] = trl["logs"]
-            results["trl_ppo_step_seconds"] = statistics.median(trl_steps)
-            results["trl_true_reward_gain"] = trl_ppo_after["true_reward"] - before["true_reward"]
-            results["trl_kl"] = trl_ppo_after["kl"]
-            results["ppo_step_ratio_vs_trl"] = (
-                results["ppo_step_seconds"] / results["trl_ppo_step_seconds"]
-            )
-        except Exception as exc:  # report why, never a made-up number
-            results["trl_ppo_error"] = f"{type(exc).__name__}: {exc}"
-            con.print(f"[red]TRL PPOTrainer failed:[/red] {exc}")
+    results["ppo_sweep"] = [{k: v for k, v in p.items() if k != "history"} for p in ours_sweep]
+    results["trl_ppo_sweep"] = [{k: v for k, v in p.items() if k != "history"} for p in trl_sweep]
+    # The headline is the first coefficient of the sweep (0.1 by default).
+    head = ours_sweep[0]
+    results["ppo_history"] = head["history"]
+    results["ppo_after"] = head["after"]
+    results["ppo_true_reward_gain"] = head["true_reward_gain"]
+    results["ppo_kl"] = head["kl"]
+    results["ppo_step_seconds"] = head["step_seconds"]
+    results["ppo_step_ratio_vs_trl"] = None
+    if trl_sweep and "error" not in trl_sweep[0]:
+        t0 = trl_sweep[0]
+        results["trl_ppo_after"] = t0["after"]
+        results["trl_ppo_history"] = t0["history"]
+        results["trl_ppo_step_seconds"] = t0["step_seconds"]
+        results["trl_true_reward_gain"] = t0["true_reward_gain"]
+        results["trl_kl"] = t0["kl"]
+        results["ppo_step_ratio_vs_trl"] = head["step_seconds"] / t0["step_seconds"]
+    elif trl_sweep:
+        results["trl_ppo_error"] = trl_sweep[0]["error"]
+    trl_ok = [p for p in trl_sweep if "error" not in p]
+    if len(ours_sweep) > 1 and len(trl_ok) > 1:
+        # Equal KL: each side's gain-vs-KL curve (piecewise linear over the sweep) read at
+        # the other side's measured KLs, where the two curves overlap.
+        results["matched_kl"] = matched_kl(results["ppo_sweep"], trl_ok)
+        both = [
+            r["swarmlm_gain"] - r["trl_gain"]
+            for r in results["matched_kl"]
+            if r["swarmlm_gain"] is not None and r["trl_gain"] is not None
+        ]
+        # mean of (ours - TRL's) gain over the KLs where both curves were measured
+        results["ppo_minus_trl_gain_at_matched_kl"] = statistics.fmean(both) if both else None
 
     # 5b. DPO (swarmlm) and TRL DPO on the same pairs
     dpo_lr, beta = 5e-4, 0.1
@@ -959,6 +1110,17 @@ def _print_table(r: dict[str, Any]) -> None:
                 f"{a.get('seconds', 0):.1f}",
             )
     stderr_console.print(table)
+    for name, key in (("swarmlm PPO", "ppo_sweep"), ("TRL PPO", "trl_ppo_sweep")):
+        for p in r.get(key, []):
+            if "error" in p:
+                stderr_console.print(f"{name} KL coef {p['kl_coef']:g}: {p['error']}")
+            else:
+                stderr_console.print(
+                    f"{name} KL coef {p['kl_coef']:g}: gain {p['true_reward_gain']:+.4f} "
+                    f"KL {p['kl']:.2f} step {p['step_seconds']:.2f} s"
+                )
+    for row in r.get("matched_kl", []):
+        stderr_console.print(f"matched KL {row}")
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
@@ -971,7 +1133,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
 
     h = r["ppo_history"]
     steps = [x["step"] for x in h]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    sweep = len(r.get("ppo_sweep", [])) > 1
+    fig, ax = plt.subplots(1, 3 if sweep else 2, figsize=(15 if sweep else 10, 4))
     ax[0].plot(steps, [x["true_reward"] for x in h], label="swarmlm PPO (rollouts)")
     ax[0].axhline(r["before"]["true_reward"], color="grey", ls="--", label="base")
     if "trl_ppo_after" in r:
@@ -990,6 +1153,19 @@ def plot(r: dict[str, Any], path: Path) -> None:
         ax[1].plot(range(1, len(trl_kl) + 1), trl_kl, label="TRL PPO KL (rollouts)")
     ax[1].set_xlabel("PPO step")
     ax[1].legend()
+    if sweep:
+        for name, key in (("swarmlm PPO", "ppo_sweep"), ("TRL PPO", "trl_ppo_sweep")):
+            pts = sorted(
+                (p["kl"], p["true_reward_gain"], p["kl_coef"]) for p in r.get(key, []) if "kl" in p
+            )
+            if pts:
+                ax[2].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+                for kl, gain, coef in pts:
+                    ax[2].annotate(f"{coef:g}", (kl, gain), fontsize=8)
+        ax[2].set_xlabel("KL to reference (nats/response)")
+        ax[2].set_ylabel("true-reward gain")
+        ax[2].set_title("gain vs KL (labels: KL coefficient)")
+        ax[2].legend()
     save_figure(fig, path)
 
 
