@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from swarmlm.model import ModelConfig, Transformer
@@ -57,3 +58,25 @@ def test_the_caller_s_responses_are_left_untouched() -> None:
     responses = [[6, 7]]
     reward_model_fn(rm, _Tok())([[3]], responses)  # type: ignore[arg-type]
     assert responses == [[6, 7]]
+
+
+def test_on_policy_normalisation_gives_the_policy_s_samples_mean_0_and_std_1() -> None:
+    from swarmlm.rlhf.config import PPOConfig
+    from swarmlm.rlhf.ppo import PPOTrainer
+    from swarmlm.rlhf.ppo_run import normalise_on_policy
+
+    rm = _reward_model()
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+    policy = Transformer(cfg)
+    score = reward_model_fn(rm, _Tok())  # type: ignore[arg-type]
+    ppo = PPOConfig(rollout_batch_size=16, minibatch_size=8, max_new_tokens=4)
+    trainer = PPOTrainer(policy, Transformer(cfg), score, ppo, eos_id=EOS, pad_id=PAD)
+    prompts = [[3 + i % 5, 4] for i in range(32)]
+    torch.manual_seed(7)
+    normalise_on_policy(trainer, rm, prompts, 32, EOS, PAD)
+    torch.manual_seed(7)
+    roll = trainer.sample(prompts)  # the same samples again
+    scores = score(roll.prompts, roll.responses)
+    assert float(scores.mean()) == pytest.approx(0.0, abs=1e-4)
+    assert float(scores.std()) == pytest.approx(1.0, abs=1e-4)

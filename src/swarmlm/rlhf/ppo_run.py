@@ -34,6 +34,20 @@ from swarmlm.rlhf.safety import SafetyFilter, build_safety_filter
 log = logging.getLogger(__name__)
 
 
+def scoring_ids(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], eos_id: int, pad_id: int
+) -> tuple[Tensor, Tensor]:
+    """Right-padded prompt + response + EOS (one EOS: a finished response keeps its own) and
+    the lengths: what the reward model reads, as it was trained (see :func:`reward_model_fn`)."""
+    return right_pad(
+        [
+            [*p, *r] if r and r[-1] == eos_id else [*p, *r, eos_id]
+            for p, r in zip(prompts, responses, strict=True)
+        ],
+        pad_id,
+    )
+
+
 def reward_model_fn(
     rm: RewardModel,
     tok: Tokenizer,
@@ -52,13 +66,7 @@ def reward_model_fn(
     """
 
     def score(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> Tensor:
-        ids, lengths = right_pad(
-            [
-                [*p, *r] if r and r[-1] == tok.eos_id else [*p, *r, tok.eos_id]
-                for p, r in zip(prompts, responses, strict=True)
-            ],
-            tok.pad_id,
-        )
+        ids, lengths = scoring_ids(prompts, responses, tok.eos_id, tok.pad_id)
         scores = rm.score(ids, lengths)
         if safety is not None and safety.checks:
             for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
@@ -117,7 +125,9 @@ def train_ppo(
         rm.reward_std.fill_(float(ckpt.trainer_state["reward_norm"][1]))
         history = list(ckpt.state["rlhf"].get("history", []))
     elif cfg.normalise_reward:
-        _normalise_on_policy(trainer, rm, prompts, cfg)
+        normalise_on_policy(
+            trainer, rm, prompts, max(2, 2 * cfg.ppo.rollout_batch_size), tok.eos_id, tok.pad_id
+        )
     base_cfg = base_config(base_ckpt)
 
     def save(final: bool) -> str:
@@ -172,13 +182,20 @@ def _score_text(rm: RewardModel, tok: Tokenizer, prompt: str, response: str) -> 
 
 
 @torch.no_grad()
-def _normalise_on_policy(
-    trainer: PPOTrainer, rm: RewardModel, prompts: list[list[int]], cfg: PPORunConfig
+def normalise_on_policy(
+    trainer: PPOTrainer,
+    rm: RewardModel,
+    prompts: list[list[int]],
+    n: int,
+    eos_id: int,
+    pad_id: int,
 ) -> None:
-    """Reward mean 0 / std 1 on the initial policy's samples (Ziegler et al. 2019)."""
-    n = min(len(prompts), max(2, 2 * cfg.ppo.rollout_batch_size))
+    """Reward mean 0 / std 1 on the initial policy's samples (Ziegler et al. 2019), scored as
+    PPO will score them (:func:`scoring_ids`)."""
+    n = min(len(prompts), n)
     roll = trainer.sample(prompts[:n])
-    raw = torch.cat([rm(roll.ids[i : i + 16], roll.lengths[i : i + 16]) for i in range(0, n, 16)])
+    ids, lengths = scoring_ids(roll.prompts, roll.responses, eos_id, pad_id)
+    raw = torch.cat([rm(ids[i : i + 16], lengths[i : i + 16]) for i in range(0, n, 16)])
     rm.fit_normalisation(raw)
     log.info(
         "reward normalised on %d policy samples: mean %.4f std %.4f",
