@@ -71,6 +71,28 @@ keeps its separate value model and its fixed KL coefficient. ``trl_*`` keys desc
 PPO, ``trl_dpo_*`` its DPO. Nothing is estimated or filled in for a side that fails: its
 error is in the JSON.
 
+PPO at equal KL (2026-11-22). Our PPO had moved the policy (KL 6-7 nats) while barely raising
+the true reward; diagnosed on seed 0 (one run each, 512 evaluation samples, coefficient 0.1):
+
+* both reward models were trained on responses ending with EOS, but both PPOs scored the
+  16-token responses (cut, never finished) at their last word, where the head was never
+  trained: held-out accuracy read there 0.75 instead of 0.89. Our reward function now appends
+  the EOS for scoring (+0.007 -> +0.017 gain); TRL's reward call gets the same
+  (``ReadAtEos`` in ``_trl_ppo.py``);
+* our per-token score sat at position "response length - 1" of the prompt + response
+  tensors, i.e. inside the response (or on a long prompt, lost); it now sits on the last
+  response token;
+* with both fixes and a separate critic (as TRL's value model) our PPO climbs its reward
+  model as fast as TRL's: +0.133 at KL 9.6 against TRL's +0.113 at KL 8.6; with the value
+  head on the policy +0.029 at KL 5.5; with TRL's optimizer settings (betas 0.999, no
+  gradient clipping) +0.102 at KL 8.0;
+* TRL's raw reward is now normalised like ours (mean 0 / std 1 on the held-out responses), so
+  a coefficient weighs the KL alike on both sides, and ``--kl-sweep`` runs both at several
+  coefficients and compares the gains at matched KL (each side's gain-vs-KL curve, piecewise
+  linear, read at the other side's KLs);
+* the evaluation uses 256 prompts x 2 samples (was 48 x 2: a standard error of about 0.01,
+  the size of the gains being compared).
+
 Every contender runs in this one process with the same torch thread count (``--threads``,
 default 1: on a machine shared with other jobs, two threads spin-wait on each other and run
 up to 10x slower than one).
@@ -968,6 +990,9 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
                 stats["true_reward"] = statistics.fmean(
                     LEX.score(tok.decode(r)) for r in roll.responses
                 )
+                # the reward model's raw score ("reward" is normalised, "score" adds the
+                # missing-EOS penalty): over-optimisation shows as this rising, truth not
+                stats["rm_raw"] = stats["reward"] * float(rm.reward_std) + float(rm.reward_mean)
                 history.append(stats)
                 progress.advance(bar)
         after = evaluate_policy(policy, reference, tok, eval_prompts, s["max_new_tokens"], 123)
