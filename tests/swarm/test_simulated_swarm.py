@@ -226,7 +226,12 @@ def test_an_overlapped_local_phase_continues_from_its_own_pending_round(
 
 
 @pytest.mark.parametrize(
-    ("codec", "params"), [("topk_int8", {"fraction": 0.1}), ("int8", {"block_size": 64})]
+    ("codec", "params"),
+    [
+        ("topk_int8", {"fraction": 0.1}),
+        ("topk_sign", {"fraction": 0.25}),
+        ("int8", {"block_size": 64}),
+    ],
 )
 def test_a_lossy_diloco_round_encodes_the_local_models_whole_displacement_once(
     prepared_data: Path, tmp_path: Path, codec: str, params: dict[str, Any]
