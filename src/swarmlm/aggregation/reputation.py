@@ -46,10 +46,11 @@ class ReputationFilter:
 
     ``aggregator`` is any ``(stack) -> (d,)`` rule (an :class:`~swarmlm.aggregation.Aggregator`
     keeps its own state, such as centered clipping's centre, across calls). ``f`` is the
-    number of Byzantine workers to tolerate; the rule must tolerate ``f`` among the ``n - f``
-    rows left after excluding ``f`` (centered clipping: ``n >= 3f + 1`` when all ``f`` are
-    excluded; with fewer rows to spare the filter excludes only as many as keep ``n - e``
-    rows, ``n - e >= min_inputs``). ``decay`` is the EMA factor of the reputation,
+    number of Byzantine workers to tolerate and ``min_inputs`` the fewest rows on which the
+    rule still tolerates ``f`` (``Aggregator.min_inputs()``): at most ``min(f, n - min_inputs)``
+    rows are excluded, so the rule is never starved (centered clipping with f = 3 needs 7
+    rows, so all 3 can be excluded from 10, none from 7). ``decay`` is the EMA factor of the
+    reputation,
     ``far_ratio`` the distance rule, ``threshold`` the reputation below which a worker is
     excluded. A new worker starts at reputation 0 (not excluded).
     """
@@ -145,7 +146,8 @@ class ReputationFilter:
         if len(set(ids)) != n:
             raise AggregationError("reputation filter: worker ids must be distinct")
         excluded = self.excluded(ids)
-        kept = [i for i in range(n) if i not in set(excluded)]
+        left_out = set(excluded)
+        kept = [i for i in range(n) if i not in left_out]
         out = self.aggregator(stack[kept] if excluded else stack)
         self.last_excluded = excluded
         self.last_scores = self._scores(stack, out, kept)
