@@ -367,6 +367,14 @@ def summarise_swarm(
         "view_changes": sum(1 for e in ref.values() if e["view"] > 0),
         "resyncs": sum(1 for i in honest for e in rounds[i].values() if e["resynced"]),
         "payload_bytes_last_round": ref[last]["payload_bytes"],
+        # Payload bytes a peer sent beyond pushing its own payload once to each other member,
+        # per round (pulls served when a push was late): protocol waste, load-dependent.
+        "payload_bytes_served_on_request_per_round": statistics.mean(
+            rounds[i][max(rounds[i])].get("fetch_bytes_served", 0) / max(rounds[i]) for i in honest
+        ),
+        "blob_bytes_per_round": statistics.mean(
+            rounds[i][max(rounds[i])].get("blob_bytes_sent", 0) / max(rounds[i]) for i in honest
+        ),
         "flagged_rounds": sum(1 for e in ref.values() if e["flagged"]),
         "excluded_rounds": sum(1 for e in ref.values() if e["excluded"]),
     }

@@ -71,6 +71,10 @@ def test_payload_streams_in_chunks_and_is_fetched_by_digest() -> None:
             nodes[0].blobs.put(d, data)
             got = await nodes[2].fetch(d, [nodes[1].node_id, nodes[0].node_id])
             assert got == data
+            # the server counts what it served on request (operators tell pulls from pushes)
+            assert nodes[0].counters["fetches_served"] == 1
+            assert nodes[0].counters["fetch_bytes_served"] == len(data)
+            assert nodes[1].counters["fetches_served"] == 0
             with pytest.raises(TransportError, match="not obtained"):
                 await nodes[2].fetch(digest_of(b"nobody has this"), [nodes[1].node_id], 1.0)
         finally:

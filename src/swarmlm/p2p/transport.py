@@ -632,6 +632,10 @@ class P2PNode:
         if data is None:
             self.send(peer, self.sign("nofetch", {"digest": digest}))
             return
+        # Counted so that operators can tell payloads sent twice (a pull racing a push) from
+        # payloads pushed once: the swarm's round events carry it.
+        self.counters["fetches_served"] += 1
+        self.counters["fetch_bytes_served"] += len(data)
         task = asyncio.create_task(self._serve_blob(peer, digest, data))
         self._tasks.append(task)
         task.add_done_callback(self._tasks_done)

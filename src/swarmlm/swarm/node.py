@@ -304,6 +304,8 @@ class SwarmNode:
             eval_s=round(t_evaluated - t_applied, 3),
             checkpoint_s=round(t_saved - t_evaluated, 3),
             bytes_sent=self.node.bytes_sent,
+            blob_bytes_sent=self.node.bytes_sent_by_kind["blob"],
+            fetch_bytes_served=self.node.counters["fetch_bytes_served"],
             payload_bytes=len(pending.payload),
             **_report_fields(report),
         )
