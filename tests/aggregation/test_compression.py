@@ -127,7 +127,7 @@ def _residual_bound(q: float, max_norm: float) -> float:
     d=st.integers(10, 400),
     rounds=st.integers(1, 40),
     seed=st.integers(0, 2**16),
-    name=st.sampled_from(["topk", "topk_int8", "int4", "powersgd"]),
+    name=st.sampled_from(["topk", "topk_int8", "topk_sign", "int4", "powersgd"]),
 )
 def test_error_feedback_running_sum_tracks_the_running_sum_of_inputs(
     d: int, rounds: int, seed: int, name: str
@@ -152,15 +152,20 @@ def test_error_feedback_running_sum_tracks_the_running_sum_of_inputs(
         assert float((inputs - sent).norm()) <= _residual_bound(0.1, max_norm) * (1 + 1e-4)
 
 
-def test_error_feedback_relative_gap_shrinks_with_rounds() -> None:
+@pytest.mark.parametrize(
+    ("name", "fraction", "rounds"), [("topk_int8", 0.01, 400), ("topk_sign", 0.05, 200)]
+)
+def test_error_feedback_relative_gap_shrinks_with_rounds(
+    name: str, fraction: float, rounds: int
+) -> None:
     gen = torch.Generator().manual_seed(2)
-    ef = ErrorFeedback(get_codec("topk_int8", fraction=0.01))
+    ef = ErrorFeedback(get_codec(name, fraction=fraction))
     sent, inputs, gaps = torch.zeros(5000), torch.zeros(5000), []
-    for t in range(1, 401):
+    for t in range(1, rounds + 1):
         x = 0.5 + torch.randn(5000, generator=gen)
         sent += ef.encode(x).transmitted
         inputs += x
-        if t in (10, 400):
+        if t in (10, rounds):
             gaps.append(float((inputs - sent).norm() / inputs.norm()))
     assert gaps[1] < gaps[0] / 5
 
