@@ -161,17 +161,17 @@ def test_reload_applies_thresholds_and_aggregator_params_to_the_training_config(
     rt = r.runtime
     rt.swarm_cfg = rt._load_swarm_config()
     sw = rt.training_config().swarm
-    assert (sw.exclude_below, sw.evict_below) == (0.2, None)
+    assert (sw.exclude_below, sw.evict_below) == (0.2, 0.05)
     r.write(
         training_file(
             tmp_path,
-            thresholds={"exclude_below": 0.35, "evict_below": 0.05, "outlier_z": 4.0},
+            thresholds={"exclude_below": 0.35, "evict_below": 0.1, "outlier_z": 4.0},
             training={"config": str(tmp_path / "swarm.json"), "aggregator_params": {"tau": 2.0}},
         )
     )
     assert rt.reload()
     sw = rt.training_config().swarm
-    assert (sw.exclude_below, sw.evict_below, sw.outlier_z) == (0.35, 0.05, 4.0)
+    assert (sw.exclude_below, sw.evict_below, sw.outlier_z) == (0.35, 0.1, 4.0)
     assert sw.aggregator_params == {"tau": 2.0}
     assert set(r.events[0].data["fields"]) == {"thresholds", "training"}
 
