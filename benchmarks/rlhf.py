@@ -97,7 +97,10 @@ Every contender runs in this one process with the same torch thread count (``--t
 default 1: on a machine shared with other jobs, two threads spin-wait on each other and run
 up to 10x slower than one).
 
-    python benchmarks/rlhf.py --quick      # about 5 minutes (plus ~10 min once for the base LM)
+    python benchmarks/rlhf.py --quick      # one KL coefficient (0.1): about 10 minutes
+                                           # (plus ~10 min once for the base LM)
+    python benchmarks/rlhf.py --quick --kl-sweep 0.1,0.05,0.2   # both PPOs at three
+                                           # coefficients: ~40 minutes on a shared machine
     python benchmarks/rlhf.py              # more prompts, a longer-trained base, longer PPO
 
 Last stdout line: one JSON object with the headline keys.
