@@ -80,3 +80,13 @@ def test_on_policy_normalisation_gives_the_policy_s_samples_mean_0_and_std_1() -
     scores = score(roll.prompts, roll.responses)
     assert float(scores.mean()) == pytest.approx(0.0, abs=1e-4)
     assert float(scores.std()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_reward_head_starts_at_the_configured_scale() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, d_model=256, n_layers=1, n_heads=2, max_seq_len=16)
+    default = RewardModel(Transformer(cfg))
+    small = RewardModel(Transformer(cfg), head_init_std=0.02)
+    assert float(default.head.weight.detach().std()) == pytest.approx(1 / 257**0.5, rel=0.2)
+    assert float(small.head.weight.detach().std()) == pytest.approx(0.02, rel=0.2)
+    assert float(small.head.bias.detach().abs().sum()) == 0.0

@@ -57,6 +57,12 @@ class PairDataSettings(_Strict):
 class RewardConfig(_Strict):
     use_margin: bool = Field(default=False, description="subtract each pair's 'margin'")
     centring_coef: float = Field(default=0.0, ge=0, description="weight of mean((r_c + r_r)^2)")
+    head_init_std: float | None = Field(
+        default=None,
+        gt=0,
+        description="std of the scalar head's initial weights; default 1/sqrt(d_model + 1) "
+        "(Ziegler et al. 2019); Hugging Face heads use the config's initializer_range, 0.02",
+    )
     normalise: bool = Field(
         default=True, description="fit reward mean/std on the reference responses after training"
     )

@@ -59,12 +59,17 @@ class RewardModel(nn.Module):
     reward_mean: Tensor
     reward_std: Tensor
 
-    def __init__(self, backbone: Transformer) -> None:
+    def __init__(self, backbone: Transformer, head_init_std: float | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         d = backbone.cfg.d_model
         self.head = nn.Linear(d, 1)
-        nn.init.normal_(self.head.weight, std=1.0 / (d + 1) ** 0.5)  # Ziegler et al. 2019
+        # Ziegler et al. 2019 by default. For a small d_model that is large (0.088 at 128):
+        # the untrained head's random reward differences are then large too, and one epoch
+        # of Bradley-Terry starts from them (benchmark seed 0, d_model 128: 0.889 / 0.914 held-out
+        # accuracy over two batch orders at the default, 0.933 / 0.924 at 0.02).
+        std = head_init_std if head_init_std is not None else 1.0 / (d + 1) ** 0.5
+        nn.init.normal_(self.head.weight, std=std)
         nn.init.zeros_(self.head.bias)
         self.register_buffer("reward_mean", torch.zeros(()))
         self.register_buffer("reward_std", torch.ones(()))

@@ -130,7 +130,7 @@ def train_reward_model(
 
     train_data, eval_data = load_pair_data(cfg, tok, safety, cfg.seed)
 
-    rm = RewardModel(Transformer(without_dropout(lm.cfg)))
+    rm = RewardModel(Transformer(without_dropout(lm.cfg)), head_init_std=cfg.reward.head_init_std)
     rm.backbone.load_state_dict(lm.state_dict())
     del lm
     total = steps_for(len(train_data), cfg.batch_size, cfg.epochs, cfg.max_steps)
