@@ -176,3 +176,33 @@ def test_default_int8_contributions_cost_under_one_byte_a_parameter() -> None:
     assert payload_bytes() < 0.95 * 20_000
     assert payload_bytes(codec_params={"zstd": False}) > 20_000
     assert payload_bytes(codec_params={"block_size": 64, "zstd": False}) > 1.06 * 20_000
+
+
+@pytest.mark.parametrize("min_cosine", [None, 0.0])
+def test_an_update_pointing_away_from_the_aggregate_is_flagged_by_the_cosine_rule(
+    min_cosine: float | None,
+) -> None:
+    """Heterogeneous honest peers: each update is a shared direction plus a peer-specific part
+    as large. A sign flip of an honest update is then no farther from the aggregate than the
+    honest ones are from each other, so the distance rules miss it; its cosine to the
+    aggregate is negative, the honest ones' positive."""
+    es = engines(5, worker_momentum=0.0, outlier_min_cosine=min_cosine)
+    gen = torch.Generator().manual_seed(7)
+    flagged: list[list[str]] = []
+    for r in range(1, 9):
+        common = torch.randn(D, generator=gen)
+        honest = [common + torch.randn(D, generator=gen) for _ in range(4)]
+        updates = [*honest, -(common + torch.randn(D, generator=gen))]
+        entries = [
+            (peer_id(i), e.contribution(r, u, 4))
+            for i, (e, u) in enumerate(zip(es, updates, strict=False))
+        ]
+        reports = [e.apply(r, entries) for e in es]
+        assert len({tuple(rep.flagged) for rep in reports}) == 1  # every peer agrees
+        flagged.append(reports[0].flagged)
+    attacker_rounds = sum(peer_id(4) in f for f in flagged)
+    assert all(set(f) <= {peer_id(4)} for f in flagged)  # honest peers never flagged
+    if min_cosine is None:
+        assert attacker_rounds <= 2
+    else:
+        assert attacker_rounds == 8

@@ -145,6 +145,14 @@ class SwarmConfig(BaseModel):
         "in 20 rounds on 4 different quarters of the corpus (docs/swarm.md)",
     )
     outlier_z: float = Field(default=3.0, gt=0, description="robust z-score flagging an outlier")
+    outlier_min_cosine: float | None = Field(
+        default=None,
+        ge=-1,
+        le=1,
+        description="also flag a contribution whose cosine to the aggregate is below this "
+        "(None = distance rules only): a sign-flipped update points away from the aggregate "
+        "even when, on heterogeneous data, it is no farther from it than honest ones",
+    )
     outlier_ratio: float = Field(
         default=2.0, ge=1, description="an outlier must also be this many median distances away"
     )
