@@ -911,10 +911,9 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
     # (0.9, 0.95). Same betas for both reward models (dev, seed 2: 0.923 vs 0.900 at 0.95).
     rm_betas = (0.9, 0.999)
     # TRL's reward head (Hugging Face's) starts at std initializer_range = 0.02; ours at
-    # 1/sqrt(d+1) = 0.088 here. Same start for both. Held-out accuracy over batch orders:
-    # seed 0: 0.889 / 0.914 / 0.912 at 0.088, 0.933 / 0.924 at 0.02 (TRL 0.911 / 0.908);
-    # seed 1: 0.911 at 0.088, 0.911 / 0.910 at 0.02 (TRL 0.901); dev seed 2: 0.923 / 0.918
-    # at 0.088, 0.911 at 0.02 (TRL 0.920). Means 0.912 vs 0.917 (TRL 0.910).
+    # 1/sqrt(d+1) = 0.088 here: same start for both. Not a fix for seed 0's accuracy: the
+    # head's random draw and the batch order move it by +-0.02 (seed 0, std 0.02: 0.893 here,
+    # 0.933 / 0.924 with other draws and orders; std 0.088: 0.889 / 0.914 / 0.912); docs/rlhf.md.
     rm_head_std = 0.02
     t = time.perf_counter()
     rm_result = train_reward_model(
