@@ -58,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -371,6 +372,13 @@ def summarise_swarm(
         # per round (pulls served when a push was late): protocol waste, load-dependent.
         "payload_bytes_served_on_request_per_round": statistics.mean(
             rounds[i][max(rounds[i])].get("fetch_bytes_served", 0) / max(rounds[i]) for i in honest
+        ),
+        # which protocol path pulled them (all honest peers, whole run)
+        "pulls": dict(
+            sum(
+                (Counter(rounds[i][max(rounds[i])].get("pulls", {})) for i in honest),
+                Counter(),
+            )
         ),
         "blob_bytes_per_round": statistics.mean(
             rounds[i][max(rounds[i])].get("blob_bytes_sent", 0) / max(rounds[i]) for i in honest

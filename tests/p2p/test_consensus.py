@@ -7,11 +7,12 @@ import os
 
 import pytest
 
-from swarmlm.p2p.consensus import RoundProtocol, leader_of, quorum
+from swarmlm.p2p.consensus import RoundProtocol, _Round, leader_of, quorum
 from swarmlm.p2p.errors import MessageRejectedError
 from swarmlm.p2p.identity import NodeIdentity
-from swarmlm.p2p.messages import MessageSigner
+from swarmlm.p2p.messages import MessageSigner, SignedMessage
 from swarmlm.p2p.transport import P2PNode
+from swarmlm.p2p.wire import digest_of
 
 from .conftest import run, start_mesh, start_node, stop_all, until
 
@@ -263,5 +264,50 @@ def test_a_removal_without_a_quorum_of_eviction_votes_is_refused() -> None:
             protos[0]._check_changes(st, [{**change, "votes": votes}], "leader")  # q: accepted
         finally:
             await _close(nodes, protos)
+
+    run(go())
+
+
+def _proposal_of(node: P2PNode, payload: bytes) -> tuple[bytes, SignedMessage]:
+    """A leader's proposal naming one contribution (from a third identity) of ``payload``."""
+    contributor = MessageSigner(NodeIdentity.generate())
+    digest = digest_of(payload)
+    contrib = contributor.sign("contrib", {"digest": digest, "size": len(payload)}, 1)
+    entries = [[contrib.sender, contrib.to_wire()]]
+    return digest, node.sign("propose", {"entries": entries}, 1)
+
+
+@pytest.mark.parametrize("push_lands", [True, False])
+def test_a_decision_waits_briefly_for_a_pushed_payload_before_pulling_a_second_copy(
+    push_lands: bool,
+) -> None:
+    """Under load the decision can overtake a contributor's push; pulling at once sent the
+    payload twice. The decider gives the push ``proposal_grace`` to land, then pulls."""
+
+    async def go() -> None:
+        node = await start_node(proposal_grace=0.5)
+        proto = RoundProtocol(node, [node.node_id])
+        try:
+            payload = os.urandom(4096)
+            digest, prop = _proposal_of(node, payload)
+            node.blobs.expect(digest)
+            pulls: list[bytes] = []
+
+            async def fetch(d: bytes, peers: list[str], timeout: float | None = None) -> bytes:
+                pulls.append(d)
+                node.blobs.put(d, payload)
+                return payload
+
+            node.fetch = fetch  # type: ignore[method-assign]
+            if push_lands:
+                asyncio.get_running_loop().call_later(0.1, node.blobs.put, digest, payload)
+            st = _Round(1, [node.node_id])
+            await asyncio.wait_for(proto._fetch_all(st, prop), 5)
+            assert node.blobs.get(digest) == payload
+            assert pulls == ([] if push_lands else [digest])
+            assert proto.stats["pulls_to_decide"] == (0 if push_lands else 1)
+        finally:
+            proto.close()
+            await node.stop()
 
     run(go())

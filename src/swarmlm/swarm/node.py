@@ -306,6 +306,7 @@ class SwarmNode:
             bytes_sent=self.node.bytes_sent,
             blob_bytes_sent=self.node.bytes_sent_by_kind["blob"],
             fetch_bytes_served=self.node.counters["fetch_bytes_served"],
+            pulls={k: v for k, v in self.proto.stats.items() if k.startswith("pulls_")},
             payload_bytes=len(pending.payload),
             **_report_fields(report),
         )
