@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 
@@ -268,28 +269,30 @@ def test_a_removal_without_a_quorum_of_eviction_votes_is_refused() -> None:
     run(go())
 
 
-def _proposal_of(node: P2PNode, payload: bytes) -> tuple[bytes, SignedMessage]:
+def _proposal_of(node: P2PNode, payload: bytes) -> tuple[bytes, SignedMessage, SignedMessage]:
     """A leader's proposal naming one contribution (from a third identity) of ``payload``."""
     contributor = MessageSigner(NodeIdentity.generate())
     digest = digest_of(payload)
     contrib = contributor.sign("contrib", {"digest": digest, "size": len(payload)}, 1)
     entries = [[contrib.sender, contrib.to_wire()]]
-    return digest, node.sign("propose", {"entries": entries}, 1)
+    return digest, node.sign("propose", {"entries": entries}, 1), contrib
 
 
-@pytest.mark.parametrize("push_lands", [True, False])
+@pytest.mark.parametrize(("announced", "push_lands"), [(True, True), (True, False), (False, False)])
 def test_a_decision_waits_briefly_for_a_pushed_payload_before_pulling_a_second_copy(
-    push_lands: bool,
+    announced: bool, push_lands: bool
 ) -> None:
     """Under load the decision can overtake a contributor's push; pulling at once sent the
-    payload twice. The decider gives the push ``proposal_grace`` to land, then pulls."""
+    payload twice. The decider gives an announced contribution's push ``proposal_grace`` to
+    land, then pulls; a payload nobody announced to us (catching up from a certificate, as a
+    joiner does) is pulled at once: waiting there made a joiner fall behind for good."""
 
     async def go() -> None:
         node = await start_node(proposal_grace=0.5)
         proto = RoundProtocol(node, [node.node_id])
         try:
             payload = os.urandom(4096)
-            digest, prop = _proposal_of(node, payload)
+            digest, prop, contrib = _proposal_of(node, payload)
             node.blobs.expect(digest)
             pulls: list[bytes] = []
 
@@ -302,8 +305,13 @@ def test_a_decision_waits_briefly_for_a_pushed_payload_before_pulling_a_second_c
             if push_lands:
                 asyncio.get_running_loop().call_later(0.1, node.blobs.put, digest, payload)
             st = _Round(1, [node.node_id])
+            if announced:
+                st.contribs[contrib.sender] = contrib
+            t0 = time.monotonic()
             await asyncio.wait_for(proto._fetch_all(st, prop), 5)
             assert node.blobs.get(digest) == payload
+            if not announced:
+                assert time.monotonic() - t0 < 0.25  # no grace spent waiting for a push
             assert pulls == ([] if push_lands else [digest])
             assert proto.stats["pulls_to_decide"] == (0 if push_lands else 1)
         finally:

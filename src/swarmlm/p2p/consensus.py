@@ -793,13 +793,16 @@ class RoundProtocol:
         self._spawn(self._fetch_all(st, prop))
 
     async def _fetch_all(self, st: _Round, prop: SignedMessage) -> None:
+        # Only a payload whose contribution reached us is being pushed to us: a peer catching
+        # up from a decision certificate (a joiner, a healed minority) must pull at once.
+        announced = {c.body["digest"] for c in st.contribs.values()}
         try:
             for e in self._entries(prop):
                 digest = e.digest
                 if digest in self.node.blobs:
                     continue
                 self._round_payloads.setdefault(st.round, set()).add(digest)
-                if await self._await_push(digest):
+                if digest in announced and await self._await_push(digest):
                     continue
                 self.stats["pulls_to_decide"] += 1
                 peers = [prop.sender, e.peer] + [p for p in st.members if p != e.peer]

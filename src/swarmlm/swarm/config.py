@@ -137,12 +137,12 @@ class SwarmConfig(BaseModel):
         default=0.2, ge=0, le=1, description="contributions of peers below this score are ignored"
     )
     evict_below: float | None = Field(
-        default=0.05,
+        default=None,
         ge=0,
         le=1,
-        description="members below this score are voted out of the membership (None = never); "
-        "0.05 = about 9 flagged or 29 absent rounds in a row. Honest peers were never flagged "
-        "in 20 rounds on 4 different quarters of the corpus (docs/swarm.md)",
+        description="members below this score are voted out of the membership (None = never, "
+        "the default: a joining peer whose state sync outlasts ~29 rounds would be voted out "
+        "for absence, see docs/swarm.md); 0.05 = about 9 flagged or 29 absent rounds in a row",
     )
     outlier_z: float = Field(default=3.0, gt=0, description="robust z-score flagging an outlier")
     outlier_min_cosine: float | None = Field(
