@@ -264,14 +264,19 @@ def _dequantize_blocks(q: Tensor, scales: Tensor, block_size: int) -> Tensor:
     return out
 
 
-def _read_blocks(
-    r: _Reader, numel: int, block_size: int, levels: int, packed4: bool
-) -> tuple[Tensor, Tensor]:
-    nblocks = -(-numel // block_size)
-    scales = _to_tensor(r.array(np.dtype("<f4"), nblocks, "scales"))
+def _read_scales(r: _Reader, numel: int, block_size: int) -> Tensor:
+    """The float32 per-block scales of ``numel`` values: finite and non-negative."""
+    scales = _to_tensor(r.array(np.dtype("<f4"), -(-numel // block_size), "scales"))
     _finite_or_raise(scales, r.codec, "scales")
     if bool((scales < 0).any()):
         raise CorruptPayloadError(f"{r.codec} payload field scales has negative entries")
+    return scales
+
+
+def _read_blocks(
+    r: _Reader, numel: int, block_size: int, levels: int, packed4: bool
+) -> tuple[Tensor, Tensor]:
+    scales = _read_scales(r, numel, block_size)
     if packed4:
         packed = _to_tensor(r.array(np.dtype("u1"), (numel + 1) // 2, "values"))
         q = torch.stack([packed & 0x0F, packed >> 4], dim=1).view(-1)[:numel]
@@ -296,11 +301,7 @@ def _sign_blocks(flat: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
 
 
 def _read_signs(r: _Reader, numel: int, block_size: int) -> Tensor:
-    nblocks = -(-numel // block_size)
-    scales = _to_tensor(r.array(np.dtype("<f4"), nblocks, "scales"))
-    _finite_or_raise(scales, r.codec, "scales")
-    if bool((scales < 0).any()):
-        raise CorruptPayloadError(f"{r.codec} payload field scales has negative entries")
+    scales = _read_scales(r, numel, block_size)
     packed = r.array(np.dtype("u1"), (numel + 7) // 8, "signs")
     negative = np.unpackbits(packed)
     if negative[numel:].any():
@@ -590,16 +591,16 @@ class _SparseCodec(Codec):
             struct.pack("<QB", k, self.value_kind),
             _encode_indices(idx.numpy(), self.zstd),
         ]
-        if self.value_kind == 1:
-            scales, q = _quantize_blocks(values, self.block_size, 127)
-            parts += [struct.pack("<I", self.block_size), scales.numpy().tobytes()]
-            parts.append(q.numpy().tobytes())
-        elif self.value_kind == 2:
-            scales, negative = _sign_blocks(values, self.block_size)
-            parts += [struct.pack("<I", self.block_size), scales.numpy().tobytes()]
-            parts.append(np.packbits(negative.numpy()).tobytes())
-        else:
+        if self.value_kind == 0:
             parts.append(values.numpy().astype("<f4", copy=False).tobytes())
+        else:
+            if self.value_kind == 1:
+                scales, q = _quantize_blocks(values, self.block_size, 127)
+                packed = q.numpy().tobytes()
+            else:
+                scales, negative = _sign_blocks(values, self.block_size)
+                packed = np.packbits(negative.numpy()).tobytes()
+            parts += [struct.pack("<I", self.block_size), scales.numpy().tobytes(), packed]
         return b"".join(parts)
 
     @classmethod
@@ -611,14 +612,13 @@ class _SparseCodec(Codec):
                 f"value kind {kind}"
             )
         idx = _decode_indices(r, k, numel)
-        if kind == 1:
+        if kind in (1, 2):
             (block_size,) = r.unpack("I", "block_size")
             _check_payload_block_size(r.codec, block_size)
+        if kind == 1:
             scales, q = _read_blocks(r, k, block_size, 127, False)
             values = _dequantize_blocks(q, scales, block_size)
         elif kind == 2:
-            (block_size,) = r.unpack("I", "block_size")
-            _check_payload_block_size(r.codec, block_size)
             values = _read_signs(r, k, block_size)
         else:
             values = _to_tensor(r.array(np.dtype("<f4"), k, "values"))

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from swarmlm.aggregation.errors import AggregationError
-from swarmlm.aggregation.robust import DEFAULT_CHUNK, _chunks, _row_distances, check_stack
+from swarmlm.aggregation.robust import DEFAULT_CHUNK, _chunks, check_stack
 
 
 class ReputationFilter:
@@ -169,7 +169,8 @@ class ReputationFilter:
             # A zero aggregate says nothing about anyone's direction.
             return torch.zeros(n, dtype=torch.float64)
         cos = dots / (norms_sq.sqrt().clamp_min(1e-30) * out_norm)
-        dist = _row_distances(stack, out, self.chunk_size)
+        # |x - o|^2 = |x|^2 - 2 x.o + |o|^2, from the sums above (no second pass over stack)
+        dist = (norms_sq - 2.0 * dots + out_norm**2).clamp_min(0.0).sqrt()
         far = dist > self.far_ratio * dist[kept].median()
         return torch.where(far, torch.full_like(cos, -1.0), cos.clamp(-1.0, 1.0))
 

@@ -350,13 +350,13 @@ class RoundEngine:
             # With few inputs the MAD is noisy and honest peers on different data sit at
             # different distances: flag only rows also far beyond the median distance.
             far = out.distances > self.cfg.outlier_ratio * out.distances.median()
-            flagged = out.flagged & far
+            flag_mask = out.flagged & far
             if self.cfg.outlier_min_cosine is not None:
                 cos = torch.nn.functional.cosine_similarity(
                     scored.double(), agg.double()[None], dim=1
                 )
-                flagged |= cos < self.cfg.outlier_min_cosine
-            flags = flagged.tolist()
+                flag_mask |= cos < self.cfg.outlier_min_cosine
+            flags = flag_mask.tolist()
             for (peer, _), flagged in zip(rows, flags, strict=True):
                 score = self.reputation.get(peer, INITIAL_REPUTATION)
                 if flagged:
