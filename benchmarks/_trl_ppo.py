@@ -102,7 +102,7 @@ def trl_ppo(
     """Run ``steps`` PPO updates of the exported base model against ``reward_model`` (TRL's
     own, from ``RewardTrainer``; not modified: a wrapped copy is used). ``reward_norm`` =
     (mean, std) of its raw score on reference responses. Returns the trained policy's
-    directory (HF format) and the wall time of every update, rollout included."""
+    directory (HF format) and the wall and CPU time of every update, rollout included."""
     if minibatch > rollout_batch or rollout_batch % minibatch:
         raise ValueError(f"minibatch {minibatch} must divide rollout batch {rollout_batch}")
     import os
@@ -166,6 +166,7 @@ def trl_ppo(
         use_cpu=True,
         seed=seed,
         dataloader_num_workers=0,
+        disable_tqdm=True,
     )
 
     class StepTimer(TrainerCallback):  # type: ignore[misc]
@@ -173,13 +174,16 @@ def trl_ppo(
 
         def __init__(self) -> None:
             self.last = time.perf_counter()
+            self.last_cpu = time.process_time()
             self.seconds: list[float] = []
+            self.cpu_seconds: list[float] = []
             self.logs: list[dict[str, float]] = []
 
         def on_step_end(self, *_: Any, **__: Any) -> None:
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             self.seconds.append(now - self.last)
-            self.last = now
+            self.cpu_seconds.append(cpu - self.last_cpu)
+            self.last, self.last_cpu = now, cpu
 
         def on_log(
             self, _args: Any, _state: Any, _control: Any, logs: Any = None, **__: Any
@@ -201,7 +205,7 @@ def trl_ppo(
         callbacks=[timer],
     )
     t0 = time.perf_counter()
-    timer.last = t0
+    timer.last, timer.last_cpu = t0, time.process_time()
     trainer.train()
     seconds = time.perf_counter() - t0
     final = out / "final"
@@ -209,6 +213,7 @@ def trl_ppo(
     return {
         "policy_dir": final,
         "step_seconds": timer.seconds,
+        "step_cpu_seconds": timer.cpu_seconds,
         "seconds": seconds,
         "logs": timer.logs,
     }

@@ -110,12 +110,15 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import http.client
 import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
+import resource
 import shutil
 import socket
 import statistics
@@ -124,7 +127,8 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +139,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     RESULTS_DIR,
     emit_headline,
-    make_progress,
     save_figure,
     stderr_console,
     write_json,
@@ -254,11 +257,43 @@ def _free_port() -> int:
         return port
 
 
+class _Api:
+    """A keep-alive JSON client on the standard library for one simulated annotator.
+
+    The annotators are the benchmark's harness, not the system under test: with httpx they
+    spent 24 s of CPU on 20,000 requests beside the server's 45 s (2026-11-22), time the
+    server then waited for on two shared cores."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        self.conn.request(method, path, body=data, headers=self.headers)
+        response = self.conn.getresponse()
+        payload = response.read()
+        if response.status >= 400:
+            raise RuntimeError(f"{method} {path}: HTTP {response.status}: {payload[:300]!r}")
+        return json.loads(payload)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+Feed = Callable[[str, int, str], "Future[dict[str, Any]]"]
+"""Starts the producer of tasks: (server URL, task set id, admin token) -> its future."""
+
+
 def annotate(
-    tasks_file: Path, work: Path, n_annotators: int, k: int, n_responses: int, seed: int
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Import ranking tasks, let simulated annotators rank them over HTTP (concurrently, one
-    client each), export every annotation; returns ``[{"prompt", "outputs", "rankings"}]``."""
+    feed: Feed, work: Path, n_annotators: int, k: int, n_responses: int, seed: int
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Serve the platform, let ``feed`` import ranking tasks while simulated annotators rank
+    them over HTTP (concurrently, one client each), export every annotation; returns
+    ``[{"prompt", "outputs", "rankings"}]``, the annotators' counts and the feed's result.
+
+    The annotators start on the first imported batch and stop once the feed has finished and
+    no task is left for them, so sampling and annotation overlap."""
     from argon2 import PasswordHasher
 
     from swarmlm.curation.store import CurationStore
@@ -304,7 +339,8 @@ def annotate(
     )
 
     # The j-th judgement of a task is drawn from its own seeded stream, so the labels do not
-    # depend on which annotator thread happened to fetch the task first: same seed, same data.
+    # depend on which annotator thread happened to fetch the task first, nor on when the feed
+    # imported it: same seed, same data.
     judgements: dict[str, int] = {}
     judgements_lock = threading.Lock()
 
@@ -314,25 +350,30 @@ def annotate(
             judgements[str(task_id)] = j + 1
         return random.Random(f"{seed}/{task_id}/{j}")
 
-    def annotator(a: int) -> dict[str, int]:
-        """One simulated annotator: take tasks until none is left for them."""
-        stats = {"submissions": 0, "lapses": 0}
-        h = {"authorization": f"Bearer {tokens[a]}"}
-        with httpx.Client(base_url=base, timeout=60) as http:
+    def annotator(a: int, fed: Future[dict[str, Any]]) -> dict[str, int]:
+        """One simulated annotator: take tasks until the feed is done and none is left."""
+        stats = {"submissions": 0, "waits": 0, "lapses": 0}
+        api = _Api(port, tokens[a])
+        try:
             while True:
-                r = http.get("/api/tasks", params={"task_set_id": ts.id}, headers=h)
-                r.raise_for_status()
-                task = r.json()["task"]
+                # read before asking: a task imported after an empty answer is still seen
+                feeding = not fed.done()
+                task = api.call("GET", f"/api/tasks?task_set_id={ts.id}")["task"]
                 if task is None:
-                    return stats
+                    if not feeding:
+                        return stats
+                    stats["waits"] += 1
+                    time.sleep(0.05)
+                    continue
                 value = noisy_ranking(task["outputs"], judgement_rng(task["task_id"]), stats)
-                r = http.post(
+                api.call(
+                    "POST",
                     "/api/submit",
-                    json={"task_id": task["task_id"], "value": value, "time_spent_ms": 900},
-                    headers=h,
+                    {"task_id": task["task_id"], "value": value, "time_spent_ms": 900},
                 )
-                r.raise_for_status()
                 stats["submissions"] += 1
+        finally:
+            api.close()
 
     try:
         deadline = time.monotonic() + 60
@@ -345,23 +386,17 @@ def annotate(
             if time.monotonic() > deadline:
                 raise RuntimeError("annotation server did not come up within 60 s")
             time.sleep(0.2)
-        admin_h = {"authorization": f"Bearer {admin_token}"}
-        with httpx.Client(base_url=base, timeout=60) as http:
-            lines = tasks_file.read_text().splitlines()
-            for i in range(0, len(lines), 200):  # keep bodies under the server's size limit
-                r = http.post(
-                    f"/api/task-sets/{ts.id}/import",
-                    json={"format": "jsonl", "text": "\n".join(lines[i : i + 200])},
-                    headers=admin_h,
-                )
-                r.raise_for_status()
+        fed = feed(base, ts.id, admin_token)
         # Annotators work side by side, as on the real platform: the server interleaves
         # their requests, and the loop is not bound by one client's round trips.
         with ThreadPoolExecutor(max_workers=n_annotators) as pool:
-            per_annotator = list(pool.map(annotator, range(n_annotators)))
+            per_annotator = list(pool.map(annotator, range(n_annotators), [fed] * n_annotators))
+        feed_result = fed.result()
         with httpx.Client(base_url=base, timeout=60) as http:
             r = http.get(
-                f"/api/task-sets/{ts.id}/export", params={"kind": "annotations"}, headers=admin_h
+                f"/api/task-sets/{ts.id}/export",
+                params={"kind": "annotations"},
+                headers={"authorization": f"Bearer {admin_token}"},
             )
             r.raise_for_status()
             rows = [json.loads(line) for line in r.text.splitlines() if line.strip()]
@@ -379,8 +414,48 @@ def annotate(
             {"prompt": _content_text(t["content"]), "outputs": t["outputs"], "rankings": []},
         )
         entry["rankings"].append([int(i) for i in row["value"]])
-    stats = {key: sum(st[key] for st in per_annotator) for key in ("submissions", "lapses")}
-    return [by_task[key] for key in sorted(by_task)], stats
+    stats = {
+        key: sum(st[key] for st in per_annotator) for key in ("submissions", "waits", "lapses")
+    }
+    return [by_task[key] for key in sorted(by_task)], stats, feed_result
+
+
+def sample_and_import(
+    cfg: dict[str, Any], base_url: str, task_set_id: int, admin_token: str
+) -> dict[str, Any]:
+    """Pool job: ``rlhf sample`` with each batch of tasks imported as soon as it is final
+    (the platform's import API, bodies under its size limit), so annotators need not wait
+    for the last batch. The tasks are those ``rlhf sample`` writes to its file."""
+    from swarmlm.rlhf.config import SampleConfig
+    from swarmlm.rlhf.sample import sample_comparison_tasks
+
+    t, cpu = time.perf_counter(), time.process_time()
+    imports = 0
+    with httpx.Client(
+        base_url=base_url, timeout=60, headers={"authorization": f"Bearer {admin_token}"}
+    ) as http:
+
+        def post(rows: list[dict[str, Any]]) -> None:
+            nonlocal imports
+            for i in range(0, len(rows), 200):
+                text = "\n".join(
+                    json.dumps(row, ensure_ascii=False, sort_keys=True) for row in rows[i : i + 200]
+                )
+                r = http.post(
+                    f"/api/task-sets/{task_set_id}/import", json={"format": "jsonl", "text": text}
+                )
+                r.raise_for_status()
+                imports += 1
+
+        summary = sample_comparison_tasks(
+            SampleConfig.model_validate(cfg), show_progress=False, on_tasks=post
+        )
+    return {
+        **summary,
+        "imports": imports,
+        "seconds": time.perf_counter() - t,
+        "cpu_seconds": time.process_time() - cpu,
+    }
 
 
 def _content_text(content: Any) -> str:
@@ -570,6 +645,7 @@ def trl_reward(
         use_cpu=True,
         seed=0,
         dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     t0 = time.perf_counter()
     trainer = RewardTrainer(
@@ -577,24 +653,39 @@ def trl_reward(
     )
     trainer.train()
     seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
     model.eval()
-    correct = 0
-    every: list[float] = []
-    with torch.no_grad():
-        for p in held:
-            scores = []
-            for resp in (p.chosen, p.rejected):
-                ids = tok(p.prompt + resp + tok.eos_token, return_tensors="pt")
-                scores.append(float(model(**ids).logits[0, 0]))
-            correct += scores[0] > scores[1]
-            every.extend(scores)
+    texts = [p.prompt + r + tok.eos_token for p in held for r in (p.chosen, p.rejected)]
+    score = _score_texts(model, tok, texts)
+    every = [score[t] for t in texts]
+    correct = sum(c > r for c, r in zip(every[::2], every[1::2], strict=True))
     return {
         "accuracy": correct / len(held),
         "seconds": seconds,
+        "eval_seconds": time.perf_counter() - t0,
         "model": model,
         # mean / std on the held-out responses, as our reward model's normalisation
         "reward_norm": (statistics.fmean(every), statistics.stdev(every)),
     }
+
+
+@torch.no_grad()
+def _score_texts(model: Any, tok: Any, texts: list[str], batch: int = 64) -> dict[str, float]:
+    """A sequence-classification model's score of every distinct text, in batches of texts
+    with the same token count: no padding, so each score is the one a batch of one gives (a
+    held-out response occurs in up to five pairs; one by one this took 44 s under load)."""
+    by_length: dict[int, list[tuple[str, list[int]]]] = {}
+    for text in dict.fromkeys(texts):
+        ids = tok(text)["input_ids"]
+        by_length.setdefault(len(ids), []).append((text, ids))
+    out: dict[str, float] = {}
+    for group in by_length.values():
+        for i in range(0, len(group), batch):
+            chunk = group[i : i + batch]
+            ids = torch.tensor([c[1] for c in chunk])
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, 0]
+            out.update((c[0], float(v)) for c, v in zip(chunk, logits, strict=True))
+    return out
 
 
 def trl_dpo(
@@ -628,6 +719,7 @@ def trl_dpo(
         use_cpu=True,
         seed=0,
         dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     t0 = time.perf_counter()
     trainer = DPOTrainer(
@@ -669,61 +761,366 @@ def matched_kl(ours: list[dict[str, Any]], trl: list[dict[str, Any]]) -> list[di
     return sorted(rows, key=lambda r: r["kl"])
 
 
-def _trl_ppo_point(
-    hf_dir: Path,
-    trl_rm_model: Any,
-    reward_norm: tuple[float, float],
-    prompts: list[str],
-    s: dict[str, Any],
-    ppo_cfg: Any,
-    coef: float,
-    reference: Transformer,
-    tok: Tokenizer,
-    eval_prompts: list[str],
-    before: dict[str, Any],
-    out: Path,
-) -> dict[str, Any]:
-    """TRL's PPO on the same base, prompts, steps and settings against TRL's own reward model
-    (as ours runs against ours), evaluated by the same evaluator; an error is reported, never
-    replaced by a number."""
+# -- the two sides, as pool jobs ----------------------------------------------------------------
+#
+# After the annotation, each side's reward model + PPO and each side's DPO are independent:
+# they run as four jobs in a pool of ``--workers`` processes (2: one per core, one torch
+# thread each), longest first. A job gets a plain dict (``JobSpec``) and returns plain data;
+# it re-seeds what it draws from, so its numbers do not depend on which worker ran it or what
+# ran there before.
+
+JobSpec = dict[str, Any]
+
+RM_LR = 5e-4  # dev, 3 draws of annotations: 0.917 mean vs 0.880 at 1e-3 (both sides)
+# TRL's trainers use AdamW's usual betas (0.9, 0.999); ours default to the pre-training
+# (0.9, 0.95). Same betas for both reward models (dev, seed 2: 0.923 vs 0.900 at 0.95).
+RM_BETAS = (0.9, 0.999)
+# TRL's reward head (Hugging Face's) starts at std initializer_range = 0.02; ours at
+# 1/sqrt(d+1) = 0.088 here: same start for both. Not a fix for seed 0's accuracy: the
+# head's random draw and the batch order move it by +-0.02 (seed 0, std 0.02: 0.893 here,
+# 0.933 / 0.924 with other draws and orders; std 0.088: 0.889 / 0.914 / 0.912); docs/rlhf.md.
+RM_HEAD_STD = 0.02
+PPO_LR, PPO_MINIBATCH, PPO_EPOCHS = 1e-4, 8, 4
+DPO_LR, DPO_BETA = 5e-4, 0.1
+
+
+def _safety() -> Any:
+    from swarmlm.rlhf.safety import SafetyConfig
+
+    return SafetyConfig(min_response_chars=2, max_repeated_ngram_fraction=0.5)
+
+
+def _worker_init(threads: int) -> None:
+    # the last stdout line is the headline: Hugging Face's trainers print their logs there
+    sys.stdout = sys.stderr
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    torch.set_num_threads(threads)
+
+
+def _ready() -> int:
+    """Pool warm-up: spawning a worker imports this module (torch, swarmlm) once."""
+    return os.getpid()
+
+
+def _say(side: str, text: str) -> None:
+    stderr_console.print(f"[bold]{side}[/bold] {text}")
+
+
+def _job_frame(name: str, t0: float) -> dict[str, Any]:
+    """Starts a job: seeds every generator it may draw from, then returns when it ran
+    (seconds since the benchmark started) and in which worker.
+
+    The seed matters beyond the trainers' own: a Hugging Face head missing from a checkpoint
+    (TRL's reward and value heads) is drawn from the process's generator before any trainer
+    seeds it, so without this its draw would depend on which job the worker ran before."""
+    from swarmlm.rlhf.runs import seed_all
+
+    seed_all(0)
+    return {
+        "job": name,
+        "pid": os.getpid(),
+        "start": t0,
+        "load_start": os.getloadavg()[0],
+        "cpu_start": time.process_time(),
+    }
+
+
+def _job_end(frame: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
+    """The frame with the job's end and the CPU seconds it used (load-independent, unlike
+    its wall time on a shared machine)."""
+    end = {"end": time.perf_counter() - spec["t_start"], "load_end": os.getloadavg()[0]}
+    return {**frame, **end, "cpu_seconds": time.process_time() - frame.pop("cpu_start")}
+
+
+def _pairs(rows: list[tuple[str, str, str]]) -> list[PreferencePair]:
+    return [PreferencePair(*row) for row in rows]
+
+
+def ours_rm_ppo_job(spec: JobSpec) -> dict[str, Any]:
+    """swarmlm's reward model, the base policy's evaluation, then PPO at every coefficient."""
+    from swarmlm.rlhf.config import RewardRunConfig
+    from swarmlm.rlhf.modeling import load_language_model, load_reward_model, tokenizer_for
+    from swarmlm.rlhf.ppo import PPOTrainer
+    from swarmlm.rlhf.ppo_run import reward_model_fn
+    from swarmlm.rlhf.reward import train_reward_model
+    from swarmlm.rlhf.safety import SafetyConfig, build_safety_filter
+    from swarmlm.train.config import OptimConfig
+
+    frame = _job_frame("swarmlm reward model + PPO", time.perf_counter() - spec["t_start"])
+    s, work, base = spec["sizes"], Path(spec["work"]), Path(spec["base"])
+    out: dict[str, Any] = {}
+    t = time.perf_counter()
+    rm_result = train_reward_model(
+        RewardRunConfig(
+            init_checkpoint=base,
+            train_file=work / "train.jsonl",
+            eval_file=work / "held.jsonl",
+            out_dir=work / "rm",
+            batch_size=s["batch_size"],
+            epochs=s["rm_epochs"],
+            optim=OptimConfig(lr=RM_LR, weight_decay=0.0, betas=RM_BETAS),
+            threads=spec["threads"],
+            safety=SafetyConfig(enabled=False),
+            checkpoint_every=10_000,
+            reward={"head_init_std": RM_HEAD_STD},
+        ),
+        show_progress=False,
+    )
+    out["rm"] = {**rm_result.eval, "seconds": time.perf_counter() - t}
+    _say(
+        "swarmlm",
+        f"reward model: accuracy {rm_result.eval['accuracy']:.3f}, {out['rm']['seconds']:.0f} s",
+    )
+
+    # PPO against our reward model at each KL coefficient. Both sides' rewards are
+    # normalised alike (mean 0 / std 1 on the held-out reference responses) and read at an
+    # EOS (benchmarks/_trl_ppo.py), so one coefficient means the same on both sides.
+    base_lm, base_ckpt = load_language_model(base)
+    tok = tokenizer_for(base_ckpt)
+    t = time.perf_counter()
+    out["before"] = evaluate_policy(
+        base_lm, base_lm, tok, spec["eval_prompts"], s["max_new_tokens"], 123
+    )
+    out["before"]["seconds"] = time.perf_counter() - t
+    rm, _ = load_reward_model(work / "rm")
+    rm.eval().requires_grad_(False)
+    reference, _ = load_language_model(base)
+    enc_prompts = [tok.encode(p) for p in spec["prompts"]]
+    sweep = []
+    for coef in spec["coefs"]:
+        policy, _ = load_language_model(base)
+        trainer = PPOTrainer(
+            policy,
+            reference,
+            reward_model_fn(rm, tok, build_safety_filter(_safety()), -1.0),
+            ppo_config(spec, coef),
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
+            optim=OptimConfig(lr=PPO_LR, weight_decay=0.0),
+            grad_clip=1.0,
+        )
+        history = []
+        for step in range(s["ppo_steps"]):
+            batch = [
+                enc_prompts[(step * s["batch_size"] + i) % len(enc_prompts)]
+                for i in range(s["batch_size"])
+            ]
+            cpu = time.process_time()
+            stats = trainer.step(batch)
+            stats["cpu_seconds"] = time.process_time() - cpu
+            roll = trainer.last_rollout
+            assert roll is not None
+            stats["true_reward"] = statistics.fmean(
+                LEX.score(tok.decode(r)) for r in roll.responses
+            )
+            # the reward model's raw score ("reward" is normalised, "score" adds the
+            # missing-EOS penalty): over-optimisation shows as this rising, truth not
+            stats["rm_raw"] = stats["reward"] * float(rm.reward_std) + float(rm.reward_mean)
+            history.append(stats)
+            if (step + 1) % 25 == 0:
+                _say("swarmlm", f"PPO (KL coef {coef:g}) step {step + 1}/{s['ppo_steps']}")
+        t = time.perf_counter()
+        after = evaluate_policy(
+            policy, reference, tok, spec["eval_prompts"], s["max_new_tokens"], 123
+        )
+        timed = history[1:] or history
+        sweep.append(
+            {
+                "kl_coef": coef,
+                "true_reward": after["true_reward"],
+                "kl": after["kl"],
+                "step_seconds": statistics.median(h["seconds"] for h in timed),
+                "step_cpu_seconds": statistics.median(h["cpu_seconds"] for h in timed),
+                "after": {
+                    **after,
+                    "seconds": sum(h["seconds"] for h in history),
+                    "eval_seconds": time.perf_counter() - t,
+                },
+                "history": history,
+            }
+        )
+        _say(
+            "swarmlm",
+            f"PPO (KL coef {coef:g}): KL {after['kl']:.2f}, "
+            f"{sweep[-1]['step_seconds']:.2f} s a step",
+        )
+    out["ppo_sweep"] = sweep
+    return {**out, "job": _job_end(frame, spec)}
+
+
+def ppo_config(spec: JobSpec, coef: float) -> Any:
+    from swarmlm.rlhf.config import PPOConfig
+
+    s = spec["sizes"]
+    return PPOConfig(
+        rollout_batch_size=s["batch_size"],
+        minibatch_size=PPO_MINIBATCH,
+        ppo_epochs=PPO_EPOCHS,
+        max_new_tokens=s["max_new_tokens"],
+        kl_controller=spec["ppo_kl"],
+        init_kl_coef=coef,
+        target_kl=4.0,
+        kl_horizon=100,
+        # a value network apart from the policy, as TRL's PPO has (a value head on the
+        # policy lets the value loss move the policy's logits: more KL for the same gain)
+        separate_critic=not spec["shared_value_head"],
+    )
+
+
+def trl_rm_ppo_job(spec: JobSpec) -> dict[str, Any]:
+    """TRL's RewardTrainer, then TRL's PPO against it at every coefficient (as ours runs
+    against ours), evaluated by the same evaluator. A failure is reported, never replaced
+    by a number."""
+    from swarmlm.model.hf import import_hf
+    from swarmlm.rlhf.modeling import load_language_model, tokenizer_for
+
+    frame = _job_frame("TRL reward model + PPO", time.perf_counter() - spec["t_start"])
+    s, work, base = spec["sizes"], Path(spec["work"]), Path(spec["base"])
+    out: dict[str, Any] = {}
     try:
         from _trl_ppo import trl_ppo
-        from swarmlm.model.hf import import_hf
 
-        with make_progress() as progress:
-            progress.add_task(f"TRL ppo (KL coef {coef:g})", total=None)
+        reference, base_ckpt = load_language_model(base)
+        tok = tokenizer_for(base_ckpt)
+        hf_dir = hf_export(base, tok, work / "hf-base-rm")
+        trl_rm = trl_reward(
+            hf_dir,
+            _pairs(spec["train_pairs"]),
+            _pairs(spec["held_pairs"]),
+            s,
+            RM_LR,
+            work / "trl-rm",
+        )
+        trl_rm_model = trl_rm.pop("model")
+        out["trl_rm"] = trl_rm
+        _say("TRL", f"reward model: accuracy {trl_rm['accuracy']:.3f}, {trl_rm['seconds']:.0f} s")
+    except Exception as exc:  # report why, never a made-up number
+        _say("TRL", f"[red]RewardTrainer failed:[/red] {exc}")
+        out["trl_rm_error"] = f"{type(exc).__name__}: {exc}"
+        return {**out, "job": _job_end(frame, spec)}
+    sweep = []
+    for coef in spec["coefs"]:
+        try:
             trl = trl_ppo(
                 hf_dir,
                 trl_rm_model,
-                prompts,
+                spec["prompts"],
                 steps=s["ppo_steps"],
                 rollout_batch=s["batch_size"],
-                minibatch=ppo_cfg.minibatch_size,
-                ppo_epochs=ppo_cfg.ppo_epochs,
+                minibatch=PPO_MINIBATCH,
+                ppo_epochs=PPO_EPOCHS,
                 response_length=s["max_new_tokens"],
-                lr=1e-4,
+                lr=PPO_LR,
                 kl_coef=coef,
                 missing_eos_penalty=1.0,
-                out=out,
+                out=work / f"trl-ppo-{coef:g}",
                 score_at_eos=True,
-                reward_norm=reward_norm,
+                reward_norm=trl_rm["reward_norm"],
             )
-        _, trl_policy = import_hf(trl["policy_dir"])
-        after = evaluate_policy(
-            trl_policy.eval(), reference, tok, eval_prompts, s["max_new_tokens"], 123
+            _, trl_policy = import_hf(trl["policy_dir"])
+            t = time.perf_counter()
+            after = evaluate_policy(
+                trl_policy.eval(), reference, tok, spec["eval_prompts"], s["max_new_tokens"], 123
+            )
+            steps = trl["step_seconds"][1:] or trl["step_seconds"]
+            sweep.append(
+                {
+                    "kl_coef": coef,
+                    "true_reward": after["true_reward"],
+                    "kl": after["kl"],
+                    "step_seconds": statistics.median(steps),
+                    "step_cpu_seconds": statistics.median(
+                        trl["step_cpu_seconds"][1:] or trl["step_cpu_seconds"]
+                    ),
+                    "after": {
+                        **after,
+                        "seconds": trl["seconds"],
+                        "eval_seconds": time.perf_counter() - t,
+                    },
+                    "history": trl["logs"],
+                }
+            )
+            _say(
+                "TRL",
+                f"PPO (KL coef {coef:g}): KL {after['kl']:.2f}, "
+                f"{sweep[-1]['step_seconds']:.2f} s a step",
+            )
+        except Exception as exc:  # report why, never a made-up number
+            _say("TRL", f"[red]PPOTrainer failed:[/red] {exc}")
+            sweep.append({"kl_coef": coef, "error": f"{type(exc).__name__}: {exc}"})
+    out["trl_ppo_sweep"] = sweep
+    return {**out, "job": _job_end(frame, spec)}
+
+
+def ours_dpo_job(spec: JobSpec) -> dict[str, Any]:
+    """swarmlm DPO on the training pairs, evaluated like every policy."""
+    from swarmlm.rlhf.config import DPORunConfig
+    from swarmlm.rlhf.dpo import train_dpo
+    from swarmlm.rlhf.modeling import load_language_model, tokenizer_for
+    from swarmlm.rlhf.safety import SafetyConfig
+    from swarmlm.train.config import OptimConfig
+
+    frame = _job_frame("swarmlm DPO", time.perf_counter() - spec["t_start"])
+    s, work, base = spec["sizes"], Path(spec["work"]), Path(spec["base"])
+    t = time.perf_counter()
+    train_dpo(
+        DPORunConfig(
+            init_checkpoint=base,
+            train_file=work / "train.jsonl",
+            eval_fraction=0.0,
+            out_dir=work / "dpo",
+            batch_size=s["batch_size"],
+            epochs=s["dpo_epochs"],
+            optim=OptimConfig(lr=DPO_LR, weight_decay=0.0),
+            threads=spec["threads"],
+            safety=SafetyConfig(enabled=False),
+            checkpoint_every=10_000,
+            dpo={"beta": DPO_BETA},
+        ),
+        show_progress=False,
+    )
+    seconds = time.perf_counter() - t
+    reference, base_ckpt = load_language_model(base)
+    tok = tokenizer_for(base_ckpt)
+    policy, _ = load_language_model(work / "dpo")
+    t = time.perf_counter()
+    after = evaluate_policy(policy, reference, tok, spec["eval_prompts"], s["max_new_tokens"], 123)
+    _say("swarmlm", f"DPO: KL {after['kl']:.2f}, {seconds:.0f} s")
+    return {
+        "dpo_after": {**after, "seconds": seconds, "eval_seconds": time.perf_counter() - t},
+        "job": _job_end(frame, spec),
+    }
+
+
+def trl_dpo_job(spec: JobSpec) -> dict[str, Any]:
+    """TRL's DPOTrainer on the same pairs and budget, imported back and evaluated like ours."""
+    from swarmlm.rlhf.modeling import load_language_model, tokenizer_for
+
+    frame = _job_frame("TRL DPO", time.perf_counter() - spec["t_start"])
+    s, work, base = spec["sizes"], Path(spec["work"]), Path(spec["base"])
+    out: dict[str, Any] = {}
+    try:
+        reference, base_ckpt = load_language_model(base)
+        tok = tokenizer_for(base_ckpt)
+        hf_dir = hf_export(base, tok, work / "hf-base-dpo")
+        policy, seconds = trl_dpo(
+            hf_dir, _pairs(spec["train_pairs"]), s, DPO_LR, DPO_BETA, work / "trl-dpo"
         )
-        steps = trl["step_seconds"][1:] or trl["step_seconds"]
-        return {
-            "kl_coef": coef,
-            "true_reward_gain": after["true_reward"] - before["true_reward"],
-            "kl": after["kl"],
-            "step_seconds": statistics.median(steps),
-            "after": {**after, "seconds": trl["seconds"]},
-            "history": trl["logs"],
+        t = time.perf_counter()
+        after = evaluate_policy(
+            policy, reference, tok, spec["eval_prompts"], s["max_new_tokens"], 123
+        )
+        out["trl_dpo_after"] = {
+            **after,
+            "seconds": seconds,
+            "eval_seconds": time.perf_counter() - t,
         }
+        _say("TRL", f"DPO: KL {after['kl']:.2f}, {seconds:.0f} s")
     except Exception as exc:  # report why, never a made-up number
-        stderr_console.print(f"[red]TRL PPOTrainer failed:[/red] {exc}")
-        return {"kl_coef": coef, "error": f"{type(exc).__name__}: {exc}"}
+        _say("TRL", f"[red]DPOTrainer failed:[/red] {exc}")
+        out["trl_dpo_error"] = f"{type(exc).__name__}: {exc}"
+    return {**out, "job": _job_end(frame, spec)}
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -777,6 +1174,13 @@ def main() -> None:
         "always has a separate value model)",
     )
     ap.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="processes for sampling and for the four training jobs (2: one per core; 1 runs "
+        "the jobs one after another, each step timed without a neighbour)",
+    )
+    ap.add_argument(
         "--results-name",
         default="rlhf",
         help="results file stem under benchmarks/results/ (runs side by side need their own)",
@@ -789,22 +1193,49 @@ def main() -> None:
         serve(args.serve, args.node_dir, args.port)
         return
     logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    # inherited by the pool's workers: their progress bars and load reports would interleave
+    for key, value in (
+        ("TRL_EXPERIMENTAL_SILENCE", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+        ("TQDM_DISABLE", "1"),
+    ):
+        os.environ.setdefault(key, value)
     torch.set_num_threads(args.threads)
     s = sizes(args.quick)
     if args.base_steps is not None:
         s["base_steps"] = args.base_steps
     if args.ppo_steps is not None:
         s["ppo_steps"] = args.ppo_steps
+    if args.workers < 1:
+        ap.error(f"--workers {args.workers}: give 1 or more")
     load_start = os.getloadavg()
     t_start = time.perf_counter()
-    results: dict[str, Any] = {"sizes": s, "loadavg_start": load_start, "quick": args.quick}
+    results: dict[str, Any] = {
+        "sizes": s,
+        "loadavg_start": load_start,
+        "quick": args.quick,
+        "workers": args.workers,
+        "t_start": t_start,
+    }
+    # the 1-minute load average every 15 s: timings on a shared machine mean little without it
+    load_samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sample_load() -> None:
+        while not stop.wait(15):
+            load_samples.append((time.perf_counter() - t_start, os.getloadavg()[0]))
+
+    threading.Thread(target=sample_load, daemon=True).start()
     work = Path(tempfile.mkdtemp(prefix="bench-rlhf-"))
     try:
         run(args, s, results, work)
     finally:
+        stop.set()
         shutil.rmtree(work, ignore_errors=True)
+    del results["t_start"]
     results["loadavg_end"] = os.getloadavg()
+    results["loadavg_samples"] = load_samples
     results["wall_seconds"] = time.perf_counter() - t_start
     write_json(RESULTS_DIR / f"{args.results_name}.json", results)
     plot(results, RESULTS_DIR / f"{args.results_name}.png")
@@ -826,213 +1257,130 @@ HEADLINE = (
     "ppo_step_seconds",
     "trl_ppo_step_seconds",
     "ppo_minus_trl_gain_at_matched_kl",
+    "ppo_step_cpu_ratio_vs_trl",
+    "wall_seconds",
 )
 
 
 def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], work: Path) -> None:
-    from swarmlm.rlhf.config import DPORunConfig, PPOConfig, RewardRunConfig, SampleConfig
-    from swarmlm.rlhf.dpo import train_dpo
-    from swarmlm.rlhf.modeling import load_language_model, load_reward_model, tokenizer_for
-    from swarmlm.rlhf.ppo import PPOTrainer
-    from swarmlm.rlhf.ppo_run import reward_model_fn
-    from swarmlm.rlhf.reward import train_reward_model
-    from swarmlm.rlhf.safety import SafetyConfig, build_safety_filter
-    from swarmlm.rlhf.sample import sample_comparison_tasks
-    from swarmlm.train.config import OptimConfig
-
-    con = stderr_console
+    t_start = results["t_start"]
     t = time.perf_counter()
     base = base_model(args.quick, s["base_steps"], args.threads)
     results["base_seconds"] = time.perf_counter() - t
-    base_lm, base_ckpt = load_language_model(base)
-    tok = tokenizer_for(base_ckpt)
-
-    # 2. candidate pairs through `rlhf sample`
     prompts_file = work / "prompts.jsonl"
     prompts = verse_openings(s["n_prompts"], args.seed)
     eval_prompts = verse_openings(s["n_eval_prompts"], args.seed + 1)
     prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    safety = SafetyConfig(min_response_chars=2, max_repeated_ngram_fraction=0.5)
-    t = time.perf_counter()
-    sample_summary = sample_comparison_tasks(
-        SampleConfig(
-            checkpoint=base,
-            prompts_file=prompts_file,
-            out_file=work / "tasks.jsonl",
-            max_new_tokens=s["max_new_tokens"],
-            responses=s["responses"],
-            temperature=1.0,
-            seed=args.seed,
-            batch_size=64,
-            safety=safety,
-        ),
-        console=con,
+    pool = ProcessPoolExecutor(
+        max_workers=args.workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(args.threads,),
     )
-    results["sample"] = {**sample_summary, "seconds": time.perf_counter() - t}
+    with pool:
+        # the workers import torch and swarmlm while the annotation server starts
+        warm = [pool.submit(_ready) for _ in range(args.workers)]
 
-    # 3. simulated annotators over HTTP
-    t = time.perf_counter()
-    tasks, ann_stats = annotate(
-        work / "tasks.jsonl", work, s["annotators"], s["k"], s["responses"], args.seed
-    )
-    results["annotation"] = {**ann_stats, "tasks": len(tasks), "seconds": time.perf_counter() - t}
-    # Split by task (prompt), so no held-out response was ever seen in training.
-    rng = random.Random(args.seed)
-    rng.shuffle(tasks)
-    n_held = max(4, round(len(tasks) * s["held_out_share"]))
-    held_tasks, train_tasks = tasks[:n_held], tasks[n_held:]
-    train_pairs = unanimous_pairs(train_tasks)
-    held = truth_pairs(held_tasks)
-    informative = [
-        LEX.score(p.chosen) > LEX.score(p.rejected)
-        for p in train_pairs
-        if LEX.score(p.chosen) != LEX.score(p.rejected)
-    ]
-    results["annotation"]["train_pairs_unanimous"] = len(train_pairs)
-    results["annotation"]["train_pairs_informative"] = len(informative)
-    # How good the training labels are (diagnostic only: nothing is tuned on it).
-    results["annotation"]["label_accuracy_vs_truth"] = statistics.fmean(informative)
-    results["data"] = {
-        "train_tasks": len(train_tasks),
-        "held_out_tasks": len(held_tasks),
-        "train_pairs": len(train_pairs),
-        "held_out_pairs_truth": len(held),
-    }
-    train_file = write_pairs(train_pairs, work / "train.jsonl")
-    held_file = write_pairs(held, work / "held.jsonl")
-    kept = RESULTS_DIR / "rlhf_pairs"  # the labelled data, for inspection and re-runs
-    kept.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(train_file, kept / "train.jsonl")
-    shutil.copyfile(held_file, kept / "held_out_truth.jsonl")
-
-    # 4. reward models
-    rm_lr = 5e-4  # dev, 3 draws of annotations: 0.917 mean vs 0.880 at 1e-3 (both sides)
-    # TRL's trainers use AdamW's usual betas (0.9, 0.999); ours default to the pre-training
-    # (0.9, 0.95). Same betas for both reward models (dev, seed 2: 0.923 vs 0.900 at 0.95).
-    rm_betas = (0.9, 0.999)
-    # TRL's reward head (Hugging Face's) starts at std initializer_range = 0.02; ours at
-    # 1/sqrt(d+1) = 0.088 here: same start for both. Not a fix for seed 0's accuracy: the
-    # head's random draw and the batch order move it by +-0.02 (seed 0, std 0.02: 0.893 here,
-    # 0.933 / 0.924 with other draws and orders; std 0.088: 0.889 / 0.914 / 0.912); docs/rlhf.md.
-    rm_head_std = 0.02
-    t = time.perf_counter()
-    rm_result = train_reward_model(
-        RewardRunConfig(
-            init_checkpoint=base,
-            train_file=train_file,
-            eval_file=held_file,
-            out_dir=work / "rm",
-            batch_size=s["batch_size"],
-            epochs=s["rm_epochs"],
-            optim=OptimConfig(lr=rm_lr, weight_decay=0.0, betas=rm_betas),
-            threads=args.threads,
-            safety=SafetyConfig(enabled=False),
-            checkpoint_every=10_000,
-            reward={"head_init_std": rm_head_std},
-        ),
-        console=con,
-    )
-    results["rm"] = {**rm_result.eval, "seconds": time.perf_counter() - t}
-    results["rm_accuracy"] = rm_result.eval["accuracy"]
-    hf_dir = None
-    trl_rm_model: Any = None
-    if not args.skip_trl:
-        try:
-            hf_dir = hf_export(base, tok, work / "hf-base")
-            trl_rm = trl_reward(hf_dir, train_pairs, held, s, rm_lr, work / "trl-rm")
-            trl_rm_model = trl_rm.pop("model")
-            results["trl_rm"] = trl_rm
-            results["trl_rm_accuracy"] = trl_rm["accuracy"]
-        except Exception as exc:  # report why, never a made-up number
-            results["trl_rm_error"] = f"{type(exc).__name__}: {exc}"
-            con.print(f"[red]TRL RewardTrainer failed:[/red] {exc}")
-
-    # 5a. PPO against each side's own reward model, at each KL coefficient. Both rewards are
-    # normalised alike (mean 0 / std 1 on the held-out reference responses) and both are read
-    # at an EOS (benchmarks/_trl_ppo.py), so one coefficient means the same on both sides.
-    before = evaluate_policy(base_lm, base_lm, tok, eval_prompts, s["max_new_tokens"], 123)
-    results["before"] = before
-    rm, _ = load_reward_model(work / "rm")
-    rm.eval().requires_grad_(False)
-    reference, _ = load_language_model(base)
-    results["ppo_kl_controller"] = args.ppo_kl
-    enc_prompts = [tok.encode(p) for p in prompts]
-    coefs = args.kl_sweep
-    ours_sweep: list[dict[str, Any]] = []
-    trl_sweep: list[dict[str, Any]] = []
-    for coef in coefs:
-        ppo_cfg = PPOConfig(
-            rollout_batch_size=s["batch_size"],
-            minibatch_size=8,
-            ppo_epochs=4,
-            max_new_tokens=s["max_new_tokens"],
-            kl_controller=args.ppo_kl,
-            init_kl_coef=coef,
-            target_kl=4.0,
-            kl_horizon=100,
-            # a value network apart from the policy, as TRL's PPO has (a value head on the
-            # policy lets the value loss move the policy's logits: more KL for the same gain)
-            separate_critic=not args.shared_value_head,
-        )
-        policy, _ = load_language_model(base)
-        trainer = PPOTrainer(
-            policy,
-            reference,
-            reward_model_fn(rm, tok, build_safety_filter(safety), -1.0),
-            ppo_cfg,
-            eos_id=tok.eos_id,
-            pad_id=tok.pad_id,
-            optim=OptimConfig(lr=1e-4, weight_decay=0.0),
-            grad_clip=1.0,
-        )
-        history = []
-        with make_progress() as progress:
-            bar = progress.add_task(f"ppo (KL coef {coef:g})", total=s["ppo_steps"])
-            for step in range(s["ppo_steps"]):
-                batch = [
-                    enc_prompts[(step * s["batch_size"] + i) % len(enc_prompts)]
-                    for i in range(s["batch_size"])
-                ]
-                stats = trainer.step(batch)
-                roll = trainer.last_rollout
-                assert roll is not None
-                stats["true_reward"] = statistics.fmean(
-                    LEX.score(tok.decode(r)) for r in roll.responses
-                )
-                # the reward model's raw score ("reward" is normalised, "score" adds the
-                # missing-EOS penalty): over-optimisation shows as this rising, truth not
-                stats["rm_raw"] = stats["reward"] * float(rm.reward_std) + float(rm.reward_mean)
-                history.append(stats)
-                progress.advance(bar)
-        after = evaluate_policy(policy, reference, tok, eval_prompts, s["max_new_tokens"], 123)
-        step_times = [h["seconds"] for h in history[1:]] or [history[0]["seconds"]]
-        ours_sweep.append(
-            {
-                "kl_coef": coef,
-                "true_reward_gain": after["true_reward"] - before["true_reward"],
-                "kl": after["kl"],
-                "step_seconds": statistics.median(step_times),
-                "after": {**after, "seconds": sum(h["seconds"] for h in history)},
-                "history": history,
+        # 2 + 3. `rlhf sample` in a worker, each batch imported as soon as it is final, while
+        # the simulated annotators rank the imported tasks over HTTP
+        def feed(url: str, task_set_id: int, admin_token: str) -> Future[dict[str, Any]]:
+            cfg = {
+                "checkpoint": str(base),
+                "prompts_file": str(prompts_file),
+                "out_file": str(work / "tasks.jsonl"),
+                "max_new_tokens": s["max_new_tokens"],
+                "responses": s["responses"],
+                "temperature": 1.0,
+                "seed": args.seed,
+                "batch_size": 64,
+                "safety": _safety().model_dump(mode="json"),
             }
+            return pool.submit(sample_and_import, cfg, url, task_set_id, admin_token)
+
+        t, cpu = time.perf_counter(), time.process_time()
+        tasks, ann_stats, sample_summary = annotate(
+            feed, work, s["annotators"], s["k"], s["responses"], args.seed
         )
-        if hf_dir is not None and trl_rm_model is not None:
-            trl_sweep.append(
-                _trl_ppo_point(
-                    hf_dir,
-                    trl_rm_model,
-                    results["trl_rm"]["reward_norm"],
-                    prompts,
-                    s,
-                    ppo_cfg,
-                    coef,
-                    reference,
-                    tok,
-                    eval_prompts,
-                    before,
-                    work / f"trl-ppo-{coef:g}",
-                )
-            )
+        results["sample"] = sample_summary
+        results["annotation"] = {
+            **ann_stats,
+            "tasks": len(tasks),
+            # from the server's start to the export, sampling included (they overlap)
+            "seconds": time.perf_counter() - t,
+            "client_cpu_seconds": time.process_time() - cpu,
+            # the server is the one child process waited for so far
+            "server_cpu_seconds": sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2]),
+        }
+        for f in warm:
+            f.result()
+        # Split by task (prompt), so no held-out response was ever seen in training.
+        rng = random.Random(args.seed)
+        rng.shuffle(tasks)
+        n_held = max(4, round(len(tasks) * s["held_out_share"]))
+        held_tasks, train_tasks = tasks[:n_held], tasks[n_held:]
+        train_pairs = unanimous_pairs(train_tasks)
+        held = truth_pairs(held_tasks)
+        informative = [
+            LEX.score(p.chosen) > LEX.score(p.rejected)
+            for p in train_pairs
+            if LEX.score(p.chosen) != LEX.score(p.rejected)
+        ]
+        results["annotation"]["train_pairs_unanimous"] = len(train_pairs)
+        results["annotation"]["train_pairs_informative"] = len(informative)
+        # How good the training labels are (diagnostic only: nothing is tuned on it).
+        results["annotation"]["label_accuracy_vs_truth"] = statistics.fmean(informative)
+        results["data"] = {
+            "train_tasks": len(train_tasks),
+            "held_out_tasks": len(held_tasks),
+            "train_pairs": len(train_pairs),
+            "held_out_pairs_truth": len(held),
+        }
+        train_file = write_pairs(train_pairs, work / "train.jsonl")
+        held_file = write_pairs(held, work / "held.jsonl")
+        kept = RESULTS_DIR / "rlhf_pairs"  # the labelled data, for inspection and re-runs
+        kept.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(train_file, kept / "train.jsonl")
+        shutil.copyfile(held_file, kept / "held_out_truth.jsonl")
+
+        # 4 + 5. both sides' reward model + PPO and both DPOs, as pool jobs, longest first
+        spec: JobSpec = {
+            "t_start": t_start,
+            "base": str(base),
+            "work": str(work),
+            "sizes": s,
+            "threads": args.threads,
+            "coefs": args.kl_sweep,
+            "ppo_kl": args.ppo_kl,
+            "shared_value_head": args.shared_value_head,
+            "prompts": prompts,
+            "eval_prompts": eval_prompts,
+            "train_pairs": [(p.prompt, p.chosen, p.rejected) for p in train_pairs],
+            "held_pairs": [(p.prompt, p.chosen, p.rejected) for p in held],
+        }
+        jobs = [trl_rm_ppo_job, ours_rm_ppo_job, trl_dpo_job, ours_dpo_job]
+        if args.skip_trl:
+            jobs = [ours_rm_ppo_job, ours_dpo_job]
+        futures = [pool.submit(job, spec) for job in jobs]
+        parts = [f.result() for f in futures]
+    results["jobs"] = [part.pop("job") for part in parts]
+    for part in parts:
+        results.update(part)
+    merge_results(results)
+    _print_table(results)
+
+
+def merge_results(results: dict[str, Any]) -> None:
+    """The headline keys and the gains (against the base policy's one evaluation) from what
+    the jobs returned."""
+    before = results["before"]["true_reward"]
+    results["rm_accuracy"] = results["rm"]["accuracy"]
+    if "trl_rm" in results:
+        results["trl_rm_accuracy"] = results["trl_rm"]["accuracy"]
+    ours_sweep = results.pop("ppo_sweep")
+    trl_sweep = results.pop("trl_ppo_sweep", [])
+    for p in ours_sweep + trl_sweep:
+        if "error" not in p:
+            p["true_reward_gain"] = p["true_reward"] - before
     results["ppo_sweep"] = [{k: v for k, v in p.items() if k != "history"} for p in ours_sweep]
     results["trl_ppo_sweep"] = [{k: v for k, v in p.items() if k != "history"} for p in trl_sweep]
     # The headline is the first coefficient of the sweep (0.1 by default).
@@ -1042,6 +1390,7 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
     results["ppo_true_reward_gain"] = head["true_reward_gain"]
     results["ppo_kl"] = head["kl"]
     results["ppo_step_seconds"] = head["step_seconds"]
+    results["ppo_step_cpu_seconds"] = head["step_cpu_seconds"]
     results["ppo_step_ratio_vs_trl"] = None
     if trl_sweep and "error" not in trl_sweep[0]:
         t0 = trl_sweep[0]
@@ -1051,9 +1400,12 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
         results["trl_true_reward_gain"] = t0["true_reward_gain"]
         results["trl_kl"] = t0["kl"]
         results["ppo_step_ratio_vs_trl"] = head["step_seconds"] / t0["step_seconds"]
+        results["trl_ppo_step_cpu_seconds"] = t0["step_cpu_seconds"]
+        # CPU seconds a step: what the step costs, whatever else shares the cores
+        results["ppo_step_cpu_ratio_vs_trl"] = head["step_cpu_seconds"] / t0["step_cpu_seconds"]
     elif trl_sweep:
         results["trl_ppo_error"] = trl_sweep[0]["error"]
-    trl_ok = [p for p in trl_sweep if "error" not in p]
+    trl_ok = [p for p in results["trl_ppo_sweep"] if "error" not in p]
     if len(ours_sweep) > 1 and len(trl_ok) > 1:
         # Equal KL: each side's gain-vs-KL curve (piecewise linear over the sweep) read at
         # the other side's measured KLs, where the two curves overlap.
@@ -1065,48 +1417,14 @@ def run(args: argparse.Namespace, s: dict[str, Any], results: dict[str, Any], wo
         ]
         # mean of (ours - TRL's) gain over the KLs where both curves were measured
         results["ppo_minus_trl_gain_at_matched_kl"] = statistics.fmean(both) if both else None
-
-    # 5b. DPO (swarmlm) and TRL DPO on the same pairs
-    dpo_lr, beta = 5e-4, 0.1
-    t = time.perf_counter()
-    train_dpo(
-        DPORunConfig(
-            init_checkpoint=base,
-            train_file=train_file,
-            eval_fraction=0.0,
-            out_dir=work / "dpo",
-            batch_size=s["batch_size"],
-            epochs=s["dpo_epochs"],
-            optim=OptimConfig(lr=dpo_lr, weight_decay=0.0),
-            threads=args.threads,
-            safety=SafetyConfig(enabled=False),
-            checkpoint_every=10_000,
-            dpo={"beta": beta},
-        ),
-        console=con,
-    )
-    dpo_seconds = time.perf_counter() - t
-    dpo_policy, _ = load_language_model(work / "dpo")
-    dpo_after = evaluate_policy(dpo_policy, reference, tok, eval_prompts, s["max_new_tokens"], 123)
-    results["dpo_after"] = {**dpo_after, "seconds": dpo_seconds}
-    results["dpo_true_reward_gain"] = dpo_after["true_reward"] - before["true_reward"]
-    results["dpo_kl"] = dpo_after["kl"]
-    if hf_dir is not None:
-        try:
-            trl_policy, trl_seconds = trl_dpo(
-                hf_dir, train_pairs, s, dpo_lr, beta, work / "trl-dpo"
-            )
-            trl_after = evaluate_policy(
-                trl_policy, reference, tok, eval_prompts, s["max_new_tokens"], 123
-            )
-            results["trl_dpo_after"] = {**trl_after, "seconds": trl_seconds}
-            results["trl_dpo_true_reward_gain"] = trl_after["true_reward"] - before["true_reward"]
-            results["trl_dpo_kl"] = trl_after["kl"]
-            results["dpo_seconds_ratio_vs_trl"] = dpo_seconds / trl_seconds
-        except Exception as exc:
-            results["trl_dpo_error"] = f"{type(exc).__name__}: {exc}"
-            con.print(f"[red]TRL DPOTrainer failed:[/red] {exc}")
-    _print_table(results)
+    dpo = results["dpo_after"]
+    results["dpo_true_reward_gain"] = dpo["true_reward"] - before
+    results["dpo_kl"] = dpo["kl"]
+    if "trl_dpo_after" in results:
+        trl = results["trl_dpo_after"]
+        results["trl_dpo_true_reward_gain"] = trl["true_reward"] - before
+        results["trl_dpo_kl"] = trl["kl"]
+        results["dpo_seconds_ratio_vs_trl"] = dpo["seconds"] / trl["seconds"]
 
 
 def _print_table(r: dict[str, Any]) -> None:

@@ -183,3 +183,29 @@ def test_cli_reports_a_bad_config_key_and_a_malformed_preference_file(
     err = capsys.readouterr().err
     assert "nonsense" in err
     assert "unknown key" in err
+
+
+@pytest.mark.timeout(60)
+def test_sample_hands_each_batch_of_tasks_over_as_soon_as_it_is_final(
+    tiny_lm: Path, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["the lord", "and", "of"]))
+    cfg = SampleConfig(
+        checkpoint=tiny_lm,
+        prompts_file=prompts,
+        out_file=tmp_path / "tasks.jsonl",
+        max_new_tokens=6,
+        batch_size=2,
+        safety={"min_response_chars": 0, "max_repeated_ngram_fraction": 1.0},
+    )
+    batches: list[list[dict[str, object]]] = []
+    sample_comparison_tasks(cfg, show_progress=False, on_tasks=batches.append)
+    written = [json.loads(line) for line in cfg.out_file.read_text().splitlines()]
+    # two prompts in the first batch, one in the second; together exactly the file's rows
+    assert [len(b) for b in batches] == [2, 1]
+    assert [row for b in batches for row in b] == written
+    # the callback changes nothing: same seed, same file without it
+    again = cfg.model_copy(update={"out_file": tmp_path / "again.jsonl"})
+    sample_comparison_tasks(again, show_progress=False)
+    assert again.out_file.read_text() == cfg.out_file.read_text()

@@ -7,12 +7,17 @@ Annotators judge them in the web app; the platform's preference export then feed
 ``swarmlm rlhf reward`` / ``dpo``. Prompts and responses pass the safety filter first: a
 filtered prompt is skipped, a filtered or duplicate response is resampled up to
 ``max_attempts`` rounds, and a prompt that still lacks distinct safe responses is dropped.
+
+``on_tasks`` hands each batch's finished tasks to the caller as soon as they exist, so a
+caller can import them while later batches are still being sampled (the benchmark's
+annotators start on the first batch instead of waiting for all of them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,9 +39,17 @@ def task_id(prompt: str, index: int) -> str:
 
 
 def sample_comparison_tasks(
-    cfg: SampleConfig, *, console: Console | None = None, show_progress: bool = True
+    cfg: SampleConfig,
+    *,
+    console: Console | None = None,
+    show_progress: bool = True,
+    on_tasks: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
-    """Write the task file; returns counts (tasks written, prompts dropped, filter summary)."""
+    """Write the task file; returns counts (tasks written, prompts dropped, filter summary).
+
+    ``on_tasks``, if given, receives every batch's tasks (the rows of the task file, in file
+    order) once that batch is final; the tasks and the file are the same with or without it.
+    """
     seed_all(cfg.seed)
     model, ckpt = load_language_model(cfg.checkpoint)
     tok = tokenizer_for(ckpt, cfg.tokenizer)
@@ -53,6 +66,8 @@ def sample_comparison_tasks(
         pad_token_id=tok.pad_id,
     )
     found: dict[int, list[str]] = {i: [] for i, _ in kept}
+    rows_out: list[dict[str, Any]] = []
+    dropped = 0
     with make_progress(console, show_progress) as progress:
         task = progress.add_task("sampling", total=len(kept), status="")
         for start in range(0, len(kept), cfg.batch_size):
@@ -71,15 +86,19 @@ def sample_comparison_tasks(
                         continue
                     if safety.check(p, text, item=f"prompt {i} response").ok:
                         found[i].append(text)
+            done = []
+            for i, p in chunk:
+                if len(found[i]) < cfg.responses:
+                    dropped += 1
+                    log.warning(
+                        "prompt %d: only %d distinct safe responses; skipped", i, len(found[i])
+                    )
+                    continue
+                done.append({"id": task_id(p, i), "content": p, "outputs": found[i]})
+            rows_out.extend(done)
+            if on_tasks is not None and done:
+                on_tasks(done)
             progress.update(task, advance=len(chunk))
-    rows_out = []
-    dropped = 0
-    for i, p in kept:
-        if len(found[i]) < cfg.responses:
-            dropped += 1
-            log.warning("prompt %d: only %d distinct safe responses; skipped", i, len(found[i]))
-            continue
-        rows_out.append({"id": task_id(p, i), "content": p, "outputs": found[i]})
     n = write_jsonl_atomic(rows_out, cfg.out_file)
     return {
         "tasks": n,
