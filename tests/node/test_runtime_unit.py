@@ -161,7 +161,7 @@ def test_reload_applies_thresholds_and_aggregator_params_to_the_training_config(
     rt = r.runtime
     rt.swarm_cfg = rt._load_swarm_config()
     sw = rt.training_config().swarm
-    assert (sw.exclude_below, sw.evict_below) == (0.2, None)
+    assert (sw.exclude_below, sw.evict_below) == (0.2, 0.05)
     r.write(
         training_file(
             tmp_path,

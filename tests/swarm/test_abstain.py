@@ -98,7 +98,7 @@ def test_a_round_of_voters_alone_advances_without_changing_the_parameters() -> N
 
 
 def test_a_member_that_sent_nothing_is_absent_even_when_voters_abstained() -> None:
-    e = engine()
+    e = engine(join_grace_rounds=0)  # (no grace for a member that has never contributed)
     trainers = [peer_id(i) for i in range(3)]
     missing, light = peer_id(9), peer_id(100)
     entries = [(p, e.contribution(1, torch.ones(D) * 0.01, 4)) for p in trainers]

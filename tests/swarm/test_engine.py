@@ -151,14 +151,56 @@ def test_members_missing_from_the_decided_set_lose_reputation() -> None:
     es = engines(4)
     gen = torch.Generator().manual_seed(6)
     members = [peer_id(i) for i in range(4)]
-    for r in (1, 2):
+    for r in (1, 2, 3):
+        who = range(4) if r == 1 else range(3)  # peer 3 contributes once, then goes silent
         entries = [
-            (peer_id(i), es[i].contribution(r, torch.randn(D, generator=gen), 4)) for i in range(3)
+            (peer_id(i), es[i].contribution(r, torch.randn(D, generator=gen), 4)) for i in who
         ]
         reports = [e.apply(r, entries, members=members) for e in es]
     assert all(rep.absent == [peer_id(3)] for rep in reports)
     assert es[0].reputation[peer_id(3)] == pytest.approx(0.81)
     assert len({e.state_digest() for e in es}) == 1
+
+
+def absent_member_reputation(rounds: int, grace: int) -> list[float]:
+    """Peer 3 is a member from round 1 but never contributes (a joiner still syncing)."""
+    es = engines(3, join_grace_rounds=grace)
+    gen = torch.Generator().manual_seed(7)
+    members = [peer_id(i) for i in range(4)]
+    seen = []
+    for r in range(1, rounds + 1):
+        entries = [
+            (peer_id(i), es[i].contribution(r, torch.randn(D, generator=gen), 4)) for i in range(3)
+        ]
+        for e in es:
+            e.apply(r, entries, members=members)
+        seen.append(es[0].reputation.get(peer_id(3), 1.0))
+    assert len({e.state_digest() for e in es}) == 1
+    return seen
+
+
+def test_a_member_that_has_not_contributed_yet_keeps_its_reputation_for_the_grace() -> None:
+    # The joining-peer integration test once voted out a joiner whose state sync outlasted
+    # ~29 rounds: absence before a first contribution must not count during the grace...
+    seen = absent_member_reputation(rounds=12, grace=8)
+    assert seen[:8] == [1.0] * 8
+    # ...but must afterwards, so a peer that dies while joining still leaves.
+    assert seen[8:] == pytest.approx([0.9, 0.81, 0.729, 0.6561])
+
+
+def test_the_grace_table_travels_with_the_state_to_a_joiner() -> None:
+    es = engines(2, join_grace_rounds=5)
+    gen = torch.Generator().manual_seed(8)
+    members = [peer_id(0), peer_id(1), peer_id(2)]
+    entries = [
+        (peer_id(i), es[i].contribution(1, torch.randn(D, generator=gen), 4)) for i in (0, 1)
+    ]
+    for e in es:
+        e.apply(1, entries, members=members)
+    joiner = engines(1, join_grace_rounds=5)[0]
+    joiner.load_state(es[0].state_blob(), es[0].state_digest())
+    assert joiner.awaiting_first == es[0].awaiting_first == {peer_id(2): 1}
+    assert joiner.state_digest() == es[0].state_digest()
 
 
 def test_default_int8_contributions_cost_under_one_byte_a_parameter() -> None:

@@ -57,7 +57,11 @@ class Thresholds(BaseModel):
 
     exclude_below: float = Field(default=0.2, ge=0, le=1, description="ignore contributions below")
     evict_below: float | None = Field(
-        default=None, ge=0, le=1, description="vote members below this out (None = never)"
+        default=0.05,
+        ge=0,
+        le=1,
+        description="vote members below this out (None = never; absence before a member's "
+        "first contribution only counts after swarm.join_grace_rounds)",
     )
     outlier_z: float = Field(default=3.0, gt=0, description="robust z-score flagging an outlier")
 

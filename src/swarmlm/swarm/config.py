@@ -137,12 +137,19 @@ class SwarmConfig(BaseModel):
         default=0.2, ge=0, le=1, description="contributions of peers below this score are ignored"
     )
     evict_below: float | None = Field(
-        default=None,
+        default=0.05,
         ge=0,
         le=1,
-        description="members below this score are voted out of the membership (None = never, "
-        "the default: a joining peer whose state sync outlasts ~29 rounds would be voted out "
-        "for absence, see docs/swarm.md); 0.05 = about 9 flagged or 29 absent rounds in a row",
+        description="members below this score are voted out of the membership (None = never); "
+        "0.05 = about 9 flagged rounds in a row, or 29 absent ones after the member's first "
+        "contribution or join_grace_rounds",
+    )
+    join_grace_rounds: int = Field(
+        default=64,
+        ge=0,
+        description="rounds a member may be absent before its first contribution without "
+        "losing reputation (a joiner fetching the state); after them absence counts, so a "
+        "peer that dies while joining still leaves",
     )
     outlier_z: float = Field(default=3.0, gt=0, description="robust z-score flagging an outlier")
     outlier_min_cosine: float | None = Field(

@@ -128,6 +128,11 @@ class RoundEngine:
         self.momenta: dict[str, Tensor] = {}
         self.last_seen: dict[str, int] = {}
         self.reputation: dict[str, float] = {}
+        # Members that have not contributed since they became members -> the round they were
+        # first seen a member: their absence costs reputation only after
+        # ``join_grace_rounds``, so a joiner still fetching the state is not voted out for the
+        # rounds its sync takes. (Everyone else's absence counts at once.)
+        self.awaiting_first: dict[str, int] = {}
         self.feedback = ErrorFeedback(get_codec(cfg.codec, **cfg.codec_kwargs()))
         self._blob: bytes | None = None
         self._digest: bytes | None = None
@@ -152,6 +157,8 @@ class RoundEngine:
             scalars: dict[str, int | float] = dict(self.outer.scalars())
             for peer in sorted(self.last_seen):
                 scalars[f"seen.{peer}"] = self.last_seen[peer]
+            for peer in sorted(self.awaiting_first):
+                scalars[f"joining.{peer}"] = self.awaiting_first[peer]
             blob = StateBlob(
                 self.round,
                 self.cfg.mode,
@@ -195,6 +202,11 @@ class RoundEngine:
         self.momenta = momenta
         self.last_seen = {
             k.removeprefix("seen."): int(v) for k, v in st.scalars.items() if k.startswith("seen.")
+        }
+        self.awaiting_first = {
+            k.removeprefix("joining."): int(v)
+            for k, v in st.scalars.items()
+            if k.startswith("joining.")
         }
         self.reputation = dict(st.reputation)
         self.round = st.round
@@ -272,11 +284,25 @@ class RoundEngine:
         report.throughput = {p: (c.samples, c.seconds) for p, c in valid}
         present = {p for p, _ in entries}
         report.absent = sorted(set(members) - present)
+        self._track_membership(round, members, present)
         with single_thread():
             self._aggregate_and_step(report, valid, lr, own_update)
         self.round = round
         self._changed()
         return report
+
+    def _track_membership(self, r: int, members: Sequence[str], present: set[str]) -> None:
+        """Keep :attr:`awaiting_first` (consensus state: the membership and the entries are
+        decided, so every in-sync peer keeps the same table)."""
+        if not members:
+            return
+        current = set(members)
+        for peer in list(self.awaiting_first):
+            if peer not in current or peer in present:  # left, or has now contributed
+                del self.awaiting_first[peer]
+        for peer in sorted(current - present):
+            if peer not in self.reputation and peer not in self.last_seen:
+                self.awaiting_first.setdefault(peer, r)
 
     def _aggregate_and_step(
         self,
@@ -289,7 +315,9 @@ class RoundEngine:
         for peer in report.invalid:
             self.reputation[peer] = self.reputation.get(peer, INITIAL_REPUTATION) * 0.5
         for peer in report.absent:  # uptime: a member that misses rounds loses standing
-            self.reputation[peer] = self.reputation.get(peer, INITIAL_REPUTATION) * 0.9
+            since = self.awaiting_first.get(peer)
+            if since is None or r - since >= self.cfg.join_grace_rounds:
+                self.reputation[peer] = self.reputation.get(peer, INITIAL_REPUTATION) * 0.9
         rows: list[tuple[str, Tensor]] = []
         for peer, c in valid:
             beta = self.cfg.worker_momentum

@@ -152,6 +152,19 @@ class SwarmNode:
             self._checkpointed = resumed[0]
             # a returning member: connect to anyone, then catch up from decisions
             await self._genesis(2, sw.genesis_timeout)
+            found = await self._find_swarm(sw.genesis_timeout)
+            if found is not None and found[0] - resumed[0] > self.node.config.keep_rounds // 2:
+                # The swarm moved on further than its members keep round payloads: the rounds
+                # in between cannot be replayed (their decisions would wait for payloads
+                # nobody holds any more), so start at its head and fetch the agreed state
+                # there, as a joiner does. (Found by the integrated-network test: a peer
+                # restarted 9 rounds behind timed out waiting for round 52 forever.)
+                log.info(
+                    "resumed round %d, the swarm is at %d: syncing its state",
+                    resumed[0],
+                    found[0],
+                )
+                start, members = found[0] + 1, found[1]
         else:
             found = await self._find_swarm(sw.genesis_timeout)
             if found is not None:  # a swarm is running (or formed its genesis with us in it)
