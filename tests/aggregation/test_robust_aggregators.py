@@ -25,6 +25,7 @@ from swarmlm.aggregation import (
 from swarmlm.aggregation.robust import (
     _batcher_comparators,
     bucket_means,
+    nearest_neighbor_mixing,
     pairwise_sq_distances,
 )
 
@@ -286,3 +287,36 @@ def test_bucketing_lets_krum_pick_a_bucket_mean_with_half_the_noise() -> None:
     # One honest row has variance 1 per coordinate; a bucket of two, 1/2.
     assert 0.8 < err_plain / 5 < 1.2
     assert 0.4 < err_bucketed / 5 < 0.6
+
+
+def test_nearest_neighbour_mixing_averages_each_row_with_its_n_minus_f_nearest() -> None:
+    # Two tight honest clusters and one far Byzantine row: with f = 1 every honest row is
+    # averaged with its 3 nearest (itself first), never with the far row.
+    stack = torch.tensor([[0.0], [1.0], [2.0], [3.0], [100.0]])
+    mixed = nearest_neighbor_mixing(stack, f=1)
+    torch.testing.assert_close(mixed[:, 0], torch.tensor([1.5, 1.5, 1.5, 1.5, 26.5]))
+    # f = 0: every row becomes the mean; identical inputs give identical outputs (ties).
+    torch.testing.assert_close(nearest_neighbor_mixing(stack, f=0), stack.mean(0).expand(5, 1))
+    assert torch.equal(nearest_neighbor_mixing(stack, f=1), mixed)
+    dup = torch.ones(4, 3)
+    assert torch.equal(nearest_neighbor_mixing(dup, f=1), dup)
+    with pytest.raises(AggregationError, match="0 <= f < n"):
+        nearest_neighbor_mixing(stack, f=5)
+
+
+def test_mixing_narrows_what_centered_clipping_lets_a_constant_attacker_move() -> None:
+    # Noisy honest rows (spread >> mean) and f = 3 attackers at a large constant: centered
+    # clipping's bias is proportional to the honest spread, which mixing divides.
+    gen = torch.Generator().manual_seed(0)
+    honest = 0.1 + torch.randn(7, 256, generator=gen)
+    bad = torch.full((3, 256), 50.0)
+    stack = torch.cat([bad, honest])
+    plain = get_aggregator("centered_clip", f=3, iterations=3)(stack)
+    mixed = get_aggregator("centered_clip", f=3, iterations=3, mixing="nnm")(stack)
+    truth = honest.mean(0)
+    assert (mixed - truth).norm() < 0.5 * (plain - truth).norm()
+    with pytest.raises(AggregationError, match="exclusive"):
+        get_aggregator("median", f=1, mixing="nnm", bucketing=2)
+    with pytest.raises(AggregationError, match="mixing must be one of"):
+        get_aggregator("median", f=1, mixing="knn")
+    assert "mixing='nnm'" in repr(get_aggregator("median", f=1, mixing="nnm"))

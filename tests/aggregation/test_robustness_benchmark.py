@@ -37,8 +37,10 @@ def test_robustness_benchmark_reports_its_headline_keys(
     assert headline["cc_worst_attack_loss_ratio"] > 0
     assert headline["cc_reputation_worst_attack"] in ("alie", "large_constant")
     assert headline["cc_reputation_honest_exclusions"] == 0
+    assert headline["honest_only_f3_loss_ratio"] > 0
     report = json.loads((tmp_path / "robustness_quick.json").read_text())
     # mean and centered_clip: clean + 2 attacks; the filtered row also runs f = 3 unattacked;
-    # plus the compressed run.
-    assert len(report["runs"]) == 3 + 3 + 4 + 1
+    # plus the compressed run and the honest-rows-only floor.
+    assert len(report["runs"]) == 3 + 3 + 4 + 1 + 1
+    assert "honest rows only" in report["markdown_table"]
     assert (tmp_path / "robustness_quick.png").stat().st_size > 0

@@ -248,3 +248,30 @@ def test_an_update_pointing_away_from_the_aggregate_is_flagged_by_the_cosine_rul
         assert attacker_rounds <= 2
     else:
         assert attacker_rounds == 8
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "params"),
+    [
+        ("centered_clip", {"mixing": "nnm"}),
+        ("centered_clip", {"bucketing": 2}),
+        ("median", {"bucketing": 2, "bucket_seed": 3}),
+    ],
+)
+def test_common_aggregator_options_run_in_the_swarm(
+    aggregator: str, params: dict[str, Any]
+) -> None:
+    # The config accepted these (check_aggregator) but the engine called centered_clip
+    # directly and failed every round with a TypeError; with buckets, f is counted in buckets.
+    es = engines(4, aggregator=aggregator, aggregator_params=params)
+    gen = torch.Generator().manual_seed(9)
+    for r in (1, 2, 3):
+        entries = [
+            (peer_id(i), e.contribution(r, torch.randn(D, generator=gen), 4))
+            for i, e in enumerate(es)
+        ]
+        reports = [e.apply(r, entries) for e in es]
+        assert all(rep.applied for rep in reports)
+        assert len({e.state_digest() for e in es}) == 1
+    expected_f = 0 if "bucketing" in params else 1  # 2 buckets of 2 tolerate nobody
+    assert reports[0].f == expected_f

@@ -88,7 +88,10 @@ AGGREGATORS: dict[str, AggregatorSpec] = {
 
 
 #: Options every rule accepts, handled by :class:`Aggregator` rather than the rule itself.
-COMMON_PARAMS = ("bucketing", "bucket_seed")
+COMMON_PARAMS = ("bucketing", "bucket_seed", "mixing")
+
+#: Values of the ``mixing`` option.
+MIXING = ("none", "nnm")
 
 
 class Aggregator:
@@ -104,6 +107,11 @@ class Aggregator:
     under ``bucket_seed`` plus the number of calls so far; ``f`` then counts poisoned buckets,
     so the rule must tolerate ``f`` out of ``ceil(n / s)`` (centered clipping:
     ``n >= s (2f + 1)``, roughly) and :meth:`check` refuses what it cannot.
+
+    ``mixing="nnm"`` replaces each input by the mean of its ``n - f`` nearest inputs before the
+    rule (:func:`~swarmlm.aggregation.robust.nearest_neighbor_mixing`): it narrows the honest
+    spread the rule's tolerance is proportional to, without costing tolerance as bucketing
+    does. The two are exclusive.
     """
 
     def __init__(self, name: str, **params: Any) -> None:
@@ -137,14 +145,30 @@ class Aggregator:
             raise AggregationError(
                 f"aggregator {name!r}: bucket_seed must be an int, got {bucket_seed!r}"
             )
+        mixing = params.pop("mixing", "none")
+        if mixing not in MIXING:
+            raise AggregationError(
+                f"aggregator {name!r}: mixing must be one of {', '.join(MIXING)}, got {mixing!r}"
+            )
+        if mixing != "none" and bucketing > 1:
+            raise AggregationError(
+                f"aggregator {name!r}: mixing={mixing!r} and bucketing={bucketing} are "
+                "exclusive (both pre-process the inputs); choose one"
+            )
         self.spec = spec
         self.name = name
+        self.mixing: str = mixing
         self.params = dict(params)
         self.f: int = f
         self.bucketing: int = bucketing
         self.bucket_seed: int = bucket_seed
         self._center: Tensor | None = None
         self._calls = 0
+
+    def max_f(self, n: int) -> int:
+        """Largest ``f`` this rule tolerates among ``n`` inputs (counted in buckets when
+        bucketing)."""
+        return self.spec.max_f(robust.bucket_count(n, self.bucketing))
 
     def min_inputs(self) -> int:
         """Smallest n for which this rule tolerates the configured ``f``."""
@@ -171,7 +195,12 @@ class Aggregator:
         self._center = None
         self._calls = 0
 
-    def __call__(self, stack: Tensor, weights: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, stack: Tensor, weights: Tensor | None = None, *, center: Tensor | None = None
+    ) -> Tensor:
+        """Aggregate ``stack``. ``center`` (centered clipping only) replaces the remembered
+        previous output as the clipping centre: for callers that keep the centre themselves,
+        as the swarm does in its consensus state."""
         robust.check_stack(stack)
         self.check(stack.shape[0])
         kwargs = dict(self.params)
@@ -181,11 +210,15 @@ class Aggregator:
             stack, weights = robust.bucket_means(
                 stack, self.bucketing, seed=self.bucket_seed + self._calls, weights=weights
             )
+        elif self.mixing == "nnm":
+            stack = robust.nearest_neighbor_mixing(stack, f=self.f)
         self._calls += 1
         if weights is not None:
             kwargs["weights"] = weights
+        if center is not None and self.name != "centered_clip":
+            raise AggregationError(f"aggregator {self.name!r} takes no center")
         if self.name == "centered_clip":
-            center = self._center
+            center = self._center if center is None else center
             if center is not None and center.shape != (stack.shape[1],):
                 logger.warning(
                     "centered_clip: input dimension changed from %d to %d; restarting from zero",
@@ -202,6 +235,8 @@ class Aggregator:
         shown = dict(self.params)
         if self.bucketing > 1:
             shown.update(bucketing=self.bucketing, bucket_seed=self.bucket_seed)
+        if self.mixing != "none":
+            shown.update(mixing=self.mixing)
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items()))
         return f"Aggregator({self.name!r}{', ' if args else ''}{args})"
 

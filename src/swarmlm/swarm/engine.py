@@ -34,9 +34,7 @@ import torch
 from torch import Tensor
 
 from swarmlm.aggregation import (
-    AGGREGATORS,
     ErrorFeedback,
-    centered_clip,
     cooperative_combine,
     get_aggregator,
     get_codec,
@@ -345,13 +343,21 @@ class RoundEngine:
             log.warning("round %d: no usable contribution; the state is unchanged", r)
             return
         n = len(use)
-        spec = AGGREGATORS[self.cfg.aggregator]
+        params = dict(self.cfg.aggregator_params)
+        if params.get("bucketing", 1) > 1:
+            # a fresh aggregator each round: the round number varies the bucket shuffle
+            params["bucket_seed"] = params.get("bucket_seed", 0) + r
         f = self.cfg.byzantine_f if self.cfg.byzantine_f is not None else (n - 1) // 3
-        if f > spec.max_f(n):
+        tolerable = get_aggregator(self.cfg.aggregator, **params).max_f(n)
+        if f > tolerable:
             log.warning(
-                "round %d: %d inputs tolerate only f=%d with %s", r, n, spec.max_f(n), spec.name
+                "round %d: %d inputs tolerate only f=%d with %s",
+                r,
+                n,
+                tolerable,
+                self.cfg.aggregator,
             )
-            f = spec.max_f(n)
+            f = tolerable
         report.f = f
         stack = torch.stack([m for _, m in use])
         weights = None
@@ -360,15 +366,12 @@ class RoundEngine:
                 [self.reputation.get(p, INITIAL_REPUTATION) for p, _ in use], dtype=torch.float64
             )
             weights = w / w.sum()
+        rule = get_aggregator(self.cfg.aggregator, f=f, **params)
         if self.cfg.aggregator == "centered_clip":
-            agg = centered_clip(
-                stack, f=f, center=self.center, weights=weights, **self.cfg.aggregator_params
-            )
+            agg = rule(stack, weights, center=self.center)
             self.center = agg.clone()
         else:
-            agg = get_aggregator(self.cfg.aggregator, f=f, **self.cfg.aggregator_params)(
-                stack, weights
-            )
+            agg = rule(stack, weights)
         report.aggregate_norm = float(agg.norm())
         if len(rows) >= 4:
             # with 3 inputs f = 0 (nothing to tolerate) and the aggregate sits near two of
