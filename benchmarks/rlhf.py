@@ -93,14 +93,53 @@ the true reward; diagnosed on seed 0 (one run each, 512 evaluation samples, coef
 * the evaluation uses 256 prompts x 2 samples (was 48 x 2: a standard error of about 0.01,
   the size of the gains being compared).
 
-Every contender runs in this one process with the same torch thread count (``--threads``,
-default 1: on a machine shared with other jobs, two threads spin-wait on each other and run
-up to 10x slower than one).
+Sizes (``sizes()``), the same for both sides:
 
-    python benchmarks/rlhf.py --quick      # one KL coefficient (0.1): about 10 minutes
+======================  =============  =============  ========================================
+                        ``--quick``    full
+======================  =============  =============  ========================================
+base LM                 1,500 steps    3,000 steps    cached in ``rlhf_cache/base-N``
+prompts = tasks         2,000          6,000          6 responses of 16 tokens each
+rankings over HTTP      10,000         30,000         5 annotators x k = 5 per task
+training pairs          ~4,170         ~12,500        unanimous pairs of 80 % of the prompts
+held-out pairs          ~1,770         ~5,300         truth-ordered pairs of the other 20 %
+reward model, DPO       1 epoch each   1 epoch each   batch 16, lr 5e-4
+PPO                     100 steps      300 steps      16 rollouts, minibatch 8, 4 epochs
+evaluation              256 x 2        512 x 2        prompts x samples, one evaluator for all
+======================  =============  =============  ========================================
+
+Why ``--quick`` keeps these sizes and gets faster by scheduling instead (2026-11-22): the PPO
+gain takes off late (our rollouts' true reward at steps 60-69 +0.02-0.03, at 90-99
++0.08-0.10, seeds 0 and 1; TRL's reward score climbs over the same steps), so 60 steps would
+leave a gain of the size of the evaluation's noise; fewer prompts cost reward-model accuracy
+(dev: 0.87 with 1,200 training prompts, 0.90 with 1,500), already at the 0.9 line;
+evaluation is ~2 % of the CPU time.
+
+Schedule (``--workers 2``, one torch thread per process, ``--threads``: on a machine shared
+with other jobs two threads spin-wait on each other and run up to 10x slower than one):
+
+1. ``rlhf sample`` runs in a worker and imports each batch of 64 prompts' tasks as soon as it
+   is final (``on_tasks``) while the 5 annotator threads rank what is there, so sampling
+   (~23 CPU seconds) overlaps the annotation; the server is its floor (~43 CPU seconds for
+   20,000 requests; the annotators' standard-library clients ~10);
+2. the four training jobs run in the two workers, longest first: TRL's reward model + PPO
+   (~190 CPU seconds), ours (~110), TRL's DPO (~60), ours (~50). Each job seeds its own
+   generators, so a run gives the same numbers with one worker or two and under any load;
+3. every policy is evaluated inside its job by the same evaluator; the main process merges.
+
+Measured with ``--quick`` (2026-11-22, seeds 0-2): 497-534 s wall at load averages of 3.7-5
+from other jobs on the two cores (733 s at 6.7); the critical path is ~48 + ~212 + ~8 CPU
+seconds (annotation, the busier worker, start-up), about 4.5 minutes on two free cores. In
+one process the same run took ~880 s beside a second seed (the old schedule). The two PPOs
+each run beside another job, so their wall time per step (``ppo_step_ratio_vs_trl``) is
+compared under like but not equal load (0.25-0.52 over seeds 0-2);
+``ppo_step_cpu_ratio_vs_trl`` compares the CPU seconds of a step, which other jobs hardly move
+(0.48-0.51).
+
+    python benchmarks/rlhf.py --quick      # one KL coefficient (0.1): 4.5-8 minutes by load
                                            # (plus ~10 min once for the base LM)
     python benchmarks/rlhf.py --quick --kl-sweep 0.1,0.05,0.2   # both PPOs at three
-                                           # coefficients: ~40 minutes on a shared machine
+                                           # coefficients
     python benchmarks/rlhf.py              # more prompts, a longer-trained base, longer PPO
 
 Last stdout line: one JSON object with the headline keys.
