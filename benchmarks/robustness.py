@@ -91,6 +91,7 @@ DEFENCES = ("centered_clip", CC_REP)
 #: attackers' rows dropped, whatever they send). It trains on 7 workers' data instead of 10,
 #: which by itself costs loss: the floor under "within 5% of the no-attack run".
 HONEST_ONLY = "honest_only"
+SPLIT_BLOCK = 4096  # bytes per block of the interleaved split
 ATTACK_NAMES = ["sign_flip", "gaussian", "large_constant", "label_flip", "alie", "ipm", "mimic"]
 
 console = Console(stderr=True)
@@ -126,6 +127,11 @@ class SimConfig:
     # Bucketing (Karimireddy, He and Jaggi 2022) for every robust rule: 1 is off. The rules
     # then count f poisoned buckets of ceil(n / s), and refuse f = 3 of 10 with s = 2.
     bucketing: int = 1
+    # How the training text is shared out: "contiguous" (worker i holds the i-th tenth: books
+    # differ, so honest gradients differ, the harder setting all tables so far use) or
+    # "interleaved" (blocks of SPLIT_BLOCK bytes dealt round-robin, as the swarm's loader
+    # deals windows of one shared stream to its peers).
+    split: str = "contiguous"
     # Nearest-neighbour mixing (Allouah et al. 2023) before every robust rule: "none" or "nnm".
     mixing: str = "none"
     # Every worker clips its own gradient to this norm (standard LM practice).
@@ -199,7 +205,14 @@ class Simulator:
         n_val = len(data) // 20
         train, val = data[:-n_val], data[-n_val:]
         shard_len = len(train) // cfg.workers
-        self.shards = [train[i * shard_len : (i + 1) * shard_len] for i in range(cfg.workers)]
+        if cfg.split == "contiguous":  # worker i: the i-th tenth of the text (non-IID)
+            self.shards = [train[i * shard_len : (i + 1) * shard_len] for i in range(cfg.workers)]
+        else:  # blocks dealt round-robin: every worker's shard spans the whole text
+            block = SPLIT_BLOCK
+            usable = len(train) // (block * cfg.workers) * block * cfg.workers
+            blocks = train[:usable].view(-1, cfg.workers, block)
+            self.shards = [blocks[:, i].reshape(-1) for i in range(cfg.workers)]
+            shard_len = len(self.shards[0])
         gen = torch.Generator().manual_seed(cfg.seed)
         span = cfg.seq_len + 1
         starts = torch.randint(0, len(val) - span, (cfg.val_sequences,), generator=gen)
@@ -797,6 +810,13 @@ def main(argv: list[str] | None = None) -> int:
         "in buckets are reported as refused",
     )
     parser.add_argument(
+        "--split",
+        choices=("contiguous", "interleaved"),
+        default=SimConfig.split,
+        help="each worker's text: a contiguous tenth (non-IID) or round-robin blocks",
+    )
+    parser.add_argument("--seed", type=int, default=SimConfig.seed)
+    parser.add_argument(
         "--mixing",
         choices=("none", "nnm"),
         default=SimConfig.mixing,
@@ -825,6 +845,8 @@ def main(argv: list[str] | None = None) -> int:
         cc_iterations=args.cc_iterations,
         bucketing=args.bucketing,
         mixing=args.mixing,
+        split=args.split,
+        seed=args.seed,
         compress=args.compress,
     )
     args.out.mkdir(parents=True, exist_ok=True)
