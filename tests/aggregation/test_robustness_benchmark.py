@@ -44,3 +44,24 @@ def test_robustness_benchmark_reports_its_headline_keys(
     assert len(report["runs"]) == 3 + 3 + 4 + 1 + 1
     assert "honest rows only" in report["markdown_table"]
     assert (tmp_path / "robustness_quick.png").stat().st_size > 0
+
+
+def test_the_interleaved_split_deals_blocks_round_robin() -> None:
+    spec = importlib.util.spec_from_file_location("robustness_benchmark_split", SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    block = module.SPLIT_BLOCK
+    contiguous = module.Simulator(module.SimConfig(steps=1))
+    inter = module.Simulator(module.SimConfig(steps=1, split="interleaved"))
+    text = torch.cat(contiguous.shards)  # the training text, in order
+    assert len({len(s) for s in inter.shards}) == 1
+    for w in (0, 3, 9):
+        shard = inter.shards[w]
+        # worker w holds blocks w, w + 10, w + 20, ...: pieces of the whole book
+        assert torch.equal(shard[:block], text[w * block : (w + 1) * block])
+        k = 100  # its 101st block comes from far into the text
+        start = (k * 10 + w) * block
+        assert torch.equal(shard[k * block : (k + 1) * block], text[start : start + block])
