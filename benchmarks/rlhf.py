@@ -127,20 +127,21 @@ with other jobs two threads spin-wait on each other and run up to 10x slower tha
    generators, so a run gives the same numbers with one worker or two and under any load;
 3. every policy is evaluated inside its job by the same evaluator; the main process merges.
 
-Measured with ``--quick`` (2026-11-22, seeds 0-2): 497-534 s wall at load averages of 3.7-5
-from other jobs on the two cores (733 s at 6.7); the critical path is ~48 + ~212 + ~8 CPU
-seconds (annotation, the busier worker, start-up), about 4.5 minutes on two free cores. In
-one process the same run took ~880 s beside a second seed (the old schedule). The two PPOs
+Measured with ``--quick`` (2026-11-22, seeds 0-2): 318 s wall at a load average of 2.8 (our
+two workers included), 497-534 s at 3.7-5 (733 s at 6.7); the critical path is ~48 + ~212 + ~8
+CPU seconds (annotation, the busier worker, start-up), about 4.5 minutes on two free cores.
+In one process the same run took ~880 s beside a second seed (the old schedule). The two PPOs
 each run beside another job, so their wall time per step (``ppo_step_ratio_vs_trl``) is
-compared under like but not equal load (0.25-0.52 over seeds 0-2);
+compared under like but not equal load (0.25-0.78 over five runs);
 ``ppo_step_cpu_ratio_vs_trl`` compares the CPU seconds of a step, which other jobs hardly move
 (0.48-0.51).
 
-    python benchmarks/rlhf.py --quick      # one KL coefficient (0.1): 4.5-8 minutes by load
+    python benchmarks/rlhf.py --quick      # one KL coefficient (0.1): 5-9 minutes by load
                                            # (plus ~10 min once for the base LM)
     python benchmarks/rlhf.py --quick --kl-sweep 0.1,0.05,0.2   # both PPOs at three
                                            # coefficients
-    python benchmarks/rlhf.py              # more prompts, a longer-trained base, longer PPO
+    python benchmarks/rlhf.py              # more prompts, a longer-trained base, longer PPO:
+                                           # ~18 min (+ ~25 min once for the base LM)
 
 Last stdout line: one JSON object with the headline keys.
 """
