@@ -77,8 +77,13 @@ def test_voters_count_in_the_round_but_never_in_the_aggregate() -> None:
     assert report.flagged == ref.flagged
     assert report.applied
     assert report.entries == len(entries) + len(voters)
-    # bit-identical state: the voters changed neither the parameters nor any reputation
+    # the voters changed neither the parameters nor any reputation (the states differ only
+    # in the membership they record)
     assert torch.equal(with_voters.params, baseline.params)
+    assert with_voters.reputation == baseline.reputation
+    assert with_voters.members == sorted(trainers + voters)
+    baseline.members = with_voters.members
+    baseline._changed()
     assert with_voters.state_digest() == baseline.state_digest()
     assert not set(voters) & set(with_voters.reputation)
     assert not set(voters) & set(with_voters.momenta)

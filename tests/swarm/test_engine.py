@@ -275,3 +275,32 @@ def test_common_aggregator_options_run_in_the_swarm(
         assert len({e.state_digest() for e in es}) == 1
     expected_f = 0 if "bucketing" in params else 1  # 2 buckets of 2 tolerate nobody
     assert reports[0].f == expected_f
+
+
+def test_a_peer_that_rejoins_starts_afresh_with_the_join_grace() -> None:
+    # Absence voted peer 3 out after a long outage; kept, its old score would vote it out
+    # again at once, banning an honest peer for good (an attacker just makes a new key).
+    es = engines(3, join_grace_rounds=4)
+    gen = torch.Generator().manual_seed(10)
+    everyone = [peer_id(i) for i in range(4)]
+
+    def step(r: int, members: list[str]) -> None:
+        entries = [
+            (peer_id(i), es[i].contribution(r, torch.randn(D, generator=gen), 4)) for i in range(3)
+        ]
+        for e in es:
+            e.apply(r, entries, members=members)
+
+    step(1, everyone)  # peer 3 has never contributed: grace
+    es_rep = es[0].reputation
+    assert peer_id(3) not in es_rep
+    for r in range(2, 8):  # past the grace: absence counts
+        step(r, everyone)
+    assert es[0].reputation[peer_id(3)] == pytest.approx(0.9**3)
+    step(8, everyone[:3])  # voted out
+    assert es[0].members == everyone[:3]
+    assert es[0].reputation[peer_id(3)] == pytest.approx(0.9**3)  # the row stays while out
+    step(9, everyone)  # back in: a fresh row and a fresh grace
+    assert peer_id(3) not in es[0].reputation
+    assert es[0].awaiting_first == {peer_id(3): 9}
+    assert len({e.state_digest() for e in es}) == 1

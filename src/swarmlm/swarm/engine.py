@@ -131,6 +131,8 @@ class RoundEngine:
         # ``join_grace_rounds``, so a joiner still fetching the state is not voted out for the
         # rounds its sync takes. (Everyone else's absence counts at once.)
         self.awaiting_first: dict[str, int] = {}
+        # the last applied round's membership (sorted), to tell (re)joiners apart
+        self.members: list[str] = []
         self.feedback = ErrorFeedback(get_codec(cfg.codec, **cfg.codec_kwargs()))
         self._blob: bytes | None = None
         self._digest: bytes | None = None
@@ -157,6 +159,8 @@ class RoundEngine:
                 scalars[f"seen.{peer}"] = self.last_seen[peer]
             for peer in sorted(self.awaiting_first):
                 scalars[f"joining.{peer}"] = self.awaiting_first[peer]
+            for peer in self.members:
+                scalars[f"member.{peer}"] = 1
             blob = StateBlob(
                 self.round,
                 self.cfg.mode,
@@ -201,6 +205,9 @@ class RoundEngine:
         self.last_seen = {
             k.removeprefix("seen."): int(v) for k, v in st.scalars.items() if k.startswith("seen.")
         }
+        self.members = sorted(
+            k.removeprefix("member.") for k in st.scalars if k.startswith("member.")
+        )
         self.awaiting_first = {
             k.removeprefix("joining."): int(v)
             for k, v in st.scalars.items()
@@ -290,17 +297,28 @@ class RoundEngine:
         return report
 
     def _track_membership(self, r: int, members: Sequence[str], present: set[str]) -> None:
-        """Keep :attr:`awaiting_first` (consensus state: the membership and the entries are
-        decided, so every in-sync peer keeps the same table)."""
+        """Keep :attr:`members` and :attr:`awaiting_first` (consensus state: the membership
+        and the entries are decided, so every in-sync peer keeps the same tables).
+
+        A peer that becomes a member again after leaving or being voted out starts afresh:
+        its old reputation row is dropped and it gets the join grace. Keeping the row would
+        ban an honest peer for good after one long outage (absence voted it out, and its
+        score would vote it out again at once), and it would not stop an attacker, whose new
+        identity costs one key pair.
+        """
         if not members:
             return
         current = set(members)
+        newcomers = current - set(self.members)
+        for peer in sorted(newcomers):
+            if self.members:  # a (re)joiner mid-run, not the first membership we see
+                self.reputation.pop(peer, None)
+            if peer not in present:
+                self.awaiting_first[peer] = r
         for peer in list(self.awaiting_first):
             if peer not in current or peer in present:  # left, or has now contributed
                 del self.awaiting_first[peer]
-        for peer in sorted(current - present):
-            if peer not in self.reputation and peer not in self.last_seen:
-                self.awaiting_first.setdefault(peer, r)
+        self.members = sorted(current)
 
     def _aggregate_and_step(
         self,
