@@ -63,6 +63,25 @@ class SwarmResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def resume_point(
+    resumed: tuple[int, list[str]],
+    found: tuple[int, list[str]] | None,
+    keep_rounds: int,
+) -> tuple[int, list[str]]:
+    """The first round, and its members, for a peer resumed from its checkpoint at round
+    ``resumed[0]`` when the running swarm reports ``found`` (last decided round, members).
+
+    Within ``keep_rounds // 2`` rounds of the swarm it replays the decisions it missed. Further
+    behind, the members may have dropped those rounds' payloads (they keep ``keep_rounds``),
+    and a decision cannot be applied without them: the peer would wait for ever (the
+    integrated-network test once hung on round 52 so). It then starts at the swarm's head and
+    fetches the agreed state there, as a joiner does.
+    """
+    if found is not None and found[0] - resumed[0] > keep_rounds // 2:
+        return found[0] + 1, found[1]
+    return resumed[0] + 1, resumed[1]
+
+
 class SwarmNode:
     """One peer. ``events`` receives one dict per notable event (ready, genesis, round, done)."""
 
@@ -153,18 +172,13 @@ class SwarmNode:
             # a returning member: connect to anyone, then catch up from decisions
             await self._genesis(2, sw.genesis_timeout)
             found = await self._find_swarm(sw.genesis_timeout)
-            if found is not None and found[0] - resumed[0] > self.node.config.keep_rounds // 2:
-                # The swarm moved on further than its members keep round payloads: the rounds
-                # in between cannot be replayed (their decisions would wait for payloads
-                # nobody holds any more), so start at its head and fetch the agreed state
-                # there, as a joiner does. (Found by the integrated-network test: a peer
-                # restarted 9 rounds behind timed out waiting for round 52 forever.)
+            start, members = resume_point(resumed, found, self.node.config.keep_rounds)
+            if start != resumed[0] + 1:
                 log.info(
                     "resumed round %d, the swarm is at %d: syncing its state",
                     resumed[0],
-                    found[0],
+                    start - 1,
                 )
-                start, members = found[0] + 1, found[1]
         else:
             found = await self._find_swarm(sw.genesis_timeout)
             if found is not None:  # a swarm is running (or formed its genesis with us in it)
