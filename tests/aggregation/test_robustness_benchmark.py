@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -13,16 +14,22 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "robustness.py"
 
 
-@pytest.mark.timeout(300)
-def test_robustness_benchmark_reports_its_headline_keys(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def load_benchmark() -> ModuleType:
+    """benchmarks/robustness.py as a module (it is a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("robustness_benchmark", SCRIPT)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(300)
+def test_robustness_benchmark_reports_its_headline_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = load_benchmark()
     argv = ["--quick", "--steps", "2", "--skip-speed", "--aggregators", "mean", "centered_clip"]
     argv += ["centered_clip_rep"]
     argv += ["--attacks", "alie", "large_constant", "--out", str(tmp_path)]
@@ -47,12 +54,7 @@ def test_robustness_benchmark_reports_its_headline_keys(
 
 
 def test_the_interleaved_split_deals_blocks_round_robin() -> None:
-    spec = importlib.util.spec_from_file_location("robustness_benchmark_split", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark()
     block = module.SPLIT_BLOCK
     contiguous = module.Simulator(module.SimConfig(steps=1))
     inter = module.Simulator(module.SimConfig(steps=1, split="interleaved"))
