@@ -649,6 +649,17 @@ def hf_export(run_dir: Path, tok: Tokenizer, out: Path) -> Path:
     return out
 
 
+def trl_base(base: Path, out: Path) -> tuple[Any, Tokenizer, Path]:
+    """What each TRL job starts from: the frozen reference, our tokenizer, and the base model
+    exported to the Hugging Face format in ``out`` (one directory per job: the jobs run in
+    separate processes at the same time)."""
+    from swarmlm.rlhf.modeling import load_language_model, tokenizer_for
+
+    reference, base_ckpt = load_language_model(base)
+    tok = tokenizer_for(base_ckpt)
+    return reference, tok, hf_export(base, tok, out)
+
+
 def _dataset(pairs: list[PreferencePair]) -> Any:
     from datasets import Dataset
 
@@ -1013,7 +1024,6 @@ def trl_rm_ppo_job(spec: JobSpec) -> dict[str, Any]:
     against ours), evaluated by the same evaluator. A failure is reported, never replaced
     by a number."""
     from swarmlm.model.hf import import_hf
-    from swarmlm.rlhf.modeling import load_language_model, tokenizer_for
 
     frame = _job_frame("TRL reward model + PPO", time.perf_counter() - spec["t_start"])
     s, work, base = spec["sizes"], Path(spec["work"]), Path(spec["base"])
@@ -1021,9 +1031,7 @@ def trl_rm_ppo_job(spec: JobSpec) -> dict[str, Any]:
     try:
         from _trl_ppo import trl_ppo
 
-        reference, base_ckpt = load_language_model(base)
-        tok = tokenizer_for(base_ckpt)
-        hf_dir = hf_export(base, tok, work / "hf-base-rm")
+        reference, tok, hf_dir = trl_base(base, work / "hf-base-rm")
         trl_rm = trl_reward(
             hf_dir,
             _pairs(spec["train_pairs"]),
@@ -1135,15 +1143,11 @@ def ours_dpo_job(spec: JobSpec) -> dict[str, Any]:
 
 def trl_dpo_job(spec: JobSpec) -> dict[str, Any]:
     """TRL's DPOTrainer on the same pairs and budget, imported back and evaluated like ours."""
-    from swarmlm.rlhf.modeling import load_language_model, tokenizer_for
-
     frame = _job_frame("TRL DPO", time.perf_counter() - spec["t_start"])
     s, work, base = spec["sizes"], Path(spec["work"]), Path(spec["base"])
     out: dict[str, Any] = {}
     try:
-        reference, base_ckpt = load_language_model(base)
-        tok = tokenizer_for(base_ckpt)
-        hf_dir = hf_export(base, tok, work / "hf-base-dpo")
+        reference, tok, hf_dir = trl_base(base, work / "hf-base-dpo")
         policy, seconds = trl_dpo(
             hf_dir, _pairs(spec["train_pairs"]), s, DPO_LR, DPO_BETA, work / "trl-dpo"
         )

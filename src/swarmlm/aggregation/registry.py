@@ -203,6 +203,8 @@ class Aggregator:
         as the swarm does in its consensus state."""
         robust.check_stack(stack)
         self.check(stack.shape[0])
+        if center is not None and self.name != "centered_clip":
+            raise AggregationError(f"aggregator {self.name!r} takes no center")
         kwargs = dict(self.params)
         if weights is not None and not self.spec.accepts_weights:
             raise AggregationError(f"aggregator {self.name!r} does not take weights")
@@ -215,8 +217,6 @@ class Aggregator:
         self._calls += 1
         if weights is not None:
             kwargs["weights"] = weights
-        if center is not None and self.name != "centered_clip":
-            raise AggregationError(f"aggregator {self.name!r} takes no center")
         if self.name == "centered_clip":
             center = self._center if center is None else center
             if center is not None and center.shape != (stack.shape[1],):

@@ -538,12 +538,12 @@ def nearest_neighbor_mixing(stack: Tensor, *, f: int, chunk_size: int = DEFAULT_
         raise AggregationError(f"nearest-neighbour mixing: need 0 <= f < n, got f={f}, n={n}")
     k = n - f
     dist = pairwise_sq_distances(stack, chunk_size=chunk_size)
+    # Each row itself first (below distance 0, so duplicates tying with it come after), then
+    # the rest by distance; a stable sort breaks ties towards the lower index.
+    dist.fill_diagonal_(-1.0)
+    nearest = torch.sort(dist, dim=1, stable=True).indices[:, :k]
     coeffs = torch.zeros(n, n, dtype=torch.float32)
-    for i in range(n):
-        # The row itself first (distance 0 even when duplicates tie with it), then the rest.
-        order = _stable_argsort(dist[i])
-        order = torch.cat([torch.tensor([i]), order[order != i]])
-        coeffs[i, order[:k]] = 1.0 / k
+    coeffs.scatter_(1, nearest, 1.0 / k)
     out = torch.empty(n, d, dtype=stack.dtype)
     for sl in _chunks(d, chunk_size):
         torch.mm(coeffs, stack[:, sl], out=out[:, sl])
