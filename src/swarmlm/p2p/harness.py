@@ -4,14 +4,22 @@ Worker side (``python -m swarmlm.p2p.harness --expect N ...``): one node per pro
 driven by JSON lines on stdin, reporting JSON lines on stdout. Commands::
 
     {"cmd": "genesis", "timeout": s}          wait for N-1 peers; membership = all N ids
+    {"cmd": "resume", "timeout": s}           a restarted node: find the running swarm
+                                              (``discover``) and start at its next round
     {"cmd": "rounds", "start": r, "count": k, "size": bytes, "wait": s, "deadline": s}
+                                              ``start`` may be "auto" (the next undecided
+                                              round); rounds the protocol skipped while
+                                              catching up are reported as "skipped"
     {"cmd": "block", "peers": [ids]} / {"cmd": "unblock"}   the test-controlled link filter
     {"cmd": "stats"} / {"cmd": "quit"}
 
 Controller side: :class:`Swarm` starts the processes, sends commands and collects events,
 so tests read like the scenario they check. Partitions are simulated by the link filter
 (:attr:`P2PNode.blocked`), because network namespaces are not available to unprivileged
-tests.
+tests. Faults that need no cooperation are done from the controller: :meth:`Swarm.pause`
+(SIGSTOP) / :meth:`Swarm.cont`, :meth:`Swarm.kill` (SIGKILL) and :meth:`Swarm.restart`
+(a new process on the same node dir and port; needs ``Swarm(..., node_dirs=...)``). Every
+event carries ``rx``, the controller's ``time.monotonic()`` when it arrived.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -29,9 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swarmlm.p2p.byzantine import BYZANTINE_KINDS, ByzantineRoundProtocol
+from swarmlm.p2p.byzantine import ALL_KINDS, FLOOD_COUNT, PAD_VOTES, ByzantineRoundProtocol
 from swarmlm.p2p.config import P2PConfig, parse_bootstrap
-from swarmlm.p2p.consensus import RoundProtocol
+from swarmlm.p2p.consensus import Decision, RoundProtocol, discover
 from swarmlm.p2p.errors import ConsensusError
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.transport import P2PNode
@@ -46,7 +55,7 @@ def _emit(event: str, **fields: Any) -> None:
 
 async def _worker(args: argparse.Namespace) -> None:
     cfg = P2PConfig(
-        port=0,
+        port=args.port,
         node_dir=Path(args.node_dir) if args.node_dir else None,
         bootstrap=args.bootstrap or [],
         round_timeout=args.round_timeout,
@@ -73,14 +82,28 @@ async def _worker(args: argparse.Namespace) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     rounds_task: asyncio.Task[None] | None = None
 
+    def skip_to(r: int) -> int:
+        """A round the protocol has moved past without deciding it here (caught up from a
+        later state, or pruned): go on with the next undecided round instead of waiting."""
+        assert proto is not None
+        if proto.last_decided >= r and r not in proto.decisions:
+            _emit("skipped", start=r, to=proto.last_decided + 1)
+            return proto.last_decided + 1
+        return r
+
     async def run_rounds(cmd: dict[str, Any]) -> None:
         assert proto is not None
         deadline = time.monotonic() + float(cmd.get("deadline", 120))
         wait = float(cmd.get("wait", 10))
-        for r in range(int(cmd["start"]), int(cmd["start"]) + int(cmd["count"])):
+        first = proto.last_decided + 1 if cmd["start"] == "auto" else int(cmd["start"])
+        end = first + int(cmd["count"])
+        r = first
+        while r < end:
+            r = skip_to(r)
             payload = os.urandom(int(cmd.get("size", 1000)))
             reported = False
             t0 = time.monotonic()
+            d: Decision | None = None
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -93,6 +116,10 @@ async def _worker(args: argparse.Namespace) -> None:
                     if not reported:
                         _emit("undecided", round=r)
                         reported = True
+                    if proto.last_decided >= r and r not in proto.decisions:
+                        break  # moved past r while waiting: the next pass skips it
+            if d is None:
+                continue
             _emit(
                 "decided",
                 round=r,
@@ -102,7 +129,21 @@ async def _worker(args: argparse.Namespace) -> None:
                 latency_ms=round((time.monotonic() - t0) * 1000, 2),
                 bytes_sent=node.bytes_sent,
             )
+            r += 1
         _emit("done", last=proto.last_decided, stats=proto.summary())
+
+    def make_protocol(members: list[str], start_round: int = 1) -> RoundProtocol:
+        if args.byzantine:
+            return ByzantineRoundProtocol(
+                node,
+                members,
+                args.byzantine,
+                delay=args.slow_delay,
+                flood_count=args.flood_count,
+                pad_votes=args.pad_votes,
+                start_round=start_round,
+            )
+        return RoundProtocol(node, members, start_round=start_round)
 
     while True:
         line = await reader.readline()
@@ -119,11 +160,19 @@ async def _worker(args: argparse.Namespace) -> None:
             while len(node.connections) < args.expect - 1 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             members = sorted([node.node_id, *node.connections])
-            if args.byzantine:
-                proto = ByzantineRoundProtocol(node, members, args.byzantine, delay=args.slow_delay)
-            else:
-                proto = RoundProtocol(node, members)
+            proto = make_protocol(members)
             _emit("genesis", members=members)
+        elif c == "resume":
+            deadline = time.monotonic() + float(cmd.get("timeout", 30))
+            while len(node.connections) < args.expect - 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            found = await discover(node, max(1.0, deadline - time.monotonic()))
+            if found is None:
+                _emit("error", detail="resume: no swarm answered the status request")
+            else:
+                last, members = found
+                proto = make_protocol(members, start_round=last + 1)
+                _emit("resumed", start=last + 1, members=members)
         elif c == "rounds":
             if rounds_task is not None and not rounds_task.done():
                 _emit("error", detail="rounds already running")
@@ -158,8 +207,11 @@ def worker_main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-dir")
     p.add_argument("--bootstrap", type=parse_bootstrap)
     p.add_argument("--expect", type=int, required=True)
-    p.add_argument("--byzantine", choices=BYZANTINE_KINDS)
+    p.add_argument("--byzantine", choices=ALL_KINDS)
     p.add_argument("--slow-delay", type=float, default=1.0)
+    p.add_argument("--flood-count", type=int, default=FLOOD_COUNT)
+    p.add_argument("--pad-votes", type=int, default=PAD_VOTES)
+    p.add_argument("--port", type=int, default=0, help="listen port (0 = any; a restart reuses)")
     p.add_argument("--round-timeout", type=float, default=1.0)
     p.add_argument("--heartbeat", type=float, default=0.5)
     p.add_argument("--dead-timeout", type=float, default=5.0)
@@ -176,12 +228,15 @@ def worker_main(argv: list[str] | None = None) -> int:
 class NodeProcess:
     """One worker process and the events it reported (read by a background thread)."""
 
-    def __init__(self, argv: list[str], index: int) -> None:
+    def __init__(self, argv: list[str], index: int, stderr: Any = None) -> None:
         self.index = index
+        self.argv = argv
+        self.paused = False
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "swarmlm.p2p.harness", *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=stderr,
             text=True,
             bufsize=1,
         )
@@ -198,6 +253,8 @@ class NodeProcess:
                 ev = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(ev, dict):
+                ev["rx"] = time.monotonic()
             self.history.append(ev)
             self.events.put(ev)
 
@@ -229,6 +286,18 @@ class NodeProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
+        self.paused = False
+
+    def pause(self) -> None:
+        """SIGSTOP: the process keeps its sockets but neither reads nor writes."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+            self.paused = True
+
+    def cont(self) -> None:
+        if self.proc.poll() is None and self.paused:
+            self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
 
     @property
     def alive(self) -> bool:
@@ -248,21 +317,31 @@ class Swarm:
         slow_delay: float = 1.0,
         keep_rounds: int = 8,
         log_level: str = "WARNING",
+        node_dirs: Path | None = None,
+        stderr: Any = None,
+        extra_args: list[str] | None = None,
     ) -> None:
+        """``node_dirs``: give node ``i`` the directory ``node_dirs/node<i>`` (identity, TLS),
+        which :meth:`restart` needs. ``stderr``: where the workers' logs go (a file object;
+        None = inherit). ``extra_args``: more worker flags for every node."""
         self.n = n
         self.byzantine = byzantine or {}
-        common = ["--expect", str(n), "--round-timeout", str(round_timeout), "--grace", str(grace),
-                  "--slow-delay", str(slow_delay), "--log-level", log_level,
-                  "--keep-rounds", str(keep_rounds)]  # fmt: skip
+        self.node_dirs = node_dirs
+        self.stderr = stderr
+        self.retired: list[NodeProcess] = []  # killed or replaced processes (their history)
+        self._common = ["--expect", str(n), "--round-timeout", str(round_timeout),
+                        "--grace", str(grace), "--slow-delay", str(slow_delay),
+                        "--log-level", log_level, "--keep-rounds", str(keep_rounds),
+                        *(extra_args or [])]  # fmt: skip
         self.nodes: list[NodeProcess] = []
         try:
-            first = NodeProcess(common + self._byz(0), 0)
+            first = NodeProcess(self._argv(0), 0, stderr)
             self.nodes.append(first)
             ready = first.wait("ready", 30)
             first.id, first.port = ready["id"], ready["port"]
             boot = ["--bootstrap", f"127.0.0.1:{first.port}"]
             for i in range(1, n):
-                self.nodes.append(NodeProcess(common + boot + self._byz(i), i))
+                self.nodes.append(NodeProcess(self._argv(i) + boot, i, stderr))
             for node in self.nodes[1:]:
                 ready = node.wait("ready", 30)
                 node.id, node.port = ready["id"], ready["port"]
@@ -270,8 +349,41 @@ class Swarm:
             self.close()
             raise
 
-    def _byz(self, i: int) -> list[str]:
-        return ["--byzantine", self.byzantine[i]] if i in self.byzantine else []
+    def _argv(self, i: int) -> list[str]:
+        argv = list(self._common)
+        if self.node_dirs is not None:
+            argv += ["--node-dir", str(self.node_dirs / f"node{i}")]
+        if i in self.byzantine:
+            argv += ["--byzantine", self.byzantine[i]]
+        return argv
+
+    def pause(self, i: int) -> None:
+        self.nodes[i].pause()
+
+    def cont(self, i: int) -> None:
+        self.nodes[i].cont()
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node ``i``; it stays in :attr:`nodes` (dead) until :meth:`restart`."""
+        self.nodes[i].kill()
+
+    def restart(self, i: int, timeout: float = 30) -> NodeProcess:
+        """Kill node ``i`` (if alive) and start it again from its node dir on the same port,
+        bootstrapping from another node. The caller sends ``resume`` (or ``genesis``) next.
+        The old process moves to :attr:`retired` so its history still counts."""
+        if self.node_dirs is None:
+            raise RuntimeError("restart needs Swarm(..., node_dirs=...) to keep the identity")
+        old = self.nodes[i]
+        old.kill()
+        self.retired.append(old)
+        other = next(p for p in self.nodes if p is not old and p.alive)
+        boot = f"127.0.0.1:{other.port}"
+        argv = [*self._argv(i), "--port", str(old.port), "--bootstrap", boot]
+        new = NodeProcess(argv, i, self.stderr)
+        self.nodes[i] = new
+        ready = new.wait("ready", timeout)
+        new.id, new.port = ready["id"], ready["port"]
+        return new
 
     @property
     def honest(self) -> list[NodeProcess]:
@@ -306,6 +418,7 @@ class Swarm:
 
     def close(self) -> None:
         for p in self.nodes:
+            p.cont()  # a stopped process cannot read "quit"
             p.send(cmd="quit")
         deadline = time.monotonic() + 5
         for p in self.nodes:
