@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     first = next((a for a in given if not a.startswith("-")), None)
     parser = build_parser(only=first if first in LIGHT_COMMANDS else None)
     args = parser.parse_args(argv)
+    # the process is ours (console script, ``python -m``), not a caller's: a command may
+    # then end it without the interpreter's teardown (``swarmlm node`` does, see its exit)
+    args.owns_process = argv is None
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -134,7 +135,27 @@ def run_node(args: argparse.Namespace) -> int:
         return await runtime.run(stop)
 
     try:
-        return asyncio.run(main())
+        rc = asyncio.run(main())
     except (ConfigError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
+    if getattr(args, "owns_process", False):
+        exit_now(rc)
+    return rc
+
+
+def exit_now(rc: int) -> None:
+    """End the process without the interpreter's teardown.
+
+    When ``asyncio.run`` has returned, the node's state is durable: the checkpoint is written
+    (its thread was joined with the loop's executor), the store closed, the servers and the
+    transport stopped. What remains is Python unloading torch and the rest module by
+    module, 0.5-1 s on a 2-core machine that a stopping node (``make run``, a supervisor
+    waiting to restart it, the 3 s shutdown bound) should not spend. Logging and the
+    standard streams are flushed first; ``os._exit`` then skips only that teardown.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(rc)
