@@ -80,9 +80,11 @@ def health(port: int) -> dict[str, Any] | None:
     return body
 
 
-def wait_until_trained(proc: subprocess.Popen[bytes], port: int, log: Path) -> int:
+def wait_until_trained(
+    proc: subprocess.Popen[bytes], port: int, log: Path
+) -> tuple[int, dict[str, Any]]:
     """Wait until the node has decided a few rounds and put model samples into its store;
-    returns the last round its health reported."""
+    returns the last round its health reported, and that health."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"node exited with {proc.returncode}:\n{log.read_text()}"
@@ -90,7 +92,8 @@ def wait_until_trained(proc: subprocess.Popen[bytes], port: int, log: Path) -> i
         training = ((h or {}).get("components") or {}).get("training") or {}
         r = int(training.get("round") or 0)
         if r >= 4 and "comparison tasks from model samples" in log.read_text():
-            return r
+            assert h is not None
+            return r, h
         time.sleep(0.2)
     raise TimeoutError(f"node did not train 4 rounds and sample within 120 s:\n{log.read_text()}")
 
@@ -126,7 +129,7 @@ def test_node_stops_within_3_s_with_checkpoint_saved_and_store_flushed(
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
     try:
-        seen = wait_until_trained(proc, cfg["web_port"], log)
+        seen, last_health = wait_until_trained(proc, cfg["web_port"], log)
         took, rc = stop_and_time(proc, sig)
     finally:
         if proc.poll() is None:
@@ -134,6 +137,10 @@ def test_node_stops_within_3_s_with_checkpoint_saved_and_store_flushed(
             proc.wait()
     print(f"{sig.name}: stopped in {took:.2f} s")  # the measured number, with pytest -s
     text = log.read_text(encoding="utf-8")
+    # alone (expect_peers = 1, as `make run` starts it) the node says it tolerates no fault
+    lone = "n = 1 member tolerates no faulty or crashed member (need n >= 4 for f = 1)"
+    assert last_health["warnings"] == [lone]
+    assert f"swarm.expect_peers: {lone}" in text
     assert rc == 0, f"exit code {rc} after {sig.name}:\n{text}"
     assert took <= STOP_BOUND_S, f"{sig.name} took {took:.2f} s to stop:\n{text}"
 

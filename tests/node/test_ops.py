@@ -300,6 +300,17 @@ def test_status_prints_components_and_exits_by_health(
     assert "free_bytes=1024" in out
 
 
+def test_status_prints_the_nodes_warnings_and_they_do_not_fail_the_probe(
+    server: ServerThread, view: FakeNodeView
+) -> None:
+    warning = "n = 3 members tolerate no faulty or crashed member (need n >= 4 for f = 1)"
+    healthy = view.health
+    view.health = lambda: {**healthy(), "warnings": [warning]}  # type: ignore[method-assign]
+    code, out = run_status(server.url)
+    assert code == 0
+    assert f"warning: {warning}" in out
+
+
 def test_status_of_an_unreachable_or_foreign_server_exits_2(server: ServerThread) -> None:
     import socket
 

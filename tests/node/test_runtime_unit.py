@@ -471,3 +471,59 @@ def test_a_lightweight_node_reloads_without_importing_torch(tmp_path: Path) -> N
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+# -- fault tolerance of the round membership (issue 17, item 14) -------------------------------
+class FakeRounds:
+    """The two things health reads of a RoundProtocol: the last decided round, members."""
+
+    def __init__(self, n: int) -> None:
+        self.last_decided = 5
+        self.ids = [f"{i:064x}" for i in range(n)]
+
+    def members(self, r: int) -> list[str]:
+        return self.ids
+
+
+def test_health_warns_while_the_membership_tolerates_no_fault_and_clears_at_four(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rt = NodeRuntime(validate_config(training_file(tmp_path)))
+    rt.swarm_cfg = rt._load_swarm_config()  # swarm-tiny: expect_peers = 3
+    need = "(need n >= 4 for f = 1)"
+    # before the swarm forms: the configured size
+    h = rt.health()
+    assert h["warnings"] == [f"n = 3 members tolerate no faulty or crashed member {need}"]
+    json.dumps(h)
+    # a formed membership of three, as the dashboard's components table shows it
+    rt.swarm = SimpleNamespace(proto=FakeRounds(3))
+    with caplog.at_level(logging.INFO, logger="swarmlm.node.runtime"):
+        rt._swarm_event({"event": "genesis", "members": FakeRounds(3).ids, "round": 0})
+    rounds = rt.health()["components"]["rounds"]
+    assert (rounds["members"], rounds["faults_tolerated"]) == (3, 0)
+    assert rounds["warning"] == f"n = 3 members tolerate no faulty or crashed member {need}"
+    assert rounds["status"] == "ok"  # a risk, not a fault: probes stay green
+    assert "genesis at round 0: n = 3 members tolerate no faulty" in caplog.text
+    # a fourth member joins: the warning disappears, and the log says so
+    caplog.clear()
+    rt.swarm = SimpleNamespace(proto=FakeRounds(4))
+    with caplog.at_level(logging.INFO, logger="swarmlm.node.runtime"):
+        rt._swarm_event({"event": "round", "members_next": 4, "round": 6})
+    h = rt.health()
+    assert h["warnings"] == []
+    assert "warning" not in h["components"]["rounds"]
+    assert h["components"]["rounds"]["faults_tolerated"] == 1
+    assert "after round 6: n = 4 members tolerate 1 faulty or crashed member" in caplog.text
+    # one leaves again: back to the warning, logged once however many rounds report it
+    caplog.clear()
+    rt.swarm = SimpleNamespace(proto=FakeRounds(3))
+    with caplog.at_level(logging.INFO, logger="swarmlm.node.runtime"):
+        for r in (7, 8, 9):
+            rt._swarm_event({"event": "round", "members_next": 3, "round": r})
+    assert caplog.text.count("tolerate no faulty or crashed member") == 1
+    assert rt.health()["warnings"] == [f"n = 3 members tolerate no faulty or crashed member {need}"]
+
+
+def test_an_annotation_node_has_no_rounds_and_no_fault_tolerance_warning(tmp_path: Path) -> None:
+    rt = NodeRuntime(node_config(tmp_path, type="annotation"))
+    assert rt.health()["warnings"] == []

@@ -326,3 +326,17 @@ def test_browser_dashboard_updates_live_from_server_sent_events(node_web: NodeWe
         loops[0].call_soon_threadsafe(close_event_streams, node_web.app)
         server.should_exit = True
         thread.join(10)
+
+
+def test_network_page_warns_while_the_membership_tolerates_no_fault(node_web: NodeWeb) -> None:
+    warning = "n = 3 members tolerate no faulty or crashed member (need n >= 4 for f = 1)"
+    rounds = component("ok", False, members=3, faults_tolerated=0, warning=warning)
+    node_web.view.health = lambda: health_report({"rounds": rounds})  # type: ignore[method-assign]
+    client = node_web.client()
+    login(client, "admin")
+    for page in ("/admin/node/network", "/admin/node/network?part=live"):
+        html = client.get(page).text
+        assert '<p class="warning" id="rounds-warning">' in html
+        assert f"{warning.replace('>', '&gt;')}</p>" in html
+    rounds.pop("warning")
+    assert 'class="warning"' not in client.get("/admin/node/network").text

@@ -48,6 +48,7 @@ from swarmlm.node.config import (
     reload_changes,
 )
 from swarmlm.node.events import EventBus
+from swarmlm.node.fault_tolerance import fault_tolerance_warning, faults_tolerated
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.messages import SignedMessage
 from swarmlm.p2p.transport import P2PNode
@@ -103,6 +104,7 @@ class NodeRuntime:
         self._sampling = False
         self._sampled_rounds: set[int] = set()
         self._reloads: dict[str, Any] = {"applied": 0, "rejected": 0, "last_error": None}
+        self._members_seen: int | None = None  # the round membership last evaluated
         self._process = psutil.Process()
         self._apply_resource_limits()
 
@@ -152,6 +154,8 @@ class NodeRuntime:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.identity = await asyncio.to_thread(NodeIdentity.load_or_create, self.dir / "identity")
         self.swarm_cfg = self._load_swarm_config()
+        if self.cfg.type in ROUND_CAPABLE:
+            self._note_membership(self.swarm_cfg.swarm.expect_peers, "swarm.expect_peers")
         self.p2p = P2PNode(self.identity, self.swarm_cfg.p2p)
         self.p2p.on("node_info", self._on_node_info)
         self.p2p.connect_listeners.append(self._on_connect)
@@ -563,6 +567,10 @@ class NodeRuntime:
 
     def _swarm_event(self, ev: dict[str, Any]) -> None:
         kind = ev.get("event")
+        if kind == "genesis" and isinstance(ev.get("members"), list):
+            self._note_membership(len(ev["members"]), f"genesis at round {ev.get('round')}")
+        elif kind == "round" and isinstance(ev.get("members_next"), int):
+            self._note_membership(ev["members_next"], f"after round {ev.get('round')}")
         if kind == "genesis":
             if self._training_state == "starting":
                 self._training_state = "training"
@@ -625,6 +633,41 @@ class NodeRuntime:
         ):
             self._sampling = True
             self._spawn(self._sample_for_annotators(int(ev["round"])))
+
+    # -- fault tolerance ------------------------------------------------------------------
+    def _note_membership(self, n: int, source: str) -> None:
+        """Re-evaluate the fault-tolerance warning for a round membership of ``n``: logged
+        when it appears or changes, and when it clears (the health payload and the dashboard
+        read the live membership, see :meth:`_tolerance_warning`)."""
+        before = self._members_seen
+        if n == before:
+            return
+        self._members_seen = n
+        was = None if before is None else fault_tolerance_warning(before)
+        now = fault_tolerance_warning(n)
+        if now is not None and now != was:
+            log.warning("%s: %s; one crashed or faulty member stops every round", source, now)
+        elif now is None and was is not None:
+            log.info(
+                "%s: n = %d members tolerate %d faulty or crashed member(s)",
+                source,
+                n,
+                faults_tolerated(n),
+            )
+
+    def _round_members(self) -> int | None:
+        """The live round membership (the next undecided round's), else the configured
+        ``swarm.expect_peers`` until the swarm has formed; None on nodes without rounds."""
+        proto = getattr(self.swarm, "proto", None)
+        if proto is not None:
+            return len(proto.members(proto.last_decided + 1) or [])
+        if self.cfg.type in ROUND_CAPABLE and self.swarm_cfg is not None:
+            return int(self.swarm_cfg.swarm.expect_peers)
+        return None
+
+    def _tolerance_warning(self) -> str | None:
+        n = self._round_members()
+        return None if n is None else fault_tolerance_warning(n)
 
     # -- alignment: model samples become comparison tasks ---------------------------------
     async def _sample_for_annotators(self, r: int) -> None:
@@ -718,13 +761,19 @@ class NodeRuntime:
                 and self._training_state in ("training", "voting")
                 and age > 3 * self.swarm_cfg.swarm.round_timeout
             )
+            members = len(proto.members(last + 1) or []) if proto is not None else 0
+            warning = self._tolerance_warning()
+            # A membership below 4 is a risk, not a fault: the component stays ok (a one-node
+            # run is a supported setup, and probes must not fail on it); the warning says it.
             comps["rounds"] = component(
                 "degraded" if stale else "ok",
                 False,
                 last_decided=last,
-                members=len(proto.members(last + 1) or []) if proto is not None else 0,
+                members=members,
+                faults_tolerated=faults_tolerated(members),
                 round_age_s=age,
                 state="forming" if proto is None else "running",
+                **({"warning": warning} if warning else {}),
             )
             last_round = self._last_round or {}
             comps["training"] = component(
@@ -752,6 +801,7 @@ class NodeRuntime:
             type=self.cfg.type,
             uptime_s=round(time.time() - self.started_at, 1),
             reloads=dict(self._reloads),
+            warnings=[w for w in (self._tolerance_warning(),) if w],
         )
         return report
 

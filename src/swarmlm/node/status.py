@@ -91,6 +91,9 @@ def render_health(health: dict[str, Any], console: Console) -> None:
         f"node {who or '?'}: [{_STYLE.get(status, 'red')}]{status}[/]"
         + (f" (up {health['uptime_s']} s)" if "uptime_s" in health else "")
     )
+    # risks that do not make the node unhealthy, e.g. a membership that tolerates no fault
+    for warning in health.get("warnings") or []:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     components = health.get("components")
     if not isinstance(components, dict):
         # A web app without a node attached reports only its database.
