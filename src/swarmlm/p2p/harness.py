@@ -9,7 +9,10 @@ driven by JSON lines on stdin, reporting JSON lines on stdout. Commands::
     {"cmd": "rounds", "start": r, "count": k, "size": bytes, "wait": s, "deadline": s}
                                               ``start`` may be "auto" (the next undecided
                                               round); rounds the protocol skipped while
-                                              catching up are reported as "skipped"
+                                              catching up are reported as "skipped";
+                                              optional "pace": s = at most one round per
+                                              s seconds while not behind (a node catching
+                                              up is never held back)
     {"cmd": "block", "peers": [ids]} / {"cmd": "unblock"}   the test-controlled link filter
     {"cmd": "stats"} / {"cmd": "quit"}
 
@@ -97,9 +100,15 @@ async def _worker(args: argparse.Namespace) -> None:
         wait = float(cmd.get("wait", 10))
         first = proto.last_decided + 1 if cmd["start"] == "auto" else int(cmd["start"])
         end = first + int(cmd["count"])
+        pace = float(cmd.get("pace", 0.0))
+        last_start: float | None = None
         r = first
         while r < end:
             r = skip_to(r)
+            behind = r in proto.decisions or proto.highest_seen > r
+            if pace > 0 and last_start is not None and not behind:
+                await asyncio.sleep(max(0.0, min(last_start + pace, deadline) - time.monotonic()))
+            last_start = time.monotonic()
             payload = os.urandom(int(cmd.get("size", 1000)))
             reported = False
             t0 = time.monotonic()
@@ -405,9 +414,11 @@ class Swarm:
         size: int = 1000,
         wait: float = 10,
         deadline: float = 120,
+        pace: float = 0.0,
     ) -> None:
         for p in nodes if nodes is not None else self.nodes:
-            p.send(cmd="rounds", start=start, count=count, size=size, wait=wait, deadline=deadline)
+            p.send(cmd="rounds", start=start, count=count, size=size, wait=wait,
+                   deadline=deadline, pace=pace)  # fmt: skip
 
     def wait_done(self, nodes: list[NodeProcess], timeout: float) -> list[dict[str, Any]]:
         return [p.wait("done", timeout) for p in nodes]
