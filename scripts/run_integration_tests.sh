@@ -42,6 +42,7 @@ fi
 export SWARMLM PYTHON
 TESTNET_DIR="${TESTNET_DIR:-runs/testnet}"
 export TESTNET_DIR
+export TESTNET_ANNOTATION=1 # the last node is an annotation node (the suite needs one)
 
 trap 'scripts/start_test_network.sh stop' EXIT
 TESTNET_FRESH=1 scripts/start_test_network.sh "$N"

@@ -2,12 +2,16 @@
 # Start (or stop) a swarmlm test network on loopback: N real `swarmlm node` processes with
 # distinct ports, each bootstrapping from all the others.
 #
-#   scripts/start_test_network.sh N      start N nodes and wait until every /api/health answers
+#   scripts/start_test_network.sh [N]    start N nodes (default 4) and wait until every
+#                                        /api/health answers
 #   scripts/start_test_network.sh stop   SIGTERM every node of the network, then wait for them
 #
-# Node 1 is a full node (web UI on its web port), the others are training nodes, and when
-# N >= 4 the last one is an annotation node, so a 4-node network has every curation and
-# training path of a real deployment. Everything lives under $TESTNET_DIR (default
+# Node 1 is a full node (web UI on its web port), the others are training nodes: all N hold
+# rounds. The default is 4 because the round protocol tolerates f = (n - 1) // 3 faulty or
+# crashed members: with fewer than 4 one crash stops every round (the script and the nodes
+# warn). With TESTNET_ANNOTATION=1 the last node (N >= 2) is an annotation node instead, so a
+# network has every curation and training path of a real deployment (the integration suite
+# uses that; that node holds no rounds). Everything lives under $TESTNET_DIR (default
 # runs/testnet): node-<i>/ (node dirs), logs/node-<i>.log, network.pid ("node-id pid" lines)
 # and network.env, which scripts/run_integration_tests.sh (and you) can source:
 #
@@ -21,7 +25,7 @@
 # TESTNET_DIR, TESTNET_P2P_BASE (17777), TESTNET_WEB_BASE (18080), TESTNET_HEALTH_TIMEOUT
 # (seconds, 180), TESTNET_DEGRADED_GRACE (seconds a node may answer "degraded" before it is
 # accepted as started, with a warning naming the components; 20), TESTNET_STOP_TIMEOUT
-# (seconds, 60), TESTNET_FRESH=1 (delete node dirs first),
+# (seconds, 60), TESTNET_FRESH=1 (delete node dirs first), TESTNET_ANNOTATION (0 or 1, above),
 # SWARMLM_NODE_ARGS (extra arguments for every node, e.g. "--set log_level=DEBUG").
 set -euo pipefail
 
@@ -41,6 +45,8 @@ WEB_BASE="${TESTNET_WEB_BASE:-18080}"
 HEALTH_TIMEOUT="${TESTNET_HEALTH_TIMEOUT:-180}"
 STOP_TIMEOUT="${TESTNET_STOP_TIMEOUT:-60}"
 DEGRADED_GRACE="${TESTNET_DEGRADED_GRACE:-20}"
+ANNOTATION="${TESTNET_ANNOTATION:-0}"
+DEFAULT_NODES=4
 ADMIN_USER="${SWARMLM_TEST_ADMIN_USER:-admin}"
 ADMIN_PASSWORD="${SWARMLM_TEST_ADMIN_PASSWORD:-testnet-admin-password}"
 PID_FILE="$TESTNET_DIR/network.pid"
@@ -48,7 +54,7 @@ ENV_FILE="$TESTNET_DIR/network.env"
 DATA_DIR="runs/data/kjv"
 
 usage() {
-    echo "usage: $0 N | stop   (N = number of nodes, 1-64)" >&2
+    echo "usage: $0 [N] | stop   (N = number of nodes, 1-64, default $DEFAULT_NODES)" >&2
     exit 2
 }
 
@@ -109,16 +115,20 @@ port_in_use() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-[ "$#" -eq 1 ] || usage
-if [ "$1" = "stop" ]; then
+[ "$#" -le 1 ] || usage
+if [ "${1:-}" = "stop" ]; then
     stop_network
     exit 0
 fi
-case "$1" in
+N="${1-$DEFAULT_NODES}"
+case "$N" in
     '' | *[!0-9]*) usage ;;
 esac
-N="$1"
 if [ "$N" -lt 1 ] || [ "$N" -gt 64 ]; then usage; fi
+case "$ANNOTATION" in
+    0 | 1) ;;
+    *) log "TESTNET_ANNOTATION must be 0 or 1, got '$ANNOTATION'"; exit 2 ;;
+esac
 
 if [ -f "$PID_FILE" ]; then
     while read -r _ pid; do
@@ -155,7 +165,7 @@ urls=() types=() addrs=() logs=()
 for ((i = 1; i <= N; i++)); do
     if [ "$i" -eq 1 ]; then
         types+=(full)
-    elif [ "$N" -ge 4 ] && [ "$i" -eq "$N" ]; then
+    elif [ "$ANNOTATION" = "1" ] && [ "$i" -eq "$N" ]; then
         types+=(annotation)
     else
         types+=(training)
@@ -164,6 +174,14 @@ for ((i = 1; i <= N; i++)); do
     urls+=("http://127.0.0.1:$((WEB_BASE + i - 1))")
     logs+=("$TESTNET_DIR/logs/node-$i.log")
 done
+members=0
+for t in "${types[@]}"; do
+    if [ "$t" != "annotation" ]; then members=$((members + 1)); fi
+done
+if [ "$members" -lt 4 ]; then
+    log "warning: n = $members round member(s) tolerate no faulty or crashed member" \
+        "(need n >= 4 for f = 1): one crash stops every round"
+fi
 
 : >"$PID_FILE"
 # From here on, a failure stops what was started instead of leaving orphans.

@@ -595,10 +595,13 @@ def test_start_test_network_starts_n_nodes_that_parse_and_stop_on_sigterm(
     fake_network: dict[str, Any],
 ) -> None:
     env, record, testnet = fake_network["env"], fake_network["record"], fake_network["dir"]
+    env = {**env, "TESTNET_ANNOTATION": "1"}  # the integration suite's layout
     run = subprocess.run(
         [str(START_NETWORK), "4"], env=env, capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 0, run.stderr
+    # 3 round members (the annotation node holds no rounds): one crash would stop them
+    assert "warning: n = 3 round member(s) tolerate no faulty or crashed member" in run.stderr
     # Recorded in the order the processes started, which is not the order they were launched.
     nodes = sorted(
         (argv for argv in recorded(record) if argv[:1] == ["node"]),
@@ -639,6 +642,26 @@ def test_start_test_network_starts_n_nodes_that_parse_and_stop_on_sigterm(
     terminated = {argv[1] for argv in recorded(record) if argv[:1] == ["SIGTERM"]}
     assert terminated == {"node-1", "node-2", "node-3", "node-4"}
     assert not (testnet / "network.pid").exists()
+
+
+def test_start_test_network_defaults_to_four_round_members_and_warns_below_four(
+    fake_network: dict[str, Any],
+) -> None:
+    env, record = fake_network["env"], fake_network["record"]
+    run = subprocess.run([str(START_NETWORK)], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    types = [flag(a, "--type") for a in recorded(record) if a[:1] == ["node"]]
+    assert sorted(types, key=str) == ["full", "training", "training", "training"]
+    assert "tolerate no faulty" not in run.stderr  # n = 4 tolerates f = 1
+    subprocess.run([str(START_NETWORK), "stop"], env=env, capture_output=True, timeout=30)
+    run = subprocess.run(
+        [str(START_NETWORK), "3"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert (
+        "warning: n = 3 round member(s) tolerate no faulty or crashed member (need n >= 4 for"
+        " f = 1): one crash stops every round" in run.stderr
+    )
 
 
 def test_start_test_network_reports_a_node_that_dies_and_stops_the_others(
