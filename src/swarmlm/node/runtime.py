@@ -216,7 +216,8 @@ class NodeRuntime:
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
             for t in late:
-                log.warning("cancelling %s: still running %.1f s after stop", t, STOP_GRACE_S)
+                what = getattr(t.get_coro(), "__qualname__", t.get_name())
+                log.warning("cancelling %s: still running %.1f s after stop", what, STOP_GRACE_S)
                 t.cancel()
             if late:
                 await asyncio.wait(late, timeout=STOP_STEP_S)
