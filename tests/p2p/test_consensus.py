@@ -155,7 +155,8 @@ def test_joining_peer_is_added_at_a_round_boundary_and_then_contributes() -> Non
             jp = RoundProtocol(joiner, members_2, start_round=2)
             protos.append(jp)
             jp.request_join()
-            await asyncio.sleep(0.2)
+            # members vouch for a joiner once its link has been up dead_timeout (issue 17 #6)
+            await until(lambda: all(p.join_acks(joiner.node_id) >= 3 for p in protos[:4]), 10)
             d2 = await asyncio.gather(*(p.contribute(2, os.urandom(64), 30) for p in protos))
             assert joiner.node_id in d2[0].members_next
             assert {tuple(d.digests) for d in d2} == {tuple(d2[0].digests)}

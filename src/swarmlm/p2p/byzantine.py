@@ -239,7 +239,7 @@ async def outsider_join(
         deadline = time.monotonic() + linger
         while True:
             for node in nodes:
-                node.broadcast(node.sign("join", {}))
+                node.broadcast(node.sign("join", {"nonce": b""}))
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.5)

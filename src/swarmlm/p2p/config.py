@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -51,6 +52,39 @@ class P2PConfig(BaseModel):
     proposal_grace: float = Field(default=0.5, ge=0, description="leader wait for all after n-f")
     fetch_timeout: float = Field(default=10.0, gt=0, description="bound on fetching one payload")
     keep_rounds: int = Field(default=8, ge=2, description="decided rounds whose payloads are kept")
+    # -- quorum and membership admission (issue 17 #6; docs/protocol.md, "Membership") --
+    consensus_threshold: float = Field(
+        default=2 / 3,
+        description="fraction of members whose votes form a quorum: q = max(n - f, "
+        "ceil(threshold * n)), at most n; never below 2/3 (raising it costs liveness)",
+    )
+    join_policy: Literal["open", "allowlist", "pow"] = Field(
+        default="open",
+        description="who may join: open (any live key), allowlist (listed keys), "
+        "pow (a proof of work per key)",
+    )
+    join_allowlist: list[str] = Field(
+        default_factory=list, description="node ids or public keys (hex) allowed to join"
+    )
+    join_allowlist_file: Path | None = Field(
+        default=None, description="file of node ids / public keys allowed to join, one a line"
+    )
+    join_pow_bits: int = Field(
+        default=20, ge=1, le=40, description="leading zero bits of a join proof of work"
+    )
+    max_joins_per_round: int = Field(
+        default=1, ge=0, description="joins one proposal may carry (0 = closed membership)"
+    )
+    max_join_requests: int = Field(default=64, ge=1, description="bound on pending joiners")
+    join_request_ttl: float = Field(
+        default=60.0, gt=0, description="forget a joiner this long after its last request"
+    )
+    join_min_connected: float | None = Field(
+        default=None,
+        ge=0,
+        description="seconds a joiner's connection must be up before a member acknowledges "
+        "it (None = dead_timeout)",
+    )
 
     @field_validator("bootstrap", mode="before")
     @classmethod
@@ -60,6 +94,44 @@ class P2PConfig(BaseModel):
         if isinstance(v, list):
             return [parse_address(a) if isinstance(a, str) else a for a in v]
         return v
+
+    @field_validator("consensus_threshold")
+    @classmethod
+    def _threshold_is_safe(cls, v: float) -> float:
+        if not v >= 2 / 3 - 1e-9:
+            raise ValueError(
+                f"consensus_threshold {v} is below 2/3: with f = (n-1)//3 faulty members a "
+                "quorum of fewer than 2f+1 votes could decide two different rounds"
+            )
+        if v > 1:
+            raise ValueError(f"consensus_threshold {v} is above 1: no quorum could form")
+        return v
+
+    @field_validator("join_allowlist")
+    @classmethod
+    def _allowlist_keys(cls, v: list[str]) -> list[str]:
+        for key in v:
+            if len(key) != 64 or any(ch not in "0123456789abcdefABCDEF" for ch in key):
+                raise ValueError(
+                    f"join_allowlist entry {key[:20]!r} is not a node id or public key "
+                    "(64 hex characters)"
+                )
+        return [k.lower() for k in v]
+
+    @model_validator(mode="after")
+    def _allowlist_given(self) -> P2PConfig:
+        if self.join_allowlist_file is not None and not self.join_allowlist_file.is_file():
+            raise ValueError(f"join_allowlist_file {self.join_allowlist_file} does not exist")
+        if (
+            self.join_policy == "allowlist"
+            and not self.join_allowlist
+            and self.join_allowlist_file is None
+        ):
+            raise ValueError(
+                "join_policy allowlist needs join_allowlist or join_allowlist_file "
+                "(otherwise no one could ever join)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _chunks_fit_frames(self) -> P2PConfig:

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -34,6 +35,13 @@ from typing import Any
 
 from swarmlm.p2p.errors import ConsensusError, MessageRejectedError, TransportError
 from swarmlm.p2p.identity import canonical_encode
+from swarmlm.p2p.membership import (
+    AdmissionPolicy,
+    JoinTable,
+    check_join_change,
+    joiner_is_live,
+    mint_pow,
+)
 from swarmlm.p2p.messages import SignedMessage, open_signed
 from swarmlm.p2p.transport import P2PNode
 from swarmlm.p2p.wire import DIGEST_SIZE, Payload, digest_of
@@ -49,9 +57,12 @@ MAX_WAITING = 256  # peers waiting for one round's certificate
 EVICT_VOTE_ROUNDS = 16  # an eviction vote older than this many rounds no longer counts
 
 
-def quorum(n: int) -> int:
-    """Votes needed among ``n`` members: ``n - f`` with ``f = (n - 1) // 3`` faults."""
-    return n - (n - 1) // 3
+def quorum(n: int, threshold: float = 2 / 3) -> int:
+    """Votes needed among ``n`` members: ``n - f`` with ``f = (n - 1) // 3`` faults, raised
+    to ``ceil(threshold * n)`` (at most ``n``) when ``P2PConfig.consensus_threshold`` asks for
+    more. Never below ``n - f``: two quorums must share an honest member (``2q - n > f``)."""
+    safe = n - (n - 1) // 3
+    return max(safe, min(n, math.ceil(threshold * n - 1e-9)))
 
 
 def leader_of(members: list[str], round: int, view: int) -> str:
@@ -115,6 +126,7 @@ class _Round:
     decided: Decision | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     active: asyncio.Event = field(default_factory=asyncio.Event)  # a contribution arrived
+    threshold: float = 2 / 3  # P2PConfig.consensus_threshold
 
     @property
     def n(self) -> int:
@@ -122,7 +134,7 @@ class _Round:
 
     @property
     def q(self) -> int:
-        return quorum(self.n)
+        return quorum(self.n, self.threshold)
 
 
 class RoundProtocol:
@@ -153,7 +165,12 @@ class RoundProtocol:
         self.n_buffered = 0
         self.highest_seen = 0
         self.proofs: dict[str, dict[str, Any]] = {}
-        self.join_requests: dict[str, dict[str, Any]] = {}
+        # joiners and the members' acks of their liveness (swarmlm.p2p.membership)
+        self.join_requests = JoinTable(self.cfg.max_join_requests, self.cfg.join_request_ttl)
+        self.admission = AdmissionPolicy.from_config(self.cfg)
+        self._connected_since: dict[str, float] = {p: time.monotonic() for p in node.connections}
+        self._join_nonce: bytes | None = None
+        self._minting = False
         self.leave_requests: dict[str, dict[str, Any]] = {}
         self.evict_votes: dict[str, dict[str, SignedMessage]] = {}  # target -> voter -> vote
         self.stats: Counter[str] = Counter()
@@ -167,13 +184,16 @@ class RoundProtocol:
         self._changed = asyncio.Event()
         self._hash_cache: dict[bytes, bytes] = {}
         self._entry_cache: dict[bytes, list[Entry]] = {}
-        for kind in (*ROUND_KINDS, "equivocation", "join", "leave", "evict"):
+        for kind in (*ROUND_KINDS, "equivocation", "join", "join_ack", "leave", "evict"):
             node.on(kind, self._on_message)
+        node.connect_listeners.append(self._on_link_up)
+        node.disconnect_listeners.append(self._on_link_down)
         node.on("status_req", self._on_status_req)
         self._status_sent: dict[str, float] = {}
         node.blobs.on_put.append(self._on_blob)
         node.on_peer_connected = self._on_peer_connected
         self._ensure_round(start_round)
+        self._spawn(self._membership_loop())
 
     # -- public API ----------------------------------------------------------------------
     def members(self, round: int) -> list[str] | None:
@@ -227,8 +247,26 @@ class RoundProtocol:
         return set(st.contribs) if st is not None else set()
 
     def request_join(self) -> None:
-        """Ask the members we are connected to to add us at the next round boundary."""
-        self._send(self.node.sign("join", {}), list(self.node.connections))
+        """Ask the members we are connected to to add us at the next round boundary. They
+        acknowledge us once our connection to them has been up ``join_min_connected``; a
+        leader admits us with a quorum of those acks. Under the ``pow`` policy the first
+        call mints the proof of work off the loop and sends once it is ready."""
+        if self.admission.kind == "pow" and self._join_nonce is None:
+            self._spawn(self._mint_and_join())
+            return
+        body = {"nonce": self._join_nonce or b""}
+        self._send(self.node.sign("join", body), list(self.node.connections))
+
+    async def _mint_and_join(self) -> None:
+        if self._join_nonce is not None or self._minting:
+            return
+        self._minting = True
+        try:
+            pk, bits = self.node.identity.public_key_bytes, self.admission.pow_bits
+            self._join_nonce = await asyncio.to_thread(mint_pow, pk, bits)
+        finally:
+            self._minting = False
+        self.request_join()
 
     def vote_evict(self, peer: str) -> None:
         """Vote to remove member ``peer`` (the application's reason, e.g. its reputation fell
@@ -258,6 +296,10 @@ class RoundProtocol:
     def close(self) -> None:
         for t in list(self._tasks):
             t.cancel()
+        with contextlib.suppress(ValueError):
+            self.node.connect_listeners.remove(self._on_link_up)
+        with contextlib.suppress(ValueError):
+            self.node.disconnect_listeners.remove(self._on_link_down)
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -309,7 +351,7 @@ class RoundProtocol:
         members = self._members.get(r)
         if members is None or r in self.decisions:
             return None
-        st = _Round(r, members)
+        st = _Round(r, members, threshold=self.cfg.consensus_threshold)
         self.rounds[r] = st
         self._spawn(self._timer(st))
         for msg, peer in self.future.pop(r, []):
@@ -322,7 +364,7 @@ class RoundProtocol:
     def _on_message(self, msg: SignedMessage, peer: str) -> None:
         if msg.kind == "equivocation":
             self._on_equivocation(msg)
-        elif msg.kind in ("join", "leave"):
+        elif msg.kind in ("join", "leave", "join_ack"):
             self._on_membership_request(msg)
         elif msg.kind == "evict":
             members = self._members.get(self.last_decided + 1) or []
@@ -559,6 +601,7 @@ class RoundProtocol:
 
     def _check_changes(self, st: _Round, changes: list[Any], who: str) -> None:
         seen: set[str] = set()
+        joins = 0
         for ch in changes:
             if not isinstance(ch, dict) or ch.get("op") not in ("remove", "join", "leave"):
                 raise MessageRejectedError("invalid", f"proposal from {who}: bad change")
@@ -574,11 +617,20 @@ class RoundProtocol:
                         raise MessageRejectedError("invalid", f"proposal from {who}: few votes")
                 elif self._verify_proof(ch.get("proof")) != peer:
                     raise MessageRejectedError("invalid", f"proposal from {who}: bad proof")
+            elif ch["op"] == "join":
+                joins += 1
+                if joins > self.cfg.max_joins_per_round:
+                    raise MessageRejectedError("invalid", f"proposal from {who}: too many joins")
+                try:
+                    check_join_change(ch, st.members, st.round, st.q, self.admission)
+                except MessageRejectedError as exc:
+                    detail = f"proposal from {who}: {exc.detail}"
+                    raise MessageRejectedError("invalid", detail) from None
             else:
                 req = open_signed(ch.get("req"))
                 if req.kind != ch["op"] or req.sender != peer:
                     raise MessageRejectedError("invalid", f"proposal from {who}: bad request")
-                if (ch["op"] == "join") == (peer in st.members):
+                if peer not in st.members:
                     raise MessageRejectedError("invalid", f"proposal from {who}: no-op change")
         if [c["peer"] for c in changes] != sorted(seen):
             raise MessageRejectedError("invalid", f"proposal from {who}: changes unsorted")
@@ -660,9 +712,93 @@ class RoundProtocol:
         self.node.send(peer, self.node.sign("status", {"members": members}, self.last_decided))
 
     def _on_membership_request(self, msg: SignedMessage) -> None:
-        table = self.join_requests if msg.kind == "join" else self.leave_requests
-        if len(table) < self.cfg.max_peers:
-            table[msg.sender] = msg.to_wire()
+        """``join`` (from a would-be member), ``join_ack`` (a member vouches that a joiner is
+        live) and ``leave`` (from a member). Requests of keys the admission policy refuses,
+        and acks from non-members, count against their sender."""
+        members = self._members.get(self.last_decided + 1) or []
+        now = time.monotonic()
+        if msg.kind == "leave":
+            if msg.sender in members and len(self.leave_requests) < self.cfg.max_peers:
+                self.leave_requests[msg.sender] = msg.to_wire()
+            return
+        if msg.kind == "join_ack":
+            if msg.sender not in members or not self.last_decided - 4 <= msg.round <= (
+                self.last_decided + 1
+            ):
+                raise MessageRejectedError("invalid", f"join_ack from {msg.sender[:12]}")
+            if msg.body["peer"] not in members:
+                self.join_requests.add_ack(msg, now)
+            return
+        if msg.sender in members:
+            return  # a member already (its request crossed the decision that added it)
+        why = self.admission.refusal(msg)
+        if why is not None:
+            raise MessageRejectedError("invalid", why)
+        self.join_requests.add_request(msg, now)
+        self._ack_joiners()
+
+    # -- membership: acknowledging live joiners ------------------------------------------
+    def _on_link_up(self, peer: str) -> None:
+        self._connected_since.setdefault(peer, time.monotonic())
+
+    def _on_link_down(self, peer: str) -> None:
+        self._connected_since.pop(peer, None)
+
+    def join_acks(self, peer: str) -> int:
+        """Acks we hold that would admit ``peer`` in the next round (``q`` are needed)."""
+        r = self.last_decided + 1
+        return len(self.join_requests.fresh_acks(peer, self._members.get(r) or [], r))
+
+    def _ack_joiners(self) -> None:
+        """As a member, sign ``join_ack`` (for our last decided round) for each pending
+        joiner we hold a live connection to, once per round; send it to every member, since
+        any of them may lead next. At most 8 joiners a round, longest waiting first."""
+        me, r = self.node.node_id, self.last_decided
+        members = self._members.get(r + 1) or []
+        if me not in members or self.cfg.max_joins_per_round == 0:
+            return
+        now = time.monotonic()
+        self.join_requests.prune(now)
+        cfg = self.cfg
+        min_up = cfg.join_min_connected if cfg.join_min_connected is not None else cfg.dead_timeout
+        silence = min(cfg.dead_timeout, 3 * cfg.heartbeat_interval)
+        pending = [
+            (c.first_seen, peer, c)
+            for peer in self.join_requests
+            if (c := self.join_requests.get(peer)) is not None
+            and c.request is not None
+            and c.acked_at < r
+            and peer not in members
+        ]
+        acked = 0
+        for _, peer, c in sorted(pending, key=lambda x: (x[0], x[1])):
+            info = self.node.peers.get(peer)
+            live = peer in self.node.connections and joiner_is_live(
+                self._connected_since.get(peer),
+                info.last_contact if info is not None else None,
+                now,
+                min_up,
+                silence,
+            )
+            if not live:
+                continue
+            c.acked_at = r
+            ack = self.node.sign("join_ack", {"peer": peer}, r)
+            self.join_requests.add_ack(ack, now)
+            self._send(ack, members)
+            self.stats["join_acks_sent"] += 1
+            acked += 1
+            if acked >= 8:
+                break
+
+    async def _membership_loop(self) -> None:
+        """Acks must follow liveness: a joiner whose connection just became old enough, or
+        a new round (acks count for JOIN_ACK_ROUNDS rounds), gets a fresh one."""
+        period = min(self.cfg.heartbeat_interval, 0.25)
+        while True:
+            await asyncio.sleep(period)
+            if len(self.join_requests):
+                self._ack_joiners()
 
     # -- progress ------------------------------------------------------------------------
     def _held(self, st: _Round) -> list[str]:
@@ -681,9 +817,13 @@ class RoundProtocol:
             fresh = [v.to_wire() for v in by.values() if self._counts_for(st, v)]
             if peer in st.members and peer not in self.proofs and len(fresh) >= st.q:
                 changes.append({"op": "remove", "peer": peer, "votes": fresh[: st.q]})
-        for peer, req in self.join_requests.items():
-            if peer not in st.members and peer not in self.proofs:
-                changes.append({"op": "join", "peer": peer, "req": req})
+        # joiners with a quorum of fresh acks, at most max_joins_per_round, and only ones
+        # still connected to us: a joiner that vanished since its acks is not worth a member
+        limit = self.cfg.max_joins_per_round
+        for peer, join, acks in self.join_requests.admissible(st.members, st.round, st.q, limit):
+            if peer not in self.proofs and peer in self.node.connections:
+                wires = [a.to_wire() for a in acks]
+                changes.append({"op": "join", "peer": peer, "req": join.to_wire(), "acks": wires})
         for peer, req in self.leave_requests.items():
             if peer in st.members and peer not in self.proofs:
                 changes.append({"op": "leave", "peer": peer, "req": req})
@@ -1029,7 +1169,7 @@ class RoundProtocol:
             if (c.kind == "commit" and c.round == r and c.body["view"] == view
                     and c.body["h"] == h and c.sender in members):  # fmt: skip
                 commits[c.sender] = c
-        if len(commits) < quorum(len(members)):
+        if len(commits) < quorum(len(members), self.cfg.consensus_threshold):
             raise MessageRejectedError("invalid", f"decision from {peer[:12]}: too few commits")
         self.stats["caught_up_rounds"] += 1
         st.proposals.setdefault(view, prop)

@@ -61,7 +61,10 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "fetch": {"digest": _BYTES},
     "nofetch": {"digest": _BYTES},
     "equivocation": {"a": (dict,), "b": (dict,)},
-    "join": {},
+    # membership admission (swarmlm.p2p.membership): nonce = proof of work under the pow
+    # policy (empty otherwise); a member's join_ack says it holds a live link to ``peer``
+    "join": {"nonce": _BYTES},
+    "join_ack": {"peer": (str,)},
     "leave": {},
     "evict": {"peer": (str,)},
     "status_req": {},
