@@ -9,9 +9,11 @@ swarm with nothing wrong? n = 4 and n = 7; each scenario is one item of the issu
 * ``pause``: an honest member is SIGSTOPped while the others decide 3 x keep_rounds rounds,
   then SIGCONTed; ``catchup_rounds`` = rounds the others decide after it is resumed until
   it decides a round it had not yet seen decided (lower is better; ``null`` = never);
-* ``restart``: an honest member is SIGKILLed and restarted from its node dir (same identity
-  and port; it rejoins with ``resume``), twice per block; ``false_equivocations`` = proofs
-  of equivocation the others hold against the restarted nodes;
+* ``restart``: an honest member is SIGKILLed just after it contributed, while f others are
+  paused so the round needs it, and restarted from its node dir (same identity and port;
+  it rejoins with ``resume``), twice per block; ``false_equivocations`` = proofs of
+  equivocation the others hold against the restarted nodes; the rate is measured in a
+  window after the restarts (does the swarm go on?);
 * ``dead_leader``: the leader of an upcoming round is SIGKILLed for good;
   ``view_changes_per_round`` after it;
 * ``flood``: a member sends 25,000 signed ``decided_req`` for round 0, then ~100/s;
@@ -335,6 +337,7 @@ class BlockRun:
         self.block, self.st, self.workdir, self.log = block, st, workdir, log
         self.extra: dict[str, Any] = {}
         self.excluded: set[int] = set()  # node indices the rate leaves out (targets)
+        self.measure_from: float | None = None  # a scenario may start the window later
 
     def run(self) -> dict[str, Any]:
         from swarmlm.p2p.harness import Swarm
@@ -353,7 +356,8 @@ class BlockRun:
             stderr=self.log,
         ) as swarm:
             self.members = swarm.genesis(timeout=30)
-            swarm.rounds(1, 10**7, wait=2, deadline=budget, pace=st.pace)
+            announce = b.scenario == "restart"  # it kills a node just after it contributed
+            swarm.rounds(1, 10**7, wait=2, deadline=budget, pace=st.pace, announce=announce)
             warm = [p for p in swarm.nodes if p.index not in byz]
             _wait_until(
                 lambda: (
@@ -365,6 +369,7 @@ class BlockRun:
             t0 = time.monotonic()
             getattr(self, f"_{b.scenario}")(swarm, t0)
             t1 = time.monotonic()
+            t0 = self.measure_from or t0
             if b.scenario == "restart":
                 self._count_false_equivocations(swarm)
             processes = [*swarm.nodes, *swarm.retired]
@@ -423,29 +428,53 @@ class BlockRun:
         _sleep_until(t0 + st.window)
 
     def _restart(self, swarm: Any, t0: float) -> None:
+        """SIGKILL + restart from the node dir, ``restarts`` times. Before each kill, f other
+        honest members are paused so exactly a quorum is up, the target included, and the
+        target is killed just after it contributed: the round it dies in cannot decide
+        until it is back, so its new incarnation meets what it signed before (as in a real
+        swarm, where a restart takes far less than a round). The paused members go on once
+        the target has decided a round again (or after 3 s, before they count as dead).
+        The rate is measured for a window after the last restart: a restart costs its
+        round a stall of about its own length, which at 4 rounds a second would dominate
+        any window; what matters is whether the swarm goes on afterwards."""
         st = self.st
-        targets = [swarm.n - 1, swarm.n - 2][: st.restarts]  # never node 0, the bootstrap
-        self.excluded.update(targets)
-        gap = st.window / (st.restarts + 1)
-        restarted, rejoined = [], 0
+        n, f = swarm.n, (swarm.n - 1) // 3
+        targets = [n - 1, n - 2][: max(1, st.restarts)]  # never node 0, the bootstrap
+        restarted: list[str] = []
+        events: list[dict[str, Any]] = []
         for j in range(st.restarts):
-            _sleep_until(t0 + gap * (j + 0.5))
+            if j:
+                time.sleep(1.0)
             i = targets[j % len(targets)]
-            node = swarm.restart(i)
-            restarted.append(node.id)
-            node.send(cmd="resume", timeout=15)
-            ev = _wait_event(node, {"resumed", "error"}, 20)
-            if ev is not None and ev["event"] == "resumed":
-                left = max(5.0, t0 + st.window + st.catchup_cap - time.monotonic())
-                node.send(
-                    cmd="rounds", start="auto", count=10**7, wait=2, deadline=left, pace=st.pace
-                )
-        _sleep_until(t0 + st.window)
-        for i in sorted(set(targets)):
-            if any(e.get("event") == "decided" for e in swarm.nodes[i].history):
-                rejoined += 1
+            held = [k for k in range(n - 1, 0, -1) if k != i and k not in swarm.byzantine][:f]
+            self.excluded.update([i, *held])
+            for k in held:
+                swarm.pause(k)
+            info: dict[str, Any] = {"target": i, "held": held}
+            try:
+                old = swarm.nodes[i]
+                ev = _wait_event(old, {"contributing"}, 3, after=len(old.history))
+                info["killed_after_contributing"] = None if ev is None else ev["round"]
+                time.sleep(0.05)  # let the signed contribution leave
+                node = swarm.restart(i)
+                restarted.append(node.id)
+                node.send(cmd="resume", timeout=10, peers=n - 1 - len(held))
+                ev = _wait_event(node, {"resumed", "error"}, 15)
+                info["resumed_at"] = ev.get("start") if ev else None
+                if ev is not None and ev["event"] == "resumed":
+                    left = max(5.0, t0 + st.window + st.catchup_cap - time.monotonic())
+                    node.send(cmd="rounds", start="auto", count=10**7, wait=2, deadline=left,
+                              pace=st.pace)  # fmt: skip
+                    info["decided_again"] = _wait_event(node, {"decided"}, 3) is not None
+            finally:
+                for k in held:
+                    swarm.cont(k)
+            events.append(info)
+        self.measure_from = time.monotonic()
+        self.extra["restart_phase_s"] = round(self.measure_from - t0, 2)
+        _sleep_until(self.measure_from + st.window)
         self.restarted_ids = sorted(set(restarted))
-        self.extra.update(restarts=len(restarted), restarted_nodes_deciding_again=rejoined)
+        self.extra.update(restarts=events)
 
     def _count_false_equivocations(self, swarm: Any) -> None:
         """Proofs of equivocation against the restarted (honest) nodes held by the others."""

@@ -4,15 +4,18 @@ Worker side (``python -m swarmlm.p2p.harness --expect N ...``): one node per pro
 driven by JSON lines on stdin, reporting JSON lines on stdout. Commands::
 
     {"cmd": "genesis", "timeout": s}          wait for N-1 peers; membership = all N ids
-    {"cmd": "resume", "timeout": s}           a restarted node: find the running swarm
-                                              (``discover``) and start at its next round
+    {"cmd": "resume", "timeout": s, "peers": k}   a restarted node: once connected to k
+                                              peers (default N-1) or at the timeout, find
+                                              the running swarm (``discover``) and start
+                                              at its next round
     {"cmd": "rounds", "start": r, "count": k, "size": bytes, "wait": s, "deadline": s}
                                               ``start`` may be "auto" (the next undecided
                                               round); rounds the protocol skipped while
                                               catching up are reported as "skipped";
                                               optional "pace": s = at most one round per
                                               s seconds while not behind (a node catching
-                                              up is never held back)
+                                              up is never held back); "announce": true =
+                                              a "contributing" event before each round
     {"cmd": "block", "peers": [ids]} / {"cmd": "unblock"}   the test-controlled link filter
     {"cmd": "stats"} / {"cmd": "quit"}
 
@@ -101,6 +104,7 @@ async def _worker(args: argparse.Namespace) -> None:
         first = proto.last_decided + 1 if cmd["start"] == "auto" else int(cmd["start"])
         end = first + int(cmd["count"])
         pace = float(cmd.get("pace", 0.0))
+        announce = bool(cmd.get("announce", False))
         last_start: float | None = None
         r = first
         while r < end:
@@ -109,6 +113,8 @@ async def _worker(args: argparse.Namespace) -> None:
             if pace > 0 and last_start is not None and not behind:
                 await asyncio.sleep(max(0.0, min(last_start + pace, deadline) - time.monotonic()))
             last_start = time.monotonic()
+            if announce and r not in proto.decisions:
+                _emit("contributing", round=r)
             payload = os.urandom(int(cmd.get("size", 1000)))
             reported = False
             t0 = time.monotonic()
@@ -173,7 +179,8 @@ async def _worker(args: argparse.Namespace) -> None:
             _emit("genesis", members=members)
         elif c == "resume":
             deadline = time.monotonic() + float(cmd.get("timeout", 30))
-            while len(node.connections) < args.expect - 1 and time.monotonic() < deadline:
+            want = int(cmd.get("peers", args.expect - 1))  # fewer when some are known down
+            while len(node.connections) < want and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             found = await discover(node, max(1.0, deadline - time.monotonic()))
             if found is None:
@@ -385,7 +392,7 @@ class Swarm:
         old = self.nodes[i]
         old.kill()
         self.retired.append(old)
-        other = next(p for p in self.nodes if p is not old and p.alive)
+        other = next(p for p in self.nodes if p is not old and p.alive and not p.paused)
         boot = f"127.0.0.1:{other.port}"
         argv = [*self._argv(i), "--port", str(old.port), "--bootstrap", boot]
         new = NodeProcess(argv, i, self.stderr)
@@ -415,10 +422,11 @@ class Swarm:
         wait: float = 10,
         deadline: float = 120,
         pace: float = 0.0,
+        announce: bool = False,
     ) -> None:
         for p in nodes if nodes is not None else self.nodes:
             p.send(cmd="rounds", start=start, count=count, size=size, wait=wait,
-                   deadline=deadline, pace=pace)  # fmt: skip
+                   deadline=deadline, pace=pace, announce=announce)  # fmt: skip
 
     def wait_done(self, nodes: list[NodeProcess], timeout: float) -> list[dict[str, Any]]:
         return [p.wait("done", timeout) for p in nodes]
