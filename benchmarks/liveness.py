@@ -123,7 +123,9 @@ class Settings:
     shutdown_cap: float = 60.0
 
 
-QUICK = Settings(window=6.0, pause_cap=20.0, catchup_cap=10.0, repeats=1, shutdown_trials=1)
+QUICK = Settings(
+    window=6.0, warmup_cap=6.0, pause_cap=20.0, catchup_cap=10.0, repeats=1, shutdown_trials=1
+)
 
 
 @dataclass(frozen=True)
@@ -372,6 +374,12 @@ class BlockRun:
             t0 = self.measure_from or t0
             if b.scenario == "restart":
                 self._count_false_equivocations(swarm)
+            if byz and swarm.nodes[BYZ_INDEX].alive:
+                try:  # evidence that the attack was carried out
+                    proto = swarm.stats(swarm.nodes[BYZ_INDEX], timeout=5).get("protocol") or {}
+                    self.extra["attack"] = proto.get("attack")
+                except TimeoutError:
+                    self.extra["attack"] = None
             processes = [*swarm.nodes, *swarm.retired]
             honest = [p for p in processes if p.index not in byz]
             measured = [p for p in swarm.nodes if p.index not in self.excluded]

@@ -15,7 +15,9 @@ halt a swarm, so the generic "honest peers agree and go on" test does not cover 
 
 * ``split_propose``: as leader, signs a second proposal for the same view (one entry fewer)
   and sends it to ``f`` members, the real one to the rest; it votes for the real one, which
-  can therefore still reach a quorum and decide without the ``f`` it misled.
+  can therefore still reach a quorum and decide without the ``f`` it misled. From the next
+  round on it withholds its proposals and votes (it still contributes), as any Byzantine
+  member may: a swarm that strands the ``f`` misled members then has ``f + 1`` missing.
 * ``flood``: a burst of ``flood_count`` validly signed ``decided_req`` for round 0 (a round
   that never opens) to every member, then a steady trickle of them.
 * ``pad_cert``: with each prepare vote, a VIEWCHANGE whose prepared certificate repeats that
@@ -84,6 +86,7 @@ class ByzantineRoundProtocol(RoundProtocol):
         self.flood_count = flood_count
         self.pad_votes = pad_votes
         self.flooding = False
+        self.split_round: int | None = None
         self.attack_stats: Counter[str] = Counter()
         self.captured: deque[tuple[str, bytes]] = deque(maxlen=200)
         if kind == "replay":
@@ -96,6 +99,11 @@ class ByzantineRoundProtocol(RoundProtocol):
 
             node._dispatch = capture  # type: ignore[method-assign]
 
+    def summary(self) -> dict[str, Any]:
+        """The honest summary plus what this peer did wrong (so a benchmark can tell an
+        attack that was carried out and survived from one that never happened)."""
+        return {**super().summary(), "attack": {"kind": self.kind, **self.attack_stats}}
+
     def _others(self, peers: list[str]) -> list[str]:
         return [p for p in peers if p != self.node.node_id]
 
@@ -107,8 +115,13 @@ class ByzantineRoundProtocol(RoundProtocol):
         if kind == "slow":
             self._spawn(self._send_later(msg, others))
             return
-        if kind == "split_propose" and msg.kind == "propose" and self._split(msg, others):
-            return
+        if kind == "split_propose":
+            if msg.kind == "propose" and self.split_round is None and self._split(msg, others):
+                self.split_round = msg.round
+                return
+            silent = msg.kind in ("propose", "prepare", "commit", "viewchange")
+            if silent and self.split_round is not None and msg.round > self.split_round:
+                return
         if kind == "flood" and not self.flooding:
             self.flooding = True
             self._spawn(self._flood())
