@@ -7,15 +7,24 @@ and that the standalone attackers really reach a node.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from swarmlm.p2p.byzantine import ALL_KINDS, LIVENESS_KINDS, abuse, outsider_join
+from swarmlm.p2p.byzantine import (
+    ALL_KINDS,
+    LIVENESS_KINDS,
+    ByzantineRoundProtocol,
+    abuse,
+    outsider_join,
+)
+from swarmlm.p2p.consensus import RoundProtocol, leader_of
 from swarmlm.p2p.messages import SignedMessage
 
 from .conftest import run, start_mesh, start_node, stop_all, until
@@ -158,3 +167,47 @@ def test_outsider_join_requests_reach_every_member() -> None:
 
     ids, seen = run(go())
     assert all(s == set(ids) for s in seen)
+
+
+def _spy(handler: Any, got: list[int]) -> Any:
+    """Wrap a node's proposal handler to note how many entries each round-1 proposal had."""
+
+    def spy(msg: SignedMessage, peer: str) -> Any:
+        if msg.round == 1:
+            got.append(len(msg.body["entries"]))
+        return handler(msg, peer)
+
+    return spy
+
+
+def test_a_split_proposing_leader_shows_f_members_a_different_proposal() -> None:
+    async def go() -> tuple[dict[str, list[int]], int]:
+        nodes = await start_mesh(4, proposal_grace=0.5)  # the leader waits for all 4 entries
+        ids = sorted(x.node_id for x in nodes)
+        leader = leader_of(ids, 1, 0)
+        protos: list[RoundProtocol] = [
+            ByzantineRoundProtocol(x, ids, "split_propose")
+            if x.node_id == leader
+            else RoundProtocol(x, ids)
+            for x in nodes
+        ]
+        sizes: dict[str, list[int]] = {x.node_id: [] for x in nodes if x.node_id != leader}
+        for x in nodes:
+            if x.node_id != leader:
+                x.handlers["propose"] = _spy(x.handlers["propose"], sizes[x.node_id])
+        try:
+            await asyncio.gather(
+                *(p.contribute(1, os.urandom(100), timeout=3) for p in protos),
+                return_exceptions=True,
+            )
+            byz = next(p for p in protos if isinstance(p, ByzantineRoundProtocol))
+            return sizes, byz.attack_stats["split_proposals"]
+        finally:
+            for p in protos:
+                p.close()
+            await stop_all(nodes)
+
+    sizes, splits = run(go())
+    assert splits == 1
+    firsts = sorted(s[0] for s in sizes.values() if s)
+    assert firsts == [3, 4, 4]  # f = 1 member got the twin with one entry fewer
