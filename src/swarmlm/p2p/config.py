@@ -83,7 +83,7 @@ class P2PConfig(BaseModel):
         default=None,
         ge=0,
         description="seconds a joiner's connection must be up before a member acknowledges "
-        "it (None = dead_timeout)",
+        "it (None = 3 heartbeat intervals)",
     )
 
     @field_validator("bootstrap", mode="before")

@@ -171,6 +171,8 @@ class RoundProtocol:
         self._connected_since: dict[str, float] = {p: time.monotonic() for p in node.connections}
         self._join_nonce: bytes | None = None
         self._minting = False
+        self._joining = False  # we asked to join and are not a member yet
+        self._join_sent = 0.0
         self.leave_requests: dict[str, dict[str, Any]] = {}
         self.evict_votes: dict[str, dict[str, SignedMessage]] = {}  # target -> voter -> vote
         self.stats: Counter[str] = Counter()
@@ -251,11 +253,18 @@ class RoundProtocol:
         acknowledge us once our connection to them has been up ``join_min_connected``; a
         leader admits us with a quorum of those acks. Under the ``pow`` policy the first
         call mints the proof of work off the loop and sends once it is ready."""
+        self._joining = True
+        # an observer hears no votes and would ask for the round's decision only after
+        # round_timeout; by then the members may have pruned its payloads (keep_rounds)
+        self._request_decided(self.last_decided + 1, None)
         if self.admission.kind == "pow" and self._join_nonce is None:
             self._spawn(self._mint_and_join())
             return
-        body = {"nonce": self._join_nonce or b""}
-        self._send(self.node.sign("join", body), list(self.node.connections))
+        self._join_sent = time.monotonic()
+        self._send(self._join_request(), list(self.node.connections))
+
+    def _join_request(self) -> SignedMessage:
+        return self.node.sign("join", {"nonce": self._join_nonce or b""})
 
     async def _mint_and_join(self) -> None:
         if self._join_nonce is not None or self._minting:
@@ -722,24 +731,27 @@ class RoundProtocol:
                 self.leave_requests[msg.sender] = msg.to_wire()
             return
         if msg.kind == "join_ack":
-            if msg.sender not in members or not self.last_decided - 4 <= msg.round <= (
-                self.last_decided + 1
-            ):
-                raise MessageRejectedError("invalid", f"join_ack from {msg.sender[:12]}")
-            if msg.body["peer"] not in members:
+            # not charged: a member behind or ahead of us sends acks we cannot place yet
+            if msg.sender in members and msg.body["peer"] not in members:
                 self.join_requests.add_ack(msg, now)
+            else:
+                self.stats["dropped_join_ack"] += 1
             return
         if msg.sender in members:
             return  # a member already (its request crossed the decision that added it)
         why = self.admission.refusal(msg)
         if why is not None:
             raise MessageRejectedError("invalid", why)
+        if msg.sender not in self.join_requests:
+            log.info("join request from %s", msg.sender[:12])
         self.join_requests.add_request(msg, now)
         self._ack_joiners()
 
     # -- membership: acknowledging live joiners ------------------------------------------
     def _on_link_up(self, peer: str) -> None:
         self._connected_since.setdefault(peer, time.monotonic())
+        if self._joining and (self._join_nonce is not None or self.admission.kind != "pow"):
+            self._send(self._join_request(), [peer])  # every member must hear us to vouch
 
     def _on_link_down(self, peer: str) -> None:
         self._connected_since.pop(peer, None)
@@ -760,7 +772,9 @@ class RoundProtocol:
         now = time.monotonic()
         self.join_requests.prune(now)
         cfg = self.cfg
-        min_up = cfg.join_min_connected if cfg.join_min_connected is not None else cfg.dead_timeout
+        min_up = cfg.join_min_connected
+        if min_up is None:  # three heartbeat periods answered
+            min_up = 3 * cfg.heartbeat_interval
         silence = min(cfg.dead_timeout, 3 * cfg.heartbeat_interval)
         pending = [
             (c.first_seen, peer, c)
@@ -782,6 +796,9 @@ class RoundProtocol:
             )
             if not live:
                 continue
+            if c.acked_at < 0:
+                log.info("acknowledging joiner %s (live for %.1f s)", peer[:12],
+                         now - self._connected_since.get(peer, now))  # fmt: skip
             c.acked_at = r
             ack = self.node.sign("join_ack", {"peer": peer}, r)
             self.join_requests.add_ack(ack, now)
@@ -799,6 +816,13 @@ class RoundProtocol:
             await asyncio.sleep(period)
             if len(self.join_requests):
                 self._ack_joiners()
+            if self._joining:
+                # as a joiner, repeat the request about once a second whatever the
+                # application does meanwhile (the swarm may be busy fetching its state)
+                if self.node.node_id in (self._members.get(self.last_decided + 1) or ()):
+                    self._joining = False
+                elif time.monotonic() - self._join_sent >= max(1.0, self.cfg.heartbeat_interval):
+                    self.request_join()
 
     # -- progress ------------------------------------------------------------------------
     def _held(self, st: _Round) -> list[str]:
