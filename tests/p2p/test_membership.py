@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from swarmlm.p2p.config import P2PConfig
-from swarmlm.p2p.consensus import RoundProtocol, quorum
+from swarmlm.p2p.consensus import RoundProtocol, _Round, quorum
 from swarmlm.p2p.errors import MessageRejectedError
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.membership import (
@@ -85,6 +85,36 @@ def test_outsiders_that_ask_to_join_and_vanish_are_never_admitted() -> None:
                 ds = await _decide(protos, r)
                 assert len({tuple(d.digests) for d in ds}) == 1
                 assert len(ds[0].members_next) == 4, f"round {r} admitted a vanished outsider"
+        finally:
+            await _close([*nodes, *outsiders], protos)
+
+    run(go())
+
+
+def test_keys_that_stay_live_but_never_take_part_add_at_most_one_member() -> None:
+    """The stronger attacker: 3 keys stay connected long enough to be acknowledged, but never
+    contribute once admitted (like leaving right after admission). A join needs an entry
+    from every member, so after the first such member no other joiner gets in, and the
+    swarm (n = 5, q = 4) keeps deciding."""
+
+    async def go() -> None:
+        nodes, protos = await _swarm(4)
+        outsiders = await _outsiders(nodes[0].address, 3)
+        try:
+            await until(lambda: all(len(o.connections) >= 4 for o in outsiders), 10)
+            ids = [o.node_id for o in outsiders]
+            await _decide(protos, 1)
+            for o in outsiders:
+                o.broadcast(o.sign("join", {"nonce": b""}))
+            # every member vouches for all three (their links are live): the acks are valid
+            await until(lambda: all(p.join_acks(i) >= 3 for p in protos for i in ids), 10)
+            for r in range(2, 10):
+                for o in outsiders:
+                    o.broadcast(o.sign("join", {"nonce": b""}))
+                ds = await _decide(protos, r)
+                assert len({tuple(d.digests) for d in ds}) == 1
+                assert len(set(ds[0].members_next) & set(ids)) <= 1, f"round {r}"
+            assert len(set(protos[0].members(10) or []) & set(ids)) == 1  # (one got in)
         finally:
             await _close([*nodes, *outsiders], protos)
 
@@ -255,6 +285,31 @@ def test_join_change_needs_a_quorum_of_recent_member_acks() -> None:
         check_join_change(change(good), members, 10, 3, AdmissionPolicy("allowlist"))
     with pytest.raises(MessageRejectedError, match="proof of work"):
         check_join_change(change(good), members, 10, 3, AdmissionPolicy("pow", pow_bits=12))
+
+
+def test_a_proposal_may_admit_a_joiner_only_with_every_members_entry() -> None:
+    """Checked by every member, not only by honest leaders."""
+    signers, members = _members(3)
+
+    async def go() -> None:
+        node = await start_node()
+        try:
+            everyone = sorted([*members, node.node_id])
+            proto = RoundProtocol(node, everyone)
+            joiner = MessageSigner(NodeIdentity.generate())
+            jid = joiner.identity.node_id
+            acks = [s.sign("join_ack", {"peer": jid}, 4).to_wire() for s in signers]
+            change = {"op": "join", "peer": jid, "acks": acks,
+                      "req": joiner.sign("join", {"nonce": b""}).to_wire()}  # fmt: skip
+            st = _Round(5, everyone)
+            proto._check_changes(st, [change], "leader", 4)
+            with pytest.raises(MessageRejectedError, match="every member's entry"):
+                proto._check_changes(st, [change], "leader", 3)
+            proto.close()
+        finally:
+            await node.stop()
+
+    run(go())
 
 
 def test_pow_nonce_is_cheap_to_check_and_bound_to_the_key() -> None:

@@ -83,7 +83,7 @@ class P2PConfig(BaseModel):
         default=None,
         ge=0,
         description="seconds a joiner's connection must be up before a member acknowledges "
-        "it (None = 3 heartbeat intervals)",
+        "it (None = dead_timeout)",
     )
 
     @field_validator("bootstrap", mode="before")

@@ -552,7 +552,7 @@ class RoundProtocol:
             peers.append(c.sender)
         if peers != sorted(set(peers)):
             raise MessageRejectedError("invalid", f"proposal from {who}: entries unsorted/dup")
-        self._check_changes(st, b["changes"], who)
+        self._check_changes(st, b["changes"], who, len(entries))
         if view == 0:
             if b["justify"]:
                 raise MessageRejectedError("invalid", f"view-0 proposal from {who} has justify")
@@ -608,7 +608,9 @@ class RoundProtocol:
             raise MessageRejectedError("invalid", f"prepared certificate has {len(voters)} votes")
         return int(view)
 
-    def _check_changes(self, st: _Round, changes: list[Any], who: str) -> None:
+    def _check_changes(
+        self, st: _Round, changes: list[Any], who: str, n_entries: int | None = None
+    ) -> None:
         seen: set[str] = set()
         joins = 0
         for ch in changes:
@@ -630,6 +632,10 @@ class RoundProtocol:
                 joins += 1
                 if joins > self.cfg.max_joins_per_round:
                     raise MessageRejectedError("invalid", f"proposal from {who}: too many joins")
+                if n_entries is not None and n_entries < st.n:
+                    raise MessageRejectedError(
+                        "invalid", f"proposal from {who}: a join without every member's entry"
+                    )
                 try:
                     check_join_change(ch, st.members, st.round, st.q, self.admission)
                 except MessageRejectedError as exc:
@@ -773,8 +779,8 @@ class RoundProtocol:
         self.join_requests.prune(now)
         cfg = self.cfg
         min_up = cfg.join_min_connected
-        if min_up is None:  # three heartbeat periods answered
-            min_up = 3 * cfg.heartbeat_interval
+        if min_up is None:  # one failure-detection period survived
+            min_up = cfg.dead_timeout
         silence = min(cfg.dead_timeout, 3 * cfg.heartbeat_interval)
         pending = [
             (c.first_seen, peer, c)
@@ -843,7 +849,9 @@ class RoundProtocol:
                 changes.append({"op": "remove", "peer": peer, "votes": fresh[: st.q]})
         # joiners with a quorum of fresh acks, at most max_joins_per_round, and only ones
         # still connected to us: a joiner that vanished since its acks is not worth a member
-        limit = self.cfg.max_joins_per_round
+        # and only while every member contributes (full_house_for_joins in membership.py)
+        full = len(self._held(st)) == st.n
+        limit = self.cfg.max_joins_per_round if full else 0
         for peer, join, acks in self.join_requests.admissible(st.members, st.round, st.q, limit):
             if peer not in self.proofs and peer in self.node.connections:
                 wires = [a.to_wire() for a in acks]

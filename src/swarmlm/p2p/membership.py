@@ -6,13 +6,20 @@ toward ``n`` only once it has *proved it is live and connected*:
 
 * it sends ``join{nonce}`` to the members it is connected to (``nonce`` is a proof of work
   under the ``pow`` policy, empty otherwise), and repeats it until admitted;
-* a member that holds a live authenticated connection to it (up for ``join_min_connected``
-  seconds, three heartbeat periods by default; a frame within the last three heartbeats) signs ``join_ack{peer}`` for its last
-  decided round and sends it to the members, again each round while that holds;
+* a member that holds a live authenticated connection to it (up ``join_min_connected``
+  seconds, by default one ``dead_timeout``; a frame within the last three heartbeats) signs
+  ``join_ack{peer}`` for its last decided round and sends it to the members, again each
+  round while that holds;
 * a leader proposes ``{"op": "join", "peer", "req", "acks"}`` with ``q`` acks of distinct
   members of the round, each for one of the last :data:`JOIN_ACK_ROUNDS` rounds; every
   member re-checks them and the admission policy before voting (:func:`check_join_change`);
-* at most ``max_joins_per_round`` joins per proposal, applied at the round boundary.
+* at most ``max_joins_per_round`` joins per proposal, applied at the round boundary;
+* **full house**: a proposal may carry a join only if it has an entry from every member of
+  the round. A joiner that stays live through its admission and then leaves (which no
+  liveness proof can tell from an honest crash) leaves the next rounds one entry short, so
+  no further join is admitted until it is removed: at most one unproven member at a time,
+  whatever the number of keys an attacker holds. The cost: while any member is down or
+  late, nobody joins.
 
 Everything here is pure (time is passed in); :class:`~swarmlm.p2p.consensus.RoundProtocol`
 does the I/O. The admission settings (policy, allowlist, pow bits, joins per round) are
