@@ -240,6 +240,7 @@ async def outsider_join(
     that admits them at once counts three dead members toward its quorum."""
     cfg = P2PConfig(port=0, pex_interval=0.5, connect_timeout=min(connect_timeout, 5.0))
     nodes = [P2PNode(NodeIdentity.generate(), cfg) for _ in range(keys)]
+    protos: list[RoundProtocol] = []
     try:
         for node in nodes:
             await node.start()
@@ -249,15 +250,21 @@ async def outsider_join(
                 await asyncio.wait_for(node.connect(host, port), connect_timeout)
 
         await asyncio.gather(*(dial(nd, h, p) for nd in nodes for h, p in addresses))
+        log.info("outsiders connected to %s members", [len(nd.connections) for nd in nodes])
+        # the honest protocol's own join request, so it is whatever members accept today
+        # (body fields, proof of work); the outsider only differs by vanishing
+        protos.extend(RoundProtocol(node, []) for node in nodes)  # observers of no round
         deadline = time.monotonic() + linger
         while True:
-            for node in nodes:
-                node.broadcast(node.sign("join", {"nonce": b""}))
+            for proto in protos:
+                proto.request_join()
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.5)
         await asyncio.sleep(0.2)  # let the last requests leave the send queues
     finally:
+        for proto in protos:
+            proto.close()
         for node in nodes:
             with contextlib.suppress(Exception):
                 await node.stop()
