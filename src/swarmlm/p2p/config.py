@@ -38,6 +38,12 @@ class P2PConfig(BaseModel):
     blob_queue: int = Field(default=64, ge=1, description="queued payload transfers per peer")
     io_timeout: float = Field(default=30.0, gt=0, description="bound on any single network write")
     connect_timeout: float = Field(default=5.0, gt=0, description="bound on connect + TLS")
+    max_pending_handshakes: int = Field(
+        default=128, ge=1, description="inbound connections not yet authenticated, in all"
+    )
+    max_pending_per_ip: int = Field(
+        default=16, ge=1, description="inbound connections not yet authenticated, per address"
+    )
     heartbeat_interval: float = Field(default=1.0, gt=0, description="ping period per connection")
     dead_timeout: float = Field(default=5.0, gt=0, description="silence after which a peer is dead")
     pex_interval: float = Field(default=2.0, gt=0, description="peer-exchange gossip period")

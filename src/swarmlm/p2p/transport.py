@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import tempfile
 import time
 from collections import Counter, OrderedDict, deque
@@ -54,6 +55,8 @@ STREAM_BUFFER = 256 * 1024
 EARLY_MESSAGES = 1024  # unhandled messages kept for a handler registered soon after
 EARLY_MAX_BYTES = 16 << 20
 EARLY_MAX_AGE = 30.0  # seconds
+# A hello is a few hundred bytes: an unauthenticated peer never makes us buffer a large frame.
+HELLO_MAX_FRAME = 16 * 1024
 
 Handler = Callable[[SignedMessage, str], Awaitable[None] | None]
 
@@ -338,6 +341,8 @@ class P2PNode:
         self._port = 0
         self._record: SignedMessage | None = None
         self._record_signed_at = 0.0
+        # inbound connections still in their handshake (TLS + hello), by remote address
+        self._pending: Counter[str] = Counter()
         self.on("ping", lambda m, p: None)
         self.on("peers", self._on_peers)
         self.on("fetch", self._on_fetch)
@@ -351,13 +356,12 @@ class P2PNode:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="swarmlm-tls-")
             tls_dir = Path(self._tmpdir.name)
         self._server_ctx, self._client_ctx = make_contexts(*write_tls_files(self.identity, tls_dir))
+        # Plain TCP first: asyncio's SSL protocol allocates its buffers the moment a
+        # connection is accepted, so a listener with ``ssl=`` pays them for every idle
+        # socket an outsider opens (3,000 cost ~1 GB). TLS starts only once the connection
+        # fits the caps on unauthenticated connections (see ``_accept``).
         self._server = await asyncio.start_server(
-            self._accept,
-            self.config.host,
-            self.config.port,
-            ssl=self._server_ctx,
-            ssl_handshake_timeout=self.config.connect_timeout,
-            limit=STREAM_BUFFER,
+            self._accept, self.config.host, self.config.port, limit=STREAM_BUFFER
         )
         self._port = self._server.sockets[0].getsockname()[1]
         self._sign_record()
@@ -510,11 +514,42 @@ class P2PNode:
             raise
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """An inbound connection: admitted only within the caps on unauthenticated
+        connections (in all, and per remote address), then TLS and the signed hello within
+        one ``connect_timeout``. Memory an outsider can make us hold is therefore bounded by
+        ``max_pending_handshakes`` small handshakes, whatever it opens."""
+        cfg = self.config
+        peername = writer.get_extra_info("peername")
+        ip = str(peername[0]) if isinstance(peername, tuple) and peername else "?"
+        if (
+            sum(self._pending.values()) >= cfg.max_pending_handshakes
+            or self._pending[ip] >= cfg.max_pending_per_ip
+        ):
+            self.counters["inbound_refused_pending_cap"] += 1
+            writer.transport.abort()
+            return
+        self._pending[ip] += 1
         try:
-            await self._handshake(reader, writer, dialer=False, expect=None)
-        except (TransportError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            log.info("inbound connection refused: %s", exc)
-            writer.close()
+            # ``asyncio.timeout``, not ``wait_for``: the latter runs the coroutine as a new
+            # task, and the loop would read the ClientHello into the plain stream before
+            # ``start_tls`` takes the socket over (the handshake then never completes)
+            async with asyncio.timeout(cfg.connect_timeout):
+                await writer.start_tls(self._server_ctx)
+                await self._handshake(reader, writer, dialer=False, expect=None)
+        except (
+            TransportError,
+            OSError,
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            ssl.SSLError,
+        ) as exc:
+            self.counters["inbound_handshake_failed"] += 1
+            log.debug("inbound connection from %s refused: %r", ip, exc)
+            writer.transport.abort()
+        finally:
+            self._pending[ip] -= 1
+            if self._pending[ip] <= 0:
+                del self._pending[ip]
 
     async def _handshake(
         self,
@@ -535,7 +570,7 @@ class P2PNode:
         writer.write(encode_frame({"t": "msg", **hello.to_wire()}))
         await asyncio.wait_for(writer.drain(), cfg.connect_timeout)
         try:
-            frame = await read_frame(reader, cfg.max_frame, cfg.connect_timeout)
+            frame = await read_frame(reader, HELLO_MAX_FRAME, cfg.connect_timeout)
             msg = self.validator.check(frame, peer_id)
         except (WireError, MessageRejectedError) as exc:
             raise TransportError(f"bad hello from {peer_id[:12]}: {exc}") from None

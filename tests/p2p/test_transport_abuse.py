@@ -1,0 +1,138 @@
+"""An outsider with no identity the swarm knows cannot make a node hold unbounded memory:
+inbound connections are capped until they authenticate, and a handshake has a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import ssl
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from swarmlm.p2p.identity import NodeIdentity
+from swarmlm.p2p.tls import make_contexts, write_tls_files
+from swarmlm.p2p.wire import HEADER
+
+from .conftest import run, start_node, stop_all, until
+
+
+async def _idle(port: int, n: int) -> list[asyncio.StreamWriter]:
+    writers = []
+    for _ in range(n):
+        _, w = await asyncio.open_connection("127.0.0.1", port)
+        writers.append(w)
+    return writers
+
+
+def test_unauthenticated_connections_beyond_the_caps_are_refused_and_expire() -> None:
+    async def go() -> None:
+        node = await start_node(max_pending_per_ip=4, max_pending_handshakes=8, connect_timeout=1.0)
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            writers = await _idle(node.port, 40)
+            await until(lambda: node.counters["inbound_refused_pending_cap"] >= 36, 10)
+            assert sum(node._pending.values()) <= 4  # one address: the per-address cap holds
+            # the handshake deadline frees the admitted ones; nothing stays pending
+            await until(lambda: not node._pending, 5)
+            assert node.counters["inbound_handshake_failed"] >= 4
+            # an honest peer still gets in once the idle sockets are gone
+            peer = await start_node()
+            try:
+                assert await peer.connect("127.0.0.1", node.port) == node.node_id
+            finally:
+                await peer.stop()
+        finally:
+            for w in writers:
+                w.close()
+            await stop_all([node])
+
+    run(go())
+
+
+def test_a_hello_announcing_a_huge_frame_is_refused_without_buffering_it() -> None:
+    async def go() -> None:
+        node = await start_node()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                ident = NodeIdentity.generate()
+                _, client = make_contexts(*write_tls_files(ident, Path(tmp)))
+                reader, w = await asyncio.open_connection("127.0.0.1", node.port, ssl=client)
+                w.write(HEADER.pack(4 * 1024 * 1024 - 16))
+                w.write(b"x" * 1024)
+                await w.drain()
+                t0 = time.monotonic()
+                with contextlib.suppress(ConnectionError, ssl.SSLError):
+                    while await asyncio.wait_for(reader.read(1 << 16), 5):
+                        pass  # the server's hello, then end of stream
+                assert time.monotonic() - t0 < 3  # refused at the header, not after 4 MiB
+                w.close()
+            await until(lambda: node.counters["inbound_handshake_failed"] >= 1, 5)
+            assert ident.node_id not in node.connections
+        finally:
+            await stop_all([node])
+
+    run(go())
+
+
+_SERVER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from swarmlm.p2p.config import P2PConfig
+    from swarmlm.p2p.identity import NodeIdentity
+    from swarmlm.p2p.transport import P2PNode
+
+    async def main():
+        node = P2PNode(NodeIdentity.generate(), P2PConfig(port=0, connect_timeout=5.0))
+        await node.start()
+        print(node.port, flush=True)
+        await asyncio.sleep(120)
+
+    asyncio.run(main())
+    """
+)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_thousand_idle_connections_cost_a_node_little_memory() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2500:
+        pytest.skip(f"needs ~2,500 file descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2500), hard))
+    # the child inherits the raised limit
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER], stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        time.sleep(0.5)
+        before = _rss_mb(proc.pid)
+
+        async def hold() -> float:
+            writers = await _idle(port, 1000)
+            try:
+                await asyncio.sleep(2.0)
+                return _rss_mb(proc.pid)
+            finally:
+                for w in writers:
+                    w.close()
+
+        during = asyncio.run(hold())
+        # before the caps, asyncio's TLS state for each accepted socket cost ~0.5 MB
+        assert during - before < 100, f"RSS grew {during - before:.0f} MB"
+    finally:
+        proc.kill()
+        proc.wait()
