@@ -195,3 +195,26 @@ def test_a_payload_refused_before_its_announcement_is_remembered() -> None:
             await stop_all([a, b])
 
     run(go())
+
+
+def test_a_fetch_from_a_peer_list_naming_one_peer_twice_costs_the_fetcher_nothing() -> None:
+    # a laggard's fetch list can name the leader twice (as leader and as contributor): each
+    # peer must get one freshly signed request, never the same signed message twice (which
+    # the receiver takes for a replay and charges to the honest fetcher)
+    async def go() -> None:
+        nodes = await start_mesh(3)
+        try:
+            data = os.urandom(10_000)
+            d = digest_of(data)
+            nodes[0].blobs.put(d, data)
+            lacking, holder, fetcher = nodes[1].node_id, nodes[0].node_id, nodes[2]
+            got = await fetcher.fetch(d, [lacking, lacking, holder, lacking, holder], 6.0)
+            assert got == data
+            await asyncio.sleep(0.3)
+            for n in nodes[:2]:
+                assert n.validator.dropped.get("replayed", 0) == 0
+                assert n.scores.score(fetcher.node_id) >= 0
+        finally:
+            await stop_all(nodes)
+
+    run(go())

@@ -456,13 +456,16 @@ class P2PNode:
             return have
         self.blobs.expect(digest)
         deadline = time.monotonic() + timeout
-        candidates = [p for p in peers if p in self.connections and p != self.node_id]
+        # each peer once: the same signed request sent twice to one peer is, to it, a
+        # replay (and costs us score); a retry is a freshly signed request
+        candidates = [
+            p for p in dict.fromkeys(peers) if p in self.connections and p != self.node_id
+        ]
         random.shuffle(candidates)
-        req = self.sign("fetch", {"digest": digest})
         per_peer = max(timeout / max(len(candidates), 1), 0.5)
         for peer in candidates or [""]:
             if peer:
-                self.send(peer, req)
+                self.send(peer, self.sign("fetch", {"digest": digest}))
             left = deadline - time.monotonic()
             if left <= 0:
                 break
