@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from swarmlm.p2p.identity import NodeIdentity
+from swarmlm.p2p.messages import MessageSigner, SignedMessage
 from swarmlm.p2p.tls import make_contexts, write_tls_files
+from swarmlm.p2p.transport import PEX_MAX_NEW
 from swarmlm.p2p.wire import HEADER
 
 from .conftest import run, start_node, stop_all, until
@@ -136,3 +138,71 @@ def test_a_thousand_idle_connections_cost_a_node_little_memory() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def _record(identity: NodeIdentity, host: str, port: int) -> dict[str, object]:
+    return MessageSigner(identity).sign("peer_record", {"addr": [host, port]}).to_wire()
+
+
+def _peers_msg(sender: NodeIdentity, records: list[dict[str, object]]) -> SignedMessage:
+    return MessageSigner(sender).sign("peers", {"records": records})
+
+
+def test_learned_addresses_follow_the_private_address_policy() -> None:
+    async def go() -> None:
+        local = await start_node()  # listens on 127.0.0.1: a local swarm
+        public = await start_node(advertise_host="8.8.8.8")  # says it is a public node
+        strict = await start_node(pex_private_addresses="deny")
+        lax = await start_node(advertise_host="8.8.8.8", pex_private_addresses="allow")
+        try:
+            assert await local._allowed_target("127.0.0.1", 1) == "127.0.0.1"
+            assert await local._allowed_target("10.1.2.3", 1) == "10.1.2.3"
+            for internal in ("127.0.0.1", "10.1.2.3", "192.168.0.9", "169.254.0.1", "::1"):
+                assert await public._allowed_target(internal, 1) is None, internal
+            assert await public._allowed_target("localhost", 1) is None  # judged once resolved
+            assert await public._allowed_target("8.8.4.4", 1) == "8.8.4.4"
+            assert await strict._allowed_target("127.0.0.1", 1) is None
+            assert await lax._allowed_target("10.1.2.3", 1) == "10.1.2.3"
+            for never in ("224.0.0.1", "0.0.0.0"):
+                assert await lax._allowed_target(never, 1) is None
+        finally:
+            await stop_all([local, public, strict, lax])
+
+    run(go())
+
+
+def test_a_dialled_advertised_peer_must_hold_the_advertised_key() -> None:
+    # a record signed by X naming Y's address: we dial Y expecting X, and Y is refused
+    async def go() -> None:
+        a, y = await start_node(), await start_node()
+        x = NodeIdentity.generate()
+        gossip = NodeIdentity.generate()
+        try:
+            a._on_peers(_peers_msg(gossip, [_record(x, "127.0.0.1", y.port)]), gossip.node_id)
+            await until(lambda: a.peers[x.node_id].dial_attempts >= 1, 5)
+            await asyncio.sleep(0.5)
+            assert x.node_id not in a.connections
+            assert y.node_id not in a.connections
+        finally:
+            await stop_all([a, y])
+
+    run(go())
+
+
+def test_peer_lists_are_rate_limited_and_teach_a_bounded_number_of_new_peers() -> None:
+    async def go() -> None:
+        a = await start_node(pex_interval=5.0)
+        gossip = NodeIdentity.generate()
+        try:
+            many = [_record(NodeIdentity.generate(), "127.0.0.1", 1000 + i) for i in range(100)]
+            a._on_peers(_peers_msg(gossip, many), gossip.node_id)
+            learned = len(a.peers) - 1  # the gossiping peer itself got a row
+            assert learned == PEX_MAX_NEW
+            assert a.counters["pex_new_capped"] == 100 - PEX_MAX_NEW
+            a._on_peers(_peers_msg(gossip, many), gossip.node_id)  # at once again: dropped
+            assert a.counters["pex_rate_limited"] == 1
+            assert len(a.peers) - 1 == PEX_MAX_NEW
+        finally:
+            await stop_all([a])
+
+    run(go())

@@ -49,6 +49,11 @@ class P2PConfig(BaseModel):
     pex_interval: float = Field(default=2.0, gt=0, description="peer-exchange gossip period")
     peer_ttl: float = Field(default=600.0, gt=0, description="forget peer records older than this")
     max_peers: int = Field(default=256, ge=1, description="bound on the peer table")
+    pex_private_addresses: Literal["auto", "allow", "deny"] = Field(
+        default="auto",
+        description="dial loopback/private/link-local addresses (and single-label names) "
+        "learned from peers: auto = only when this node's own address is one",
+    )
     reconnect_base: float = Field(default=0.2, gt=0, description="first reconnect delay")
     reconnect_max: float = Field(default=10.0, gt=0, description="reconnect delay ceiling")
     blacklist_seconds: float = Field(default=300.0, ge=0, description="ban length for offenders")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
+import socket
 import ssl
 import tempfile
 import time
@@ -57,6 +59,7 @@ EARLY_MAX_BYTES = 16 << 20
 EARLY_MAX_AGE = 30.0  # seconds
 # A hello is a few hundred bytes: an unauthenticated peer never makes us buffer a large frame.
 HELLO_MAX_FRAME = 16 * 1024
+PEX_MAX_NEW = 32  # peers never seen before that one peer list may teach us
 
 Handler = Callable[[SignedMessage, str], Awaitable[None] | None]
 
@@ -72,6 +75,7 @@ class PeerInfo:
     last_contact: float = 0.0  # time.monotonic() of the last frame received
     dial_attempts: int = 0
     next_dial: float = 0.0
+    last_pex: float = -1e9  # time.monotonic() of the last peer list we processed from it
 
     def state(self, node: P2PNode) -> str:
         if node.scores.is_blacklisted(self.node_id):
@@ -705,6 +709,15 @@ class P2PNode:
         records = msg.body["records"]
         if len(records) > self.config.max_peers + 1:
             raise MessageRejectedError("invalid", f"{len(records)} peer records, over max_peers")
+        # One list per peer and half a PEX period (honest peers send one per period, plus
+        # one on connect): a flood of lists costs us no signature checks.
+        sender = self.peer(peer)
+        mono = time.monotonic()
+        if mono - sender.last_pex < self.config.pex_interval / 2:
+            self.counters["pex_rate_limited"] += 1
+            return
+        sender.last_pex = mono
+        new_peers = 0
         for wire in records:
             seen = peek_sender_ts(wire)
             if (
@@ -713,9 +726,17 @@ class P2PNode:
                 and seen[1] <= self.peers[seen[0]].record_ts
             ):
                 continue  # not newer than what we hold: skip the (costly) signature check
+            if seen is not None and seen[0] not in self.peers:
+                new_peers += 1
+                if new_peers > PEX_MAX_NEW:
+                    self.counters["pex_new_capped"] += 1
+                    continue  # learned later, from this peer's next lists or others'
             rec = open_signed(wire)  # a bad record rejects the whole message (and scores)
             if rec.kind != "peer_record" or not _valid_addr(rec.body["addr"]):
                 raise MessageRejectedError("invalid", "peer list holds a non-record")
+            if _never_dialable(str(rec.body["addr"][0])):
+                self.counters["pex_address_refused"] += 1
+                continue
             if rec.sender == self.node_id or now - rec.ts > self.config.peer_ttl:
                 continue
             if rec.ts > now + self.config.max_message_age:
@@ -748,7 +769,7 @@ class P2PNode:
                 delay = min(cfg.reconnect_max, cfg.reconnect_base * 2**info.dial_attempts)
                 info.next_dial = now + delay * random.uniform(0.5, 1.5)
                 info.dial_attempts += 1
-                self._spawn_dial(info.addr[0], info.addr[1], info.node_id)
+                self._spawn_dial(info.addr[0], info.addr[1], info.node_id, learned=True)
             for peer_id in list(self.blocked):
                 conn = self.connections.get(peer_id)
                 if conn is not None:
@@ -760,12 +781,23 @@ class P2PNode:
                 self.broadcast(self._peers_message())
             await asyncio.sleep(min(cfg.heartbeat_interval, cfg.reconnect_base, 0.25))
 
-    def _spawn_dial(self, host: str, port: int, expect: str | None) -> None:
+    def _spawn_dial(self, host: str, port: int, expect: str | None, learned: bool = False) -> None:
+        """Dial in the background. ``learned`` addresses came from peers (PEX records,
+        hellos), not from our configuration: they are resolved once and dialled only when
+        the address policy allows the resulting IP (``pex_private_addresses``), so a peer
+        cannot steer us at internal services; the IP is dialled, not the name again."""
         self._dialing.add((host, port))
 
         async def dial() -> None:
             try:
-                await self.connect(host, port, expect)
+                allowed = await self._allowed_target(host, port) if learned else host
+                if allowed is None:
+                    self.counters["pex_address_refused"] += 1
+                    info = self.peers.get(expect or "")
+                    if info is not None:  # not again before its record is renewed
+                        info.next_dial = time.monotonic() + self.config.peer_ttl
+                    return
+                await self.connect(allowed, port, expect)
             except (TransportError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 log.debug("dial %s:%d failed: %s", host, port, exc)
             finally:
@@ -774,6 +806,39 @@ class P2PNode:
         task = asyncio.create_task(dial())
         self._tasks.append(task)
         task.add_done_callback(self._tasks_done)
+
+    async def _allowed_target(self, host: str, port: int) -> str | None:
+        """The IP to dial for a learned ``host``, or None when the policy refuses it."""
+        try:
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
+        except ValueError:
+            # a name is resolved once and its address judged like a literal one (and then
+            # dialled as such: no second lookup that could answer differently)
+            try:
+                infos = await asyncio.wait_for(
+                    asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM),
+                    self.config.connect_timeout,
+                )
+            except (OSError, TimeoutError):
+                return None
+            if not infos:
+                return None
+            ip = ipaddress.ip_address(infos[0][4][0])
+        if _never_dialable(str(ip)):
+            return None
+        if _is_internal(ip) and not self._private_allowed():
+            return None
+        return str(ip)
+
+    def _private_allowed(self) -> bool:
+        policy = self.config.pex_private_addresses
+        if policy != "auto":
+            return policy == "allow"
+        own = self.config.advertise_host or self.config.host
+        try:
+            return _is_internal(ipaddress.ip_address(own))
+        except ValueError:
+            return _is_local_name(own)
 
     # -- introspection -------------------------------------------------------------------
     def peer_rows(self) -> list[dict[str, Any]]:
@@ -801,6 +866,25 @@ class P2PNode:
             "counters": dict(self.counters),
             "blacklisted": [p[:12] for p in self.scores.blacklisted()],
         }
+
+
+def _is_internal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Loopback, private, link-local or otherwise not publicly routed."""
+    return ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_reserved
+
+
+def _is_local_name(host: str) -> bool:
+    """``localhost`` or a single-label name (a container or LAN host), never a public FQDN."""
+    return host == "localhost" or "." not in host.strip(".")
+
+
+def _never_dialable(host: str) -> bool:
+    """Multicast and unspecified addresses are never a peer, whatever the policy."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_multicast or ip.is_unspecified
 
 
 def _valid_addr(addr: object) -> bool:
