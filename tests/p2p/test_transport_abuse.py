@@ -206,3 +206,36 @@ def test_peer_lists_are_rate_limited_and_teach_a_bounded_number_of_new_peers() -
             await stop_all([a])
 
     run(go())
+
+
+def test_a_peer_flooding_requests_is_throttled_and_charged_but_a_burst_is_not() -> None:
+    async def go() -> None:
+        node = await start_node(request_rate=20.0, request_burst=50)
+        flooder = await start_node()
+        served: list[str] = []
+        node.on("status_req", lambda m, p: served.append(p))
+        try:
+            await flooder.connect("127.0.0.1", node.port)
+            await until(lambda: flooder.node_id in node.connections, 5)
+            # an honest burst (a lagging node catching up) passes whole and costs nothing
+            # (40: the bucket of 50 also paid for the peer list sent on connect)
+            for _ in range(40):
+                flooder.send(node.node_id, flooder.sign("status_req", {}))
+            await until(lambda: len(served) >= 40, 5)
+            assert node.scores.score(flooder.node_id) == 0.0
+            # a flood: most is dropped, counted, and the sender loses score
+            for _ in range(2000):
+                flooder.send(node.node_id, flooder.sign("status_req", {}))
+            await until(lambda: node.counters["requests_rate_limited"] >= 1500, 10)
+            assert len(served) < 50 + 200
+            assert node.scores.score(flooder.node_id) < 0
+            assert not node.scores.is_blacklisted(flooder.node_id)  # one flood is no ban
+            # other kinds from the same peer are not throttled
+            got: list[str] = []
+            node.on("nofetch", lambda m, p: got.append(p))
+            flooder.send(node.node_id, flooder.sign("nofetch", {"digest": b"x" * 32}))
+            await until(lambda: bool(got), 5)
+        finally:
+            await stop_all([flooder, node])
+
+    run(go())

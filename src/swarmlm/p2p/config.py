@@ -44,6 +44,17 @@ class P2PConfig(BaseModel):
     max_pending_per_ip: int = Field(
         default=16, ge=1, description="inbound connections not yet authenticated, per address"
     )
+    # -- per-peer request rate limit (issue 17 #5; docs/p2p.md, "Resource limits and abuse") --
+    request_kinds: list[str] = Field(
+        default_factory=lambda: ["fetch", "status_req", "decided_req", "peers"],
+        description="message kinds that ask us for work, rate-limited per peer",
+    )
+    request_rate: float = Field(
+        default=50.0, gt=0, description="request_kinds messages per second per peer, sustained"
+    )
+    request_burst: int = Field(
+        default=200, ge=1, description="request_kinds messages per peer accepted in one burst"
+    )
     heartbeat_interval: float = Field(default=1.0, gt=0, description="ping period per connection")
     dead_timeout: float = Field(default=5.0, gt=0, description="silence after which a peer is dead")
     pex_interval: float = Field(default=2.0, gt=0, description="peer-exchange gossip period")

@@ -210,6 +210,10 @@ PENALTIES: dict[str, float] = {
     "bad_blob": 5.0,
     "unsolicited_blob": 0.1,  # honest fetch/push races cause these; skipping them is cheap
     "invalid": 5.0,
+    # charged at most once per second while a peer exceeds its request rate (transport):
+    # -2/s against +0.1/s recovery bans a sustained flood after ~16 s, while a laggard's
+    # catch-up burst beyond the bucket costs a few points at most
+    "flood": 2.0,
 }
 
 

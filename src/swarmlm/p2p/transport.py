@@ -28,6 +28,7 @@ from typing import Any
 from swarmlm.p2p.config import P2PConfig
 from swarmlm.p2p.errors import MessageRejectedError, TransportError, WireError
 from swarmlm.p2p.identity import NodeIdentity
+from swarmlm.p2p.limits import RateLimiter
 from swarmlm.p2p.messages import (
     MessageSigner,
     MessageValidator,
@@ -76,6 +77,7 @@ class PeerInfo:
     dial_attempts: int = 0
     next_dial: float = 0.0
     last_pex: float = -1e9  # time.monotonic() of the last peer list we processed from it
+    last_flood_charge: float = -1e9  # time.monotonic() of its last "flood" penalty
 
     def state(self, node: P2PNode) -> str:
         if node.scores.is_blacklisted(self.node_id):
@@ -347,6 +349,11 @@ class P2PNode:
         self._record_signed_at = 0.0
         # inbound connections still in their handshake (TLS + hello), by remote address
         self._pending: Counter[str] = Counter()
+        # request-like kinds per peer (issue 17 #5): a flood is dropped before any handler
+        self._request_kinds = frozenset(config.request_kinds)
+        self.requests: RateLimiter[str] = RateLimiter(
+            config.request_rate, config.request_burst, max_keys=4 * config.max_peers
+        )
         self.on("ping", lambda m, p: None)
         self.on("peers", self._on_peers)
         self.on("fetch", self._on_fetch)
@@ -629,6 +636,8 @@ class P2PNode:
                 msg = self.validator.check(frame, peer)
             except MessageRejectedError:
                 return
+            if msg.kind in self._request_kinds and not self._request_allowed(msg, peer):
+                return
             self.bytes_received += len(msg.raw) + 80
             self.bytes_received_by_kind[msg.kind] += len(msg.raw) + 80
             if msg.kind not in self.handlers:  # e.g. round messages before our protocol starts
@@ -656,6 +665,23 @@ class P2PNode:
             pass
         else:
             self.validator.reject(peer, "malformed", f"unknown frame type {t!r}")
+
+    def _request_allowed(self, msg: SignedMessage, peer: str) -> bool:
+        """Per-peer token bucket over ``request_kinds``. Excess is dropped and counted;
+        a peer still over its rate is charged "flood" at most once a second, so a burst
+        from an honest laggard costs little and a sustained flood ends in a ban."""
+        if self.requests.allow(peer):
+            return True
+        self.counters["requests_rate_limited"] += 1
+        self.counters[f"requests_rate_limited_{msg.kind}"] += 1
+        info = self.peer(peer)
+        now = time.monotonic()
+        if now - info.last_flood_charge >= 1.0:
+            info.last_flood_charge = now
+            self.validator.reject(
+                peer, "flood", f"{msg.kind} over {self.config.request_rate:g}/s from {peer[:12]}"
+            )
+        return False
 
     async def _deliver(self, msg: SignedMessage, peer: str) -> None:
         handler = self.handlers[msg.kind]
