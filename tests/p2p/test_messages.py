@@ -59,12 +59,28 @@ def test_message_with_unexpected_body_field_is_rejected_as_malformed(
     assert e.value.reason == "malformed"
 
 
-def test_replayed_message_is_dropped_counted_and_scored(alice: MessageSigner) -> None:
+def test_an_exact_duplicate_is_dropped_and_counted_but_never_scored(alice: MessageSigner) -> None:
+    # an honest retry (the same signed frame sent again) must not cost its sender (#17 item 3)
     v = MessageValidator()
     msg = alice.sign("ping", {})
     v.check({"t": "msg", **msg.to_wire()}, alice.identity.node_id)
-    with pytest.raises(MessageRejectedError):
+    with pytest.raises(MessageRejectedError) as e:
         v.check({"t": "msg", **msg.to_wire()}, alice.identity.node_id)
+    assert e.value.reason == "duplicate"
+    assert v.dropped["duplicate"] == 1
+    assert v.scores.score(alice.identity.node_id) == 0.0
+
+
+def test_a_replay_older_than_the_window_is_dropped_counted_and_scored(
+    alice: MessageSigner,
+) -> None:
+    v = MessageValidator()
+    v.replay.window = 4
+    old = alice.sign("ping", {})
+    for _ in range(6):
+        v.check({"t": "msg", **alice.sign("ping", {}).to_wire()}, alice.identity.node_id)
+    with pytest.raises(MessageRejectedError):
+        v.check({"t": "msg", **old.to_wire()}, alice.identity.node_id)
     assert v.dropped["replayed"] == 1
     assert v.scores.score(alice.identity.node_id) < 0
 

@@ -239,3 +239,27 @@ def test_a_peer_flooding_requests_is_throttled_and_charged_but_a_burst_is_not() 
             await stop_all([flooder, node])
 
     run(go())
+
+
+def test_a_frame_sent_twice_reaches_the_handler_once_and_costs_nothing() -> None:
+    async def go() -> None:
+        node = await start_node()
+        sender = await start_node()
+        got: list[int] = []
+        node.on("status_req", lambda m, p: got.append(m.seq))
+        try:
+            await sender.connect("127.0.0.1", node.port)
+            await until(lambda: sender.node_id in node.connections, 5)
+            msg = sender.sign("status_req", {})
+            sender.send(node.node_id, msg)
+            sender.send(node.node_id, msg)  # an honest retry of the very same frame
+            sender.send(node.node_id, sender.sign("status_req", {}))
+            await until(lambda: len(got) >= 2, 5)
+            await until(lambda: node.validator.dropped["duplicate"] >= 1, 5)
+            assert got[0] == msg.seq
+            assert got.count(msg.seq) == 1
+            assert node.scores.score(sender.node_id) == 0.0
+        finally:
+            await stop_all([sender, node])
+
+    run(go())

@@ -25,7 +25,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 
@@ -217,6 +217,12 @@ PENALTIES: dict[str, float] = {
 }
 
 
+# Drops that never cost score. An exact duplicate of a recent message can only come from
+# its own signer (direct messages must be signed by the connection's peer) and harms no
+# one: dropping it is enough; the transport charges a stream of them as a flood.
+UNSCORED = frozenset({"blacklisted", "duplicate"})
+
+
 @dataclass
 class PeerScores:
     """Per-peer scores with time-limited blacklisting.
@@ -281,9 +287,17 @@ class ReplayGuard:
 
     def check_and_record(self, sender: str, seq: int) -> bool:
         """True if fresh (and records it); False if it is a replay."""
+        return self.classify(sender, seq) == "fresh"
+
+    def classify(self, sender: str, seq: int) -> Literal["fresh", "duplicate", "old"]:
+        """``fresh`` (and records it), ``duplicate`` (this seq was seen, within the window:
+        the same message again, e.g. an honest retry) or ``old`` (below the window: a replay
+        of something long past, which no honest peer sends)."""
         top, seen = self._seen.get(sender, (-1, set()))
-        if seq in seen or (top >= 0 and seq <= top - self.window):
-            return False
+        if seq in seen:
+            return "duplicate"
+        if top >= 0 and seq <= top - self.window:
+            return "old"
         seen.add(seq)
         if seq > top:
             top = seq
@@ -293,7 +307,7 @@ class ReplayGuard:
         self._seen.move_to_end(sender)
         while len(self._seen) > self.max_senders:
             self._seen.popitem(last=False)
-        return True
+        return "fresh"
 
 
 class MessageValidator:
@@ -315,7 +329,7 @@ class MessageValidator:
     def reject(self, from_peer: str | None, reason: str, detail: str) -> None:
         """Count a drop and penalize the connection it came from (if authenticated)."""
         self.dropped[reason] += 1
-        if from_peer is not None and reason != "blacklisted":
+        if from_peer is not None and reason not in UNSCORED:
             self.scores.penalize(from_peer, reason)
         log.info("dropped message from %s: %s: %s", (from_peer or "?")[:12], reason, detail)
 
@@ -341,9 +355,14 @@ class MessageValidator:
                     "stale",
                     f"{msg.kind} from {from_peer[:12]} timestamp off by {msg.ts - now:.0f} s",
                 )
-            if not self.replay.check_and_record(msg.sender, msg.seq):
+            seen = self.replay.classify(msg.sender, msg.seq)
+            if seen == "duplicate":
                 raise MessageRejectedError(
-                    "replayed", f"{msg.kind} seq {msg.seq} from {from_peer[:12]} seen before"
+                    "duplicate", f"{msg.kind} seq {msg.seq} from {from_peer[:12]} again"
+                )
+            if seen == "old":
+                raise MessageRejectedError(
+                    "replayed", f"{msg.kind} seq {msg.seq} from {from_peer[:12]} long past"
                 )
         except MessageRejectedError as exc:
             self.reject(from_peer, exc.reason, exc.detail)

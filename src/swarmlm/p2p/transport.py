@@ -448,7 +448,8 @@ class P2PNode:
     def broadcast(self, msg: SignedMessage, peers: list[str] | None = None) -> int:
         """Send to ``peers`` (default: all connected); returns how many were queued."""
         frame = encode_frame({"t": "msg", **msg.to_wire()})
-        targets = list(self.connections) if peers is None else peers
+        # each peer once: the same frame twice is, to the receiver, a duplicate
+        targets = list(self.connections) if peers is None else list(dict.fromkeys(peers))
         queued = sum(self.send_raw(p, frame) for p in targets if p != self.node_id)
         self.bytes_sent_by_kind[msg.kind] += queued * len(frame)
         return queued
@@ -634,9 +635,11 @@ class P2PNode:
         if t == "msg":
             try:
                 msg = self.validator.check(frame, peer)
-            except MessageRejectedError:
+            except MessageRejectedError as exc:
+                if exc.reason == "duplicate":  # free once, but a stream of them is a flood
+                    self._request_allowed("duplicate", peer)
                 return
-            if msg.kind in self._request_kinds and not self._request_allowed(msg, peer):
+            if msg.kind in self._request_kinds and not self._request_allowed(msg.kind, peer):
                 return
             self.bytes_received += len(msg.raw) + 80
             self.bytes_received_by_kind[msg.kind] += len(msg.raw) + 80
@@ -666,20 +669,20 @@ class P2PNode:
         else:
             self.validator.reject(peer, "malformed", f"unknown frame type {t!r}")
 
-    def _request_allowed(self, msg: SignedMessage, peer: str) -> bool:
+    def _request_allowed(self, kind: str, peer: str) -> bool:
         """Per-peer token bucket over ``request_kinds``. Excess is dropped and counted;
         a peer still over its rate is charged "flood" at most once a second, so a burst
         from an honest laggard costs little and a sustained flood ends in a ban."""
         if self.requests.allow(peer):
             return True
         self.counters["requests_rate_limited"] += 1
-        self.counters[f"requests_rate_limited_{msg.kind}"] += 1
+        self.counters[f"requests_rate_limited_{kind}"] += 1
         info = self.peer(peer)
         now = time.monotonic()
         if now - info.last_flood_charge >= 1.0:
             info.last_flood_charge = now
             self.validator.reject(
-                peer, "flood", f"{msg.kind} over {self.config.request_rate:g}/s from {peer[:12]}"
+                peer, "flood", f"{kind} over {self.config.request_rate:g}/s from {peer[:12]}"
             )
         return False
 
