@@ -263,3 +263,88 @@ def test_a_frame_sent_twice_reaches_the_handler_once_and_costs_nothing() -> None
             await stop_all([sender, node])
 
     run(go())
+
+
+_ECHO_SERVER = _SERVER.replace(
+    "await node.start()",
+    "def answer(m, p):\n"
+    "        node.send(p, node.sign('status', {'members': []}))\n"
+    "\n"
+    "    node.on('status_req', answer)\n"
+    "    await node.start()",
+).replace("connect_timeout=5.0", "connect_timeout=2.0")
+
+
+async def _garbage_stream(port: int, stop: asyncio.Event) -> int:
+    """Connections from 127.0.0.2 that send junk (or nothing) and vanish, 16 at a time."""
+    sent = 0
+
+    async def one(i: int) -> None:
+        nonlocal sent
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            _, w = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            w.write(bytes([0x16, 3, 1]) + (b"\xff" * (i % 2000)))
+            await asyncio.wait_for(w.drain(), 2)
+            sent += 1
+            await asyncio.sleep(0.05 * (i % 5))
+            w.transport.abort()
+
+    i = 0
+    while not stop.is_set():
+        await asyncio.gather(*(one(i + k) for k in range(16)))
+        i += 16
+    return sent
+
+
+def test_idle_and_garbage_connections_leave_a_node_small_and_serving() -> None:
+    """3,000 idle TCP connections and a garbage stream from one address (127.0.0.2): the
+    node grows by well under 100 MB, and a peer on another address connects and is
+    answered meanwhile."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 3600
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"needs ~{need} file descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+
+    async def go(port: int) -> float:
+        writers: list[asyncio.StreamWriter] = []
+        stop = asyncio.Event()
+        garbage = asyncio.create_task(_garbage_stream(port, stop))
+        peer = await start_node()
+        try:
+            for _ in range(3000):
+                with contextlib.suppress(OSError):
+                    _, w = await asyncio.open_connection(
+                        "127.0.0.1", port, local_addr=("127.0.0.2", 0)
+                    )
+                    writers.append(w)
+            assert len(writers) >= 2900
+            # an honest peer (from 127.0.0.1) gets in and is answered while the abuse goes on
+            server_id = await asyncio.wait_for(peer.connect("127.0.0.1", port), 10)
+            answers: list[str] = []
+            peer.on("status", lambda m, p: answers.append(p))
+            for _ in range(3):
+                peer.send(server_id, peer.sign("status_req", {}))
+                await asyncio.sleep(0.5)
+            await until(lambda: len(answers) >= 3, 10)
+            return _rss_mb(proc.pid)
+        finally:
+            stop.set()
+            await garbage
+            for w in writers:
+                w.transport.abort()
+            await peer.stop()
+
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        time.sleep(0.5)
+        before = _rss_mb(proc.pid)
+        during = asyncio.run(go(port))
+        assert during - before < 100, f"RSS grew {during - before:.0f} MB"
+    finally:
+        proc.kill()
+        proc.wait()
