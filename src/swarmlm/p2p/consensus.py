@@ -113,6 +113,9 @@ class _Round:
     started: bool = False
     contribs: dict[str, SignedMessage] = field(default_factory=dict)
     proposals: dict[int, SignedMessage] = field(default_factory=dict)
+    # proposals named by a valid decision certificate, by hash: authoritative even when the
+    # leader showed us a different (equivocating) proposal for the same view first
+    certified: dict[bytes, SignedMessage] = field(default_factory=dict)
     votes: dict[tuple[str, int, bytes], dict[str, SignedMessage]] = field(default_factory=dict)
     sent: set[tuple[str, int]] = field(default_factory=set)
     prepared: dict[str, Any] | None = None
@@ -1004,7 +1007,9 @@ class RoundProtocol:
         return True
 
     def _try_decide(self, st: _Round, view: int, h: bytes, commits: dict[str, Any]) -> None:
-        prop = next((p for p in st.proposals.values() if self._phash(p) == h), None)
+        prop = st.certified.get(h) or next(
+            (p for p in st.proposals.values() if self._phash(p) == h), None
+        )
         if prop is None:
             self._request_decided(st.round, list(commits))
             return
@@ -1204,7 +1209,13 @@ class RoundProtocol:
         if len(commits) < quorum(len(members), self.cfg.consensus_threshold):
             raise MessageRejectedError("invalid", f"decision from {peer[:12]}: too few commits")
         self.stats["caught_up_rounds"] += 1
-        st.proposals.setdefault(view, prop)
+        # The certified proposal wins over whatever the leader showed us for this view: a
+        # leader that signed two proposals for one view (split proposal) is recorded, and we
+        # decide the certified one, pulling its payloads from any holder (issue 17 #1).
+        st.certified[h] = prop
+        old = st.proposals.setdefault(view, prop)
+        if old is not prop and self._phash(old) != h:
+            self._record_equivocation(old, prop)
         for c in commits.values():
             st.votes.setdefault(("commit", view, h), {})[c.sender] = c
         self._try_decide(st, view, h, commits)
