@@ -33,6 +33,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from swarmlm.p2p.certificates import check_body, check_entries_shape, precheck_signers
 from swarmlm.p2p.errors import ConsensusError, MessageRejectedError, TransportError
 from swarmlm.p2p.identity import canonical_encode
 from swarmlm.p2p.membership import (
@@ -63,6 +64,12 @@ def quorum(n: int, threshold: float = 2 / 3) -> int:
     more. Never below ``n - f``: two quorums must share an honest member (``2q - n > f``)."""
     safe = n - (n - 1) // 3
     return max(safe, min(n, math.ceil(threshold * n - 1e-9)))
+
+
+def _distinct(peers: list[str]) -> list[str]:
+    """``peers`` in order without repeats: a peer listed twice would be sent the same
+    signed fetch twice, and the second copy looks like a replay to it (issue 17 #3)."""
+    return list(dict.fromkeys(peers))
 
 
 def leader_of(members: list[str], round: int, view: int) -> str:
@@ -98,6 +105,10 @@ class Decision:
     changes: list[dict[str, Any]]
     certificate: dict[str, Any]
     latency_s: float = 0.0
+    # decided from its certificate without its payloads: the node was so far behind that the
+    # members had likely forgotten them (keep_rounds); the application must sync its state
+    # from the swarm instead of applying this round (issue 17 #2)
+    skipped: bool = False
 
     @property
     def digests(self) -> list[bytes]:
@@ -388,6 +399,9 @@ class RoundProtocol:
             self._handle(msg, peer)
 
     def _handle(self, msg: SignedMessage, peer: str) -> None:
+        # ranges, lengths and nested shapes first, whatever the round: a malformed but
+        # signed message costs its sender even when it would be buffered or ignored (#11)
+        check_body(msg)
         r = msg.round
         if msg.kind == "decided":
             self._on_decided(msg, peer)
@@ -454,9 +468,8 @@ class RoundProtocol:
             self._spawn(self._fetch_one(st, digest, [msg.sender]))
 
     async def _fetch_one(self, st: _Round, digest: bytes, peers: list[str]) -> None:
-        others = [p for p in st.members if p not in peers]
         with contextlib.suppress(TransportError):
-            await self.node.fetch(digest, [*peers, *others], self.cfg.fetch_timeout)
+            await self.node.fetch(digest, _distinct([*peers, *st.members]), self.cfg.fetch_timeout)
 
     def _on_vote(self, st: _Round, msg: SignedMessage, peer: str) -> None:
         view, h = msg.body["view"], msg.body["h"]
@@ -535,6 +548,7 @@ class RoundProtocol:
         entries = b["entries"]
         if not st.q <= len(entries) <= st.n:
             raise MessageRejectedError("invalid", f"proposal from {who} has {len(entries)} entries")
+        check_entries_shape(entries, who)  # before any contribution's signature
         peers = []
         for e in entries:
             if not isinstance(e, list) or len(e) != 2:
@@ -563,6 +577,7 @@ class RoundProtocol:
         senders: set[str] = set()
         best: dict[str, Any] | None = None
         best_view = -1
+        precheck_signers(b["justify"], st.members, f"justification of view {view}")
         for w in b["justify"]:
             vc = open_signed(w)
             if vc.kind != "viewchange" or vc.round != st.round or vc.body["view"] != view:
@@ -587,6 +602,9 @@ class RoundProtocol:
     def _check_prepared_cert(self, st: _Round, cert: dict[str, Any]) -> int:
         """Validate {proposal, votes}; returns the view it prepared in."""
         try:
+            # who signed, checked before any signature: a certificate padded with duplicate,
+            # surplus or non-member votes costs its sender, not our CPU (issue 17 #7)
+            precheck_signers(cert["votes"], st.members, "prepared certificate")
             prop = open_signed(cert["proposal"])
             votes = [open_signed(v) for v in cert["votes"]]
         except (KeyError, TypeError):
@@ -657,6 +675,7 @@ class RoundProtocol:
         """Distinct members of round ``st`` whose recent signed votes evict ``peer``."""
         if not isinstance(votes, list) or len(votes) > st.n:
             return 0
+        precheck_signers(votes, st.members, f"removal of {peer[:12]}")
         voters = set()
         for wire in votes:
             v = open_signed(wire)
@@ -980,7 +999,7 @@ class RoundProtocol:
                 if digest in announced and await self._await_push(digest):
                     continue
                 self.stats["pulls_to_decide"] += 1
-                peers = [prop.sender, e.peer] + [p for p in st.members if p != e.peer]
+                peers = _distinct([prop.sender, e.peer, *st.members])
                 with contextlib.suppress(TransportError):
                     await self.node.fetch(digest, peers, self.cfg.fetch_timeout)
         finally:
@@ -1014,13 +1033,27 @@ class RoundProtocol:
             self._request_decided(st.round, list(commits))
             return
         missing = [e for e in self._entries(prop) if e.digest not in self.node.blobs]
+        cert = {"proposal": prop.to_wire(), "commits": [c.to_wire() for c in commits.values()]}
+        if missing and st.round + self.cfg.keep_rounds // 2 < self.highest_seen:
+            # Far behind: the members have (or soon will have) pruned this round's payloads,
+            # so waiting for them would strand us for good. The certificate alone decides
+            # the round; the decision says its payloads were skipped (issue 17 #2).
+            self.stats["rounds_skipped"] += 1
+            self._decide(st, prop, view, cert, skipped=True)
+            return
         if missing:
             self._fetch_missing(st, prop)
             return
-        cert = {"proposal": prop.to_wire(), "commits": [c.to_wire() for c in commits.values()]}
         self._decide(st, prop, view, cert)
 
-    def _decide(self, st: _Round, prop: SignedMessage, view: int, cert: dict[str, Any]) -> None:
+    def _decide(
+        self,
+        st: _Round,
+        prop: SignedMessage,
+        view: int,
+        cert: dict[str, Any],
+        skipped: bool = False,
+    ) -> None:
         entries = list(self._entries(prop))
         changes = prop.body["changes"]
         nxt = set(st.members)
@@ -1033,7 +1066,9 @@ class RoundProtocol:
             self.leave_requests.pop(ch["peer"], None)
             self.evict_votes.pop(ch["peer"], None)
         latency = time.monotonic() - st.t0
-        d = Decision(st.round, view, entries, st.members, sorted(nxt), changes, cert, latency)
+        d = Decision(
+            st.round, view, entries, st.members, sorted(nxt), changes, cert, latency, skipped
+        )
         st.decided = d
         st.done.set()
         self.decisions[st.round] = d
@@ -1106,10 +1141,10 @@ class RoundProtocol:
                     continue
                 if self.node.receiving(digest):
                     continue  # still streaming in: asking again would only duplicate it
-                others = [p for p in st.members if p != peer]
+                peers = _distinct([peer, *st.members])
                 self.stats["pulls_to_propose"] += 1
                 with contextlib.suppress(TransportError):
-                    await self.node.fetch(digest, [peer, *others], self.cfg.fetch_timeout)
+                    await self.node.fetch(digest, peers, self.cfg.fetch_timeout)
         finally:
             st.pulling = False
         self._progress(st)
@@ -1200,7 +1235,8 @@ class RoundProtocol:
         if prop.sender != leader_of(members, r, view):
             raise MessageRejectedError("invalid", f"decision from {peer[:12]}: wrong leader")
         commits = {}
-        relayed = [open_signed(w) for w in msg.body["commits"][: 4 * len(members)]]
+        precheck_signers(msg.body["commits"], members, f"decision from {peer[:12]}")
+        relayed = [open_signed(w) for w in msg.body["commits"]]
         self._cross_check_votes(st, relayed)
         for c in relayed:
             if (c.kind == "commit" and c.round == r and c.body["view"] == view

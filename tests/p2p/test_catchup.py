@@ -1,0 +1,89 @@
+"""A node that fell more than ``keep_rounds`` behind decides again (issue 17 #2)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+
+from swarmlm.p2p.consensus import RoundProtocol, leader_of, proposal_hash
+from swarmlm.p2p.errors import ConsensusError
+
+from .conftest import run, start_mesh, stop_all, until
+
+
+async def _drive(p: RoundProtocol, stop: asyncio.Event) -> None:
+    """Contribute to each next round, as a swarm member does, until ``stop``."""
+    while not stop.is_set():
+        with contextlib.suppress(ConsensusError, TimeoutError):
+            await p.contribute(p.last_decided + 1, os.urandom(64), timeout=1.0)
+        await asyncio.sleep(0.01)
+
+
+def test_a_node_blocked_for_three_times_keep_rounds_decides_again_within_two_rounds() -> None:
+    async def go() -> tuple[int, int, int]:
+        nodes = await start_mesh(4)
+        ids = sorted(x.node_id for x in nodes)
+        protos = [RoundProtocol(x, ids) for x in nodes]
+        lag, others = protos[0], protos[1:]
+        keep = lag.cfg.keep_rounds
+        for x in nodes[1:]:
+            x.blocked.add(lag.node.node_id)
+            lag.node.blocked.add(x.node_id)
+        stop = asyncio.Event()
+        tasks = [asyncio.ensure_future(_drive(p, stop)) for p in protos]
+        try:
+            await until(lambda: min(p.last_decided for p in others) >= 3 * keep, 40)
+            behind = min(p.last_decided for p in others) - lag.last_decided
+            for x in nodes:
+                x.blocked.clear()
+            at_unblock = max(p.last_decided for p in others)
+            await until(lambda: lag.last_decided >= max(p.last_decided for p in others) - 1, 20)
+            extra = max(p.last_decided for p in others) - at_unblock
+            # and it keeps deciding with them
+            target = max(p.last_decided for p in others) + 2
+            await until(lambda: lag.last_decided >= target, 20)
+            return behind, extra, lag.stats["rounds_skipped"]
+        finally:
+            stop.set()
+            for t in tasks:
+                t.cancel()
+            for p in protos:
+                p.close()
+            await stop_all(nodes)
+
+    behind, extra, skipped = run(go())
+    print(f"behind {behind} rounds; others decided {extra} more rounds before it caught up")
+    assert behind >= 24
+    assert extra <= 2
+    assert skipped > 0
+
+
+def test_a_lying_peers_fake_decision_chain_is_rejected() -> None:
+    """A member that is not the leader signs its own proposal and commits for the next
+    round: too few of the known members' commits, so the lagging node does not jump."""
+
+    async def go() -> tuple[int, float]:
+        nodes = await start_mesh(4)
+        ids = sorted(x.node_id for x in nodes)
+        protos = [RoundProtocol(x, ids) for x in nodes]
+        liar = next(x for x in nodes if x.node_id != leader_of(ids, 1, 0))
+        victim = next(p for p in protos if p.node is not liar)
+        try:
+            for r in (1, 2, 3):
+                prop = liar.sign("propose", {"view": 0, "entries": [], "changes": [],
+                                             "justify": []}, r)  # fmt: skip
+                h = proposal_hash(r, [], [])
+                commit = liar.sign("commit", {"view": 0, "h": h}, r)
+                cert = {"proposal": prop.to_wire(), "commits": [commit.to_wire()] * 3}
+                liar.send(victim.node.node_id, liar.sign("decided", cert, r))
+            await asyncio.sleep(0.5)
+            return victim.last_decided, victim.node.scores.score(liar.node_id)
+        finally:
+            for p in protos:
+                p.close()
+            await stop_all(nodes)
+
+    last, score = run(go())
+    assert last == 0  # no fake round accepted
+    assert score < 0  # and the liar was charged for it
