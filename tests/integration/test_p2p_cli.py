@@ -108,3 +108,35 @@ def test_bad_bootstrap_address_is_refused_with_the_address_named(tmp_path: Path)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode != 0
     assert "localhost:notaport" in out
+
+
+def _run_swarm(tmp_path: Path, rounds: int) -> list[str]:
+    """Four headless nodes from one bootstrap, each with its node dir under ``tmp_path``."""
+    port = free_port()
+    common = ["--no-repl", "--expect", "4", "--rounds", str(rounds), "--round-timeout", "10"]
+    procs = [p2p("--port", str(port), "--node-dir", str(tmp_path / "n0"), *common)]
+    time.sleep(0.5)
+    for i in range(1, 4):
+        procs.append(p2p("--bootstrap", f"127.0.0.1:{port}",
+                         "--node-dir", str(tmp_path / f"n{i}"), *common))  # fmt: skip
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=90)
+            assert p.returncode == 0, out
+            outputs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outputs
+
+
+def test_nodes_restarted_from_their_node_dirs_resume_after_their_last_round(
+    tmp_path: Path,
+) -> None:
+    _run_swarm(tmp_path, 3)
+    outputs = _run_swarm(tmp_path, 2)  # same identities, same dirs
+    for out in outputs:
+        assert "resuming after round 3" in out, out
+        assert set(decided_rows(out)) == {4, 5}, out

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from pathlib import Path
 
-from swarmlm.p2p.consensus import RoundProtocol, leader_of, proposal_hash
+from swarmlm.p2p.catchup import STATE_FILE, ResumeState, load_resume_state, save_resume_state
+from swarmlm.p2p.consensus import Decision, RoundProtocol, leader_of, proposal_hash
 from swarmlm.p2p.errors import ConsensusError
 
 from .conftest import run, start_mesh, stop_all, until
@@ -87,3 +89,12 @@ def test_a_lying_peers_fake_decision_chain_is_rejected() -> None:
     last, score = run(go())
     assert last == 0  # no fake round accepted
     assert score < 0  # and the liar was charged for it
+
+
+def test_resume_state_round_trips_and_a_torn_file_is_ignored(tmp_path: Path) -> None:
+    d = Decision(7, 0, [], ["a", "b"], ["a", "b", "c"], [], {"proposal": {"s": b"\x01"}})
+    save_resume_state(tmp_path, d)
+    assert load_resume_state(tmp_path) == ResumeState(7, ["a", "b", "c"])
+    (tmp_path / STATE_FILE).write_text('{"last_decided": 7, "memb')
+    assert load_resume_state(tmp_path) is None
+    assert load_resume_state(tmp_path / "absent") is None

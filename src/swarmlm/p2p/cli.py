@@ -21,6 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from swarmlm.p2p.catchup import load_resume_state, save_resume_state
 from swarmlm.p2p.config import P2PConfig, parse_bootstrap
 from swarmlm.p2p.consensus import Decision, RoundProtocol
 from swarmlm.p2p.errors import ConsensusError, P2PError
@@ -83,8 +84,11 @@ def run_p2p(args: argparse.Namespace) -> int:
 
 
 class _Session:
-    def __init__(self, node: P2PNode, console: Console, payload_bytes: int) -> None:
+    def __init__(
+        self, node: P2PNode, console: Console, payload_bytes: int, node_dir: Path | None = None
+    ) -> None:
         self.node = node
+        self.node_dir = node_dir
         self.console = console
         self.payload_bytes = payload_bytes
         self.proto: RoundProtocol | None = None
@@ -94,9 +98,22 @@ class _Session:
             self.console.print(f"waiting for {expect - 1} peers ...")
         while len(self.node.connections) < expect - 1:
             await asyncio.sleep(0.1)
-        members = sorted([self.node.node_id, *list(self.node.connections)[: expect - 1]])
-        self.proto = RoundProtocol(self.node, members)
-        self.console.print(f"membership formed: {len(members)} peers")
+        resume = load_resume_state(self.node_dir) if self.node_dir is not None else None
+        if resume is not None:
+            # restarted from our node dir: resume after the last round we decided, with the
+            # membership it agreed, and catch up from the swarm's certificates (issue 17 #2)
+            members = resume.members_next
+            self.proto = RoundProtocol(self.node, members, start_round=resume.last_decided + 1)
+            self.console.print(
+                f"resuming after round {resume.last_decided}: {len(members)} members"
+            )
+        else:
+            members = sorted([self.node.node_id, *list(self.node.connections)[: expect - 1]])
+            self.proto = RoundProtocol(self.node, members)
+            self.console.print(f"membership formed: {len(members)} peers")
+        if self.node_dir is not None:
+            node_dir = self.node_dir
+            self.proto.decided_listeners.append(lambda d: save_resume_state(node_dir, d))
 
     async def test_round(self, r: int | None = None) -> Decision:
         """Contribute a random payload to round ``r`` (default: the next undecided one);
@@ -183,7 +200,7 @@ async def _main(args: argparse.Namespace, config: P2PConfig, console: Console) -
     await node.start()
     console.print(f"node [bold]{identity.short_id}[/bold] ({identity.node_id}) "
                   f"listening on {config.host}:{node.port}")  # fmt: skip
-    session = _Session(node, console, args.payload_bytes)
+    session = _Session(node, console, args.payload_bytes, config.node_dir)
     tasks = [asyncio.create_task(session.form_membership(args.expect))]
     tasks.append(asyncio.create_task(session.follow()))
     code = 0
@@ -218,7 +235,8 @@ async def _main(args: argparse.Namespace, config: P2PConfig, console: Console) -
 async def _run_rounds(session: _Session, membership: asyncio.Task[None], rounds: int) -> None:
     await membership
     assert session.proto is not None
-    for r in range(1, rounds + 1):
+    first = session.proto.start_round  # past 1 when resumed from the node dir
+    for r in range(first, first + rounds):
         # rounds the swarm decided while we were behind are printed, not contributed to
         session.print_decision(await session.test_round(r))
     # A member that is behind (it formed its membership late, or lost a message) catches up

@@ -30,10 +30,18 @@ import logging
 import math
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from swarmlm.p2p.certificates import check_body, check_entries_shape, precheck_signers
+from swarmlm.p2p.certificates import (
+    Admit,
+    FutureBuffer,
+    check_body,
+    check_entries_shape,
+    peek_signer,
+    precheck_signers,
+)
 from swarmlm.p2p.errors import ConsensusError, MessageRejectedError, TransportError
 from swarmlm.p2p.identity import canonical_encode
 from swarmlm.p2p.membership import (
@@ -45,6 +53,7 @@ from swarmlm.p2p.membership import (
 )
 from swarmlm.p2p.messages import SignedMessage, open_signed
 from swarmlm.p2p.transport import P2PNode
+from swarmlm.p2p.votelog import VoteLog, VoteLogError, same_meaning
 from swarmlm.p2p.wire import DIGEST_SIZE, Payload, digest_of
 
 log = logging.getLogger(__name__)
@@ -55,6 +64,9 @@ MAX_VIEW_TIMEOUT_FACTOR = 8
 LOOKAHEAD_ROUNDS = 4
 MAX_BUFFERED = 20_000
 MAX_WAITING = 256  # peers waiting for one round's certificate
+FUTURE_PER_PEER_ROUND = 16  # a member sends a handful of messages per round and view
+FUTURE_PER_PEER = 32
+MAX_ANSWERED = 1024
 EVICT_VOTE_ROUNDS = 16  # an eviction vote older than this many rounds no longer counts
 
 
@@ -165,7 +177,13 @@ class RoundProtocol:
     All methods run on the node's loop; hashing of large payloads happens in a thread.
     """
 
-    def __init__(self, node: P2PNode, genesis: list[str], start_round: int = 1) -> None:
+    def __init__(
+        self,
+        node: P2PNode,
+        genesis: list[str],
+        start_round: int = 1,
+        vote_log: VoteLog | None = None,
+    ) -> None:
         if node.node_id not in genesis and genesis:
             log.info("node %s starts outside the genesis membership", node.identity.short_id)
         self.node = node
@@ -175,10 +193,15 @@ class RoundProtocol:
         self.decisions: dict[int, Decision] = {}
         self.last_decided = start_round - 1
         self.rounds: dict[int, _Round] = {}
-        self.future: dict[int, list[tuple[SignedMessage, str]]] = {}
-        self.n_buffered = 0
+        # messages for rounds not open yet, bounded per peer and round, per peer and overall,
+        # without duplicates; requests are kept apart in a small per-round set (issue 17 #5)
+        self.future = FutureBuffer(FUTURE_PER_PEER_ROUND, FUTURE_PER_PEER, MAX_BUFFERED)
+        self._early_reqs: dict[int, set[str]] = {}
+        self._flood_charged: dict[str, float] = {}
         self.highest_seen = 0
         self.proofs: dict[str, dict[str, Any]] = {}
+        # every slot we sign is made durable here before it is sent (issue 17 #10)
+        self.vote_log = vote_log
         # joiners and the members' acks of their liveness (swarmlm.p2p.membership)
         self.join_requests = JoinTable(self.cfg.max_join_requests, self.cfg.join_request_ttl)
         self.admission = AdmissionPolicy.from_config(self.cfg)
@@ -198,6 +221,8 @@ class RoundProtocol:
         self._round_payloads: dict[int, set[bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
+        # called with each Decision as it is made (e.g. to persist the resume point)
+        self.decided_listeners: list[Callable[[Decision], None]] = []
         self._hash_cache: dict[bytes, bytes] = {}
         self._entry_cache: dict[bytes, list[Entry]] = {}
         for kind in (*ROUND_KINDS, "equivocation", "join", "join_ack", "leave", "evict"):
@@ -239,11 +264,15 @@ class RoundProtocol:
                 digest = digest_of(payload)
             self.node.blobs.put(digest, payload)
             self._round_payloads.setdefault(round, set()).add(digest)
-            msg = self.node.sign("contrib", {"digest": digest, "size": len(payload)}, round)
+            signed = self._sign_slot("contrib", {"digest": digest, "size": len(payload)}, round)
+            if signed is None:
+                return await self.decision(round, max(deadline - time.monotonic(), 0.0))
+            msg = signed
             st.contribs[me] = msg
             st.active.set()
             self._send(msg, st.members)
-            self._push_payload(st, digest, payload)
+            if msg.body["digest"] == digest:  # else: our pre-restart contribution stands
+                self._push_payload(st, digest, payload)
             self._progress(st)
         return await self.decision(round, max(deadline - time.monotonic(), 0.0))
 
@@ -377,8 +406,8 @@ class RoundProtocol:
         st = _Round(r, members, threshold=self.cfg.consensus_threshold)
         self.rounds[r] = st
         self._spawn(self._timer(st))
-        for msg, peer in self.future.pop(r, []):
-            self.n_buffered -= 1
+        st.waiting.update(self._early_reqs.pop(r, set()))
+        for msg, peer in self.future.pop(r):
             self._handle(msg, peer)
         self._changed.set()
         return st
@@ -417,15 +446,24 @@ class RoundProtocol:
             members = self._members.get(r - 1) or self._members.get(self.last_decided + 1) or []
             if msg.sender in members:
                 self.highest_seen = max(self.highest_seen, r)
-            if r <= self.last_decided + LOOKAHEAD_ROUNDS and self.n_buffered < MAX_BUFFERED:
-                self.future.setdefault(r, []).append((msg, peer))
-                self.n_buffered += 1
-                if msg.kind == "contrib" and msg.sender in members:
+            if not self.last_decided < r <= self.last_decided + LOOKAHEAD_ROUNDS:
+                # a round that will never open here (pruned, 0, or far ahead): nothing to keep
+                self.stats["dropped_future"] += 1
+            elif msg.kind == "decided_req":
+                # never in the buffer: a small per-round set of who asked, moved to the
+                # round's waiting list when it opens
+                waiting = self._early_reqs.setdefault(r, set())
+                if len(waiting) < MAX_WAITING:
+                    waiting.add(peer)
+            else:
+                admit = self.future.add(r, msg, peer)
+                self.stats[f"future_{admit.value}"] += 1
+                if admit is Admit.PEER_FULL:
+                    self._charge_flood(peer, f"{peer[:12]} over its future-round share")
+                elif admit is Admit.BUFFERED and msg.kind == "contrib" and msg.sender in members:
                     # its payload follows right behind; accept it before the round opens
                     self.node.blobs.expect(msg.body["digest"])
                     self._round_payloads.setdefault(r, set()).add(msg.body["digest"])
-            else:
-                self.stats["dropped_future"] += 1
             if r > self.last_decided + 1:
                 self._request_decided(self.last_decided + 1, [peer])
             return
@@ -447,6 +485,24 @@ class RoundProtocol:
         }[msg.kind]
         handler(st, msg, peer)
         self._progress(st)
+
+    @property
+    def n_buffered(self) -> int:
+        """Messages held for rounds that are not open yet."""
+        return len(self.future)
+
+    def _charge_flood(self, peer: str, why: str) -> None:
+        """Penalise a peer that exceeds its share of a bounded table, at most once a second
+        (a modest, steady charge: an honest burst at a round boundary costs little)."""
+        now = time.monotonic()
+        if now - self._flood_charged.get(peer, -1e9) < 1.0:
+            return
+        if len(self._flood_charged) >= self.cfg.max_peers:
+            self._flood_charged.clear()
+        self._flood_charged[peer] = now
+        self.stats["flood_charges"] += 1
+        log.info("flood: %s", why)
+        self.node.scores.penalize(peer, "flood")
 
     def _on_contrib(self, st: _Round, msg: SignedMessage, peer: str) -> None:
         digest, size = msg.body["digest"], msg.body["size"]
@@ -715,8 +771,17 @@ class RoundProtocol:
             return a.sender if same_view and self._phash(a) != self._phash(b) else None
         return None
 
+    def _knows(self, peer: str) -> bool:
+        """A peer whose equivocation matters to us: a member of a round we track, or a
+        peer we are connected to. Proofs against anyone else are not kept (issue 17 #8)."""
+        return peer in self.node.connections or any(peer in m for m in self._members.values())
+
     def _record_equivocation(self, a: SignedMessage, b: SignedMessage) -> None:
-        if a.sender in self.proofs:
+        # one proof per offender, only for peers we know, at most max_peers of them
+        if a.sender in self.proofs or not self._knows(a.sender):
+            return
+        if len(self.proofs) >= self.cfg.max_peers:
+            self.stats["dropped_proofs"] += 1
             return
         proof = {"a": a.to_wire(), "b": b.to_wire()}
         if self._verify_proof(proof) != a.sender:
@@ -729,6 +794,11 @@ class RoundProtocol:
         self._send(self.node.sign("equivocation", proof), members)
 
     def _on_equivocation(self, msg: SignedMessage) -> None:
+        claimed = peek_signer(msg.body.get("a")) if isinstance(msg.body, dict) else None
+        if claimed is not None and (claimed in self.proofs or not self._knows(claimed)):
+            # already proven, or a stranger: no signature checked, nothing stored
+            self.stats["ignored_proofs"] += 1
+            return
         offender = self._verify_proof(msg.body)
         if offender is None:
             raise MessageRejectedError("invalid", f"equivocation proof from {msg.sender[:12]}")
@@ -922,7 +992,12 @@ class RoundProtocol:
             "round %d view %d: %s after %.3f s", st.round, view, kind, time.monotonic() - st.t0
         )
         st.sent.add((kind, view))
-        msg = self.node.sign(kind, {"view": view, "h": h}, st.round)
+        signed = self._sign_slot(
+            kind, {"view": view, "h": h}, st.round, view, st.prepared if kind == "commit" else None
+        )
+        if signed is None:
+            return
+        msg, h = signed, signed.body["h"]
         st.seen_votes[(kind, view, msg.sender)] = msg
         st.votes.setdefault((kind, view, h), {})[msg.sender] = msg
         self._send(msg, st.members)
@@ -971,7 +1046,10 @@ class RoundProtocol:
             changes = self._changes_for(st)
         st.sent.add(("propose", view))
         body = {"view": view, "entries": entries, "changes": changes, "justify": justify}
-        msg = self.node.sign("propose", body, st.round)
+        signed = self._sign_slot("propose", body, st.round, view)
+        if signed is None:
+            return
+        msg = signed
         log.debug("round %d view %d: proposing %d entries", st.round, view, len(entries))
         st.proposals[view] = msg
         self._send(msg, st.members)
@@ -1074,6 +1152,11 @@ class RoundProtocol:
         self.decisions[st.round] = d
         self.latencies.append(latency)
         self.stats["rounds_decided"] += 1
+        for listener in self.decided_listeners:
+            try:
+                listener(d)
+            except Exception:
+                log.exception("decision listener failed for round %d", st.round)
         self.stats["view_changes"] += view
         self.last_decided = max(self.last_decided, st.round)
         self._members[st.round + 1] = d.members_next
@@ -1097,6 +1180,9 @@ class RoundProtocol:
             del self.decisions[r]
             self._members.pop(r, None)
         self._answered = {k: t for k, t in self._answered.items() if k[1] > keep}
+        self.future.drop_through(self.last_decided)
+        for r in [r for r in self._early_reqs if r <= self.last_decided]:
+            del self._early_reqs[r]
 
     def _enter_view(self, st: _Round, view: int, announce: bool) -> None:
         if view <= st.view:
@@ -1106,13 +1192,64 @@ class RoundProtocol:
         self.stats["view_entries"] += 1
         if announce and ("viewchange", view) not in st.sent:
             st.sent.add(("viewchange", view))
-            msg = self.node.sign("viewchange", {"view": view, "prepared": st.prepared}, st.round)
-            st.viewchanges.setdefault(view, {})[msg.sender] = msg
-            self._send(msg, st.members)
+            body = {"view": view, "prepared": st.prepared}
+            vc = self._sign_slot("viewchange", body, st.round, view)
+            if vc is not None:
+                st.viewchanges.setdefault(view, {})[vc.sender] = vc
+                self._send(vc, st.members)
         # the transport may have lost our contribution with a replaced connection: the new
         # leader gets it again (re-signed, same digest) and pulls the payload if it lacks it
         self._resend_contrib(st, [leader_of(st.members, st.round, view)])
         self._changed.set()
+
+    def _sign_slot(
+        self,
+        kind: str,
+        body: dict[str, Any],
+        round: int,
+        view: int = 0,
+        prepared: dict[str, Any] | None = None,
+    ) -> SignedMessage | None:
+        """Sign ``body`` for the slot (kind, round, view), durably logged before it is sent.
+
+        Why: a node restarted without its protocol state could sign a second, different
+        message for a slot it signed before the crash, which honest peers prove as
+        equivocation (issue 17 #10). With a vote log, a slot signed before is signed again
+        with the *stored* body (a fresh sequence number, so the receivers' replay guard does
+        not drop it as a replay of the pre-crash copy they may have missed; the same body is
+        not equivocation); when the new body means something else it is logged and counted
+        (``votelog_reused``) and the stored one is used. A round pruned from the log
+        (unknown) is never signed in (None).
+        """
+        vl = self.vote_log
+        if vl is None:
+            return self.node.sign(kind, body, round)
+        stored = vl.get(kind, round, view)
+        if stored is not None:
+            old = stored.message.body
+            if not same_meaning(kind, old, body):
+                self.stats["votelog_reused"] += 1
+                log.warning(
+                    "round %d view %d: %s differs from the one signed before a restart; "
+                    "re-sending the stored one (never sign two for one slot)",
+                    round,
+                    view,
+                    kind,
+                )
+            return self.node.sign(kind, old, round)
+        if vl.forgotten(round):
+            self.stats["votelog_refused"] += 1
+            log.warning("round %d: below the vote log's floor; not signing a %s", round, kind)
+            return None
+        msg = self.node.sign(kind, body, round)
+        try:
+            vl.append(msg, view, prepared)  # fsync before the message can leave
+            vl.maybe_prune(round)
+        except VoteLogError as exc:
+            self.stats["votelog_refused"] += 1
+            log.error("not sending a %s in round %d: %s", kind, round, exc)
+            return None
+        return msg
 
     def _resend_contrib(self, st: _Round, peers: list[str]) -> None:
         mine = st.contribs.get(self.node.node_id)
@@ -1211,6 +1348,8 @@ class RoundProtocol:
         now = time.monotonic()
         if r not in self.decisions or now - self._answered.get((peer, r), -1e9) < 1.0:
             return
+        if len(self._answered) >= MAX_ANSWERED:
+            self._answered.clear()  # at worst one extra answer per peer and round
         self._answered[(peer, r)] = now
         self._note_progress(peer, r)
         d = self.decisions[r]
