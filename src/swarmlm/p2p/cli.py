@@ -27,6 +27,7 @@ from swarmlm.p2p.consensus import Decision, RoundProtocol
 from swarmlm.p2p.errors import ConsensusError, P2PError
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.transport import P2PNode
+from swarmlm.p2p.votelog import VoteLog
 
 HELP = "commands: stats | peers | test | quit"
 
@@ -99,17 +100,21 @@ class _Session:
         while len(self.node.connections) < expect - 1:
             await asyncio.sleep(0.1)
         resume = load_resume_state(self.node_dir) if self.node_dir is not None else None
+        # what we signed before a restart, so we never sign a different one (issue 17 #10)
+        votes = VoteLog(self.node_dir / "votes.log") if self.node_dir is not None else None
         if resume is not None:
             # restarted from our node dir: resume after the last round we decided, with the
             # membership it agreed, and catch up from the swarm's certificates (issue 17 #2)
             members = resume.members_next
-            self.proto = RoundProtocol(self.node, members, start_round=resume.last_decided + 1)
+            self.proto = RoundProtocol(
+                self.node, members, start_round=resume.last_decided + 1, vote_log=votes
+            )
             self.console.print(
                 f"resuming after round {resume.last_decided}: {len(members)} members"
             )
         else:
             members = sorted([self.node.node_id, *list(self.node.connections)[: expect - 1]])
-            self.proto = RoundProtocol(self.node, members)
+            self.proto = RoundProtocol(self.node, members, vote_log=votes)
             self.console.print(f"membership formed: {len(members)} peers")
         if self.node_dir is not None:
             node_dir = self.node_dir

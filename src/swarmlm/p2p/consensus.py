@@ -352,6 +352,9 @@ class RoundProtocol:
             self.node.connect_listeners.remove(self._on_link_up)
         with contextlib.suppress(ValueError):
             self.node.disconnect_listeners.remove(self._on_link_down)
+        if self.vote_log is not None:
+            with contextlib.suppress(VoteLogError):
+                self.vote_log.close()  # nothing signed after this can be sent
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -731,7 +734,10 @@ class RoundProtocol:
         """Distinct members of round ``st`` whose recent signed votes evict ``peer``."""
         if not isinstance(votes, list) or len(votes) > st.n:
             return 0
-        precheck_signers(votes, st.members, f"removal of {peer[:12]}")
+        try:  # duplicate or non-member voters: refused before any signature check
+            precheck_signers(votes, st.members, f"removal of {peer[:12]}")
+        except MessageRejectedError:
+            return 0
         voters = set()
         for wire in votes:
             v = open_signed(wire)

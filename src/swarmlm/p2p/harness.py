@@ -50,6 +50,7 @@ from swarmlm.p2p.consensus import Decision, RoundProtocol, discover
 from swarmlm.p2p.errors import ConsensusError
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.transport import P2PNode
+from swarmlm.p2p.votelog import VoteLog
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,9 @@ async def _worker(args: argparse.Namespace) -> None:
                 pad_votes=args.pad_votes,
                 start_round=start_round,
             )
-        return RoundProtocol(node, members, start_round=start_round)
+        # with a node dir, a restarted node re-sends what it signed before (issue 17 #10)
+        votes = VoteLog(Path(args.node_dir) / "votes.log") if args.node_dir else None
+        return RoundProtocol(node, members, start_round=start_round, vote_log=votes)
 
     while True:
         line = await reader.readline()

@@ -33,6 +33,7 @@ from swarmlm.p2p.consensus import Decision, RoundProtocol
 from swarmlm.p2p.errors import ConsensusError, TransportError
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.transport import P2PNode
+from swarmlm.p2p.votelog import VoteLog
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.engine import RoundReport
 from swarmlm.swarm.errors import OutOfSyncError, RoundClosedError, StateSyncError, SwarmError
@@ -187,7 +188,13 @@ class SwarmNode:
                     log.info("joining the running swarm at round %d", start)
             else:
                 start, members = 1, await self._genesis(sw.expect_peers, sw.genesis_timeout)
-        self.proto = RoundProtocol(self.node, members, start_round=start)
+        # every slot this node signs, kept across restarts so a restarted node never signs a
+        # different one (issue 17 #10); a fresh (not --resume) run starts a new log
+        votes_path = self.out_dir / "votes.log"
+        if not self.resume and votes_path.exists():
+            votes_path.replace(votes_path.with_name("votes.log.prev"))
+        votes = VoteLog(votes_path)
+        self.proto = RoundProtocol(self.node, members, start_round=start, vote_log=votes)
         await asyncio.to_thread(self.worker.engine.state_digest)
         self._publish_state()
         initial = await asyncio.to_thread(self.worker.evaluate)
@@ -286,6 +293,15 @@ class SwarmNode:
             pending.task.cancel()
             raise
         t_decided = time.perf_counter()
+        me = self.identity.node_id
+        if decision.skipped:
+            # we fell far behind and the protocol decided this round from its certificate
+            # alone (members pruned its payloads, issue 17 #2): nothing to apply; the next
+            # round we apply finds our state behind and fetches the agreed one (_resync)
+            # instead of waiting swarm.round_timeout for payloads nobody serves any more
+            log.info("round %d decided while we were far behind: state sync follows", r)
+            self._emit("round_skipped", round=r)
+            return not (me in decision.members and me not in decision.members_next)
         entries = []
         for e in decision.entries:
             data = await proto.fetch(e.digest, timeout=self.cfg.p2p.fetch_timeout)
@@ -337,7 +353,6 @@ class SwarmNode:
             payload_bytes=len(pending.payload),
             **_report_fields(report),
         )
-        me = self.identity.node_id
         if me in decision.members and me not in decision.members_next:
             log.warning("round %d removed us from the membership; stopping", r)
             return False
