@@ -98,3 +98,57 @@ def test_resume_state_round_trips_and_a_torn_file_is_ignored(tmp_path: Path) -> 
     (tmp_path / STATE_FILE).write_text('{"last_decided": 7, "memb')
     assert load_resume_state(tmp_path) is None
     assert load_resume_state(tmp_path / "absent") is None
+
+
+def test_a_node_blocked_across_a_membership_change_verifies_it_and_decides_again() -> None:
+    """A member leaves while the node is away: it must follow the membership change in the
+    certified chain (later certificates are signed by the new membership) to decide again."""
+
+    async def go() -> tuple[int, int, list[str]]:
+        nodes = await start_mesh(5)
+        ids = sorted(x.node_id for x in nodes)
+        protos = [RoundProtocol(x, ids) for x in nodes]
+        lag, leaver = protos[0], protos[1]
+        others = protos[1:]
+        keep = lag.cfg.keep_rounds
+        for x in nodes[1:]:
+            x.blocked.add(lag.node.node_id)
+            lag.node.blocked.add(x.node_id)
+        stop = asyncio.Event()
+        tasks = [asyncio.ensure_future(_drive(p, stop)) for p in protos]
+        try:
+            await until(lambda: min(p.last_decided for p in others) >= 3, 20)
+            leaver.request_leave()
+            gone = leaver.node.node_id
+            stay = protos[2:]
+            await until(
+                lambda: gone not in (stay[0].members(stay[0].last_decided + 1) or [gone]), 20
+            )
+            await until(lambda: min(p.last_decided for p in stay) >= 3 * keep, 60)
+            for x in nodes:
+                x.blocked.clear()
+            at_unblock = max(p.last_decided for p in stay)
+            t0 = asyncio.get_running_loop().time()
+            await until(lambda: lag.last_decided >= max(p.last_decided for p in stay) - 1, 30)
+            print(f"caught up in {asyncio.get_running_loop().time() - t0:.2f} s")
+            extra = max(p.last_decided for p in stay) - at_unblock
+            target = max(p.last_decided for p in stay) + 2
+            await until(lambda: lag.last_decided >= target, 20)
+            return extra, lag.last_decided, lag.members(lag.last_decided + 1) or []
+        finally:
+            stop.set()
+            for t in tasks:
+                t.cancel()
+            for p in protos:
+                p.close()
+            await stop_all(nodes)
+
+    extra, _last, members = run(go())
+    print(
+        f"after a leave during its absence: others decided {extra} more rounds before it caught up"
+    )
+    # measured 3-11 rounds (~2 s; the others decide ~6 rounds/s in-process): it decides
+    # again and follows the new membership, but not yet within the 2 rounds issue 17 asks
+    # (open: see the report); the bound here only catches a stranded node
+    assert extra <= 40
+    assert len(members) == 4
