@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,8 +84,24 @@ def _distinct(peers: list[str]) -> list[str]:
     return list(dict.fromkeys(peers))
 
 
-def leader_of(members: list[str], round: int, view: int) -> str:
-    return members[(round + view) % len(members)]
+def leader_of(
+    members: list[str], round: int, view: int, live: Collection[str] | None = None
+) -> str:
+    """The leader of ``(round, view)``: rotation over the members that have an entry in the
+    previous round's decision (``live``), or over all members when ``live`` is None (the
+    previous decision is unknown) or names none of them.
+
+    Why (issue 17 #12): a crashed member contributes nothing, so it is absent from every
+    decision after its crash and never leads again until it contributes; a crash costs at
+    most one view change (the round it was due in, if it had still contributed to the round
+    before). The rule reads only the previous decision, which every honest node (and a node
+    catching up from certificates) holds identically: no extra agreed state, no recursion.
+    A live member whose entry missed the previous proposal is skipped for one round only.
+    """
+    pool = members if live is None else [m for m in members if m in live]
+    if not pool:
+        pool = members
+    return pool[(round + view) % len(pool)]
 
 
 def proposal_hash(round: int, entries: list[Any], changes: list[Any]) -> bytes:
@@ -134,6 +150,8 @@ class _Round:
     t0: float = field(default_factory=time.monotonic)
     view: int = 0
     started: bool = False
+    # contributors of the previous round's decision (leader rotation), None if unknown
+    live: frozenset[str] | None = None
     contribs: dict[str, SignedMessage] = field(default_factory=dict)
     proposals: dict[int, SignedMessage] = field(default_factory=dict)
     # proposals named by a valid decision certificate, by hash: authoritative even when the
@@ -407,6 +425,9 @@ class RoundProtocol:
         if members is None or r in self.decisions:
             return None
         st = _Round(r, members, threshold=self.cfg.consensus_threshold)
+        prev = self.decisions.get(r - 1)
+        if prev is not None:
+            st.live = frozenset(e.peer for e in prev.entries)
         self.rounds[r] = st
         self._spawn(self._timer(st))
         st.waiting.update(self._early_reqs.pop(r, set()))
@@ -602,7 +623,7 @@ class RoundProtocol:
         """Raise MessageRejectedError unless ``msg`` is a valid proposal for ``st``."""
         b, view = msg.body, msg.body["view"]
         who = msg.sender[:12]
-        if view < 0 or msg.sender != leader_of(st.members, st.round, view):
+        if view < 0 or msg.sender != self._leader(st, view):
             raise MessageRejectedError("invalid", f"proposal from non-leader {who}, view {view}")
         entries = b["entries"]
         if not st.q <= len(entries) <= st.n:
@@ -671,7 +692,7 @@ class RoundProtocol:
         if prop.kind != "propose" or prop.round != st.round:
             raise MessageRejectedError("invalid", "prepared certificate without a proposal")
         view = prop.body["view"]
-        if prop.sender != leader_of(st.members, st.round, view):
+        if not self._certified_leader_ok(st, view, prop.sender):
             raise MessageRejectedError("invalid", "prepared certificate from a non-leader")
         h = self._phash(prop)
         self._cross_check_votes(st, votes)
@@ -1011,7 +1032,7 @@ class RoundProtocol:
     def _maybe_propose(self, st: _Round) -> None:
         me = self.node.node_id
         view = st.view
-        if leader_of(st.members, st.round, view) != me or view in st.proposals:
+        if self._leader(st, view) != me or view in st.proposals:
             return
         if ("propose", view) in st.sent:
             return
@@ -1205,8 +1226,20 @@ class RoundProtocol:
                 self._send(vc, st.members)
         # the transport may have lost our contribution with a replaced connection: the new
         # leader gets it again (re-signed, same digest) and pulls the payload if it lacks it
-        self._resend_contrib(st, [leader_of(st.members, st.round, view)])
+        self._resend_contrib(st, [self._leader(st, view)])
         self._changed.set()
+
+    @staticmethod
+    def _leader(st: _Round, view: int) -> str:
+        return leader_of(st.members, st.round, view, st.live)
+
+    def _certified_leader_ok(self, st: _Round, view: int, sender: str) -> bool:
+        """A proposal inside a quorum certificate: from the leader when we know the previous
+        decision; from any member when we do not (a node that started at this round): its
+        quorum of signatures, not the leader's identity, is what makes it unique."""
+        if st.live is None and st.round - 1 not in self.decisions:
+            return sender in st.members
+        return sender == self._leader(st, view)
 
     def _sign_slot(
         self,
@@ -1338,12 +1371,16 @@ class RoundProtocol:
         return all(p == me or self.peer_round.get(p, 0) >= r for p in members)
 
     def _request_decided(self, r: int, peers: list[str] | None) -> None:
+        # throttled per round, asks of one peer apart from asks of every member: a peer that
+        # cannot answer (e.g. it left before that round) must not hold back the broadcast
+        # ask for a second (a catch-up across a leave stalled ~1 s so, issue 17 #2)
+        key = r if peers is None else -r - 1
         now = time.monotonic()
-        if now - self._requested.get(r, 0.0) < min(self.cfg.round_timeout, 1.0):
+        if now - self._requested.get(key, 0.0) < min(self.cfg.round_timeout, 1.0):
             return
-        self._requested[r] = now
+        self._requested[key] = now
         if len(self._requested) > 64:
-            for k in sorted(self._requested)[:-32]:
+            for k in sorted(self._requested, key=abs)[:-32]:
                 del self._requested[k]
         targets = peers or (self._members.get(r) or self._members.get(self.last_decided + 1) or [])
         self._send(self.node.sign("decided_req", {}, r), targets)
@@ -1377,7 +1414,7 @@ class RoundProtocol:
         if prop.kind != "propose" or prop.round != r:
             raise MessageRejectedError("invalid", f"decision from {peer[:12]} lacks a proposal")
         view, h = prop.body["view"], self._phash(prop)
-        if prop.sender != leader_of(members, r, view):
+        if not self._certified_leader_ok(st, view, prop.sender):
             raise MessageRejectedError("invalid", f"decision from {peer[:12]}: wrong leader")
         commits = {}
         precheck_signers(msg.body["commits"], members, f"decision from {peer[:12]}")
