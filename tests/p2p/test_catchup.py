@@ -147,8 +147,7 @@ def test_a_node_blocked_across_a_membership_change_verifies_it_and_decides_again
     print(
         f"after a leave during its absence: others decided {extra} more rounds before it caught up"
     )
-    # measured 3-11 rounds (~2 s; the others decide ~6 rounds/s in-process): it decides
-    # again and follows the new membership, but not yet within the 2 rounds issue 17 asks
-    # (open: see the report); the bound here only catches a stranded node
-    assert extra <= 40
+    # measured 1-2 rounds (0.17-0.22 s); 3-11 (1.2-1.9 s) before a targeted ask stopped
+    # throttling the broadcast one; 3 leaves room for a loaded machine
+    assert extra <= 3
     assert len(members) == 4
