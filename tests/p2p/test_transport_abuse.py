@@ -122,7 +122,9 @@ def test_learned_addresses_follow_the_private_address_policy() -> None:
         public = await start_node(advertise_host="8.8.8.8")  # says it is a public node
         strict = await start_node(pex_private_addresses="deny")
         lax = await start_node(advertise_host="8.8.8.8", pex_private_addresses="allow")
+        wildcard = await start_node(advertise_host="0.0.0.0")  # binds 127.0.0.1 still
         try:
+            assert await wildcard._allowed_target("10.1.2.3", 1) is None
             assert await local._allowed_target("127.0.0.1", 1) == "127.0.0.1"
             assert await local._allowed_target("10.1.2.3", 1) == "10.1.2.3"
             for internal in ("127.0.0.1", "10.1.2.3", "192.168.0.9", "169.254.0.1", "::1"):
@@ -134,7 +136,7 @@ def test_learned_addresses_follow_the_private_address_policy() -> None:
             for never in ("224.0.0.1", "0.0.0.0"):
                 assert await lax._allowed_target(never, 1) is None
         finally:
-            await stop_all([local, public, strict, lax])
+            await stop_all([local, public, strict, lax, wildcard])
 
     run(go())
 

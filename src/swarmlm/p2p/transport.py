@@ -865,7 +865,9 @@ class P2PNode:
             return policy == "allow"
         own = self.config.advertise_host or self.config.host
         try:
-            return _is_internal(ipaddress.ip_address(own))
+            ip = ipaddress.ip_address(own)
+            # a wildcard bind says nothing about where the node is: treat it as public
+            return not ip.is_unspecified and _is_internal(ip)
         except ValueError:
             return _is_local_name(own)
 
