@@ -318,3 +318,34 @@ def test_idle_and_garbage_connections_leave_a_node_small_and_serving() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_full_handshake_table_makes_room_for_a_new_peer_by_dropping_the_oldest() -> None:
+    # an attacker with several addresses can fill every pending slot with idle sockets;
+    # a newcomer then evicts the oldest idle one instead of being turned away for the
+    # whole handshake deadline
+    async def go() -> None:
+        node = await start_node(max_pending_per_ip=4, max_pending_handshakes=4, connect_timeout=5.0)
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            for _ in range(4):
+                _, w = await asyncio.open_connection(
+                    "127.0.0.1", node.port, local_addr=("127.0.0.2", 0)
+                )
+                writers.append(w)
+            await until(lambda: sum(node._pending.values()) == 4, 5)
+            peer = await start_node()
+            try:
+                t0 = time.monotonic()
+                assert await peer.connect("127.0.0.1", node.port) == node.node_id
+                assert time.monotonic() - t0 < 3  # not after the idle ones' 5 s deadline
+            finally:
+                await peer.stop()
+            assert node.counters["inbound_evicted_pending"] >= 1
+            assert sum(node._pending.values()) <= 4
+        finally:
+            for w in writers:
+                w.close()
+            await stop_all([node])
+
+    run(go())

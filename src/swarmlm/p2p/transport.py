@@ -349,6 +349,9 @@ class P2PNode:
         self._record_signed_at = 0.0
         # inbound connections still in their handshake (TLS + hello), by remote address
         self._pending: Counter[str] = Counter()
+        # the same connections in arrival order (oldest first), so a full table can drop
+        # its oldest entry rather than turn every newcomer away
+        self._pending_conns: OrderedDict[int, tuple[str, asyncio.StreamWriter]] = OrderedDict()
         # request-like kinds per peer (issue 17 #5): a flood is dropped before any handler
         self._request_kinds = frozenset(config.request_kinds)
         self.requests: RateLimiter[str] = RateLimiter(
@@ -536,13 +539,20 @@ class P2PNode:
         cfg = self.config
         peername = writer.get_extra_info("peername")
         ip = str(peername[0]) if isinstance(peername, tuple) and peername else "?"
-        if (
-            sum(self._pending.values()) >= cfg.max_pending_handshakes
-            or self._pending[ip] >= cfg.max_pending_per_ip
-        ):
+        if self._pending[ip] >= cfg.max_pending_per_ip:
             self.counters["inbound_refused_pending_cap"] += 1
             writer.transport.abort()
             return
+        if len(self._pending_conns) >= cfg.max_pending_handshakes:
+            # Full: drop the oldest handshake, not the newcomer. Idle sockets from many
+            # addresses would otherwise lock every honest dialer out for a whole deadline;
+            # this way an attacker must open connections faster than one handshake takes.
+            _, (old_ip, old_writer) = self._pending_conns.popitem(last=False)
+            self._release_pending(old_ip)
+            self.counters["inbound_evicted_pending"] += 1
+            old_writer.transport.abort()
+        key = id(writer)
+        self._pending_conns[key] = (ip, writer)
         self._pending[ip] += 1
         try:
             # ``asyncio.timeout``, not ``wait_for``: the latter runs the coroutine as a new
@@ -557,14 +567,19 @@ class P2PNode:
             TimeoutError,
             asyncio.IncompleteReadError,
             ssl.SSLError,
+            RuntimeError,  # start_tls on a transport we aborted to make room
         ) as exc:
             self.counters["inbound_handshake_failed"] += 1
             log.debug("inbound connection from %s refused: %r", ip, exc)
             writer.transport.abort()
         finally:
-            self._pending[ip] -= 1
-            if self._pending[ip] <= 0:
-                del self._pending[ip]
+            if self._pending_conns.pop(key, None) is not None:  # not already evicted
+                self._release_pending(ip)
+
+    def _release_pending(self, ip: str) -> None:
+        self._pending[ip] -= 1
+        if self._pending[ip] <= 0:
+            del self._pending[ip]
 
     async def _handshake(
         self,
