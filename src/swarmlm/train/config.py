@@ -59,7 +59,10 @@ class TrainConfig(_Strict):
         default=True,
         description="CUDA: probe the micro-batch that fits; on out-of-memory, split and retry",
     )
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="'auto': bf16 autocast where the CPU/GPU computes bf16 natively, else fp32",
+    )
     compile: bool = False
     qat_int8: bool = False
     seed: int = 0
