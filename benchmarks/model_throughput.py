@@ -11,6 +11,11 @@ The question (issue #2, "Benchmark"): on this 2-core CPU with 2 threads, is swar
 * at least 1.5x faster than ``MixtralForCausalLM`` at a training step for the MoE variant
   (8 experts, top-2, same dense shape otherwise)?
 
+And, for CPUs with native bf16 (issue #21), the bf16 sections (``train_bf16``, ``moe_bf16``):
+every contender trains under ``torch.autocast("cpu", dtype=torch.bfloat16)``, HF included;
+targets: swarmlm bf16 >= 1.3x HF bf16 (dense), >= 1.5x HF bf16 (MoE), and >= 2x HF at fp32
+(dense; HF fp32 eager runs as an extra contender in the same interleaving).
+
 swarmlm is timed eagerly and under ``torch.compile`` (compile warm-up excluded from the
 throughput and reported separately); HF eagerly (and compiled with ``--hf-compile``). All
 contenders of one question run in alternating blocks in the same process, and we compare
@@ -60,6 +65,7 @@ from _common import (
 from swarmlm.model import ModelConfig, Transformer
 from swarmlm.model.generate import generate
 from swarmlm.model.hf import export_hf, hf_config
+from swarmlm.train.precision import cpu_has_native_bf16
 
 log = logging.getLogger("benchmarks.model_throughput")
 
@@ -78,8 +84,15 @@ DENSE_SHAPE: dict[str, Any] = {
     "max_seq_len": SEQ,
 }
 MOE_SHAPE: dict[str, Any] = {**DENSE_SHAPE, "n_experts": 8, "top_k": 2}
-TARGETS = {"train": 1.3, "decode": 2.0, "moe_train": 1.5}
-SECTIONS = ("train", "decode", "moe")
+TARGETS = {
+    "train": 1.3,
+    "decode": 2.0,
+    "moe_train": 1.5,
+    "train_bf16": 1.3,
+    "moe_train_bf16": 1.5,
+    "train_bf16_vs_hf_fp32": 2.0,
+}
+SECTIONS = ("train", "decode", "moe", "train_bf16", "moe_bf16")
 
 
 @dataclass(frozen=True)
@@ -133,8 +146,11 @@ def hf_loss(model: nn.Module, ids: Tensor) -> Tensor:
 class TrainingContender:
     """One model + AdamW, stepped on a fixed batch (data loading is not what we measure)."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, ids: Tensor, *, compiled: bool) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, ids: Tensor, *, compiled: bool, bf16: bool = False
+    ) -> None:
         self.model = model.train()
+        self.bf16 = bf16
         self.forward: nn.Module = torch.compile(model) if compiled else model  # type: ignore[assignment]
         self.loss_fn = loss_fn
         self.ids = ids
@@ -144,7 +160,9 @@ class TrainingContender:
         self.last_loss = math.nan
 
     def step(self) -> None:
-        loss = self.loss_fn(self.forward, self.ids)
+        # Weights, gradients and AdamW stay fp32; autocast runs the matmuls in bf16.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.loss_fn(self.forward, self.ids)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -194,12 +212,17 @@ def run_training(
     compile_hf: bool,
     seed: int,
     progress: Progress,
+    bf16: bool = False,
 ) -> dict[str, Any]:
-    """Build every contender, warm each up (compile included), then interleave blocks."""
+    """Build every contender, warm each up (compile included), then interleave blocks.
+
+    ``bf16``: every contender under bf16 autocast (names end in ``-bf16``), plus HF eager at
+    fp32 as an extra reference (``ratio_vs_hf_fp32``)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=gen)
     is_moe = cfg.is_moe
     hf_label = "hf-mixtral" if is_moe else "hf-llama"
+    tag = "-bf16" if bf16 else ""
 
     torch.manual_seed(seed)
     ours = Transformer(cfg)
@@ -214,18 +237,27 @@ def run_training(
 
     # Compiled copies start from the same weights as their eager twins (same losses expected).
     builders: dict[str, Callable[[], TrainingContender]] = {
-        "swarmlm-eager": lambda: TrainingContender(ours, swarmlm_loss, ids, compiled=False)
+        f"swarmlm-eager{tag}": lambda: TrainingContender(
+            ours, swarmlm_loss, ids, compiled=False, bf16=bf16
+        )
     }
     if compile_swarmlm:
         ours_c = copy.deepcopy(ours)
-        builders["swarmlm-compiled"] = lambda: TrainingContender(
-            ours_c, swarmlm_loss, ids, compiled=True
+        builders[f"swarmlm-compiled{tag}"] = lambda: TrainingContender(
+            ours_c, swarmlm_loss, ids, compiled=True, bf16=bf16
         )
-    builders[f"{hf_label}-eager"] = lambda: TrainingContender(theirs, hf_loss, ids, compiled=False)
+    if bf16:
+        theirs_fp32 = copy.deepcopy(theirs)
+        builders[f"{hf_label}-eager-fp32"] = lambda: TrainingContender(
+            theirs_fp32, hf_loss, ids, compiled=False
+        )
+    builders[f"{hf_label}-eager{tag}"] = lambda: TrainingContender(
+        theirs, hf_loss, ids, compiled=False, bf16=bf16
+    )
     if compile_hf:
         theirs_c = copy.deepcopy(theirs)
-        builders[f"{hf_label}-compiled"] = lambda: TrainingContender(
-            theirs_c, hf_loss, ids, compiled=True
+        builders[f"{hf_label}-compiled{tag}"] = lambda: TrainingContender(
+            theirs_c, hf_loss, ids, compiled=True, bf16=bf16
         )
 
     contenders: dict[str, TrainingContender] = {}
@@ -252,10 +284,17 @@ def run_training(
         progress=progress,
         description=f"{section}: timing",
     )
-    hf_eager = samples[f"{hf_label}-eager"]
+    hf_eager = samples[f"{hf_label}-eager{tag}"]
     ours_modes = {n: s for n, s in samples.items() if n.startswith("swarmlm-")}
     best_name = max(ours_modes, key=lambda n: ours_modes[n].median)
+    extra: dict[str, Any] = {}
+    if bf16 and f"{hf_label}-eager-fp32" in samples:
+        hf_fp32 = samples[f"{hf_label}-eager-fp32"].median
+        extra["ratio_vs_hf_fp32"] = ours_modes[best_name].median / hf_fp32
+        extra["hf_bf16_vs_hf_fp32"] = hf_eager.median / hf_fp32
     return {
+        **extra,
+        "precision": "bf16-autocast" if bf16 else "fp32",
         "shape": {**cfg.model_dump(include=set(MOE_SHAPE)), "batch": BATCH, "seq": SEQ},
         "parameters": n_ours,
         "tokens_per_step": BATCH * SEQ,
@@ -411,7 +450,7 @@ def print_table(results: dict[str, Any]) -> None:
     table = Table(title="model throughput (medians of interleaved blocks; higher is better)")
     for col in ("section", "contender", "median", "min", "max", "vs HF eager"):
         table.add_column(col, justify="right" if col not in ("section", "contender") else "left")
-    for section in ("train", "decode", "moe_train"):
+    for section in ("train", "decode", "moe_train", "train_bf16", "moe_train_bf16"):
         res = results.get(section)
         if not res:
             continue
@@ -516,6 +555,28 @@ def main(argv: list[str] | None = None) -> int:
             )
             plots["training, MoE 8x top-2 (tokens/s)"] = list(res.pop("_samples").values())
             results["moe_train"] = res
+        for section, key, cfg, blocks, steps in (
+            ("train_bf16", "train_bf16", dense_cfg, plan.train_blocks, plan.train_steps_per_block),
+            ("moe_bf16", "moe_train_bf16", moe_cfg, plan.moe_blocks, plan.moe_steps_per_block),
+        ):
+            if section not in sections:
+                continue
+            res = run_training(
+                section,
+                cfg,
+                blocks=args.blocks or blocks,
+                steps_per_block=steps,
+                warmup_steps=plan.warmup_steps,
+                compile_swarmlm=compile_ours,
+                compile_hf=compile_hf and not cfg.is_moe,
+                seed=args.seed,
+                progress=prog,
+                bf16=True,
+            )
+            plots[f"training, {section}, bf16 autocast (tokens/s)"] = list(
+                res.pop("_samples").values()
+            )
+            results[key] = res
         parity_task = prog.add_task("logit parity vs HF", total=2)
         results["parity_max_abs_logit_diff"] = {}
         for tag, cfg in (("dense", dense_cfg), ("moe", moe_cfg)):
@@ -546,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
         "decode_mode": pick("decode", "best_swarmlm_mode"),
         "moe_train_ratio_vs_hf": pick("moe_train", "ratio_vs_hf"),
         "moe_train_mode": pick("moe_train", "best_swarmlm_mode"),
+        "train_ratio_vs_hf_bf16": pick("train_bf16", "ratio_vs_hf"),
+        "moe_train_ratio_vs_hf_bf16": pick("moe_train_bf16", "ratio_vs_hf"),
+        "train_bf16_vs_hf_fp32": pick("train_bf16", "ratio_vs_hf_fp32"),
+        "train_bf16_mode": pick("train_bf16", "best_swarmlm_mode"),
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "greedy_tokens_match": pick("decode", "greedy_tokens_match"),
         "machine_contended": load["contended"],
         "targets_met": {
@@ -554,6 +620,15 @@ def main(argv: list[str] | None = None) -> int:
                 ("train", "train", TARGETS["train"]),
                 ("decode", "decode", TARGETS["decode"]),
                 ("moe_train", "moe_train", TARGETS["moe_train"]),
+                ("train_bf16", "train_bf16", TARGETS["train_bf16"]),
+                ("moe_train_bf16", "moe_train_bf16", TARGETS["moe_train_bf16"]),
+            )
+        }
+        | {
+            "train_bf16_vs_hf_fp32": (
+                results["train_bf16"]["ratio_vs_hf_fp32"] >= TARGETS["train_bf16_vs_hf_fp32"]
+                if "train_bf16" in results
+                else None
             )
         },
         "reference": "HF transformers eager (medians of interleaved blocks)",
