@@ -54,3 +54,11 @@ def test_bf16_training_reaches_the_fp32_validation_loss(
         assert result.last_eval.loss < before - 0.5
         losses[mode] = result.last_eval.loss
     assert abs(losses["bf16"] - losses["fp32"]) / losses["fp32"] < 0.02
+
+
+def test_moe_trains_under_bf16_autocast(prepared_data: Path, tmp_path: Path) -> None:
+    """The expert outputs (bf16 under autocast) are combined without a dtype clash."""
+    cfg = tiny_run_config(prepared_data, tmp_path / "moe", max_steps=8, precision="bf16")
+    cfg["model"] = {**cfg["model"], "n_experts": 4, "top_k": 2}  # type: ignore[dict-item]
+    result = Trainer(RunConfig.model_validate(cfg), show_progress=False).fit()
+    assert result.losses[-1] < result.losses[0]

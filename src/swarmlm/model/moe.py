@@ -106,7 +106,9 @@ class MoEFeedForward(nn.Module):
             pieces.append(h @ w_down[e].t())
         outputs = torch.cat(pieces) if pieces else routed
         scaled = outputs * weights.reshape(-1)[order].unsqueeze(-1).to(outputs.dtype)
-        result = torch.zeros_like(flat)
+        # Under autocast the expert matmuls return bf16 while ``flat`` (a norm's output) is
+        # fp32: accumulate in the experts' dtype, as a dense feed-forward would return.
+        result = flat.new_zeros(flat.shape, dtype=scaled.dtype)
         result.index_add_(0, token_of, scaled)
         return result
 
