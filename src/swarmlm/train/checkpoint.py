@@ -32,6 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from swarmlm.atomic import atomic_write_text, fsync_dir
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -65,24 +67,6 @@ def _sha256(path: Path) -> str:
 def _fsync_file(path: Path) -> None:
     with path.open("rb") as fh:
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def dedupe_shared(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -142,11 +126,11 @@ def save_checkpoint(
             manifest[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         atomic_write_text(root / "latest", final.name + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -181,8 +165,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return target
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """Accept a checkpoint directory or a run directory (then its latest checkpoint)."""
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """Accept a checkpoint directory, a run directory or its ``checkpoints`` folder (then the
+    latest checkpoint), or the ``latest`` pointer file itself."""
+    path = Path(path)
+    if path.is_file() and path.name == "latest":
+        path = path.parent.parent  # <run>/checkpoints/latest -> <run>
+    elif path.name == "checkpoints" and (path / "latest").is_file():
+        path = path.parent
     if (path / MANIFEST).exists() or (path / FILES[0]).exists():
         return path  # a checkpoint directory (verify_checkpoint judges whether it is whole)
     latest = latest_checkpoint(path)
@@ -216,7 +206,9 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> Checkpoint:
     path = resolve_checkpoint(path)
     verify_checkpoint(path)
     weights = path / "model.safetensors"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -499,9 +500,10 @@ class Trainer:
 
 
 def load_model(
-    checkpoint: Path, device: str | torch.device = "cpu"
+    checkpoint: str | os.PathLike[str], device: str | torch.device = "cpu"
 ) -> tuple[Transformer, RunConfig]:
-    """A trained model (eval mode) and its run config from a checkpoint or run directory."""
+    """A trained model (eval mode) and its run config from a checkpoint or run directory
+    (or its ``latest`` pointer), given as ``str`` or ``Path``."""
     ckpt = load_checkpoint(checkpoint, map_location=device)
     cfg = RunConfig.model_validate(ckpt.state["config"])
     model = Transformer(cfg.model).to(device)
