@@ -35,7 +35,7 @@ from typing import IO
 import numpy as np
 from numpy.typing import NDArray
 
-from swarmlm.data.atomic import atomic_write_text, current_umask
+from swarmlm.atomic import atomic_write_text, current_umask
 from swarmlm.data.dedup import ExactDeduplicator, MinHashDeduplicator
 from swarmlm.data.errors import DataError, EmptyCorpusError
 from swarmlm.data.shards import META_FILE, CorpusMeta, ShardInfo, SplitMeta

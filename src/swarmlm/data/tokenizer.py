@@ -17,7 +17,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from swarmlm.data.atomic import atomic_write_text
+from swarmlm.atomic import atomic_write_text
 from swarmlm.data.errors import TokenizerError
 
 logger = logging.getLogger(__name__)

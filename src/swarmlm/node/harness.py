@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import yaml
 
+from swarmlm.atomic import atomic_write_text
 from swarmlm.swarm.harness import PeerProcess
 
 
@@ -116,9 +117,7 @@ class NodeNetwork:
         assert path is not None
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
         cfg.update(changes)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, yaml.safe_dump(cfg))
 
     def close(self) -> None:
         for node in self.nodes.values():

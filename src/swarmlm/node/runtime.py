@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from swarmlm.atomic import atomic_write_text
 from swarmlm.node.config import (
     ConfigError,
     NodeConfig,
@@ -871,14 +872,8 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Atomically write a secret readable by the owner only."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Atomically write a secret readable by the owner only (0600 from its first byte)."""
+    atomic_write_text(path, text, mode=0o600)
 
 
 def default_prompts() -> Path:

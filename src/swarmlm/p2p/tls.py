@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import ssl
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.x509.oid import NameOID
 
+from swarmlm.atomic import atomic_write_bytes
 from swarmlm.p2p.errors import TransportError
 from swarmlm.p2p.identity import NodeIdentity, node_id_from_public_key
 
@@ -77,19 +76,6 @@ def node_certificate(identity: NodeIdentity) -> x509.Certificate:
     )
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_tls_files(identity: NodeIdentity, tls_dir: Path) -> tuple[Path, Path]:
     """Write ``node.pem`` (cert chain) and ``key.pem`` (0600) for ``identity`` atomically."""
     tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -100,8 +86,8 @@ def write_tls_files(identity: NodeIdentity, tls_dir: Path) -> tuple[Path, Path]:
         serialization.NoEncryption(),
     )
     cert_path, key_path = tls_dir / "node.pem", tls_dir / "key.pem"
-    _atomic_write(cert_path, cert + open_ca_pem().encode(), 0o644)
-    _atomic_write(key_path, key, 0o600)
+    atomic_write_bytes(cert_path, cert + open_ca_pem().encode(), mode=0o644)
+    atomic_write_bytes(key_path, key, mode=0o600)
     return cert_path, key_path
 
 

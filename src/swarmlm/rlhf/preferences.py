@@ -16,7 +16,6 @@ Bradley-Terry loss. Any malformed line raises :class:`PreferenceFormatError` nam
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from swarmlm.atomic import atomic_open
 from swarmlm.rlhf.errors import PreferenceFormatError
 
 MAX_PREFERENCE_FILE_BYTES = 1 << 30
@@ -130,19 +130,9 @@ def write_preferences(pairs: Iterable[PreferencePair], path: Path) -> int:
 
 
 def write_jsonl_atomic(rows: Sequence[dict[str, Any]], path: Path) -> int:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
     return len(rows)
 
 
