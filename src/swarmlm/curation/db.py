@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -144,13 +145,30 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
     return engine
 
 
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only (it holds password hashes).
+
+    SQLite gives its ``-wal`` and ``-shm`` files the mode of the database file, so creating
+    that file 0600 before SQLite does keeps all three private whatever the umask. An
+    existing file that others can read is tightened too.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        try:
+            path.chmod(mode & 0o700)
+        except OSError as e:  # not ours to change: say so rather than fail to open
+            log.warning("could not make %s private (mode %o): %s", path, mode, e)
+
+
 def create_engines(url: str) -> Engines:
     """Open the database at ``url`` (no schema changes; call :func:`migrate` for that)."""
     url = normalize_url(url)
     if make_url(url).get_backend_name() == "sqlite":
         db = make_url(url).database
-        if db and db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        if db and db != ":memory:" and not db.startswith("file:"):
+            _create_private(Path(db))
         return Engines(read=_sqlite_engine(url, False), write=_sqlite_engine(url, True))
     engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
     return Engines(read=engine, write=engine)

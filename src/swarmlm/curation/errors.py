@@ -23,6 +23,10 @@ class AuthError(CurationError):
     """Wrong credentials, a disabled account or a revoked token."""
 
 
+class WrongCredentialsError(AuthError):
+    """The username or password is wrong (one class for both, so it leaks neither)."""
+
+
 class ImportFormatError(CurationError):
     """An import file is malformed; the message names the file, line and field."""
 

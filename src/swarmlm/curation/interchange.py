@@ -44,6 +44,17 @@ def _content_text(content: Any) -> str:
     return json.dumps(content, ensure_ascii=False, sort_keys=True)
 
 
+def _refuse_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity, which no JSON reader downstream does: a task
+    # holding one would make every export of its set unreadable.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def strict_json_loads(text: str) -> Any:
+    """``json.loads`` that refuses NaN, Infinity and -Infinity (ValueError)."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
 def parse_tasks_jsonl(lines: Iterable[str], source: str = "<jsonl>") -> Iterator[TaskInput]:
     """Parse task JSONL; errors name ``source``, the line and the field."""
     allowed = {"id", "external_id", "content", "outputs", "gold", "meta"}
@@ -52,9 +63,11 @@ def parse_tasks_jsonl(lines: Iterable[str], source: str = "<jsonl>") -> Iterator
             continue
         where = f"{source} line {lineno}"
         try:
-            obj = json.loads(line)
+            obj = strict_json_loads(line)
         except json.JSONDecodeError as e:
             raise ImportFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+        except ValueError as e:
+            raise ImportFormatError(f"{where}: {e}") from e
         if not isinstance(obj, dict):
             raise ImportFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         unknown = sorted(set(obj) - allowed)
@@ -134,9 +147,11 @@ def parse_tasks_text(
         return list(parse_tasks_jsonl(text.splitlines(), source))
     if fmt == "label_studio":
         try:
-            data = json.loads(text)
+            data = strict_json_loads(text)
         except json.JSONDecodeError as e:
             raise ImportFormatError(f"{source}: invalid JSON ({e.msg} at line {e.lineno})") from e
+        except ValueError as e:
+            raise ImportFormatError(f"{source}: {e}") from e
         return parse_label_studio(data, source, outputs_keys)
     raise ImportFormatError(f"unknown import format {fmt!r}; use 'jsonl' or 'label_studio'")
 

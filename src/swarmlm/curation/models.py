@@ -29,6 +29,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    literal_column,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -116,16 +117,17 @@ class Task(Base):
     __table_args__ = (
         UniqueConstraint("task_set_id", "external_id", name="uq_tasks_set_external"),
         # The assignment queue: only tasks with a free slot are in this index, in the order
-        # they are offered (most annotations first), so picking one is a short index walk
-        # whatever the number of tasks. Queries must repeat OPEN_TASK_PREDICATE verbatim
-        # for SQLite and PostgreSQL to use it.
+        # they are offered when walked backwards (preferred first, then most annotations,
+        # then oldest: hence ``id DESC``), so picking one is a short index walk whatever the
+        # number of tasks. Queries must repeat OPEN_TASK_PREDICATE verbatim for SQLite and
+        # PostgreSQL to use it.
         Index(
             "ix_tasks_open",
             "task_set_id",
             "is_gold",
             "preferred",
             "n_annotations",
-            "id",
+            literal_column("id").desc(),
             sqlite_where=text(OPEN_TASK_PREDICATE),
             postgresql_where=text(OPEN_TASK_PREDICATE),
         ),

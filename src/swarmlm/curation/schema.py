@@ -17,6 +17,7 @@ ranking             permutation of ``0..k-1``, best first           exactly ``k`
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -155,6 +156,9 @@ def validate_value(schema: LabelSchema, value: Any, field: str = "value") -> Any
     if isinstance(schema, MultipleChoiceSchema):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise LabelSchemaError(f"{field} must be a list of choices, got {value!r}")
+        if not value:
+            # An empty answer says nothing about the task, yet would earn a point.
+            raise LabelSchemaError(f"{field} must pick at least one of {schema.choices}")
         unknown = [v for v in value if v not in schema.choices]
         if unknown:
             raise LabelSchemaError(
@@ -209,6 +213,11 @@ def validate_task(
         raise LabelSchemaError(f"{where}: content is missing or empty")
     if not isinstance(content, str | dict | list):
         raise LabelSchemaError(f"{where}: content must be text or a JSON object/list")
+    for name, part in (("content", content), ("gold", gold)):
+        if not _finite(part):
+            raise LabelSchemaError(
+                f"{where}: {name} holds NaN or Infinity, which JSON cannot carry"
+            )
     need = n_outputs_required(schema)
     if outputs is not None and (
         not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs)
@@ -220,6 +229,19 @@ def validate_task(
     if gold is not None:
         gold = validate_value(schema, gold, field=f"{where}: gold")
     return content, outputs, gold
+
+
+def _finite(value: Any, depth: int = 0) -> bool:
+    """No NaN or infinity anywhere inside ``value`` (exports must stay valid JSON)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if depth > 64:
+        return True  # deeper nesting is refused by the JSON layers before it gets here
+    if isinstance(value, dict):
+        return all(_finite(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v, depth + 1) for v in value)
+    return True
 
 
 def _pydantic_message(e: ValidationError) -> str:

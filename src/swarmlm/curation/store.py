@@ -46,6 +46,7 @@ from swarmlm.curation.errors import (
     CurationError,
     LabelSchemaError,
     NotFoundError,
+    WrongCredentialsError,
 )
 from swarmlm.curation.group_commit import GroupCommitter, WriteTx
 from swarmlm.curation.models import (
@@ -88,6 +89,14 @@ POINTS_PER_ANNOTATION = 1
 POINTS_FOR_AGREEMENT = 2
 _QUEUE_WINDOW = 64
 _AUTH_CACHE_SIZE = 10_000
+
+
+def qualified_username(username: str, public_id: str) -> str:
+    """The name a peer's account is held under when its own name is taken here.
+
+    ``~`` is not allowed in registered names, so this never collides with one.
+    """
+    return f"{username[:57]}~{public_id[:6]}"
 
 
 def utcnow() -> datetime:
@@ -487,11 +496,11 @@ class CurationStore:
         if a is None or stored is None:
             # Spend the same time as a real check so usernames cannot be probed by timing.
             self._hasher.hash(password)
-            raise AuthError("wrong username or password")
+            raise WrongCredentialsError("wrong username or password")
         try:
             self._hasher.verify(stored, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError) as e:
-            raise AuthError("wrong username or password") from e
+            raise WrongCredentialsError("wrong username or password") from e
         if a.disabled:
             raise AuthError(f"account {username!r} is disabled")
         if self._hasher.check_needs_rehash(stored):
@@ -963,13 +972,14 @@ class CurationStore:
             tx.execute("UPDATE tasks SET n_leased = n_leased - 1 WHERE id = ?", (task_id,))
 
     # The WHERE clause repeats models.OPEN_TASK_PREDICATE verbatim so that SQLite and
-    # PostgreSQL walk the partial index ix_tasks_open in offer order (most annotations first).
+    # PostgreSQL walk the partial index ix_tasks_open backwards, in offer order: preferred
+    # first, then most annotations (finish what was started), then oldest.
     _PICK_REGULAR = (
         "SELECT id FROM tasks WHERE task_set_id = ? AND is_gold = ? AND "
         + OPEN_TASK_PREDICATE
         + " AND NOT EXISTS (SELECT 1 FROM assignments"
         " WHERE assignments.task_id = tasks.id AND assignments.annotator_id = ?)"
-        " ORDER BY preferred DESC, n_annotations DESC, id DESC LIMIT 1"
+        " ORDER BY preferred DESC, n_annotations DESC, id ASC LIMIT 1"
     )
     _CLAIM_REGULAR = (
         "UPDATE tasks SET n_leased = n_leased + 1 WHERE id = ? AND "
@@ -1755,8 +1765,27 @@ class CurationStore:
         row = tx.one("SELECT username FROM annotators WHERE public_id = ?", (b["public_id"],))
         if row is not None:
             raise _LostConflictError(f"account {b['public_id']} is already held")
-        if tx.one("SELECT 1 FROM annotators WHERE username = ?", (b["username"],)):
-            raise _LostConflictError(f"username {b['username']!r} is taken by another account here")
+        # Two accounts made on two nodes under one name (two "admin"s, typically) are both
+        # held, so each one's annotations merge everywhere; one keeps the plain name: the
+        # local account on its own node, and between two peers' accounts the smaller record
+        # digest, so every node that holds neither names them alike whatever the order.
+        name = b["username"]
+        held = tx.one(
+            "SELECT id, public_id, origin, record_digest FROM annotators WHERE username = ?",
+            (name,),
+        )
+        if held is not None:
+            held_id, held_public, held_origin, held_digest = held
+            if held_origin is not None and held_digest is not None and rec.hex < held_digest:
+                tx.execute(
+                    "UPDATE annotators SET username = ? WHERE id = ?",
+                    (qualified_username(name, held_public), held_id),
+                )
+                tx.execute("UPDATE auth_epoch SET epoch = epoch + 1 WHERE id = 1")
+            else:
+                name = qualified_username(name, b["public_id"])
+                if tx.one("SELECT 1 FROM annotators WHERE username = ?", (name,)):
+                    raise _LostConflictError(f"username {name!r} is taken here")
         # The role never travels: whatever it was at its origin, here it is an annotator.
         tx.execute(
             "INSERT INTO annotators (public_id, username, password_hash, role, disabled,"
@@ -1765,7 +1794,7 @@ class CurationStore:
             " VALUES (?, ?, ?, 'annotator', ?, ?, 0, ?, 0, 0, 0, 0, ?, ?)",
             (
                 b["public_id"],
-                b["username"],
+                name,
                 b["password_hash"],
                 False,
                 tx.sql.ts(now),

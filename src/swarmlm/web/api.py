@@ -1,7 +1,9 @@
 """REST API under ``/api``, described by the OpenAPI schema at ``/openapi.json``.
 
 Every body is a pydantic model with bounded fields; store errors map to HTTP statuses
-(400 bad value, 403 forbidden, 404 unknown id, 409 conflicting state, 422 invalid input).
+(400 bad value, 401 unauthenticated, 403 forbidden, 404 unknown id, 409 conflicting state,
+413 body too large, 422 invalid input, 429 rate limited). Each operation declares the
+errors it can answer (``_errors``), so generated clients and schema-driven fuzzers know them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from swarmlm.curation.errors import WrongCredentialsError
 from swarmlm.curation.interchange import EXPORTERS, parse_tasks_text
 from swarmlm.curation.schema import schema_to_dict
 from swarmlm.curation.store import AnnotatorInfo, LeasedTask, TaskInput
@@ -40,6 +43,42 @@ JsonValue = Any
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ErrorOut(BaseModel):
+    """Every error body: ``detail`` is a message, or a list of field errors for 422."""
+
+    detail: str | list[dict[str, Any]]
+
+
+_ERROR_TEXT = {
+    401: "Not authenticated: no, an invalid or a revoked credential",
+    403: "Forbidden: wrong role, disabled account, closed registration or missing CSRF header",
+    404: "Unknown id",
+    409: "Conflicting state: expired lease, already submitted, duplicate name",
+    413: "Request body over the size limit",
+    422: "Invalid input; the message names the field",
+    429: "Rate limited; retry after the Retry-After header's seconds",
+    503: "Database unavailable",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error statuses an operation can answer."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        entry: dict[str, Any] = {"model": ErrorOut, "description": _ERROR_TEXT[code]}
+        if code == 429:
+            entry["headers"] = {
+                "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}
+            }
+        out[code] = entry
+    return out
+
+
+# Every authenticated operation can answer 401; writes 403 (CSRF) and 413; reads by id 404.
+_USER_READ = (401, 403)
+_USER_WRITE = (401, 403, 413, 422)
 
 
 class TaskOut(BaseModel):
@@ -176,7 +215,7 @@ def _task_set_out(state: AppState, task_set_id: int) -> TaskSetOut:
     )
 
 
-@router.get("/health")
+@router.get("/health", responses=_errors(503))
 def health(*, state: Annotated[AppState, Depends(app_state)]) -> dict[str, Any]:
     """Liveness and database round-trip; 503 when the database is unreachable."""
     try:
@@ -185,31 +224,43 @@ def health(*, state: Annotated[AppState, Depends(app_state)]) -> dict[str, Any]:
         raise HTTPException(503, f"database unavailable: {type(e).__name__}") from e
 
 
-@router.post("/register", status_code=201)
+@router.post("/register", status_code=201, responses=_errors(403, 409, 413, 422, 429))
 def register(
     *, body: CredentialsIn, request: Request, state: Annotated[AppState, Depends(app_state)]
 ) -> AnnotatorOut:
     if not state.settings.open_registration:
         raise HTTPException(403, "registration is closed on this node")
     if not state.register_limiter.allow(f"ip:{client_ip(request)}"):
-        raise HTTPException(429, "too many registrations; retry later")
+        raise HTTPException(
+            429,
+            "too many registrations; retry later",
+            headers={"Retry-After": str(state.register_limiter.retry_after())},
+        )
     return AnnotatorOut.of(state.store.create_annotator(body.username, body.password))
 
 
-@router.post("/login")
+@router.post("/login", responses=_errors(401, 413, 422, 429))
 def login(
     *, body: CredentialsIn, request: Request, state: Annotated[AppState, Depends(app_state)]
 ) -> TokenOut:
     """Exchange a username and password for a new API token (rate limited)."""
     lim = state.login_limiter
     if not (lim.allow(f"ip:{client_ip(request)}") and lim.allow(f"user:{body.username}")):
-        raise HTTPException(429, "too many login attempts; retry later")
-    info = state.store.authenticate(body.username, body.password)
+        raise HTTPException(
+            429,
+            "too many login attempts; retry later",
+            headers={"Retry-After": str(lim.retry_after())},
+        )
+    try:
+        info = state.store.authenticate(body.username, body.password)
+    except WrongCredentialsError as e:
+        # Wrong credentials are "not authenticated" (401), as the docs say, not forbidden.
+        raise HTTPException(401, str(e), headers={"WWW-Authenticate": "Bearer"}) from e
     token = state.store.create_api_token(info.id, name="api login")
     return TokenOut(token=token, annotator=AnnotatorOut.of(info))
 
 
-@router.post("/tokens", status_code=201)
+@router.post("/tokens", status_code=201, responses=_errors(401, 403, 413))
 def create_token(
     *,
     principal: Annotated[Principal, Depends(api_write_user)],
@@ -219,7 +270,7 @@ def create_token(
     return TokenOut(token=token, annotator=AnnotatorOut.of(principal.annotator))
 
 
-@router.get("/me")
+@router.get("/me", responses=_errors(*_USER_READ))
 def me(
     *,
     principal: Annotated[Principal, Depends(api_user)],
@@ -228,14 +279,14 @@ def me(
     return AnnotatorOut.of(state.store.get_annotator(principal.annotator.id))
 
 
-@router.get("/task-sets")
+@router.get("/task-sets", responses=_errors(*_USER_READ))
 def task_sets(
     *, _: Annotated[Principal, Depends(api_user)], state: Annotated[AppState, Depends(app_state)]
 ) -> list[TaskSetOut]:
     return [_task_set_out(state, ts.id) for ts in state.store.list_task_sets()]
 
 
-@router.post("/task-sets", status_code=201)
+@router.post("/task-sets", status_code=201, responses=_errors(*_USER_WRITE, 409))
 def create_task_set(
     *,
     body: TaskSetIn,
@@ -257,7 +308,7 @@ def create_task_set(
 
 # The two hot endpoints are coroutines: they await the group commit instead of holding a
 # threadpool thread (and its hand-offs) per request.
-@router.get("/tasks")
+@router.get("/tasks", responses=_errors(*_USER_READ, 404, 409, 422))
 async def next_task(
     *,
     task_set_id: Annotated[int, Query(ge=1, le=2**31 - 1)],
@@ -269,7 +320,7 @@ async def next_task(
     return NextTaskOut(task=None if t is None else TaskOut.of(t))
 
 
-@router.post("/submit")
+@router.post("/submit", responses=_errors(*_USER_WRITE, 404, 409, 429))
 async def submit(
     *,
     body: SubmitIn,
@@ -295,7 +346,7 @@ async def submit(
     )
 
 
-@router.post("/skip")
+@router.post("/skip", responses=_errors(*_USER_WRITE, 404, 409))
 def skip(
     *,
     body: SkipIn,
@@ -306,7 +357,7 @@ def skip(
     return {"skipped": True}
 
 
-@router.get("/stats")
+@router.get("/stats", responses=_errors(*_USER_READ))
 def stats(
     *, _: Annotated[Principal, Depends(api_user)], state: Annotated[AppState, Depends(app_state)]
 ) -> dict[str, Any]:
@@ -329,7 +380,7 @@ def stats(
     return out
 
 
-@router.get("/leaderboard")
+@router.get("/leaderboard", responses=_errors(*_USER_READ, 422))
 def leaderboard(
     *,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
@@ -339,7 +390,7 @@ def leaderboard(
     return [AnnotatorOut.of(a) for a in state.store.leaderboard(limit)]
 
 
-@router.get("/task-sets/{task_set_id}/progress")
+@router.get("/task-sets/{task_set_id}/progress", responses=_errors(*_USER_READ, 404, 422))
 def progress(
     *,
     task_set_id: PathId,
@@ -358,7 +409,7 @@ def progress(
     }
 
 
-@router.post("/task-sets/{task_set_id}/import")
+@router.post("/task-sets/{task_set_id}/import", responses=_errors(*_USER_WRITE, 404, 409))
 def import_tasks(
     *,
     task_set_id: PathId,
@@ -381,7 +432,17 @@ def import_tasks(
     return ImportOut(imported=state.store.add_tasks(task_set_id, tasks, source="api import"))
 
 
-@router.get("/task-sets/{task_set_id}/export")
+@router.get(
+    "/task-sets/{task_set_id}/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "one JSON object per line",
+            "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+        },
+        **_errors(*_USER_READ, 404, 422),
+    },
+)
 def export(
     *,
     task_set_id: PathId,

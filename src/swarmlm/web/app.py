@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
@@ -55,6 +56,11 @@ def _status_for(exc: CurationError) -> int:
     return 400  # pragma: no cover
 
 
+def pretty_json(value: Any) -> str:
+    """Indented JSON for display; a plain string, so Jinja still escapes it."""
+    return json.dumps(value, ensure_ascii=False, indent=2, sort_keys=False, default=str)
+
+
 def _wants_html(request: Request) -> bool:
     return not request.url.path.startswith("/api") and request.url.path != "/openapi.json"
 
@@ -82,6 +88,7 @@ def create_app(
     )
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.autoescape = True  # also for any non-.html template
+    templates.env.filters["pretty_json"] = pretty_json
     minute = 60.0
     # Buckets live in each process: with N workers each gets 1/N of every limit, so the
     # total a client can get past all of them stays the configured one.
@@ -115,6 +122,11 @@ def create_app(
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        # Browsers ask for it on every first visit; an SVG icon saves a 404 per visitor.
+        return FileResponse(HERE / "static" / "favicon.svg", media_type="image/svg+xml")
 
     def error_page(request: Request, status: int, detail: str) -> Response:
         if not _wants_html(request):

@@ -86,7 +86,11 @@ def login_submit(
     check_anon_csrf(request, csrf_token)
     lim = state.login_limiter
     if not (lim.allow(f"ip:{client_ip(request)}") and lim.allow(f"user:{username}")):
-        return _anon_form(request, state, "login.html", "Too many attempts; wait a minute.", 429)
+        throttled = _anon_form(
+            request, state, "login.html", "Too many attempts; wait a minute.", 429
+        )
+        throttled.headers["Retry-After"] = str(lim.retry_after())
+        return throttled
     try:
         info = state.store.authenticate(username, password)
     except AuthError as e:
@@ -119,7 +123,9 @@ def register_submit(
     if not state.settings.open_registration:
         raise HTTPException(403, "registration is closed on this node")
     if not state.register_limiter.allow(f"ip:{client_ip(request)}"):
-        return _anon_form(request, state, "register.html", "Too many registrations.", 429)
+        throttled = _anon_form(request, state, "register.html", "Too many registrations.", 429)
+        throttled.headers["Retry-After"] = str(state.register_limiter.retry_after())
+        return throttled
     try:
         info = state.store.create_annotator(username, password)
     except CurationError as e:

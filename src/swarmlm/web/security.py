@@ -15,6 +15,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from starlette.exceptions import HTTPException
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -94,7 +96,7 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _BodyTooLargeError()
+                    raise _BodyTooLargeError(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -110,8 +112,16 @@ class BodySizeLimitMiddleware:
                 await _reject(send, 413, f"request body over the {limit}-byte limit")
 
 
-class _BodyTooLargeError(Exception):
-    pass
+class _BodyTooLargeError(HTTPException):
+    """Raised from ``receive`` when a streamed body passes the limit.
+
+    An ``HTTPException`` on purpose: FastAPI turns any other exception raised while it
+    reads a body into "400 error parsing the body", and passes this one through to the
+    app's handler (413) or to this middleware, whichever sees it first.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over the {limit}-byte limit")
 
 
 async def _reject(send: Send, status: int, detail: str) -> None:

@@ -1,5 +1,5 @@
 // Keyboard shortcuts for the annotation page; no inline scripts (the CSP forbids them).
-// 1-9 pick a choice (toggle for multiple choice), A/B/T/X pick a preference, digits build a
+// 1-9 pick a choice (toggle for multiple choice), a rating is typed as its value, A/B/T/X pick a preference, digits build a
 // ranking, Enter submits, S skips. Keys typed into a text field are left alone, except
 // Ctrl+Enter in the free-text box, which submits.
 (function () {
@@ -27,6 +27,30 @@
 
   function byKey(key) {
     return form.querySelector('input[data-key="' + key + '"]');
+  }
+
+  // Ratings are typed as their value: a digit picks that value, and a second digit within
+  // a second extends it when the longer number is on the scale (1 then 0 gives 10).
+  // "-" starts a negative value.
+  let typed = "";
+  let typedAt = 0;
+  function ratingKey(event) {
+    if (!/^[0-9-]$/.test(event.key)) return false;
+    const now = Date.now();
+    const joined = (now - typedAt < 1000 ? typed : "") + event.key;
+    typedAt = now;
+    let input = form.querySelector('input[name="value"][value="' + joined + '"]');
+    typed = joined;
+    if (!input && event.key !== "-") {
+      input = form.querySelector('input[name="value"][value="' + event.key + '"]');
+      typed = event.key;
+    }
+    event.preventDefault();
+    if (input) {
+      input.checked = true;
+      input.focus();
+    }
+    return true;
   }
 
   function rankingKey(event) {
@@ -70,6 +94,7 @@
       return;
     }
     if (kind === "ranking" && ranking && rankingKey(event)) return;
+    if (kind === "rating" && ratingKey(event)) return;
     const input = byKey(key);
     if (!input) return;
     event.preventDefault();

@@ -1,0 +1,194 @@
+"""The admin and review side in a real browser: Playwright drives Debian's Chromium headless
+against a live uvicorn on 127.0.0.1 (see ../shared/KNOWN.md for the flags).
+
+Skipped with a reason when /usr/bin/chromium or playwright is missing. Screenshots go to
+``test-artifacts/web/`` (or ``$SWARMLM_ARTIFACTS/web``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from web_helpers import FAST_HASHER, PASSWORD
+
+from swarmlm.curation.store import CurationStore, TaskInput
+from swarmlm.p2p.identity import NodeIdentity
+from swarmlm.web import WebSettings, create_app
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(os.environ.get("SWARMLM_ARTIFACTS", "test-artifacts")) / "web"
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+if not CHROMIUM.exists():
+    pytest.skip(
+        "browser tests need /usr/bin/chromium (run scripts/system-deps.sh as root)",
+        allow_module_level=True,
+    )
+
+
+@dataclass
+class Live:
+    url: str
+    store: CurationStore
+    rating_set: int
+    sentiment_set: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    d = tmp_path_factory.mktemp("admin-web")
+    store = CurationStore.open(
+        f"sqlite:///{d / 'c.db'}",
+        NodeIdentity.generate(),
+        rng=random.Random(0),
+        password_hasher=FAST_HASHER,
+    )
+    rating = store.create_task_set(
+        "helpfulness", {"kind": "rating", "min": 0, "max": 10}, k=1, gold_share=0.0
+    )
+    store.add_tasks(rating.id, [TaskInput(content=f"answer {i}") for i in range(4)])
+    sentiment = store.create_task_set(
+        "sentiment",
+        {"kind": "single_choice", "choices": ["positive", "negative", "neutral"]},
+        k=2,
+        gold_share=0.0,
+    )
+    store.add_tasks(
+        sentiment.id,
+        [
+            TaskInput(content=f"review {i}: the soup was cold", external_id=f"r{i}")
+            for i in range(6)
+        ],
+    )
+    store.create_annotator("admin", PASSWORD, role="admin")
+    store.create_annotator("rater", PASSWORD)
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(store, WebSettings(node_dir=d)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start within 30 s"
+        time.sleep(0.05)
+    yield Live(f"http://127.0.0.1:{port}", store, rating.id, sentiment.id)
+    server.should_exit = True
+    thread.join(timeout=10)
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context()
+    pg = context.new_page()
+    pg.set_default_timeout(15_000)
+    yield pg
+    pg.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+    context.close()
+
+
+def log_in(page: Any, live: Live, username: str) -> None:
+    page.goto(f"{live.url}/login")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", PASSWORD)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_url(f"{live.url}/dashboard")
+
+
+_CONTRAST_JS = """
+(el) => {
+  const rgb = (s) => (s.match(/[0-9.]+/g) || []).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = (c) => { c /= 255; return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4; };
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  let node = el, bg = null;
+  while (node) {
+    const c = rgb(getComputedStyle(node).backgroundColor);
+    if (c.length === 3 || (c.length === 4 && c[3] > 0.9)) { bg = c.slice(0, 3); break; }
+    node = node.parentElement;
+  }
+  bg = bg || [255, 255, 255];
+  const fg = rgb(getComputedStyle(el).color).slice(0, 3);
+  const [hi, lo] = [lum(fg), lum(bg)].sort((a, b) => b - a);
+  return (hi + 0.05) / (lo + 0.05);
+}
+"""
+
+
+def test_admin_sub_navigation_is_readable(page: Any, live: Live) -> None:
+    log_in(page, live, "admin")
+    page.goto(f"{live.url}/admin")
+    links = page.locator("nav.sub a")
+    assert links.count() >= 3
+    for i in range(links.count()):
+        link = links.nth(i)
+        ratio = link.evaluate(_CONTRAST_JS)
+        assert ratio >= 4.5, f"{link.inner_text()!r} has contrast {ratio:.2f}:1"
+
+
+def test_rating_keys_pick_the_value_pressed_on_a_zero_to_ten_scale(page: Any, live: Live) -> None:
+    log_in(page, live, "rater")
+    page.goto(f"{live.url}/annotate/{live.rating_set}")
+    checked = "input[name=value]:checked"
+    page.keyboard.press("5")
+    assert page.locator(checked).get_attribute("value") == "5"
+    page.keyboard.press("0")
+    assert page.locator(checked).get_attribute("value") == "0"
+    time.sleep(1.1)  # digits typed apart are separate choices
+    page.keyboard.press("9")
+    assert page.locator(checked).get_attribute("value") == "9"
+    time.sleep(1.1)
+    page.keyboard.press("1")
+    page.keyboard.press("0")
+    assert page.locator(checked).get_attribute("value") == "10"
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#saved")
+    rater = live.store.find_annotator("rater")
+    values = [
+        a.value for _, a in live.store.annotations(live.rating_set) if a.annotator_id == rater.id
+    ]
+    assert values == [10]
