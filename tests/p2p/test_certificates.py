@@ -23,6 +23,7 @@ from swarmlm.p2p.certificates import (
     check_decision_certificate,
     check_eviction_votes,
     check_prepared_certificate,
+    members_hash,
     precheck_signers,
     proposal_hash,
     verify_equivocation_proof,
@@ -52,12 +53,13 @@ def _by_id(n: int) -> dict[str, MessageSigner]:
 
 def _proposal(members: list[str], r: int, view: int, signers: dict[str, MessageSigner]) -> Any:
     leader = signers[leader_of(members, r, view)]
-    body = {"view": view, "entries": [], "changes": [], "justify": []}
+    body = {"view": view, "entries": [], "changes": [], "justify": [], "m": members_hash(members)}
     return leader.sign("propose", body, r)
 
 
 def _h(prop: SignedMessage) -> bytes:
-    return proposal_hash(prop.round, prop.body["entries"], prop.body["changes"])
+    b = prop.body
+    return proposal_hash(prop.round, b["entries"], b["changes"], b["m"])
 
 
 @pytest.fixture
@@ -175,6 +177,32 @@ def test_a_certificate_from_the_wrong_leader_or_round_is_refused() -> None:
         check_decision_certificate(cert, members, 3, leader, 3)
 
 
+def test_a_certificate_names_its_membership_and_is_refused_for_another() -> None:
+    """``m`` is covered by ``h``: a certificate of M = {a, b, c, d, e} checked against the
+    membership a node far behind still knows, {a, b, c, d} (e joined meanwhile), is refused
+    although four of its five commits come from that older membership (a quorum of it)."""
+    signers = _by_id(5)
+    members = sorted(signers)
+    older = members[:4]
+    r = 10
+    leader = leader_of(members, r, 0)
+    assert leader in older
+    body = {"view": 0, "entries": [], "changes": [], "justify": [], "m": members_hash(members)}
+    prop = signers[leader].sign("propose", body, r)
+    commits = [signers[m].sign("commit", {"view": 0, "h": _h(prop)}, r).to_wire() for m in older]
+    cert = {"proposal": prop.to_wire(), "commits": commits}
+    assert len(check_decision_certificate(cert, members, r, lambda v: leader, 4).commits) == 4
+    with pytest.raises(MessageRejectedError, match="another membership"):
+        check_decision_certificate(cert, older, r, lambda v: leader, 3)
+    # the hash covers m: the same commits do not certify a proposal naming the older set
+    twin = signers[leader].sign("propose", {**body, "m": members_hash(older)}, r)
+    assert _h(twin) != _h(prop)
+    forged = {"proposal": twin.to_wire(), "commits": commits}
+    with pytest.raises(MessageRejectedError, match="another slot"):
+        check_decision_certificate(forged, older, r, lambda v: leader, 3)
+    assert members_hash(reversed(members)) == members_hash(members + members[:1])
+
+
 def test_a_padded_certificate_is_refused_without_verifying_a_signature(
     verify_calls: list[int],
 ) -> None:
@@ -200,8 +228,12 @@ def test_a_padded_certificate_is_refused_without_verifying_a_signature(
 @pytest.mark.parametrize(
     ("kind", "body", "match"),
     [
-        ("propose", {"view": -1, "entries": [], "changes": [], "justify": []}, "view -1"),
-        ("propose", {"view": 2**40, "entries": [], "changes": [], "justify": []}, "outside"),
+        ("propose", {"view": -1, "entries": [], "changes": [], "justify": [], "m": H}, "view -1"),
+        (
+            "propose",
+            {"view": 2**40, "entries": [], "changes": [], "justify": [], "m": H},
+            "outside",
+        ),
         ("prepare", {"view": 0, "h": b"short"}, "5 bytes"),
         ("commit", {"view": -3, "h": H}, "view -3"),
         ("viewchange", {"view": 0, "prepared": None}, "view 0"),
@@ -234,7 +266,7 @@ def test_an_equivocation_proof_names_the_offender_only_for_two_conflicting_messa
         if kind == "contrib":
             return {"digest": x * 32, "size": 1}
         if kind == "propose":
-            return {"view": 0, "entries": [[x.decode(), {}]], "changes": [], "justify": []}
+            return {"view": 0, "entries": [[x.decode(), {}]], "changes": [], "justify": [], "m": H}
         return {"view": 0, "h": x * 32}
 
     a = a_signer.sign(kind, body(b"a"), 3)
@@ -384,9 +416,9 @@ def test_a_padded_decision_certificate_is_refused_and_costs_its_sender() -> None
 
 
 MALFORMED: list[tuple[str, dict[str, Any]]] = [
-    ("propose", {"view": -1, "entries": [], "changes": [], "justify": []}),
-    ("propose", {"view": 2**40, "entries": [], "changes": [], "justify": []}),
-    ("propose", {"view": 0, "entries": ["junk"] * 3, "changes": [], "justify": []}),
+    ("propose", {"view": -1, "entries": [], "changes": [], "justify": [], "m": H}),
+    ("propose", {"view": 2**40, "entries": [], "changes": [], "justify": [], "m": H}),
+    ("propose", {"view": 0, "entries": ["junk"] * 3, "changes": [], "justify": [], "m": H}),
     ("prepare", {"view": 0, "h": b"short"}),
     ("commit", {"view": -3, "h": H}),
     ("prepare", {"view": 2**30, "h": H}),

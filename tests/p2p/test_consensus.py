@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from swarmlm.p2p.certificates import members_hash
 from swarmlm.p2p.consensus import RoundProtocol, _Round, leader_of, quorum
 from swarmlm.p2p.errors import MessageRejectedError
 from swarmlm.p2p.identity import NodeIdentity
@@ -124,7 +125,9 @@ def test_proposal_from_a_non_leader_or_with_too_few_entries_is_rejected() -> Non
             st = protos[0].rounds[1]
             not_leader = next(x for x in nodes if x.node_id != leader_of(ids, 1, 0))
             msg = not_leader.sign(
-                "propose", {"view": 0, "entries": [], "changes": [], "justify": []}, 1
+                "propose",
+                {"view": 0, "entries": [], "changes": [], "justify": [], "m": members_hash(ids)},
+                1,
             )
             with pytest.raises(MessageRejectedError, match="non-leader"):
                 protos[0]._check_proposal(st, msg)
@@ -133,7 +136,7 @@ def test_proposal_from_a_non_leader_or_with_too_few_entries_is_rejected() -> Non
             msg = leader.sign(
                 "propose",
                 {"view": 0, "entries": [[leader.node_id, contrib.to_wire()]], "changes": [],
-                 "justify": []},
+                 "justify": [], "m": members_hash(ids)},
                 1,
             )  # fmt: skip
             with pytest.raises(MessageRejectedError, match="1 entries"):

@@ -71,7 +71,7 @@ def test_a_slot_is_never_recorded_twice(tmp_path: Path) -> None:
     assert same_meaning("commit", a.body, _vote("commit", 5, 1, b"a" * 32).body)
     assert not same_meaning("commit", a.body, b.body)
     assert not same_meaning("contrib", _contrib(5, b"x" * 32).body, _contrib(5, b"y" * 32).body)
-    prop = {"view": 0, "entries": [["p", 1]], "changes": [], "justify": []}
+    prop = {"view": 0, "entries": [["p", 1]], "changes": [], "justify": [], "m": b"m" * 32}
     assert same_meaning("propose", prop, {**prop, "justify": [1, 2], "suspects": []})
     assert not same_meaning("propose", prop, {**prop, "suspects": ["x"]})
 

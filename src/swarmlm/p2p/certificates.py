@@ -49,13 +49,27 @@ class Phase(enum.StrEnum):
     COMMIT = "commit"
 
 
-def proposal_hash(round: int, entries: list[Any], changes: list[Any]) -> bytes:
+def members_hash(members: Iterable[str]) -> bytes:
+    """``m`` of a round: SHA-256 of the canonical encoding of its sorted, distinct members.
+
+    Why a proposal carries it (and ``h`` covers it): a certificate then names the
+    membership that decided it, so a node far behind can check a *later* round's
+    certificate against the membership it knows. If any member joined or left in between,
+    ``m`` differs and the certificate is not used (docs/protocol.md, "Catching up at any
+    distance"); without ``m`` a responder could hide a membership change."""
+    return hashlib.sha256(canonical_encode(sorted(set(members)))).digest()
+
+
+def proposal_hash(round: int, entries: list[Any], changes: list[Any], m: bytes) -> bytes:
     """``h`` of a proposal: independent of the view, so a re-proposal keeps its hash."""
-    return hashlib.sha256(canonical_encode({"r": round, "e": entries, "c": changes})).digest()
+    return hashlib.sha256(
+        canonical_encode({"r": round, "e": entries, "c": changes, "m": m})
+    ).digest()
 
 
 def hash_of_proposal(msg: SignedMessage) -> bytes:
-    return proposal_hash(msg.round, msg.body["entries"], msg.body["changes"])
+    b = msg.body
+    return proposal_hash(msg.round, b["entries"], b["changes"], b["m"])
 
 
 def _invalid(detail: str) -> MessageRejectedError:
@@ -157,9 +171,11 @@ def check_body(msg: SignedMessage) -> None:
         if len(b["h"]) != HASH_SIZE:
             raise _invalid(f"{kind} from {who}: 'h' has {len(b['h'])} bytes, not {HASH_SIZE}")
     elif kind == "propose":
-        # only the view here: list contents are checked after their lengths are bounded
-        # by the round's membership (check_entries_shape, precheck_signers)
+        # only the view and m here: list contents are checked after their lengths are
+        # bounded by the round's membership (check_entries_shape, precheck_signers)
         _check_view(kind, who, b["view"])
+        if len(b["m"]) != HASH_SIZE:
+            raise _invalid(f"propose from {who}: 'm' has {len(b['m'])} bytes, not {HASH_SIZE}")
     elif kind == "viewchange":
         _check_view(kind, who, b["view"])
         if b["view"] == 0:
@@ -234,6 +250,12 @@ def precheck_signers(wires: object, members: Iterable[str], what: str) -> list[s
     return signers
 
 
+def check_members_hash(proposal: SignedMessage, members: Iterable[str], what: str) -> None:
+    """A proposal names the membership of its round (``m``): refuse it for any other."""
+    if proposal.body["m"] != members_hash(members):
+        raise _invalid(f"{what}: the proposal of {proposal.sender[:12]} names another membership")
+
+
 # -- typed parsing of verified messages ----------------------------------------------------
 def parse_proposal(
     msg: SignedMessage, round: int, leader: Leader, phash: ProposalHasher = hash_of_proposal
@@ -302,6 +324,7 @@ def check_prepared_certificate(
         raise _invalid("prepared certificate malformed")
     wires = _signed_set(cert["votes"], members, q, "prepared certificate")
     prop = parse_proposal(open_signed(cert["proposal"]), round, leader, phash)
+    check_members_hash(prop.msg, members, "prepared certificate")
     return PreparedCertificate(prop, _votes_for(wires, Phase.PREPARE, prop, "prepared certificate"))
 
 
@@ -319,6 +342,7 @@ def check_decision_certificate(
         raise _invalid("decision certificate malformed")
     wires = _signed_set(cert["commits"], members, q, "decision certificate")
     prop = parse_proposal(open_signed(cert["proposal"]), round, leader, phash)
+    check_members_hash(prop.msg, members, "decision certificate")
     return DecisionCertificate(prop, _votes_for(wires, Phase.COMMIT, prop, "decision certificate"))
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
 import time
@@ -38,12 +37,15 @@ from swarmlm.p2p.certificates import (
     Admit,
     FutureBuffer,
     check_body,
+    check_decision_certificate,
     check_entries_shape,
+    check_members_hash,
+    hash_of_proposal,
+    members_hash,
     peek_signer,
     precheck_signers,
 )
 from swarmlm.p2p.errors import ConsensusError, MessageRejectedError, TransportError
-from swarmlm.p2p.identity import canonical_encode
 from swarmlm.p2p.membership import (
     AdmissionPolicy,
     JoinTable,
@@ -67,6 +69,9 @@ MAX_WAITING = 256  # peers waiting for one round's certificate
 FUTURE_PER_PEER_ROUND = 16  # a member sends a handful of messages per round and view
 FUTURE_PER_PEER = 32
 MAX_ANSWERED = 1024
+KEEP_DECISIONS = 256  # decision certificates kept for catch-up, per round
+MAX_EPOCH_ENDS = 1024  # certificates of membership-changing decisions kept beyond that
+MAX_REQUESTED = 256  # throttle entries of our own decided_req
 EVICT_VOTE_ROUNDS = 16  # an eviction vote older than this many rounds no longer counts
 
 
@@ -102,10 +107,6 @@ def leader_of(
     if not pool:
         pool = members
     return pool[(round + view) % len(pool)]
-
-
-def proposal_hash(round: int, entries: list[Any], changes: list[Any]) -> bytes:
-    return hashlib.sha256(canonical_encode({"r": round, "e": entries, "c": changes})).digest()
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class _Round:
     pulling: bool = False
     waiting: set[str] = field(default_factory=set)  # asked us for the decision before we had it
     decided: Decision | None = None
+    abandoned: bool = False  # we caught up past it on a later certificate (never decided here)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     active: asyncio.Event = field(default_factory=asyncio.Event)  # a contribution arrived
     threshold: float = 2 / 3  # P2PConfig.consensus_threshold
@@ -175,6 +177,10 @@ class _Round:
     @property
     def n(self) -> int:
         return len(self.members)
+
+    @property
+    def open(self) -> bool:
+        return self.decided is None and not self.abandoned
 
     @property
     def q(self) -> int:
@@ -235,7 +241,15 @@ class RoundProtocol:
         self._answered: dict[tuple[str, int], float] = {}
         # highest round each peer is known to have decided (or to be about to: it committed)
         self.peer_round: dict[str, int] = {}
-        self._requested: dict[int, float] = {}
+        # our decided_req throttle: (round, peer) -> when; peer "" = the ask of every member
+        self._requested: dict[tuple[int, str], float] = {}
+        # certificates of the decisions that changed the membership (round -> certificate),
+        # complete from round _epochs_from on: what a node any distance behind needs to
+        # verify its way forward, one membership change per exchange (_catchup_target)
+        self.epoch_ends: dict[int, dict[str, Any]] = {}
+        self._epochs_from = start_round
+        # rounds we caught up past without deciding them: (first, last, their membership)
+        self._jumps: deque[tuple[int, int, list[str]]] = deque(maxlen=64)
         self._round_payloads: dict[int, set[bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
@@ -269,9 +283,9 @@ class RoundProtocol:
             )
         timeout = timeout if timeout is not None else self._default_timeout()
         deadline = time.monotonic() + timeout
-        await self._wait_for(lambda: round in self.rounds or round in self.decisions, deadline)
-        if round in self.decisions:
-            return self.decisions[round]
+        await self._wait_for(lambda: round in self.rounds or round <= self.last_decided, deadline)
+        if round <= self.last_decided:
+            return await self.decision(round, max(deadline - time.monotonic(), 0.0))
         st = self.rounds[round]
         me = self.node.node_id
         if me in st.members and not st.started:
@@ -295,10 +309,21 @@ class RoundProtocol:
         return await self.decision(round, max(deadline - time.monotonic(), 0.0))
 
     async def decision(self, round: int, timeout: float | None = None) -> Decision:
+        """Round ``round``'s decision once made here. A round this node moved past without
+        deciding it (it caught up on a later certificate, or the round was pruned) gives a
+        Decision with ``skipped=True``, no entries and an empty certificate at once: the
+        application syncs its state instead of applying it."""
         timeout = timeout if timeout is not None else self._default_timeout()
         deadline = time.monotonic() + timeout
-        await self._wait_for(lambda: round in self.decisions, deadline)
-        return self.decisions[round]
+        await self._wait_for(
+            lambda: round in self.decisions or round <= self.last_decided, deadline
+        )
+        if round in self.decisions:
+            return self.decisions[round]
+        members = self._members.get(round) or next(
+            (m for first, last, m in self._jumps if first <= round <= last), []
+        )
+        return Decision(round, -1, [], members, members, [], {}, skipped=True)
 
     async def fetch(self, digest: bytes, timeout: float | None = None) -> Payload:
         peers = self._members.get(self.last_decided + 1) or []
@@ -422,7 +447,7 @@ class RoundProtocol:
         if r in self.rounds:
             return self.rounds[r]
         members = self._members.get(r)
-        if members is None or r in self.decisions:
+        if members is None or r <= self.last_decided:
             return None
         st = _Round(r, members, threshold=self.cfg.consensus_threshold)
         prev = self.decisions.get(r - 1)
@@ -461,8 +486,9 @@ class RoundProtocol:
             return
         if msg.sender in (self._members.get(r) or ()):
             self._note_progress(msg.sender, r if msg.kind == "commit" else r - 1)
-        if r in self.decisions:
+        if r <= self.last_decided:
             # a late contribution or vote, or a request: the sender missed the decision
+            # (decided here, or pruned: then a later certificate may still serve it)
             self._answer_decided(peer, r)
             return
         st = self.rounds.get(r)
@@ -597,8 +623,7 @@ class RoundProtocol:
     def _phash(self, proposal: SignedMessage) -> bytes:
         h = self._hash_cache.get(proposal.sig)
         if h is None:
-            b = proposal.body
-            h = proposal_hash(proposal.round, b["entries"], b["changes"])
+            h = hash_of_proposal(proposal)
             self._cache_put(self._hash_cache, proposal.sig, h)
         return h
 
@@ -625,6 +650,7 @@ class RoundProtocol:
         who = msg.sender[:12]
         if view < 0 or msg.sender != self._leader(st, view):
             raise MessageRejectedError("invalid", f"proposal from non-leader {who}, view {view}")
+        check_members_hash(msg, st.members, f"proposal from {who}")
         entries = b["entries"]
         if not st.q <= len(entries) <= st.n:
             raise MessageRejectedError("invalid", f"proposal from {who} has {len(entries)} entries")
@@ -691,6 +717,7 @@ class RoundProtocol:
             raise MessageRejectedError("invalid", "prepared certificate malformed") from None
         if prop.kind != "propose" or prop.round != st.round:
             raise MessageRejectedError("invalid", "prepared certificate without a proposal")
+        check_members_hash(prop, st.members, "prepared certificate")
         view = prop.body["view"]
         if not self._certified_leader_ok(st, view, prop.sender):
             raise MessageRejectedError("invalid", "prepared certificate from a non-leader")
@@ -875,6 +902,17 @@ class RoundProtocol:
     # -- membership: acknowledging live joiners ------------------------------------------
     def _on_link_up(self, peer: str) -> None:
         self._connected_since.setdefault(peer, time.monotonic())
+        # A member (re)connecting while our round has been open longer than a timeout (we
+        # were paused, partitioned or restarted) or after we saw later rounds: ask it for
+        # the round now, on the new connection; earlier asks may have gone out on the dead
+        # one (a resumed node lost ~1 s, 4 rounds, so: issue 17 #2).
+        r = self.last_decided + 1
+        st = self.rounds.get(r)
+        if peer in (self._members.get(r) or ()) and (
+            self.highest_seen > r
+            or (st is not None and time.monotonic() - st.t0 > self.cfg.round_timeout)
+        ):
+            self._request_decided(r, [peer], force=True)
         if self._joining and (self._join_nonce is not None or self.admission.kind != "pow"):
             self._send(self._join_request(), [peer])  # every member must hear us to vouch
 
@@ -1072,7 +1110,8 @@ class RoundProtocol:
             entries = [[p, st.contribs[p].to_wire()] for p in sorted(held)]
             changes = self._changes_for(st)
         st.sent.add(("propose", view))
-        body = {"view": view, "entries": entries, "changes": changes, "justify": justify}
+        body = {"view": view, "entries": entries, "changes": changes, "justify": justify,
+                "m": members_hash(st.members)}  # fmt: skip
         signed = self._sign_slot("propose", body, st.round, view)
         if signed is None:
             return
@@ -1177,6 +1216,12 @@ class RoundProtocol:
         st.decided = d
         st.done.set()
         self.decisions[st.round] = d
+        if changes:
+            self.epoch_ends[st.round] = cert
+            if len(self.epoch_ends) > MAX_EPOCH_ENDS:
+                oldest = min(self.epoch_ends)
+                del self.epoch_ends[oldest]
+                self._epochs_from = oldest + 1
         self.latencies.append(latency)
         self.stats["rounds_decided"] += 1
         for listener in self.decided_listeners:
@@ -1203,9 +1248,11 @@ class RoundProtocol:
         keep = self.last_decided - self.cfg.keep_rounds
         for r in [r for r in self._round_payloads if r <= keep]:
             self.node.blobs.forget(self._round_payloads.pop(r))
-        for r in [r for r in self.decisions if r <= self.last_decided - 256]:
+        old = self.last_decided - KEEP_DECISIONS
+        for r in [r for r in self.decisions if r <= old]:
             del self.decisions[r]
-            self._members.pop(r, None)
+        for r in [r for r in self._members if r <= old]:
+            del self._members[r]
         self._answered = {k: t for k, t in self._answered.items() if k[1] > keep}
         self.future.drop_through(self.last_decided)
         for r in [r for r in self._early_reqs if r <= self.last_decided]:
@@ -1330,7 +1377,7 @@ class RoundProtocol:
         # propose in any view, so a timeout would only rotate leaders while every member is
         # still computing (a swarm's local phase can take minutes); keep asking for the
         # decision meanwhile, in case the others decided without us.
-        while st.decided is None and not st.active.is_set():
+        while st.open and not st.active.is_set():
             waits = [asyncio.ensure_future(e.wait()) for e in (st.done, st.active)]
             try:
                 await asyncio.wait(
@@ -1339,14 +1386,14 @@ class RoundProtocol:
             finally:
                 for w in waits:
                     w.cancel()
-            if st.decided is None and not st.active.is_set():
+            if st.open and not st.active.is_set():
                 self._request_decided(st.round, None)
-        while st.decided is None:
+        while st.open:
             factor = min(2**st.view, MAX_VIEW_TIMEOUT_FACTOR)
             view = st.view
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(st.done.wait(), self.cfg.round_timeout * factor)
-            if st.decided is not None:
+            if not st.open:
                 return
             if st.view == view and self.node.node_id in st.members:
                 log.info("round %d view %d timed out", st.round, view)
@@ -1370,41 +1417,80 @@ class RoundProtocol:
         me = self.node.node_id
         return all(p == me or self.peer_round.get(p, 0) >= r for p in members)
 
-    def _request_decided(self, r: int, peers: list[str] | None) -> None:
-        # throttled per round, asks of one peer apart from asks of every member: a peer that
-        # cannot answer (e.g. it left before that round) must not hold back the broadcast
-        # ask for a second (a catch-up across a leave stalled ~1 s so, issue 17 #2)
-        key = r if peers is None else -r - 1
+    def _request_decided(self, r: int, peers: list[str] | None, force: bool = False) -> None:
+        """Ask ``peers`` (None: every member) for round ``r``'s decision.
+
+        Throttled per round and peer (the broadcast ask apart): a peer that cannot answer
+        (it left before that round) must not hold back asks of the others (a catch-up across
+        a leave stalled ~1 s so), and an ask that went out on a connection that was already
+        dead (a node resumed after SIGSTOP writes to sockets its peers closed) must not hold
+        back the ask on the new one for a second (``force``, from :meth:`_on_link_up`)."""
         now = time.monotonic()
-        if now - self._requested.get(key, 0.0) < min(self.cfg.round_timeout, 1.0):
+        gap = min(self.cfg.round_timeout, 1.0)
+        keys = [(r, "")] if peers is None else [(r, p) for p in _distinct(peers)]
+        due = [k for k in keys if force or now - self._requested.get(k, 0.0) >= gap]
+        if not due:
             return
-        self._requested[key] = now
-        if len(self._requested) > 64:
-            for k in sorted(self._requested, key=abs)[:-32]:
+        for k in due:
+            self._requested[k] = now
+        if len(self._requested) > MAX_REQUESTED:
+            for k in sorted(self._requested, key=self._requested.__getitem__)[: MAX_REQUESTED // 2]:
                 del self._requested[k]
-        targets = peers or (self._members.get(r) or self._members.get(self.last_decided + 1) or [])
+        if peers is None:
+            targets = self._members.get(r) or self._members.get(self.last_decided + 1) or []
+        else:
+            targets = [p for _, p in due]
         self._send(self.node.sign("decided_req", {}, r), targets)
+
+    def _catchup_target(self, r: int) -> tuple[int, dict[str, Any]] | None:
+        """The certificate to answer a ``decided_req`` for round ``r`` with, and its round.
+
+        Round ``r`` itself while its payloads are still served (the asker can apply it).
+        From further behind (more than ``keep_rounds / 2``, or ``r`` pruned here), the
+        certificate of the last round of ``r``'s membership epoch, i.e. the first decision at
+        or after ``r`` that changed the membership, or our newest when none did: the asker
+        checks it against the membership it knows (``m``) and jumps there in one exchange,
+        one membership change per exchange, however far behind it is (issue 17 #2).
+        None when we have not decided ``r`` or cannot name that epoch's end."""
+        if r > self.last_decided:
+            return None
+        far = r + self.cfg.keep_rounds // 2 < self.last_decided
+        if r in self.decisions and (not far or r < self._epochs_from):
+            return r, self.decisions[r].certificate
+        if r < self._epochs_from:
+            return None  # membership changes before what we keep: others may know them
+        ends = [c for c in self.epoch_ends if c >= r]
+        if ends:
+            c = min(ends)
+            return c, self.epoch_ends[c]
+        newest = self.decisions.get(self.last_decided)
+        return (newest.round, newest.certificate) if newest is not None else None
 
     def _answer_decided(self, peer: str, r: int) -> None:
         # at most one answer per peer and round per second: a lost answer is sent again when
         # the peer asks again, and a peer cannot make us sign in a loop
         now = time.monotonic()
-        if r not in self.decisions or now - self._answered.get((peer, r), -1e9) < 1.0:
+        if now - self._answered.get((peer, r), -1e9) < 1.0:
+            return
+        target = self._catchup_target(r)
+        if target is None:
             return
         if len(self._answered) >= MAX_ANSWERED:
             self._answered.clear()  # at worst one extra answer per peer and round
         self._answered[(peer, r)] = now
         self._note_progress(peer, r)
-        d = self.decisions[r]
-        self.node.send(peer, self.node.sign("decided", d.certificate, r))
+        cert_round, cert = target
+        if cert_round != r:
+            self.stats["catchup_jumps_served"] += 1
+        self.node.send(peer, self.node.sign("decided", cert, cert_round))
 
     def _on_decided(self, msg: SignedMessage, peer: str) -> None:
         r = msg.round
-        if r in self.decisions:
+        if r <= self.last_decided:
             return
         members = self._members.get(r)
         if members is None:
-            if r > self.last_decided + 1:
+            if r > self.last_decided + 1 and not self._jump(msg, peer):
                 self._request_decided(self.last_decided + 1, [peer])
             return
         st = self._ensure_round(r)
@@ -1437,6 +1523,43 @@ class RoundProtocol:
         for c in commits.values():
             st.votes.setdefault(("commit", view, h), {})[c.sender] = c
         self._try_decide(st, view, h, commits)
+
+    def _jump(self, msg: SignedMessage, peer: str) -> bool:
+        """Decide round ``msg.round``, later than the next one, from its certificate alone
+        when it names the membership we know for the next round (its ``m``): no member
+        joined or left in between, so that membership's quorum certifies it. The rounds in
+        between are skipped (:meth:`decision` reports them ``skipped``). False when the
+        certificate names another membership: a change happened in between, whose own
+        certificate we must verify first (we ask for the next round again)."""
+        members = self._members.get(self.last_decided + 1)
+        prop = open_signed(msg.body["proposal"])
+        if members is None or prop.kind != "propose" or prop.round != msg.round:
+            raise MessageRejectedError("invalid", f"decision from {peer[:12]} lacks a proposal")
+        if prop.body["m"] != members_hash(members):
+            self.stats["catchup_other_membership"] += 1
+            return False
+        r, q = msg.round, quorum(len(members), self.cfg.consensus_threshold)
+        # The previous round's decision (leader rotation) is unknown: the proposer must be a
+        # member, and the q commits of that membership are what make the round unique.
+        proposer = prop.sender if prop.sender in members else ""
+        cert = check_decision_certificate(
+            msg.body, members, r, lambda _view: proposer, q, self._phash
+        )
+        first = self.last_decided + 1
+        log.info("caught up from round %d to %d on a certificate of our membership", first, r)
+        self.stats["catchup_jumps"] += 1
+        self._jumps.append((first, r - 1, list(members)))
+        for rr in [rr for rr in self.rounds if rr < r]:
+            st = self.rounds.pop(rr)
+            st.abandoned = True
+            st.done.set()
+        self._members[r] = list(members)
+        self._epochs_from = max(self._epochs_from, r)
+        st = _Round(r, list(members), threshold=self.cfg.consensus_threshold)
+        self.rounds[r] = st
+        # every commit in it was verified for this slot: it is the certificate we pass on
+        self._decide(st, prop, cert.proposal.view, dict(msg.body), skipped=True)
+        return True
 
 
 async def discover(node: P2PNode, timeout: float) -> tuple[int, list[str]] | None:

@@ -52,7 +52,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "peer_record": {"addr": _LIST},
     "peers": {"records": _LIST},
     "contrib": {"digest": _BYTES, "size": _INT},
-    "propose": {"view": _INT, "entries": _LIST, "changes": _LIST, "justify": _LIST},
+    "propose": {"view": _INT, "entries": _LIST, "changes": _LIST, "justify": _LIST, "m": _BYTES},
     "prepare": {"view": _INT, "h": _BYTES},
     "commit": {"view": _INT, "h": _BYTES},
     "viewchange": {"view": _INT, "prepared": _OPT_DICT},
