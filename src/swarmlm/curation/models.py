@@ -133,6 +133,10 @@ class Task(Base):
         ),
         Index("ix_tasks_gold", "task_set_id", "is_gold", "id"),
         Index("ix_tasks_digest", "digest"),
+        # the data manager's sorts and range filters (both change only at consensus time,
+        # so they cost nothing on the lease and submit path)
+        Index("ix_tasks_set_agreement", "task_set_id", "agreement"),
+        Index("ix_tasks_set_confidence", "task_set_id", "confidence"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -150,6 +154,8 @@ class Task(Base):
     status: Mapped[str] = mapped_column(String(16), default="open")
     consensus: Mapped[Any] = mapped_column(JSON, nullable=True)
     agreement: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # posterior of the consensus label (quality.TaskConsensus.confidence)
+    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # replication: the signed batch record holding this task, and whether this node serves
     # it first (its rendezvous share; 1 for every task when not replicating)
@@ -208,6 +214,35 @@ class ReplicaRecordRow(Base):
     kind: Mapped[str] = mapped_column(String(16))
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class Review(Base):
+    """A reviewer's verdict on one annotation: accepted, rejected or corrected.
+
+    A rejected annotation is taken out of its task (its value, signature and times are kept
+    here) so the task asks someone else; a correction becomes the task's consensus. Either
+    way the annotator's reputation counts the verdict like a gold answer.
+    """
+
+    __tablename__ = "reviews"
+    __table_args__ = (
+        Index("ix_reviews_annotator", "annotator_id", "id"),
+        Index("ix_reviews_task", "task_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    # NULL once a rejection took the annotation out of the task
+    annotation_id: Mapped[int | None] = mapped_column(
+        ForeignKey("annotations.id", ondelete="SET NULL"), nullable=True, unique=True
+    )
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
+    verdict: Mapped[str] = mapped_column(String(16))  # accepted | rejected | corrected
+    value: Mapped[Any] = mapped_column(JSON)  # the annotation's value as reviewed
+    corrected: Mapped[Any] = mapped_column(JSON, nullable=True)
+    comment: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class PointsEntry(Base):

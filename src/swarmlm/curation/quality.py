@@ -45,10 +45,15 @@ CONSENSUS_WEIGHT = 0.5
 @dataclass(frozen=True)
 class TaskConsensus:
     """``label``: consensus value in the schema's value format (None for free text).
-    ``agreement``: share in [0, 1] of annotations agreeing with it (None when undefined)."""
+    ``agreement``: share in [0, 1] of annotations agreeing with it (None when undefined).
+    ``confidence``: posterior probability of ``label`` for single choice and pairwise (the
+    log-odds weighted vote is the one-coin model's posterior under a uniform prior, so it is
+    the softmax of the class totals); the agreement for the other schemas, which have no
+    posterior of their own."""
 
     label: Any
     agreement: float | None
+    confidence: float | None = None
 
 
 def reputation_score(
@@ -101,19 +106,20 @@ def task_consensus(
         chosen = np.array([[c in v for c in schema.choices] for v in values], dtype=np.float64)
         share_yes = chosen.mean(axis=0)
         label = [c for c, s in zip(schema.choices, share_yes, strict=True) if s > 0.5]
-        return TaskConsensus(label, float(np.mean(np.maximum(share_yes, 1 - share_yes))))
+        agreement = float(np.mean(np.maximum(share_yes, 1 - share_yes)))
+        return TaskConsensus(label, agreement, agreement)
     if isinstance(schema, RatingSchema):
         med = float(cons.weighted_median(items, np.asarray(values, dtype=np.float64), weights)[0])
         if math.isnan(med):
             med = float(np.median(np.asarray(values, dtype=np.float64)))
         label = int(med) if med.is_integer() else med
         near = float(np.mean([abs(float(v) - med) <= 1.0 for v in values]))
-        return TaskConsensus(label, near)
+        return TaskConsensus(label, near, near)
     if isinstance(schema, RankingSchema):
         fit = cons.plackett_luce(np.asarray(values, dtype=np.int64), n_players=schema.k)
         order = [int(i) for i in np.argsort(-fit.score, kind="stable")]
         top = float(np.mean([v[0] == order[0] for v in values]))
-        return TaskConsensus(order, top)
+        return TaskConsensus(order, top, top)
     classes = categories(schema)
     labels = np.array([classes.index(v) for v in values], dtype=np.int64)
     raters = np.arange(n, dtype=np.int64)
@@ -122,7 +128,10 @@ def task_consensus(
     )
     winner = int(weighted.winner[0])
     share = float(np.mean(labels == winner))
-    return TaskConsensus(classes[winner], share)
+    totals = np.asarray(weighted.totals[0], dtype=np.float64)
+    odds = np.exp(totals - totals.max())
+    posterior = float(odds[winner] / odds.sum())
+    return TaskConsensus(classes[winner], share, posterior)
 
 
 def _none_if_nan(x: float) -> float | None:

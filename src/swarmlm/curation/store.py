@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -83,7 +83,8 @@ from swarmlm.p2p.identity import NodeIdentity
 
 log = logging.getLogger(__name__)
 
-ROLES: tuple[str, ...] = ("annotator", "admin")
+ROLES: tuple[str, ...] = ("annotator", "reviewer", "admin")
+T = TypeVar("T")
 USERNAME_ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 POINTS_PER_ANNOTATION = 1
 POINTS_FOR_AGREEMENT = 2
@@ -109,7 +110,7 @@ def _aware(dt: datetime) -> datetime:
 
 
 @dataclass
-class _ScoreChange:
+class ScoreChange:
     """Pending changes to one annotator within a submit transaction."""
 
     points: list[tuple[int, str]] = field(default_factory=list)
@@ -118,12 +119,12 @@ class _ScoreChange:
 
 
 def _score_agreement(
-    changes: dict[int, _ScoreChange], schema: Any, labels: list[tuple[int, Any]], label: Any
+    changes: dict[int, ScoreChange], schema: Any, labels: list[tuple[int, Any]], label: Any
 ) -> None:
     """Mark who agreed with a finalised task's consensus and award their points."""
     for aid, value in labels:
         agreed = quality.agrees(schema, value, label)
-        ch = changes.setdefault(aid, _ScoreChange())
+        ch = changes.setdefault(aid, ScoreChange())
         ch.agreed = agreed
         if agreed:
             ch.points.append((POINTS_FOR_AGREEMENT, "agreed with consensus"))
@@ -216,6 +217,10 @@ class AnnotatorInfo:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def can_review(self) -> bool:
+        return self.role in ("reviewer", "admin")
 
 
 @dataclass(frozen=True)
@@ -441,6 +446,37 @@ class CurationStore:
     def _read(self) -> Iterator[Session]:
         with Session(self.engines.read, expire_on_commit=False) as s, s.begin():
             yield s
+
+    def run_write(self, fn: Callable[[WriteTx], T]) -> T:
+        """Run ``fn`` as one request of the group commit; returns once it is committed.
+
+        For the admin modules (data manager, reviews): their writes take the same writer
+        (and, on SQLite, the same writer lock) as leases and submissions, so they never
+        interleave with a batch halfway.
+        """
+        return self._committer.run(fn)
+
+    @contextmanager
+    def read_cursor(self) -> Iterator[tuple[Any, RawSql]]:
+        """A DB-API cursor on the read engine (one transaction) and its SQL adapter."""
+        with self.engines.read.connect() as conn:
+            dbapi_conn = conn.connection.dbapi_connection
+            assert dbapi_conn is not None
+            cur = dbapi_conn.cursor()
+            try:
+                yield cur, self._sql
+            finally:
+                cur.close()
+                conn.rollback()
+
+    def apply_score_changes(
+        self, tx: WriteTx, changes: dict[int, ScoreChange], task_id: int
+    ) -> None:
+        """Points, gold/agreement counters and reputation of several annotators at once."""
+        self._apply_scores(tx, changes, task_id, self._clock())
+
+    def now(self) -> datetime:
+        return self._clock()
 
     # -- accounts -------------------------------------------------------------------------
     def create_annotator(
@@ -1148,7 +1184,7 @@ class CurationStore:
             " WHERE id = ? RETURNING n_annotations, needed",
             (task_id,),
         )
-        changes: dict[int, _ScoreChange] = {annotator_id: _ScoreChange()}
+        changes: dict[int, ScoreChange] = {annotator_id: ScoreChange()}
         changes[annotator_id].points.append((POINTS_PER_ANNOTATION, "annotation"))
         finalised = False
         if is_gold:
@@ -1176,7 +1212,7 @@ class CurationStore:
 
     # -- quality --------------------------------------------------------------------------
     def _apply_scores(
-        self, tx: WriteTx, changes: dict[int, _ScoreChange], task_id: int, now: datetime
+        self, tx: WriteTx, changes: dict[int, ScoreChange], task_id: int, now: datetime
     ) -> None:
         """Update annotators in ascending id order (a fixed lock order: no deadlocks)."""
         ledger: list[tuple[int, int, str, int, Any]] = []
@@ -1218,7 +1254,7 @@ class CurationStore:
         task_set_id: int,
         n_annotations: int,
         schema: LabelSchema,
-        changes: dict[int, _ScoreChange],
+        changes: dict[int, ScoreChange],
     ) -> bool:
         sql = tx.sql
         threshold, cap = tx.one(
@@ -1244,13 +1280,21 @@ class CurationStore:
                 n_annotations + 1,
             )
             tx.execute(
-                "UPDATE tasks SET consensus = ?json, agreement = ?, needed = ? WHERE id = ?",
-                (sql.json(result.label), result.agreement, n_annotations + 1, task_id),
+                "UPDATE tasks SET consensus = ?json, agreement = ?, confidence = ?, needed = ?"
+                " WHERE id = ?",
+                (
+                    sql.json(result.label),
+                    result.agreement,
+                    result.confidence,
+                    n_annotations + 1,
+                    task_id,
+                ),
             )
             return False
         tx.execute(
-            "UPDATE tasks SET consensus = ?json, agreement = ?, status = 'finalised' WHERE id = ?",
-            (sql.json(result.label), result.agreement, task_id),
+            "UPDATE tasks SET consensus = ?json, agreement = ?, confidence = ?,"
+            " status = 'finalised' WHERE id = ?",
+            (sql.json(result.label), result.agreement, result.confidence, task_id),
         )
         if result.label is not None:
             _score_agreement(
@@ -1836,7 +1880,7 @@ class CurationStore:
             "SELECT id, digest FROM annotations WHERE task_id = ? AND annotator_id = ?",
             (task_id, annotator_id),
         )
-        changes: dict[int, _ScoreChange] = {}
+        changes: dict[int, ScoreChange] = {}
         if existing is not None:
             # Two nodes accepted an answer of one annotator to one task: the smaller record
             # digest wins everywhere, whatever order they arrive in.
@@ -1871,7 +1915,7 @@ class CurationStore:
             tx.execute(
                 "UPDATE tasks SET n_annotations = n_annotations + 1 WHERE id = ?", (task_id,)
             )
-            ch = changes.setdefault(annotator_id, _ScoreChange())
+            ch = changes.setdefault(annotator_id, ScoreChange())
             ch.points.append((POINTS_PER_ANNOTATION, "annotation"))
             if is_gold:
                 correct = quality.agrees(schema, b["value"], sql.from_json(gold))
@@ -1891,7 +1935,7 @@ class CurationStore:
         task_id: int,
         task_set_id: int,
         schema: LabelSchema,
-        changes: dict[int, _ScoreChange],
+        changes: dict[int, ScoreChange],
     ) -> bool:
         """Consensus, status and ``needed`` of a task as a pure function of its annotations.
 
@@ -1916,8 +1960,8 @@ class CurationStore:
         n = len(rows)
         if n < k:
             tx.execute(
-                "UPDATE tasks SET consensus = ?json, agreement = NULL, needed = ?,"
-                " status = 'open' WHERE id = ?",
+                "UPDATE tasks SET consensus = ?json, agreement = NULL, confidence = NULL,"
+                " needed = ?, status = 'open' WHERE id = ?",
                 (sql.json(None), k, task_id),
             )
             return False
@@ -1926,11 +1970,12 @@ class CurationStore:
         enough = result.agreement is None or result.agreement >= threshold
         final = enough or n >= cap
         tx.execute(
-            "UPDATE tasks SET consensus = ?json, agreement = ?, needed = ?, status = ?"
-            " WHERE id = ?",
+            "UPDATE tasks SET consensus = ?json, agreement = ?, confidence = ?, needed = ?,"
+            " status = ? WHERE id = ?",
             (
                 sql.json(result.label),
                 result.agreement,
+                result.confidence,
                 n if final else n + 1,
                 "finalised" if final else "open",
                 task_id,
