@@ -26,6 +26,9 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.kv_heads
         self.head_dim = cfg.head_dim
+        # Tensor parallelism sets n_heads / n_kv_heads to this rank's share of the heads and
+        # turns the fused projection off (each projection is sharded on its own).
+        self.fuse_projections = True
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
@@ -34,7 +37,7 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.resid_dropout)
 
     def _project_qkv(self, x: Tensor) -> Tensor:
-        return fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        return fused_linear(x, (self.q_proj, self.k_proj, self.v_proj), fuse=self.fuse_projections)
 
     def forward(
         self,

@@ -103,15 +103,17 @@ FUSE_MIN_ROWS = 64
 """Rows (tokens) from which :func:`fused_linear` concatenates the weights."""
 
 
-def fused_linear(x: Tensor, layers: tuple[nn.Linear, ...]) -> Tensor:
+def fused_linear(x: Tensor, layers: tuple[nn.Linear, ...], *, fuse: bool = True) -> Tensor:
     """``cat([layer(x) for layer in layers], -1)`` as one matmul when ``x`` holds enough rows.
 
     Concatenating the weights costs a copy of them per call: well spent over a training batch
     (on this CPU the separate Q, K and V projections cost about twice the fused one, forward
     plus backward), wasted on a decode step of a few tokens, which runs the layers one by one.
-    Parameters and state-dict keys stay those of the separate layers either way.
+    Parameters and state-dict keys stay those of the separate layers either way. ``fuse=False``
+    always runs them one by one: tensor parallelism shards each layer's weight on its own, and
+    concatenating the shards would gather them.
     """
-    if x.numel() // x.shape[-1] < FUSE_MIN_ROWS:
+    if not fuse or x.numel() // x.shape[-1] < FUSE_MIN_ROWS:
         return torch.cat([layer(x) for layer in layers], dim=-1)
     weight = torch.cat([layer.weight for layer in layers])
     bias = None
@@ -126,6 +128,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.kind = cfg.ffn
+        self.fuse_projections = True  # False under tensor parallelism (see fused_linear)
         hidden = cfg.ffn_dim
         if self.kind == "swiglu":
             self.w_gate = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
@@ -135,7 +138,9 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "swiglu":
             # Gate and up projections as one matmul for batches (parameters stay separate).
-            gate, up = fused_linear(x, (self.w_gate, self.w_up)).chunk(2, dim=-1)
+            gate, up = fused_linear(x, (self.w_gate, self.w_up), fuse=self.fuse_projections).chunk(
+                2, dim=-1
+            )
             hidden = swiglu(gate, up)
         else:
             hidden = F.gelu(self.w_up(x), approximate="tanh")

@@ -104,8 +104,14 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     state: dict[str, Any],
     keep: int,
+    *,
+    sharded_dir: Path | None = None,
 ) -> Path:
-    """Write a checkpoint atomically, point ``latest`` at it, prune all but ``keep``."""
+    """Write a checkpoint atomically, point ``latest`` at it, prune all but ``keep``.
+
+    ``sharded_dir``: a torch.distributed.checkpoint directory (``swarmlm.train.sharded``)
+    copied in as ``dcp/``; its files are checksummed in the manifest like the others.
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(run_dir, step)
@@ -120,8 +126,14 @@ def save_checkpoint(
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2, default=str))
         model_cfg = state.get("config", {}).get("model", {})
         (tmp / "config.json").write_text(json.dumps(model_cfg, indent=2))
+        names = list(FILES)
+        if sharded_dir is not None:
+            shutil.copytree(sharded_dir, tmp / "dcp")
+            names += sorted(
+                str(f.relative_to(tmp)) for f in (tmp / "dcp").rglob("*") if f.is_file()
+            )
         manifest = {}
-        for name in FILES:
+        for name in names:
             _fsync_file(tmp / name)
             manifest[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -189,7 +201,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         manifest: dict[str, Any] = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{manifest_path} is corrupt: {exc}") from exc
-    for name in FILES:
+    extra = [name for name in manifest if name.startswith("dcp/")]
+    for name in (*FILES, *extra):
         file = path / name
         entry = manifest.get(name)
         if entry is None:

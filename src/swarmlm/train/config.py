@@ -79,8 +79,35 @@ class TrainConfig(_Strict):
 
 
 class DistributedConfig(_Strict):
-    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    strategy: Literal["ddp", "fsdp2"] = Field(
+        default="ddp", description="plain data parallelism; tp/pp/ep layouts always use FSDP2"
+    )
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    cpu_offload: bool = Field(
+        default=False,
+        description="FSDP2 CPUOffloadPolicy: parameter shards, gradients and optimizer state "
+        "live in host memory (CUDA; a no-op on CPU-only runs)",
+    )
+    timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="collective timeout: a rank whose peer died exits with an error after this",
+    )
+
+
+class ParallelConfig(_Strict):
+    """Degrees of a DeviceMesh layout (``--parallel dp=2,tp=2``); product = world size."""
+
+    dp: int | None = Field(default=None, ge=1, description="None = world size / (tp*pp*ep)")
+    tp: int = Field(default=1, ge=1, description="tensor + sequence parallel degree")
+    pp: int = Field(default=1, ge=1, description="pipeline stages")
+    ep: int = Field(default=1, ge=1, description="expert-parallel degree (MoE)")
+    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    pp_microbatches: int | None = Field(
+        default=None,
+        ge=1,
+        description="None = train.grad_accum, raised to pp when smaller (rows split evenly)",
+    )
 
 
 class RunConfig(_Strict):
@@ -90,6 +117,7 @@ class RunConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

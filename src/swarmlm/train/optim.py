@@ -37,6 +37,16 @@ def build_adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     device = next(model.parameters()).device
     fused = cfg.fused if cfg.fused is not None else fused_supported(device)
     groups = parameter_groups(model, cfg.weight_decay)
+    from torch.distributed.tensor import DTensor
+
+    kinds = {isinstance(p, DTensor) for p in model.parameters()}
+    if True in kinds:
+        # The fused kernel has no DTensor rule, and multi-tensor (foreach) kernels refuse a
+        # mix of DTensors and plain tensors (expert parallelism shards only the experts).
+        foreach = kinds == {True}
+        return torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=foreach, fused=False
+        )
     try:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
     except (RuntimeError, TypeError) as exc:  # fused unsupported for this device/dtype

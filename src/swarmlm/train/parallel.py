@@ -29,10 +29,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class SingleProcess:
-    """One process, one device: every collective is the identity."""
+    """One process, one device: every collective is the identity.
+
+    Hooks a mesh layout (``swarmlm.cluster.mesh``) overrides: ``data_rank`` /
+    ``data_world_size`` (which slice of each global batch this rank reads: tensor- and
+    pipeline-parallel peers read the same one), ``pipeline`` (a runner that owns forward and
+    backward), :meth:`sync_gradients`, :meth:`clip_grad_norm` and the sharded checkpoint
+    (``sharded_checkpoints``).
+    """
 
     rank = 0
     world_size = 1
+    pipeline: Any = None
+    sharded_checkpoints = False
 
     def __init__(self, device: torch.device | None = None) -> None:
         if device is None:
@@ -42,6 +51,26 @@ class SingleProcess:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank
+
+    @property
+    def data_world_size(self) -> int:
+        return self.world_size
+
+    def sync_gradients(self, model: nn.Module) -> None:
+        """Called after the last backward of a step; DDP/FSDP already synchronised."""
+        return None
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> float:
+        """Clip to ``max_norm`` (None: only measure); returns the total norm before clipping."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        limit = max_norm if max_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        total: Any = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return float(total)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model

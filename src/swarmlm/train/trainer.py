@@ -154,8 +154,8 @@ class Trainer:
             batch_size=cfg.data.batch_size,
             seq_len=self.seq_len,
             seed=cfg.train.seed,
-            rank=self.parallel.rank,
-            world_size=self.parallel.world_size,
+            rank=self.parallel.data_rank,
+            world_size=self.parallel.data_world_size,
             prefetch=cfg.data.prefetch,
             pin_memory=self.device.type == "cuda",
             order=cfg.data.order,
@@ -193,10 +193,13 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "tokens_seen": self.tokens_seen,
             "world_size": self.parallel.world_size,
+            "layout": str(getattr(self.parallel, "layout", "single")),
         }
 
     def save(self) -> Path | None:
         """Checkpoint now (rank 0 writes; every rank takes part in gathering full state)."""
+        if self.parallel.sharded_checkpoints:
+            return self._save_sharded()
         model_state = self.parallel.model_state(self.model)
         optim_state = self.parallel.optimizer_state(self.model, self.base_optimizer)
         if not self.parallel.is_main:
@@ -226,18 +229,56 @@ class Trainer:
         self.parallel.barrier()
         return path
 
+    def _save_sharded(self) -> Path | None:
+        """Every rank writes its shards (torch.distributed.checkpoint); rank 0 adds the
+        full-tensor ``model.safetensors`` and the usual files, so any layout, one process and
+        ``export-hf`` can read the result."""
+        from swarmlm.train.sharded import save_sharded_checkpoint
+
+        trainer_state = {"rng": rng_state()}
+        try:
+            path = save_sharded_checkpoint(
+                self.parallel,
+                self.model,
+                self.base_optimizer,
+                run_dir=self.run_dir,
+                step=self.step,
+                trainer_state=trainer_state,
+                state=self.state(),
+                keep=self.cfg.train.keep_checkpoints,
+            )
+        except (OSError, CheckpointError) as exc:
+            log.error("checkpoint at step %d failed, keeping the last good one: %s", self.step, exc)
+            return None
+        if path is not None:
+            self.last_checkpoint = path
+        return path
+
     def resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location="cpu")
         saved_cfg = ckpt.state["config"]
-        if saved_cfg.get("model") != self.cfg.model.model_dump(mode="json"):
+        ours = self.cfg.model.model_dump(mode="json")
+        if saved_cfg.get("model") != ours:
+            theirs = saved_cfg.get("model") or {}
+            diffs = ", ".join(
+                f"{k}: checkpoint {theirs.get(k)!r}, this run {ours.get(k)!r}"
+                for k in sorted(set(ours) | set(theirs))
+                if theirs.get(k) != ours.get(k)
+            )
             raise CheckpointError(
                 f"{ckpt.path}: the checkpoint's model config differs from this run's "
-                "(field 'model'); start a new run directory or use the same model config"
+                f"(field 'model': {diffs}); start a new run directory or use the same model "
+                "config"
             )
-        self.parallel.load_model_state(self.model, ckpt.model_state)
-        self.parallel.load_optimizer_state(
-            self.model, self.base_optimizer, ckpt.trainer_state["optimizer"]
-        )
+        if (ckpt.path / "dcp").is_dir():
+            from swarmlm.train.sharded import load_sharded_checkpoint
+
+            load_sharded_checkpoint(ckpt.path / "dcp", self.model, self.base_optimizer)
+        else:
+            self.parallel.load_model_state(self.model, ckpt.model_state)
+            self.parallel.load_optimizer_state(
+                self.model, self.base_optimizer, ckpt.trainer_state["optimizer"]
+            )
         self.schedule.load_state_dict(ckpt.state["schedule"])
         self.loader.load_state_dict(ckpt.state["loader"])
         self.tokens_seen = int(ckpt.state["tokens_seen"])
@@ -264,11 +305,15 @@ class Trainer:
             if limit is not None and i >= limit:
                 break
             x, y = x.to(self.device), y.to(self.device)
-            with self.precision.autocast():
-                out = self.model_core(x, targets=y)
             n = int((y != -100).sum())
-            assert out.lm_loss is not None
-            total_loss += float(out.lm_loss) * n
+            with self.precision.autocast():
+                if self.parallel.pipeline is not None:
+                    batch_loss = self.parallel.pipeline.eval_loss(x, y)
+                else:
+                    out = self.model_core(x, targets=y)
+                    assert out.lm_loss is not None
+                    batch_loss = float(out.lm_loss)
+            total_loss += batch_loss * n
             total_tokens += n
         self.model.train(was_training)
         if total_tokens == 0:
@@ -286,6 +331,10 @@ class Trainer:
         out-of-memory error forced smaller pieces); chunk losses are weighted by their share of
         rows, so the gradient is the same as for the whole micro-batch.
         """
+        if self.parallel.pipeline is not None:
+            with self.precision.autocast():
+                mean_loss: float = self.parallel.pipeline.step(batches)
+            return mean_loss
         pieces = [
             (x_part, y_part, x_part.shape[0] / (x.shape[0] * len(batches)))
             for x, y in batches
@@ -341,11 +390,8 @@ class Trainer:
 
     def _clip(self) -> float:
         self.precision.unscale(self.base_optimizer)
-        clip = self.cfg.train.grad_clip
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
-        total: Any = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return float(total)
+        self.parallel.sync_gradients(self.model)
+        return self.parallel.clip_grad_norm(self.model, self.cfg.train.grad_clip)
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (loss, gradient norm)."""
@@ -382,7 +428,7 @@ class Trainer:
             self.precision.step(self.base_optimizer)
         self.base_optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += sum(x.numel() for x, _ in batches) * self.parallel.world_size
+        self.tokens_seen += sum(x.numel() for x, _ in batches) * self.parallel.data_world_size
         return loss, grad_norm
 
     def fit(self, resume: bool | Path = False, *, until_step: int | None = None) -> TrainResult:

@@ -1,0 +1,151 @@
+"""Pipeline parallelism with ``torch.distributed.pipelining`` (GPipe or 1F1B schedules).
+
+The model is cut into contiguous runs of blocks (:func:`~swarmlm.cluster.layout.stage_blocks`).
+Each rank keeps only its stage: the first stage also the embedding, the last the final norm and
+the output layer. Parameter names stay those of the full model (``blocks.3.attn.q_proj.weight``
+lives on whichever stage holds block 3), so torch.distributed.checkpoint can reshard a
+checkpoint between any two layouts.
+
+Tied embeddings span the first and the last stage. They start equal (every rank builds the
+full model from the same seed before cutting it) and stay equal because their gradients are
+summed over the two stages after each backward (Megatron's embedding group), so both copies
+take the identical optimizer step.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from swarmlm.model import Transformer
+from swarmlm.model.attention import build_mask
+
+log = logging.getLogger(__name__)
+
+
+class PipelineStageModule(nn.Module):
+    """Blocks ``first..last`` of a :class:`Transformer`, plus its ends where this stage has them.
+
+    forward: token ids (batch, seq) on the first stage, hidden states (batch, seq, d_model)
+    elsewhere; returns hidden states, or logits (batch, seq, vocab) on the last stage.
+    """
+
+    def __init__(self, full: Transformer, blocks: range, *, first: bool, last: bool) -> None:
+        super().__init__()
+        self.cfg = full.cfg
+        self.is_first = first
+        self.is_last = last
+        self.embed = full.embed if first else None
+        self.rope = full.rope  # parameter-free; layout.py requires RoPE under pp
+        # A ModuleDict keyed by the global index keeps the full model's parameter names.
+        self.blocks = nn.ModuleDict({str(i): full.blocks[i] for i in blocks})
+        self.norm = full.norm if last else None
+        self.lm_head = full.lm_head if last else None
+        if self.lm_head is not None and not first and full.cfg.tie_embeddings:
+            # Untie: this stage owns its copy (gradients summed with the first stage's).
+            self.lm_head.weight = nn.Parameter(full.embed.weight.detach().clone())
+        self.gradient_checkpointing = full.gradient_checkpointing
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.embed is not None:
+            h = self.embed(h)
+        bsz, seqlen = h.shape[0], h.shape[1]
+        positions = torch.arange(seqlen, device=h.device).unsqueeze(0).expand(bsz, seqlen)
+        rope = self.rope(positions, h.dtype, seqlen - 1) if self.rope is not None else None
+        mask = build_mask(self.cfg, positions, None)
+        for block in self.blocks.values():
+            if self.gradient_checkpointing and self.training:
+                h, _ = checkpoint(block, h, rope, mask, use_reentrant=False)
+            else:
+                h, _ = block(h, rope, mask)
+        if self.norm is not None and self.lm_head is not None:
+            logits: Tensor = self.lm_head(self.norm(h))
+            return logits
+        return h
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """The same next-token cross-entropy :class:`Transformer` computes (fp32 logits)."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
+    )
+
+
+class PipelineRunner:
+    """One optimizer step's worth of micro-batches through a schedule; the loss on every rank.
+
+    ``n_microbatches`` rows chunks of the concatenated accumulation batches are pushed through;
+    the schedule scales gradients by 1 / n_microbatches, so with equal chunks the gradient is
+    the one of the whole batch, as in the single-process loop.
+    """
+
+    def __init__(
+        self,
+        stage_module: PipelineStageModule,
+        *,
+        stage_index: int,
+        num_stages: int,
+        device: torch.device,
+        group: dist.ProcessGroup,
+        schedule: str,
+        n_microbatches: int,
+    ) -> None:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        self.module = stage_module
+        self.group = group
+        self.n_microbatches = n_microbatches
+        self.stage = PipelineStage(stage_module, stage_index, num_stages, device, group=group)
+        cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+        self.schedule = cls(self.stage, n_microbatches, loss_fn=lm_loss)
+        self.is_first = stage_module.is_first
+        self.is_last = stage_module.is_last
+        self.last_rank = dist.get_global_rank(group, num_stages - 1)
+
+    def _run(self, x: Tensor, y: Tensor, *, train: bool) -> float:
+        losses: list[Tensor] = []
+        args = (x,) if self.is_first else ()
+        target = y if self.is_last else None
+        if train:
+            self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        else:
+            self.schedule.eval(*args, target=target, losses=losses)
+        value = torch.zeros(1, dtype=torch.float64)
+        if self.is_last:
+            value[0] = float(torch.stack([loss.detach().float() for loss in losses]).mean())
+        dist.broadcast(value, src=self.last_rank, group=self.group)
+        return float(value[0])
+
+    def step(self, batches: list[tuple[Tensor, Tensor]]) -> float:
+        """Forward and backward over the accumulation batches; returns their mean loss."""
+        x = torch.cat([b[0] for b in batches])
+        y = torch.cat([b[1] for b in batches])
+        return self._run(x, y, train=True)
+
+    def eval_loss(self, x: Tensor, y: Tensor) -> float:
+        return self._run(x, y, train=False)
+
+
+def tied_parameter(module: PipelineStageModule) -> Tensor | None:
+    """This stage's copy of the tied embedding matrix, if it holds one."""
+    if not module.cfg.tie_embeddings:
+        return None
+    if module.embed is not None:
+        return module.embed.weight
+    if module.lm_head is not None:
+        return module.lm_head.weight
+    return None
+
+
+def describe(module: PipelineStageModule) -> dict[str, Any]:
+    return {
+        "blocks": list(module.blocks.keys()),
+        "first": module.is_first,
+        "last": module.is_last,
+    }
