@@ -1,14 +1,46 @@
-"""The single `swarmlm` entry point; each subcommand delegates to its part."""
+"""The single `swarmlm` entry point; each subcommand delegates to its part.
+
+A command reports a user error by raising: :func:`main` prints one line naming what is wrong
+and what to do, and exits 2 when the command line is wrong (argparse's code: an unknown flag,
+a bad value, contradictory flags, a named file that does not exist, a bad config key) or 1 when
+the inputs or the work fail (a corrupt checkpoint, a refused export, a full disk). The
+traceback is printed only with ``--debug``: a new user should read the cause, not our stack.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import traceback
 
 # Commands whose parsers import no torch: ``swarmlm node --type lightweight`` and
 # ``swarmlm status`` run on small machines, and torch alone is ~225 MB resident.
 LIGHT_COMMANDS = ("node", "status")
+
+USAGE_EXIT = 2
+RUNTIME_EXIT = 1
+
+
+class UsageError(Exception):
+    """The command line is wrong (exit 2); the message says which flag and what to give."""
+
+
+# What to do, by exception class name (matched along the class hierarchy): names, not
+# imports, so reporting an error never imports torch or a package the command did not load.
+_HINTS: dict[str, str] = {
+    "ConfigError": "fix the config file or its --set override",
+    "CheckpointError": (
+        "point --checkpoint at a run directory, its checkpoints/latest or an intact "
+        "checkpoints/step-N"
+    ),
+    "TokenizerError": "pass --tokenizer PATH to the tokenizer.json the data was prepared with",
+    "WeightFileError": "check the path, or re-create the file",
+    "UnsupportedConfigError": "see docs/hf-interop.md for what each format can carry",
+    "FileNotFoundError": "check the path",
+    "PermissionError": "check the file's permissions",
+}
+_USAGE_ERRORS = ("UsageError", "ConfigError")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -22,13 +54,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Train language models across machines that do not trust each other.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the full traceback of an error (accepted anywhere on the command line)",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     if only in LIGHT_COMMANDS:
         {"node": add_node_parser, "status": add_status_parser}[only](subparsers)
         return parser
     from swarmlm.curation.cli import add_curation_parser
     from swarmlm.data.cli import add_data_parser
-    from swarmlm.model.hf import add_export_hf_parser, add_import_hf_parser
     from swarmlm.p2p.cli import add_p2p_parser
     from swarmlm.rlhf.cli import add_rlhf_parser
     from swarmlm.swarm.cli import add_swarm_parser
@@ -36,9 +72,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from swarmlm.web.cli import add_web_parser
 
     add_data_parser(subparsers)
-    add_train_parsers(subparsers)
-    add_export_hf_parser(subparsers)
-    add_import_hf_parser(subparsers)
+    add_train_parsers(subparsers)  # with eval, generate, export-hf, import-hf
     add_p2p_parser(subparsers)
     add_swarm_parser(subparsers)
     add_curation_parser(subparsers)
@@ -49,11 +83,38 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def describe_error(exc: BaseException) -> tuple[int, str]:
+    """The exit code and the one-line message for an error a command raised."""
+    names = [cls.__name__ for cls in type(exc).__mro__]
+    code = USAGE_EXIT if any(n in _USAGE_ERRORS for n in names) else RUNTIME_EXIT
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = "; ".join(lines) or type(exc).__name__
+    hint = next((_HINTS[n] for n in names if n in _HINTS), None)
+    if "not found" in text or "No such file" in text:
+        hint = "check the path"
+    ours = type(exc).__module__.split(".")[0] == "swarmlm" or isinstance(exc, OSError)
+    if not ours and hint is None:  # a bug or a library's surprise: say so, and how to see more
+        text = f"unexpected {type(exc).__name__}: {text}"
+        hint = "rerun with --debug for the traceback and report it"
+    if hint and hint not in text:
+        text = f"{text} ({hint})"
+    return code, text
+
+
 def main(argv: list[str] | None = None) -> int:
-    given = argv if argv is not None else sys.argv[1:]
+    given = list(argv if argv is not None else sys.argv[1:])
+    # --debug is accepted anywhere (a user adds it at the end of the failing command), up to
+    # a "--" that ends the options
+    end = given.index("--") if "--" in given else len(given)
+    debug = "--debug" in given[:end]
+    given = [a for i, a in enumerate(given) if not (a == "--debug" and i < end)]
     first = next((a for a in given if not a.startswith("-")), None)
     parser = build_parser(only=first if first in LIGHT_COMMANDS else None)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(given)
+    args.debug = debug
     # the process is ours (console script, ``python -m``), not a caller's: a command may
     # then end it without the interpreter's teardown (``swarmlm node`` does, see its exit)
     args.owns_process = argv is None
@@ -63,12 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     handler = getattr(args, "handler", None) or getattr(args, "func", None)
     if handler is None:  # a command group given without its subcommand
-        parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])
-        return 2
+        parser.parse_args([*given, "--help"])
+        return USAGE_EXIT
     try:
         return int(handler(args))
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        code, text = describe_error(exc)
+        print(f"swarmlm {args.command}: error: {text}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

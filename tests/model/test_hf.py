@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -15,8 +14,6 @@ from swarmlm.model import BlockSparseConfig, ModelConfig, Transformer
 from swarmlm.model.hf import (
     UnsupportedConfigError,
     WeightFileError,
-    add_export_hf_parser,
-    add_import_hf_parser,
     config_from_hf,
     export_hf,
     import_hf,
@@ -405,12 +402,9 @@ def test_export_never_clobbers_an_existing_directory_unless_asked(tmp_path: Path
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="swarmlm")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_export_hf_parser(sub)
-    add_import_hf_parser(sub)
-    args = parser.parse_args(argv)
-    return int(args.handler(args))
+    from swarmlm.cli import main
+
+    return main(argv)
 
 
 def test_cli_exports_a_single_file_checkpoint_with_config_metadata(tmp_path: Path) -> None:
@@ -447,7 +441,7 @@ def test_cli_reports_a_refused_config_and_exits_nonzero(
     model = random_model(ModelConfig(**SMALL, norm="layernorm"))
     ckpt = save_swarmlm_weights(model, None, tmp_path / "model.safetensors")
     out = tmp_path / "hf"
-    assert _cli(["export-hf", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+    assert _cli(["export-hf", "--checkpoint", str(ckpt), "--out", str(out)]) == 1  # runtime
     assert "field 'norm'" in capsys.readouterr().err
     assert not out.exists()
 
@@ -457,7 +451,7 @@ def test_cli_reports_a_weights_file_without_config(
 ) -> None:
     bare = tmp_path / "bare.safetensors"
     save_file({"x": torch.zeros(2)}, str(bare))
-    assert _cli(["export-hf", "--checkpoint", str(bare), "--out", str(tmp_path / "hf")]) == 2
+    assert _cli(["export-hf", "--checkpoint", str(bare), "--out", str(tmp_path / "hf")]) == 1
     assert "swarmlm.model_config" in capsys.readouterr().err
 
 
@@ -466,7 +460,7 @@ def test_cli_import_then_export_reproduces_a_transformers_checkpoint(tmp_path: P
     original = export_hf(model, None, tmp_path / "original")
     weights = tmp_path / "imported.safetensors"
     assert _cli(["import-hf", "--hf", str(original), "--out", str(weights)]) == 0
-    assert _cli(["import-hf", "--hf", str(original), "--out", str(weights)]) == 2  # exists
+    assert _cli(["import-hf", "--hf", str(original), "--out", str(weights)]) == 2  # usage
     again = tmp_path / "again"
     assert _cli(["export-hf", "--checkpoint", str(weights), "--out", str(again)]) == 0
     with (

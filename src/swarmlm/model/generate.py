@@ -58,8 +58,10 @@ class GenerationOutput:
     """New tokens per prompt (stop token excluded) and why each row ended ("stop"/"length").
 
     ``logprobs`` holds, per new token, its log-probability under the temperature-scaled model
-    distribution (before top-k/top-p filtering): what PPO needs to score its own samples.
-    For beam search, ``scores`` holds the length-penalised log-probability of each result.
+    distribution (before top-k/top-p filtering): what PPO needs to score its own samples. Greedy
+    and beam search use the unscaled distribution (after any repetition penalty); a beam's
+    logprobs sum to its unpenalised score. For beam search, ``scores`` holds the
+    length-penalised log-probability of each result.
     """
 
     sequences: list[list[int]]
@@ -128,6 +130,7 @@ def generate(
         return GenerationOutput(
             sequences=[r.sequences[0] for r in results],
             finish_reasons=[r.finish_reasons[0] for r in results],
+            logprobs=[r.logprobs[0] for r in results],
             scores=[r.scores[0] for r in results],
         )
     was_training = model.training
@@ -233,6 +236,7 @@ class _Hypothesis:
     score: float
     tokens: list[int] = field(compare=False)
     reason: str = field(compare=False)
+    logprobs: list[float] = field(compare=False)
 
 
 def _length_normalised(logprob_sum: float, length: int, penalty: float) -> float:
@@ -273,6 +277,7 @@ def _beam_search(
     beam_scores = torch.full((nb,), float("-inf"), device=device)
     beam_scores[0] = 0.0  # all beams start identical: expand only the first
     beams: list[list[int]] = [[] for _ in range(nb)]
+    beam_logprobs: list[list[float]] = [[] for _ in range(nb)]
     finished: list[_Hypothesis] = []
     done = False
 
@@ -282,6 +287,7 @@ def _beam_search(
         top_scores, top_idx = torch.topk(candidates, min(2 * nb, candidates.numel()))
         vocab = logprobs.shape[-1]
         next_beams: list[list[int]] = []
+        next_logprobs: list[list[float]] = []
         next_scores: list[float] = []
         next_source: list[int] = []
         next_tokens: list[int] = []
@@ -293,11 +299,15 @@ def _beam_search(
                 length = step + 1
                 finished.append(
                     _Hypothesis(
-                        _length_normalised(score, length, cfg.length_penalty), beams[src], "stop"
+                        _length_normalised(score, length, cfg.length_penalty),
+                        beams[src],
+                        "stop",
+                        beam_logprobs[src],
                     )
                 )
                 continue
             next_beams.append([*beams[src], tok])
+            next_logprobs.append([*beam_logprobs[src], float(logprobs[src, tok])])
             next_scores.append(score)
             next_source.append(src)
             next_tokens.append(tok)
@@ -310,20 +320,21 @@ def _beam_search(
             break
         while len(next_beams) < nb:  # fewer live candidates than beams: pad with dead beams
             next_beams.append(next_beams[0])
+            next_logprobs.append(next_logprobs[0])
             next_scores.append(float("-inf"))
             next_source.append(next_source[0])
             next_tokens.append(next_tokens[0])
-        beams = next_beams
+        beams, beam_logprobs = next_beams, next_logprobs
         beam_scores = torch.tensor(next_scores, device=device)
         cache.reorder(torch.tensor(next_source, dtype=torch.long, device=device))
         token = torch.tensor(next_tokens, dtype=torch.long, device=device)
         logits = model(token[:, None], cache=cache, num_logits_to_keep=1).logits[:, -1]
 
-    for beam, score in zip(beams, beam_scores.tolist(), strict=True):
+    for beam, lps, score in zip(beams, beam_logprobs, beam_scores.tolist(), strict=True):
         if not done and not math.isinf(score):
             finished.append(
                 _Hypothesis(
-                    _length_normalised(score, len(beam), cfg.length_penalty), beam, "length"
+                    _length_normalised(score, len(beam), cfg.length_penalty), beam, "length", lps
                 )
             )
     finished.sort(reverse=True)
@@ -331,6 +342,7 @@ def _beam_search(
     return GenerationOutput(
         sequences=[h.tokens for h in best],
         finish_reasons=[h.reason for h in best],
+        logprobs=[h.logprobs for h in best],
         scores=[h.score for h in best],
     )
 

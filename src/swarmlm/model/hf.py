@@ -21,7 +21,6 @@ imported here: it is a test/dev dependency only. See docs/hf-interop.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -35,24 +34,22 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from rich.console import Console
-from rich.markup import escape
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from swarmlm.atomic import atomic_path, fsync_dir
 from swarmlm.model.config import ModelConfig
 from swarmlm.model.transformer import Transformer
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "EXPORT_DTYPES",
     "SWARMLM_CONFIG_METADATA_KEY",
     "HFInteropError",
     "UnsupportedConfigError",
     "WeightFileError",
-    "add_export_hf_parser",
-    "add_import_hf_parser",
     "check_exportable",
     "config_from_hf",
     "export_hf",
@@ -61,10 +58,9 @@ __all__ = [
     "hf_config",
     "import_hf",
     "load_swarmlm_weights",
-    "run_export_hf",
-    "run_import_hf",
     "save_swarmlm_weights",
     "to_hf_state_dict",
+    "tokenizer_files_for",
 ]
 
 #: Metadata key under which a single-file swarmlm checkpoint stores its ModelConfig as JSON.
@@ -73,6 +69,10 @@ SWARMLM_CONFIG_METADATA_KEY = "swarmlm.model_config"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 _ARCH_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
@@ -88,7 +88,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "mixtral": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096 * 32, "rope_theta": 1e6},
 }
 
-_DTYPES: dict[str, torch.dtype] = {
+#: The weight dtypes an export can be written in, by the name ``--dtype`` takes.
+EXPORT_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
@@ -165,6 +166,7 @@ def hf_config(
     dtype: torch.dtype = torch.float32,
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
 ) -> dict[str, Any]:
     """The ``config.json`` dictionary for ``cfg`` (call :func:`check_exportable` first).
 
@@ -200,7 +202,7 @@ def hf_config(
         "use_cache": True,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
-        "pad_token_id": None,
+        "pad_token_id": pad_token_id,
         "dtype": dtype_name,
         "torch_dtype": dtype_name,
     }
@@ -220,11 +222,11 @@ def hf_config(
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    for name, value in _DTYPES.items():
+    for name, value in EXPORT_DTYPES.items():
         if value == dtype:
             return name
     raise UnsupportedConfigError(
-        f"cannot export weights as {dtype} (field 'dtype'): choose one of {sorted(_DTYPES)}"
+        f"cannot export weights as {dtype} (field 'dtype'): choose one of {sorted(EXPORT_DTYPES)}"
     )
 
 
@@ -628,6 +630,8 @@ def export_hf(
     max_shard_bytes: int | None = None,
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    tokenizer_json: str | None = None,
 ) -> Path:
     """Write a transformers checkpoint (``config.json`` + safetensors) to ``out_dir``.
 
@@ -636,14 +640,34 @@ def export_hf(
     directory that is then renamed into place; an existing ``out_dir`` is refused unless
     ``overwrite``. With ``max_shard_bytes`` the weights are split into
     ``model-0000i-of-0000n.safetensors`` files plus ``model.safetensors.index.json``.
-    Returns the output directory.
+
+    ``tokenizer_json`` (a ``tokenizers`` ``tokenizer.json`` text, as swarmlm's tokenizer saves
+    it) adds the files ``AutoTokenizer`` and ``pipeline("text-generation")`` need; the
+    special-token ids must name tokens of that tokenizer. Any known id also goes to
+    ``generation_config.json``, so ``generate`` stops at the end-of-sequence token as swarmlm
+    does. Returns the output directory.
     """
     if cfg is None:
         if not isinstance(model_or_state, Transformer):
             raise UnsupportedConfigError("cfg is required when exporting a bare state dict")
         cfg = model_or_state.cfg
     check_exportable(cfg, drop_training_settings=drop_training_settings)
-    config = hf_config(cfg, dtype=dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    ids = {"bos": bos_token_id, "eos": eos_token_id, "pad": pad_token_id}
+    for role, tid in ids.items():
+        if tid is not None and not 0 <= tid < cfg.vocab_size:
+            raise UnsupportedConfigError(
+                f"{role}_token_id {tid} is outside the vocabulary (vocab_size {cfg.vocab_size})"
+            )
+    tokenizer_files = (
+        None if tokenizer_json is None else tokenizer_files_for(tokenizer_json, cfg, ids)
+    )
+    config = hf_config(
+        cfg,
+        dtype=dtype,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
     tensors = to_hf_state_dict(model_or_state, cfg, dtype=dtype)
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise UnsupportedConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -655,6 +679,16 @@ def export_hf(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write_json(tmp / CONFIG_FILE, config)
+        if any(tid is not None for tid in ids.values()):
+            _write_json(
+                tmp / GENERATION_CONFIG_FILE,
+                {f"{role}_token_id": tid for role, tid in ids.items() if tid is not None},
+            )
+        for name, content in (tokenizer_files or {}).items():
+            if isinstance(content, str):
+                _write_text(tmp / name, content)
+            else:
+                _write_json(tmp / name, content)
         shards = _shard(tensors, max_shard_bytes)
         if len(shards) == 1:
             _write_safetensors(tmp / WEIGHTS_FILE, shards[0])
@@ -669,12 +703,12 @@ def export_hf(
                 tmp / INDEX_FILE,
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
             )
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info(
+    logger.debug(
         "exported %s (%d tensors, %s) to %s", config["architectures"][0], len(tensors), dtype, out
     )
     return out
@@ -697,12 +731,70 @@ def _shard(tensors: dict[str, Tensor], max_bytes: int | None) -> list[dict[str, 
     return shards
 
 
-def _write_json(path: Path, obj: object) -> None:
+def tokenizer_files_for(
+    tokenizer_json: str, cfg: ModelConfig, ids: Mapping[str, int | None]
+) -> dict[str, str | dict[str, Any]]:
+    """The tokenizer files of an export: ``tokenizer.json`` as given, plus the
+    ``tokenizer_config.json`` and ``special_tokens_map.json`` that make ``AutoTokenizer`` load
+    it as a plain fast tokenizer (not a Llama one, which would prepend a BOS swarmlm never
+    trained on); ``ids`` maps ``bos``/``eos``/``pad`` to token ids (or None).
+
+    The config keeps decoding byte-exact (no clean-up of spaces) and encodes a literal
+    ``<|eos|>`` in text as ordinary bytes, as swarmlm's tokenizer does.
+    """
+    try:
+        parsed = json.loads(tokenizer_json)
+    except json.JSONDecodeError as exc:
+        raise UnsupportedConfigError(f"the tokenizer is not valid JSON: {exc}") from exc
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("model"), dict):
+        raise UnsupportedConfigError("the tokenizer is not a tokenizers tokenizer.json")
+    added = {
+        t["id"]: t["content"]
+        for t in parsed.get("added_tokens") or []
+        if isinstance(t, dict) and isinstance(t.get("id"), int)
+    }
+    vocab = parsed["model"].get("vocab")
+    size = max([*added, *(vocab.values() if isinstance(vocab, dict) else [])], default=-1) + 1
+    if size > cfg.vocab_size:
+        raise UnsupportedConfigError(
+            f"the tokenizer has {size} ids but the model's vocab_size is {cfg.vocab_size}: "
+            "it is not this model's tokenizer"
+        )
+    special: dict[str, str] = {}
+    for role, tid in ids.items():
+        if tid is None:
+            continue
+        if tid not in added:
+            raise UnsupportedConfigError(
+                f"{role}_token_id {tid} is not a special token of the tokenizer "
+                f"(its special tokens: {sorted(added.items())})"
+            )
+        special[f"{role}_token"] = added[tid]
+    tokenizer_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": cfg.max_seq_len,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        **special,
+    }
+    return {
+        TOKENIZER_FILE: tokenizer_json,
+        TOKENIZER_CONFIG_FILE: tokenizer_config,
+        SPECIAL_TOKENS_FILE: special,
+    }
+
+
+def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_json(path: Path, obj: object) -> None:
+    _write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _write_safetensors(
@@ -713,20 +805,12 @@ def _write_safetensors(
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _replace_dir(new: Path, target: Path) -> None:
     """Rename ``new`` to ``target``; an existing target is moved aside first, then deleted, so
     readers see either the old or the new complete directory (never a mix)."""
     if not target.exists():
         os.replace(new, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     os.rmdir(old)
@@ -736,7 +820,7 @@ def _replace_dir(new: Path, target: Path) -> None:
     except BaseException:
         os.replace(old, target)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -854,7 +938,7 @@ def save_swarmlm_weights(
 ) -> Path:
     """Write one safetensors file of swarmlm-named tensors with the ModelConfig in its metadata.
 
-    The file is written to a temporary sibling and renamed into place (atomic). A tied
+    The file appears atomically (:func:`swarmlm.atomic.atomic_path`). A tied
     ``lm_head.weight`` is omitted (it is the embedding).
     """
     if cfg is None:
@@ -866,17 +950,12 @@ def save_swarmlm_weights(
         for k, v in _swarmlm_state(model_or_state, cfg).items()
     }
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(fd)
-    try:
-        _write_safetensors(
-            Path(tmp_name), state, {SWARMLM_CONFIG_METADATA_KEY: cfg.model_dump_json()}
+    with atomic_path(target) as tmp:
+        save_file(
+            state,
+            str(tmp),
+            metadata={"format": "pt", SWARMLM_CONFIG_METADATA_KEY: cfg.model_dump_json()},
         )
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return target
 
 
@@ -921,102 +1000,3 @@ def _model_config(raw: object, source: str) -> ModelConfig:
         return ModelConfig.model_validate(raw)
     except ValidationError as exc:
         raise UnsupportedConfigError(f"{source} is not a valid ModelConfig:\n{exc}") from exc
-
-
-# ---- CLI --------------------------------------------------------------------------------------
-
-
-def add_export_hf_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``swarmlm export-hf``; the handler is stored as the ``handler`` default."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "export-hf",
-        help="export a swarmlm checkpoint as a Hugging Face Llama/Mistral/Mixtral directory",
-        description=(
-            "Write config.json + safetensors loadable with "
-            "transformers.AutoModelForCausalLM.from_pretrained. CHECKPOINT is a directory with "
-            "config.json (a ModelConfig dump) and model.safetensors, or a .safetensors file "
-            f"carrying the ModelConfig JSON in its '{SWARMLM_CONFIG_METADATA_KEY}' metadata."
-        ),
-    )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="swarmlm checkpoint")
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument(
-        "--drop-training-settings",
-        action="store_true",
-        help="export even if resid_dropout / moe_z_loss_coef (training-only) cannot be carried",
-    )
-    parser.add_argument(
-        "--max-shard-mb", type=float, default=None, help="split weights into shards of this size"
-    )
-    parser.add_argument("--bos-token-id", type=int, default=None)
-    parser.add_argument("--eos-token-id", type=int, default=None)
-    parser.set_defaults(handler=run_export_hf)
-    return parser
-
-
-def run_export_hf(args: argparse.Namespace) -> int:
-    """Handler of ``swarmlm export-hf``: 0 on success, 2 on a refused or unreadable input."""
-    console = Console(stderr=True)
-    try:
-        cfg, state = load_swarmlm_weights(args.checkpoint)
-        shard = None if args.max_shard_mb is None else int(args.max_shard_mb * 1024 * 1024)
-        out = export_hf(
-            state,
-            cfg,
-            args.out,
-            dtype=_DTYPES[args.dtype],
-            overwrite=args.overwrite,
-            drop_training_settings=args.drop_training_settings,
-            max_shard_bytes=shard,
-            bos_token_id=args.bos_token_id,
-            eos_token_id=args.eos_token_id,
-        )
-    except (HFInteropError, OSError) as exc:
-        console.print(f"[bold red]export-hf failed:[/] {escape(str(exc))}", highlight=False)
-        return 2
-    n_params = sum(t.numel() for t in state.values())
-    Console().print(
-        f"exported [bold]{hf_architecture(cfg)}[/] ({n_params:,} parameters, {args.dtype}) "
-        f"to {out}",
-        highlight=False,
-    )
-    return 0
-
-
-def add_import_hf_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``swarmlm import-hf``; the handler is stored as the ``handler`` default."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "import-hf",
-        help="convert a Hugging Face Llama/Mistral/Mixtral directory to a swarmlm weights file",
-        description=(
-            "Read config.json + model.safetensors (or a sharded index) and write one "
-            "safetensors file of swarmlm tensors with the ModelConfig JSON in its "
-            f"'{SWARMLM_CONFIG_METADATA_KEY}' metadata (the format export-hf reads)."
-        ),
-    )
-    parser.add_argument("--hf", required=True, type=Path, help="Hugging Face checkpoint directory")
-    parser.add_argument("--out", required=True, type=Path, help="output .safetensors file")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.set_defaults(handler=run_import_hf)
-    return parser
-
-
-def run_import_hf(args: argparse.Namespace) -> int:
-    """Handler of ``swarmlm import-hf``: 0 on success, 2 on a refused or unreadable input."""
-    console = Console(stderr=True)
-    try:
-        if args.out.exists() and not args.overwrite:
-            raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
-        cfg, model = import_hf(args.hf)
-        out = save_swarmlm_weights(model, cfg, args.out)
-    except (HFInteropError, OSError) as exc:
-        console.print(f"[bold red]import-hf failed:[/] {escape(str(exc))}", highlight=False)
-        return 2
-    Console().print(
-        f"imported {model.num_parameters():,} parameters "
-        f"({'MoE' if cfg.is_moe else 'dense'}, {cfg.n_layers} layers) to {out}",
-        highlight=False,
-    )
-    return 0
