@@ -29,7 +29,7 @@ from swarmlm.p2p.membership import (
     pow_digest,
     pow_ok,
 )
-from swarmlm.p2p.messages import MessageSigner
+from swarmlm.p2p.messages import MessageSigner, open_signed
 from swarmlm.p2p.transport import P2PNode
 
 from .conftest import run, start_mesh, start_node, stop_all, until
@@ -306,6 +306,12 @@ def test_a_proposal_may_admit_a_joiner_only_with_every_members_entry() -> None:
             change = {"op": "join", "peer": jid, "acks": acks,
                       "req": joiner.sign("join", {"nonce": b""}).to_wire()}  # fmt: skip
             st = _Round(5, everyone)
+            proto._check_changes(st, [change], "leader", 4)
+            # a member whose own policy would refuse the key still accepts the proposal:
+            # the q acks carry the members' vetting; a local re-check would split members
+            # configured differently (issue 17 review)
+            proto.admission = AdmissionPolicy("allowlist")
+            assert proto.admission.refusal(open_signed(change["req"])) is not None
             proto._check_changes(st, [change], "leader", 4)
             with pytest.raises(MessageRejectedError, match="every member's entry"):
                 proto._check_changes(st, [change], "leader", 3)

@@ -765,7 +765,8 @@ class RoundProtocol:
                         "invalid", f"proposal from {who}: a join without every member's entry"
                     )
                 try:
-                    check_join_change(ch, st.members, st.round, st.q, self.admission)
+                    # the policy was applied by the q members that acked (never here)
+                    check_join_change(ch, st.members, st.round, st.q)
                 except MessageRejectedError as exc:
                     detail = f"proposal from {who}: {exc.detail}"
                     raise MessageRejectedError("invalid", detail) from None

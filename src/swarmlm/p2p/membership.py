@@ -153,10 +153,21 @@ def ack_counts(ack: SignedMessage, peer: str, members: list[str], round: int) ->
 
 
 def check_join_change(
-    change: dict[str, Any], members: list[str], round: int, q: int, policy: AdmissionPolicy
+    change: dict[str, Any],
+    members: list[str],
+    round: int,
+    q: int,
+    policy: AdmissionPolicy | None = None,
 ) -> str:
     """Validate a ``join`` change of a proposal for ``round`` (members ``members``, quorum
     ``q``); returns the joiner's id or raises MessageRejectedError (``invalid``).
+
+    ``policy``: also require the admission policy to admit the request. The round protocol
+    passes None: each member applies its own policy when it *acknowledges* a joiner, and
+    the ``q`` acks (at least ``f + 1`` of them honest) carry that vetting into the proposal.
+    Re-checking a local policy here would make a proposal's validity depend on each
+    member's settings, so members configured differently would split on it and lose a
+    view change per round while the join is pending (issue 17 review).
 
     Cheap checks first: the ack list may hold at most ``len(members)`` items, so a padded
     list costs no signature checks."""
@@ -170,7 +181,7 @@ def check_join_change(
     req = open_signed(change["req"])
     if req.kind != "join" or req.sender != peer:
         raise _invalid(f"join of {peer[:12]}: not its own signed join request")
-    why = policy.refusal(req)
+    why = policy.refusal(req) if policy is not None else None
     if why is not None:
         raise _invalid(why)
     voters = set()

@@ -35,6 +35,7 @@ from swarmlm.p2p.messages import (
     PeerScores,
     SignedMessage,
     open_signed,
+    peek_envelope,
     peek_sender_ts,
 )
 from swarmlm.p2p.tls import make_contexts, peer_node_id, write_tls_files
@@ -648,14 +649,25 @@ class P2PNode:
         t = frame["t"]
         peer = conn.peer_id
         if t == "msg":
+            claim = peek_envelope(frame)
+            if (
+                claim is not None
+                and claim[0] in self._request_kinds
+                and not self._request_allowed(claim[0], peer)
+            ):
+                return  # over its request rate: dropped before the signature check
             try:
                 msg = self.validator.check(frame, peer)
             except MessageRejectedError as exc:
                 if exc.reason == "duplicate":  # free once, but a stream of them is a flood
                     self._request_allowed("duplicate", peer)
                 return
-            if msg.kind in self._request_kinds and not self._request_allowed(msg.kind, peer):
-                return
+            if (
+                msg.kind in self._request_kinds
+                and (claim is None or claim[0] != msg.kind)
+                and not self._request_allowed(msg.kind, peer)
+            ):
+                return  # (counted above when the claim was read)
             self.bytes_received += len(msg.raw) + 80
             self.bytes_received_by_kind[msg.kind] += len(msg.raw) + 80
             if msg.kind not in self.handlers:  # e.g. round messages before our protocol starts
