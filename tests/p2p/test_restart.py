@@ -12,7 +12,7 @@ from swarmlm.p2p.consensus import RoundProtocol, leader_of
 from swarmlm.p2p.transport import P2PNode
 from swarmlm.p2p.votelog import VoteLog
 
-from .conftest import FAST, run, start_mesh, stop_all, until
+from .conftest import FAST, run, start_mesh, start_node, stop_all, until
 
 
 def _scenario(
@@ -78,3 +78,29 @@ def test_restarted_node_with_its_vote_log_is_not_an_equivocator(tmp_path: Path) 
 def test_without_a_vote_log_the_same_restart_is_an_equivocation() -> None:
     proofs, _, _ = _scenario(None, (1,), 3)
     assert any(proofs)  # this is what the vote log prevents
+
+
+def test_a_restarted_node_takes_back_its_prepared_lock_and_view(tmp_path: Path) -> None:
+    """The PBFT argument needs a member that committed to report its prepared certificate
+    in every later VIEWCHANGE; restarted from its node dir it must still hold it."""
+
+    async def go() -> None:
+        node = await start_node()
+        ids = sorted([node.node_id, "a" * 64, "b" * 64, "c" * 64])
+        prepared = {"proposal": {"m": b"p", "s": b"s"}, "votes": []}
+        vlog = VoteLog(tmp_path / "votes.log")
+        vlog.append(node.sign("prepare", {"view": 1, "h": b"h" * 32}, 1), 1)
+        vlog.append(node.sign("commit", {"view": 1, "h": b"h" * 32}, 1), 1, prepared)
+        vlog.append(node.sign("viewchange", {"view": 2, "prepared": prepared}, 1), 2)
+        vlog.close()
+        proto = RoundProtocol(node, ids, vote_log=VoteLog(tmp_path / "votes.log"))
+        try:
+            st = proto.rounds[1]
+            assert st.prepared == prepared
+            assert st.prepared_view == 1
+            assert st.view == 2
+        finally:
+            proto.close()
+            await node.stop()
+
+    run(go())

@@ -453,6 +453,7 @@ class RoundProtocol:
         prev = self.decisions.get(r - 1)
         if prev is not None:
             st.live = frozenset(e.peer for e in prev.entries)
+        self._restore_lock(st)
         self.rounds[r] = st
         self._spawn(self._timer(st))
         st.waiting.update(self._early_reqs.pop(r, set()))
@@ -1337,6 +1338,22 @@ class RoundProtocol:
             log.error("not sending a %s in round %d: %s", kind, round, exc)
             return None
         return msg
+
+    def _restore_lock(self, st: _Round) -> None:
+        """After a restart, take back what we signed in this round before the crash: the
+        highest view we entered and the prepared certificate our latest COMMIT carried.
+
+        Why: the PBFT argument needs every honest member that committed to report its
+        prepared certificate in its VIEWCHANGE; a restarted member that forgot it would
+        send ``prepared = null`` and weaken the quorum intersection that keeps a decided
+        value across view changes (issue 17 review)."""
+        if self.vote_log is None:
+            return
+        for slot in self.vote_log.slots(st.round):
+            if slot.kind == "commit" and slot.prepared is not None and slot.view > st.prepared_view:
+                st.prepared, st.prepared_view = slot.prepared, slot.view
+            if slot.kind in ("viewchange", "prepare", "commit", "propose"):
+                st.view = max(st.view, slot.view)
 
     def _resend_contrib(self, st: _Round, peers: list[str]) -> None:
         mine = st.contribs.get(self.node.node_id)
