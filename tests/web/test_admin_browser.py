@@ -90,6 +90,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     )
     store.create_annotator("admin", PASSWORD, role="admin")
     store.create_annotator("rater", PASSWORD)
+    store.create_annotator("rev", PASSWORD, role="reviewer")
+    for name, answer in (("ann1", "negative"), ("ann2", "positive")):
+        who = store.create_annotator(name, PASSWORD)
+        while (lt := store.next_task(who.id, sentiment.id)) is not None:
+            store.submit(who.id, lt.task_id, answer, 700)
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(
@@ -192,3 +197,38 @@ def test_rating_keys_pick_the_value_pressed_on_a_zero_to_ten_scale(page: Any, li
         a.value for _, a in live.store.annotations(live.rating_set) if a.annotator_id == rater.id
     ]
     assert values == [10]
+
+
+def test_admin_finds_a_task_and_a_reviewer_rejects_an_answer_with_the_keyboard(
+    browser: Any, page: Any, live: Live
+) -> None:
+    log_in(page, live, "admin")
+    page.goto(f"{live.url}/admin/task-sets/{live.sentiment_set}")
+    page.click("#open-data-manager")
+    assert "6 tasks match" in page.inner_text("#match-count")
+    page.keyboard.press("/")  # jumps to the search box
+    page.keyboard.type("review 3")
+    page.keyboard.press("Enter")
+    page.wait_for_url("**search=review+3**")
+    assert "1 tasks match" in page.inner_text("#match-count")
+    page.click("#task-table a")
+    assert page.locator("#annotations tbody tr").count() == 2
+    assert "ann1" in page.inner_text("#annotations")
+    assert page.inner_text("#agreement") == "0.500"
+
+    reviewer = browser.new_context().new_page()
+    try:
+        log_in(reviewer, live, "rev")
+        reviewer.goto(f"{live.url}/review/{live.sentiment_set}")
+        answered_by = reviewer.inner_text("#review-form strong")
+        reviewer.keyboard.press("r")
+        reviewer.wait_for_selector("#review-done")
+        assert "rejected" in reviewer.inner_text("#review-done")
+    finally:
+        reviewer.context.close()
+    annotator = browser.new_context().new_page()
+    try:
+        log_in(annotator, live, answered_by)
+        assert "rejected by rev" in annotator.inner_text("#my-reviews")
+    finally:
+        annotator.context.close()

@@ -3,7 +3,7 @@
 Every body is a pydantic model with bounded fields; store errors map to HTTP statuses
 (400 bad value, 401 unauthenticated, 403 forbidden, 404 unknown id, 409 conflicting state,
 413 body too large, 422 invalid input, 429 rate limited). Each operation declares the
-errors it can answer (``_errors``), so generated clients and schema-driven fuzzers know them.
+errors it can answer (``error_responses``), so generated clients and fuzzers know them.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ _ERROR_TEXT = {
 }
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for the error statuses an operation can answer."""
     out: dict[int | str, dict[str, Any]] = {}
     for code in codes:
@@ -77,8 +77,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 # Every authenticated operation can answer 401; writes 403 (CSRF) and 413; reads by id 404.
-_USER_READ = (401, 403)
-_USER_WRITE = (401, 403, 413, 422)
+USER_READ = (401, 403)
+USER_WRITE = (401, 403, 413, 422)
 
 
 class TaskOut(BaseModel):
@@ -215,7 +215,7 @@ def _task_set_out(state: AppState, task_set_id: int) -> TaskSetOut:
     )
 
 
-@router.get("/health", responses=_errors(503))
+@router.get("/health", responses=error_responses(503))
 def health(*, state: Annotated[AppState, Depends(app_state)]) -> dict[str, Any]:
     """Liveness and database round-trip; 503 when the database is unreachable."""
     try:
@@ -224,7 +224,7 @@ def health(*, state: Annotated[AppState, Depends(app_state)]) -> dict[str, Any]:
         raise HTTPException(503, f"database unavailable: {type(e).__name__}") from e
 
 
-@router.post("/register", status_code=201, responses=_errors(403, 409, 413, 422, 429))
+@router.post("/register", status_code=201, responses=error_responses(403, 409, 413, 422, 429))
 def register(
     *, body: CredentialsIn, request: Request, state: Annotated[AppState, Depends(app_state)]
 ) -> AnnotatorOut:
@@ -239,7 +239,7 @@ def register(
     return AnnotatorOut.of(state.store.create_annotator(body.username, body.password))
 
 
-@router.post("/login", responses=_errors(401, 413, 422, 429))
+@router.post("/login", responses=error_responses(401, 413, 422, 429))
 def login(
     *, body: CredentialsIn, request: Request, state: Annotated[AppState, Depends(app_state)]
 ) -> TokenOut:
@@ -260,7 +260,7 @@ def login(
     return TokenOut(token=token, annotator=AnnotatorOut.of(info))
 
 
-@router.post("/tokens", status_code=201, responses=_errors(401, 403, 413))
+@router.post("/tokens", status_code=201, responses=error_responses(401, 403, 413))
 def create_token(
     *,
     principal: Annotated[Principal, Depends(api_write_user)],
@@ -270,7 +270,7 @@ def create_token(
     return TokenOut(token=token, annotator=AnnotatorOut.of(principal.annotator))
 
 
-@router.get("/me", responses=_errors(*_USER_READ))
+@router.get("/me", responses=error_responses(*USER_READ))
 def me(
     *,
     principal: Annotated[Principal, Depends(api_user)],
@@ -279,14 +279,14 @@ def me(
     return AnnotatorOut.of(state.store.get_annotator(principal.annotator.id))
 
 
-@router.get("/task-sets", responses=_errors(*_USER_READ))
+@router.get("/task-sets", responses=error_responses(*USER_READ))
 def task_sets(
     *, _: Annotated[Principal, Depends(api_user)], state: Annotated[AppState, Depends(app_state)]
 ) -> list[TaskSetOut]:
     return [_task_set_out(state, ts.id) for ts in state.store.list_task_sets()]
 
 
-@router.post("/task-sets", status_code=201, responses=_errors(*_USER_WRITE, 409))
+@router.post("/task-sets", status_code=201, responses=error_responses(*USER_WRITE, 409))
 def create_task_set(
     *,
     body: TaskSetIn,
@@ -308,7 +308,7 @@ def create_task_set(
 
 # The two hot endpoints are coroutines: they await the group commit instead of holding a
 # threadpool thread (and its hand-offs) per request.
-@router.get("/tasks", responses=_errors(*_USER_READ, 404, 409, 422))
+@router.get("/tasks", responses=error_responses(*USER_READ, 404, 409, 422))
 async def next_task(
     *,
     task_set_id: Annotated[int, Query(ge=1, le=2**31 - 1)],
@@ -320,7 +320,7 @@ async def next_task(
     return NextTaskOut(task=None if t is None else TaskOut.of(t))
 
 
-@router.post("/submit", responses=_errors(*_USER_WRITE, 404, 409, 429))
+@router.post("/submit", responses=error_responses(*USER_WRITE, 404, 409, 429))
 async def submit(
     *,
     body: SubmitIn,
@@ -346,7 +346,7 @@ async def submit(
     )
 
 
-@router.post("/skip", responses=_errors(*_USER_WRITE, 404, 409))
+@router.post("/skip", responses=error_responses(*USER_WRITE, 404, 409))
 def skip(
     *,
     body: SkipIn,
@@ -357,7 +357,7 @@ def skip(
     return {"skipped": True}
 
 
-@router.get("/stats", responses=_errors(*_USER_READ))
+@router.get("/stats", responses=error_responses(*USER_READ))
 def stats(
     *, _: Annotated[Principal, Depends(api_user)], state: Annotated[AppState, Depends(app_state)]
 ) -> dict[str, Any]:
@@ -380,7 +380,7 @@ def stats(
     return out
 
 
-@router.get("/leaderboard", responses=_errors(*_USER_READ, 422))
+@router.get("/leaderboard", responses=error_responses(*USER_READ, 422))
 def leaderboard(
     *,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
@@ -390,7 +390,7 @@ def leaderboard(
     return [AnnotatorOut.of(a) for a in state.store.leaderboard(limit)]
 
 
-@router.get("/task-sets/{task_set_id}/progress", responses=_errors(*_USER_READ, 404, 422))
+@router.get("/task-sets/{task_set_id}/progress", responses=error_responses(*USER_READ, 404, 422))
 def progress(
     *,
     task_set_id: PathId,
@@ -409,7 +409,7 @@ def progress(
     }
 
 
-@router.post("/task-sets/{task_set_id}/import", responses=_errors(*_USER_WRITE, 404, 409))
+@router.post("/task-sets/{task_set_id}/import", responses=error_responses(*USER_WRITE, 404, 409))
 def import_tasks(
     *,
     task_set_id: PathId,
@@ -440,7 +440,7 @@ def import_tasks(
             "description": "one JSON object per line",
             "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
         },
-        **_errors(*_USER_READ, 404, 422),
+        **error_responses(*USER_READ, 404, 422),
     },
 )
 def export(

@@ -28,7 +28,7 @@ from swarmlm.curation.errors import (
 )
 from swarmlm.curation.store import CurationStore
 from swarmlm.p2p.identity import NodeIdentity
-from swarmlm.web import admin, api, pages
+from swarmlm.web import admin, api, data_manager, pages, review
 from swarmlm.web.deps import AppState, LoginRequiredError, api_admin
 from swarmlm.web.security import BodySizeLimitMiddleware, RateLimiter, SecurityHeadersMiddleware
 from swarmlm.web.settings import WebSettings
@@ -119,8 +119,12 @@ def create_app(
             r for r in api.router.routes if getattr(r, "endpoint", None) is not api.health
         )
     app.include_router(api_router)
+    app.include_router(data_manager.api)
+    app.include_router(review.api)
     app.include_router(pages.router)
     app.include_router(admin.router)
+    app.include_router(data_manager.pages)
+    app.include_router(review.pages)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     @app.get("/favicon.ico", include_in_schema=False)

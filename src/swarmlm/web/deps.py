@@ -146,6 +146,20 @@ async def page_admin(*, principal: Annotated[Principal, Depends(page_user)]) -> 
     return principal
 
 
+async def page_reviewer(*, principal: Annotated[Principal, Depends(page_user)]) -> Principal:
+    if not principal.annotator.can_review:
+        raise HTTPException(403, "reviewer or administrator role required")
+    return principal
+
+
+async def api_write_reviewer(
+    *, principal: Annotated[Principal, Depends(api_write_user)]
+) -> Principal:
+    if not principal.annotator.can_review:
+        raise HTTPException(403, "reviewer or administrator role required")
+    return principal
+
+
 def check_form_csrf(principal: Principal, sent: str | None) -> None:
     if principal.via != "session" or not principal.csrf:
         raise HTTPException(403, "form posts need a browser session")

@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.datastructures import FormData
 
 from swarmlm.curation.errors import AuthError, CurationError
+from swarmlm.curation.review import reviews_of
 from swarmlm.curation.schema import (
     LabelSchema,
     MultipleChoiceSchema,
@@ -172,7 +173,12 @@ def dashboard(
         request,
         state,
         "dashboard.html",
-        {"me": me, "sets": sets, "history": state.store.points_history(me.id, 10)},
+        {
+            "me": me,
+            "sets": sets,
+            "history": state.store.points_history(me.id, 10),
+            "reviews": reviews_of(state.store, me.id, 10),
+        },
         principal=principal,
     )
 

@@ -106,3 +106,35 @@
     input.focus();
   });
 })();
+
+// Review page: A accepts, R rejects, C corrects (with the chosen value), L leaves it for
+// later. Data manager: "/" jumps to the search box. Keys typed into fields are left alone.
+(function () {
+  "use strict";
+  const review = document.getElementById("review-form");
+  const search = document.getElementById("search");
+  if (!review && !search) return;
+  document.addEventListener("keydown", function (event) {
+    if (event.altKey || event.metaKey || event.ctrlKey) return;
+    const t = event.target;
+    if (t && (t.tagName === "TEXTAREA" || t.tagName === "SELECT" ||
+        (t.tagName === "INPUT" && t.type !== "radio" && t.type !== "checkbox"))) return;
+    if (search && event.key === "/") {
+      event.preventDefault();
+      search.focus();
+      return;
+    }
+    if (!review) return;
+    const key = event.key.toUpperCase();
+    const targets = { A: "accept-button", R: "reject-button", C: "correct-button" };
+    if (key === "L") {
+      event.preventDefault();
+      document.getElementById("later-link").click();
+    } else if (targets[key]) {
+      event.preventDefault();
+      const button = document.getElementById(targets[key]);
+      if (typeof review.requestSubmit === "function") review.requestSubmit(button);
+      else button.click();
+    }
+  });
+})();

@@ -1,0 +1,190 @@
+"""Data manager, task view and review through HTTP (TestClient) on a real SQLite store."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi.routing import APIRoute
+from web_helpers import PASSWORD, Web, api_token, form_token, login, register
+
+from swarmlm.curation.store import TaskInput
+from swarmlm.web import admin, api, data_manager, review
+
+
+def _annotate_all(web: Web, users: list[str], answers: dict[str, str]) -> None:
+    """Each user answers every task they are offered: their entry in ``answers``."""
+    for u in users:
+        info = web.store.create_annotator(u, PASSWORD)
+        while (lt := web.store.next_task(info.id, web.task_set_id)) is not None:
+            web.store.submit(info.id, lt.task_id, answers[u], 500)
+
+
+def test_every_admin_and_review_route_refuses_annotators(web: Web) -> None:
+    c = web.client()
+    register(c, "annie")
+    csrf = form_token(c.get("/dashboard").text)
+    token = api_token(c, "annie")
+    routers = [admin.router, api.router, data_manager.pages, data_manager.api]
+    guarded = [
+        r
+        for r in [x for router in (*routers, review.pages, review.api) for x in router.routes]
+        if isinstance(r, APIRoute)
+        and any(
+            name in getattr(d.call, "__name__", "")
+            for d in r.dependant.dependencies
+            for name in ("admin", "reviewer")
+        )
+    ]
+    paths = {r.path for r in guarded}
+    for expected in (
+        "/admin/task-sets/{task_set_id}/tasks",
+        "/admin/task-sets/{task_set_id}/tasks/bulk",
+        "/admin/tasks/{task_id}",
+        "/review",
+        "/review/{task_set_id}",
+        "/api/task-sets/{task_set_id}/tasks",
+        "/api/task-sets/{task_set_id}/tasks/{task_id}",
+        "/api/task-sets/{task_set_id}/tasks/bulk",
+        "/api/reviews",
+    ):
+        assert expected in paths
+    for route in guarded:
+        path = (
+            route.path.replace("{task_set_id}", str(web.task_set_id))
+            .replace("{task_id}", "1")
+            .replace("{annotator_id}", "1")
+            .replace("{page}", "network")
+        )
+        for method in route.methods:
+            r1 = c.request(method, path, data={"csrf_token": csrf}, headers={"x-csrf-token": csrf})
+            r2 = c.request(method, path, headers={"authorization": f"Bearer {token}"})
+            assert r1.status_code in (403, 404), (method, path, r1.status_code)
+            assert r2.status_code in (403, 404), (method, path, r2.status_code)
+            if "node" not in path:  # node pages answer 404 without a node, before the role
+                assert (r1.status_code, r2.status_code) == (403, 403), (method, path)
+
+
+def test_data_manager_filters_pages_and_bulk_actions_from_forms(web: Web) -> None:
+    web.store.add_tasks(
+        web.task_set_id,
+        [TaskInput(content=f"<b>extra</b> & {i}", external_id=f"x{i}") for i in range(60)],
+    )
+    _annotate_all(web, ["ann1", "ann2"], {"ann1": "positive", "ann2": "positive"})
+    c = web.client()
+    login(c, "admin")
+    base = f"/admin/task-sets/{web.task_set_id}/tasks"
+    page = c.get(base)
+    assert page.status_code == 200
+    assert "66 tasks match" in page.text
+    assert "&lt;b&gt;extra&lt;/b&gt; &amp; 0" in page.text  # escaped
+    assert 'rel="next"' in page.text
+    p2 = c.get(base, params={"page": 2, "per_page": 25, "sort": "-id"})
+    ids = re.findall(r'name="ids" value="(\d+)"', p2.text)
+    assert len(ids) == 25
+    assert [int(i) for i in ids] == sorted((int(i) for i in ids), reverse=True)
+    found = c.get(base, params={"search": "review number 3"})
+    assert "1 tasks match" in found.text
+    bad = c.get(base, params={"confidence_min": "lots"})
+    assert bad.status_code == 422
+    # bulk: mark every finalised task with consensus "positive" as gold ("all matching")
+    csrf = form_token(page.text)
+    r = c.post(
+        f"{base}/bulk",
+        data={
+            "csrf_token": csrf,
+            "action": "mark_gold",
+            "scope": "all",
+            "status": "finalised",
+            "label": "positive",
+        },
+    )
+    assert r.status_code == 200
+    assert "mark_gold: 66 tasks" in r.text
+    assert "gold only" in r.text
+    gold = c.get(base, params={"gold": "yes"})
+    assert "66 tasks match" in gold.text
+    # ticked rows only; the CSRF token is required
+    one = re.findall(r'name="ids" value="(\d+)"', gold.text)[:2]
+    assert c.post(f"{base}/bulk", data={"action": "delete", "ids": one}).status_code == 403
+    r = c.post(f"{base}/bulk", data={"csrf_token": csrf, "action": "delete", "ids": one})
+    assert "delete: 2 tasks" in r.text
+    assert "64 tasks match" in c.get(base).text
+
+
+def test_task_view_and_review_round_trip_reach_the_annotator(web: Web) -> None:
+    _annotate_all(web, ["ann1", "ann2"], {"ann1": "positive", "ann2": "negative"})
+    web.store.create_annotator("rev", PASSWORD, role="reviewer")
+    c = web.client()
+    login(c, "rev")
+    assert c.get("/admin").status_code == 403  # a reviewer is not an admin
+    page = c.get(f"/review/{web.task_set_id}")
+    assert page.status_code == 200
+    who = re.search(r"<strong>(ann\d)</strong> answered", page.text)
+    assert who
+    annotation_id = re.search(r'name="annotation_id" value="(\d+)"', page.text)
+    assert annotation_id
+    r = c.post(
+        f"/review/{web.task_set_id}",
+        data={
+            "csrf_token": form_token(page.text),
+            "annotation_id": annotation_id.group(1),
+            "verdict": "corrected",
+            "corrected": "neutral",
+            "comment": "<i>mixed</i> review",
+        },
+    )
+    assert r.status_code == 200
+    assert "Saved: corrected" in r.text
+    # the admin sees it in the task view, the annotator on the dashboard
+    admin = web.client()
+    login(admin, "admin")
+    token = api_token(admin, "admin")
+    auth = {"authorization": f"Bearer {token}"}
+    rows = admin.get(
+        f"/api/task-sets/{web.task_set_id}/tasks", params={"label": "neutral"}, headers=auth
+    ).json()
+    assert rows["total"] == 1
+    tid = rows["tasks"][0]["id"]
+    detail = admin.get(f"/api/task-sets/{web.task_set_id}/tasks/{tid}", headers=auth).json()
+    assert detail["consensus"] == "neutral"
+    assert detail["confidence"] == 1.0
+    assert {a["annotator"] for a in detail["annotations"]} == {"ann1", "ann2"}
+    assert "review: corrected" in [h["event"] for h in detail["history"]]
+    view = admin.get(f"/admin/tasks/{tid}")
+    assert view.status_code == 200
+    assert "Posterior of the consensus" in view.text
+    ann = web.client()
+    login(ann, who.group(1))
+    dash = ann.get("/dashboard").text
+    assert "corrected</strong> by rev" in dash
+    assert "&lt;i&gt;mixed&lt;/i&gt; review" in dash
+    # the review API: a reviewer can reject through it with a bearer token, not twice
+    rev_auth = {"authorization": f"Bearer {api_token(c, 'rev')}"}
+    other = next(a for a in detail["annotations"] if a["review"] is None)
+    body = {"annotation_id": other["id"], "verdict": "rejected", "comment": "no"}
+    assert c.post("/api/reviews", json=body, headers=rev_auth).status_code == 201
+    assert c.post("/api/reviews", json=body, headers=rev_auth).status_code == 404
+    assert (
+        c.post("/api/reviews", json={**body, "verdict": "maybe"}, headers=rev_auth).status_code
+        == 422
+    )
+
+
+def test_bulk_api_and_filters_validate_input(web: Web) -> None:
+    c = web.client()
+    auth = {"authorization": f"Bearer {api_token(c, 'admin')}"}
+    url = f"/api/task-sets/{web.task_set_id}/tasks"
+    assert c.get(url, params={"sort": "content"}, headers=auth).status_code == 422
+    assert c.get(url, params={"status": "lost"}, headers=auth).status_code == 422
+    assert c.get(url, params={"agreement_min": 2}, headers=auth).status_code == 422
+    assert c.get("/api/task-sets/999/tasks", headers=auth).status_code == 404
+    ids = [t["id"] for t in c.get(url, headers=auth).json()["tasks"]]
+    r = c.post(
+        f"{url}/bulk",
+        json={"action": "raise_redundancy", "task_ids": ids[:3], "amount": 2},
+        headers=auth,
+    )
+    assert r.json() == {"changed": 3}
+    assert [t["needed"] for t in c.get(url, headers=auth).json()["tasks"][:4]] == [4, 4, 4, 2]
+    r = c.post(f"{url}/bulk", json={"action": "explode", "task_ids": ids}, headers=auth)
+    assert r.status_code == 422
