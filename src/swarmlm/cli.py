@@ -18,6 +18,25 @@ import traceback
 # ``swarmlm status`` run on small machines, and torch alone is ~225 MB resident.
 LIGHT_COMMANDS = ("node", "status")
 
+# The module and function that register each command, in the order ``--help`` lists them.
+# ``swarmlm <command>`` imports only its own registrar: importing every part (the web app
+# alone is ~1 s) would tax each start-up of ``swarmlm generate`` for nothing.
+_REGISTRARS: dict[str, tuple[str, str]] = {
+    "data": ("swarmlm.data.cli", "add_data_parser"),
+    "train": ("swarmlm.train.cli", "add_train_parsers"),  # also eval .. import-hf
+    "eval": ("swarmlm.train.cli", "add_train_parsers"),
+    "generate": ("swarmlm.train.cli", "add_train_parsers"),
+    "export-hf": ("swarmlm.train.cli", "add_train_parsers"),
+    "import-hf": ("swarmlm.train.cli", "add_train_parsers"),
+    "p2p": ("swarmlm.p2p.cli", "add_p2p_parser"),
+    "swarm": ("swarmlm.swarm.cli", "add_swarm_parser"),
+    "curation": ("swarmlm.curation.cli", "add_curation_parser"),
+    "web": ("swarmlm.web.cli", "add_web_parser"),
+    "rlhf": ("swarmlm.rlhf.cli", "add_rlhf_parser"),
+    "node": ("swarmlm.node.cli", "add_node_parser"),
+    "status": ("swarmlm.node.status", "add_status_parser"),
+}
+
 USAGE_EXIT = 2
 RUNTIME_EXIT = 1
 
@@ -44,10 +63,9 @@ _USAGE_ERRORS = ("UsageError", "ConfigError")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The full parser, or with ``only`` one of :data:`LIGHT_COMMANDS` (nothing else
-    imported)."""
-    from swarmlm.node.cli import add_node_parser
-    from swarmlm.node.status import add_status_parser
+    """The full parser, or with ``only`` (a command name) just that command's part: nothing
+    else is imported (for :data:`LIGHT_COMMANDS`, no torch)."""
+    import importlib
 
     parser = argparse.ArgumentParser(
         prog="swarmlm",
@@ -60,26 +78,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         help="print the full traceback of an error (accepted anywhere on the command line)",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    if only in LIGHT_COMMANDS:
-        {"node": add_node_parser, "status": add_status_parser}[only](subparsers)
-        return parser
-    from swarmlm.curation.cli import add_curation_parser
-    from swarmlm.data.cli import add_data_parser
-    from swarmlm.p2p.cli import add_p2p_parser
-    from swarmlm.rlhf.cli import add_rlhf_parser
-    from swarmlm.swarm.cli import add_swarm_parser
-    from swarmlm.train.cli import add_train_parsers
-    from swarmlm.web.cli import add_web_parser
-
-    add_data_parser(subparsers)
-    add_train_parsers(subparsers)  # with eval, generate, export-hf, import-hf
-    add_p2p_parser(subparsers)
-    add_swarm_parser(subparsers)
-    add_curation_parser(subparsers)
-    add_web_parser(subparsers)
-    add_rlhf_parser(subparsers)
-    add_node_parser(subparsers)
-    add_status_parser(subparsers)
+    wanted = [_REGISTRARS[only]] if only in _REGISTRARS else list(_REGISTRARS.values())
+    for module, function in dict.fromkeys(wanted):  # each registrar once, in order
+        getattr(importlib.import_module(module), function)(subparsers)
     return parser
 
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in given[:end]
     given = [a for i, a in enumerate(given) if not (a == "--debug" and i < end)]
     first = next((a for a in given if not a.startswith("-")), None)
-    parser = build_parser(only=first if first in LIGHT_COMMANDS else None)
+    parser = build_parser(only=first)
     args = parser.parse_args(given)
     args.debug = debug
     # the process is ours (console script, ``python -m``), not a caller's: a command may
