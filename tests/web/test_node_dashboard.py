@@ -22,7 +22,7 @@ from web_helpers import FAST_HASHER, PASSWORD, api_token, login, make_settings, 
 from swarmlm.curation.store import CurationStore, TaskInput
 from swarmlm.node.events import EventBus
 from swarmlm.node.metrics import NodeMetrics
-from swarmlm.node.ops import component, health_report
+from swarmlm.node.ops import component, health_report, web_attachment
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.web import create_app
 from swarmlm.web.admin import line_chart
@@ -107,7 +107,9 @@ def node_web(tmp_path: Path) -> Iterator[NodeWeb]:
     store.add_tasks(ts.id, [TaskInput(content=f"review {i}") for i in range(4)])
     store.create_annotator("admin", PASSWORD, role="admin")
     view = View()
-    yield NodeWeb(create_app(store, make_settings(tmp_path), node=view), view, store)
+    yield NodeWeb(
+        create_app(store, make_settings(tmp_path), node=web_attachment(view)), view, store
+    )
     store.close()
 
 

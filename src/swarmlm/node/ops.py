@@ -36,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from swarmlm.node.events import EVENT_KINDS, HISTORY, Event, EventBus, Subscription
 from swarmlm.node.metrics import CONTENT_TYPE, NodeMetrics
+from swarmlm.web.node_view import NodeAttachment
 
 log = logging.getLogger(__name__)
 
@@ -426,6 +427,16 @@ def install(app: FastAPI, view: NodeView, feed_dependencies: list[Any] | None = 
     event_streams(app)
     app.include_router(ops_router)
     app.include_router(feed_router, dependencies=feed_dependencies or [])
+
+
+def web_attachment(view: NodeView) -> NodeAttachment:
+    """What this node hands the web app it assembles: the view the dashboard reads and the
+    installer of these routes (the web app puts the feeds behind its admin role)."""
+
+    def mount(app: FastAPI, feed_dependencies: list[Any]) -> None:
+        install(app, view, feed_dependencies=feed_dependencies)
+
+    return NodeAttachment(view=view, install=mount)
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})

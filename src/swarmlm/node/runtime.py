@@ -480,6 +480,7 @@ class NodeRuntime:
         from swarmlm.node.ops import create_ops_app
 
         if self.cfg.runs("web"):
+            from swarmlm.node.ops import web_attachment
             from swarmlm.web.app import create_app
             from swarmlm.web.settings import WebSettings
 
@@ -492,7 +493,7 @@ class NodeRuntime:
                 submit_per_second=rl.submit_per_second,
                 submit_burst=rl.submit_burst,
             )
-            self.web_app = create_app(self.store, settings, node=self)
+            self.web_app = create_app(self.store, settings, node=web_attachment(self))
             app = self.web_app
         else:
             app = create_ops_app(self)

@@ -7,7 +7,7 @@ import json
 import math
 import platform
 import time
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -16,10 +16,8 @@ from starlette.concurrency import run_in_threadpool
 from swarmlm.curation.errors import CurationError
 from swarmlm.curation.interchange import parse_tasks_text
 from swarmlm.web.deps import AppState, Principal, app_state, check_form_csrf, page_admin
+from swarmlm.web.node_view import NodeDashboard
 from swarmlm.web.pages import render
-
-if TYPE_CHECKING:
-    from swarmlm.node.ops import NodeView
 
 router = APIRouter(prefix="/admin", include_in_schema=False)
 PathId = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -289,8 +287,8 @@ def line_chart(
     }
 
 
-def _node_view(request: Request) -> NodeView:
-    view: NodeView | None = getattr(request.app.state, "node_view", None)
+def _node_view(request: Request) -> NodeDashboard:
+    view: NodeDashboard | None = getattr(request.app.state, "node_view", None)
     if view is None:
         raise HTTPException(404, "no node is attached to this web app (start it with swarmlm node)")
     return view
@@ -317,7 +315,7 @@ def _series(rows: object, x: str, y: str) -> list[list[float]]:
     return out
 
 
-def _node_context(page: str, view: NodeView, state: AppState) -> dict[str, Any]:
+def _node_context(page: str, view: NodeDashboard, state: AppState) -> dict[str, Any]:
     """What a dashboard page shows; runs in the threadpool (store and node reads block)."""
     m = view.metrics
     if page == "network":

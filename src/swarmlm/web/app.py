@@ -8,7 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
@@ -30,11 +30,9 @@ from swarmlm.curation.store import CurationStore
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.web import admin, api, data_manager, pages, review
 from swarmlm.web.deps import AppState, LoginRequiredError, api_admin
+from swarmlm.web.node_view import NodeAttachment
 from swarmlm.web.security import BodySizeLimitMiddleware, RateLimiter, SecurityHeadersMiddleware
 from swarmlm.web.settings import WebSettings
-
-if TYPE_CHECKING:
-    from swarmlm.node.ops import NodeView
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -72,11 +70,12 @@ def open_store(settings: WebSettings) -> CurationStore:
 
 
 def create_app(
-    store: CurationStore, settings: WebSettings | None = None, node: NodeView | None = None
+    store: CurationStore, settings: WebSettings | None = None, node: NodeAttachment | None = None
 ) -> FastAPI:
     """The web app over ``store``. The caller owns the store (and closes it).
 
-    With ``node`` (a running integrated node), ``/api/health`` becomes the node's
+    With ``node`` (what a running integrated node hands over, see
+    :mod:`swarmlm.web.node_view`), ``/api/health`` becomes the node's
     per-component health, ``/metrics`` is served, and the admin dashboard gains the
     network, training and annotation pages fed live by ``/api/events`` (admin only).
     """
@@ -110,9 +109,8 @@ def create_app(
     app.state.node_view = None
     api_router = api.router
     if node is not None:
-        from swarmlm.node.ops import install
-
-        install(app, node, feed_dependencies=[Depends(api_admin)])
+        app.state.node_view = node.view
+        node.install(app, [Depends(api_admin)])
         # The node's per-component /api/health replaces the database-only one.
         api_router = APIRouter()
         api_router.routes.extend(
