@@ -28,7 +28,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -36,7 +36,9 @@ from starlette.concurrency import run_in_threadpool
 
 from swarmlm.node.events import EVENT_KINDS, HISTORY, Event, EventBus, Subscription
 from swarmlm.node.metrics import CONTENT_TYPE, NodeMetrics
-from swarmlm.web.node_view import NodeAttachment
+
+if TYPE_CHECKING:
+    from swarmlm.web.node_view import NodeAttachment
 
 log = logging.getLogger(__name__)
 
@@ -431,7 +433,12 @@ def install(app: FastAPI, view: NodeView, feed_dependencies: list[Any] | None = 
 
 def web_attachment(view: NodeView) -> NodeAttachment:
     """What this node hands the web app it assembles: the view the dashboard reads and the
-    installer of these routes (the web app puts the feeds behind its admin role)."""
+    installer of these routes (the web app puts the feeds behind its admin role).
+
+    Imported here, not at the top: a node without the web interface (``create_ops_app``)
+    should not load the web package at all.
+    """
+    from swarmlm.web.node_view import NodeAttachment
 
     def mount(app: FastAPI, feed_dependencies: list[Any]) -> None:
         install(app, view, feed_dependencies=feed_dependencies)
