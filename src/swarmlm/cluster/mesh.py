@@ -52,6 +52,11 @@ class MeshParallel(TorchDistributed):
             dp=par.dp, tp=par.tp, pp=par.pp, ep=par.ep, world_size=world, model=cfg.model
         )
         self.cfg = cfg
+        if cfg.optim.name == "sam" and not self.layout.is_plain_dp:
+            raise LayoutError(
+                f"optim.name='sam' is not supported with the layout {self.layout} (its second "
+                "gradient pass bypasses the layout's gradient synchronisation); use adamw"
+            )
         self.n_microbatches = self._microbatches(cfg, self.layout)
         super().__init__(cfg.distributed, timeout_s=cfg.distributed.timeout_s)
         self.strategy = "fsdp2"
@@ -78,6 +83,11 @@ class MeshParallel(TorchDistributed):
                 f"pp={layout.pp}: {wanted} micro-batches do not divide the {rows} rows of a "
                 f"step (train.grad_accum={cfg.train.grad_accum} x data.batch_size="
                 f"{cfg.data.batch_size}); set parallel.pp_microbatches to a divisor"
+            )
+        if cfg.train.curriculum:
+            raise LayoutError(
+                f"pp={layout.pp} with train.curriculum ({len(cfg.train.curriculum)} stages): "
+                "pipeline stages need one sequence length for the whole run"
             )
         if cfg.parallel.pp_schedule == "1f1b" and wanted < layout.pp:
             raise LayoutError(
@@ -160,6 +170,7 @@ class MeshParallel(TorchDistributed):
             group=self.mesh["pp"].get_group(),
             schedule=self.cfg.parallel.pp_schedule,
             n_microbatches=self.n_microbatches,
+            rows_per_step=self.cfg.train.grad_accum * self.cfg.data.batch_size,
         )
         log.info(
             "pipeline stage %d/%d: blocks %s, %d micro-batches, %s",

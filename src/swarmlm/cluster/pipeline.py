@@ -95,18 +95,32 @@ class PipelineRunner:
         group: dist.ProcessGroup,
         schedule: str,
         n_microbatches: int,
+        rows_per_step: int,
     ) -> None:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.module = stage_module
         self.group = group
         self.n_microbatches = n_microbatches
+        # Stages exchange buffers sized on the first step: every later call has this shape.
+        self.rows_per_step = rows_per_step
         self.stage = PipelineStage(stage_module, stage_index, num_stages, device, group=group)
         cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
-        self.schedule = cls(self.stage, n_microbatches, loss_fn=lm_loss)
+        self._sum_loss = False
+        self.schedule = cls(self.stage, n_microbatches, loss_fn=self._loss)
         self.is_first = stage_module.is_first
         self.is_last = stage_module.is_last
         self.last_rank = dist.get_global_rank(group, num_stages - 1)
+
+    def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        if self._sum_loss:  # evaluation: token-weighted, and a padding-only chunk adds 0
+            return F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(),
+                targets.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+        return lm_loss(logits, targets)
 
     def _run(self, x: Tensor, y: Tensor, *, train: bool) -> float:
         losses: list[Tensor] = []
@@ -118,7 +132,8 @@ class PipelineRunner:
             self.schedule.eval(*args, target=target, losses=losses)
         value = torch.zeros(1, dtype=torch.float64)
         if self.is_last:
-            value[0] = float(torch.stack([loss.detach().float() for loss in losses]).mean())
+            stacked = torch.stack([loss.detach().float() for loss in losses])
+            value[0] = float(stacked.mean() if train else stacked.sum())
         dist.broadcast(value, src=self.last_rank, group=self.group)
         return float(value[0])
 
@@ -129,7 +144,23 @@ class PipelineRunner:
         return self._run(x, y, train=True)
 
     def eval_loss(self, x: Tensor, y: Tensor) -> float:
-        return self._run(x, y, train=False)
+        """Mean loss over the batch's non-ignored targets. The stages' buffers have the
+        training step's shape, so the batch goes through in chunks of that many rows, the
+        last one padded with ignored rows (they add nothing to the summed loss)."""
+        rows = self.rows_per_step
+        total = 0.0
+        self._sum_loss = True
+        try:
+            for start in range(0, x.shape[0], rows):
+                xs, ys = x[start : start + rows], y[start : start + rows]
+                short = rows - xs.shape[0]
+                if short:
+                    xs = torch.cat([xs, xs.new_zeros((short, *xs.shape[1:]))])
+                    ys = torch.cat([ys, ys.new_full((short, *ys.shape[1:]), -100)])
+                total += self._run(xs, ys, train=False)
+        finally:
+            self._sum_loss = False
+        return total / max(1, int((y != -100).sum()))
 
 
 def tied_parameter(module: PipelineStageModule) -> Tensor | None:
