@@ -53,7 +53,6 @@ class MoEFeedForward(nn.Module):
         self.w_down = nn.Parameter(torch.empty(e, cfg.d_model, hidden))
         # Running utilisation statistics (assignments per expert), not trained, not saved.
         self.register_buffer("expert_counts", torch.zeros(e, dtype=torch.long), persistent=False)
-        self.last_aux_loss: Tensor | None = None
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         for w in (self.w_gate, self.w_up):

@@ -229,6 +229,3 @@ class Transformer(nn.Module):
             n += self.lm_head.weight.numel()
         forward = 2 * n + 4 * self.cfg.n_layers * self.cfg.d_model * t
         return float(3 * forward if training else forward)
-
-    def moe_utilisation(self) -> list[dict[str, float | list[float]]]:
-        return [b.ffn.utilisation() for b in self.blocks if isinstance(b.ffn, MoEFeedForward)]

@@ -215,10 +215,6 @@ class CurationReplicator:
     def _accepts(self, peer: str) -> bool:
         return peer in self.p2p.connections and (self.peer_filter is None or self.peer_filter(peer))
 
-    def owner_of(self, task_digest: str) -> str | None:
-        """Which node serves ``task_digest`` first, among the current replication group."""
-        return task_owner(task_digest, self._owners or (self.p2p.node_id,))
-
     async def _refresh_ownership(self) -> None:
         owners = tuple(sorted({self.p2p.node_id, *self.replication_peers()}))
         if owners == self._owners:
