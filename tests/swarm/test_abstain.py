@@ -214,41 +214,58 @@ def test_voter_stops_waiting_once_the_round_is_decided() -> None:
     asyncio.run(scenario())
 
 
+class VirtualTime:
+    """The voter's clock and poll sleep, in virtual seconds: the wait runs its real logic
+    (deadline, allowance, 50 ms polls) instantly, and the test reads when it returned."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> VirtualTime:
+    vt = VirtualTime()
+    monkeypatch.setattr(voter_module, "time", SimpleNamespace(monotonic=vt.monotonic))
+    monkeypatch.setattr(voter_module, "asyncio", SimpleNamespace(sleep=vt.sleep))
+    return vt
+
+
+POLL_S = 0.05  # the voter polls the protocol for contributors every 50 ms
+
+
+def waited(v: VoterNode, proto: FakeProtocol, members: list[str], clock: VirtualTime) -> float:
+    """Virtual seconds the voter waited before deciding to abstain (or to stop waiting)."""
+    asyncio.run(v._wait_for_trainers(proto, 1, members))  # type: ignore[arg-type]
+    return clock.now
+
+
 def test_voter_abstains_without_a_straggler_once_its_allowance_has_passed(
-    monkeypatch: pytest.MonkeyPatch,
+    clock: VirtualTime,
 ) -> None:
-    monkeypatch.setattr(voter_module, "MIN_STRAGGLER_S", 0.2)
-    v = voter()
     proto = FakeProtocol()
     proto.seen = {"t1"}  # t2 crashed: it never contributes
-
-    async def scenario() -> None:
-        await asyncio.wait_for(
-            v._wait_for_trainers(proto, 1, ["me", "t1", "t2"]),  # type: ignore[arg-type]
-            10,
-        )
-
-    asyncio.run(scenario())  # returns (after the allowance) instead of waiting for t2
-
-
-def test_voter_gives_up_at_the_round_timeout_when_nobody_contributes() -> None:
-    v = voter(round_timeout=0.2)
-    proto = FakeProtocol()
-
-    async def scenario() -> None:
-        await asyncio.wait_for(v._wait_for_trainers(proto, 1, ["me", "t1"]), 10)  # type: ignore[arg-type]
-
-    asyncio.run(scenario())
+    v = voter(round_timeout=30.0)
+    # no previous round: the allowance is MIN_STRAGGLER_S after the first contribution was seen
+    # (at the first poll), not the 30 s round timeout
+    allowance = voter_module.MIN_STRAGGLER_S
+    assert allowance < waited(v, proto, ["me", "t1", "t2"], clock) <= allowance + 2 * POLL_S
+    # after a slow round the allowance grows to half of it
+    clock.now = 0.0
+    v._last_round_s = 12.0
+    assert 6.0 < waited(v, proto, ["me", "t1", "t2"], clock) <= 6.0 + 2 * POLL_S
 
 
-def test_a_voter_alone_with_voters_abstains_at_once() -> None:
-    v = voter()
-    proto = FakeProtocol()
+def test_voter_gives_up_at_the_round_timeout_when_nobody_contributes(clock: VirtualTime) -> None:
+    v = voter(round_timeout=30.0)  # nobody seen: the straggler allowance never starts
+    assert 30.0 <= waited(v, FakeProtocol(), ["me", "t1"], clock) <= 30.0 + POLL_S
 
-    async def scenario() -> None:
-        await asyncio.wait_for(
-            v._wait_for_trainers(proto, 1, ["me", "light-2", "light-3"]),  # type: ignore[arg-type]
-            10,
-        )
 
-    asyncio.run(scenario())
+def test_a_voter_alone_with_voters_abstains_at_once(clock: VirtualTime) -> None:
+    assert waited(voter(), FakeProtocol(), ["me", "light-2", "light-3"], clock) == 0.0
