@@ -50,8 +50,7 @@ class UsageError(Exception):
 _HINTS: dict[str, str] = {
     "ConfigError": "fix the config file or its --set override",
     "CheckpointError": (
-        "point --checkpoint at a run directory, its checkpoints/latest or an intact "
-        "checkpoints/step-N"
+        "give a run directory, its checkpoints/latest or an intact checkpoints/step-N"
     ),
     "TokenizerError": "pass --tokenizer PATH to the tokenizer.json the data was prepared with",
     "WeightFileError": "check the path, or re-create the file",
