@@ -142,6 +142,9 @@ class _Session:
                     await proto.contribute(st.round, os.urandom(self.payload_bytes))
 
     def print_decision(self, d: Decision) -> None:
+        if d.skipped and not d.certificate:
+            self.console.print(f"round {d.round}: caught up past it (decided elsewhere)")
+            return
         table = Table(title=f"round {d.round} decided (view {d.view}, {d.latency_s * 1000:.0f} ms)")
         table.add_column("peer")
         table.add_column("digest")

@@ -134,8 +134,8 @@ async def _worker(args: argparse.Namespace) -> None:
                         reported = True
                     if proto.last_decided >= r and r not in proto.decisions:
                         break  # moved past r while waiting: the next pass skips it
-            if d is None:
-                continue
+            if d is None or (d.skipped and r not in proto.decisions):
+                continue  # caught up past r on a later certificate: the next pass skips it
             _emit(
                 "decided",
                 round=r,
