@@ -18,6 +18,7 @@ from swarmlm.p2p.messages import (
     PeerScores,
     ReplayGuard,
     open_signed,
+    peek_envelope,
 )
 
 
@@ -144,3 +145,20 @@ def test_message_decoder_never_crashes_on_arbitrary_input(m: bytes, s: bytes) ->
     for frame in ({"m": m, "s": s}, {"m": m}, {"t": "msg", "m": s, "s": m}):
         with contextlib.suppress(MessageRejectedError):
             v.check(frame, "x" * 64)
+
+
+@given(st.binary(max_size=200))
+def test_peek_envelope_never_raises_on_junk(data: bytes) -> None:
+    """Read before any verification, so it must survive anything a peer sends."""
+    claim = peek_envelope({"m": data, "s": b""})
+    assert claim is None or (isinstance(claim[0], str) and isinstance(claim[2], int))
+
+
+def test_peek_envelope_reads_kind_sender_and_seq_without_verifying() -> None:
+    signer = MessageSigner(NodeIdentity.generate())
+    msg = signer.sign("status_req", {}, 3)
+    assert peek_envelope(msg.to_wire()) == ("status_req", msg.sender, msg.seq)
+    # a forged signature does not matter to the peek (the frame is verified later)
+    assert peek_envelope({**msg.to_wire(), "s": b"x" * 64}) == ("status_req", msg.sender, msg.seq)
+    for junk in (None, {}, {"m": b"junk"}, {"m": msg.raw[:-3]}, {"m": b"\x81\xa1k\xa1x"}):
+        assert peek_envelope(junk) is None
