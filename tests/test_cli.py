@@ -24,3 +24,22 @@ def test_every_part_is_wired_into_the_swarmlm_command() -> None:
     )
     assert result.returncode == 0
     assert all(sub in result.stdout for sub in ("reward", "ppo", "dpo", "sample"))
+
+
+def test_a_command_imports_only_its_own_part() -> None:
+    """`swarmlm generate` should not pay for importing the web app, the store or the p2p stack
+    at every start (about a second here); `swarmlm --help` still lists every command."""
+    code = (
+        "import sys\n"
+        "from swarmlm.cli import build_parser\n"
+        "args = build_parser(only='generate').parse_args("
+        "['generate', '--checkpoint', 'run', '--prompt', 'x'])\n"
+        "assert args.command == 'generate'\n"
+        "print(sorted(m for m in ('swarmlm.web.app', 'swarmlm.curation.store', "
+        "'swarmlm.p2p.transport') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
