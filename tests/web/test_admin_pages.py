@@ -188,3 +188,61 @@ def test_bulk_api_and_filters_validate_input(web: Web) -> None:
     assert [t["needed"] for t in c.get(url, headers=auth).json()["tasks"][:4]] == [4, 4, 4, 2]
     r = c.post(f"{url}/bulk", json={"action": "explode", "task_ids": ids}, headers=auth)
     assert r.status_code == 422
+
+
+def test_exports_carry_consensus_labels_in_every_format(web: Web) -> None:
+    import csv
+    import io
+    import json
+
+    _annotate_all(web, ["ann1", "ann2"], {"ann1": "positive", "ann2": "positive"})
+    c = web.client()
+    auth = {"authorization": f"Bearer {api_token(c, 'admin')}"}
+    url = f"/api/task-sets/{web.task_set_id}/export"
+    r = c.get(url, params={"kind": "csv"}, headers=auth)
+    assert r.headers["content-type"].startswith("text/csv")
+    assert 'sentiment-csv.csv"' in r.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert len(rows) == 6
+    assert {row["consensus"] for row in rows} == {"positive"}
+    assert rows[0]["annotations"] == "ann1=positive; ann2=positive"
+    assert float(rows[0]["confidence"]) > 0.5
+    ls = c.get(url, params={"kind": "label_studio"}, headers=auth).json()
+    assert len(ls) == 6
+    assert ls[0]["data"] == {"text": "review number 0"}
+    assert [a["result"][0]["value"] for a in ls[0]["annotations"]] == [
+        {"choices": ["positive"]}
+    ] * 2
+    assert ls[0]["predictions"][0]["result"][0]["value"] == {"choices": ["positive"]}
+    lines = c.get(url, params={"kind": "consensus"}, headers=auth).text.splitlines()
+    assert {json.loads(x)["consensus"] for x in lines} == {"positive"}
+    # a Label Studio export imports back (the annotations are not: nobody here signed them)
+    ts = web.store.create_task_set(
+        "again", {"kind": "single_choice", "choices": ["positive", "negative"]}, k=1
+    )
+    r = c.post(
+        f"/api/task-sets/{ts.id}/import",
+        json={"format": "label_studio", "text": json.dumps(ls)},
+        headers=auth,
+    )
+    assert r.json() == {"imported": 6}
+    r = c.get(f"/api/task-sets/{ts.id}/export", params={"kind": "preferences"}, headers=auth)
+    assert r.status_code == 422  # refused before any byte of a body
+
+
+def test_csv_import_reads_label_studio_style_columns(web: Web) -> None:
+    c = web.client()
+    auth = {"authorization": f"Bearer {api_token(c, 'admin')}"}
+    ts = web.store.create_task_set("pairs", {"kind": "pairwise"}, k=1, gold_share=0.0)
+    text = 'id,text,output_1,output_2,gold\np1,"Greet me, please",Hi!,No.,A\np2,2+2?,5,4,\n'
+    r = c.post(f"/api/task-sets/{ts.id}/import", json={"format": "csv", "text": text}, headers=auth)
+    assert r.json() == {"imported": 2}
+    tasks = web.store.list_tasks(ts.id)
+    assert [(t.external_id, t.content, t.outputs, t.gold) for t in tasks] == [
+        ("p1", "Greet me, please", ["Hi!", "No."], "A"),
+        ("p2", "2+2?", ["5", "4"], None),
+    ]
+    bad = "id,text,output_1\nx1,hello,only one\n"
+    r = c.post(f"/api/task-sets/{ts.id}/import", json={"format": "csv", "text": bad}, headers=auth)
+    assert r.status_code == 422
+    assert "needs 2 outputs" in r.json()["detail"]

@@ -149,7 +149,13 @@ def test_openapi_declares_the_error_responses_and_content_types(web: Web) -> Non
     assert "429" in paths["/api/register"]["post"]["responses"]
     assert "503" in paths["/api/health"]["get"]["responses"]
     export_ok = paths["/api/task-sets/{task_set_id}/export"]["get"]["responses"]["200"]
-    assert list(export_ok["content"]) == ["application/x-ndjson"]
+    assert set(export_ok["content"]) == {"application/x-ndjson", "application/json", "text/csv"}
+    assert (
+        "application/json"
+        not in paths["/api/task-sets/{task_set_id}/export"]["get"]["responses"]["200"]["content"][
+            "application/x-ndjson"
+        ]
+    )
 
 
 def test_login_failures_say_401_and_the_throttle_says_when_to_retry(

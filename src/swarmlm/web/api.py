@@ -8,7 +8,7 @@ errors it can answer (``error_responses``), so generated clients and fuzzers kno
 
 from __future__ import annotations
 
-import json
+import itertools
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from swarmlm.curation.errors import WrongCredentialsError
-from swarmlm.curation.interchange import EXPORTERS, parse_tasks_text
+from swarmlm.curation.interchange import EXPORTERS, parse_tasks_text, serialize_export
 from swarmlm.curation.schema import schema_to_dict
 from swarmlm.curation.store import AnnotatorInfo, LeasedTask, TaskInput
 from swarmlm.web.deps import (
@@ -189,9 +189,11 @@ class TaskIn(_Strict):
 
 
 class ImportIn(_Strict):
-    format: Literal["tasks", "jsonl", "label_studio"] = "tasks"
+    format: Literal["tasks", "jsonl", "label_studio", "csv"] = "tasks"
     tasks: list[TaskIn] | None = Field(default=None, max_length=200_000)
-    text: str | None = Field(default=None, description="file content for jsonl / label_studio")
+    text: str | None = Field(
+        default=None, description="file content for jsonl / label_studio / csv"
+    )
     outputs_keys: list[str] | None = Field(default=None, max_length=9)
 
 
@@ -438,7 +440,11 @@ def import_tasks(
     responses={
         200: {
             "description": "one JSON object per line",
-            "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+            "content": {
+                "application/x-ndjson": {"schema": {"type": "string"}},
+                "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+                "text/csv": {"schema": {"type": "string"}},
+            },
         },
         **error_responses(*USER_READ, 404, 422),
     },
@@ -446,21 +452,47 @@ def import_tasks(
 def export(
     *,
     task_set_id: PathId,
-    kind: Literal["annotations", "consensus", "preferences"] = "annotations",
+    kind: Literal["annotations", "consensus", "preferences", "label_studio", "csv"] = "annotations",
     _: Annotated[Principal, Depends(api_admin)],
     state: Annotated[AppState, Depends(app_state)],
 ) -> StreamingResponse:
-    """JSONL export: signed annotations, per-task consensus, or reward-model preferences."""
+    """Export a task set: signed annotations, per-task consensus or reward-model preferences
+    (JSONL), Label Studio tasks with annotations and consensus (a JSON array), or one CSV
+    row per task with its consensus label, agreement, confidence and annotations.
+
+    Rows are streamed as they are read (a 100k-task set never sits in memory whole); the
+    first row is read before the response starts, so a refused export (preferences of a
+    set that is not pairwise or ranking) is still an error status, not a cut-off body.
+    """
     ts = state.store.get_task_set(task_set_id)
-    rows = list(EXPORTERS[kind](state.store, task_set_id))  # errors surface before streaming
+    rows = iter(EXPORTERS[kind](state.store, task_set_id))
+    first = next(rows, None)
+    chained = rows if first is None else itertools.chain([first], rows)
 
-    def lines() -> Iterator[bytes]:
-        for row in rows:
-            yield (json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n").encode()
+    def chunks() -> Iterator[bytes]:
+        pending: list[str] = []
+        size = 0
+        for text in serialize_export(kind, chained):
+            pending.append(text)
+            size += len(text)
+            if size > 1 << 16:
+                yield "".join(pending).encode()
+                pending, size = [], 0
+        yield "".join(pending).encode()
 
+    media, ext = EXPORT_MEDIA[kind]
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in ts.name)[:60]
     return StreamingResponse(
-        lines(),
-        media_type="application/x-ndjson",
-        headers={"Content-Disposition": f'attachment; filename="{safe}-{kind}.jsonl"'},
+        chunks(),
+        media_type=media,
+        headers={"Content-Disposition": f'attachment; filename="{safe}-{kind}.{ext}"'},
     )
+
+
+EXPORT_MEDIA = {
+    "annotations": ("application/x-ndjson", "jsonl"),
+    "consensus": ("application/x-ndjson", "jsonl"),
+    "preferences": ("application/x-ndjson", "jsonl"),
+    "label_studio": ("application/json", "json"),
+    "csv": ("text/csv; charset=utf-8", "csv"),
+}
