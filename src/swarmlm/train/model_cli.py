@@ -380,13 +380,27 @@ def read_export_source(path: Path) -> ExportSource:
     if _is_weights_only(path):
         cfg, state = load_swarmlm_weights(path)
         return ExportSource(cfg, state, False, f"weights file {path}", None)
-    from swarmlm.train import RunConfig
-    from swarmlm.train.checkpoint import load_checkpoint
+    from swarmlm.model.config import ModelConfig
+    from swarmlm.train.checkpoint import CheckpointError, load_checkpoint
 
     ckpt = load_checkpoint(path)  # resolves run dir / latest; verifies every checksum
-    run_cfg = RunConfig.model_validate(ckpt.state["config"])
+    # Only the model and data sections are read (not the whole run config), so checkpoints of
+    # every writer (trainer, swarm, rlhf) and of older run-config layouts export alike.
+    run = ckpt.state.get("config")
+    if not isinstance(run, dict) or not isinstance(run.get("model"), dict):
+        raise CheckpointError(f"{ckpt.path}/state.json has no config.model section")
+    data = run.get("data")
+    data_path = Path(data["path"]) if isinstance(data, dict) and data.get("path") else None
+    try:
+        cfg = ModelConfig.model_validate(run["model"])
+    except ValueError as exc:  # pydantic's ValidationError
+        raise CheckpointError(f"{ckpt.path}/state.json: config.model is invalid: {exc}") from exc
     return ExportSource(
-        run_cfg.model, dict(ckpt.model_state), True, f"checkpoint {ckpt.path}", run_cfg.data.path
+        cfg,
+        dict(ckpt.model_state),
+        True,
+        f"checkpoint {ckpt.path}",
+        data_path,
     )
 
 
