@@ -166,9 +166,10 @@ def _tokenizer_path(override: Path | None, data_path: Path) -> Path:
     if not path.is_file():
         from swarmlm.data.errors import TokenizerError
 
+        # the hint (pass --tokenizer) comes from swarmlm.cli, as for every TokenizerError
         raise TokenizerError(
             f"the run's tokenizer {path} is missing (its data.path {data_path} moved or was "
-            "deleted): pass --tokenizer PATH to the tokenizer.json the run was prepared with"
+            "deleted)"
         )
     return path
 
