@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from swarmlm.p2p import consensus
+from swarmlm.p2p import normal_case
 from swarmlm.p2p.catchup import STATE_FILE, ResumeState, load_resume_state, save_resume_state
 from swarmlm.p2p.certificates import members_hash, proposal_hash
 from swarmlm.p2p.consensus import Decision, RoundProtocol, leader_of
@@ -119,7 +119,7 @@ def test_a_node_blocked_across_a_membership_change_verifies_it_and_decides_again
     decisions: it catches up on the certificate of the leave (kept as an epoch end) and
     then the newest one, two exchanges however far behind (issue 17 #2, any distance)."""
     if pruned:
-        monkeypatch.setattr(consensus, "KEEP_DECISIONS", 4)
+        monkeypatch.setattr(normal_case, "KEEP_DECISIONS", 4)
 
     async def go() -> tuple[int, int, list[str]]:
         nodes = await start_mesh(5)

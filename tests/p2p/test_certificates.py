@@ -18,11 +18,8 @@ from swarmlm.p2p.certificates import (
     Admit,
     FutureBuffer,
     Phase,
-    TokenBuckets,
     check_body,
     check_decision_certificate,
-    check_eviction_votes,
-    check_prepared_certificate,
     members_hash,
     precheck_signers,
     proposal_hash,
@@ -109,27 +106,25 @@ FLAWS = ("ok", "view", "h", "round", "phase", "forged", "truncated")
     flaws=st.lists(st.sampled_from(FLAWS), min_size=7, max_size=7),
     duplicate=st.booleans(),
     outsider=st.booleans(),
-    prepared=st.booleans(),
 )
-def test_a_certificate_is_accepted_exactly_when_a_quorum_of_distinct_members_voted_for_it(
+def test_a_decision_certificate_is_accepted_exactly_when_a_quorum_of_distinct_members_committed(
     n: int,
     view: int,
     voters: set[int],
     flaws: list[str],
     duplicate: bool,
     outsider: bool,
-    prepared: bool,
 ) -> None:
     r = 5
     signers = _by_id(n)
     members = sorted(signers)
     prop = _proposal(members, r, view, signers)
-    phase = "prepare" if prepared else "commit"
+    phase = "commit"
     wires = []
     chosen = [members[i] for i in sorted(voters) if i < n]
     for i, m in enumerate(chosen):
         flaw = flaws[i]
-        kind = {"phase": "commit" if prepared else "prepare"}.get(flaw, phase)
+        kind = {"phase": "prepare"}.get(flaw, phase)
         body = {"view": view + (flaw == "view"), "h": b"x" * 32 if flaw == "h" else _h(prop)}
         v = signers[m].sign(kind, body, r + (flaw == "round")).to_wire()
         if flaw == "forged":
@@ -148,19 +143,16 @@ def test_a_certificate_is_accepted_exactly_when_a_quorum_of_distinct_members_vot
         and all(f == "ok" for f in used)
         and len(chosen) >= quorum(n)
     )
-    key = "votes" if prepared else "commits"
-    cert = {"proposal": prop.to_wire(), key: wires}
-    check = check_prepared_certificate if prepared else check_decision_certificate
+    cert = {"proposal": prop.to_wire(), "commits": wires}
     leader = lambda v: leader_of(members, r, v)  # noqa: E731
     if valid:
-        got = check(cert, members, r, leader, quorum(n))
-        votes = got.votes if prepared else got.commits  # type: ignore[union-attr]
-        assert {v.sender for v in votes} == set(chosen)
+        got = check_decision_certificate(cert, members, r, leader, quorum(n))
+        assert {v.sender for v in got.commits} == set(chosen)
         assert got.proposal.view == view
-        assert all(v.phase == Phase(phase) for v in votes)
+        assert all(v.phase == Phase(phase) for v in got.commits)
     else:
         with pytest.raises(MessageRejectedError):
-            check(cert, members, r, leader, quorum(n))
+            check_decision_certificate(cert, members, r, leader, quorum(n))
 
 
 def test_a_certificate_from_the_wrong_leader_or_round_is_refused() -> None:
@@ -279,20 +271,6 @@ def test_an_equivocation_proof_names_the_offender_only_for_two_conflicting_messa
     assert verify_equivocation_proof({"a": a.to_wire(), "b": a.to_wire()}) is None
 
 
-def test_eviction_votes_must_come_from_a_quorum_of_distinct_members_and_be_recent() -> None:
-    signers = _by_id(4)
-    members = sorted(signers)
-    target = members[0]
-    votes = [signers[m].sign("evict", {"peer": target}, 9).to_wire() for m in members[1:]]
-    assert len(check_eviction_votes(votes, target, members, 10, 3)) == 3
-    with pytest.raises(MessageRejectedError, match="signed twice"):
-        check_eviction_votes([*votes[:2], votes[0]], target, members, 10, 3)
-    with pytest.raises(MessageRejectedError, match="too few"):
-        check_eviction_votes(votes[:2], target, members, 10, 3)
-    with pytest.raises(MessageRejectedError, match="expired"):
-        check_eviction_votes(votes, target, members, 9 + 17, 3)
-
-
 @settings(max_examples=200, deadline=None)
 @given(
     ops=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5), st.integers(0, 4)), max_size=200),
@@ -321,16 +299,6 @@ def test_the_future_buffer_is_bounded_per_peer_and_round_per_peer_and_overall(
     buf.drop_through(5)
     assert len(buf) == 0
     assert buf.rounds() == []
-
-
-def test_token_buckets_refill_at_their_rate_and_forget_idle_peers() -> None:
-    tb = TokenBuckets(rate=2.0, burst=3.0, max_keys=2)
-    assert [tb.allow("a", 0.0) for _ in range(4)] == [True, True, True, False]
-    assert tb.allow("a", 0.5)
-    assert not tb.allow("a", 0.5)
-    tb.allow("b", 1.0)
-    tb.allow("c", 1.0)
-    assert len(tb) == 2
 
 
 # -- a node's handling of bad messages ---------------------------------------------------

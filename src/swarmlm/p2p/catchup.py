@@ -1,11 +1,19 @@
-"""Where a restarted node resumes the round protocol (issue 17 #2).
+"""Catching up: how a node that is behind the swarm gets back to its current round.
 
-A node persists, after each decision, the last decided round, the membership of the next
-round and that round's decision certificate under its node dir. Restarted from that dir it
-resumes at ``round + 1`` with that membership instead of round 1, and catches up from the
-swarm's certificates (``RoundProtocol`` decides far-behind rounds without their payloads,
-see ``Decision.skipped``). The file is our own record, so it is trusted as our own memory;
-everything learnt later from peers is verified as usual.
+From its peers (:class:`CatchUp`, a part of :class:`~swarmlm.p2p.consensus.RoundProtocol`;
+docs/protocol.md, "Catching up"): it asks for decisions (``decided_req``) when it times out,
+sees later rounds or a member reconnects; a member answers with a decision certificate,
+from far behind with the certificate of the end of the asker's membership epoch, which the
+asker verifies against the membership it knows and jumps to (issue 17 #2). Members track
+how far each peer got (``all_reached``).
+
+From its own disk after a restart (issue 17 #2): a node persists, after each decision, the
+last decided round, the membership of the next round and that round's decision certificate
+under its node dir. Restarted from that dir it resumes at ``round + 1`` with that membership
+instead of round 1, and catches up from the swarm's certificates (``RoundProtocol`` decides
+far-behind rounds without their payloads, see ``Decision.skipped``). The file is our own
+record, so it is trusted as our own memory; everything learnt later from peers is verified
+as usual.
 """
 
 from __future__ import annotations
@@ -13,14 +21,213 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from swarmlm.p2p.consensus import Decision
+from swarmlm.p2p.certificates import check_decision_certificate, members_hash, precheck_signers
+from swarmlm.p2p.errors import MessageRejectedError
+from swarmlm.p2p.messages import SignedMessage, open_signed
+from swarmlm.p2p.round_state import (
+    PROTOCOL_LOGGER,
+    Decision,
+    ProtocolCore,
+    _distinct,
+    _Round,
+    quorum,
+)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)  # the resume file
+protocol_log = logging.getLogger(PROTOCOL_LOGGER)
 
+MAX_ANSWERED = 1024
+MAX_REQUESTED = 256  # throttle entries of our own decided_req
+
+
+class CatchUp(ProtocolCore):
+    """Asking for, answering and applying decision certificates; jumping rounds."""
+
+    def _init_catchup(self) -> None:
+        # highest round each peer is known to have decided (or to be about to: it committed)
+        self.peer_round: dict[str, int] = {}
+        # our decided_req throttle: (round, peer) -> when; peer "" = the ask of every member
+        self._requested: dict[tuple[int, str], float] = {}
+
+    def _note_progress(self, peer: str, r: int) -> None:
+        if r > self.peer_round.get(peer, 0) and (
+            peer in self.peer_round or len(self.peer_round) < self.cfg.max_peers
+        ):
+            self.peer_round[peer] = r
+
+    def all_reached(self, r: int) -> bool:
+        """True once every member of round ``r`` is known to have decided it (it committed,
+        asked for a later round, or received our certificate): nobody still needs us for it."""
+        members = self._members.get(r) or []
+        me = self.node.node_id
+        return all(p == me or self.peer_round.get(p, 0) >= r for p in members)
+
+    def _request_decided(self, r: int, peers: list[str] | None, force: bool = False) -> None:
+        """Ask ``peers`` (None: every member) for round ``r``'s decision.
+
+        Throttled per round and peer (the broadcast ask apart): a peer that cannot answer
+        (it left before that round) must not hold back asks of the others (a catch-up across
+        a leave stalled ~1 s so), and an ask that went out on a connection that was already
+        dead (a node resumed after SIGSTOP writes to sockets its peers closed) must not hold
+        back the ask on the new one for a second (``force``, from :meth:`_on_link_up`)."""
+        now = time.monotonic()
+        gap = min(self.cfg.round_timeout, 1.0)
+        keys = [(r, "")] if peers is None else [(r, p) for p in _distinct(peers)]
+        due = [k for k in keys if force or now - self._requested.get(k, 0.0) >= gap]
+        if not due:
+            return
+        for k in due:
+            self._requested[k] = now
+        if len(self._requested) > MAX_REQUESTED:
+            for k in sorted(self._requested, key=self._requested.__getitem__)[: MAX_REQUESTED // 2]:
+                del self._requested[k]
+        if peers is None:
+            targets = self._members.get(r) or self._members.get(self.last_decided + 1) or []
+        else:
+            targets = [p for _, p in due]
+        self._send(self.node.sign("decided_req", {}, r), targets)
+
+    def _ask_reconnected(self, peer: str) -> None:
+        """A member (re)connecting while our round has been open longer than a timeout (we
+        were paused, partitioned or restarted) or after we saw later rounds: ask it for the
+        round now, on the new connection; earlier asks may have gone out on the dead one (a
+        resumed node lost ~1 s, 4 rounds, so: issue 17 #2)."""
+        r = self.last_decided + 1
+        st = self.rounds.get(r)
+        if peer in (self._members.get(r) or ()) and (
+            self.highest_seen > r
+            or (st is not None and time.monotonic() - st.t0 > self.cfg.round_timeout)
+        ):
+            self._request_decided(r, [peer], force=True)
+
+    def _catchup_target(self, r: int) -> tuple[int, dict[str, Any]] | None:
+        """The certificate to answer a ``decided_req`` for round ``r`` with, and its round.
+
+        Round ``r`` itself while its payloads are still served (the asker can apply it).
+        From further behind (more than ``keep_rounds / 2``, or ``r`` pruned here), the
+        certificate of the last round of ``r``'s membership epoch, i.e. the first decision at
+        or after ``r`` that changed the membership, or our newest when none did: the asker
+        checks it against the membership it knows (``m``) and jumps there in one exchange,
+        one membership change per exchange, however far behind it is (issue 17 #2).
+        None when we have not decided ``r`` or cannot name that epoch's end."""
+        if r > self.last_decided:
+            return None
+        far = r + self.cfg.keep_rounds // 2 < self.last_decided
+        if r in self.decisions and (not far or r < self._epochs_from):
+            return r, self.decisions[r].certificate
+        if r < self._epochs_from:
+            return None  # membership changes before what we keep: others may know them
+        ends = [c for c in self.epoch_ends if c >= r]
+        if ends:
+            c = min(ends)
+            return c, self.epoch_ends[c]
+        newest = self.decisions.get(self.last_decided)
+        return (newest.round, newest.certificate) if newest is not None else None
+
+    def _answer_decided(self, peer: str, r: int) -> None:
+        # at most one answer per peer and round per second: a lost answer is sent again when
+        # the peer asks again, and a peer cannot make us sign in a loop
+        now = time.monotonic()
+        if now - self._answered.get((peer, r), -1e9) < 1.0:
+            return
+        target = self._catchup_target(r)
+        if target is None:
+            return
+        if len(self._answered) >= MAX_ANSWERED:
+            self._answered.clear()  # at worst one extra answer per peer and round
+        self._answered[(peer, r)] = now
+        self._note_progress(peer, r)
+        cert_round, cert = target
+        if cert_round != r:
+            self.stats["catchup_jumps_served"] += 1
+        self.node.send(peer, self.node.sign("decided", cert, cert_round))
+
+    def _on_decided(self, msg: SignedMessage, peer: str) -> None:
+        r = msg.round
+        if r <= self.last_decided:
+            return
+        members = self._members.get(r)
+        if members is None:
+            if r > self.last_decided + 1 and not self._jump(msg, peer):
+                self._request_decided(self.last_decided + 1, [peer])
+            return
+        st = self._ensure_round(r)
+        if st is None:
+            return
+        prop = open_signed(msg.body["proposal"])
+        if prop.kind != "propose" or prop.round != r:
+            raise MessageRejectedError("invalid", f"decision from {peer[:12]} lacks a proposal")
+        view, h = prop.body["view"], self._phash(prop)
+        if not self._certified_leader_ok(st, view, prop.sender):
+            raise MessageRejectedError("invalid", f"decision from {peer[:12]}: wrong leader")
+        commits = {}
+        precheck_signers(msg.body["commits"], members, f"decision from {peer[:12]}")
+        relayed = [open_signed(w) for w in msg.body["commits"]]
+        self._cross_check_votes(st, relayed)
+        for c in relayed:
+            if (c.kind == "commit" and c.round == r and c.body["view"] == view
+                    and c.body["h"] == h and c.sender in members):  # fmt: skip
+                commits[c.sender] = c
+        if len(commits) < quorum(len(members), self.cfg.consensus_threshold):
+            raise MessageRejectedError("invalid", f"decision from {peer[:12]}: too few commits")
+        self.stats["caught_up_rounds"] += 1
+        # The certified proposal wins over whatever the leader showed us for this view: a
+        # leader that signed two proposals for one view (split proposal) is recorded, and we
+        # decide the certified one, pulling its payloads from any holder (issue 17 #1).
+        st.certified[h] = prop
+        old = st.proposals.setdefault(view, prop)
+        if old is not prop and self._phash(old) != h:
+            self._record_equivocation(old, prop)
+        for c in commits.values():
+            st.votes.setdefault(("commit", view, h), {})[c.sender] = c
+        self._try_decide(st, view, h, commits)
+
+    def _jump(self, msg: SignedMessage, peer: str) -> bool:
+        """Decide round ``msg.round``, later than the next one, from its certificate alone
+        when it names the membership we know for the next round (its ``m``): no member
+        joined or left in between, so that membership's quorum certifies it. The rounds in
+        between are skipped (:meth:`decision` reports them ``skipped``). False when the
+        certificate names another membership: a change happened in between, whose own
+        certificate we must verify first (we ask for the next round again)."""
+        members = self._members.get(self.last_decided + 1)
+        prop = open_signed(msg.body["proposal"])
+        if members is None or prop.kind != "propose" or prop.round != msg.round:
+            raise MessageRejectedError("invalid", f"decision from {peer[:12]} lacks a proposal")
+        if prop.body["m"] != members_hash(members):
+            self.stats["catchup_other_membership"] += 1
+            return False
+        r, q = msg.round, quorum(len(members), self.cfg.consensus_threshold)
+        # The previous round's decision (leader rotation) is unknown: the proposer must be a
+        # member, and the q commits of that membership are what make the round unique.
+        proposer = prop.sender if prop.sender in members else ""
+        cert = check_decision_certificate(
+            msg.body, members, r, lambda _view: proposer, q, self._phash
+        )
+        first = self.last_decided + 1
+        protocol_log.info(
+            "caught up from round %d to %d on a certificate of our membership", first, r
+        )
+        self.stats["catchup_jumps"] += 1
+        self._jumps.append((first, r - 1, list(members)))
+        for rr in [rr for rr in self.rounds if rr < r]:
+            st = self.rounds.pop(rr)
+            st.abandoned = True
+            st.done.set()
+        self._members[r] = list(members)
+        self._epochs_from = max(self._epochs_from, r)
+        st = _Round(r, list(members), threshold=self.cfg.consensus_threshold)
+        self.rounds[r] = st
+        # every commit in it was verified for this slot: it is the certificate we pass on
+        self._decide(st, prop, cert.proposal.view, dict(msg.body), skipped=True)
+        return True
+
+
+# -- resuming after a restart ------------------------------------------------------------
 STATE_FILE = "p2p_round_state.json"
 
 

@@ -12,16 +12,15 @@ the unverified envelopes), Ed25519 signatures last. Verifying a signature is the
 (~0.1 ms each), so a certificate padded with thousands of votes is refused after reading at
 most ``len(members) + 1`` list lengths and envelopes, never after verifying them.
 
-The module also holds two small bounded structures the protocol uses before a message can be
-processed: :class:`FutureBuffer` (messages for rounds not yet open) and :class:`TokenBuckets`
-(per-peer request rate limits, time injected).
+The module also holds the bounded structure the protocol keeps messages in until they can
+be processed: :class:`FutureBuffer` (messages for rounds not yet open). Per-peer request
+rate limits are :class:`swarmlm.p2p.limits.RateLimiter`, applied by the transport.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +33,7 @@ from swarmlm.p2p.messages import SignedMessage, open_signed
 
 HASH_SIZE = 32  # proposal hashes (SHA-256) and payload digests
 MAX_VIEW = 1 << 20  # no honest round goes through a million views; bounds 2**view timers
-MAX_VIEW_AHEAD = 64  # votes/proposals/view changes further ahead of our view are refused
-EVICT_VOTE_ROUNDS = 16  # an eviction vote older than this many rounds no longer counts
+MAX_VIEW_AHEAD = 64  # a VIEWCHANGE further ahead of our view is refused
 
 Leader = Callable[[int], str]
 """The leader of the round being checked, as a function of the view."""
@@ -102,24 +100,6 @@ class Proposal:
     justify: list[Any]
     h: bytes
     msg: SignedMessage
-
-
-@dataclass(frozen=True)
-class ViewChange:
-    round: int
-    view: int
-    sender: str
-    prepared: dict[str, Any] | None
-    msg: SignedMessage
-
-
-@dataclass(frozen=True)
-class PreparedCertificate:
-    """A proposal plus ``>= q`` PREPAREs for it from distinct members: it prepared in
-    ``proposal.view``."""
-
-    proposal: Proposal
-    votes: list[Vote]
 
 
 @dataclass(frozen=True)
@@ -281,14 +261,6 @@ def parse_vote(msg: SignedMessage) -> Vote:
     return Vote(Phase(msg.kind), msg.round, int(b["view"]), b["h"], msg.sender, msg)
 
 
-def parse_viewchange(msg: SignedMessage) -> ViewChange:
-    if msg.kind != "viewchange":
-        raise _invalid(f"{msg.kind} from {msg.sender[:12]} is not a view change")
-    check_body(msg)
-    b = msg.body
-    return ViewChange(msg.round, int(b["view"]), msg.sender, b["prepared"], msg)
-
-
 def _signed_set(wires: object, members: list[str], q: int, what: str) -> list[Any]:
     """A set of ``q..n`` signed messages from distinct members, before any signature."""
     precheck_signers(wires, members, what)
@@ -310,24 +282,6 @@ def _votes_for(wires: list[Any], phase: Phase, prop: Proposal, what: str) -> lis
     return votes
 
 
-def check_prepared_certificate(
-    cert: object,
-    members: list[str],
-    round: int,
-    leader: Leader,
-    q: int,
-    phash: ProposalHasher = hash_of_proposal,
-) -> PreparedCertificate:
-    """``{"proposal", "votes"}``: a leader's proposal of ``round`` and ``>= q`` PREPAREs
-    for exactly it from distinct members. Structure and signers are checked first."""
-    if not isinstance(cert, dict) or set(cert) != {"proposal", "votes"}:
-        raise _invalid("prepared certificate malformed")
-    wires = _signed_set(cert["votes"], members, q, "prepared certificate")
-    prop = parse_proposal(open_signed(cert["proposal"]), round, leader, phash)
-    check_members_hash(prop.msg, members, "prepared certificate")
-    return PreparedCertificate(prop, _votes_for(wires, Phase.PREPARE, prop, "prepared certificate"))
-
-
 def check_decision_certificate(
     cert: object,
     members: list[str],
@@ -346,82 +300,28 @@ def check_decision_certificate(
     return DecisionCertificate(prop, _votes_for(wires, Phase.COMMIT, prop, "decision certificate"))
 
 
-def check_justification(
-    justify: object,
-    members: list[str],
-    round: int,
-    view: int,
-    leader: Leader,
-    q: int,
-    phash: ProposalHasher = hash_of_proposal,
-) -> tuple[list[ViewChange], PreparedCertificate | None]:
-    """A view-``view`` proposal's justification: ``q`` VIEWCHANGEs to ``view`` from distinct
-    members. Returns them and the highest prepared certificate they carry (or None), which
-    the proposal must re-propose."""
-    wires = _signed_set(justify, members, q, f"justification of view {view}")
-    vcs: list[ViewChange] = []
-    best: PreparedCertificate | None = None
-    for w in wires:
-        vc = parse_viewchange(open_signed(w))
-        if vc.round != round or vc.view != view:
-            raise _invalid(f"justification: view change of {vc.sender[:12]} for another view")
-        vcs.append(vc)
-        if vc.prepared is not None:
-            pc = check_prepared_certificate(vc.prepared, members, round, leader, q, phash)
-            if best is None or pc.proposal.view > best.proposal.view:
-                best = pc
-    return vcs, best
-
-
-def check_eviction_votes(
-    votes: object, peer: str, members: list[str], round: int, q: int
-) -> list[SignedMessage]:
-    """Signed ``evict(peer)`` votes justifying a removal in ``round``: ``>= q`` from distinct
-    members, each signed within the last ``EVICT_VOTE_ROUNDS`` rounds."""
-    wires = _signed_set(votes, members, q, f"removal of {peer[:12]}")
-    opened = []
-    for w in wires:
-        v = open_signed(w)
-        if v.kind != "evict" or v.body["peer"] != peer:
-            raise _invalid(f"removal of {peer[:12]}: a vote of {v.sender[:12]} is not for it")
-        if not round - EVICT_VOTE_ROUNDS <= v.round < round:
-            raise _invalid(f"removal of {peer[:12]}: the vote of {v.sender[:12]} expired")
-        opened.append(v)
-    return opened
-
-
 def verify_equivocation_proof(
     proof: object, phash: ProposalHasher = hash_of_proposal
 ) -> EquivocationProof | None:
     """An :class:`EquivocationProof` if ``proof`` (``{"a", "b"}``) holds two conflicting
     signed messages of one peer for one slot: contributions to one round with different
     digests, votes of one phase and view with different ``h``, or proposals of one view
-    with different contents. None for anything else (including bad signatures)."""
-    if not isinstance(proof, dict) or set(proof) != {"a", "b"}:
-        return None
-    wa, wb = proof["a"], proof["b"]
-    sa, sb = peek_signer(wa), peek_signer(wb)
-    if sa is None or sa != sb or wa == wb:
-        return None
+    with different contents. None for anything else (including bad signatures).
+
+    What the round protocol accepts, exactly: any two validly signed messages that
+    conflict so; their bodies are not range-checked again (:func:`check_body`)."""
     try:
-        a, b = open_signed(wa), open_signed(wb)
-    except MessageRejectedError:
+        a, b = open_signed(proof["a"]), open_signed(proof["b"])  # type: ignore[index]
+    except (MessageRejectedError, KeyError, TypeError):
         return None
     if a.sender != b.sender or a.kind != b.kind or a.round != b.round or a.raw == b.raw:
         return None
-    try:
-        check_body(a)
-        check_body(b)
-    except MessageRejectedError:
-        return None
     if a.kind == "contrib":
         differ = a.body["digest"] != b.body["digest"]
-    elif a.kind in ("prepare", "commit", "propose"):
-        same_view = a.body["view"] == b.body["view"]
-        if a.kind == "propose":
-            differ = same_view and phash(a) != phash(b)
-        else:
-            differ = same_view and a.body["h"] != b.body["h"]
+    elif a.kind in ("prepare", "commit"):
+        differ = a.body["view"] == b.body["view"] and a.body["h"] != b.body["h"]
+    elif a.kind == "propose":
+        differ = a.body["view"] == b.body["view"] and phash(a) != phash(b)
     else:
         differ = False
     return EquivocationProof(a.sender, a, b) if differ else None
@@ -500,27 +400,3 @@ class FutureBuffer:
     def drop_through(self, r: int) -> int:
         """Forget rounds ``<= r`` (decided or skipped by catch-up); returns how many."""
         return sum(len(self.pop(k)) for k in [k for k in self._by_round if k <= r])
-
-
-class TokenBuckets:
-    """Per-key token buckets (``rate`` per second, ``burst`` capacity), at most ``max_keys``
-    keys (least recently used forgotten). Time is passed in, so it is pure."""
-
-    def __init__(self, rate: float, burst: float, max_keys: int) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.max_keys = max_keys
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def allow(self, key: str, now: float) -> bool:
-        tokens, at = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
-        ok = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if ok else tokens, now)
-        self._buckets.move_to_end(key)
-        while len(self._buckets) > self.max_keys:
-            self._buckets.popitem(last=False)
-        return ok

@@ -21,9 +21,10 @@ toward ``n`` only once it has *proved it is live and connected*:
   whatever the number of keys an attacker holds. The cost: while any member is down or
   late, nobody joins.
 
-Everything here is pure (time is passed in); :class:`~swarmlm.p2p.consensus.RoundProtocol`
-does the I/O. The admission settings (policy, allowlist, pow bits, joins per round) are
-part of the swarm's rules: members that disagree on them refuse each other's proposals.
+Everything here is pure (time is passed in); the round protocol's
+:class:`~swarmlm.p2p.membership_changes.MembershipChanges` does the I/O. The admission
+settings (policy, allowlist, pow bits, joins per round) are part of the swarm's rules:
+members that disagree on them refuse each other's proposals.
 """
 
 from __future__ import annotations
