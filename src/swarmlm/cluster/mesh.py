@@ -207,8 +207,12 @@ class MeshParallel(TorchDistributed):
         lay = self.layout
         data = lay.data_parallel
         dp_group = self.mesh["dp"].get_group() if lay.dp > 1 else None
-        plain = [p.grad for p in model.parameters() if p.grad is not None]
-        for grad in plain:
+        for param in model.parameters():
+            if param.grad is None:
+                # This rank's experts of a layer got no token from any ep peer: their gradient
+                # is zero (as in one process), and every rank must join the same collectives.
+                param.grad = torch.zeros_like(param)
+            grad = param.grad
             if isinstance(grad, DTensor):
                 local = grad.to_local()
                 if dp_group is not None:
