@@ -613,6 +613,27 @@ class CurationStore:
             self._bump_auth_epoch(s)
             return n
 
+    def reset_password(self, annotator_id: int) -> str:
+        """Give the account a new random password (returned once, never stored in clear)
+        and end its sessions and API tokens. Local to this node: a replicated account keeps
+        its old password at the other nodes."""
+        password = secrets.token_urlsafe(12)
+        pw_hash = self._hasher.hash(password)
+        with self._write() as s:
+            n = _rowcount(
+                s.execute(
+                    update(Annotator)
+                    .where(Annotator.id == annotator_id)
+                    .values(password_hash=pw_hash)
+                )
+            )
+            if not n:
+                raise NotFoundError(f"annotator {annotator_id} does not exist")
+            s.execute(delete(WebSession).where(WebSession.annotator_id == annotator_id))
+            s.execute(delete(ApiToken).where(ApiToken.annotator_id == annotator_id))
+            self._bump_auth_epoch(s)
+        return password
+
     # -- cached credential lookups ----------------------------------------------------------
     # Every API call and page load resolves a token or session cookie. The answers are cached
     # per process and tagged with the auth epoch read in the same statement; each lookup
@@ -819,6 +840,22 @@ class CurationStore:
         with self._read() as s:
             return [_task_set_info(ts) for ts in s.scalars(select(TaskSet).order_by(TaskSet.id))]
 
+    def set_description(self, task_set_id: int, description: str) -> None:
+        """Change a task set's instructions (shown to annotators). Local to this node: the
+        replicated definition keeps the text it was created with."""
+        if len(description) > 5000:
+            raise CurationError("instructions are longer than 5000 characters")
+        with self._write() as s:
+            n = _rowcount(
+                s.execute(
+                    update(TaskSet)
+                    .where(TaskSet.id == task_set_id)
+                    .values(description=description)
+                )
+            )
+            if not n:
+                raise NotFoundError(f"task set {task_set_id} does not exist")
+
     def set_task_set_active(self, task_set_id: int, active: bool) -> None:
         with self._write() as s:
             n = _rowcount(
@@ -827,11 +864,20 @@ class CurationStore:
             if not n:
                 raise NotFoundError(f"task set {task_set_id} does not exist")
 
-    def add_tasks(self, task_set_id: int, tasks: Iterable[TaskInput], source: str = "") -> int:
+    def add_tasks(
+        self,
+        task_set_id: int,
+        tasks: Iterable[TaskInput],
+        source: str = "",
+        *,
+        dry_run: bool = False,
+    ) -> int:
         """Validate all tasks, then insert them in one transaction; returns how many.
 
         Tasks without ``external_id`` get ``"<n>"`` (their position among the set's tasks).
         Nothing is inserted when any task is invalid; the error names its position.
+        ``dry_run`` does everything, the database's uniqueness checks included, then rolls
+        back: the import preview says exactly what the import would do.
         """
         ts_info = self.get_task_set(task_set_id)
         ts_digest = self._task_set_digest(task_set_id)
@@ -875,7 +921,7 @@ class CurationStore:
                         "created_at": now,
                     }
                 )
-            records = self._task_batch_records(ts_info.name, ts_digest, rows)
+            records = [] if dry_run else self._task_batch_records(ts_info.name, ts_digest, rows)
             if rows:
                 self._add_record_rows(s, records)
                 try:
@@ -885,6 +931,9 @@ class CurationStore:
                     raise ConflictError(
                         f"{where_prefix}an external id already exists in task set {ts_info.name!r}"
                     ) from e
+            if dry_run:
+                s.rollback()
+                return len(rows)
         log.info("added %d tasks to task set %s", len(rows), ts_info.name)
         self._notify(records)
         return len(rows)
