@@ -227,3 +227,27 @@ def test_load_model_accepts_str_and_path(run_dir: Path) -> None:
         by_str.state_dict().items(), by_path.state_dict().items(), strict=True
     ):
         assert a.equal(b), name
+
+
+def test_generate_runs_an_imported_weights_file_with_its_tokenizer(
+    prepared_data: Path,
+    run_dir: Path,
+    export_from_latest: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """import-hf's single file has no run around it: generate takes it with --tokenizer and
+    writes what it writes for the run (in-process: the subprocess path is covered above)."""
+    from swarmlm.cli import main
+
+    weights = tmp_path / "imported.safetensors"
+    assert main(["import-hf", "--hf", str(export_from_latest), "--out", str(weights)]) == 0
+    common = ["generate", "--prompt", "In the beginning", "--max-new-tokens", "6"]
+    capsys.readouterr()
+    assert main([*common, "--checkpoint", str(weights)]) == 2  # which tokenizer?
+    assert "--tokenizer" in capsys.readouterr().err
+    tokenizer = str(prepared_data / "tokenizer.json")
+    assert main([*common, "--checkpoint", str(weights), "--tokenizer", tokenizer]) == 0
+    from_weights = capsys.readouterr().out
+    assert main([*common, "--checkpoint", str(run_dir)]) == 0
+    assert capsys.readouterr().out == from_weights

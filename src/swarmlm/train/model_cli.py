@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from swarmlm.model.config import ModelConfig
+    from swarmlm.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -257,19 +258,23 @@ def run_generate(args: argparse.Namespace) -> int:
     _existing(args.checkpoint, "--checkpoint", CHECKPOINT_HELP)
     from swarmlm.data import Tokenizer
     from swarmlm.model.generate import GenerationConfig, generate
-    from swarmlm.train.trainer import load_model
 
-    model, cfg = load_model(args.checkpoint)
-    tokenizer = Tokenizer.load(_tokenizer_path(args.tokenizer, cfg.data.path))
+    model, source = load_for_inference(args.checkpoint)
+    if source.data_path is None and args.tokenizer is None:
+        raise UsageError(
+            f"{source.described} names no tokenizer: pass --tokenizer PATH (a tokenizer.json)"
+        )
+    tokenizer = Tokenizer.load(_tokenizer_path(args.tokenizer, source.data_path or Path()))
+    context = source.cfg.max_seq_len
     prompts = [tokenizer.encode(p) for p in args.prompt]
     for text, ids in zip(args.prompt, prompts, strict=True):
         if not ids:
             raise UsageError("--prompt is empty: give at least one character")
-        if len(ids) + args.max_new_tokens > cfg.model.max_seq_len:
+        if len(ids) + args.max_new_tokens > context:
             raise UsageError(
                 f"prompt {text[:40]!r} ({len(ids)} tokens) plus --max-new-tokens "
-                f"{args.max_new_tokens} exceeds the model's context of {cfg.model.max_seq_len} "
-                f"tokens: use --max-new-tokens {max(0, cfg.model.max_seq_len - len(ids))} or less"
+                f"{args.max_new_tokens} exceeds the model's context of {context} tokens: "
+                f"use --max-new-tokens {max(0, context - len(ids))} or less"
             )
     gen_cfg = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
@@ -405,6 +410,25 @@ def read_export_source(path: Path) -> ExportSource:
     )
 
 
+def load_for_inference(path: Path) -> tuple[Transformer, ExportSource]:
+    """A model in eval mode from anything ``export-hf`` reads (so ``generate`` also runs an
+    ``import-hf`` weights file), built from the checkpoint's model section alone: a checkpoint
+    stays usable when the run config around it gains or loses keys."""
+    from swarmlm.model.hf import WeightFileError
+    from swarmlm.model.transformer import Transformer
+
+    source = read_export_source(path)
+    state = dict(source.state)
+    if source.cfg.tie_embeddings and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["embed.weight"]
+    model = Transformer(source.cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # missing/unexpected/misshapen tensors
+        raise WeightFileError(f"{source.described} does not fit its model config: {exc}") from exc
+    return model.eval(), source
+
+
 def run_export_hf(args: argparse.Namespace) -> int:
     _existing(args.checkpoint, "--checkpoint", CHECKPOINT_HELP)
     _positive(args.max_shard_mb, "--max-shard-mb")
@@ -450,8 +474,11 @@ def run_export_hf(args: argparse.Namespace) -> int:
         pad_token_id=tokenizer.pad_id if tokenizer else None,
         tokenizer_json=tokenizer.to_json() if tokenizer else None,
     )
-    storages = {t.data_ptr(): t.numel() for t in source.state.values()}
-    n_params = sum(storages.values())  # a tied head shares the embedding's storage
+    n_params = sum(
+        t.numel()
+        for name, t in source.state.items()
+        if not (name == "lm_head.weight" and source.cfg.tie_embeddings)  # it is the embedding
+    )
     checked = "sha256 verified" if source.verified else "no manifest to verify"
     with_tok = "with tokenizer" if tokenizer else "without tokenizer"
     print(
