@@ -12,9 +12,10 @@ steps on the same global batch, and reports
 * parameter bytes per rank (local shards only), expert parameter bytes per rank, and the
   peak resident set size per rank (which includes ~300-400 MB of torch itself).
 
-Headline (last stdout line): ``parity_max_rel_err``, ``tp2_param_mem_ratio``,
-``pp2_param_mem_ratio``, ``ep2_expert_mem_ratio`` (largest rank / one process; targets
-<= 0.55) and ``layouts_passing`` (layouts whose parity is within 1e-4).
+Headline (last stdout line): ``parity_max_rel_err`` (over every layout except the MoE DDP
+reference, whose per-rank load-balancing loss is not the one-process loss by design),
+``tp2_param_mem_ratio``, ``pp2_param_mem_ratio``, ``ep2_expert_mem_ratio`` (largest rank /
+one process; targets <= 0.55) and ``layouts_passing`` (layouts whose parity is within 1e-4).
 
 Layouts run one after another (their process counts differ, so they cannot alternate in
 blocks inside one process); in a full run every layout runs twice, in forward then reverse
@@ -106,6 +107,9 @@ LAYOUTS = [
     Layout("ep2", 2, moe=True, parallel="ep=2"),
     Layout("ep2xdp2", 4, moe=True, parallel="ep=2,dp=2"),
 ]
+NOT_EXACT = ("moe-ddp2",)
+"""References that are not meant to equal one process: plain DDP computes the MoE
+load-balancing loss from each rank's own tokens (ep computes it from global statistics)."""
 QUICK_LAYOUTS = {
     "single", "ddp2", "fsdp2-offload", "tp2", "pp2-1f1b", "dp2xtp2", "pp2xdp2",
     "moe-single", "moe-ddp2", "ep2", "ep2xdp2",
@@ -345,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = by_name["moe-single" if r["moe"] else "single"]
         err = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"], strict=True))
         r["parity_rel_err"] = err
+        if r["name"] in NOT_EXACT:
+            continue
         worst = max(worst, err)
         if err <= RTOL and r["name"] not in ("single", "moe-single"):
             passing.append(r["name"])
@@ -363,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         "layouts_failing": [
             r["name"]
             for r in rows
-            if r["name"] not in passing and r["name"] not in ("single", "moe-single")
+            if r["name"] not in passing and r["name"] not in ("single", "moe-single", *NOT_EXACT)
         ],
+        "moe_ddp2_rel_err": by_name.get("moe-ddp2", {}).get("parity_rel_err"),
         "tokens_per_s": {r["name"]: r.get("tokens_per_s") for r in rows},
     }
     results["layouts"] = rows
