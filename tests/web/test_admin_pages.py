@@ -246,3 +246,85 @@ def test_csv_import_reads_label_studio_style_columns(web: Web) -> None:
     r = c.post(f"/api/task-sets/{ts.id}/import", json={"format": "csv", "text": bad}, headers=auth)
     assert r.status_code == 422
     assert "needs 2 outputs" in r.json()["detail"]
+
+
+def test_annotator_admin_shows_activity_changes_roles_and_resets_passwords(web: Web) -> None:
+    _annotate_all(web, ["ann1", "ann2"], {"ann1": "positive", "ann2": "negative"})
+    ann1 = web.store.find_annotator("ann1")
+    victim = web.client()
+    login(victim, "ann1")
+    victim_token = api_token(victim, "ann1")
+    c = web.client()
+    login(c, "admin")
+    page = c.get(f"/admin/annotators/{ann1.id}")
+    assert page.status_code == 200
+    assert re.search(r'id="total-annotations">6<', page.text)
+    assert "reputation after each checked answer" in page.text
+    assert "<polyline" in page.text
+    csrf = form_token(page.text)
+    r = c.post(
+        f"/admin/annotators/{ann1.id}",
+        data={"csrf_token": csrf, "action": "make_reviewer", "where": "detail"},
+    )
+    assert r.url.path == f"/admin/annotators/{ann1.id}"
+    assert web.store.find_annotator("ann1").role == "reviewer"
+    r = c.post(
+        f"/admin/annotators/{ann1.id}", data={"csrf_token": csrf, "action": "reset_password"}
+    )
+    new_password = re.search(r'id="new-password" class="answer">([^<]+)<', r.text)
+    assert new_password
+    assert r.headers.get("location") is None  # shown in the response, never in a URL
+    # the old credentials are gone at once, the new password works
+    assert victim.get("/dashboard", follow_redirects=False).status_code == 303
+    assert c.get("/api/me", headers={"authorization": f"Bearer {victim_token}"}).status_code == 401
+    assert c.post("/api/login", json={"username": "ann1", "password": PASSWORD}).status_code == 401
+    ok = c.post("/api/login", json={"username": "ann1", "password": new_password.group(1)})
+    assert ok.status_code == 200
+    # an admin cannot reset or demote themselves
+    me = web.store.find_annotator("admin")
+    r = c.post(f"/admin/annotators/{me.id}", data={"csrf_token": csrf, "action": "reset_password"})
+    assert r.status_code == 400
+
+
+def test_import_preview_is_a_dry_run_and_instructions_reach_annotators(web: Web) -> None:
+    c = web.client()
+    login(c, "admin")
+    page = c.get(f"/admin/task-sets/{web.task_set_id}")
+    csrf = form_token(page.text)
+    url = f"/admin/task-sets/{web.task_set_id}/import"
+    csv_text = "id,text\nn1,first new review\nn2,second <b>new</b> review\n"
+    files = {"file": ("more.csv", csv_text.encode(), "text/csv")}
+    r = c.post(url, data={"csrf_token": csrf, "mode": "preview"}, files=files)
+    assert r.status_code == 200
+    assert "2 tasks would be imported, nothing was saved" in r.text
+    assert "second &lt;b&gt;new&lt;/b&gt; review" in r.text
+    assert len(web.store.list_tasks(web.task_set_id)) == 6
+    dup = {"file": ("dup.csv", b"id,text\nn1,a\nn1,b\n", "text/csv")}
+    r = c.post(url, data={"csrf_token": csrf, "mode": "preview"}, files=dup)
+    assert r.status_code == 422
+    assert "duplicate external id" in r.text
+    r = c.post(url, data={"csrf_token": csrf, "mode": "import"}, files=files)
+    assert "Imported 2 tasks" in r.text
+    assert len(web.store.list_tasks(web.task_set_id)) == 8
+    # instructions: saved with the CSRF token only, shown escaped on the annotation page
+    settings = f"/admin/task-sets/{web.task_set_id}/settings"
+    text = "Judge the <i>tone</i>, not the grammar."
+    assert c.post(settings, data={"description": text, "active": "on"}).status_code == 403
+    r = c.post(settings, data={"csrf_token": csrf, "description": text, "active": "on"})
+    assert "Saved." in r.text
+    assert "annotator-preview" in r.text
+    annotator = web.client()
+    register(annotator, "newbie")
+    shown = annotator.get(f"/annotate/{web.task_set_id}").text
+    assert "Judge the &lt;i&gt;tone&lt;/i&gt;, not the grammar." in shown
+
+
+def test_admin_dashboard_charts_throughput_agreement_and_queue(web: Web) -> None:
+    _annotate_all(web, ["ann1", "ann2"], {"ann1": "positive", "ann2": "positive"})
+    c = web.client()
+    login(c, "admin")
+    html = c.get("/admin").text
+    for label in ("annotations per day", "mean agreement of tasks finalised that day",
+                  "open tasks at the end of the day"):  # fmt: skip
+        assert f'aria-label="{label}"' in html
+    assert html.count("<polyline") == 3

@@ -13,8 +13,11 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Query, 
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from swarmlm.curation import data_manager as dm
+from swarmlm.curation.activity import annotator_activity, daily_series, day_label
 from swarmlm.curation.errors import CurationError
-from swarmlm.curation.interchange import parse_tasks_text
+from swarmlm.curation.interchange import guess_format, parse_tasks_text
+from swarmlm.curation.review import review_counts, reviews_of
 from swarmlm.web.deps import AppState, Principal, app_state, check_form_csrf, page_admin
 from swarmlm.web.node_view import NodeDashboard
 from swarmlm.web.pages import render
@@ -46,6 +49,7 @@ def overview(
     progress = [
         state.store.progress(ts.id, with_agreement=False) for ts in state.store.list_task_sets()
     ]
+    series = daily_series(state.store, 30)
     return render(
         request,
         state,
@@ -54,6 +58,15 @@ def overview(
             "stats": stats,
             "bars": _hourly_bars(stats["annotations_per_hour"], time.time()),
             "progress": progress,
+            "daily": series,
+            "throughput_chart": line_chart(
+                [[i, float(n)] for i, n in enumerate(series.annotations)]
+            ),
+            "agreement_chart": line_chart(
+                [[i, a] for i, a in enumerate(series.agreement) if a is not None]
+            ),
+            "queue_chart": line_chart([[i, float(n)] for i, n in enumerate(series.queue)]),
+            "first_day": day_label(series.days[0]),
         },
         principal=principal,
     )
@@ -124,15 +137,64 @@ def task_set_detail(
     principal: Annotated[Principal, Depends(page_admin)],
     state: Annotated[AppState, Depends(app_state)],
 ) -> HTMLResponse:
+    return _task_set_page(
+        request,
+        state,
+        principal,
+        task_set_id,
+        imported=request.query_params.get("imported"),
+        saved=request.query_params.get("saved"),
+    )
+
+
+def _task_set_page(
+    request: Request,
+    state: AppState,
+    principal: Principal,
+    task_set_id: int,
+    *,
+    imported: str | None = None,
+    saved: str | None = None,
+    error: str | None = None,
+    preview: dict[str, Any] | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
     p = state.store.progress(task_set_id)
-    msg = request.query_params.get("imported")
+    page = dm.query_tasks(state.store, task_set_id, per_page=1)
+    sample = dm.task_detail(state.store, page.rows[0].id) if page.rows else None
     return render(
         request,
         state,
         "admin/task_set.html",
-        {"p": p, "ts": p.task_set, "imported": msg, "error": None},
+        {
+            "p": p,
+            "ts": p.task_set,
+            "imported": imported,
+            "saved": saved,
+            "error": error,
+            "preview": preview,
+            "sample": sample,
+            "reviews": review_counts(state.store, task_set_id),
+        },
+        status_code=status_code,
         principal=principal,
     )
+
+
+@router.post("/task-sets/{task_set_id}/settings")
+def task_set_settings(
+    *,
+    task_set_id: PathId,
+    description: Annotated[str, Form(max_length=5000)] = "",
+    active: Annotated[str | None, Form(max_length=5)] = None,
+    csrf_token: Annotated[str | None, Form(max_length=200)] = None,
+    principal: Annotated[Principal, Depends(page_admin)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> Response:
+    check_form_csrf(principal, csrf_token)
+    state.store.set_description(task_set_id, description.strip())
+    state.store.set_task_set_active(task_set_id, active == "on")
+    return RedirectResponse(f"/admin/task-sets/{task_set_id}?saved=1", status_code=303)
 
 
 @router.post("/task-sets/{task_set_id}/import")
@@ -143,6 +205,7 @@ async def import_file(
     file: Annotated[UploadFile, File()],
     fmt: Annotated[str, Form(max_length=20)] = "auto",
     outputs_keys: Annotated[str, Form(max_length=500)] = "",
+    mode: Annotated[str, Form(max_length=10)] = "import",
     csrf_token: Annotated[str | None, Form(max_length=200)] = None,
     principal: Annotated[Principal, Depends(page_admin)],
     state: Annotated[AppState, Depends(app_state)],
@@ -150,22 +213,33 @@ async def import_file(
     check_form_csrf(principal, csrf_token)
     name = file.filename or "upload"
     if fmt == "auto":
-        fmt = "label_studio" if name.lower().endswith(".json") else "jsonl"
+        fmt = guess_format(name)
+    dry_run = mode == "preview"
     try:
         text = (await file.read()).decode("utf-8")
         keys = [k.strip() for k in outputs_keys.split(",") if k.strip()] or None
         tasks = parse_tasks_text(text, fmt, name, keys)
-        n = state.store.add_tasks(task_set_id, tasks, source=name)
-    except (CurationError, UnicodeDecodeError) as e:
-        p = state.store.progress(task_set_id)
-        return render(
-            request,
-            state,
-            "admin/task_set.html",
-            {"p": p, "ts": p.task_set, "imported": None, "error": str(e)},
-            status_code=422,
-            principal=principal,
+        n = await run_in_threadpool(
+            lambda: state.store.add_tasks(task_set_id, tasks, source=name, dry_run=dry_run)
         )
+    except (CurationError, UnicodeDecodeError) as e:
+        return _task_set_page(request, state, principal, task_set_id, error=str(e), status_code=422)
+    if dry_run:
+        preview = {
+            "file": name,
+            "format": fmt,
+            "count": n,
+            "rows": [
+                {
+                    "external_id": t.external_id or f"(number {i + 1})",
+                    "content": t.content,
+                    "outputs": t.outputs,
+                    "gold": t.gold,
+                }
+                for i, t in enumerate(tasks[:10])
+            ],
+        }
+        return _task_set_page(request, state, principal, task_set_id, preview=preview)
     return RedirectResponse(f"/admin/task-sets/{task_set_id}?imported={n}", status_code=303)
 
 
@@ -188,25 +262,75 @@ def annotators(
 @router.post("/annotators/{annotator_id}")
 def update_annotator(
     *,
+    request: Request,
     annotator_id: PathId,
     action: Annotated[str, Form(max_length=20)],
+    where: Annotated[str, Form(max_length=10)] = "list",
     csrf_token: Annotated[str | None, Form(max_length=200)] = None,
     principal: Annotated[Principal, Depends(page_admin)],
     state: Annotated[AppState, Depends(app_state)],
 ) -> Response:
     check_form_csrf(principal, csrf_token)
-    if annotator_id == principal.annotator.id and action in ("disable", "make_annotator"):
-        raise CurationError("administrators cannot disable or demote themselves")
+    if annotator_id == principal.annotator.id and action in (
+        "disable",
+        "make_annotator",
+        "make_reviewer",
+        "reset_password",
+    ):
+        raise CurationError("administrators cannot disable, demote or reset themselves")
+    if action == "reset_password":
+        who = state.store.get_annotator(annotator_id)
+        password = state.store.reset_password(annotator_id)
+        # Shown once, in this response only (never in a URL, a log or the database).
+        return render(
+            request,
+            state,
+            "admin/password_reset.html",
+            {"who": who, "password": password},
+            principal=principal,
+        )
     actions = {
         "disable": lambda: state.store.set_disabled(annotator_id, True),
         "enable": lambda: state.store.set_disabled(annotator_id, False),
         "make_admin": lambda: state.store.set_role(annotator_id, "admin"),
+        "make_reviewer": lambda: state.store.set_role(annotator_id, "reviewer"),
         "make_annotator": lambda: state.store.set_role(annotator_id, "annotator"),
     }
     if action not in actions:
         raise CurationError(f"unknown action {action!r}; choose from {sorted(actions)}")
     actions[action]()
-    return RedirectResponse("/admin/annotators", status_code=303)
+    back = "/admin/annotators" if where != "detail" else f"/admin/annotators/{annotator_id}"
+    return RedirectResponse(back, status_code=303)
+
+
+@router.get("/annotators/{annotator_id}")
+def annotator_detail(
+    *,
+    request: Request,
+    annotator_id: PathId,
+    principal: Annotated[Principal, Depends(page_admin)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> HTMLResponse:
+    who = state.store.get_annotator(annotator_id)
+    act = annotator_activity(state.store, annotator_id)
+    top = max(act.per_day) or 1
+    bars = [
+        {"label": day_label(d), "count": c, "height": round(100 * c / top, 1)}
+        for d, c in zip(act.days, act.per_day, strict=True)
+    ]
+    return render(
+        request,
+        state,
+        "admin/annotator.html",
+        {
+            "who": who,
+            "act": act,
+            "bars": bars,
+            "reputation_chart": line_chart([[i, r] for i, (_, r) in enumerate(act.reputation)]),
+            "reviews": reviews_of(state.store, annotator_id, 20),
+        },
+        principal=principal,
+    )
 
 
 @router.get("/health")
