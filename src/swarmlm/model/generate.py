@@ -60,7 +60,7 @@ class GenerationOutput:
     ``logprobs`` holds, per new token, its log-probability under the temperature-scaled model
     distribution (before top-k/top-p filtering): what PPO needs to score its own samples. Greedy
     and beam search use the unscaled distribution (after any repetition penalty); a beam's
-    logprobs sum to its unpenalised score. For beam search, ``scores`` holds the
+    logprobs sum to its unpenalised score less the stop token's, which is not in the tokens. For beam search, ``scores`` holds the
     length-penalised log-probability of each result.
     """
 
