@@ -58,10 +58,11 @@ class GenerationOutput:
     """New tokens per prompt (stop token excluded) and why each row ended ("stop"/"length").
 
     ``logprobs`` holds, per new token, its log-probability under the temperature-scaled model
-    distribution (before top-k/top-p filtering): what PPO needs to score its own samples. Greedy
-    and beam search use the unscaled distribution (after any repetition penalty); a beam's
-    logprobs sum to its unpenalised score less the stop token's, which is not in the tokens. For beam search, ``scores`` holds the
-    length-penalised log-probability of each result.
+    distribution (before top-k/top-p filtering): what PPO needs to score its own samples.
+    Greedy decoding and beam search use the unscaled distribution (greedy after any repetition
+    penalty). A beam's logprobs sum to its unpenalised score less the stop token's (the stop
+    token is not among the tokens). For beam search, ``scores`` holds the length-penalised
+    log-probability of each result.
     """
 
     sequences: list[list[int]]
