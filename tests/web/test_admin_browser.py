@@ -232,3 +232,33 @@ def test_admin_finds_a_task_and_a_reviewer_rejects_an_answer_with_the_keyboard(
         assert "rejected by rev" in annotator.inner_text("#my-reviews")
     finally:
         annotator.context.close()
+
+
+def test_admin_previews_an_import_resets_a_password_and_sees_charts(
+    page: Any, live: Live, tmp_path: Path
+) -> None:
+    log_in(page, live, "admin")
+    page.goto(f"{live.url}/admin")
+    assert page.locator("svg[aria-label='annotations per day'] polyline").count() == 1
+    page.goto(f"{live.url}/admin/task-sets/{live.sentiment_set}")
+    upload = tmp_path / "new.csv"
+    upload.write_text("id,text\nz1,a brand new review\nz2,another one\n")
+    page.set_input_files("#import-form input[type=file]", str(upload))
+    page.click("#import-preview")
+    assert "2 tasks would be imported" in page.inner_text("#import-preview-result")
+    assert len(live.store.list_tasks(live.sentiment_set)) == 6  # a dry run saved nothing
+    # keyboard only: reach the annotator's page and reset the password
+    page.goto(f"{live.url}/admin/annotators")
+    page.get_by_role("link", name="rater").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/admin/annotators/*")
+    page.locator("#reset-password").focus()
+    page.keyboard.press("Enter")
+    new_password = page.inner_text("#new-password").strip()
+    assert len(new_password) >= 12
+    page.context.clear_cookies()
+    page.goto(f"{live.url}/login")
+    page.fill("input[name=username]", "rater")
+    page.fill("input[name=password]", new_password)
+    page.press("input[name=password]", "Enter")
+    page.wait_for_url(f"{live.url}/dashboard")
