@@ -5,9 +5,11 @@ Summary (the full protocol, its messages and invariants are in docs/protocol.md)
 * Membership ``M_r`` (sorted node ids) is fixed for round ``r``; ``n = |M_r|``,
   ``f = (n - 1) // 3``, quorum ``q = n - f`` (>= 2f + 1).
 * Each member signs ``contrib(r, digest, size)`` and pushes its payload to every member.
-* The leader of ``(r, view)`` is ``M_r[(r + view) % n]``. It proposes entries (one signed
-  contribution per member, at least ``q`` of them, all payloads held) plus membership
-  changes for ``r + 1``. ``h`` = hash of (round, entries, changes), independent of view.
+* The leader of ``(r, view)`` is ``L[(r + view) % len(L)]``, ``L`` = the members with an
+  entry in round ``r - 1``'s decision (all of ``M_r`` when unknown). It proposes entries
+  (one signed contribution per member, at least ``q`` of them, all payloads held) plus
+  membership changes for ``r + 1``, naming ``M_r`` by its hash ``m``. ``h`` = hash of
+  (round, entries, changes, m), independent of the view.
 * A member PREPAREs ``(r, view, h)`` once it holds every payload of the proposal; with ``q``
   PREPAREs it is *prepared* and COMMITs; with ``q`` COMMITs it decides. ``q`` COMMITs plus
   the proposal form a decision certificate anyone can verify and use to catch up.
