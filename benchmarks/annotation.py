@@ -19,6 +19,13 @@ Reported:
 - ``GET /api/tasks`` p99 with 100,000 tasks in the store, paced the same way (and saturated);
   target <= 50 ms;
 - lost submissions: acknowledged (HTTP 200 with an annotation id) but absent from the database;
+- admin side at 100,000 tasks x 3 annotations (``--admin``, on by default; seeded in bulk
+  through SQL, since what is measured is reading): ``data_manager_p99_ms`` (one filtered,
+  sorted page of ``GET /api/task-sets/{id}/tasks``, a mix of filters, searches and sorts,
+  pages 1-20; target <= 100), ``data_manager_page_p99_ms`` (the same through the HTML page),
+  ``task_view_p99_ms`` (``GET /api/task-sets/{id}/tasks/{task}``, random tasks; target <= 50)
+  and ``export_100k_seconds`` (the consensus JSONL export of the whole set, downloaded);
+  ``*_cpu_p99_ms``: the same queries in this process, CPU time per call (load-insensitive);
 - CPU per submission (one lease + one submit) of the server processes and of the clients, read
   from /proc, and the rate two otherwise idle cores could sustain at that cost: on a shared
   machine the wall-clock rate and latencies mostly measure the other jobs. With 50 clients
@@ -29,6 +36,7 @@ Servers run as ``swarmlm web`` does, with ``--workers`` uvicorn processes (defau
 
     python benchmarks/annotation.py            # full: 2,000 tasks per backend
     python benchmarks/annotation.py --quick    # 1,500 tasks per backend, shorter 100k probe
+    python benchmarks/annotation.py --admin-only  # only the admin figures (SQLite)
 
 Last stdout line: one JSON object with the headline keys.
 """
@@ -473,6 +481,206 @@ def probe_100k(b: Backend, seconds: float, rate: float, rng: random.Random) -> d
     return out
 
 
+ADMIN_TASKS = 100_000
+ADMIN_K = 3
+
+
+def seed_admin_set(b: Backend, rng: random.Random) -> tuple[int, str, list[str]]:
+    """A 100,000-task set with 3 annotations each, finalised, for the admin figures.
+
+    Tasks go through ``add_tasks``; annotations, assignments and consensus are written in
+    bulk through SQL (300,000 submissions through the API would take minutes and measure
+    nothing the rest of this benchmark does not). Consensus, agreement and confidence come
+    from ``quality.task_consensus``, as the store computes them. Returns the set id, an
+    admin API token and the annotators' names.
+    """
+    from sqlalchemy import bindparam, insert, update
+
+    from swarmlm.curation.models import Annotation, Assignment, Task
+
+    ts = b.store.create_task_set(
+        "bench-admin-100k",
+        {"kind": "single_choice", "choices": CLASSES},
+        k=ADMIN_K,
+        gold_share=0.0,
+        lease_seconds=3600,
+    )
+    words = ["sunny", "blurry", "night", "indoor", "crowd", "close-up", "snow", "café"]
+    for start in range(0, ADMIN_TASKS, 20_000):
+        b.store.add_tasks(
+            ts.id,
+            [
+                TaskInput(
+                    content={"text": f"photo a{i} {rng.choice(words)} {rng.choice(words)}"},
+                    external_id=f"a{i}",
+                    gold=CLASSES[i % 3] if i % 200 == 0 else None,
+                )
+                for i in range(start, start + 20_000)
+            ],
+        )
+    annotators = [a for a in b.store.list_annotators() if a.username.startswith("sim")]
+    admin = b.store.create_annotator("bench-admin", "simulated annotator", role="admin")
+    token = b.store.create_api_token(admin.id)
+    ids = [t.id for t in b.store.list_tasks(ts.id)]
+    schema = ts.schema
+    now = b.store.now()
+    now_ms = int(now.timestamp() * 1000)
+    acc = {a.id: rng.choice([0.95, 0.85, 0.7, 0.4]) for a in annotators}
+    ann_rows: list[dict[str, Any]] = []
+    asg_rows: list[dict[str, Any]] = []
+    task_rows: list[dict[str, Any]] = []
+    for tid in ids:
+        truth = rng.randrange(3)
+        who = rng.sample(annotators, ADMIN_K)
+        values = [
+            CLASSES[truth] if rng.random() < acc[a.id] else CLASSES[rng.randrange(3)] for a in who
+        ]
+        tc = quality.task_consensus(schema, values, [0.7] * ADMIN_K)
+        for a, v in zip(who, values, strict=True):
+            ann_rows.append(
+                {
+                    "task_id": tid,
+                    "annotator_id": a.id,
+                    "value": v,
+                    "time_spent_ms": rng.randrange(500, 20_000),
+                    "created_at_ms": now_ms - rng.randrange(0, 30 * 86_400_000),
+                    "signer_public_key": "00" * 32,
+                    "signature": "00" * 64,
+                }
+            )
+            asg_rows.append(
+                {
+                    "task_id": tid,
+                    "annotator_id": a.id,
+                    "state": "submitted",
+                    "leased_at": now,
+                    "expires_at": now,
+                }
+            )
+        task_rows.append(
+            {
+                "tid": tid,
+                "b_consensus": tc.label,
+                "b_agreement": tc.agreement,
+                "b_confidence": tc.confidence,
+            }
+        )
+    with b.store.engines.write.begin() as conn:
+        for start in range(0, len(ann_rows), 20_000):
+            conn.execute(insert(Annotation), ann_rows[start : start + 20_000])
+            conn.execute(insert(Assignment), asg_rows[start : start + 20_000])
+        conn.execute(
+            update(Task)
+            .where(Task.id == bindparam("tid"))
+            .values(
+                consensus=bindparam("b_consensus"),
+                agreement=bindparam("b_agreement"),
+                confidence=bindparam("b_confidence"),
+                n_annotations=ADMIN_K,
+                status="finalised",
+            ),
+            task_rows,
+        )
+    return ts.id, token, [a.username for a in annotators]
+
+
+def admin_probe(b: Backend, rng: random.Random, n_requests: int) -> dict[str, Any]:
+    """Latency of the data manager, the task view and a full export at 100k x 3."""
+    t0 = time.monotonic()
+    ts_id, token, names = seed_admin_set(b, rng)
+    seed_s = time.monotonic() - t0
+    auth = {"authorization": f"Bearer {token}"}
+    url = f"{b.base}/api/task-sets/{ts_id}/tasks"
+    words = ["sunny", "blurry", "night", "café", "a12", "a9999", "crowd snow"]
+
+    def random_query() -> dict[str, Any]:
+        q: dict[str, Any] = {
+            "sort": rng.choice(["id", "-id", "agreement", "-agreement", "confidence",
+                                "-confidence", "annotations", "-annotations"]),
+            "page": rng.randint(1, 20),
+            "per_page": 50,
+        }  # fmt: skip
+        kind = rng.randrange(7)
+        if kind == 0:
+            q["status"] = "finalised"
+        elif kind == 1:
+            q["label"] = rng.choice(CLASSES)
+        elif kind == 2:
+            q["agreement_max"] = 0.7
+        elif kind == 3:
+            q["annotator"] = rng.choice(names)
+        elif kind == 4:
+            q["search"] = rng.choice(words)
+        elif kind == 5:
+            q["confidence_min"] = 0.9
+            q["label"] = rng.choice(CLASSES)
+        else:
+            q["gold"] = "yes"
+        return q
+
+    def timed(client: httpx.Client, u: str, params: dict[str, Any] | None = None) -> float:
+        start = time.perf_counter()
+        r = client.get(u, params=params, headers=auth)
+        elapsed = (time.perf_counter() - start) * 1000
+        if r.status_code != 200:
+            raise RuntimeError(f"GET {u} {params}: {r.status_code} {r.text[:200]}")
+        return elapsed
+
+    dm_ms: list[float] = []
+    page_ms: list[float] = []
+    view_ms: list[float] = []
+    with httpx.Client(timeout=60) as client:
+        ids = [
+            t["id"] for t in client.get(url, params={"per_page": 200}, headers=auth).json()["tasks"]
+        ]
+        first, last = ids[0], ids[0] + ADMIN_TASKS - 1
+        for _ in range(20):  # warm up both workers' caches and connections
+            timed(client, url, random_query())
+        for _ in range(n_requests):
+            dm_ms.append(timed(client, url, random_query()))
+            page_ms.append(timed(client, f"{b.base}/admin/task-sets/{ts_id}/tasks", random_query()))
+            view_ms.append(timed(client, f"{url}/{rng.randint(first, last)}"))
+        # the same mix in this process, CPU time per call: the queries' own cost, which the
+        # machine's other jobs do not inflate the way they inflate wall-clock latency
+        from swarmlm.curation import data_manager as dm
+        from swarmlm.web.data_manager import filter_from
+
+        dm_cpu: list[float] = []
+        view_cpu: list[float] = []
+        for _ in range(n_requests):
+            q = random_query()
+            f = filter_from({k: str(v) for k, v in q.items()})
+            t0 = time.process_time()
+            dm.query_tasks(b.store, ts_id, f, sort=q["sort"], page=q["page"], per_page=50)
+            dm_cpu.append((time.process_time() - t0) * 1000)
+            t0 = time.process_time()
+            dm.task_detail(b.store, rng.randint(first, last))
+            view_cpu.append((time.process_time() - t0) * 1000)
+        start = time.perf_counter()
+        with client.stream(
+            "GET", f"{b.base}/api/task-sets/{ts_id}/export", params={"kind": "consensus"},
+            headers=auth,
+        ) as r:  # fmt: skip
+            lines = sum(chunk.count(b"\n") for chunk in r.iter_bytes())
+        export_s = time.perf_counter() - start
+    return {
+        "seed_seconds": round(seed_s, 1),
+        "requests": n_requests,
+        "data_manager_p50_ms": pct(dm_ms, 50),
+        "data_manager_p99_ms": pct(dm_ms, 99),
+        "data_manager_page_p50_ms": pct(page_ms, 50),
+        "data_manager_page_p99_ms": pct(page_ms, 99),
+        "task_view_p50_ms": pct(view_ms, 50),
+        "task_view_p99_ms": pct(view_ms, 99),
+        "export_100k_seconds": export_s,
+        "export_lines": lines,
+        "data_manager_cpu_p50_ms": pct(dm_cpu, 50),
+        "data_manager_cpu_p99_ms": pct(dm_cpu, 99),
+        "task_view_cpu_p50_ms": pct(view_cpu, 50),
+        "task_view_cpu_p99_ms": pct(view_cpu, 99),
+    }
+
+
 def paced_phase(b: Backend, rate: float, seconds: float, rng: random.Random) -> dict[str, float]:
     """Latency at ``rate`` submissions/s on a fresh task set (k = 5, gold mixed in as in
     the closed-loop phase) sized so the clients cannot run out."""
@@ -521,11 +729,21 @@ def main() -> None:
     ap.add_argument(
         "--workers", type=int, default=2, help="uvicorn worker processes per server (default 2)"
     )
+    ap.add_argument(
+        "--admin-only", action="store_true", help="only the admin figures (SQLite, 100k x 3)"
+    )
+    ap.add_argument(
+        "--admin-requests", type=int, default=None, help="requests per admin figure (default 300)"
+    )
     args = ap.parse_args()
     if args.serve:
         serve(args.serve, args.node_dir, args.port, args.workers)
         return
 
+    admin_requests = args.admin_requests or 300
+    if args.admin_only:
+        admin_only(args.seed, args.workers, admin_requests)
+        return
     n_tasks = args.tasks or (1500 if args.quick else 2000)
     block_s = args.block_seconds or (4.0 if args.quick else 6.0)
     probe_s = 8.0 if args.quick else 20.0
@@ -605,6 +823,7 @@ def main() -> None:
         sqlite = backends[0]
         paced = paced_phase(sqlite, args.rate, paced_s, rng)
         probe = probe_100k(sqlite, probe_s, args.rate, rng)
+        admin = admin_probe(sqlite, rng, admin_requests)
         results: dict[str, Any] = {"tasks": n_tasks, "k": K, "clients": N_CLIENTS, "blocks": blocks}
         lost = 0
         for b in backends:
@@ -631,6 +850,7 @@ def main() -> None:
             }
         results["quality"] = quality_report(sqlite)
         results["probe_100k"] = probe
+        results["admin_100k"] = admin
         results["paced"] = paced
     finally:
         for b in backends:
@@ -659,6 +879,12 @@ def main() -> None:
         "saturated_submit_p99_ms": round(s["submit_p99_ms"], 2),
         "saturated_tasks_p99_ms_100k": round(probe["saturated_tasks_p99_ms_100k"], 2),
         "lost_submissions": lost,
+        "data_manager_p99_ms": round(admin["data_manager_p99_ms"], 2),
+        "data_manager_page_p99_ms": round(admin["data_manager_page_p99_ms"], 2),
+        "task_view_p99_ms": round(admin["task_view_p99_ms"], 2),
+        "data_manager_cpu_p99_ms": round(admin["data_manager_cpu_p99_ms"], 2),
+        "task_view_cpu_p99_ms": round(admin["task_view_cpu_p99_ms"], 2),
+        "export_100k_seconds": round(admin["export_100k_seconds"], 2),
         "workers": s["workers"],
         "server_cpu_ms_per_submission": round(s["server_cpu_ms_per_submission"], 3),
         "client_cpu_ms_per_submission": round(s["client_cpu_ms_per_submission"], 3),
@@ -678,6 +904,43 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2))
     _plot(results, RESULTS / f"annotation-{stamp}.png")
     console.print(f"results in {out}")
+    print(json.dumps(headline))
+
+
+def admin_only(seed_value: int, workers: int, n_requests: int) -> None:
+    """Only the admin figures, on SQLite (``--admin-only``)."""
+    rng = random.Random(seed_value)
+    tmp = Path(tempfile.mkdtemp(prefix="swarmlm-bench-admin-"))
+    d = tmp / "sqlite"
+    b = Backend(
+        "sqlite",
+        f"sqlite:///{d / 'curation.db'}",
+        d,
+        CurationStore.open(
+            f"sqlite:///{d / 'curation.db'}",
+            NodeIdentity.load_or_create(d),
+            password_hasher=BENCH_HASHER,
+        ),
+        workers=workers,
+    )
+    try:
+        seed(b, 10, rng)
+        b.start()
+        admin = admin_probe(b, rng, n_requests)
+    finally:
+        b.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"annotation-admin-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(admin, indent=2))
+    console.print(f"results in {out}")
+    headline = {
+        k: round(v, 2) if isinstance(v, float) else v
+        for k, v in admin.items()
+        if k.endswith(("_ms", "_seconds")) or k in ("requests", "export_lines")
+    }
+    headline["workers"] = workers
+    headline["load_average_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(headline))
 
 
