@@ -17,7 +17,7 @@ import traceback
 
 # Commands whose parsers import no torch: ``swarmlm node --type lightweight`` and
 # ``swarmlm status`` run on small machines, and torch alone is ~225 MB resident.
-LIGHT_COMMANDS = ("node", "status")
+LIGHT_COMMANDS = ("node", "status", "config")
 
 # The module and function that register each command, in the order ``--help`` lists them.
 # ``swarmlm <command>`` imports only its own registrar: importing every part (the web app
@@ -36,6 +36,8 @@ _REGISTRARS: dict[str, tuple[str, str]] = {
     "rlhf": ("swarmlm.rlhf.cli", "add_rlhf_parser"),
     "node": ("swarmlm.node.cli", "add_node_parser"),
     "status": ("swarmlm.node.status", "add_status_parser"),
+    "config": ("swarmlm.config_cli", "add_config_parser"),
+    "demo": ("swarmlm.demo", "add_demo_parser"),
 }
 
 USAGE_EXIT = 2

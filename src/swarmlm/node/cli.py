@@ -2,10 +2,17 @@
 
 ``swarmlm node --type full|training|annotation|lightweight --node-id ID [--p2p-port 7777]
 [--web-port 8080] [--bootstrap host:port,...] [--config FILE] [--node-dir DIR]``
+(``--node-type`` is the original design's spelling of ``--type``).
 
 Settings come from the config file (JSON, YAML or TOML), then the flags, then ``--set``
-(``key.sub=value``, values parsed as JSON). With ``--json`` every node event is printed as
-one JSON line on stdout (tests and scripts read those); otherwise a short human log.
+(``key.sub=value``, values parsed as JSON). File names inside a config file
+(``training.config``, ``rlhf.prompts``) are relative to that file's folder. A
+``--set training.set=[...]`` is laid over the file's ``training.set`` key by key, so the
+command line adds or replaces swarm overrides without dropping the file's others.
+
+With ``--json`` every node event is printed as one JSON line on stdout (tests and scripts
+read those); otherwise a short human log: what the node is doing (loading, waiting for
+peers, training round r with a progress bar) and each decided round.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ def add_node_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--type",
+        "--node-type",  # the original design's spelling
         dest="node_type",
         choices=["full", "training", "annotation", "lightweight"],
         default=None,
@@ -67,6 +75,9 @@ def overlay(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The command line over a config file's settings: flags, then ``--set``. Applied at
     start and again to every reloaded file, so an edit never fights the command line."""
     raw = copy.deepcopy(raw)  # the caller's dict (a reloaded file) stays as read
+    if args.config is not None:
+        resolve_file_paths(raw, Path(args.config).parent)
+    file_set = list((raw.get("training") or {}).get("set") or [])
     flags = {
         "type": args.node_type,
         "node_id": args.node_id,
@@ -77,7 +88,52 @@ def overlay(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "node_dir": str(args.node_dir) if args.node_dir is not None else None,
     }
     raw.update({k: v for k, v in flags.items() if v is not None})
-    return apply_overrides(raw, args.overrides)
+    raw = apply_overrides(raw, args.overrides)
+    training = raw.get("training")
+    if file_set and isinstance(training, dict) and isinstance(training.get("set"), list):
+        training["set"] = merge_overrides(file_set, training["set"])
+    return raw
+
+
+def resolve_file_paths(raw: dict[str, Any], folder: Path) -> None:
+    """Make the file names a config file gives relative to its own folder, so a node config
+    works from any working directory (``configs/node.yaml`` names ``swarm-tiny.json`` beside
+    it). A name that exists only relative to the working directory (configs written before
+    this rule) is kept, with a warning, rather than breaking a running setup."""
+    for section, key in (("training", "config"), ("rlhf", "prompts")):
+        sub = raw.get(section)
+        if not isinstance(sub, dict) or not isinstance(sub.get(key), str):
+            continue
+        name = Path(sub[key]).expanduser()
+        if name.is_absolute():
+            continue
+        beside = folder / name
+        if not beside.exists() and name.exists():
+            logging.getLogger(__name__).warning(
+                "%s.%s: %s is not beside the config file (%s); using ./%s, relative to the "
+                "working directory (write it relative to the config's folder)",
+                section,
+                key,
+                name,
+                beside,
+                name,
+            )
+            continue
+        sub[key] = str(beside)
+
+
+def merge_overrides(base: list[str], extra: list[str]) -> list[str]:
+    """``base`` (``key=value`` items) with ``extra`` laid over it key by key: an item of
+    ``extra`` replaces ``base``'s item of the same key in place, new keys come last. Without
+    this a ``--set training.set=[...]`` dropped every override of the file it did not
+    repeat (``make run NODES=3`` lost ``swarm.checkpoint_every``)."""
+
+    def key(item: str) -> str:
+        return str(item).split("=", 1)[0].strip()
+
+    extra_by_key = {key(item): item for item in extra}
+    merged = [extra_by_key.pop(key(item), item) for item in base]
+    return merged + [item for item in extra if key(item) in extra_by_key]
 
 
 def build_config(args: argparse.Namespace) -> NodeConfig:
@@ -109,8 +165,12 @@ def run_node(args: argparse.Namespace) -> int:
         if ev.kind == "node_started":
             console.print(
                 f"node [bold]{cfg.node_id}[/bold] ({cfg.type}) p2p port {d['p2p_port']}, "
-                f"http://{cfg.host}:{d['web_port']}"
+                f"http://{cfg.host}:{d['web_port']}",
+                highlight=False,
             )
+            admin = admin_login_hint(cfg)
+            if admin:
+                console.print(admin, markup=False, highlight=False)
         elif ev.kind == "round_decided":
             loss = d.get("val_loss")
             console.print(
@@ -132,7 +192,12 @@ def run_node(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
-        return await runtime.run(stop)
+        watcher = None if args.json else asyncio.create_task(show_activity(runtime, console))
+        try:
+            return await runtime.run(stop)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
     try:
         rc = asyncio.run(main())
@@ -142,6 +207,34 @@ def run_node(args: argparse.Namespace) -> int:
     if getattr(args, "owns_process", False):
         exit_now(rc)
     return rc
+
+
+def admin_login_hint(cfg: NodeConfig) -> str | None:
+    """Where the web interface's admin password is, for the start-up banner: the first thing
+    a user needs after the URL, and otherwise only in a log line among many."""
+    if not cfg.runs("web"):
+        return None
+    if not cfg.admin_username:
+        return "no admin account configured (set admin_username to create one at start)"
+    if cfg.admin_password is not None:
+        return f"log in as {cfg.admin_username!r} with the admin_password of the config"
+    path = cfg.directory / "admin-password"
+    if path.exists():  # written (0600) when the node created the account
+        return f"log in as {cfg.admin_username!r}; password in {path}"
+    return f"log in as {cfg.admin_username!r} (an existing account: its password is unchanged)"
+
+
+async def show_activity(runtime: Any, console: Console, every: float = 1.0) -> None:
+    """Print what the node is doing (:mod:`swarmlm.node.progress`) until cancelled."""
+    from swarmlm.node.progress import ActivityPrinter
+
+    printer = ActivityPrinter(lambda line: console.print(line, markup=False, highlight=False))
+    while True:
+        await asyncio.sleep(every)
+        try:
+            printer.poll(runtime)
+        except Exception:  # a display must never take the node down
+            logging.getLogger(__name__).debug("activity display failed", exc_info=True)
 
 
 def exit_now(rc: int) -> None:
