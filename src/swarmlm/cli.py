@@ -17,7 +17,7 @@ import traceback
 
 # Commands whose parsers import no torch: ``swarmlm node --type lightweight`` and
 # ``swarmlm status`` run on small machines, and torch alone is ~225 MB resident.
-LIGHT_COMMANDS = ("node", "status", "config")
+LIGHT_COMMANDS = ("node", "status")
 
 # The module and function that register each command, in the order ``--help`` lists them.
 # ``swarmlm <command>`` imports only its own registrar: importing every part (the web app
