@@ -211,6 +211,15 @@ def test_admin_finds_a_task_and_a_reviewer_rejects_an_answer_with_the_keyboard(
     page.keyboard.press("Enter")
     page.wait_for_url("**search=review+3**")
     assert "1 tasks match" in page.inner_text("#match-count")
+    # a bulk action on the ticked row, from the keyboard
+    page.locator("#task-table input[name=ids]").focus()
+    page.keyboard.press("Space")
+    page.select_option("#bulk-action", "raise_redundancy")
+    page.locator("#bulk-apply").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#bulk-done")
+    assert "raise_redundancy: 1 tasks" in page.inner_text("#bulk-done")
+    assert "1 tasks match" in page.inner_text("#match-count")  # the filter is kept
     page.click("#task-table a")
     assert page.locator("#annotations tbody tr").count() == 2
     assert "ann1" in page.inner_text("#annotations")
