@@ -240,9 +240,12 @@ def run_layout(
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
     wall = time.perf_counter() - started
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not out_file.exists():
         log.warning("%s failed:\n%s", layout.name, proc.stderr[-3000:])
         return {"name": layout.name, "failed": proc.stderr[-3000:], "wall_seconds": wall}
+    if proc.returncode != 0:
+        # The ranks finished and rank 0 wrote the results; the error came at teardown.
+        log.warning("%s: exit code %d after its results were written", layout.name, proc.returncode)
     records = json.loads(out_file.read_text())
     per_step = [max(col) for col in zip(*(r["step_seconds"] for r in records), strict=True)]
     tokens = GLOBAL_ROWS * seq
@@ -258,6 +261,8 @@ def run_layout(
         "expert_bytes_per_rank": [r["expert_bytes"] for r in records],
         "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in records],
         "wall_seconds": wall,
+        "exit_code": proc.returncode,
+        "exit_error": proc.stderr[-1500:] if proc.returncode != 0 else None,
     }
 
 
