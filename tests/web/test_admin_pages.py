@@ -328,3 +328,14 @@ def test_admin_dashboard_charts_throughput_agreement_and_queue(web: Web) -> None
                   "open tasks at the end of the day"):  # fmt: skip
         assert f'aria-label="{label}"' in html
     assert html.count("<polyline") == 3
+
+
+def test_status_messages_in_links_cannot_put_words_on_admin_pages(web: Web) -> None:
+    c = web.client()
+    login(c, "admin")
+    spoof = "Your session expired: log in at evil.example"
+    page = c.get(f"/admin/task-sets/{web.task_set_id}/tasks", params={"done": spoof})
+    assert "evil.example" not in page.text
+    ok = c.get(f"/admin/task-sets/{web.task_set_id}/tasks", params={"done": "delete: 2 tasks"})
+    assert "Done: delete: 2 tasks." in ok.text
+    assert "evil.example" not in c.get(f"/review/{web.task_set_id}", params={"done": spoof}).text

@@ -8,6 +8,7 @@ token, applied either to the ticked rows or to everything the current filter mat
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
@@ -20,6 +21,7 @@ from starlette.datastructures import FormData
 
 from swarmlm.curation import data_manager as dm
 from swarmlm.curation.errors import CurationError
+from swarmlm.curation.review import VERDICTS
 from swarmlm.curation.schema import (
     PAIRWISE_VALUES,
     LabelSchema,
@@ -174,7 +176,10 @@ async def data_manager_page(
             "actions": dm.BULK_ACTIONS,
             "prev_link": link(page=page - 1) if page > 1 else None,
             "next_link": link(page=page + 1) if page < result.pages else None,
-            "done": q.get("done"),
+            # echoed only in the shape this app writes (a link cannot make it say anything)
+            "done": done
+            if re.fullmatch(r"[a-z_]+: \d+ tasks", done := q.get("done") or "")
+            else None,
         },
         principal=principal,
     )
@@ -235,7 +240,11 @@ async def task_page(
         request,
         state,
         "admin/task.html",
-        {"d": d, "labels": labels, "reviewed": request.query_params.get("reviewed")},
+        {
+            "d": d,
+            "labels": labels,
+            "reviewed": r if (r := request.query_params.get("reviewed")) in VERDICTS else None,
+        },
         principal=principal,
     )
 

@@ -97,7 +97,7 @@ async def review_page(
             "item": item,
             "skip": skip,
             "labels": label_choices(ts.schema),
-            "done": request.query_params.get("done"),
+            "done": _verdict_or_none(request.query_params.get("done")),
             "error": None,
         },
         principal=principal,
@@ -134,6 +134,11 @@ async def review_submit(
     if back and back.isdigit():
         return RedirectResponse(f"/admin/tasks/{int(back)}?reviewed={verdict}", status_code=303)
     return RedirectResponse(f"/review/{task_set_id}?done={verdict}", status_code=303)
+
+
+def _verdict_or_none(raw: str | None) -> str | None:
+    """A verdict echoed from the query string, only if it is one (no text from a link)."""
+    return raw if raw in rv.VERDICTS else None
 
 
 class ReviewIn(BaseModel):
