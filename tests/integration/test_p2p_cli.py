@@ -80,7 +80,9 @@ def test_four_headless_nodes_started_from_one_bootstrap_print_identical_rounds(
 
 
 def test_prompt_runs_stats_peers_test_and_quit(tmp_path: Path) -> None:
-    proc = p2p("--node-dir", str(tmp_path), stdin=subprocess.PIPE)
+    # --expect 1: a lone peer rounds by itself only when asked to (without it, `test` waits
+    # for a connected peer; see tests/integration/test_quickstarts.py)
+    proc = p2p("--node-dir", str(tmp_path), "--expect", "1", stdin=subprocess.PIPE)
     out, _ = proc.communicate("stats\npeers\ntest\nnonsense\nquit\n", timeout=60)
     assert proc.returncode == 0, out
     assert "rounds decided" in out
