@@ -91,14 +91,43 @@ def save_sharded_checkpoint(
     return path
 
 
+# Tied embeddings are one parameter (saved once, as embed.weight) except on the last pipeline
+# stage, which holds its own lm_head copy: read that copy from embed.weight when it is missing.
+_ALIASES = {"lm_head.weight": "embed.weight"}
+
+
+def _alias_missing(state: dict[str, Any], saved: set[str]) -> list[tuple[str, str, str]]:
+    """Rename keys the checkpoint lacks to their tied twin; returns what to rename back."""
+    moved = []
+    for part in ("model", "optim"):
+        section = state[part]
+        for key in list(section):
+            if f"{part}.{key}" in saved:
+                continue
+            for name, twin in _ALIASES.items():
+                if name not in key:
+                    continue
+                alias = key.replace(name, twin)
+                if f"{part}.{alias}" in saved and alias not in section:
+                    section[alias] = section.pop(key)
+                    moved.append((part, alias, key))
+    return moved
+
+
 def load_sharded_checkpoint(
     dcp_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> None:
     """Fill ``model`` and ``optimizer`` (any layout, or one process) from a DCP directory."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
     state = _state(model, optimizer)
+    saved = set(FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata)
+    moved = _alias_missing(state, saved)
     try:
         dcp_load(state, checkpoint_id=str(dcp_dir))
     except Exception as exc:
         raise CheckpointError(f"{dcp_dir}: cannot load into this layout: {exc}") from exc
+    for part, alias, key in moved:
+        state[part][key] = state[part].pop(alias)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIM)
