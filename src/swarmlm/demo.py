@@ -25,7 +25,7 @@ from swarmlm.atomic import atomic_write_text
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "data" / "kjv.txt.gz"
 PROMPT = "In the beginning"
-QUICK_EXCERPT_BYTES = 400_000
+QUICK_EXCERPT_BYTES = 150_000
 
 
 def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:

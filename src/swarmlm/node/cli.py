@@ -32,7 +32,13 @@ from typing import Any
 from rich.console import Console
 
 from swarmlm.config import apply_overrides
-from swarmlm.node.config import ConfigError, NodeConfig, read_config_file, validate_config
+from swarmlm.node.config import (
+    ConfigError,
+    NodeConfig,
+    TrainingSection,
+    read_config_file,
+    validate_config,
+)
 from swarmlm.node.events import Event
 
 
@@ -89,10 +95,28 @@ def overlay(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     }
     raw.update({k: v for k, v in flags.items() if v is not None})
     raw = apply_overrides(raw, args.overrides)
+    use_shipped_swarm_config(raw)
     training = raw.get("training")
     if file_set and isinstance(training, dict) and isinstance(training.get("set"), list):
         training["set"] = merge_overrides(file_set, training["set"])
     return raw
+
+
+SHIPPED_SWARM_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "swarm-tiny.json"
+
+
+def use_shipped_swarm_config(raw: dict[str, Any]) -> None:
+    """No ``training.config`` given: the default names ``configs/swarm-tiny.json`` of the
+    working directory; outside a checkout (the original quick start typed in a fresh
+    directory) use the shipped file instead of refusing to start."""
+    training = raw.get("training")
+    if isinstance(training, dict) and training.get("config") is not None:
+        return
+    if TrainingSection().config.exists() or not SHIPPED_SWARM_CONFIG.exists():
+        return
+    raw.setdefault("training", {})
+    if isinstance(raw["training"], dict):
+        raw["training"]["config"] = str(SHIPPED_SWARM_CONFIG)
 
 
 def resolve_file_paths(raw: dict[str, Any], folder: Path) -> None:
