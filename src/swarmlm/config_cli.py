@@ -22,7 +22,10 @@ from pydantic import BaseModel
 
 from swarmlm.atomic import atomic_write_text
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# the checkout's configs (an editable install); a wheel has none, then ./configs (the image's
+# working directory, /app, holds them)
+_CHECKOUT_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+REPO_CONFIGS = _CHECKOUT_CONFIGS if _CHECKOUT_CONFIGS.is_dir() else Path("configs").resolve()
 
 
 def add_config_parser(subparsers: Any) -> argparse.ArgumentParser:
