@@ -126,10 +126,14 @@ def _local_bytes(tensor: Any) -> int:
     return int(local.numel() * local.element_size())
 
 
-def worker(config_path: Path, out_path: Path, steps: int, warmup: int) -> int:
+def worker(config_path: Path, out_path: Path, steps: int, warmup: int, float64: bool) -> int:
     import torch
     import torch.distributed as dist
 
+    if float64:
+        # Parameters, activations and gradients in float64 (norms and the loss still round
+        # through float32 inside the model): separates real differences from fp32 drift.
+        torch.set_default_dtype(torch.float64)
     from swarmlm.cluster import from_environment
     from swarmlm.train import RunConfig
     from swarmlm.train.trainer import Trainer
@@ -193,7 +197,14 @@ def prepare_data(root: Path) -> Path:
 
 
 def run_layout(
-    layout: Layout, data: Path, work: Path, *, steps: int, warmup: int, seq: int
+    layout: Layout,
+    data: Path,
+    work: Path,
+    *,
+    steps: int,
+    warmup: int,
+    seq: int,
+    float64: bool = False,
 ) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "model": MOE if layout.moe else DENSE,
@@ -223,6 +234,7 @@ def run_layout(
     worker_args = [
         str(Path(__file__).resolve()), "--worker", str(cfg_file), "--worker-out", str(out_file),
         "--worker-steps", str(steps), "--worker-warmup", str(warmup),
+        *(["--worker-float64"] if float64 else []),
     ]  # fmt: skip
     if layout.nproc == 1:
         cmd = [sys.executable, *worker_args]
@@ -274,6 +286,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-steps", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker-warmup", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--worker-float64", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--float64",
+        action="store_true",
+        help="train in float64 (a parity check that removes fp32 drift; speed is meaningless)",
+    )
+    p.add_argument(
+        "--only", action="append", default=None, help="run only these layouts (repeatable)"
+    )
     return p.parse_args(argv)
 
 
@@ -303,12 +324,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
-        return worker(args.worker, args.worker_out, args.worker_steps, args.worker_warmup)
+        return worker(
+            args.worker, args.worker_out, args.worker_steps, args.worker_warmup, args.worker_float64
+        )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     steps = 8 if args.quick else 20
     seq = 64 if args.quick else 128
     rounds = 1 if args.quick else 2
     layouts = [x for x in LAYOUTS if not args.quick or x.name in QUICK_LAYOUTS]
+    if args.only:
+        keep = set(args.only) | {"single", "moe-single"}
+        layouts = [x for x in layouts if x.name in keep]
     started = time.perf_counter()
     results: dict[str, Any] = {
         "benchmark": NAME,
@@ -320,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "global_rows": GLOBAL_ROWS,
         "dense_shape": DENSE,
         "moe_shape": MOE,
+        "float64": args.float64,
     }
     runs: dict[str, list[dict[str, Any]]] = {x.name: [] for x in layouts}
     with tempfile.TemporaryDirectory(prefix="swarmlm-parallel-") as tmp, make_progress() as prog:
@@ -331,7 +358,15 @@ def main(argv: list[str] | None = None) -> int:
             for layout in batch:
                 prog.update(task, description=f"round {i + 1}: {layout.name}")
                 runs[layout.name].append(
-                    run_layout(layout, data, work / f"r{i}", steps=steps, warmup=2, seq=seq)
+                    run_layout(
+                        layout,
+                        data,
+                        work / f"r{i}",
+                        steps=steps,
+                        warmup=2,
+                        seq=seq,
+                        float64=args.float64,
+                    )
                 )
                 prog.advance(task)
 
@@ -384,10 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     results["contention"] = contention(results["environment_start"], results["environment_end"])
     results["wall_seconds"] = time.perf_counter() - started
     results["headline"] = headline
-    write_json(args.out / f"{NAME}.json", results)
+    suffix = "_float64" if args.float64 else ""
+    write_json(args.out / f"{NAME}{suffix}.json", results)
     print_table(rows)
     stderr_console.print(
-        f"results: {args.out / (NAME + '.json')}  ({results['wall_seconds']:.0f} s)"
+        f"results: {args.out / (NAME + suffix + '.json')}  ({results['wall_seconds']:.0f} s)"
     )
     emit_headline(headline)
     return 0
