@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup run train-tiny test lint typecheck check bench clean clean-runs
+.PHONY: setup run local-swarm-args train-tiny test lint typecheck check bench clean clean-runs
 
 setup: $(STAMP)
 
@@ -36,6 +36,7 @@ LOCAL_SWARM := TESTNET_DIR=runs/local-swarm TESTNET_P2P_BASE=7777 TESTNET_WEB_BA
 # entries (rounds, checkpoint_every) stay: the command line's list is merged key by key.
 LOCAL_SWARM_THREADS = $$(( $$(nproc) / $(LOCAL_SWARM_NODES) > 0 ? $$(nproc) / $(LOCAL_SWARM_NODES) : 1 ))
 LOCAL_SWARM_SET := [\"swarm.expect_peers=$(LOCAL_SWARM_NODES)\",\"swarm.inner_steps=10\",\"train.eval_batches=5\"]
+LOCAL_SWARM_NODE_ARGS := --config configs/node.yaml --set training.set=$(LOCAL_SWARM_SET) --set max_cpu_threads=$(LOCAL_SWARM_THREADS)
 run: $(STAMP)
 	@test -f $(RUN_DATA)/meta.json || $(VENV)/bin/swarmlm data prepare \
 		--input data/kjv.txt.gz --out $(RUN_DATA) --vocab-size 2048
@@ -44,11 +45,16 @@ run: $(STAMP)
 	else \
 		trap '$(LOCAL_SWARM) bash scripts/start_test_network.sh stop' EXIT; \
 		trap 'exit 130' INT TERM; \
-		$(LOCAL_SWARM) SWARMLM_NODE_ARGS="--config configs/node.yaml --set training.set=$(LOCAL_SWARM_SET) --set max_cpu_threads=$(LOCAL_SWARM_THREADS)" \
+		$(LOCAL_SWARM) SWARMLM_NODE_ARGS="$(LOCAL_SWARM_NODE_ARGS)" \
 			bash scripts/start_test_network.sh $(LOCAL_SWARM_NODES) && \
 		echo "local swarm of $(LOCAL_SWARM_NODES) up: http://127.0.0.1:8080 (Ctrl+C stops it)" && \
 		tail -n +1 -f runs/local-swarm/logs/node-1.log; \
 	fi
+
+# The node arguments `make run NODES=N` gives every node (scripts/first_round_time.sh reads
+# them, so the measurement runs what `make run` runs).
+local-swarm-args:
+	@echo "$(LOCAL_SWARM_NODE_ARGS)"
 
 # The single-process trainer (issue #3's main job), kept as its own target.
 train-tiny: $(STAMP)
