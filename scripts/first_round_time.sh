@@ -16,8 +16,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 N="${1:-3}"
 case "$N" in
-    '' | *[!0-9]*) echo "usage: $0 [N]" >&2; exit 2 ;;
+    '' | *[!0-9]*) echo "usage: $0 [N]  (N >= 2)" >&2; exit 2 ;;
 esac
+# `make run` (NODES=1) starts configs/node.yaml alone, not these arguments
+if [ "$N" -lt 2 ]; then echo "usage: $0 [N]  (N >= 2: a local swarm)" >&2; exit 2; fi
 TIMEOUT="${FIRST_ROUND_TIMEOUT:-900}"
 dir="$(mktemp -d)"
 args="$(make -s local-swarm-args NODES="$N")"
