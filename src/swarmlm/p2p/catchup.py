@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +74,7 @@ class CatchUp(ProtocolCore):
         a leave stalled ~1 s so), and an ask that went out on a connection that was already
         dead (a node resumed after SIGSTOP writes to sockets its peers closed) must not hold
         back the ask on the new one for a second (``force``, from :meth:`_on_link_up`)."""
-        now = time.monotonic()
+        now = self.node.now()
         gap = min(self.cfg.round_timeout, 1.0)
         keys = [(r, "")] if peers is None else [(r, p) for p in _distinct(peers)]
         due = [k for k in keys if force or now - self._requested.get(k, 0.0) >= gap]
@@ -101,7 +100,7 @@ class CatchUp(ProtocolCore):
         st = self.rounds.get(r)
         if peer in (self._members.get(r) or ()) and (
             self.highest_seen > r
-            or (st is not None and time.monotonic() - st.t0 > self.cfg.round_timeout)
+            or (st is not None and self.node.now() - st.t0 > self.cfg.round_timeout)
         ):
             self._request_decided(r, [peer], force=True)
 
@@ -132,7 +131,7 @@ class CatchUp(ProtocolCore):
     def _answer_decided(self, peer: str, r: int) -> None:
         # at most one answer per peer and round per second: a lost answer is sent again when
         # the peer asks again, and a peer cannot make us sign in a loop
-        now = time.monotonic()
+        now = self.node.now()
         if now - self._answered.get((peer, r), -1e9) < 1.0:
             return
         target = self._catchup_target(r)
@@ -220,7 +219,7 @@ class CatchUp(ProtocolCore):
             st.done.set()
         self._members[r] = list(members)
         self._epochs_from = max(self._epochs_from, r)
-        st = _Round(r, list(members), threshold=self.cfg.consensus_threshold)
+        st = _Round(r, list(members), t0=self.node.now(), threshold=self.cfg.consensus_threshold)
         self.rounds[r] = st
         # every commit in it was verified for this slot: it is the certificate we pass on
         self._decide(st, prop, cert.proposal.view, dict(msg.body), skipped=True)

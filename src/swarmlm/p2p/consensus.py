@@ -46,7 +46,6 @@ validation) and ``membership.py`` (admission policy, join acks).
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Any
 
 from swarmlm.p2p.catchup import CatchUp
@@ -54,9 +53,9 @@ from swarmlm.p2p.certificates import Admit, check_body
 from swarmlm.p2p.equivocation import Equivocation
 from swarmlm.p2p.membership_changes import MembershipChanges, discover
 from swarmlm.p2p.messages import SignedMessage
+from swarmlm.p2p.node_api import ProtocolNode
 from swarmlm.p2p.normal_case import NormalCase
 from swarmlm.p2p.round_state import Decision, Entry, _Round, leader_of, log, quorum
-from swarmlm.p2p.transport import P2PNode
 from swarmlm.p2p.view_change import ViewChange
 from swarmlm.p2p.votelog import VoteLog, VoteLogError
 
@@ -76,7 +75,10 @@ MAX_WAITING = 256  # peers waiting for one round's certificate
 
 
 class RoundProtocol(NormalCase, ViewChange, CatchUp, MembershipChanges, Equivocation):
-    """One node's side of the round protocol, on top of a started :class:`P2PNode`.
+    """One node's side of the round protocol, on top of a started node: the TLS
+    :class:`~swarmlm.p2p.transport.P2PNode` or the simulator's in-memory
+    :class:`~swarmlm.sim.node.SimNode` (both satisfy
+    :class:`~swarmlm.p2p.node_api.ProtocolNode`).
 
     Public API (what the swarm trainer uses):
       * ``await contribute(r, payload) -> Decision``: sign and push our payload for round
@@ -91,7 +93,7 @@ class RoundProtocol(NormalCase, ViewChange, CatchUp, MembershipChanges, Equivoca
 
     def __init__(
         self,
-        node: P2PNode,
+        node: ProtocolNode,
         genesis: list[str],
         start_round: int = 1,
         vote_log: VoteLog | None = None,
@@ -216,7 +218,7 @@ class RoundProtocol(NormalCase, ViewChange, CatchUp, MembershipChanges, Equivoca
     def _charge_flood(self, peer: str, why: str) -> None:
         """Penalise a peer that exceeds its share of a bounded table, at most once a second
         (a modest, steady charge: an honest burst at a round boundary costs little)."""
-        now = time.monotonic()
+        now = self.node.now()
         if now - self._flood_charged.get(peer, -1e9) < 1.0:
             return
         if len(self._flood_charged) >= self.cfg.max_peers:
@@ -228,7 +230,7 @@ class RoundProtocol(NormalCase, ViewChange, CatchUp, MembershipChanges, Equivoca
 
     # -- links going up and down ---------------------------------------------------------
     def _on_link_up(self, peer: str) -> None:
-        self._connected_since.setdefault(peer, time.monotonic())  # a joiner's liveness
+        self._connected_since.setdefault(peer, self.node.now())  # a joiner's liveness
         self._ask_reconnected(peer)
         self._join_on_link_up(peer)
 

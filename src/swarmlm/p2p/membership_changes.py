@@ -11,7 +11,6 @@ about to join finds a running swarm (:func:`discover`).
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from swarmlm.p2p.certificates import precheck_signers
@@ -24,8 +23,8 @@ from swarmlm.p2p.membership import (
     mint_pow,
 )
 from swarmlm.p2p.messages import SignedMessage, open_signed
+from swarmlm.p2p.node_api import ProtocolNode
 from swarmlm.p2p.round_state import ProtocolCore, _Round, log
-from swarmlm.p2p.transport import P2PNode
 
 EVICT_VOTE_ROUNDS = 16  # an eviction vote older than this many rounds no longer counts
 
@@ -38,7 +37,7 @@ class MembershipChanges(ProtocolCore):
         self.join_requests = JoinTable(self.cfg.max_join_requests, self.cfg.join_request_ttl)
         self.admission = AdmissionPolicy.from_config(self.cfg)
         self._connected_since: dict[str, float] = {
-            p: time.monotonic() for p in self.node.connections
+            p: self.node.now() for p in self.node.connections
         }
         self._join_nonce: bytes | None = None
         self._minting = False
@@ -61,7 +60,7 @@ class MembershipChanges(ProtocolCore):
         if self.admission.kind == "pow" and self._join_nonce is None:
             self._spawn(self._mint_and_join())
             return
-        self._join_sent = time.monotonic()
+        self._join_sent = self.node.now()
         self._send(self._join_request(), list(self.node.connections))
 
     def _join_request(self) -> SignedMessage:
@@ -114,7 +113,7 @@ class MembershipChanges(ProtocolCore):
         live) and ``leave`` (from a member). Requests of keys the admission policy refuses,
         and acks from non-members, count against their sender."""
         members = self._members.get(self.last_decided + 1) or []
-        now = time.monotonic()
+        now = self.node.now()
         if msg.kind == "leave":
             if msg.sender in members and len(self.leave_requests) < self.cfg.max_peers:
                 self.leave_requests[msg.sender] = msg.to_wire()
@@ -148,7 +147,7 @@ class MembershipChanges(ProtocolCore):
     def _on_status_req(self, msg: SignedMessage, peer: str) -> None:
         """Tell a (prospective) joiner where the swarm is: our last decided round and the
         membership of the next one. At most one answer per peer and second."""
-        now = time.monotonic()
+        now = self.node.now()
         if now - self._status_sent.get(peer, -1e9) < 1.0:
             return
         if len(self._status_sent) >= self.cfg.max_peers:
@@ -171,7 +170,7 @@ class MembershipChanges(ProtocolCore):
         members = self._members.get(r + 1) or []
         if me not in members or self.cfg.max_joins_per_round == 0:
             return
-        now = time.monotonic()
+        now = self.node.now()
         self.join_requests.prune(now)
         cfg = self.cfg
         min_up = cfg.join_min_connected
@@ -223,7 +222,7 @@ class MembershipChanges(ProtocolCore):
                 # application does meanwhile (the swarm may be busy fetching its state)
                 if self.node.node_id in (self._members.get(self.last_decided + 1) or ()):
                     self._joining = False
-                elif time.monotonic() - self._join_sent >= max(1.0, self.cfg.heartbeat_interval):
+                elif self.node.now() - self._join_sent >= max(1.0, self.cfg.heartbeat_interval):
                     self.request_join()
 
     # -- changes in a proposal -----------------------------------------------------------
@@ -330,7 +329,7 @@ class MembershipChanges(ProtocolCore):
         return sorted(nxt)
 
 
-async def discover(node: P2PNode, timeout: float) -> tuple[int, list[str]] | None:
+async def discover(node: ProtocolNode, timeout: float) -> tuple[int, list[str]] | None:
     """Where a running swarm is, for a node about to join it: ``(last decided round,
     members of the next round)``, or None when no swarm answers within ``timeout``.
 
@@ -351,12 +350,12 @@ async def discover(node: P2PNode, timeout: float) -> tuple[int, list[str]] | Non
             replies[peer] = (msg.round, tuple(sorted(set(members))))
 
     node.on("status", on_status)
-    deadline = time.monotonic() + timeout
+    deadline = node.now() + timeout
     asked = 0.0
     try:
-        while time.monotonic() < deadline:
-            if time.monotonic() - asked >= 1.0:
-                asked = time.monotonic()
+        while node.now() < deadline:
+            if node.now() - asked >= 1.0:
+                asked = node.now()
                 node.broadcast(node.sign("status_req", {}), list(node.connections))
             votes: dict[tuple[str, ...], list[int]] = {}
             for sender, (r, members) in replies.items():

@@ -24,6 +24,7 @@ import itertools
 import logging
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -106,12 +107,15 @@ class MessageSigner:
     not reuse numbers its peers have already seen (which would look like replays).
     """
 
-    def __init__(self, identity: NodeIdentity) -> None:
+    def __init__(self, identity: NodeIdentity, clock: Callable[[], float] = time.time) -> None:
+        # ``clock`` is the wall clock (s since the epoch) stamped on each message; the
+        # deterministic simulator passes its skewed virtual one (docs/simulation.md)
         self.identity = identity
-        self._seq = itertools.count(time.time_ns() // 1000)
+        self.clock = clock
+        self._seq = itertools.count(int(clock() * 1_000_000))
 
     def sign(self, kind: str, body: dict[str, Any], round: int = 0) -> SignedMessage:
-        seq, ts = next(self._seq), time.time()
+        seq, ts = next(self._seq), float(self.clock())
         m = {
             "k": kind,
             "from": self.identity.node_id,
@@ -268,13 +272,16 @@ class PeerScores:
     _scores: OrderedDict[str, tuple[float, float]] = field(default_factory=OrderedDict)
     _blacklist: dict[str, float] = field(default_factory=dict)
     offences: Counter[str] = field(default_factory=Counter)
+    # monotonic seconds; the simulator passes its virtual clock
+    clock: Callable[[], float] = field(default_factory=lambda: time.monotonic)
 
     def score(self, peer: str) -> float:
-        value, at = self._scores.get(peer, (0.0, time.monotonic()))
-        return min(0.0, value + (time.monotonic() - at) * self.recovery_per_s)
+        now = self.clock()
+        value, at = self._scores.get(peer, (0.0, now))
+        return min(0.0, value + (now - at) * self.recovery_per_s)
 
     def penalize(self, peer: str, reason: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         new = self.score(peer) - PENALTIES.get(reason, 1.0)
         self._scores[peer] = (new, now)
         self._scores.move_to_end(peer)
@@ -290,7 +297,7 @@ class PeerScores:
         until = self._blacklist.get(peer)
         if until is None:
             return False
-        if time.monotonic() >= until:
+        if self.clock() >= until:
             del self._blacklist[peer]
             self._scores.pop(peer, None)
             return False
@@ -351,9 +358,14 @@ class MessageValidator:
     """
 
     def __init__(
-        self, scores: PeerScores | None = None, max_age: float = 120.0, max_skew: float = 30.0
+        self,
+        scores: PeerScores | None = None,
+        max_age: float = 120.0,
+        max_skew: float = 30.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.scores = scores or PeerScores()
+        self.clock = clock  # wall clock the timestamps are checked against
         self.max_age = max_age
         self.max_skew = max_skew
         self.replay = ReplayGuard()
@@ -393,7 +405,7 @@ class MessageValidator:
                     "wrong_sender",
                     f"connection of {from_peer[:12]} sent a message signed by {msg.sender[:12]}",
                 )
-            now = time.time()
+            now = self.clock()
             if msg.ts < now - self.max_age or msg.ts > now + self.max_skew:
                 raise MessageRejectedError(
                     "stale",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import Any
 
 from swarmlm.p2p.certificates import check_entries_shape, check_members_hash, members_hash
@@ -38,10 +37,10 @@ class NormalCase(ProtocolCore):
                 f"round {round} is older than the decided round {self.last_decided}"
             )
         timeout = timeout if timeout is not None else self._default_timeout()
-        deadline = time.monotonic() + timeout
+        deadline = self.node.now() + timeout
         await self._wait_for(lambda: round in self.rounds or round <= self.last_decided, deadline)
         if round <= self.last_decided:
-            return await self.decision(round, max(deadline - time.monotonic(), 0.0))
+            return await self.decision(round, max(deadline - self.node.now(), 0.0))
         st = self.rounds[round]
         me = self.node.node_id
         if me in st.members and not st.started:
@@ -54,7 +53,7 @@ class NormalCase(ProtocolCore):
             self._round_payloads.setdefault(round, set()).add(digest)
             signed = self._sign_slot("contrib", {"digest": digest, "size": len(payload)}, round)
             if signed is None:
-                return await self.decision(round, max(deadline - time.monotonic(), 0.0))
+                return await self.decision(round, max(deadline - self.node.now(), 0.0))
             msg = signed
             st.contribs[me] = msg
             st.active.set()
@@ -62,7 +61,7 @@ class NormalCase(ProtocolCore):
             if msg.body["digest"] == digest:  # else: our pre-restart contribution stands
                 self._push_payload(st, digest, payload)
             self._progress(st)
-        return await self.decision(round, max(deadline - time.monotonic(), 0.0))
+        return await self.decision(round, max(deadline - self.node.now(), 0.0))
 
     async def decision(self, round: int, timeout: float | None = None) -> Decision:
         """Round ``round``'s decision once made here. A round this node moved past without
@@ -70,7 +69,7 @@ class NormalCase(ProtocolCore):
         Decision with ``skipped=True``, no entries and an empty certificate at once: the
         application syncs its state instead of applying it."""
         timeout = timeout if timeout is not None else self._default_timeout()
-        deadline = time.monotonic() + timeout
+        deadline = self.node.now() + timeout
         await self._wait_for(
             lambda: round in self.decisions or round <= self.last_decided, deadline
         )
@@ -97,7 +96,7 @@ class NormalCase(ProtocolCore):
         members = self._members.get(r)
         if members is None or r <= self.last_decided:
             return None
-        st = _Round(r, members, threshold=self.cfg.consensus_threshold)
+        st = _Round(r, members, t0=self.node.now(), threshold=self.cfg.consensus_threshold)
         prev = self.decisions.get(r - 1)
         if prev is not None:
             st.live = frozenset(e.peer for e in prev.entries)
@@ -240,7 +239,7 @@ class NormalCase(ProtocolCore):
 
     def _vote(self, st: _Round, kind: str, view: int, h: bytes) -> None:
         log.debug(
-            "round %d view %d: %s after %.3f s", st.round, view, kind, time.monotonic() - st.t0
+            "round %d view %d: %s after %.3f s", st.round, view, kind, self.node.now() - st.t0
         )
         st.sent.add((kind, view))
         signed = self._sign_slot(
@@ -280,7 +279,7 @@ class NormalCase(ProtocolCore):
             if len(held) < st.q:
                 return
             if view == 0 and len(held) < st.n:
-                now = time.monotonic()
+                now = self.node.now()
                 if st.quorum_at is None:
                     st.quorum_at = now
                     self._spawn(self._poke_later(st, self.cfg.proposal_grace))
@@ -335,7 +334,7 @@ class NormalCase(ProtocolCore):
         entries = list(self._entries(prop))
         changes = prop.body["changes"]
         nxt = self._members_after(st, changes)
-        latency = time.monotonic() - st.t0
+        latency = self.node.now() - st.t0
         d = Decision(st.round, view, entries, st.members, nxt, changes, cert, latency, skipped)
         st.decided = d
         st.done.set()

@@ -28,7 +28,7 @@ from typing import Any
 from swarmlm.p2p.certificates import FutureBuffer, hash_of_proposal
 from swarmlm.p2p.errors import ConsensusError
 from swarmlm.p2p.messages import SignedMessage, open_signed
-from swarmlm.p2p.transport import P2PNode
+from swarmlm.p2p.node_api import ProtocolNode
 from swarmlm.p2p.votelog import VoteLog, VoteLogError, same_meaning
 
 # every part of the round protocol logs under one name, the one operators already filter on
@@ -158,7 +158,7 @@ class ProtocolCore:
 
     def __init__(
         self,
-        node: P2PNode,
+        node: ProtocolNode,
         genesis: list[str],
         start_round: int = 1,
         vote_log: VoteLog | None = None,
@@ -205,7 +205,7 @@ class ProtocolCore:
 
     async def _wait_for(self, cond: Any, deadline: float) -> None:
         while not cond():
-            left = deadline - time.monotonic()
+            left = deadline - self.node.now()
             if left <= 0:
                 raise ConsensusError("round did not decide before the timeout")
             self._changed.clear()

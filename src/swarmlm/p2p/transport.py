@@ -405,6 +405,13 @@ class P2PNode:
     def address(self) -> tuple[str, int]:
         return (self.config.advertise_host or self.config.host, self.port)
 
+    def now(self) -> float:
+        """Monotonic seconds, the clock every protocol timer and deadline reads: the round
+        protocol asks the node, never ``time`` directly, so the deterministic simulator can
+        run the same code in virtual time (:mod:`swarmlm.sim`). Equal to the event loop's
+        ``time()`` here."""
+        return time.monotonic()
+
     # -- messaging -----------------------------------------------------------------------
     def on(self, kind: str, handler: Handler) -> None:
         """Handle messages of ``kind``; ones that arrived before (at most ``EARLY_MESSAGES``,
