@@ -167,7 +167,7 @@ def test_peers_started_as_the_original_shows_find_each_other_and_train_among_the
     for proc in procs[1:]:
         assert "peer_a started training among 3 peers" in proc.out
     a.send("stats")
-    a.wait_for("training")
+    a.wait_for(r"│ training +│ +(running|done) +│")  # stats shows the training
     for proc in procs:
         proc.send("quit")
         assert proc.p.wait(timeout=30) == 0
