@@ -6,8 +6,9 @@
 # Starts the local swarm `make run NODES=N` starts (the same node arguments, read from
 # `make local-swarm-args`) on spare ports (FIRST_ROUND_P2P_BASE 27777, FIRST_ROUND_WEB_BASE
 # 28080) in a fresh temporary directory, and prints the seconds from the start of the script
-# until node 1 prints its first decided round ("round    1  members ..."), with the load
-# average then: other work on the machine slows every node, so quote both. Stops the swarm
+# until node 1 prints its first decided round ("round    1  members ...", printed once the
+# round is applied and evaluated), with the load average then: other work on the machine
+# slows every node, so quote both. Stops the swarm
 # and removes the directory afterwards. Needs the prepared corpus (runs/data/kjv), as
 # `make run` does.
 set -euo pipefail
@@ -35,7 +36,7 @@ trap cleanup EXIT
 start=$(date +%s.%N)
 SWARMLM_NODE_ARGS="$args" bash scripts/start_test_network.sh "$N" >"$dir/start.log" 2>&1 &
 log="$TESTNET_DIR/logs/node-1.log"
-until grep -qE '^round +1 ' "$log" 2>/dev/null; do
+until grep -qE '^round +1 +members' "$log" 2>/dev/null; do
     if [ "$(echo "$(date +%s.%N) - $start > $TIMEOUT" | bc)" = 1 ]; then
         echo "no decided round within ${TIMEOUT}s; node 1 log:" >&2
         tail -n 20 "$log" >&2 || true

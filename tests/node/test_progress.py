@@ -20,9 +20,10 @@ class FakeRuntime:
         )
         self.p2p = SimpleNamespace(connections={})
         self.swarm: Any = None
+        self.last_round: dict[str, Any] | None = None
 
     def training(self) -> dict[str, Any]:
-        return {"state": self.state}
+        return {"state": self.state, "last_round": self.last_round}
 
     def is_round_member(self, peer: str) -> bool:
         return peer != "annotator"
@@ -38,7 +39,7 @@ def test_a_starting_node_says_loading_then_waiting_for_peers_then_training_with_
     rt.p2p.connections = {"peer-b": object(), "annotator": object()}
     printer.poll(rt)
     assert lines[-1].startswith("waiting for peers: 2 of 3 round members connected")
-    rt.swarm.proto = SimpleNamespace(last_decided=0)
+    rt.swarm.proto = SimpleNamespace(last_decided=0, start_round=1)
     printer.poll(rt)
     assert lines[-1] == "evaluating the initial model"
     rt.state = "training"
@@ -51,6 +52,9 @@ def test_a_starting_node_says_loading_then_waiting_for_peers_then_training_with_
     printer.poll(rt)
     assert lines[-1] == "round 1: local phase done, waiting for the round's decision"
     rt.swarm.proto.last_decided = 1
+    printer.poll(rt)
+    assert lines[-1] == "round 1 decided: applying it and evaluating"
+    rt.last_round = {"round": 1}  # the node printed "round 1 ..."
     printer.poll(rt)
     assert lines[-1].startswith("training round 2  [-")
 

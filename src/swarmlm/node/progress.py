@@ -76,7 +76,16 @@ def activity(runtime: Any, round_base: dict[int, int]) -> Activity | None:
         return Activity("joining", f"forming the membership with {have} round members")
     if state == "starting":
         return Activity("evaluating", "evaluating the initial model")
-    r = int(proto.last_decided) + 1
+    decided = int(proto.last_decided)
+    last = runtime.training().get("last_round") or {}
+    reported = int(last.get("round", int(getattr(proto, "start_round", 1)) - 1))
+    if decided > reported and not voter:
+        # decided, not yet printed: the node applies the aggregate and evaluates first, and
+        # "training round r + 1" here would appear above the "round r" line
+        return Activity(
+            "applying", f"round {decided} decided: applying it and evaluating", round=decided
+        )
+    r = decided + 1
     if voter:
         return Activity("voting", f"voting in round {r}", round=r)
     sw = cfg.swarm
