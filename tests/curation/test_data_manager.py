@@ -194,3 +194,27 @@ def test_reviews_feed_reputation_reassign_rejections_and_reach_the_annotator(
         "rejected",
         "the soup was cold: negative",
     )
+
+
+def test_many_matches_walk_the_sort_index_and_agree_with_few(
+    store: CurationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past COUNT_CAP matches the page comes from the sort's index, not a sort in Python:
+    both paths must give the same rows (here the cap is lowered to force the index path)."""
+    from swarmlm.curation import data_manager as dm
+
+    ts_id, _ = _annotated_set(store)
+    expected = {}
+    for sort in ("id", "-id", "agreement", "-agreement", "annotations", "-confidence"):
+        f = TaskFilter(status="finalised")
+        expected[sort] = [
+            r.id for r in query_tasks(store, ts_id, f, sort=sort, per_page=3, page=2).rows
+        ]
+    monkeypatch.setattr(dm, "COUNT_CAP", 2)
+    for sort, ids in expected.items():
+        page = query_tasks(
+            store, ts_id, TaskFilter(status="finalised"), sort=sort, per_page=3, page=2
+        )
+        assert page.total_capped
+        assert page.total == 2
+        assert [r.id for r in page.rows] == ids, sort
