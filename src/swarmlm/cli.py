@@ -38,6 +38,7 @@ _REGISTRARS: dict[str, tuple[str, str]] = {
     "status": ("swarmlm.node.status", "add_status_parser"),
     "config": ("swarmlm.config_cli", "add_config_parser"),
     "demo": ("swarmlm.demo", "add_demo_parser"),
+    "sim": ("swarmlm.sim.cli", "add_sim_parser"),
 }
 
 USAGE_EXIT = 2

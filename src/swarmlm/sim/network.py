@@ -124,6 +124,13 @@ class SimNetwork:
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, ctx: dict[str, Any]) -> None:
         exc = ctx.get("exception")
         what = repr(exc) if exc is not None else str(ctx.get("message"))
+        if exc is not None and exc.__traceback__ is not None:
+            frames = [
+                f"{f.filename.split('/src/')[-1]}:{f.lineno} {f.name}"
+                for f in traceback.extract_tb(exc.__traceback__)
+                if "swarmlm" in f.filename
+            ]
+            what += " at " + " <- ".join(reversed(frames[-4:]))
         if isinstance(exc, SimulatorInvariantError):
             raise exc
         self.failures.append(f"loop: {what}")
@@ -164,7 +171,7 @@ class SimNetwork:
             done = now + cost
         t = done + self.latency(src, dst) + self.rng.expovariate(1.0 / m.jitter_mean)
         if not m.reorder:
-            t = max(t, self._last_arrival.get((src, dst), 0.0))
+            t = max(t, self._last_arrival.get((src, dst), 0.0) + 1e-9)  # strictly FIFO
             self._last_arrival[(src, dst)] = t
         return t
 
@@ -257,7 +264,8 @@ class SimNetwork:
         now = self.loop.time()
         # the first chunk follows whatever was sent on this link before it (TCP order)
         link = (src.node_id, dst)
-        first = max(now + self.latency(*link), self._last_arrival.get(link, 0.0))
+        # (strictly after: two events at one instant run in heap order, not send order)
+        first = max(now + self.latency(*link), self._last_arrival.get(link, 0.0) + 1e-6)
         done = self._arrival(src.node_id, dst, size + FRAME_OVERHEAD, bulk=True)
         st.in_flight += 1
         state: dict[str, bool] = {}

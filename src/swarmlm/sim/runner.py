@@ -161,8 +161,11 @@ class ScheduleResult:
         faults = ",".join(s.faults) or "none"
         cmd = (
             f"PYTHONHASHSEED=0 swarmlm sim --peers {s.peers} --byzantine {s.byzantine} "
-            f"--faults {faults} --seed {self.seed} --payload-size {s.payload_size} --trace"
+            f"--faults {faults} --seed {self.seed} --payload-size {s.payload_size} "
+            f"--fault-window {s.fault_window:g} --liveness-bound {s.liveness_bound:g} --trace"
         )
+        if s.max_rounds is not None:
+            cmd += f" --rounds {s.max_rounds}"
         return cmd + ("" if s.require_liveness else " --safety-only")
 
     def report(self) -> str:
