@@ -74,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="steps per precision (default 600)")
     p.add_argument("--eval-batches", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--precision",
+        action="append",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="run only this side (repeatable; runs are deterministic, so sides may be split "
+        "over invocations and compared from their JSON)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     steps = args.steps or (150 if args.quick else 600)
@@ -86,12 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_native_bf16": cpu_has_native_bf16(),
     }
     with tempfile.TemporaryDirectory(prefix="swarmlm-bf16-") as tmp:
-        for precision in ("fp32", "bf16"):
+        for precision in args.precision or ("fp32", "bf16"):
             stderr_console.print(f"training {steps} steps at {precision} ...")
             results[precision] = train(precision, steps, args.eval_batches, Path(tmp), args.threads)
             stderr_console.print(results[precision])
     results["environment_end"] = environment()
     results["contention"] = contention(results["environment_start"], results["environment_end"])
+    if "fp32" not in results or "bf16" not in results:
+        side = "fp32" if "fp32" in results else "bf16"
+        write_json(args.out / f"{NAME}_{side}.json", results)
+        emit_headline({"steps": steps, f"{side}_val_bpb": results[side]["val_bpb"]})
+        return 0
     rel = (results["bf16"]["val_bpb"] - results["fp32"]["val_bpb"]) / results["fp32"]["val_bpb"]
     headline = {
         "steps": steps,
