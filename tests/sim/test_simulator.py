@@ -4,19 +4,33 @@ virtual time (issue 18). No timing assertions: every number here is virtual."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from swarmlm.p2p.errors import MessageRejectedError
 from swarmlm.p2p.node_api import ProtocolNode
 from swarmlm.sim.byzantine import BEHAVIOURS
 from swarmlm.sim.errors import ScheduleError, SimulatorDeadlockError
 from swarmlm.sim.loop import VirtualTimeLoop
 from swarmlm.sim.network import LinkModel, SimNetwork
 from swarmlm.sim.node import SimNode
-from swarmlm.sim.runner import NETWORK_FAULTS, ScheduleSpec, _identity, run_schedule, sim_config
+from swarmlm.sim.runner import (
+    NETWORK_FAULTS,
+    ScheduleSpec,
+    Simulation,
+    _identity,
+    run_schedule,
+    shared_verification,
+    sim_config,
+)
 
 # a short fault window and liveness bound keep a schedule to a fraction of a CPU second
 FAST: dict[str, Any] = {"fault_window": 3.0, "liveness_bound": 30.0, "trace_messages": False}
@@ -75,64 +89,69 @@ def test_same_seed_gives_the_same_trace_and_another_seed_another() -> None:
     assert a.trace_digest != c.trace_digest
 
 
-@pytest.mark.parametrize(
-    "faults",
-    [
-        ("crash", "partition", "pause"),
-        ("oneway", "loss", "duplicate", "reorder"),
-        ("slowcpu", "skew", "crash"),
-        ("equivocate", "split_propose", "withhold", "replay", "partition"),
-        ("garbage", "pad_cert", "flood", "lie_catchup", "slow", "loss"),
-    ],
-)
+def sim_batch(
+    peers: int, byzantine: int, faults: tuple[str, ...], seeds: range
+) -> list[dict[str, Any]]:
+    """Run schedules through ``swarmlm sim --json`` in a child with ``PYTHONHASHSEED=0``:
+    set iteration order follows the hash seed, so this is what makes a seed name one trace
+    whatever the test runner's own hash seed (the repro commands set it too)."""
+    cmd = [sys.executable, "-m", "swarmlm.cli", "sim", "--json", "--peers", str(peers),
+           "--byzantine", str(byzantine), "--faults", ",".join(faults) or "none",
+           "--first-seed", str(seeds.start), "--seeds", str(len(seeds)),
+           "--fault-window", "3", "--liveness-bound", "30"]  # fmt: skip
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(seeds), out.stderr[-2000:]
+    return rows
+
+
+MIXES = [
+    ("crash", "partition", "pause"),
+    ("oneway", "loss", "duplicate", "reorder"),
+    ("slowcpu", "skew", "crash"),
+    ("equivocate", "split_propose", "withhold", "replay", "partition"),
+    ("garbage", "pad_cert", "flood", "lie_catchup", "slow", "loss"),
+]
+
+
+@pytest.mark.parametrize("faults", MIXES, ids=["-".join(m[:2]) for m in MIXES])
 def test_fault_schedules_stay_safe_bounded_and_exception_free(faults: tuple[str, ...]) -> None:
-    """Twenty schedules per fault mix, n = 4..7 with f Byzantine members: safety, bounded
-    tables and no unhandled exception hold on every one (liveness: see the next tests)."""
-    for seed in range(20):
-        n = 4 + seed % 4
-        spec = ScheduleSpec(peers=n, byzantine=(n - 1) // 3, faults=faults, **FAST)
-        res = run_schedule(seed, spec)
-        assert res.simulator_error is None, res.report()
-        assert not res.safety_violations, res.report()
-        assert not res.exceptions, res.report()
-        assert not res.memory_violations, res.report()
-        assert res.rounds_decided > 0, res.report()
+    """Six schedules per fault mix and size, n = 4 and 7 with f Byzantine members when
+    the mix has Byzantine behaviours: safety, bounded tables, no unhandled exception and
+    no simulator error on every one (liveness: the next tests)."""
+    for n in (4, 7):
+        byz = (n - 1) // 3 if set(faults) & set(BEHAVIOURS) else 0
+        for row in sim_batch(n, byz, faults, range(6)):
+            assert row["verdict"] in ("ok", "liveness"), row
+            assert row["rounds"] > 0, row
 
 
 def test_crash_partition_and_pause_schedules_are_live_after_the_faults_heal() -> None:
-    for seed in range(20):
-        n = 4 + seed % 4
-        spec = ScheduleSpec(peers=n, faults=("crash", "partition", "pause"), **FAST)
-        res = run_schedule(seed, spec)
-        assert res.ok, res.report()
+    for n in (4, 5, 7):
+        for row in sim_batch(n, 0, ("crash", "partition", "pause"), range(1, 9)):
+            assert row["verdict"] == "ok", row
 
 
 # Failing seeds found by the simulator (issue 18): findings about the protocol, kept as
 # expected failures with their seed until the liveness work (issue 10) fixes them. Each is
-# reproduced by the command in its report (ScheduleResult.repro).
-KNOWN_LIVENESS_FAILURES = [
-    # 7 peers: partition 3|4 + 27% loss, a crash and restart, then all heals; the restarted
-    # node and one other stay at round 2 while the other five go on deciding
-    pytest.param(11, 7, ("crash", "partition", "pause", "loss"), id="seed11-n7-crash-loss"),
-    # 5 peers: message loss (up to 21%) during a 2|3 partition; after it heals no honest
-    # node decides again within 30 s (lost votes are not re-sent without a reconnect)
-    pytest.param(25, 5, ("crash", "partition", "pause", "loss"), id="seed25-n5-loss"),
-    # 7 peers, 2 equivocating members, crash + partition: stuck at round 1 after heal
-    pytest.param(0, 7, ("crash", "partition", "equivocate"), id="seed0-n7-equivocate"),
+# reproduced by the repro command of its row (PYTHONHASHSEED=0).
+KNOWN_LIVENESS_FAILURES: list[Any] = [
+    # n = 4: a node crashed at 2.68 s and restarted at 4.11 s (resuming from its last
+    # decision) judges the next proposals "from a non-leader" (it does not know who
+    # contributed to the round before, so it rotates the leader over all members), rejects
+    # them as invalid, blacklists all three honest peers and stays at round 6 for good
+    pytest.param(0, 4, 0, ("crash", "partition", "pause"), id="seed0-n4-restart-blacklists"),
 ]
 
 
 @pytest.mark.xfail(reason="liveness defects found by the simulator (issue 18 findings)")
-@pytest.mark.parametrize(("seed", "n", "faults"), KNOWN_LIVENESS_FAILURES)
+@pytest.mark.parametrize(("seed", "n", "byzantine", "faults"), KNOWN_LIVENESS_FAILURES)
 def test_known_liveness_failures_are_live_after_the_faults_heal(
-    seed: int, n: int, faults: tuple[str, ...]
+    seed: int, n: int, byzantine: int, faults: tuple[str, ...]
 ) -> None:
-    byz = (n - 1) // 3 if any(f in BEHAVIOURS for f in faults) else 0
-    window: dict[str, Any] = {} if seed == 0 else FAST
-    res = run_schedule(seed, ScheduleSpec(peers=n, byzantine=byz, faults=faults, **window))
-    assert res.simulator_error is None
-    assert not res.safety_violations
-    assert res.liveness_failure is None, res.report()
+    (row,) = sim_batch(n, byzantine, faults, range(seed, seed + 1))
+    assert row["verdict"] == "ok", row
 
 
 def test_bad_input_gets_a_clear_error() -> None:
@@ -166,3 +185,47 @@ def test_a_simulator_defect_is_reported_as_such_not_as_a_protocol_bug(
     res = run_schedule(1, ScheduleSpec(peers=4, faults=(), **FAST))
     assert res.verdict == "simulator_error"
     assert "accounting" in (res.simulator_error or "")
+
+
+@pytest.mark.xfail(
+    reason="finding (issue 18): an invalid message buffered for a future round raises out "
+    "of _ensure_round when the round opens, aborting the caller and the rest of the buffer",
+    raises=MessageRejectedError,
+)
+def test_an_invalid_buffered_message_does_not_escape_when_its_round_opens(
+    tmp_path: Path,
+) -> None:
+    """Seen in the soak as an unhandled task exception ("prepared certificate: 400
+    signatures for 7 members") with a ``pad_cert`` member: the padded VIEWCHANGE passes the
+    shape check (check_body) and is buffered; it is fully checked only when its round opens,
+    inside ``_ensure_round``, which calls ``_handle`` without catching the rejection. From
+    ``_decide`` in a handler the rejection is charged to the peer whose COMMIT completed the
+    decision; from a task it escapes the task. Either way the buffered messages behind it
+    are dropped and ``_decide`` stops before asking for the next round."""
+    with shared_verification():
+        sim = Simulation(2, ScheduleSpec(peers=4, faults=()), tmp_path)
+        a, b = sim.genesis[0], sim.genesis[1]
+
+        async def scenario() -> None:
+            for m in sim.genesis:
+                sim._start_protocol(m)
+            pa = sim.protos[a]
+            while pa.last_decided < 2:
+                await asyncio.sleep(0.1)
+            r = pa.last_decided + 2  # a future round: buffered, not open
+            pb = sim.protos[b]
+            vote = pb.node.sign("prepare", {"view": 0, "h": bytes(32)}, r)
+            prop = pb.node.sign("ping", {})
+            cert = {"proposal": prop.to_wire(), "votes": [vote.to_wire()] * 400}
+            vc = pb.node.sign("viewchange", {"view": 1, "prepared": cert}, r)
+            pa._handle(vc, b)
+            assert pa.future.held_by(b) >= 1
+            pa._members[r] = pa._members[r - 1]
+            pa.rounds.pop(r - 1, None)
+            pa.last_decided = r - 1
+            pa._ensure_round(r)  # must not raise
+
+        try:
+            sim.net.loop.run_until_complete(scenario())
+        finally:
+            sim.shutdown()
