@@ -107,8 +107,11 @@ class CatchUp(ProtocolCore):
     def _catchup_target(self, r: int) -> tuple[int, dict[str, Any]] | None:
         """The certificate to answer a ``decided_req`` for round ``r`` with, and its round.
 
-        Round ``r`` itself while its payloads are still served (the asker can apply it).
-        From further behind (more than ``keep_rounds / 2``, or ``r`` pruned here), the
+        Round ``r`` itself while every round from ``r`` to our newest still has its payloads
+        served (at most ``keep_rounds`` behind): the asker walks them at network speed and
+        can apply each (the rounds it is more than ``keep_rounds / 2`` behind, it decides
+        from their certificates alone, ``skipped``). From further behind, or ``r`` pruned
+        here, the
         certificate of the last round of ``r``'s membership epoch, i.e. the first decision at
         or after ``r`` that changed the membership, or our newest when none did: the asker
         checks it against the membership it knows (``m``) and jumps there in one exchange,
@@ -116,7 +119,7 @@ class CatchUp(ProtocolCore):
         None when we have not decided ``r`` or cannot name that epoch's end."""
         if r > self.last_decided:
             return None
-        far = r + self.cfg.keep_rounds // 2 < self.last_decided
+        far = r + self.cfg.keep_rounds < self.last_decided
         if r in self.decisions and (not far or r < self._epochs_from):
             return r, self.decisions[r].certificate
         if r < self._epochs_from:

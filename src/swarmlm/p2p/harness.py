@@ -110,6 +110,8 @@ async def _worker(args: argparse.Namespace) -> None:
         r = first
         while r < end:
             r = skip_to(r)
+            if r >= end:
+                break  # caught up past the last round asked for
             behind = r in proto.decisions or proto.highest_seen > r
             if pace > 0 and last_start is not None and not behind:
                 await asyncio.sleep(max(0.0, min(last_start + pace, deadline) - time.monotonic()))
