@@ -218,5 +218,8 @@ def test_a_rank_that_dies_makes_its_peer_exit_with_an_error(tmp_path: Path) -> N
     out0, err0 = procs[0].communicate(timeout=120)
     procs[1].communicate(timeout=30)
     assert procs[1].returncode == 3
-    assert procs[0].returncode == 4, err0[-2000:]
-    assert "peer failure surfaced" in out0
+    assert "peer failure surfaced" in out0, err0[-2000:]
+    # 4 from sys.exit, or SIGABRT (-6) when gloo's threads abort while the interpreter tears
+    # down a group whose peer died ("terminate called without an active exception", seen
+    # in a CI run under load): an error exit either way, never a hang or a success
+    assert procs[0].returncode in (4, -6), err0[-2000:]
