@@ -538,3 +538,35 @@ def test_a_laggard_fetching_from_a_duplicated_peer_list_asks_each_peer_once_unpu
             await _close(nodes, protos)
 
     run(go())
+
+
+def test_an_invalid_buffered_message_is_charged_when_its_round_opens() -> None:
+    """Found by the simulator (issue 18): a padded VIEWCHANGE for a future round passes the
+    shape check and is buffered; it is fully checked only when its round opens. The
+    rejection used to raise out of ``_ensure_round``, aborting ``_decide`` before it asked
+    for the next round and dropping every buffered message behind it."""
+
+    async def go() -> None:
+        node = await start_node(round_timeout=30.0)
+        signers = {s.identity.node_id: s for s in POOL[:3]}
+        members = sorted([*signers, node.node_id])
+        proto = RoundProtocol(node, members)
+        who, byz = next(iter(signers.items()))
+        try:
+            vote = byz.sign("prepare", {"view": 0, "h": bytes(32)}, 2)
+            prop = byz.sign("ping", {})
+            cert = {"proposal": prop.to_wire(), "votes": [vote.to_wire()] * 400}
+            proto._handle(byz.sign("viewchange", {"view": 1, "prepared": cert}, 2), who)
+            assert proto.future.held_by(who) >= 1
+            # round 1 decided (as _decide leaves it), round 2 opens with the buffer
+            proto.rounds.pop(1).abandoned = True
+            proto._members[2] = members
+            proto.last_decided = 1
+            assert proto._ensure_round(2) is not None  # must not raise
+            assert proto.stats["buffered_rejected"] == 1
+            assert node.scores.score(who) < 0  # its sender pays
+        finally:
+            proto.close()
+            await node.stop()
+
+    run(go())

@@ -10,12 +10,10 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from swarmlm.p2p.errors import MessageRejectedError
 from swarmlm.p2p.node_api import ProtocolNode
 from swarmlm.sim.byzantine import BEHAVIOURS
 from swarmlm.sim.errors import ScheduleError, SimulatorDeadlockError
@@ -25,10 +23,8 @@ from swarmlm.sim.node import SimNode
 from swarmlm.sim.runner import (
     NETWORK_FAULTS,
     ScheduleSpec,
-    Simulation,
     _identity,
     run_schedule,
-    shared_verification,
     sim_config,
 )
 
@@ -187,45 +183,6 @@ def test_a_simulator_defect_is_reported_as_such_not_as_a_protocol_bug(
     assert "accounting" in (res.simulator_error or "")
 
 
-@pytest.mark.xfail(
-    reason="finding (issue 18): an invalid message buffered for a future round raises out "
-    "of _ensure_round when the round opens, aborting the caller and the rest of the buffer",
-    raises=MessageRejectedError,
-)
-def test_an_invalid_buffered_message_does_not_escape_when_its_round_opens(
-    tmp_path: Path,
-) -> None:
-    """Seen in the soak as an unhandled task exception ("prepared certificate: 400
-    signatures for 7 members") with a ``pad_cert`` member: the padded VIEWCHANGE passes the
-    shape check (check_body) and is buffered; it is fully checked only when its round opens,
-    inside ``_ensure_round``, which calls ``_handle`` without catching the rejection. From
-    ``_decide`` in a handler the rejection is charged to the peer whose COMMIT completed the
-    decision; from a task it escapes the task. Either way the buffered messages behind it
-    are dropped and ``_decide`` stops before asking for the next round."""
-    with shared_verification():
-        sim = Simulation(2, ScheduleSpec(peers=4, faults=()), tmp_path)
-        a, b = sim.genesis[0], sim.genesis[1]
-
-        async def scenario() -> None:
-            for m in sim.genesis:
-                sim._start_protocol(m)
-            pa = sim.protos[a]
-            while pa.last_decided < 2:
-                await asyncio.sleep(0.1)
-            r = pa.last_decided + 2  # a future round: buffered, not open
-            pb = sim.protos[b]
-            vote = pb.node.sign("prepare", {"view": 0, "h": bytes(32)}, r)
-            prop = pb.node.sign("ping", {})
-            cert = {"proposal": prop.to_wire(), "votes": [vote.to_wire()] * 400}
-            vc = pb.node.sign("viewchange", {"view": 1, "prepared": cert}, r)
-            pa._handle(vc, b)
-            assert pa.future.held_by(b) >= 1
-            pa._members[r] = pa._members[r - 1]
-            pa.rounds.pop(r - 1, None)
-            pa.last_decided = r - 1
-            pa._ensure_round(r)  # must not raise
-
-        try:
-            sim.net.loop.run_until_complete(scenario())
-        finally:
-            sim.shutdown()
+# The second finding (an invalid message buffered for a future round escaped from
+# _ensure_round when the round opened) is fixed; its regression test is
+# tests/p2p/test_certificates.py::test_an_invalid_buffered_message_is_charged_when_its_round_opens.

@@ -14,7 +14,7 @@ from typing import Any
 
 from swarmlm.p2p.certificates import check_entries_shape, check_members_hash, members_hash
 from swarmlm.p2p.errors import ConsensusError, MessageRejectedError, TransportError
-from swarmlm.p2p.messages import SignedMessage, open_signed
+from swarmlm.p2p.messages import UNSCORED, SignedMessage, open_signed
 from swarmlm.p2p.round_state import Decision, Entry, ProtocolCore, _distinct, _Round, log
 from swarmlm.p2p.wire import DIGEST_SIZE, Payload, digest_of
 
@@ -105,7 +105,17 @@ class NormalCase(ProtocolCore):
         self._spawn(self._timer(st))
         st.waiting.update(self._early_reqs.pop(r, set()))
         for msg, peer in self.future.pop(r):
-            self._handle(msg, peer)
+            try:
+                self._handle(msg, peer)
+            except MessageRejectedError as exc:
+                # Fully checked only now that its round is open: charge its sender as the
+                # transport would, and go on with the rest of the buffer. Raised out of here
+                # it aborted the caller (_decide, before asking for the next round) and
+                # dropped every message behind it (found by the simulator, issue 18).
+                self.stats["buffered_rejected"] += 1
+                if exc.reason not in UNSCORED:
+                    self.node.scores.penalize(peer, exc.reason)
+                log.info("buffered %s from %s refused: %s", msg.kind, peer[:12], exc.detail)
         self._changed.set()
         return st
 
