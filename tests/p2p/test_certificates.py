@@ -570,3 +570,21 @@ def test_an_invalid_buffered_message_is_charged_when_its_round_opens() -> None:
             await node.stop()
 
     run(go())
+
+
+def test_a_decision_certificate_may_pair_an_earlier_views_proposal_with_later_commits() -> None:
+    """h does not depend on the view: q COMMITs of view 1 for the re-proposal of view 0's
+    entries decide that proposal (a restarted node refused such certificates and
+    blacklisted its honest peers: simulator finding). The commits must share one view."""
+    signers = _by_id(4)
+    members = sorted(signers)
+    prop = _proposal(members, 3, 0, signers)
+    v1 = [signers[m].sign("commit", {"view": 1, "h": _h(prop)}, 3).to_wire() for m in members]
+    leader = lambda v: leader_of(members, 3, v)  # noqa: E731
+    cert = check_decision_certificate({"proposal": prop.to_wire(), "commits": v1}, members, 3,
+                                      leader, 3)  # fmt: skip
+    assert {c.view for c in cert.commits} == {1}
+    v2 = signers[members[0]].sign("commit", {"view": 2, "h": _h(prop)}, 3).to_wire()
+    with pytest.raises(MessageRejectedError, match="another slot"):
+        check_decision_certificate({"proposal": prop.to_wire(), "commits": [*v1[1:], v2]},
+                                   members, 3, leader, 3)  # fmt: skip

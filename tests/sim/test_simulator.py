@@ -133,15 +133,15 @@ def test_crash_partition_and_pause_schedules_are_live_after_the_faults_heal() ->
 # expected failures with their seed until the liveness work (issue 10) fixes them. Each is
 # reproduced by the repro command of its row (PYTHONHASHSEED=0).
 KNOWN_LIVENESS_FAILURES: list[Any] = [
-    # n = 4: a node crashed at 2.68 s and restarted at 4.11 s (resuming from its last
-    # decision) judges the next proposals "from a non-leader" (it does not know who
-    # contributed to the round before, so it rotates the leader over all members), rejects
-    # them as invalid, blacklists all three honest peers and stays at round 6 for good
+    # n = 4: a node crashed at 2.68 s and restarted at 4.11 s refused every certificate of
+    # round 7 as "too few commits" and blacklisted all three honest peers: round 7 decided
+    # in view 1 on the re-proposal of view 0's entries (same h), and the certificates paired
+    # the view-0 proposal with view-1 commits. Fixed (producer and receivers); kept as a
+    # regression test
     pytest.param(0, 4, 0, ("crash", "partition", "pause"), id="seed0-n4-restart-blacklists"),
 ]
 
 
-@pytest.mark.xfail(reason="liveness defects found by the simulator (issue 18 findings)")
 @pytest.mark.parametrize(("seed", "n", "byzantine", "faults"), KNOWN_LIVENESS_FAILURES)
 def test_known_liveness_failures_are_live_after_the_faults_heal(
     seed: int, n: int, byzantine: int, faults: tuple[str, ...]

@@ -167,14 +167,17 @@ class CatchUp(ProtocolCore):
         view, h = prop.body["view"], self._phash(prop)
         if not self._certified_leader_ok(st, view, prop.sender):
             raise MessageRejectedError("invalid", f"decision from {peer[:12]}: wrong leader")
-        commits = {}
         precheck_signers(msg.body["commits"], members, f"decision from {peer[:12]}")
         relayed = [open_signed(w) for w in msg.body["commits"]]
         self._cross_check_votes(st, relayed)
+        # q COMMITs for h in one view decide h, whichever view's proposal shows its contents
+        # (h does not depend on the view): a round decided in view 1 on the re-proposal of
+        # view 0's entries may come with the view-0 proposal (issue 18 simulator finding)
+        by_view: dict[int, dict[str, SignedMessage]] = {}
         for c in relayed:
-            if (c.kind == "commit" and c.round == r and c.body["view"] == view
-                    and c.body["h"] == h and c.sender in members):  # fmt: skip
-                commits[c.sender] = c
+            if c.kind == "commit" and c.round == r and c.body["h"] == h and c.sender in members:
+                by_view.setdefault(c.body["view"], {})[c.sender] = c
+        cview, commits = max(by_view.items(), key=lambda kv: len(kv[1]), default=(view, {}))
         if len(commits) < quorum(len(members), self.cfg.consensus_threshold):
             raise MessageRejectedError("invalid", f"decision from {peer[:12]}: too few commits")
         self.stats["caught_up_rounds"] += 1
@@ -186,8 +189,8 @@ class CatchUp(ProtocolCore):
         if old is not prop and self._phash(old) != h:
             self._record_equivocation(old, prop)
         for c in commits.values():
-            st.votes.setdefault(("commit", view, h), {})[c.sender] = c
-        self._try_decide(st, view, h, commits)
+            st.votes.setdefault(("commit", cview, h), {})[c.sender] = c
+        self._try_decide(st, cview, h, commits)
 
     def _jump(self, msg: SignedMessage, peer: str) -> bool:
         """Decide round ``msg.round``, later than the next one, from its certificate alone
@@ -225,7 +228,7 @@ class CatchUp(ProtocolCore):
         st = _Round(r, list(members), t0=self.node.now(), threshold=self.cfg.consensus_threshold)
         self.rounds[r] = st
         # every commit in it was verified for this slot: it is the certificate we pass on
-        self._decide(st, prop, cert.proposal.view, dict(msg.body), skipped=True)
+        self._decide(st, prop, cert.commits[0].view, dict(msg.body), skipped=True)
         return True
 
 

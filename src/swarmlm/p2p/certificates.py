@@ -270,13 +270,21 @@ def _signed_set(wires: object, members: list[str], q: int, what: str) -> list[An
     return wires
 
 
-def _votes_for(wires: list[Any], phase: Phase, prop: Proposal, what: str) -> list[Vote]:
+def _votes_for(
+    wires: list[Any], phase: Phase, prop: Proposal, what: str, any_view: bool = False
+) -> list[Vote]:
     """Verify each vote (the costly step, at most ``n`` of them) and require it to be for
-    exactly ``prop``'s slot: an honest certificate never carries another vote."""
+    exactly ``prop``'s slot: an honest certificate never carries another vote.
+
+    ``any_view``: the votes may be of a later view than the proposal, all of one view (a
+    decision in view 1 on the re-proposal of view 0's entries has the same ``h``)."""
     votes = []
-    for w in wires:
+    view = prop.view
+    for i, w in enumerate(wires):
         v = parse_vote(open_signed(w))
-        if (v.phase, v.round, v.view, v.h) != (phase, prop.round, prop.view, prop.h):
+        if any_view and i == 0 and v.view >= prop.view:
+            view = v.view
+        if (v.phase, v.round, v.view, v.h) != (phase, prop.round, view, prop.h):
             raise _invalid(f"{what}: the vote of {v.sender[:12]} is for another slot")
         votes.append(v)
     return votes
@@ -297,7 +305,8 @@ def check_decision_certificate(
     wires = _signed_set(cert["commits"], members, q, "decision certificate")
     prop = parse_proposal(open_signed(cert["proposal"]), round, leader, phash)
     check_members_hash(prop.msg, members, "decision certificate")
-    return DecisionCertificate(prop, _votes_for(wires, Phase.COMMIT, prop, "decision certificate"))
+    commits = _votes_for(wires, Phase.COMMIT, prop, "decision certificate", any_view=True)
+    return DecisionCertificate(prop, commits)
 
 
 def verify_equivocation_proof(

@@ -313,8 +313,13 @@ class NormalCase(ProtocolCore):
         self._progress(st)
 
     def _try_decide(self, st: _Round, view: int, h: bytes, commits: dict[str, Any]) -> None:
-        prop = st.certified.get(h) or next(
-            (p for p in st.proposals.values() if self._phash(p) == h), None
+        # the proposal of the view that decided, so the certificate's proposal and commits
+        # name one view (a re-proposal in view 1 has view 0's hash: the first match found
+        # used to be view 0's, and receivers refused the certificate as "too few commits")
+        own = st.proposals.get(view)
+        prop = (own if own is not None and self._phash(own) == h else None) or (
+            st.certified.get(h)
+            or next((p for p in st.proposals.values() if self._phash(p) == h), None)
         )
         if prop is None:
             self._request_decided(st.round, list(commits))
