@@ -7,6 +7,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
+
+import swarmlm.p2p.messages as messages_mod
 from swarmlm.p2p.config import P2PConfig
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.transport import P2PNode
@@ -54,3 +57,17 @@ async def stop_all(nodes: list[P2PNode]) -> None:
 
 def run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 60))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def verify_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts Ed25519 verifications (the costly step) done through open_signed."""
+    calls = [0]
+    real = messages_mod.verify_signature
+
+    def counting(pk: bytes, sig: bytes, data: bytes) -> bool:
+        calls[0] += 1
+        return real(pk, sig, data)
+
+    monkeypatch.setattr(messages_mod, "verify_signature", counting)
+    return calls

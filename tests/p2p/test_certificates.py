@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import swarmlm.p2p.messages as messages_mod
 from swarmlm.p2p.certificates import (
     Admit,
     FutureBuffer,
@@ -57,20 +56,6 @@ def _proposal(members: list[str], r: int, view: int, signers: dict[str, MessageS
 def _h(prop: SignedMessage) -> bytes:
     b = prop.body
     return proposal_hash(prop.round, b["entries"], b["changes"], b["m"])
-
-
-@pytest.fixture
-def verify_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts Ed25519 verifications (the costly step) done through open_signed."""
-    calls = [0]
-    real = messages_mod.verify_signature
-
-    def counting(pk: bytes, sig: bytes, data: bytes) -> bool:
-        calls[0] += 1
-        return real(pk, sig, data)
-
-    monkeypatch.setattr(messages_mod, "verify_signature", counting)
-    return calls
 
 
 # -- pure rules ----------------------------------------------------------------------------

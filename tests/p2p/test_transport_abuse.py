@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-import swarmlm.p2p.messages as messages_mod
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.messages import MessageSigner, SignedMessage
 from swarmlm.p2p.tls import make_contexts, write_tls_files
@@ -179,22 +178,8 @@ def test_peer_lists_are_rate_limited_and_teach_a_bounded_number_of_new_peers() -
     run(go())
 
 
-@pytest.fixture
-def verifies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts Ed25519 verifications of signed messages (the costly step)."""
-    calls = [0]
-    real = messages_mod.verify_signature
-
-    def counting(pk: bytes, sig: bytes, data: bytes) -> bool:
-        calls[0] += 1
-        return real(pk, sig, data)
-
-    monkeypatch.setattr(messages_mod, "verify_signature", counting)
-    return calls
-
-
 def test_a_peer_flooding_requests_is_throttled_and_charged_but_a_burst_is_not(
-    verifies: list[int],
+    verify_calls: list[int],
 ) -> None:
     async def go() -> None:
         node = await start_node(request_rate=20.0, request_burst=50)
@@ -212,12 +197,12 @@ def test_a_peer_flooding_requests_is_throttled_and_charged_but_a_burst_is_not(
             assert node.scores.score(flooder.node_id) == 0.0
             # a flood: most is dropped, counted, and the sender loses score; what is dropped
             # for its rate costs no signature check (review of issue 17: it used to)
-            before = verifies[0]
+            before = verify_calls[0]
             for _ in range(2000):
                 flooder.send(node.node_id, flooder.sign("status_req", {}))
             await until(lambda: node.counters["requests_rate_limited"] >= 1500, 10)
             assert len(served) < 50 + 200
-            assert verifies[0] - before < 300
+            assert verify_calls[0] - before < 300
             assert node.scores.score(flooder.node_id) < 0
             assert not node.scores.is_blacklisted(flooder.node_id)  # one flood is no ban
             # other kinds from the same peer are not throttled
@@ -232,7 +217,7 @@ def test_a_peer_flooding_requests_is_throttled_and_charged_but_a_burst_is_not(
 
 
 def test_a_frame_sent_twice_reaches_the_handler_once_and_costs_nothing(
-    verifies: list[int],
+    verify_calls: list[int],
 ) -> None:
     async def go() -> None:
         node = await start_node()
@@ -252,11 +237,11 @@ def test_a_frame_sent_twice_reaches_the_handler_once_and_costs_nothing(
             assert got.count(msg.seq) == 1
             assert node.scores.score(sender.node_id) == 0.0
             # copies of a message already held are dropped before the signature check
-            before = verifies[0]
+            before = verify_calls[0]
             for _ in range(20):
                 sender.send(node.node_id, msg)
             await until(lambda: node.validator.dropped["duplicate"] >= 21, 5)
-            assert verifies[0] - before < 5
+            assert verify_calls[0] - before < 5
         finally:
             await stop_all([sender, node])
 
