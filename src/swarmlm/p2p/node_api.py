@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from swarmlm.p2p.config import P2PConfig
+from swarmlm.p2p.errors import TransportError
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.messages import PeerScores, SignedMessage
 from swarmlm.p2p.wire import Payload
@@ -76,3 +77,35 @@ class ProtocolNode(Protocol):
         self, digest: bytes, peers: list[str], timeout: float | None = None
     ) -> Payload: ...
     def receiving(self, digest: bytes) -> bool: ...
+
+
+async def fetch_one_at_a_time(
+    node: ProtocolNode,
+    digest: bytes,
+    peers: list[str],
+    timeout: float,
+    shuffle: Callable[[list[str]], None],
+) -> Payload:
+    """Get payload ``digest`` from whichever of ``peers`` has it: ask one candidate at a
+    time, in ``shuffle``d order (the TLS node's random one, a simulated node's seeded one),
+    until one delivers it or ``timeout`` passes. Each peer is asked once: the same signed
+    request sent twice to one peer is, to it, a replay (and costs us score)."""
+    have = node.blobs.get(digest)
+    if have is not None:
+        return have
+    node.blobs.expect(digest)
+    deadline = node.now() + timeout
+    candidates = [p for p in dict.fromkeys(peers) if p in node.connections and p != node.node_id]
+    shuffle(candidates)
+    per_peer = max(timeout / max(len(candidates), 1), 0.5)
+    for peer in candidates or [""]:
+        if peer:
+            node.send(peer, node.sign("fetch", {"digest": digest}))
+        left = deadline - node.now()
+        if left <= 0:
+            break
+        try:
+            return await node.blobs.wait(digest, min(per_peer, left))
+        except TimeoutError:
+            continue
+    raise TransportError(f"payload {digest.hex()[:12]} not obtained from {len(candidates)} peers")

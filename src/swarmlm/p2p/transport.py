@@ -38,6 +38,7 @@ from swarmlm.p2p.messages import (
     peek_envelope,
     peek_sender_ts,
 )
+from swarmlm.p2p.node_api import fetch_one_at_a_time
 from swarmlm.p2p.tls import make_contexts, peer_node_id, write_tls_files
 from swarmlm.p2p.wire import (
     HEADER,
@@ -473,31 +474,8 @@ class P2PNode:
 
     async def fetch(self, digest: bytes, peers: list[str], timeout: float | None = None) -> Payload:
         """Get a payload by digest from whichever of ``peers`` has it (verified by hash)."""
-        timeout = timeout or self.config.fetch_timeout
-        have = self.blobs.get(digest)
-        if have is not None:
-            return have
-        self.blobs.expect(digest)
-        deadline = time.monotonic() + timeout
-        # each peer once: the same signed request sent twice to one peer is, to it, a
-        # replay (and costs us score); a retry is a freshly signed request
-        candidates = [
-            p for p in dict.fromkeys(peers) if p in self.connections and p != self.node_id
-        ]
-        random.shuffle(candidates)
-        per_peer = max(timeout / max(len(candidates), 1), 0.5)
-        for peer in candidates or [""]:
-            if peer:
-                self.send(peer, self.sign("fetch", {"digest": digest}))
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                return await self.blobs.wait(digest, min(per_peer, left))
-            except TimeoutError:
-                continue
-        raise TransportError(
-            f"payload {digest.hex()[:12]} not obtained from {len(candidates)} peers"
+        return await fetch_one_at_a_time(
+            self, digest, peers, timeout or self.config.fetch_timeout, random.shuffle
         )
 
     def receiving(self, digest: bytes) -> bool:

@@ -25,7 +25,7 @@ from swarmlm.p2p.config import P2PConfig
 from swarmlm.p2p.errors import MessageRejectedError, TransportError
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.messages import MessageSigner, MessageValidator, PeerScores, SignedMessage
-from swarmlm.p2p.node_api import Handler
+from swarmlm.p2p.node_api import Handler, fetch_one_at_a_time
 from swarmlm.p2p.transport import BlobStore
 from swarmlm.p2p.wire import Payload
 
@@ -126,29 +126,8 @@ class SimNode:
     async def fetch(self, digest: bytes, peers: list[str], timeout: float | None = None) -> Payload:
         """As :meth:`P2PNode.fetch`: ask one candidate at a time (in this node's seeded
         random order) until one delivers the payload or ``timeout`` passes."""
-        timeout = timeout or self.config.fetch_timeout
-        have = self.blobs.get(digest)
-        if have is not None:
-            return have
-        self.blobs.expect(digest)
-        deadline = self.now() + timeout
-        candidates = [
-            p for p in dict.fromkeys(peers) if p in self.connections and p != self.node_id
-        ]
-        self.rng.shuffle(candidates)
-        per_peer = max(timeout / max(len(candidates), 1), 0.5)
-        for peer in candidates or [""]:
-            if peer:
-                self.send(peer, self.sign("fetch", {"digest": digest}))
-            left = deadline - self.now()
-            if left <= 0:
-                break
-            try:
-                return await self.blobs.wait(digest, min(per_peer, left))
-            except TimeoutError:
-                continue
-        raise TransportError(
-            f"payload {digest.hex()[:12]} not obtained from {len(candidates)} peers"
+        return await fetch_one_at_a_time(
+            self, digest, peers, timeout or self.config.fetch_timeout, self.rng.shuffle
         )
 
     def receiving(self, digest: bytes) -> bool:
