@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import stat
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,9 @@ def test_pruning_rewrites_atomically_and_refuses_forgotten_rounds(tmp_path: Path
         vl.record(_contrib(3, b"z" * 32))
     vl.append(_contrib(21, b"y" * 32))  # appending continues on the rewritten file
     vl.close()
-    assert not path.with_name("votes.log.tmp").exists()
+    # the rewrite went through swarmlm.atomic: no temporary left, still private to the owner
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["votes.log"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
     again = VoteLog(path, keep_rounds=8)
     assert again.floor == 12
     assert again.rounds() == list(range(12, 22))

@@ -22,12 +22,11 @@ import contextlib
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from swarmlm.atomic import atomic_open
 from swarmlm.curation import quality
 from swarmlm.curation.errors import ImportFormatError
 from swarmlm.curation.schema import PairwiseSchema, RankingSchema
@@ -493,17 +492,6 @@ def export_to_file(store: CurationStore, task_set_id: int, kind: str, path: Path
     """Write an export atomically; returns the number of lines."""
     if kind not in EXPORTERS:
         raise ImportFormatError(f"unknown export kind {kind!r}; choose from {sorted(EXPORTERS)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            n = write_jsonl(EXPORTERS[kind](store, task_set_id), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as fh:
+        n = write_jsonl(EXPORTERS[kind](store, task_set_id), fh)
     return n

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from swarmlm.atomic import atomic_write_text
 from swarmlm.p2p.certificates import check_decision_certificate, members_hash, precheck_signers
 from swarmlm.p2p.errors import MessageRejectedError
 from swarmlm.p2p.messages import SignedMessage, open_signed
@@ -257,18 +257,12 @@ def _hexify(obj: Any) -> Any:
 def save_resume_state(node_dir: Path, decision: Decision) -> None:
     """Atomically record ``decision`` as the last decided round (tmp + fsync + rename, so a
     crash leaves either the old or the new state, never a torn file)."""
-    path = node_dir / STATE_FILE
-    tmp = path.with_suffix(".tmp")
     doc = {
         "last_decided": decision.round,
         "members_next": decision.members_next,
         "certificate": _hexify(decision.certificate),
     }
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(node_dir / STATE_FILE, json.dumps(doc))
 
 
 def load_resume_state(node_dir: Path) -> ResumeState | None:

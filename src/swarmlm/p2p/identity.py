@@ -8,11 +8,8 @@ public key can check a claimed id without trusting the claimant.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from swarmlm.atomic import atomic_write_bytes
 from swarmlm.p2p.errors import IdentityError
 
 log = logging.getLogger(__name__)
@@ -110,19 +108,8 @@ def _safe_len(x: object) -> int:
 
 
 def _write_private_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600, atomically (temp file + rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=".identity.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` with mode 0600 from its first byte, atomically."""
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 class NodeIdentity:

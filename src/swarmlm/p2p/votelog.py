@@ -38,6 +38,7 @@ from typing import Any
 
 import msgpack
 
+from swarmlm.atomic import atomic_write_bytes
 from swarmlm.p2p.errors import P2PError
 from swarmlm.p2p.identity import canonical_encode
 from swarmlm.p2p.messages import SignedMessage, open_signed
@@ -224,16 +225,8 @@ class VoteLog:
                     _frame({"k": s.kind, "r": s.round, "v": s.view, "m": s.wire, "p": s.prepared})
                     for s in kept
                 )
-            tmp = self.path.with_name(self.path.name + ".tmp")
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    os.write(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, self.path)
-                _fsync_dir(self.path.parent)
+                atomic_write_bytes(self.path, data, mode=0o600)
                 if self._fd is not None:
                     os.close(self._fd)
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
