@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from swarmlm.model import Transformer
+from swarmlm.rlhf.swarm_objectives import DPOObjective
 from swarmlm.swarm.config import SwarmRunConfig, load_swarm_config
 from swarmlm.swarm.errors import SwarmError
-from swarmlm.swarm.objective import DPOObjective
 from swarmlm.swarm.simulate import LocalSwarm
 from swarmlm.swarm.worker import SwarmWorker
 from swarmlm.train import RunConfig

@@ -19,9 +19,8 @@ from swarmlm.aggregation import AGGREGATORS, get_codec
 from swarmlm.aggregation.errors import AggregationError, CodecError
 from swarmlm.aggregation.registry import check_aggregator
 from swarmlm.p2p.config import P2PConfig
-from swarmlm.rlhf.config import DPOConfig
-from swarmlm.rlhf.safety import SafetyConfig
 from swarmlm.swarm.errors import SwarmError
+from swarmlm.swarm.objective_registry import objective_names, objective_spec
 from swarmlm.swarm.rawconfig import read_json_config, validation_lines
 from swarmlm.train.config import RunConfig
 
@@ -32,52 +31,20 @@ Mode = Literal["synchronous", "cooperative", "diloco"]
 #: body (the quantised values of a pseudo-gradient hold about 7.2 bits); with error
 #: feedback the coarser scale cost nothing measurable (docs/swarm.md, "Compression").
 SWARM_CODEC_DEFAULTS: dict[str, dict[str, Any]] = {"int8": {"block_size": 1024, "zstd": True}}
-Objective = Literal["lm", "dpo"]
-
-
-class SwarmDPOConfig(DPOConfig):
-    """The ``swarm.dpo`` section: what a peer aligns on with ``swarm.objective = "dpo"``.
-
-    Every peer must point at the same files: the held-out split and the starting weights
-    are derived from them, and identical inputs are what make peers agree bit for bit.
-    """
-
-    preferences: Path = Field(
-        description="preference JSONL (the curation platform's export or TRL's format: "
-        "prompt, chosen, rejected); pair i of the training split goes to shard i % data_shards"
-    )
-    init_checkpoint: Path = Field(
-        description="language-model checkpoint the policy starts from; also the reference model"
-    )
-    eval_file: Path | None = Field(
-        default=None, description="held-out pairs (default: a seeded split of preferences)"
-    )
-    val_fraction: float = Field(
-        default=0.1, ge=0, lt=1, description="held-out share of preferences (without eval_file)"
-    )
-    batch_size: int = Field(default=8, ge=1, description="pairs per inner step")
-    max_len: int = Field(default=256, ge=4, description="tokens of prompt + response")
-    eval_batch_size: int = Field(default=16, ge=1, description="pairs per evaluation batch")
-    tokenizer: Path | None = Field(
-        default=None, description="tokenizer.json; default: the one init_checkpoint names"
-    )
-    safety: SafetyConfig = Field(
-        default_factory=SafetyConfig, description="checks the pairs pass before training"
-    )
 
 
 class SwarmConfig(BaseModel):
     """How peers train together. Rounds are the unit of agreement (one per decided set)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # extra keys are the sections of registered objectives (swarm.dpo, swarm.ppo, ...),
+    # each validated by its objective's model in _check; any other key is refused there
+    model_config = ConfigDict(extra="allow")
 
-    objective: Objective = Field(
+    objective: str = Field(
         default="lm",
-        description="lm: language-model inner steps on the corpus; dpo: DPO inner steps on "
-        "preference pairs (needs the dpo section)",
-    )
-    dpo: SwarmDPOConfig | None = Field(
-        default=None, description="DPO settings (objective dpo); see docs/swarm.md"
+        description="what peers optimise: lm (next-token loss on the corpus) or a registered "
+        "objective (dpo, reward, ppo, grpo from swarmlm.rlhf), configured by the section of "
+        "its name (swarm.dpo, ...); see docs/swarm.md",
     )
     mode: Mode = Field(
         default="diloco",
@@ -192,16 +159,7 @@ class SwarmConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SwarmConfig:
-        if self.objective == "dpo" and self.dpo is None:
-            raise ValueError(
-                'swarm.objective "dpo" needs a swarm.dpo section (at least preferences and '
-                "init_checkpoint)"
-            )
-        if self.objective == "lm" and self.dpo is not None:
-            raise ValueError(
-                'swarm.dpo is set but swarm.objective is "lm": set swarm.objective to "dpo" '
-                "or remove the section"
-            )
+        self._check_objective_sections()
         if self.target_samples is not None and self.mode == "synchronous":
             raise ValueError(
                 "swarm.target_samples needs local steps: use diloco or cooperative mode "
@@ -236,6 +194,47 @@ class SwarmConfig(BaseModel):
             )
         return self
 
+    def _check_objective_sections(self) -> None:
+        spec = objective_spec(self.objective)
+        if spec is None:
+            raise ValueError(
+                f"swarm.objective {self.objective!r} is unknown; registered: "
+                f"{', '.join(objective_names())}"
+            )
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        for key in list(extra):
+            section = objective_spec(key)
+            if section is None or section.section is None:
+                raise ValueError(f"swarm.{key}: unknown field (not an objective's section)")
+            if extra[key] is None:  # written out by a dump of a config without it
+                del extra[key]
+                continue
+            if key != self.objective:
+                raise ValueError(
+                    f'swarm.{key} is set but swarm.objective is "{self.objective}": set '
+                    f'swarm.objective to "{key}" or remove the section'
+                )
+            if not isinstance(extra[key], section.section):
+                try:
+                    extra[key] = section.section.model_validate(extra[key])
+                except ValidationError as exc:
+                    lines = "; ".join(
+                        f"swarm.{key}.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
+                        for e in exc.errors()
+                    )
+                    raise ValueError(lines) from None
+        if spec.section is not None and self.objective not in extra:
+            raise ValueError(
+                f'swarm.objective "{self.objective}" needs a swarm.{self.objective} section '
+                "(see docs/swarm.md)"
+            )
+
+    def section(self, name: str | None = None) -> BaseModel | None:
+        """The validated ``swarm.<name>`` section (default: the objective's), or None."""
+        extra = self.__pydantic_extra__ or {}
+        value = extra.get(name or self.objective)
+        return value if isinstance(value, BaseModel) else None
+
     def codec_kwargs(self) -> dict[str, Any]:
         """The codec's parameters: the swarm defaults for ``codec``, then ``codec_params``."""
         return {**SWARM_CODEC_DEFAULTS.get(self.codec, {}), **self.codec_params}
@@ -249,17 +248,9 @@ class SwarmRunConfig(RunConfig):
 
     @model_validator(mode="after")
     def _check_objective(self) -> SwarmRunConfig:
-        if self.swarm.objective == "dpo":
-            if self.optim.name != "adamw":
-                raise ValueError(
-                    f'optim.name "{self.optim.name}" is not available with swarm.objective '
-                    '"dpo": DPO inner steps use the trainer\'s AdamW'
-                )
-            if self.train.grad_accum != 1:
-                raise ValueError(
-                    f"train.grad_accum={self.train.grad_accum} is not available with "
-                    'swarm.objective "dpo": one inner step takes swarm.dpo.batch_size pairs'
-                )
+        spec = objective_spec(self.swarm.objective)
+        if spec is not None and spec.check_run is not None:
+            spec.check_run(self, self.swarm.section())
         return self
 
     def run_config(self) -> RunConfig:

@@ -5,7 +5,7 @@ the in-process simulator (:mod:`swarmlm.swarm.simulate`) or by a real node
 (:mod:`swarmlm.swarm.node`), which calls these methods off its event loop.
 
 Per round: :meth:`local_phase` (H inner AdamW steps for diloco / K local steps for
-cooperative, or one gradient for synchronous; of the language-model or the DPO objective,
+cooperative, or one gradient for synchronous; of the objective the config names,
 :mod:`swarmlm.swarm.objective`) -> :meth:`contribution` -> (the protocol
 decides) -> :meth:`apply` (robust aggregate and outer step; the model then holds the new
 consensus parameters).
@@ -29,14 +29,9 @@ from swarmlm.aggregation import AttackContext, get_attack
 from swarmlm.swarm.batching import round_time_budget
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.engine import RoundEngine, RoundReport
-from swarmlm.swarm.errors import RoundClosedError
-from swarmlm.swarm.objective import (
-    DPOObjective,
-    LanguageModelObjective,
-    Objective,
-    check_model_section,
-    read_init_checkpoint,
-)
+from swarmlm.swarm.errors import RoundClosedError, SwarmError
+from swarmlm.swarm.objective import Objective, ObjectiveContext
+from swarmlm.swarm.objective_registry import objective_spec
 from swarmlm.swarm.params import (
     ParamLayout,
     flatten_params,
@@ -102,8 +97,8 @@ class SwarmWorker:
     """A peer's trainer (model, inner AdamW, loader on its shard) and its :class:`RoundEngine`.
 
     All peers start from identical parameters: the model is initialised from
-    ``train.seed``, which the swarm config shares, or (``swarm.objective = "dpo"``) loaded
-    from ``swarm.dpo.init_checkpoint``, the same file on every peer.
+    ``train.seed``, which the swarm config shares, or loaded by the objective from its
+    ``init_checkpoint`` (``dpo``, ``reward``, ``ppo``, ``grpo``), the same file on every peer.
     """
 
     def __init__(
@@ -125,30 +120,32 @@ class SwarmWorker:
         self.shard = (
             sw.data_shard if sw.data_shard is not None else shard_for(node_id, sw.data_shards)
         )
-        init = None
-        if sw.objective == "dpo":
-            assert sw.dpo is not None  # the config validator requires the section
-            init = read_init_checkpoint(sw.dpo)
-            if "model" in cfg.model_fields_set:
-                check_model_section(cfg.model, init)
-            run.model = init.model
+        spec = objective_spec(sw.objective)
+        if spec is None:  # the config validator checked it; a plugin may have failed since
+            raise SwarmError(f"swarm.objective {sw.objective!r} is not registered")
+        section = sw.section()
+        prepared = None
+        if spec.prepare is not None:
+            prep = spec.prepare(section, cfg, "model" in cfg.model_fields_set)
+            if prep.model is not None:
+                run.model = prep.model
+            prepared = prep.data
         with _INIT_LOCK:
             self.trainer = Trainer(
                 run, parallel=DataShard(self.shard, sw.data_shards), show_progress=show_progress
             )
         self.model = self.trainer.model_core
         self.objective: Objective
-        if init is not None and sw.dpo is not None:
-            try:
-                # loads the initial weights: the engine's genesis state is taken after this
-                self.objective = DPOObjective(
-                    self.trainer, sw.dpo, init, shard=self.shard, shards=sw.data_shards
+        try:
+            # may load the initial weights: the engine's genesis state is taken after this
+            self.objective = spec.build(
+                ObjectiveContext(
+                    self.trainer, sw, section, node_id, self.shard, sw.data_shards, prepared
                 )
-            except BaseException:
-                self.trainer.loader.close()
-                raise
-        else:
-            self.objective = LanguageModelObjective(self.trainer)
+            )
+        except BaseException:
+            self.trainer.loader.close()
+            raise
         self.layout = ParamLayout.of(self.model)
         self.engine = RoundEngine(
             sw, self.layout, flatten_params(self.model, self.layout), run.optim
