@@ -1,4 +1,4 @@
-"""``swarmlm data prepare|verify``: the CLI face of ``prepare_corpus`` and ``TokenShards``.
+"""``swarmlm data prepare|generate|verify``: the CLI face of ``prepare_corpus`` and ``TokenShards``.
 
 Wire into the main CLI with ``add_data_parser(subparsers)``; the handler is stored as the
 ``handler`` default and returns the exit code (0 ok, 2 bad input or corrupt data).
@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from swarmlm.data.errors import DataError
+from swarmlm.data.generate import GenerateReport, generate_corpus
 from swarmlm.data.prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VOCAB_SIZE, prepare_corpus
 from swarmlm.data.shards import CorpusMeta, TokenShards
 
@@ -74,6 +75,46 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     prep.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     prep.set_defaults(handler=run_data)
 
+    gen = sub.add_parser(
+        "generate",
+        help="build a mixed, deduplicated corpus of the 8 content types (offline)",
+        description=(
+            "Draw records of the 8 content types (technical, scientific, code, mathematics, "
+            "philosophy, creative, conversational, multilingual) from built-in offline sources "
+            "or --source folders, drop exact and near duplicates, check every generated "
+            "problem's answer, and write token shards plus mixture.json and records.jsonl.zst "
+            "(type, difficulty, source and licence of every record) to --out."
+        ),
+    )
+    gen.add_argument("--out", required=True, type=Path, metavar="DIR")
+    gen.add_argument("--size-mb", type=float, default=8.0, metavar="MB", help="MB of text")
+    gen.add_argument(
+        "--shares",
+        default=None,
+        metavar="TYPE=F,...",
+        help="fractions of tokens per type, summing to 1 (default: the original design's)",
+    )
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="TYPE=PATH",
+        help="user data for a type (folder, .jsonl, or HF dataset dir); replaces its built-ins",
+    )
+    gen.add_argument(
+        "--licence", action="append", default=[], metavar="TYPE=SPDX", help="licence of --source"
+    )
+    gtok = gen.add_mutually_exclusive_group()
+    gtok.add_argument("--vocab-size", type=int, default=None, metavar="N")
+    gtok.add_argument("--tokenizer", type=Path, default=None, metavar="FILE")
+    gen.add_argument("--val-fraction", type=float, default=0.02, metavar="F")
+    gen.add_argument("--near-dup-threshold", type=float, default=0.8, metavar="J")
+    gen.add_argument("--no-near-dup", action="store_true", help="exact deduplication only")
+    gen.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N")
+    gen.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    gen.set_defaults(handler=run_data)
+
     verify = sub.add_parser("verify", help="check every shard's checksum and print the summary")
     verify.add_argument("dir", type=Path, metavar="DIR")
     verify.set_defaults(handler=run_data)
@@ -84,6 +125,10 @@ def run_data(args: argparse.Namespace) -> int:
     """Handler of ``swarmlm data ...``."""
     console = Console(stderr=True)
     try:
+        if args.data_command == "generate":
+            report = _generate(args, console)
+            Console().print(_generate_summary(report, args.out))
+            return 0
         if args.data_command == "prepare":
             meta = _prepare(args, console)
             out = args.out
@@ -137,6 +182,72 @@ def _prepare(args: argparse.Namespace, console: Console) -> CorpusMeta:
     rate = raw / 1e6 / max(elapsed, 1e-9)
     console.print(f"prepared in {elapsed:.1f} s ({rate:.2f} MB/s of text)")
     return meta
+
+
+def _pairs(items: list[str], what: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        if "=" not in item:
+            raise DataError(f"{what} {item!r}: expected TYPE=VALUE")
+        key, value = item.split("=", 1)
+        out.setdefault(key.strip(), []).append(value)
+    return out
+
+
+def _generate(args: argparse.Namespace, console: Console) -> GenerateReport:
+    sources = {k: [Path(v) for v in vs] for k, vs in _pairs(args.source, "--source").items()}
+    licences = {k: vs[-1] for k, vs in _pairs(args.licence, "--licence").items()}
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=console
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done)
+
+        report = generate_corpus(
+            args.out,
+            size_mb=args.size_mb,
+            shares=args.shares,
+            seed=args.seed,
+            sources=sources,
+            licences=licences,
+            vocab_size=args.vocab_size,
+            tokenizer_path=args.tokenizer,
+            val_fraction=args.val_fraction,
+            near_dup_threshold=None if args.no_near_dup else args.near_dup_threshold,
+            shard_tokens=args.shard_tokens,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    console.print(
+        f"generated in {report.seconds:.1f} s ({report.mb_per_s:.2f} MB/s of text); "
+        f"{report.problems_passed}/{report.problems_checked} problem answers verified"
+    )
+    return report
+
+
+def _generate_summary(report: GenerateReport, out: Path) -> Table:
+    table = Table(title=f"{out}: {report.total_tokens:,} tokens, {report.text_bytes:,} bytes")
+    for col in ("type", "share", "realised", "tokens", "records", "exact dup", "near dup"):
+        table.add_column(col, justify="right")
+    for t, share in report.shares.items():
+        table.add_row(
+            t,
+            f"{share:.3f}",
+            f"{report.realised_shares[t]:.3f}",
+            f"{report.tokens_by_type[t]:,}",
+            f"{report.records_by_type[t]:,}",
+            str(report.exact_duplicates_by_type[t]),
+            str(report.near_duplicates_by_type[t]),
+        )
+    skipped = ", ".join(f"{n} {why}" for why, n in report.skipped_files.items()) or "none"
+    table.caption = f"max share error {report.share_max_abs_err:.4f}; skipped files: {skipped}" + (
+        f"; limited by {report.limiting_type}" if report.limiting_type else ""
+    )
+    return table
 
 
 def _summary(meta: CorpusMeta, out: Path) -> Table:
