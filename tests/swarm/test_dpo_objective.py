@@ -13,20 +13,16 @@ from typing import Any
 import pytest
 import torch
 
-from swarmlm.model import Transformer
 from swarmlm.rlhf.swarm_objectives import DPOObjective
 from swarmlm.swarm.config import SwarmRunConfig, load_swarm_config
 from swarmlm.swarm.errors import SwarmError
 from swarmlm.swarm.simulate import LocalSwarm
 from swarmlm.swarm.worker import SwarmWorker
-from swarmlm.train import RunConfig
-from swarmlm.train.checkpoint import load_checkpoint, save_checkpoint
-from tests.rlhf.conftest import write_pairs
+from swarmlm.train.checkpoint import load_checkpoint
 from tests.swarm.conftest import peer_id, swarm_config
 
 pytestmark = pytest.mark.timeout(180)
 
-BAD = ["evil", "wrath", "death", "sin", "darkness", "fear", "blood"]
 
 
 @pytest.fixture(autouse=True)
@@ -40,24 +36,6 @@ def _one_thread() -> Iterator[None]:
 
 def base_config(data: Path, tmp: Path) -> SwarmRunConfig:
     return swarm_config(data, tmp)
-
-
-@pytest.fixture(scope="module")
-def init_lm(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random language model of the swarm tests' shape, saved as a trainer checkpoint whose
-    config names the prepared corpus (and so its tokenizer)."""
-    root = tmp_path_factory.mktemp("init_lm")
-    run = base_config(prepared_data, root).run_config()
-    torch.manual_seed(123)  # not the swarm's seed: the weights must come from the file
-    model = Transformer(run.model)
-    state = {"config": json.loads(RunConfig.model_validate(run.model_dump()).model_dump_json())}
-    save_checkpoint(root / "lm", 1, model.state_dict(), {}, state, keep=1)
-    return root / "lm"
-
-
-@pytest.fixture(scope="module")
-def preferences(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_pairs(tmp_path_factory.mktemp("prefs") / "pairs.jsonl", 240, 0, bad=BAD)
 
 
 def dpo_config(

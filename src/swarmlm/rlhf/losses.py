@@ -247,3 +247,23 @@ class FixedKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
+
+
+def preference_calibration_error(chosen: Tensor, rejected: Tensor, bins: int = 10) -> float:
+    """Expected calibration error of the Bradley-Terry probabilities ``sigmoid(r_c - r_r)``
+    on pairs whose true order is chosen > rejected: the predicted winner's probability
+    (confidence, in [0.5, 1]) against how often that prediction is right, averaged over
+    ``bins`` equal-width confidence bins weighted by their share of pairs. 0 is perfect."""
+    p = torch.sigmoid((chosen - rejected).double())
+    confidence = torch.maximum(p, 1 - p)
+    correct = (p > 0.5).double()
+    edges = torch.linspace(0.5, 1.0, bins + 1, dtype=torch.float64)
+    error = 0.0
+    n = max(1, p.numel())
+    for i in range(bins):
+        upper = confidence <= edges[i + 1] if i == bins - 1 else confidence < edges[i + 1]
+        inside = (confidence >= edges[i]) & upper
+        if inside.any():
+            gap = (confidence[inside].mean() - correct[inside].mean()).abs()
+            error += float(gap) * int(inside.sum()) / n
+    return error

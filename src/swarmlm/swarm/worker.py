@@ -134,7 +134,7 @@ class SwarmWorker:
             self.trainer = Trainer(
                 run, parallel=DataShard(self.shard, sw.data_shards), show_progress=show_progress
             )
-        self.model = self.trainer.model_core
+        self.model: torch.nn.Module = self.trainer.model_core
         self.objective: Objective
         try:
             # may load the initial weights: the engine's genesis state is taken after this
@@ -146,6 +146,11 @@ class SwarmWorker:
         except BaseException:
             self.trainer.loader.close()
             raise
+        # the parameters the swarm agrees on: the trainer's model, or a module of the
+        # objective around it (a reward model's transformer and head)
+        module = getattr(self.objective, "module", None)
+        if isinstance(module, torch.nn.Module):
+            self.model = module
         self.layout = ParamLayout.of(self.model)
         self.engine = RoundEngine(
             sw, self.layout, flatten_params(self.model, self.layout), run.optim
