@@ -8,7 +8,7 @@ from fastapi.routing import APIRoute
 from web_helpers import PASSWORD, Web, api_token, form_token, login, register
 
 from swarmlm.curation.store import TaskInput
-from swarmlm.web import admin, api, data_manager, review
+from swarmlm.web import admin, api, data_manager, label_config, review
 
 
 def _annotate_all(web: Web, users: list[str], answers: dict[str, str]) -> None:
@@ -24,7 +24,7 @@ def test_every_admin_and_review_route_refuses_annotators(web: Web) -> None:
     register(c, "annie")
     csrf = form_token(c.get("/dashboard").text)
     token = api_token(c, "annie")
-    routers = [admin.router, api.router, data_manager.pages, data_manager.api]
+    routers = [admin.router, api.router, data_manager.pages, data_manager.api, label_config.pages]
     guarded = [
         r
         for r in [x for router in (*routers, review.pages, review.api) for x in router.routes]
@@ -46,6 +46,8 @@ def test_every_admin_and_review_route_refuses_annotators(web: Web) -> None:
         "/api/task-sets/{task_set_id}/tasks/{task_id}",
         "/api/task-sets/{task_set_id}/tasks/bulk",
         "/api/reviews",
+        "/admin/task-sets/{task_set_id}/label-config",
+        "/api/task-sets/{task_set_id}/label-config",
     ):
         assert expected in paths
     for route in guarded:

@@ -138,6 +138,7 @@ class TaskSetInfo:
     gold_share: float
     lease_seconds: int
     active: bool
+    config_version: int = 1
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,7 @@ def _task_set_info(ts: TaskSet) -> TaskSetInfo:
         gold_share=ts.gold_share,
         lease_seconds=ts.lease_seconds,
         active=ts.active,
+        config_version=ts.config_version,
     )
 
 

@@ -110,6 +110,31 @@ class TaskSet(Base):
     # content hash of the definition (replica.definition_digest): identical definitions
     # made on two nodes share it, so their tasks merge into one set
     record_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # the label config in force (see LabelConfig): its version, and the digest of the
+    # record it came from (NULL: still the schema the set was created with). Processes key
+    # their parsed-schema cache by (set, config_digest). No Python-side default: inserts
+    # written for older revisions (the migration tests) must not name the column.
+    config_version: Mapped[int] = mapped_column(Integer, server_default="1")
+    config_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class LabelConfig(Base):
+    """One version of a task set's label schema (version 1: the schema it was created with).
+
+    Later versions come from an edit (``label_config.py``) or a replicated ``label_config``
+    record; ``record_digest`` names that record. Two nodes editing at once may both make a
+    version n: the one in force is the highest version, ties to the smaller record digest.
+    """
+
+    __tablename__ = "label_configs"
+    __table_args__ = (Index("ix_label_configs_set_version", "task_set_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_set_id: Mapped[int] = mapped_column(ForeignKey("task_sets.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    label_schema: Mapped[dict[str, Any]] = mapped_column(JSON)
+    record_digest: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Task(Base):
@@ -206,6 +231,8 @@ class Annotation(Base):
     signature: Mapped[str] = mapped_column(String(128))
     # digest of the replicated record (order-independent consensus sorts by it)
     digest: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # the task set's label config version this value was validated against
+    config_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class ReplicaRecordRow(Base):

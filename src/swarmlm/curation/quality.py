@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from swarmlm.curation.schema import (
     MultipleChoiceSchema,
     RankingSchema,
     RatingSchema,
+    SingleChoiceSchema,
     categories,
 )
 
@@ -92,10 +93,41 @@ def agrees(schema: LabelSchema, value: Any, reference: Any) -> bool:
     return bool(value == reference)
 
 
+def fits(schema: LabelSchema) -> Callable[[Any], bool]:
+    """A fast test of whether a stored value is valid under ``schema``.
+
+    After a confirmed label config edit (``label_config.py``) a set can hold annotations
+    made under an earlier version that the schema in force refuses (a removed choice, a
+    rating outside a narrowed scale). They stay stored and exported; consensus and agreement
+    leave them out.
+    """
+    if isinstance(schema, SingleChoiceSchema):
+        allowed = frozenset(schema.choices)
+        return lambda v: isinstance(v, str) and v in allowed
+    if isinstance(schema, MultipleChoiceSchema):
+        allowed = frozenset(schema.choices)
+        return lambda v: isinstance(v, list) and bool(v) and all(c in allowed for c in v)
+    if isinstance(schema, RatingSchema):
+        lo, hi = schema.min, schema.max
+        return lambda v: isinstance(v, int | float) and lo <= v <= hi
+    if isinstance(schema, FreeTextSchema):
+        limit = schema.max_length
+        return lambda v: isinstance(v, str) and len(v) <= limit
+    return lambda v: True  # pairwise and ranking cannot be edited
+
+
 def task_consensus(
     schema: LabelSchema, values: Sequence[Any], reputations: Sequence[float]
 ) -> TaskConsensus:
-    """Consensus of one task's annotations, weighting annotators by their reputations."""
+    """Consensus of one task's annotations, weighting annotators by their reputations.
+
+    Values the schema refuses (made under an earlier label config) are left out.
+    """
+    ok = fits(schema)
+    if not all(ok(v) for v in values):
+        kept = [(v, r) for v, r in zip(values, reputations, strict=True) if ok(v)]
+        values = [v for v, _ in kept]
+        reputations = [r for _, r in kept]
     n = len(values)
     if n == 0 or isinstance(schema, FreeTextSchema):
         return TaskConsensus(None, None)
@@ -148,6 +180,8 @@ def set_agreement(
     choice: nominal alpha over (task, choice) yes/no units; ranking: nominal alpha of the
     best response. Undefined statistics (too little overlap or no variation) are ``None``.
     """
+    ok = fits(schema)
+    annotations = [a for a in annotations if ok(a[2])]
     if not annotations or isinstance(schema, FreeTextSchema):
         return {}
     task_index: dict[int, int] = {}
@@ -231,6 +265,8 @@ def set_consensus(
     multiple choice, ``{"order", "scores"}`` (Plackett-Luce) for rankings.
     """
     out: dict[int, dict[str, Any]] = {}
+    ok = fits(schema)
+    annotations = [a for a in annotations if ok(a[2])]
     if not annotations or isinstance(schema, FreeTextSchema):
         return out
     by_task: dict[int, list[tuple[int, Any]]] = defaultdict(list)
@@ -261,7 +297,7 @@ def set_consensus(
     n_i, n_c = len(task_ids), len(classes)
     mv = cons.majority_vote(items, labels, n_items=n_i, n_classes=n_c)
     wv = cons.reputation_weighted_vote(items, raters, labels, rep_arr, n_items=n_i, n_classes=n_c)
-    gi = [t_index[t] for t in task_ids if gold and gold.get(t) is not None]
+    gi = [t_index[t] for t in task_ids if gold and gold.get(t) is not None and ok(gold[t])]
     gl = [classes.index(gold[task_ids[i]]) for i in gi] if gold else []
     ds = cons.dawid_skene(
         items,

@@ -5,6 +5,10 @@ Four kinds of immutable record, each signed by the node where it originated:
 - ``task_set``: a task set's definition (name, description, label schema, k, caps,
   thresholds, gold share, lease length), identified by name and content hash
   (:func:`definition_digest`, independent of who signed it).
+- ``label_config``: a new version of a task set's label schema (the set's name and
+  definition digest, the version number, the schema). The definition, and so the digest
+  that tasks are pinned to, never changes; the config in force is the highest version
+  held, ties to the smaller record digest, so nodes holding the same records agree.
 - ``tasks``: a batch of up to :data:`TASK_BATCH` tasks added to one task set (external id,
   content, outputs and the gold answer of honeypots), pinned to the set's content hash.
   Batches keep the cost of a large import at one signature per batch, not per task.
@@ -41,11 +45,12 @@ from swarmlm.curation.errors import CurationError
 from swarmlm.curation.signing import SIGNED_FIELDS
 from swarmlm.p2p.identity import NodeIdentity, canonical_encode, verify_signature
 
-KINDS: tuple[str, ...] = ("task_set", "tasks", "annotator", "annotation")
+KINDS: tuple[str, ...] = ("task_set", "label_config", "tasks", "annotator", "annotation")
 #: Dependency order: a record may refer only to kinds before it.
 KIND_ORDER = {k: i for i, k in enumerate(KINDS)}
 MAX_RECORD_BYTES = 1 << 20
 TASK_BATCH = 256
+MAX_CONFIG_VERSION = 100_000
 MAX_DEPTH = 32
 _HEX = frozenset("0123456789abcdef")
 
@@ -104,14 +109,22 @@ def annotation_record(
     annotation: dict[str, Any],
     signer_hex: str,
     sig_hex: str,
+    label_config: str | None = None,
 ) -> ReplicaRecord:
-    """The record placing an already signed annotation (export format) in ``task_set``."""
-    body = {
+    """The record placing an already signed annotation (export format) in ``task_set``.
+
+    ``label_config``: the digest of the ``label_config`` record whose schema the value was
+    validated against; absent for the schema the set was created with (so records made
+    before label configs could be edited are unchanged).
+    """
+    body: dict[str, Any] = {
         "task_set": task_set,
         "annotation": annotation,
         "signer": bytes.fromhex(signer_hex),
         "signature": bytes.fromhex(sig_hex),
     }
+    if label_config is not None:
+        body["label_config"] = label_config
     return make_record(identity, "annotation", body)
 
 
@@ -219,6 +232,21 @@ def check_body(kind: str, body: dict[str, Any]) -> None:
         if not 1 <= len(body["name"]) <= 200 or len(body["description"]) > 10_000:
             raise RecordError("invalid", "task_set record: name or description too long")
         _json_value(body["schema"], "task_set record: schema")
+    elif kind == "label_config":
+        _fields(
+            kind,
+            body,
+            {"task_set": str, "task_set_digest": str, "version": int, "schema": dict},
+        )
+        if not 1 <= len(body["task_set"]) <= 200:
+            raise RecordError("invalid", "label_config record: task_set name length")
+        if not _is_hex(body["task_set_digest"], 64):
+            raise RecordError("invalid", "label_config record: task_set_digest must be 64 hex")
+        if not 2 <= body["version"] <= MAX_CONFIG_VERSION:
+            raise RecordError(
+                "invalid", f"label_config record: version must be 2..{MAX_CONFIG_VERSION}"
+            )
+        _json_value(body["schema"], "label_config record: schema")
     elif kind == "tasks":
         _fields(kind, body, {"task_set": str, "task_set_digest": str, "tasks": list})
         if not _is_hex(body["task_set_digest"], 64):
@@ -241,9 +269,17 @@ def check_body(kind: str, body: dict[str, Any]) -> None:
         if not ph.startswith("$argon2") or len(ph) > 200:
             raise RecordError("invalid", "annotator record: password_hash is not an argon2 hash")
     elif kind == "annotation":
-        _fields(
-            kind, body, {"task_set": str, "annotation": dict, "signer": bytes, "signature": bytes}
-        )
+        spec: dict[str, Any] = {
+            "task_set": str,
+            "annotation": dict,
+            "signer": bytes,
+            "signature": bytes,
+        }
+        if "label_config" in body:
+            spec["label_config"] = str
+        _fields(kind, body, spec)
+        if "label_config" in body and not _is_hex(body["label_config"], 64):
+            raise RecordError("invalid", "annotation record: label_config must be 64 hex chars")
         if len(body["signer"]) != 32 or len(body["signature"]) != 64:
             raise RecordError("invalid", "annotation record: bad signer or signature length")
         if not 1 <= len(body["task_set"]) <= 200:

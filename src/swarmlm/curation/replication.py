@@ -23,6 +23,7 @@ from swarmlm.curation.entities import (
     LocalChange,
     MergeResult,
     ScoreChange,
+    T,
     _check_task_set_params,
     _score_agreement,
 )
@@ -31,6 +32,12 @@ from swarmlm.curation.errors import (
     NotFoundError,
 )
 from swarmlm.curation.group_commit import WriteTx
+from swarmlm.curation.label_config import (
+    apply_config_in_force,
+    check_edit_allowed,
+    held_schemas,
+    insert_config_row,
+)
 from swarmlm.curation.models import (
     Annotation,
     Annotator,
@@ -66,6 +73,12 @@ def qualified_username(username: str, public_id: str) -> str:
     ``~`` is not allowed in registered names, so this never collides with one.
     """
     return f"{username[:57]}~{public_id[:6]}"
+
+
+def _merge_order(r: ReplicaRecord) -> tuple[int, int, bytes]:
+    """Dependencies first: by kind, label config versions in order, then by digest."""
+    version = r.body["version"] if r.kind == "label_config" else 0
+    return KIND_ORDER[r.kind], version, r.digest
 
 
 class _NeedsDependencyError(Exception):
@@ -280,12 +293,12 @@ class ReplicationStore(StoreBase):
         signature checked); the rules that need the database are checked here. Records are
         applied in dependency order (task sets, tasks, accounts, annotations).
         """
-        ordered = sorted(records, key=lambda r: (KIND_ORDER[r.kind], r.digest))
+        ordered = sorted(records, key=_merge_order)
         return self._committer.run(lambda tx: self._merge_tx(tx, ordered))
 
     async def merge_records_async(self, records: list[ReplicaRecord]) -> MergeResult:
         """:meth:`merge_records` for an event loop."""
-        ordered = sorted(records, key=lambda r: (KIND_ORDER[r.kind], r.digest))
+        ordered = sorted(records, key=_merge_order)
         return await self._committer.run_async(lambda tx: self._merge_tx(tx, ordered))
 
     def _merge_tx(self, tx: WriteTx, records: list[ReplicaRecord]) -> MergeResult:
@@ -304,6 +317,8 @@ class ReplicationStore(StoreBase):
             try:
                 if rec.kind == "task_set":
                     self._merge_task_set(tx, rec, now)
+                elif rec.kind == "label_config":
+                    self._merge_label_config(tx, rec, now)
                 elif rec.kind == "tasks":
                     self._merge_tasks(tx, rec, now)
                 elif rec.kind == "annotator":
@@ -373,6 +388,50 @@ class ReplicationStore(StoreBase):
                 definition,
             ),
         )
+        (ts_id,) = tx.one("SELECT id FROM task_sets WHERE name = ?", (b["name"],))
+        insert_config_row(tx, int(ts_id), 1, parsed, None, now)
+
+    def _merge_label_config(self, tx: WriteTx, rec: ReplicaRecord, now: datetime) -> None:
+        """A new version of a set's label schema; the one in force is recomputed (see
+        ``label_config.py``: highest version, ties to the smaller record digest)."""
+        b = rec.body
+        row = tx.one("SELECT id, record_digest FROM task_sets WHERE name = ?", (b["task_set"],))
+        if row is None:
+            raise _NeedsDependencyError(f"task set {b['task_set']!r} not held yet")
+        ts_id, ts_digest = int(row[0]), row[1]
+        if ts_digest != b["task_set_digest"]:
+            raise _LostConflictError(f"label config of another definition of {b['task_set']!r}")
+        parsed = parse_schema(b["schema"])
+        versions = held_schemas(tx, ts_id)
+        first = [s for v, s in versions if v == 1]
+        if first:
+            check_edit_allowed(first[0], parsed)
+        if not any(v == b["version"] - 1 for v, _ in versions):
+            raise _NeedsDependencyError(
+                f"label config {b['version']} of {b['task_set']!r} needs version {b['version'] - 1}"
+            )
+        insert_config_row(tx, ts_id, b["version"], parsed, rec.hex, now)
+        apply_config_in_force(tx, ts_id)
+
+    @staticmethod
+    def _first_valid(
+        tx: WriteTx,
+        ts_id: int,
+        current: tuple[LabelSchema, int],
+        check: Callable[[LabelSchema], T],
+    ) -> tuple[int, T]:
+        """``(version, check(schema))`` for the config in force, else the newest held version
+        that passes (a peer may have validated under a version edited since); raises the
+        in-force version's error when none does."""
+        try:
+            return current[1], check(current[0])
+        except CurationError as first_error:
+            for version, schema in held_schemas(tx, ts_id):
+                try:
+                    return version, check(schema)
+                except CurationError:
+                    continue
+            raise first_error
 
     def _merge_tasks(self, tx: WriteTx, rec: ReplicaRecord, now: datetime) -> None:
         b = rec.body
@@ -382,12 +441,18 @@ class ReplicationStore(StoreBase):
         ts_id, ts_digest, k = row
         if ts_digest != b["task_set_digest"]:
             raise _LostConflictError(f"tasks of another definition of set {b['task_set']!r}")
-        schema = self._schema(tx, ts_id)
+        schema, version, _ = self._schema_version(tx, ts_id)
+        current = (schema, version)
         prefer = self.task_preference
         sql = tx.sql
         for i, t in enumerate(b["tasks"]):
-            content, outputs, gold = validate_task(
-                schema, t["content"], t["outputs"], t["gold"], where=f"task {i + 1}"
+            _, (content, outputs, gold) = self._first_valid(
+                tx,
+                ts_id,
+                current,
+                lambda s, t=t, i=i: validate_task(  # type: ignore[misc]
+                    s, t["content"], t["outputs"], t["gold"], where=f"task {i + 1}"
+                ),
             )
             digest = task_digest(t["external_id"], content, outputs)
             if tx.one(
@@ -478,8 +543,15 @@ class ReplicationStore(StoreBase):
             raise _NeedsDependencyError(f"account {b['annotator_id']} not held yet")
         task_id, ts_id, is_gold, gold, ts_name, ext = task
         annotator_id = int(ann[0])
-        schema = self._schema(tx, ts_id)
-        validate_value(schema, b["value"])
+        schema = self._schema(tx, ts_id)  # in force: consensus is computed under it
+        # Validated against exactly the config it was made under (named by the record).
+        made_under = self._config_schema(tx, ts_id, rec.body.get("label_config"))
+        if made_under is None:
+            raise _NeedsDependencyError(
+                f"label config {rec.body['label_config'][:12]} not held yet"
+            )
+        validate_value(made_under[0], b["value"])
+        config_version = made_under[1]
         row = (
             b["value"],
             b["time_spent_ms"],
@@ -500,15 +572,16 @@ class ReplicationStore(StoreBase):
                 raise _LostConflictError(f"annotator already answered task {ext!r}: kept that")
             tx.execute(
                 "UPDATE annotations SET value = ?json, time_spent_ms = ?, created_at_ms = ?,"
-                " signer_public_key = ?, signature = ?, digest = ? WHERE id = ?",
-                (sql.json(row[0]), *row[1:], existing[0]),
+                " signer_public_key = ?, signature = ?, digest = ?, config_version = ?"
+                " WHERE id = ?",
+                (sql.json(row[0]), *row[1:], config_version, existing[0]),
             )
         else:
             tx.execute(
                 "INSERT INTO annotations (task_id, annotator_id, value, time_spent_ms,"
-                " created_at_ms, signer_public_key, signature, digest)"
-                " VALUES (?, ?, ?json, ?, ?, ?, ?, ?)",
-                (task_id, annotator_id, sql.json(row[0]), *row[1:]),
+                " created_at_ms, signer_public_key, signature, digest, config_version)"
+                " VALUES (?, ?, ?json, ?, ?, ?, ?, ?, ?)",
+                (task_id, annotator_id, sql.json(row[0]), *row[1:], config_version),
             )
             asg = tx.one(
                 "SELECT id, state FROM assignments WHERE task_id = ? AND annotator_id = ?",

@@ -70,8 +70,10 @@ from swarmlm.curation.errors import (
     NotFoundError,
 )
 from swarmlm.curation.group_commit import WriteTx
+from swarmlm.curation.label_config import LabelConfigStore
 from swarmlm.curation.models import (
     OPEN_TASK_PREDICATE,
+    LabelConfig,
     Task,
     TaskSet,
 )
@@ -118,7 +120,7 @@ __all__ = [
 ]
 
 
-class CurationStore(AccountsStore, StatisticsStore, ReplicationStore):
+class CurationStore(AccountsStore, StatisticsStore, LabelConfigStore, ReplicationStore):
     """Transactional access to the curation database.
 
     ``identity`` signs every accepted annotation and every replication record made here.
@@ -204,9 +206,20 @@ class CurationStore(AccountsStore, StatisticsStore, ReplicationStore):
                     active=True,
                     created_at=self._clock(),
                     record_digest=definition_digest(record.body),
+                    config_version=1,
                 )
                 s.add(ts)
                 self._add_record_rows(s, [record])
+                s.flush()
+                s.add(
+                    LabelConfig(
+                        task_set_id=ts.id,
+                        version=1,
+                        label_schema=ts.label_schema,
+                        record_digest=None,
+                        created_at=ts.created_at,
+                    )
+                )
                 s.flush()
                 info = _task_set_info(ts)
         except IntegrityError as e:
@@ -502,18 +515,60 @@ class CurationStore(AccountsStore, StatisticsStore, ReplicationStore):
         return task_id, got[0], got[1], got[2]
 
     def _schema(self, tx: WriteTx, task_set_id: int) -> LabelSchema:
-        """The task set's parsed label schema (immutable once created, so cached per id)."""
-        schema = self._schemas.get(task_set_id)
-        if schema is None:
-            row = tx.one("SELECT label_schema FROM task_sets WHERE id = ?", (task_set_id,))
+        """The task set's label schema in force (see :meth:`_schema_version`)."""
+        return self._schema_version(tx, task_set_id)[0]
+
+    def _schema_version(self, tx: WriteTx, task_set_id: int) -> tuple[LabelSchema, int, str | None]:
+        """The label schema in force for the set, its config version and config digest.
+
+        Parsed schemas are cached per ``(set, config_digest)``, and the digest is read in
+        the caller's transaction: after a label config edit (made by any process) the next
+        transaction of every process validates against the new schema.
+        """
+        row = tx.one(
+            "SELECT config_version, config_digest, label_schema FROM task_sets WHERE id = ?",
+            (task_set_id,),
+        )
+        if row is None:
+            raise NotFoundError(f"task set {task_set_id} does not exist")
+        key = (task_set_id, row[1])
+        hit = self._schemas.get(key)
+        if hit is None:
+            hit = (parse_schema(tx.sql.from_json(row[2])), int(row[0]))
+            self._cache_schema(key, hit)
+        return hit[0], hit[1], row[1]
+
+    def _config_schema(
+        self, tx: WriteTx, task_set_id: int, config_digest: str | None
+    ) -> tuple[LabelSchema, int] | None:
+        """The schema and version of one held label config of the set (``None``: the one it
+        was created with); ``None`` when that config is not held here."""
+        key = (task_set_id, config_digest)
+        hit = self._schemas.get(key)
+        if hit is None:
+            if config_digest is None:
+                row = tx.one(
+                    "SELECT label_schema, version FROM label_configs"
+                    " WHERE task_set_id = ? AND version = 1",
+                    (task_set_id,),
+                )
+            else:
+                row = tx.one(
+                    "SELECT label_schema, version FROM label_configs"
+                    " WHERE task_set_id = ? AND record_digest = ?",
+                    (task_set_id, config_digest),
+                )
             if row is None:
-                raise NotFoundError(f"task set {task_set_id} does not exist")
-            schema = parse_schema(tx.sql.from_json(row[0]))
-            with self._cache_lock:
-                if len(self._schemas) >= 4096:
-                    self._schemas.clear()
-                self._schemas[task_set_id] = schema
-        return schema
+                return None
+            hit = (parse_schema(tx.sql.from_json(row[0])), int(row[1]))
+            self._cache_schema(key, hit)
+        return hit
+
+    def _cache_schema(self, key: tuple[int, str | None], value: tuple[LabelSchema, int]) -> None:
+        with self._cache_lock:
+            if len(self._schemas) >= 4096:
+                self._schemas.clear()
+            self._schemas[key] = value
 
     def skip(self, annotator_id: int, task_id: int) -> None:
         """Give a leased task back; it is requeued for others, never offered to this annotator."""
@@ -593,16 +648,18 @@ class CurationStore(AccountsStore, StatisticsStore, ReplicationStore):
             raise ConflictError(f"the lease on task {task_id} expired; fetch a new task")
         if state != "leased":
             raise ConflictError(f"task {task_id} was already {state} by this annotator")
-        schema = self._schema(tx, ts_id)
+        schema, config_version, config_digest = self._schema_version(tx, ts_id)
         value = validate_value(schema, value)
         created_ms = int(now.timestamp() * 1000)
         record = signed_record(digest, public_id, value, time_spent_ms, created_ms)
         signer, signature = sign_record(self.identity, record)
-        replica = annotation_record(self.identity, ts_name, record, signer, signature)
+        replica = annotation_record(
+            self.identity, ts_name, record, signer, signature, label_config=config_digest
+        )
         (ann_id,) = tx.one(
             "INSERT INTO annotations (task_id, annotator_id, value, time_spent_ms,"
-            " created_at_ms, signer_public_key, signature, digest)"
-            " VALUES (?, ?, ?json, ?, ?, ?, ?, ?) RETURNING id",
+            " created_at_ms, signer_public_key, signature, digest, config_version)"
+            " VALUES (?, ?, ?json, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 task_id,
                 annotator_id,
@@ -612,6 +669,7 @@ class CurationStore(AccountsStore, StatisticsStore, ReplicationStore):
                 signer,
                 signature,
                 replica.hex,
+                config_version,
             ),
         )
         self._insert_record_tx(tx, replica, created_ms)

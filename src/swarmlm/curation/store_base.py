@@ -86,7 +86,8 @@ class StoreBase:
         # Leases and submissions go through one writer thread that commits them in groups.
         self._committer = GroupCommitter(engines.write, self._sql)
         self._cache_lock = threading.Lock()
-        self._schemas: dict[int, LabelSchema] = {}
+        # (task set id, config digest) -> (parsed schema, version); see store._schema_version
+        self._schemas: dict[tuple[int, str | None], tuple[LabelSchema, int]] = {}
         # token hash -> (auth epoch when read, annotator, csrf or None, expiry or None)
         self._auth_cache: OrderedDict[
             str, tuple[int, AnnotatorInfo, str | None, datetime | None]
@@ -171,6 +172,14 @@ class StoreBase:
         def get_annotator(self, annotator_id: int) -> AnnotatorInfo: ...
 
         def _schema(self, tx: WriteTx, task_set_id: int) -> LabelSchema: ...
+
+        def _schema_version(
+            self, tx: WriteTx, task_set_id: int
+        ) -> tuple[LabelSchema, int, str | None]: ...
+
+        def _config_schema(
+            self, tx: WriteTx, task_set_id: int, config_digest: str | None
+        ) -> tuple[LabelSchema, int] | None: ...
 
         def _apply_scores(
             self, tx: WriteTx, changes: dict[int, ScoreChange], task_id: int, now: datetime

@@ -179,6 +179,7 @@ class TaskSetOut(BaseModel):
     gold_share: float
     lease_seconds: int
     active: bool
+    config_version: int = Field(description="version of the label configuration in force")
 
 
 class TaskIn(_Strict):
@@ -201,6 +202,51 @@ class ImportOut(BaseModel):
     imported: int
 
 
+class LabelConfigIn(_Strict):
+    label_schema: dict[str, Any] = Field(
+        description='the new schema, of the same kind, e.g. {"kind": "single_choice", '
+        '"choices": ["pos", "neg", "mixed"]}'
+    )
+    confirm: bool = Field(
+        default=False,
+        description="apply even though annotations use labels the new schema refuses (they "
+        "stay stored but leave consensus); gold answers can never be invalidated",
+    )
+    dry_run: bool = Field(default=False, description="check and report, save nothing")
+    expected_version: int | None = Field(
+        default=None,
+        ge=1,
+        le=2**31 - 1,
+        description="refuse with 409 if another version is in force (someone edited meanwhile)",
+    )
+
+
+class LabelUseOut(BaseModel):
+    label: str
+    annotations: int
+    gold: int
+
+
+class LabelConfigOut(BaseModel):
+    task_set_id: int
+    version: int = Field(description="the version in force after the call")
+    label_schema: dict[str, Any]
+    changed: bool = Field(description="the schema differs from the one that was in force")
+    saved: bool = Field(description="a new version was written (false for a dry run)")
+    invalidated: list[LabelUseOut] = Field(
+        description="stored labels the new schema refuses, with how often they are used"
+    )
+
+
+class LabelConfigVersionOut(BaseModel):
+    version: int
+    label_schema: dict[str, Any]
+    in_force: bool
+    created_at: datetime
+    annotations: int = Field(description="annotations validated against this version")
+    record_digest: str | None = Field(description="the replicated record; null for version 1")
+
+
 def _task_set_out(state: AppState, task_set_id: int) -> TaskSetOut:
     ts = state.store.get_task_set(task_set_id)
     return TaskSetOut(
@@ -214,6 +260,7 @@ def _task_set_out(state: AppState, task_set_id: int) -> TaskSetOut:
         gold_share=ts.gold_share,
         lease_seconds=ts.lease_seconds,
         active=ts.active,
+        config_version=ts.config_version,
     )
 
 
@@ -432,6 +479,69 @@ def import_tasks(
             raise HTTPException(422, f"format {body.format!r} needs the field 'text'")
         tasks = parse_tasks_text(body.text, body.format, "request body", body.outputs_keys)
     return ImportOut(imported=state.store.add_tasks(task_set_id, tasks, source="api import"))
+
+
+@router.put(
+    "/task-sets/{task_set_id}/label-config",
+    responses=error_responses(*USER_WRITE, 404, 409),
+)
+def update_label_config(
+    *,
+    task_set_id: PathId,
+    body: LabelConfigIn,
+    _: Annotated[Principal, Depends(api_write_admin)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> LabelConfigOut:
+    """Edit the task set's label configuration: a new version, replicated to peers.
+
+    The kind (and a ranking's k) cannot change (422). A change that would make stored
+    annotations invalid (a removed choice in use, a narrower rating scale) answers 409 naming
+    the labels and counts unless ``confirm``; one that would invalidate a gold answer always
+    answers 409. ``dry_run`` reports without saving; ``expected_version`` guards against a
+    concurrent edit (409).
+    """
+    change = state.store.update_label_config(
+        task_set_id,
+        body.label_schema,
+        confirm=body.confirm,
+        dry_run=body.dry_run,
+        expected_version=body.expected_version,
+    )
+    return LabelConfigOut(
+        task_set_id=task_set_id,
+        version=change.version,
+        label_schema=schema_to_dict(change.schema),
+        changed=change.changed,
+        saved=change.saved,
+        invalidated=[
+            LabelUseOut(label=u.label, annotations=u.annotations, gold=u.gold)
+            for u in change.impact.invalidated
+        ],
+    )
+
+
+@router.get(
+    "/task-sets/{task_set_id}/label-configs",
+    responses=error_responses(*USER_READ, 404, 422),
+)
+def label_config_history(
+    *,
+    task_set_id: PathId,
+    _: Annotated[Principal, Depends(api_admin)],
+    state: Annotated[AppState, Depends(app_state)],
+) -> list[LabelConfigVersionOut]:
+    """Every version of the task set's label configuration, newest first."""
+    return [
+        LabelConfigVersionOut(
+            version=v.version,
+            label_schema=schema_to_dict(v.schema),
+            in_force=v.in_force,
+            created_at=v.created_at,
+            annotations=v.n_annotations,
+            record_digest=v.record_digest,
+        )
+        for v in state.store.label_config_history(task_set_id)
+    ]
 
 
 @router.get(

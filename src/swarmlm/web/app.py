@@ -28,7 +28,7 @@ from swarmlm.curation.errors import (
 )
 from swarmlm.curation.store import CurationStore
 from swarmlm.p2p.identity import NodeIdentity
-from swarmlm.web import admin, api, data_manager, pages, review
+from swarmlm.web import admin, api, data_manager, label_config, pages, review
 from swarmlm.web.deps import AppState, LoginRequiredError, api_admin
 from swarmlm.web.node_view import NodeAttachment
 from swarmlm.web.security import BodySizeLimitMiddleware, RateLimiter, SecurityHeadersMiddleware
@@ -123,6 +123,7 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(data_manager.pages)
     app.include_router(review.pages)
+    app.include_router(label_config.pages)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     @app.get("/favicon.ico", include_in_schema=False)
