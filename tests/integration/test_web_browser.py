@@ -7,18 +7,13 @@ scripts/system-deps.sh as root to install Chromium). Screenshots are kept under
 
 from __future__ import annotations
 
-import os
 import random
-import socket
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from argon2 import PasswordHasher
 
 from swarmlm.curation.store import CurationStore, TaskInput
@@ -27,25 +22,7 @@ from swarmlm.web import WebSettings, create_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(os.environ.get("SWARMLM_ARTIFACTS", "test-artifacts")) / "web"
 XSS = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwned"</script>'
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-if not CHROMIUM.exists():
-    pytest.skip(
-        "browser tests need /usr/bin/chromium (run scripts/system-deps.sh as root)",
-        allow_module_level=True,
-    )
 
 
 @dataclass
@@ -56,15 +33,10 @@ class LiveServer:
     xss_task_set_id: int
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def live(
+    tmp_path_factory: pytest.TempPathFactory, serve_app: Callable[[Any], Any]
+) -> Iterator[LiveServer]:
     d = tmp_path_factory.mktemp("web")
     store = CurationStore.open(
         f"sqlite:///{d / 'c.db'}",
@@ -87,38 +59,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         lt = store.next_task(rival.id, ts.id)
         assert lt is not None
         store.submit(rival.id, lt.task_id, "neutral", 100)
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(store, WebSettings(node_dir=d)),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start within 30 s"
-        time.sleep(0.05)
-    yield LiveServer(f"http://127.0.0.1:{port}", store, ts.id, xss.id)
-    server.should_exit = True
-    thread.join(timeout=10)
+    served = serve_app(create_app(store, WebSettings(node_dir=d)))
+    yield LiveServer(served.url, store, ts.id, xss.id)
+    served.stop()
     store.close()
-
-
-@pytest.fixture
-def page(request: pytest.FixtureRequest) -> Iterator[Any]:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        context = browser.new_context()
-        pg = context.new_page()
-        pg.set_default_timeout(15_000)
-        yield pg
-        pg.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
-        browser.close()
 
 
 def _points_of(page: Any, name: str) -> int:
@@ -127,7 +71,7 @@ def _points_of(page: Any, name: str) -> int:
 
 
 def test_register_annotate_three_tasks_by_keyboard_and_climb_the_leaderboard(
-    live: LiveServer, page: Any
+    live: LiveServer, page: Any, browser_artifacts: Path
 ) -> None:
     page.goto(f"{live.url}/register")
     # keyboard only: the username field has autofocus
@@ -139,7 +83,7 @@ def test_register_annotate_three_tasks_by_keyboard_and_climb_the_leaderboard(
     page.goto(f"{live.url}/leaderboard")
     assert _points_of(page, "keyboarder") == 0
     assert _points_of(page, "rival") == 2
-    page.screenshot(path=str(ARTIFACTS / "leaderboard_before.png"))
+    page.screenshot(path=str(browser_artifacts / "leaderboard_before.png"))
 
     page.goto(f"{live.url}/annotate/{live.task_set_id}")
     for n in range(3):
@@ -149,7 +93,7 @@ def test_register_annotate_three_tasks_by_keyboard_and_climb_the_leaderboard(
         page.keyboard.press("Enter")
         page.wait_for_selector("#saved")
         assert "Saved" in page.inner_text("#saved"), f"submission {n + 1}"
-    page.screenshot(path=str(ARTIFACTS / "annotate_after_three.png"))
+    page.screenshot(path=str(browser_artifacts / "annotate_after_three.png"))
 
     values = [a.value for _, a in live.store.annotations(live.task_set_id)]
     assert values.count("negative") == 3

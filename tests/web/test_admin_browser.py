@@ -1,24 +1,19 @@
 """The admin and review side in a real browser: Playwright drives Debian's Chromium headless
-against a live uvicorn on 127.0.0.1 (see ../shared/KNOWN.md for the flags).
-
-Skipped with a reason when /usr/bin/chromium or playwright is missing. Screenshots go to
-``test-artifacts/web/`` (or ``$SWARMLM_ARTIFACTS/web``).
+against a live uvicorn on 127.0.0.1. The `browser`, `page` and `serve_app` fixtures are in
+tests/conftest.py (skipped with a reason when Chromium or playwright is missing; screenshots
+go to ``test-artifacts/web/``).
 """
 
 from __future__ import annotations
 
-import os
 import random
-import socket
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from web_helpers import FAST_HASHER, PASSWORD
 
 from swarmlm.curation.store import CurationStore, TaskInput
@@ -26,25 +21,6 @@ from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.web import WebSettings, create_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(os.environ.get("SWARMLM_ARTIFACTS", "test-artifacts")) / "web"
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-if not CHROMIUM.exists():
-    pytest.skip(
-        "browser tests need /usr/bin/chromium (run scripts/system-deps.sh as root)",
-        allow_module_level=True,
-    )
 
 
 @dataclass
@@ -55,15 +31,10 @@ class Live:
     sentiment_set: int
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+def live(
+    tmp_path_factory: pytest.TempPathFactory, serve_app: Callable[[Any], Any]
+) -> Iterator[Live]:
     d = tmp_path_factory.mktemp("admin-web")
     store = CurationStore.open(
         f"sqlite:///{d / 'c.db'}",
@@ -95,44 +66,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         who = store.create_annotator(name, PASSWORD)
         while (lt := store.next_task(who.id, sentiment.id)) is not None:
             store.submit(who.id, lt.task_id, answer, 700)
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(store, WebSettings(node_dir=d)),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start within 30 s"
-        time.sleep(0.05)
-    yield Live(f"http://127.0.0.1:{port}", store, rating.id, sentiment.id)
-    server.should_exit = True
-    thread.join(timeout=10)
+    served = serve_app(create_app(store, WebSettings(node_dir=d)))
+    yield Live(served.url, store, rating.id, sentiment.id)
+    served.stop()
     store.close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    context = browser.new_context()
-    pg = context.new_page()
-    pg.set_default_timeout(15_000)
-    yield pg
-    pg.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
-    context.close()
 
 
 def log_in(page: Any, live: Live, username: str) -> None:
@@ -271,3 +208,49 @@ def test_admin_previews_an_import_resets_a_password_and_sees_charts(
     page.fill("input[name=password]", new_password)
     page.press("input[name=password]", "Enter")
     page.wait_for_url(f"{live.url}/dashboard")
+
+
+def test_admin_edits_a_label_configuration_with_preview_and_confirmation(
+    page: Any, live: Live
+) -> None:
+    colours = live.store.create_task_set(
+        "colours", {"kind": "single_choice", "choices": ["red", "green"]}, k=1, gold_share=0.0
+    )
+    live.store.add_tasks(colours.id, [TaskInput(content=f"swatch {i}") for i in range(3)])
+    painter = live.store.create_annotator("painter", PASSWORD)
+    lt = live.store.next_task(painter.id, colours.id)
+    assert lt is not None
+    live.store.submit(painter.id, lt.task_id, "green", 500)
+    log_in(page, live, "admin")
+    page.goto(f"{live.url}/admin/task-sets/{colours.id}")
+    page.click("#edit-label-config")
+    page.wait_for_url(f"**/admin/task-sets/{colours.id}/label-config")
+    assert page.inner_text("#config-version") == "1"
+    # keyboard only: type the new schema, then Tab to Preview and press Enter
+    page.locator("#label-schema").focus()
+    page.keyboard.press("Control+A")
+    page.keyboard.type('{"kind": "single_choice", "choices": ["red", "green", "blue"]}')
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#config-preview-result")
+    assert "Choices added: blue" in page.inner_text("#config-preview-result")
+    assert page.locator("#annotator-preview input[value=blue]").count() == 1
+    assert live.store.get_task_set(colours.id).config_version == 1  # a preview saves nothing
+    page.click("#config-save")
+    page.wait_for_selector("#config-saved")
+    assert "version 2" in page.inner_text("#config-saved")
+    # removing "green", which the painter used, asks for confirmation first
+    page.fill("#label-schema", '{"kind": "single_choice", "choices": ["red", "blue"]}')
+    page.click("#config-save")
+    page.wait_for_selector("#config-error")
+    assert "'green' (1 annotation)" in page.inner_text("#config-error")
+    assert live.store.get_task_set(colours.id).config_version == 2
+    page.locator("#config-confirm").focus()
+    page.keyboard.press("Space")
+    page.locator("#config-save").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#config-saved")
+    assert "version 3" in page.inner_text("#config-saved")
+    assert "1 stored annotation" in page.inner_text("#config-stale")
+    assert page.locator("#config-history tbody tr").count() == 3
+    assert live.store.get_task_set(colours.id).schema.choices == ["red", "blue"]  # type: ignore[union-attr]

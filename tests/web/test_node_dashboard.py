@@ -239,30 +239,19 @@ def test_line_chart_scales_points_into_the_box_and_survives_flat_or_empty_data()
     assert line_chart([[1, float("nan")], [2, 1.0]])["n"] == 1
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
 @pytest.mark.integration
-def test_browser_dashboard_updates_live_from_server_sent_events(node_web: NodeWeb) -> None:
-    """A real Chromium on the network and training pages: events change what is shown."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    if not CHROMIUM.exists():
-        pytest.skip("needs /usr/bin/chromium (scripts/system-deps.sh)")
-    expect = sync_api.expect
+def test_browser_dashboard_updates_live_from_server_sent_events(
+    node_web: NodeWeb, browser: Any
+) -> None:
+    """A real Chromium on the network and training pages: events change what is shown.
+
+    `browser` (tests/conftest.py) skips this when Chromium or playwright is missing."""
     import asyncio
     import threading
     import time
 
     import uvicorn
+    from playwright.sync_api import expect
 
     from swarmlm.node.ops import close_event_streams
 
@@ -285,45 +274,43 @@ def test_browser_dashboard_updates_live_from_server_sent_events(node_web: NodeWe
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     bus = node_web.view.bus
     try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page()
-                errors: list[str] = []
-                page.on("pageerror", lambda e: errors.append(str(e)))  # script errors
-                page.on(
-                    "response",
-                    lambda r: (
-                        errors.append(f"{r.status} {r.url}")
-                        if r.status >= 400 and not r.url.endswith("/favicon.ico")
-                        else None
-                    ),
-                )
-                page.goto(f"{url}/login")
-                page.fill("#username", "admin")
-                page.fill("#password", PASSWORD)
-                page.click("button[type=submit]")
-                page.wait_for_url("**/dashboard")
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))  # script errors
+            page.on(
+                "response",
+                lambda r: (
+                    errors.append(f"{r.status} {r.url}")
+                    if r.status >= 400 and not r.url.endswith("/favicon.ico")
+                    else None
+                ),
+            )
+            page.goto(f"{url}/login")
+            page.fill("#username", "admin")
+            page.fill("#password", PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_url("**/dashboard")
 
-                page.goto(f"{url}/admin/node/network")
-                expect(page.locator("#live-status")).to_have_text("live")
-                assert page.locator("#rounds").inner_text().count("no round decided") == 1
-                bus.publish("round_decided", round=13, latency_s=1.25, members=3, accepted=2,
-                            val_loss=2.9, train_loss=3.0, reputation={"d" * 12: 0.5})  # fmt: skip
-                page.wait_for_selector("#rounds td:text-is('13')", timeout=10_000)
-                page.wait_for_selector("#reputation td:has-text('dddddddddddd')")
-                assert "round_decided" in page.locator("#event-log li").first.inner_text()
+            page.goto(f"{url}/admin/node/network")
+            expect(page.locator("#live-status")).to_have_text("live")
+            assert page.locator("#rounds").inner_text().count("no round decided") == 1
+            bus.publish("round_decided", round=13, latency_s=1.25, members=3, accepted=2,
+                        val_loss=2.9, train_loss=3.0, reputation={"d" * 12: 0.5})  # fmt: skip
+            page.wait_for_selector("#rounds td:text-is('13')", timeout=10_000)
+            page.wait_for_selector("#reputation td:has-text('dddddddddddd')")
+            assert "round_decided" in page.locator("#event-log li").first.inner_text()
 
-                page.goto(f"{url}/admin/node/training")
-                expect(page.locator("#live-status")).to_have_text("live")
-                assert page.locator("svg.chart.line").count() == 2  # per-step curve not yet
-                for step in (10, 20):
-                    bus.publish("training_progress", step=step, loss=4.0 - step / 100)
-                expect(page.locator("svg.chart.line")).to_have_count(3)
-                assert page.locator("#training-loss").inner_text() == "3.8000"
-                assert errors == []
-            finally:
-                browser.close()
+            page.goto(f"{url}/admin/node/training")
+            expect(page.locator("#live-status")).to_have_text("live")
+            assert page.locator("svg.chart.line").count() == 2  # per-step curve not yet
+            for step in (10, 20):
+                bus.publish("training_progress", step=step, loss=4.0 - step / 100)
+            expect(page.locator("svg.chart.line")).to_have_count(3)
+            assert page.locator("#training-loss").inner_text() == "3.8000"
+            assert errors == []
+        finally:
+            page.close()
     finally:
         loops[0].call_soon_threadsafe(close_event_streams, node_web.app)
         server.should_exit = True
