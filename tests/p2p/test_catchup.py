@@ -102,10 +102,76 @@ def test_a_lying_peers_fake_decision_chain_is_rejected() -> None:
 def test_resume_state_round_trips_and_a_torn_file_is_ignored(tmp_path: Path) -> None:
     d = Decision(7, 0, [], ["a", "b"], ["a", "b", "c"], [], {"proposal": {"s": b"\x01"}})
     save_resume_state(tmp_path, d)
-    assert load_resume_state(tmp_path) == ResumeState(7, ["a", "b", "c"])
+    # the certificate comes back with its bytes (the restarted node serves it to others)
+    assert load_resume_state(tmp_path) == ResumeState(
+        7, ["a", "b", "c"], {"proposal": {"s": b"\x01"}}
+    )
     (tmp_path / STATE_FILE).write_text('{"last_decided": 7, "memb')
     assert load_resume_state(tmp_path) is None
     assert load_resume_state(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize("with_certificate", [True, False], ids=["from-file", "from-peers"])
+def test_a_restarted_node_rotates_leaders_as_its_peers_do_and_serves_its_last_round(
+    with_certificate: bool,
+) -> None:
+    """Restarted at round r + 1 (as from p2p_round_state.json), a node must know round r's
+    decision: the leader rotation of round r + 1 runs over its contributors. With the
+    persisted certificate it has it at once (and answers peers asking for round r); without
+    it, it asks its peers and verifies their certificate. It used to rotate over all
+    members and refuse the real leaders' proposals (simulator seeds 5002 and 1492)."""
+
+    async def go() -> tuple[frozenset[str] | None, frozenset[str], bool, int]:
+        nodes = await start_mesh(4)
+        ids = sorted(x.node_id for x in nodes)
+        protos = [RoundProtocol(x, ids) for x in nodes]
+        stop = asyncio.Event()
+        # three contribute: round r's decision names three of the four, so the rotation
+        # over its contributors differs from the rotation over all members
+        tasks = [asyncio.ensure_future(_drive(p, stop)) for p in protos[1:]]
+        restarted: RoundProtocol | None = None
+        try:
+            await until(lambda: min(p.last_decided for p in protos[1:]) >= 2, 20)
+            stop.set()
+            for t in tasks:
+                t.cancel()
+            old = protos[1]
+            await until(lambda: old.last_decided >= 2 and old.last_decided + 1 in old.rounds, 5)
+            r = old.last_decided
+            d = old.decisions[r]
+            expected = frozenset(e.peer for e in d.entries)
+            old.close()
+            restarted = RoundProtocol(
+                old.node,
+                d.members_next,
+                start_round=r + 1,
+                resume_certificate=d.certificate if with_certificate else None,
+            )
+            st = restarted.rounds[r + 1]
+            at_start = st.live
+            # a round with traffic: the others contribute again, so it asks and learns
+            for p in (protos[2], protos[3]):
+                tasks.append(asyncio.ensure_future(p.contribute(r + 1, os.urandom(64), 5.0)))
+            await until(lambda: st.live is not None or st.decided is not None, 10)
+            serves = restarted._catchup_target(r) is not None
+            return at_start, expected, serves, restarted.stats["live_learnt"]
+        finally:
+            for t in tasks:
+                t.cancel()
+            for p in protos:
+                p.close()
+            if restarted is not None:
+                restarted.close()
+            await stop_all(nodes)
+
+    at_start, expected, serves, learnt = run(go())
+    assert len(expected) == 3
+    if with_certificate:
+        assert at_start == expected  # known before any message arrives
+        assert serves  # and round r is still served to peers that missed it
+    else:
+        assert at_start is None
+        assert learnt == 1  # asked, verified the peers' certificate, rotated as they do
 
 
 @pytest.mark.parametrize("pruned", [False, True], ids=["kept", "pruned"])

@@ -291,7 +291,11 @@ class _Session:
             # membership it agreed, and catch up from the swarm's certificates (issue 17 #2)
             members = resume.members_next
             self.proto = RoundProtocol(
-                self.node, members, start_round=resume.last_decided + 1, vote_log=votes
+                self.node,
+                members,
+                start_round=resume.last_decided + 1,
+                vote_log=votes,
+                resume_certificate=resume.certificate,
             )
             self.console.print(
                 f"resuming after round {resume.last_decided}: {len(members)} members"

@@ -97,10 +97,13 @@ class RoundProtocol(NormalCase, ViewChange, CatchUp, MembershipChanges, Equivoca
         genesis: list[str],
         start_round: int = 1,
         vote_log: VoteLog | None = None,
+        resume_certificate: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(node, genesis, start_round, vote_log)
         self._init_membership()
         self._init_catchup()
+        if resume_certificate is not None and start_round > 1:
+            self._restore_decision(start_round - 1, resume_certificate)
         for kind in (*ROUND_KINDS, "equivocation", "join", "join_ack", "leave", "evict"):
             node.on(kind, self._on_message)
         node.connect_listeners.append(self._on_link_up)

@@ -159,6 +159,12 @@ class NormalCase(ProtocolCore):
             return
         if view < st.view:
             return
+        if self._leader_unknown(st) and msg.sender != self._leader(st, view):
+            # maybe the leader: kept (bounded) until the previous decision tells us
+            if len(st.parked) < 2 * st.n:
+                st.parked[(view, msg.sender)] = msg
+            self._request_decided(st.round - 1, None)
+            return
         self._check_proposal(st, msg)
         st.proposals[view] = msg
         if view > st.view:
@@ -221,7 +227,10 @@ class NormalCase(ProtocolCore):
         if self.node.node_id not in st.members:
             self._check_commits(st)  # observers (e.g. joiners) decide from commit quorums
             return
-        self._maybe_propose(st)
+        if self._leader_unknown(st):
+            self._request_decided(st.round - 1, None)  # throttled: at most once a second
+        else:
+            self._maybe_propose(st)
         prop = st.proposals.get(st.view)
         if prop is not None and ("prepare", st.view) not in st.sent:
             missing = [e for e in self._entries(prop) if e.digest not in self.node.blobs]

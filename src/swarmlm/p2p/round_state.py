@@ -133,6 +133,9 @@ class _Round:
     fetching: bool = False
     pulling: bool = False
     waiting: set[str] = field(default_factory=set)  # asked us for the decision before we had it
+    # proposals that arrived while the leader rotation was unknown (we started at this
+    # round without the previous decision), by (view, sender); re-checked once it is known
+    parked: dict[tuple[int, str], SignedMessage] = field(default_factory=dict)
     decided: Decision | None = None
     abandoned: bool = False  # we caught up past it on a later certificate (never decided here)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -256,6 +259,16 @@ class ProtocolCore:
     def _leader(st: _Round, view: int) -> str:
         return leader_of(st.members, st.round, view, st.live)
 
+    def _leader_unknown(self, st: _Round) -> bool:
+        """True while we cannot tell this round's leaders: we started (or restarted) at it,
+        after round 1, without the previous round's decision, whose contributors the
+        rotation runs over. Rotating over all members instead, a restarted node followed
+        other leaders than its peers, refused their proposals and, when it was needed for a
+        quorum, stopped the swarm for good (simulator seed 5002, issue 17). Until it knows,
+        it asks for that decision (:meth:`CatchUp._learn_live`), neither proposes nor
+        refuses proposals as "from a non-leader"."""
+        return st.live is None and st.round > 1 and st.round - 1 not in self.decisions
+
     def _certified_leader_ok(self, st: _Round, view: int, sender: str) -> bool:
         """A proposal inside a quorum certificate: from the leader when we know the previous
         decision; from any member when we do not (a node that started at this round): its
@@ -323,6 +336,9 @@ class ProtocolCore:
         raise NotImplementedError
 
     def _progress(self, st: _Round) -> None:
+        raise NotImplementedError
+
+    def _on_propose(self, st: _Round, msg: SignedMessage, peer: str) -> None:
         raise NotImplementedError
 
     def _try_decide(self, st: _Round, view: int, h: bytes, commits: dict[str, Any]) -> None:

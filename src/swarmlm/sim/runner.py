@@ -274,7 +274,9 @@ class Simulation:
         self.use_votelog = "crash" in faults
         self.protos: dict[str, RoundProtocol] = {}
         self.drivers: dict[str, asyncio.Task[None]] = {}
-        self.persisted: dict[str, tuple[int, list[str]]] = {}
+        # what a node persists after each decision (p2p.catchup.save_resume_state): the
+        # next round, its members and the decision certificate
+        self.persisted: dict[str, tuple[int, list[str], dict[str, Any] | None]] = {}
         self.decided: dict[int, tuple[Any, ...]] = {}
         self.decided_at: dict[str, dict[int, float]] = {m: {} for m in self.genesis}
         self.crashed: set[str] = set()
@@ -294,22 +296,29 @@ class Simulation:
 
     def _start_protocol(self, m: str) -> None:
         node = self.net.nodes[m]
-        start, members = self.persisted.get(m, (1, self.genesis))
+        start, members, cert = self.persisted.get(m, (1, self.genesis, None))
         vote_log = VoteLog(self.workdir / f"{m[:16]}.votes") if self.use_votelog else None
         proto: RoundProtocol
         if m in self.byzantine:
             proto = SimByzantineProtocol(
-                node, members, self.byzantine[m], start_round=start, vote_log=vote_log
+                node,
+                members,
+                self.byzantine[m],
+                start_round=start,
+                vote_log=vote_log,
+                resume_certificate=cert,
             )
         else:
-            proto = RoundProtocol(node, members, start_round=start, vote_log=vote_log)
+            proto = RoundProtocol(
+                node, members, start_round=start, vote_log=vote_log, resume_certificate=cert
+            )
         proto.decided_listeners.append(self._listener(m))
         self.protos[m] = proto
         self.drivers[m] = self.net.loop.create_task(self._drive(m, proto))
 
     def _listener(self, m: str) -> Callable[[Decision], None]:
         def on_decision(d: Decision) -> None:
-            self.persisted[m] = (d.round + 1, d.members_next)
+            self.persisted[m] = (d.round + 1, d.members_next, d.certificate)
             self.decided_at[m][d.round] = self.net.loop.time()
             key = (tuple((e.peer, e.digest) for e in d.entries), tuple(d.members_next))
             h = hashlib.sha256(repr(key).encode()).hexdigest()[:10]
