@@ -24,10 +24,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from swarmlm.data.codecs import CODECS
 from swarmlm.data.errors import DataError
 from swarmlm.data.generate import GenerateReport, generate_corpus
 from swarmlm.data.prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VOCAB_SIZE, prepare_corpus
-from swarmlm.data.shards import CorpusMeta, TokenShards
+from swarmlm.data.shards import CorpusMeta, TokenShards, compress_corpus
 
 __all__ = ["add_data_parser", "run_data"]
 
@@ -115,6 +116,19 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     gen.set_defaults(handler=run_data)
 
+    comp = sub.add_parser(
+        "compress",
+        help="rewrite a data directory's token shards as chunked, checksummed compressed files",
+    )
+    comp.add_argument("dir", type=Path, metavar="DIR")
+    comp.add_argument(
+        "--codec",
+        default="auto",
+        choices=("auto", *CODECS),
+        help="auto: measured per shard (ratio and speed)",
+    )
+    comp.set_defaults(handler=run_data)
+
     verify = sub.add_parser("verify", help="check every shard's checksum and print the summary")
     verify.add_argument("dir", type=Path, metavar="DIR")
     verify.set_defaults(handler=run_data)
@@ -128,6 +142,16 @@ def run_data(args: argparse.Namespace) -> int:
         if args.data_command == "generate":
             report = _generate(args, console)
             Console().print(_generate_summary(report, args.out))
+            return 0
+        if args.data_command == "compress":
+            chosen = compress_corpus(args.dir, args.codec)
+            for shard, codec in chosen.items():
+                console.print(f"{escape(shard)}: {codec}")
+            out, meta = args.dir, CorpusMeta.read(args.dir)
+            for name in ("train", "val"):
+                if meta.splits[name].tokens:
+                    TokenShards.open(out, name)
+            Console().print(_summary(meta, out))
             return 0
         if args.data_command == "prepare":
             meta = _prepare(args, console)
@@ -263,7 +287,20 @@ def _summary(meta: CorpusMeta, out: Path) -> Table:
             f"{s.documents:,}",
             str(len(s.shards)),
         )
-    st = meta.stats
+    st = {
+        k: meta.stats.get(k, 0)
+        for k in (
+            "files",
+            "documents",
+            "exact_duplicates_removed",
+            "near_duplicates_removed",
+            "empty_documents",
+            "replaced_bytes",
+        )
+    }
+    if "records" in meta.stats:  # a generated corpus (details in mixture.json)
+        table.caption = f"{meta.stats['records']} records written by `swarmlm data generate`"
+        return table
     table.caption = (
         f"{st['files']} files, {st['documents']} documents; removed "
         f"{st['exact_duplicates_removed']} exact and {st['near_duplicates_removed']} near "

@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from swarmlm.data.cache import ByteCache
+from swarmlm.data.codecs import ChunkedReader, resolve_codec, write_chunked
 from swarmlm.data.errors import CorruptShardError, DataError
 from swarmlm.data.tokenizer import Tokenizer, sha256_file
 
@@ -60,6 +62,10 @@ class ShardInfo(_Strict):
     sha256: str = Field(pattern=_SHA256)
     mask_file: str | None = None
     mask_sha256: str | None = Field(default=None, pattern=_SHA256)
+    # None: raw little-endian ids (memmapped). Otherwise a chunked compressed file (codecs.py)
+    # of ``file_bytes`` bytes whose sha256 is ``sha256``; ids are read through a chunk cache.
+    codec: str | None = None
+    file_bytes: int | None = Field(default=None, ge=0)
 
     _check_names = field_validator("file", "mask_file")(_bare_file_name)
 
@@ -142,20 +148,98 @@ def _verify_file(path: Path, expected_bytes: int, expected_sha: str) -> None:
         )
 
 
+DEFAULT_CHUNK_CACHE_BYTES = 64 << 20
+
+
+class _CompressedTokens:
+    """Slicing view of a compressed shard: ``view[a:b]`` decodes only the chunks needed."""
+
+    def __init__(self, reader: ChunkedReader, dtype: np.dtype[Any]) -> None:
+        self.reader, self.dtype = reader, dtype
+
+    def __getitem__(self, sl: slice) -> NDArray[Any]:
+        size = self.dtype.itemsize
+        data = self.reader.read(sl.start * size, (sl.stop - sl.start) * size)
+        return np.frombuffer(data, dtype=self.dtype)
+
+
+def compress_corpus(
+    data_dir: Path | str, codec: str = "auto", *, chunk_bytes: int = 1 << 18
+) -> dict[str, str]:
+    """Rewrite a data directory's raw token shards as chunked compressed files in place;
+    returns {shard file: codec chosen}. ``auto`` measures the codecs on each shard's first
+    chunk. Masks (SFT) stay raw. ``meta.json`` is rewritten last (atomically), so an
+    interrupted run leaves a readable corpus (new files are written beside the old)."""
+    from swarmlm.atomic import atomic_write_text
+
+    data_dir = Path(data_dir)
+    meta = CorpusMeta.read(data_dir)
+    chosen: dict[str, str] = {}
+    splits = {}
+    old_files = []
+    for name, info in meta.splits.items():
+        shards = []
+        for sh in info.shards:
+            if sh.codec is not None or not sh.tokens:
+                shards.append(sh)
+                continue
+            src = data_dir / sh.file
+            raw = src.read_bytes()
+            if sha256_bytes(raw) != sh.sha256:
+                raise CorruptShardError(f"shard {src}: sha256 does not match meta.json")
+            c = resolve_codec(codec, raw[:chunk_bytes])
+            dst_name = f"{Path(sh.file).stem}.{c}.swz"
+            size = write_chunked(data_dir / dst_name, raw, c, chunk_bytes=chunk_bytes)
+            chosen[sh.file] = c
+            old_files.append(src)
+            shards.append(
+                sh.model_copy(
+                    update={
+                        "file": dst_name,
+                        "sha256": sha256_file(data_dir / dst_name),
+                        "codec": c,
+                        "file_bytes": size,
+                    }
+                )
+            )
+        splits[name] = info.model_copy(update={"shards": shards})
+    new_meta = meta.model_copy(update={"splits": splits})
+    atomic_write_text(data_dir / META_FILE, new_meta.model_dump_json(indent=2))
+    for f in old_files:
+        f.unlink()
+    return chosen
+
+
+def sha256_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 class TokenShards:
     """One split of a prepared corpus as a single random-access token array (memmapped)."""
 
-    def __init__(self, data_dir: Path, split: Split, meta: CorpusMeta) -> None:
+    def __init__(
+        self, data_dir: Path, split: Split, meta: CorpusMeta, chunk_cache: ByteCache | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.split = split
         self.meta = meta
         info = meta.splits[split]
         self.info = info
         self.dtype = np.dtype(meta.dtype).newbyteorder("<")
-        self._tokens = [
-            np.memmap(data_dir / s.file, dtype=self.dtype, mode="r") if s.tokens else None
-            for s in info.shards
-        ]
+        self._chunk_cache = chunk_cache
+        self._readers: list[ChunkedReader] = []
+        self._tokens: list[Any] = []
+        for s in info.shards:
+            if not s.tokens:
+                self._tokens.append(None)
+            elif s.codec is None:
+                self._tokens.append(np.memmap(data_dir / s.file, dtype=self.dtype, mode="r"))
+            else:
+                reader = ChunkedReader(data_dir / s.file, chunk_cache)
+                self._readers.append(reader)
+                self._tokens.append(_CompressedTokens(reader, self.dtype))
         self._masks = [
             np.memmap(data_dir / s.mask_file, dtype=np.uint8, mode="r")
             if s.mask_file and s.tokens
@@ -169,9 +253,17 @@ class TokenShards:
 
     @classmethod
     def open(
-        cls, data_dir: Path | str, split: Split = "train", *, verify: bool = True
+        cls,
+        data_dir: Path | str,
+        split: Split = "train",
+        *,
+        verify: bool = True,
+        chunk_cache: ByteCache | None = None,
     ) -> TokenShards:
-        """Open a split; with ``verify`` (default) check every shard's size and sha256 first."""
+        """Open a split; with ``verify`` (default) check every shard's size and sha256 first.
+
+        Compressed shards are read through ``chunk_cache`` (default: a 64 MiB LRU of their
+        own); each chunk's crc32 is checked whenever it is decompressed."""
         data_dir = Path(data_dir)
         if split not in ("train", "val"):
             raise DataError(f"split must be 'train' or 'val', got {split!r}")
@@ -187,12 +279,15 @@ class TokenShards:
             raise CorruptShardError(f"{data_dir / META_FILE}: shard token counts do not add up")
         if verify:
             for s in info.shards:
-                _verify_file(data_dir / s.file, s.tokens * itemsize, s.sha256)
+                size = s.file_bytes if s.codec is not None else s.tokens * itemsize
+                _verify_file(data_dir / s.file, size or 0, s.sha256)
                 if meta.format == "sft":
                     if s.mask_file is None or s.mask_sha256 is None:
                         raise CorruptShardError(f"shard {data_dir / s.file}: SFT shard has no mask")
                     _verify_file(data_dir / s.mask_file, s.tokens, s.mask_sha256)
-        return cls(data_dir, split, meta)
+        if chunk_cache is None and any(s.codec for s in info.shards):
+            chunk_cache = ByteCache(DEFAULT_CHUNK_CACHE_BYTES, "lru", name=f"shards-{split}")
+        return cls(data_dir, split, meta, chunk_cache)
 
     @property
     def bytes(self) -> int:
@@ -214,13 +309,19 @@ class TokenShards:
         return self.num_tokens
 
     def _gather(
-        self, arrays: list[np.memmap | None], start: int, length: int, dtype: type[np.generic]
+        self,
+        arrays: list[np.memmap | None],
+        start: int,
+        length: int,
+        dtype: type[np.generic],
+        out: NDArray[np.generic] | None = None,
     ) -> NDArray[np.generic]:
         if start < 0 or length < 0 or start + length > self.num_tokens:
             raise IndexError(
                 f"{self.split}: window [{start}, {start + length}) outside 0..{self.num_tokens}"
             )
-        out = np.empty(length, dtype=dtype)
+        if out is None:
+            out = np.empty(length, dtype=dtype)
         shard = int(np.searchsorted(self._starts, start, side="right")) - 1
         filled = 0
         while filled < length:
@@ -237,6 +338,12 @@ class TokenShards:
     def read(self, start: int, length: int) -> NDArray[np.int64]:
         """Tokens ``[start, start + length)`` of the split as int64, across shard boundaries."""
         return self._gather(self._tokens, start, length, np.int64)  # type: ignore[return-value]
+
+    def read_into(self, start: int, out: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Like ``read(start, len(out))`` but into ``out`` (1-D int64): no allocation."""
+        if out.ndim != 1 or out.dtype != np.int64:
+            raise DataError(f"read_into needs a 1-D int64 array, got {out.dtype} {out.shape}")
+        return self._gather(self._tokens, start, out.shape[0], np.int64, out)  # type: ignore[return-value]
 
     def read_mask(self, start: int, length: int) -> NDArray[np.bool_] | None:
         """Loss mask for the same range (True = loss counted), or None for plain text."""

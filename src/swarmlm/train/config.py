@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from swarmlm.data.mixing import MixingConfig
 from swarmlm.model import ModelConfig
 
 
@@ -24,6 +25,10 @@ class DataConfig(_Strict):
         default="random", description="'difficulty': first epochs run from easy to hard windows"
     )
     difficulty_epochs: int = Field(default=1, ge=0)
+    mixing: MixingConfig = Field(
+        default_factory=MixingConfig,
+        description="per-type sampling, online mixing and curriculum (generated corpora)",
+    )
 
 
 class CurriculumStage(_Strict):

@@ -23,6 +23,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from swarmlm.data import BatchLoader, TokenShards, bits_per_byte, eval_batches
+from swarmlm.data.mixing import (
+    AdaptiveCurriculum,
+    MixtureIndex,
+    MixtureLoader,
+    OnlineMixer,
+    per_row_loss,
+)
 from swarmlm.model import Transformer
 from swarmlm.train.checkpoint import (
     AsyncCheckpointer,
@@ -149,18 +156,41 @@ class Trainer:
         self.train_shards = TokenShards.open(cfg.data.path, split="train")
         self.val_shards = TokenShards.open(cfg.data.path, split="val")
         self.seq_len = self._seq_len_for(0)
-        self.loader = BatchLoader(
-            self.train_shards,
-            batch_size=cfg.data.batch_size,
-            seq_len=self.seq_len,
-            seed=cfg.train.seed,
-            rank=self.parallel.data_rank,
-            world_size=self.parallel.data_world_size,
-            prefetch=cfg.data.prefetch,
-            pin_memory=self.device.type == "cuda",
-            order=cfg.data.order,
-            difficulty_epochs=cfg.data.difficulty_epochs,
-        )
+        self.loader: BatchLoader | MixtureLoader
+        self.mixer: OnlineMixer | None = None
+        self.curriculum: AdaptiveCurriculum | None = None
+        self._row_losses: list[Tensor] | None = None
+        mixing = cfg.data.mixing
+        if mixing.mode != "off":
+            index = MixtureIndex.open(cfg.data.path, "train")
+            self.loader = MixtureLoader(
+                self.train_shards,
+                index,
+                cfg.data.batch_size,
+                self.seq_len,
+                seed=cfg.train.seed,
+                rank=self.parallel.data_rank,
+                world_size=self.parallel.data_world_size,
+                pool=cfg.train.grad_accum + 2,
+            )
+            if mixing.mode == "online":
+                self.mixer = OnlineMixer.from_config(index, mixing)
+            if mixing.curriculum:
+                self.curriculum = AdaptiveCurriculum(mixing, cfg.train.max_steps)
+                self.loader.set_cap(self.curriculum.cap())
+        else:
+            self.loader = BatchLoader(
+                self.train_shards,
+                batch_size=cfg.data.batch_size,
+                seq_len=self.seq_len,
+                seed=cfg.train.seed,
+                rank=self.parallel.data_rank,
+                world_size=self.parallel.data_world_size,
+                prefetch=cfg.data.prefetch,
+                pin_memory=self.device.type == "cuda",
+                order=cfg.data.order,
+                difficulty_epochs=cfg.data.difficulty_epochs,
+            )
         self.step = 0
         self.tokens_seen = 0
         self.micro_splits = 1
@@ -191,6 +221,8 @@ class Trainer:
             "config": self.cfg.model_dump(mode="json"),
             "schedule": self.schedule.state_dict(),
             "loader": self.loader.state_dict(),
+            **({"mixer": self.mixer.state_dict()} if self.mixer is not None else {}),
+            **({"curriculum": self.curriculum.state_dict()} if self.curriculum else {}),
             "tokens_seen": self.tokens_seen,
             "world_size": self.parallel.world_size,
             "layout": str(getattr(self.parallel, "layout", "single")),
@@ -281,6 +313,10 @@ class Trainer:
             )
         self.schedule.load_state_dict(ckpt.state["schedule"])
         self.loader.load_state_dict(ckpt.state["loader"])
+        if self.mixer is not None and "mixer" in ckpt.state:
+            self.mixer.load_state_dict(ckpt.state["mixer"])
+        if self.curriculum is not None and "curriculum" in ckpt.state:
+            self.curriculum.load_state_dict(ckpt.state["curriculum"])
         self.tokens_seen = int(ckpt.state["tokens_seen"])
         self.step = ckpt.step
         self.seq_len = self._seq_len_for(self.step)
@@ -349,6 +385,8 @@ class Trainer:
                     out = self.model(x, targets=y)
                 loss: Tensor = out.loss
                 self.precision.backward(loss * weight)
+                if self._row_losses is not None:
+                    self._row_losses.append(per_row_loss(out.logits.detach(), y))
             total += float(loss.detach()) * weight
         return total
 
@@ -405,11 +443,15 @@ class Trainer:
         for group in self.base_optimizer.param_groups:
             group["lr"] = lr
         batches = []
+        row_types: list[np.ndarray[Any, Any]] = []
         for _ in range(cfg.train.grad_accum):
             x, y = next(self.loader)
+            if isinstance(self.loader, MixtureLoader):
+                row_types.append(self.loader.last_types)
             batches.append(
                 (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             )
+        self._row_losses = [] if self.mixer is not None else None
         loss = self._forward_backward_adaptive(batches)
         loss = self.parallel.mean(loss)
         if not math.isfinite(loss):
@@ -429,7 +471,36 @@ class Trainer:
         self.base_optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += sum(x.numel() for x, _ in batches) * self.parallel.data_world_size
+        self._adapt_mixture(loss, row_types)
         return loss, grad_norm
+
+    def _adapt_mixture(self, loss: float, row_types: list[np.ndarray[Any, Any]]) -> None:
+        """Online mixing and curriculum after a step (identical on every rank: losses are
+        averaged over ranks before they change the weights or the stage)."""
+        assert isinstance(self.loader, MixtureLoader) or self.mixer is None
+        if self.mixer is not None and self._row_losses:
+            rows = torch.cat(self._row_losses).cpu().numpy().astype(np.float64)
+            types = np.concatenate(row_types)
+            n = min(rows.size, types.size)  # an OOM retry may have appended twice
+            self.mixer.observe(types[-n:], rows[-n:])
+            if self.step % self.cfg.data.mixing.update_every == 0:
+                sums, counts = self.mixer.pending()
+                if self.parallel.data_world_size > 1:
+                    sums = np.array([self.parallel.mean(float(v)) for v in sums])
+                    counts = np.array([self.parallel.mean(float(v)) for v in counts])
+                weights = self.mixer.update(sums, counts)
+                assert isinstance(self.loader, MixtureLoader)
+                self.loader.set_weights(weights)
+        self._row_losses = None
+        if self.curriculum is not None and self.curriculum.observe(self.step, loss):
+            assert isinstance(self.loader, MixtureLoader)
+            self.loader.set_cap(self.curriculum.cap())
+            log.debug(
+                "curriculum: stage %d (difficulty <= %.3f) from step %d",
+                self.curriculum.stage,
+                self.curriculum.cap(),
+                self.step,
+            )
 
     def fit(self, resume: bool | Path = False, *, until_step: int | None = None) -> TrainResult:
         """Train to ``max_steps`` (or the time budget, or ``until_step`` for a job that will be
@@ -486,6 +557,7 @@ class Trainer:
                             tokens=self.tokens_seen,
                             tokens_per_s=rate,
                             seq_len=self.seq_len,
+                            **self._mixture_metrics(),
                         )
                     if self.step % cfg.eval_every == 0:
                         result.last_eval = self._eval_and_log()
@@ -508,6 +580,17 @@ class Trainer:
         result.tokens = self.tokens_seen - tokens_at_start
         result.seconds = time.perf_counter() - start
         return result
+
+    def _mixture_metrics(self) -> dict[str, float]:
+        if not isinstance(self.loader, MixtureLoader):
+            return {}
+        out = {
+            f"w_{t}": float(w)
+            for t, w in zip(self.loader.index.types, self.loader.weights, strict=True)
+        }
+        if self.curriculum is not None:
+            out["stage"] = float(self.curriculum.stage)
+        return out
 
     def _fit_schedule_to_budget(self, start: float, first_step: int, budget_s: float) -> None:
         """With a time budget, end the decay where the budget will end, not at max_steps:

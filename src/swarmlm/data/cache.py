@@ -1,0 +1,246 @@
+"""Byte-bounded caches (LRU, LFU, FIFO, each with an optional TTL) and a memory budget.
+
+``ByteCache`` wraps cachetools' ``LRUCache``/``LFUCache``/``FIFOCache`` with ``getsizeof``
+so that ``max_bytes`` bounds the sum of the values' sizes (``len`` of bytes, ``nbytes`` of
+arrays and tensors). A TTL applies to every policy: an entry older than ``ttl_s`` is a miss
+and is dropped (cachetools' own ``TTLCache`` is LRU-only). An item larger than the whole
+cache is an error (``CacheError``: the cache is smaller than one item), never a silent
+no-op. Hits, misses and evictions are counted on the object and in Prometheus counters
+``swarmlm_data_cache_{hits,misses,evictions}_total{cache,policy}`` and the gauge
+``swarmlm_data_cache_bytes{cache,policy}`` (the node's ``/metrics`` serves the default
+registry).
+
+``MemoryBudget`` enforces ``max_memory_mb`` for the data side: caches registered with it
+share its byte allowance, and ``enforce()`` (called by each cache after an insert) evicts
+from the registered caches, largest first, while the process's resident memory is above
+the cap. Memory that is not cache (model, optimizer) cannot be evicted: when it alone is over
+the cap the caches are emptied and ``over_cap`` says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any, Literal
+
+import cachetools
+import psutil
+from prometheus_client import Counter, Gauge
+
+from swarmlm.data.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["POLICIES", "ByteCache", "CacheError", "MemoryBudget", "sizeof"]
+
+Policy = Literal["lru", "lfu", "fifo"]
+POLICIES: tuple[Policy, ...] = ("lru", "lfu", "fifo")
+
+_HITS = Counter("swarmlm_data_cache_hits", "data cache hits", ["cache", "policy"])
+_MISSES = Counter("swarmlm_data_cache_misses", "data cache misses", ["cache", "policy"])
+_EVICTIONS = Counter(
+    "swarmlm_data_cache_evictions",
+    "data cache evictions (capacity, TTL or memory cap)",
+    ["cache", "policy"],
+)
+_BYTES = Gauge("swarmlm_data_cache_bytes", "bytes held by a data cache", ["cache", "policy"])
+
+
+class CacheError(DataError):
+    """A cache is misconfigured (unknown policy, no room for one item)."""
+
+
+def sizeof(value: Any) -> int:
+    """Bytes a cached value holds: ``nbytes`` (numpy, torch via numel*element_size) or len."""
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if hasattr(value, "element_size") and hasattr(value, "numel"):
+        return int(value.element_size() * value.numel())
+    if isinstance(value, tuple):
+        return sum(sizeof(v) for v in value)
+    return len(value)
+
+
+class _Entry:
+    __slots__ = ("expires", "size", "value")
+
+    def __init__(self, value: Any, size: int, expires: float) -> None:
+        self.value, self.size, self.expires = value, size, expires
+
+
+class ByteCache:
+    """A thread-safe cache bounded by the bytes of its values (see the module docstring)."""
+
+    def __init__(
+        self,
+        max_bytes: int,
+        policy: Policy = "lru",
+        *,
+        ttl_s: float | None = None,
+        name: str = "cache",
+        budget: MemoryBudget | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if policy not in POLICIES:
+            raise CacheError(
+                f"cache {name!r}: unknown policy {policy!r} (known: {', '.join(POLICIES)})"
+            )
+        if max_bytes < 1:
+            raise CacheError(f"cache {name!r}: max_bytes must be >= 1, got {max_bytes}")
+        if ttl_s is not None and not ttl_s > 0:
+            raise CacheError(f"cache {name!r}: ttl_s must be > 0, got {ttl_s}")
+        self.name, self.policy, self.ttl_s = name, policy, ttl_s
+        self.max_bytes = max_bytes
+        self._clock = clock
+        cls = {
+            "lru": cachetools.LRUCache,
+            "lfu": cachetools.LFUCache,
+            "fifo": cachetools.FIFOCache,
+        }[policy]
+        self._data: cachetools.Cache[Hashable, _Entry] = cls(
+            maxsize=max_bytes, getsizeof=lambda e: e.size
+        )
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0
+        self._labels = (name, policy)
+        self._budget = budget
+        if budget is not None:
+            budget.register(self)
+
+    # -- mapping-like API ---------------------------------------------------------------
+    def get(self, key: Hashable) -> Any | None:
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is not None and self.ttl_s is not None and self._clock() >= entry.expires:
+                del self._data[key]
+                self.evictions += 1
+                _EVICTIONS.labels(*self._labels).inc()
+                entry = None
+            if entry is None:
+                self.misses += 1
+                _MISSES.labels(*self._labels).inc()
+                return None
+            self.hits += 1
+            _HITS.labels(*self._labels).inc()
+            return entry.value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        size = sizeof(value)
+        if size > self.max_bytes:
+            raise CacheError(
+                f"cache {self.name!r} of {self.max_bytes} bytes is smaller than one item "
+                f"({size} bytes): raise its size or cache smaller items"
+            )
+        expires = self._clock() + self.ttl_s if self.ttl_s is not None else float("inf")
+        with self._lock:
+            before = len(self._data)
+            if key in self._data:
+                del self._data[key]
+                before -= 1
+            self._data[key] = _Entry(value, size, expires)
+            evicted = before + 1 - len(self._data)
+            if evicted:
+                self.evictions += evicted
+                _EVICTIONS.labels(*self._labels).inc(evicted)
+            _BYTES.labels(*self._labels).set(self._data.currsize)
+        if self._budget is not None:
+            self._budget.enforce()
+
+    def get_or_load(self, key: Hashable, load: Callable[[], Any]) -> Any:
+        value = self.get(key)
+        if value is None:
+            value = load()
+            self.put(key, value)
+        return value
+
+    def evict_one(self) -> int:
+        """Evict by the policy; returns the bytes freed (0 when empty)."""
+        with self._lock:
+            if not self._data:
+                return 0
+            _, entry = self._data.popitem()
+            self.evictions += 1
+            _EVICTIONS.labels(*self._labels).inc()
+            _BYTES.labels(*self._labels).set(self._data.currsize)
+            return entry.size
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            _BYTES.labels(*self._labels).set(0)
+
+    @property
+    def bytes(self) -> int:
+        return int(self._data.currsize)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._data
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class MemoryBudget:
+    """``max_memory_mb`` for the process: registered caches are shrunk while RSS is over."""
+
+    def __init__(self, max_memory_mb: float, *, check_every: int = 16) -> None:
+        if not max_memory_mb > 0:
+            raise CacheError(f"max_memory_mb must be > 0, got {max_memory_mb}")
+        self.cap_bytes = int(max_memory_mb * 2**20)
+        self._caches: weakref.WeakSet[ByteCache] = weakref.WeakSet()
+        self._proc = psutil.Process()
+        self._calls = 0
+        self.check_every = check_every
+        self.evicted_bytes = 0
+        self.over_cap = False
+
+    def register(self, cache: ByteCache) -> None:
+        self._caches.add(cache)
+
+    def rss(self) -> int:
+        return int(self._proc.memory_info().rss)
+
+    def enforce(self, *, force: bool = False) -> int:
+        """Evict cache entries while RSS > cap; returns bytes evicted. RSS is sampled every
+        ``check_every`` calls (it costs a system call) unless ``force``."""
+        self._calls += 1
+        if not force and self._calls % self.check_every:
+            return 0
+        freed = 0
+        rss = self.rss()
+        while rss > self.cap_bytes:
+            caches = sorted(self._caches, key=lambda c: c.bytes, reverse=True)
+            if not caches or caches[0].bytes == 0:
+                if not self.over_cap:
+                    logger.warning(
+                        "resident memory %.0f MiB is above max_memory_mb=%.0f with the data "
+                        "caches empty",
+                        rss / 2**20,
+                        self.cap_bytes / 2**20,
+                    )
+                self.over_cap = True
+                break
+            # Evict a slice of the largest cache, then look at RSS again (freed memory may
+            # stay in the allocator's arenas, so estimate instead of re-reading every item).
+            target = max(1, caches[0].bytes // 4)
+            got = 0
+            while got < target:
+                n = caches[0].evict_one()
+                if n == 0:
+                    break
+                got += n
+            freed += got
+            rss -= got
+        else:
+            self.over_cap = False
+        self.evicted_bytes += freed
+        return freed
