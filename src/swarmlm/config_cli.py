@@ -1,4 +1,5 @@
-"""``swarmlm config init``: write a commented config file to start from.
+"""``swarmlm config init``: write a commented config file to start from; ``swarmlm config
+show``: print the effective configuration and where each value came from.
 
 The original design's training system had ``--create-config``; this is its equivalent. The
 file is generated from the pydantic models themselves (every key with its default and its
@@ -8,6 +9,12 @@ it is read back through the loader before the command reports success.
 ``--kind node`` (default) writes a node config for ``swarmlm node --config``; ``--kind
 train`` a run config for ``swarmlm train --config``, starting from the shipped tiny model on
 the bundled corpus.
+
+``config show`` loads a config exactly as the command that uses it does (file, environment
+variables, ``--set``) and prints every key, its value and its source: ``default``, the file
+path, ``env NAME``, a flag or ``--set key=value``. A node config also shows the run config
+it trains with under ``run.`` (composed from ``training.config``, the ``run`` section,
+``training.set`` and the node's own settings).
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ REPO_CONFIGS = _CHECKOUT_CONFIGS if _CHECKOUT_CONFIGS.is_dir() else Path("config
 
 def add_config_parser(subparsers: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = subparsers.add_parser(
-        "config", help="write a commented config file to start from (config init)"
+        "config",
+        help="write a commented config file to start from (config init); print the effective "
+        "configuration and where each value came from (config show)",
     )
     sub = p.add_subparsers(dest="config_command")
     init = sub.add_parser(
@@ -51,6 +60,32 @@ def add_config_parser(subparsers: Any) -> argparse.ArgumentParser:
     init.add_argument("--node-id", default="node-1", help="node_id to write (--kind node)")
     init.add_argument("--force", action="store_true", help="replace an existing file")
     init.set_defaults(func=run_config_init)
+
+    show = sub.add_parser(
+        "show",
+        help="print the effective configuration: every key, its value and where it came from",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument("--config", type=Path, default=None, help="config file (.json/.yaml/.toml)")
+    show.add_argument(
+        "--kind",
+        choices=["node", "train", "swarm"],
+        default=None,
+        help="node: `swarmlm node --config`; train: `swarmlm train --config`; swarm: a swarm "
+        "run config (default: guessed from the file's keys; node without --config)",
+    )
+    show.add_argument("--node-id", default=None, help="node_id (a node config without one)")
+    show.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key as the command would (value parsed as YAML/JSON)",
+    )
+    show.add_argument("--json", action="store_true", help="one JSON document: kind and rows")
+    show.set_defaults(func=run_config_show)
     return p
 
 
@@ -103,7 +138,9 @@ def node_config_text(node_id: str, out: Path) -> str:
     header = [
         "# swarmlm node config, written by `swarmlm config init`. Start a node with",
         f"#   swarmlm node --config {out}",
-        "# Flags (--node-id, --p2p-port, ...) and --set key.sub=value override these keys.",
+        "# Flags (--node-id, --p2p-port, ...) and --set key.sub=value override these keys;",
+        f"#   swarmlm config show --config {out}",
+        "# prints every value the node will use and where it came from.",
         "# File names here are relative to this file's folder. Keys marked hot-reloadable",
         "# apply while the node runs; see docs/node.md for every key. The swarm config's own",
         "# data.path (runs/data/kjv) is relative to the directory the node starts in.",
@@ -152,4 +189,94 @@ def run_config_init(args: argparse.Namespace) -> int:
 
         load_config(RunConfig, out)
         print(f"wrote {out}; train with: swarmlm train --config {out}")
+    return 0
+
+
+# -- config show -------------------------------------------------------------------------
+
+NODE_KEYS = frozenset({"node_id", "type", "training", "run", "p2p_port", "web_port"})
+
+
+def guess_kind(path: Path | None) -> str:
+    """node, swarm or train, from a config file's top-level keys (node without a file)."""
+    if path is None:
+        return "node"
+    from swarmlm.config import read_config_file
+
+    keys = set(read_config_file(path))
+    if keys & NODE_KEYS:
+        return "node"
+    return "swarm" if keys & {"swarm", "p2p"} else "train"
+
+
+def effective_rows(
+    kind: str,
+    path: Path | None,
+    overrides: list[str],
+    node_id: str | None = None,
+) -> list[tuple[str, Any, str]]:
+    """``(key, value, source)`` of the configuration ``kind`` loads from ``path``, the
+    environment and ``overrides``, in field order."""
+    from swarmlm.config import Sources, effective_values
+
+    sources = Sources()
+    if kind == "node":
+        from swarmlm.node.cli import build_config
+        from swarmlm.node.config import node_run_config
+
+        ns = argparse.Namespace(
+            config=path,
+            node_type=None,
+            node_id=node_id,
+            p2p_port=None,
+            web_port=None,
+            host=None,
+            bootstrap=None,
+            node_dir=None,
+            overrides=overrides,
+        )
+        cfg = build_config(ns, sources)
+        rows = [r for r in effective_values(cfg, sources) if r[0] != "run"]
+        run_sources = Sources()
+        run = node_run_config(cfg, cfg.directory, sources, run_sources)
+        rows += [(f"run.{k}", v, src) for k, v, src in effective_values(run, run_sources)]
+        return rows
+    from swarmlm.config import load_config
+
+    if path is None:
+        from swarmlm.cli import UsageError
+
+        raise UsageError(f"config show --kind {kind} needs --config FILE")
+    if kind == "train":
+        from swarmlm.train.config import ENV_PREFIX, RunConfig
+
+        cfg_t = load_config(RunConfig, path, overrides, env_prefix=ENV_PREFIX, sources=sources)
+        return effective_values(cfg_t, sources)
+    from swarmlm.swarm.config import SwarmRunConfig
+
+    cfg_s = load_config(SwarmRunConfig, path, overrides, sources=sources)
+    return effective_values(cfg_s, sources)
+
+
+def run_config_show(args: argparse.Namespace) -> int:
+    kind = args.kind or guess_kind(args.config)
+    rows = effective_rows(kind, args.config, args.overrides, args.node_id)
+    if args.json:
+        doc = {
+            "kind": kind,
+            "config": None if args.config is None else str(args.config),
+            "values": [{"key": k, "value": v, "source": src} for k, v, src in rows],
+        }
+        print(json.dumps(doc, indent=1))
+        return 0
+    shown = [(k, json.dumps(v), src) for k, v, src in rows]
+    wk = max(len("key"), *(len(k) for k, _, _ in shown))
+    wv = min(40, max(len("value"), *(len(v) for _, v, _ in shown)))
+    where = "defaults" if args.config is None else str(args.config)
+    # plain print, not rich: values are config text (a "[...]" list is not markup) and a
+    # piped table must keep one key a line
+    print(f"# effective {kind} configuration ({where}); source: where each value was set")
+    print(f"{'key':<{wk}}  {'value':<{wv}}  source")
+    for k, v, src in shown:
+        print(f"{k:<{wk}}  {v:<{wv}}  {src}")
     return 0

@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from swarmlm.config import StrictModel
 
 
-class BlockSparseConfig(BaseModel):
+class BlockSparseConfig(StrictModel):
     """Block-sparse causal attention: local blocks plus strided global blocks.
 
     The sequence is cut into blocks of ``block_size`` tokens. A query in block ``i`` may attend
@@ -21,21 +23,21 @@ class BlockSparseConfig(BaseModel):
     always only to keys at or before its own position (causality).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     block_size: int = Field(default=16, ge=1)
     local_blocks: int = Field(default=2, ge=1)
     global_stride: int = Field(default=4, ge=1)
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(StrictModel):
     """Shape and behaviour of the decoder-only transformer.
 
     Defaults describe the small Llama-shaped model used by the benchmarks (hidden 256, 4
     layers, 4 heads, 2 KV heads, SwiGLU width 688, vocabulary 2048, context 256).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     vocab_size: int = Field(default=2048, ge=1)
     d_model: int = Field(default=256, ge=1)

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
+from swarmlm.config import StrictModel
 from swarmlm.model.cache import KVCache
 from swarmlm.model.decode import FastDecoder
 from swarmlm.model.transformer import Transformer
@@ -27,9 +28,7 @@ TokenCallback = Callable[[int, int], None]
 """Called as ``callback(row, token)`` for every new token of a row that is still running."""
 
 
-class GenerationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class GenerationConfig(StrictModel):
     max_new_tokens: int = Field(default=64, ge=0)
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0)

@@ -4,8 +4,10 @@
 [--web-port 8080] [--bootstrap host:port,...] [--config FILE] [--node-dir DIR]``
 (``--node-type`` is the original design's spelling of ``--type``).
 
-Settings come from the config file (JSON, YAML or TOML), then the flags, then ``--set``
-(``key.sub=value``, values parsed as JSON). File names inside a config file
+Settings come from the config file (JSON, YAML or TOML), then ``SWARMLM_NODE__KEY``
+environment variables, then the flags, then ``--set`` (``key.sub=value``, values parsed as
+JSON); ``swarmlm config show --config FILE`` prints the result and where each value came
+from. File names inside a config file
 (``training.config``, ``rlhf.prompts``) are relative to that file's folder. A
 ``--set training.set=[...]`` is laid over the file's ``training.set`` key by key, so the
 command line adds or replaces swarm overrides without dropping the file's others.
@@ -31,7 +33,7 @@ from typing import Any
 
 from rich.console import Console
 
-from swarmlm.config import apply_overrides
+from swarmlm.config import Sources, apply_env, apply_overrides
 from swarmlm.node.config import (
     ConfigError,
     NodeConfig,
@@ -77,28 +79,48 @@ def add_node_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def overlay(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """The command line over a config file's settings: flags, then ``--set``. Applied at
-    start and again to every reloaded file, so an edit never fights the command line."""
+ENV_PREFIX = "SWARMLM_NODE__"
+
+# flag -> the config key it sets (the flags' own names label them in ``config show``)
+FLAG_KEYS = {
+    "node_type": ("type", "--type"),
+    "node_id": ("node_id", "--node-id"),
+    "p2p_port": ("p2p_port", "--p2p-port"),
+    "web_port": ("web_port", "--web-port"),
+    "host": ("host", "--host"),
+    "bootstrap": ("bootstrap_peers", "--bootstrap"),
+    "node_dir": ("node_dir", "--node-dir"),
+}
+
+
+def overlay(
+    raw: dict[str, Any], args: argparse.Namespace, sources: Sources | None = None
+) -> dict[str, Any]:
+    """The environment and the command line over a config file's settings: ``SWARMLM_NODE__``
+    variables, flags, then ``--set``. Applied at start and again to every reloaded file, so
+    an edit never fights the command line. ``sources`` (if given) receives where each value
+    came from; the file's own keys should be recorded in it by the caller."""
     raw = copy.deepcopy(raw)  # the caller's dict (a reloaded file) stays as read
     if args.config is not None:
         resolve_file_paths(raw, Path(args.config).parent)
     file_set = list((raw.get("training") or {}).get("set") or [])
-    flags = {
-        "type": args.node_type,
-        "node_id": args.node_id,
-        "p2p_port": args.p2p_port,
-        "web_port": args.web_port,
-        "host": args.host,
-        "bootstrap_peers": args.bootstrap,
-        "node_dir": str(args.node_dir) if args.node_dir is not None else None,
-    }
-    raw.update({k: v for k, v in flags.items() if v is not None})
-    raw = apply_overrides(raw, args.overrides)
+    apply_env(raw, ENV_PREFIX, sources)
+    for attr, (key, flag) in FLAG_KEYS.items():
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        raw[key] = str(value) if isinstance(value, Path) else value
+        if sources is not None:
+            sources.record([key], raw[key], flag)
+    raw = apply_overrides(raw, args.overrides, sources)
     use_shipped_swarm_config(raw)
     training = raw.get("training")
     if file_set and isinstance(training, dict) and isinstance(training.get("set"), list):
-        training["set"] = merge_overrides(file_set, training["set"])
+        merged = merge_overrides(file_set, training["set"])
+        if sources is not None and merged != training["set"]:
+            label = sources.source_of("training.set")
+            sources.record(["training", "set"], merged, f"{args.config} + {label}")
+        training["set"] = merged
     return raw
 
 
@@ -160,11 +182,18 @@ def merge_overrides(base: list[str], extra: list[str]) -> list[str]:
     return merged + [item for item in extra if key(item) in extra_by_key]
 
 
-def build_config(args: argparse.Namespace) -> NodeConfig:
-    raw = overlay(read_config_file(args.config) if args.config is not None else {}, args)
+def build_config(args: argparse.Namespace, sources: Sources | None = None) -> NodeConfig:
+    """The node config from ``--config``, the environment and the command line; ``sources``
+    (if given) receives where each value came from."""
+    src = sources if sources is not None else Sources()
+    raw = read_config_file(args.config) if args.config is not None else {}
+    for key, value in raw.items():
+        src.record([key], value, str(args.config))
+    raw = overlay(raw, args, src)
     if "node_id" not in raw:
         raise ConfigError("a node needs a name: pass --node-id or set node_id in --config")
-    return validate_config(raw, str(args.config) if args.config is not None else "command line")
+    source = str(args.config) if args.config is not None else "command line"
+    return validate_config(raw, source, src)
 
 
 def run_node(args: argparse.Namespace) -> int:

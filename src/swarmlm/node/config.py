@@ -2,8 +2,13 @@
 
 The keys of the original design (``node_id``, ``p2p_port``, ``web_port``,
 ``bootstrap_peers``, ``enable_curation``, ``enable_rlhf``, ``enable_web_interface``,
-``max_memory_mb``, ``max_cpu_threads``) are top-level fields; the training run (model, data,
-optimizer, swarm and p2p settings) is a swarm config file named by ``training.config``.
+``max_memory_mb``, ``max_cpu_threads``) are top-level fields. The node config contains the
+training run's config (model, data, optimizer, swarm and p2p settings, the swarm config
+``swarm.config.SwarmRunConfig`` validates): :func:`node_run_config` composes it from the file
+``training.config`` names, the node config's ``run`` section laid over it key by key, the
+older ``training.set`` overrides, then the node's own settings (network, paths, thresholds),
+and records where each of its values came from (``swarmlm config show``). The run section
+is typed only when it is composed, so a node that trains nothing never imports torch.
 
 Hot reload (:func:`reload_changes`) accepts only the fields in :data:`HOT_FIELDS` and
 refuses an edit that touches anything else, so a running node never half-applies a
@@ -19,12 +24,29 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from swarmlm.config import ConfigError, read_config_file
+from swarmlm.config import (
+    ConfigError,
+    RateLimits,
+    Sources,
+    StrictModel,
+    error_lines,
+    parse_override,
+    read_config_file,
+    set_path,
+)
 from swarmlm.p2p.config import parse_address
 
-__all__ = ["ConfigError", "NodeConfig", "read_config_file", "reload_changes", "validate_config"]
+__all__ = [
+    "ConfigError",
+    "NodeConfig",
+    "RateLimits",
+    "node_run_config",
+    "read_config_file",
+    "reload_changes",
+    "validate_config",
+]
 
 NodeType = Literal["full", "training", "annotation", "lightweight"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -39,21 +61,8 @@ TYPE_DEFAULTS: dict[str, dict[str, bool]] = {
 }
 
 
-class RateLimits(BaseModel):
-    """Web rate limits (hot-reloadable)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    login_per_minute: int = Field(default=10, ge=1, description="logins per IP and user")
-    register_per_minute: int = Field(default=5, ge=1, description="registrations per IP")
-    submit_per_second: float = Field(default=20.0, gt=0, description="submissions per annotator")
-    submit_burst: int = Field(default=40, ge=1, description="submission burst per annotator")
-
-
-class Thresholds(BaseModel):
+class Thresholds(StrictModel):
     """Reputation thresholds of the swarm (hot-reloadable; applied from the next round)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     exclude_below: float = Field(default=0.2, ge=0, le=1, description="ignore contributions below")
     evict_below: float | None = Field(
@@ -66,14 +75,15 @@ class Thresholds(BaseModel):
     outlier_z: float = Field(default=3.0, gt=0, description="robust z-score flagging an outlier")
 
 
-class TrainingSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TrainingSection(StrictModel):
     config: Path = Field(
-        default=Path("configs/swarm-tiny.json"), description="swarm config (model, data, swarm)"
+        default=Path("configs/swarm-tiny.json"),
+        description="swarm config file the run starts from (model, data, swarm, p2p)",
     )
     set: list[str] = Field(
-        default_factory=list, description="overrides of the swarm config, key.sub=value"
+        default_factory=list,
+        description="overrides of the swarm config, key.sub=value (the older form of the run "
+        "section; applied after it)",
     )
     aggregator_params: dict[str, Any] | None = Field(
         default=None,
@@ -81,18 +91,14 @@ class TrainingSection(BaseModel):
     )
 
 
-class ReplicationSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ReplicationSection(StrictModel):
     sync_interval: float = Field(
         default=2.0, gt=0, le=3600, description="anti-entropy digest exchange period (s)"
     )
     max_batch: int = Field(default=256, ge=1, le=10_000, description="records per message")
 
 
-class RlhfSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RlhfSection(StrictModel):
     sample_every_rounds: int | None = Field(
         default=5,
         ge=1,
@@ -108,10 +114,23 @@ class RlhfSection(BaseModel):
     task_set: str = Field(default="model-samples", description="task set receiving the pairs")
 
 
-class NodeConfig(BaseModel):
-    """Everything one ``swarmlm node`` process needs. Times in seconds."""
+# Keys of the run config that the node always sets from its own settings: a run section
+# setting one would be silently overridden, so it is refused, naming the node key to set.
+NODE_OWNED_RUN_KEYS: dict[str, str] = {
+    "p2p.host": "host",
+    "p2p.port": "p2p_port",
+    "p2p.advertise_host": "advertise_host",
+    "p2p.bootstrap": "bootstrap_peers",
+    "p2p.node_dir": "node_dir",
+    "train.out_dir": "node_dir",
+    "swarm.exclude_below": "thresholds.exclude_below",
+    "swarm.evict_below": "thresholds.evict_below",
+    "swarm.outlier_z": "thresholds.outlier_z",
+}
 
-    model_config = ConfigDict(extra="forbid")
+
+class NodeConfig(StrictModel):
+    """Everything one ``swarmlm node`` process needs. Times in seconds."""
 
     node_id: str = Field(description="this node's name (letters, digits, '._-', up to 64)")
     type: NodeType = Field(default="full", description="which components run (see TYPE_DEFAULTS)")
@@ -146,6 +165,11 @@ class NodeConfig(BaseModel):
     training: TrainingSection = Field(default_factory=TrainingSection)
     replication: ReplicationSection = Field(default_factory=ReplicationSection)
     rlhf: RlhfSection = Field(default_factory=RlhfSection)
+    run: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the training run's own settings, laid over training.config's file key by "
+        "key: sections model, data, optim, schedule, train, swarm, p2p (run.swarm.rounds: 200)",
+    )
     admin_username: str | None = Field(
         default=None, description="create this admin account at start if missing"
     )
@@ -167,6 +191,16 @@ class NodeConfig(BaseModel):
             for a in v:
                 parse_address(str(a))  # raises naming the bad address
             return [str(a).strip() for a in v]
+        return v
+
+    @field_validator("run")
+    @classmethod
+    def _run_keys_the_node_sets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, node_key in NODE_OWNED_RUN_KEYS.items():
+            section, name = key.split(".")
+            sub = v.get(section)
+            if isinstance(sub, dict) and name in sub:
+                raise ValueError(f"run.{key} is set by the node from {node_key}: set that instead")
         return v
 
     @field_validator("training")
@@ -206,14 +240,15 @@ HOT_FIELDS = frozenset({"log_level", "rate_limits", "thresholds", "bootstrap_pee
 HOT_TRAINING_FIELDS = frozenset({"aggregator_params"})
 
 
-def validate_config(raw: dict[str, Any], source: str = "node config") -> NodeConfig:
+def validate_config(
+    raw: dict[str, Any], source: str = "node config", sources: Sources | None = None
+) -> NodeConfig:
+    """``raw`` as a :class:`NodeConfig`; errors name the key (an unknown one with the nearest
+    valid key) and, given ``sources``, where the bad value was set."""
     try:
         cfg = NodeConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
-            for err in exc.errors()
-        ]
+        lines = error_lines(exc, NodeConfig, sources)
         raise ConfigError(f"{source}: invalid node config\n" + "\n".join(lines)) from exc
     cfg.check_components()
     return cfg
@@ -259,13 +294,125 @@ def check_aggregator_params(cfg: NodeConfig, params: dict[str, Any], source: str
     """Refuse parameters the configured aggregator does not accept (checked by running it)."""
     from swarmlm.aggregation.errors import AggregationError
     from swarmlm.aggregation.registry import check_aggregator  # torch: trainers only
-    from swarmlm.swarm.config import load_swarm_config
 
     try:
-        name = load_swarm_config(cfg.training.config, cfg.training.set).swarm.aggregator
+        run = node_run_config(cfg, cfg.directory)
+        assert isinstance(run, BaseModel)
+        name = run.swarm.aggregator  # type: ignore[attr-defined]
     except Exception as exc:  # the swarm config is checked at start; here it only names the rule
         raise ConfigError(f"{source}: cannot read training.config: {exc}") from exc
     try:
         check_aggregator(name, **params)
     except (AggregationError, TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: training.aggregator_params for {name!r}: {exc}") from exc
+
+
+# -- the run config a node trains with -------------------------------------------------------
+
+
+def node_run_layers(
+    cfg: NodeConfig, node_dir: Path, node_sources: Sources | None = None
+) -> tuple[dict[str, Any], Sources]:
+    """The run config's raw settings and where each came from, lowest layer first: the file
+    ``training.config``, the node config's ``run`` section (merged key by key),
+    ``training.set``, then the node's own settings. ``node_sources`` (the node config's own
+    provenance) labels the last three with where the node key was set."""
+    node_src = node_sources if node_sources is not None else Sources()
+    sources = Sources()
+    path = cfg.training.config
+    raw = read_config_file(path)
+    for key, value in raw.items():
+        sources.record([key], value, str(path))
+
+    def merge(into: dict[str, Any], over: dict[str, Any], at: list[str]) -> None:
+        for key, value in over.items():
+            here = [*at, str(key)]
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value, here)
+            else:
+                into[key] = value
+                sources.forget(here)
+                record_leaves(here, value)
+
+    def record_leaves(at: list[str], value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, sub in value.items():
+                record_leaves([*at, str(key)], sub)
+        else:
+            sources.record(at, value, node_src.source_of("run." + ".".join(at)))
+
+    merge(raw, cfg.run, [])
+
+    def lay(key: str, value: Any, label: str) -> None:
+        path_ = key.split(".")
+        set_path(raw, path_, value, label)
+        sources.record(path_, value, label)
+
+    set_label = node_src.source_of("training.set")
+    for item in cfg.training.set:
+        parts, value = parse_override(item)
+        lay(".".join(parts), value, f"training.set {item} <- {set_label}")
+
+    def by_node(key: str, value: Any, node_key: str) -> None:
+        lay(key, value, f"node {node_key} <- {node_src.source_of(node_key)}")
+
+    by_node("p2p.host", cfg.host, "host")
+    by_node("p2p.port", cfg.p2p_port, "p2p_port")
+    by_node("p2p.advertise_host", cfg.advertise_host, "advertise_host")
+    by_node("p2p.bootstrap", list(cfg.bootstrap_peers), "bootstrap_peers")
+    by_node("p2p.node_dir", str(node_dir / "identity"), "node_dir")
+    by_node("train.out_dir", str(node_dir / "train"), "node_dir")
+    by_node("swarm.exclude_below", cfg.thresholds.exclude_below, "thresholds.exclude_below")
+    by_node("swarm.evict_below", cfg.thresholds.evict_below, "thresholds.evict_below")
+    by_node("swarm.outlier_z", cfg.thresholds.outlier_z, "thresholds.outlier_z")
+    if cfg.training.aggregator_params is not None:
+        by_node(
+            "swarm.aggregator_params",
+            dict(cfg.training.aggregator_params),
+            "training.aggregator_params",
+        )
+    if cfg.max_cpu_threads is not None:
+        by_node("train.threads", cfg.max_cpu_threads, "max_cpu_threads")
+    if cfg.type == "lightweight":
+        # a voter keeps as few payloads as it can
+        lay("p2p.keep_rounds", 2, "node type lightweight")
+    return raw, sources
+
+
+def node_run_config(
+    cfg: NodeConfig,
+    node_dir: Path,
+    node_sources: Sources | None = None,
+    run_sources: Sources | None = None,
+) -> BaseModel:
+    """The run config this node works with: a ``SwarmRunConfig`` on a node that trains, a
+    ``VoterConfig`` (the parts a voter uses; no torch) otherwise. Errors name the key, the
+    nearest valid key for an unknown one, and where the bad value was set. ``run_sources``
+    (if given) receives where each run key came from."""
+    try:
+        raw, sources = node_run_layers(cfg, node_dir, node_sources)
+    except ConfigError as exc:
+        raise ConfigError(f"training.config: {exc}") from exc
+    if run_sources is not None:
+        run_sources.update(sources)
+    return validate_run_config(cfg, raw, sources)
+
+
+def validate_run_config(cfg: NodeConfig, raw: dict[str, Any], sources: Sources) -> BaseModel:
+    """Validate a node's composed run settings (see :func:`node_run_layers`)."""
+    model: type[BaseModel]
+    if cfg.runs("training"):
+        from swarmlm.swarm.config import SwarmRunConfig
+
+        model = SwarmRunConfig
+    else:
+        from swarmlm.swarm.voter import VoterConfig
+
+        model = VoterConfig
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        lines = error_lines(exc, model, sources, prefix="run.")
+        raise ConfigError(
+            f"training.config: {cfg.training.config}: invalid swarm config\n" + "\n".join(lines)
+        ) from exc

@@ -45,6 +45,7 @@ from swarmlm.atomic import atomic_write_text
 from swarmlm.node.config import (
     ConfigError,
     NodeConfig,
+    node_run_config,
     read_config_file,
     reload_changes,
 )
@@ -248,36 +249,12 @@ class NodeRuntime:
         return self.swarm_cfg
 
     def _load_swarm_config(self) -> SwarmRunConfig | VoterConfig:
-        """The training run's config with this node's network, paths and limits applied."""
-        cfg = self.cfg
-        import json
-
-        sets = list(cfg.training.set)
-        sets += [
-            f"p2p.host={json.dumps(cfg.host)}",
-            f"p2p.port={cfg.p2p_port}",
-            f"p2p.advertise_host={json.dumps(cfg.advertise_host)}",
-            "p2p.bootstrap=" + json.dumps(cfg.bootstrap_peers),
-            "p2p.node_dir=" + json.dumps(str(self.dir / "identity")),
-            "train.out_dir=" + json.dumps(str(self.dir / "train")),
-            f"swarm.exclude_below={cfg.thresholds.exclude_below}",
-            f"swarm.evict_below={json.dumps(cfg.thresholds.evict_below)}",
-            f"swarm.outlier_z={cfg.thresholds.outlier_z}",
-        ]
-        if cfg.training.aggregator_params is not None:
-            sets.append("swarm.aggregator_params=" + json.dumps(cfg.training.aggregator_params))
-        if cfg.max_cpu_threads is not None:
-            sets.append(f"train.threads={cfg.max_cpu_threads}")
-        if cfg.type == "lightweight":
-            sets.append("p2p.keep_rounds=2")  # a voter keeps as few payloads as it can
+        """The training run's config with this node's network, paths and limits applied
+        (:func:`swarmlm.node.config.node_run_config`)."""
         try:
-            if cfg.runs("training"):
-                from swarmlm.swarm.config import load_swarm_config
-
-                return load_swarm_config(cfg.training.config, sets)
-            from swarmlm.swarm.voter import load_voter_config
-
-            return load_voter_config(cfg.training.config, sets)
+            return node_run_config(self.cfg, self.dir)  # type: ignore[return-value]
+        except ConfigError:
+            raise
         except Exception as exc:
             raise ConfigError(f"training.config: {exc}") from exc
 
@@ -484,14 +461,8 @@ class NodeRuntime:
             from swarmlm.web.app import create_app
             from swarmlm.web.settings import WebSettings
 
-            rl = self.cfg.rate_limits
             settings = WebSettings(
-                node_dir=self.dir,
-                db_url=self.cfg.db_url,
-                login_per_minute=rl.login_per_minute,
-                register_per_minute=rl.register_per_minute,
-                submit_per_second=rl.submit_per_second,
-                submit_burst=rl.submit_burst,
+                node_dir=self.dir, db_url=self.cfg.db_url, **self.cfg.rate_limits.model_dump()
             )
             self.web_app = create_app(self.store, settings, node=web_attachment(self))
             app = self.web_app

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from swarmlm.config import StrictModel
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -21,10 +23,10 @@ def parse_bootstrap(text: str) -> list[tuple[str, int]]:
     return [parse_address(a) for a in text.split(",") if a.strip()]
 
 
-class P2PConfig(BaseModel):
+class P2PConfig(StrictModel):
     """Network, liveness and round-protocol settings. Times are seconds, sizes bytes."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(validate_assignment=True)
 
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=0, ge=0, le=65535, description="TCP port to listen on (0 = any free)")

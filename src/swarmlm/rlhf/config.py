@@ -10,21 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from swarmlm.config import StrictModel
 from swarmlm.rlhf.safety import SafetyConfig
 from swarmlm.train.config import OptimConfig
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def _default_optim() -> OptimConfig:
     return OptimConfig(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95))
 
 
-class RunSettings(_Strict):
+class RunSettings(StrictModel):
     out_dir: Path = Field(description="run directory; checkpoints go to out_dir/checkpoints")
     tokenizer: Path | None = Field(
         default=None, description="tokenizer.json; default: the one the base checkpoint names"
@@ -44,7 +41,7 @@ class RunSettings(_Strict):
     )
 
 
-class PairDataSettings(_Strict):
+class PairDataSettings(StrictModel):
     train_file: Path = Field(description="preference JSONL: prompt, chosen, rejected")
     eval_file: Path | None = Field(default=None, description="held-out pairs (default: a split)")
     eval_fraction: float = Field(default=0.1, ge=0, lt=1)
@@ -54,7 +51,7 @@ class PairDataSettings(_Strict):
     max_steps: int | None = Field(default=None, ge=1, description="stop earlier than epochs")
 
 
-class RewardConfig(_Strict):
+class RewardConfig(StrictModel):
     use_margin: bool = Field(default=False, description="subtract each pair's 'margin'")
     centring_coef: float = Field(default=0.0, ge=0, description="weight of mean((r_c + r_r)^2)")
     head_init_std: float | None = Field(
@@ -73,7 +70,7 @@ class RewardRunConfig(RunSettings, PairDataSettings):
     reward: RewardConfig = Field(default_factory=RewardConfig)
 
 
-class DPOConfig(_Strict):
+class DPOConfig(StrictModel):
     beta: float = Field(default=0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
@@ -85,7 +82,7 @@ class DPORunConfig(RunSettings, PairDataSettings):
     dpo: DPOConfig = Field(default_factory=DPOConfig)
 
 
-class PPOConfig(_Strict):
+class PPOConfig(StrictModel):
     """PPO hyperparameters (defaults follow Ziegler et al. 2019 and Huang et al. 2022)."""
 
     rollout_batch_size: int = Field(default=16, ge=2, description="prompts per PPO step")
@@ -136,7 +133,7 @@ class PPORunConfig(RunSettings):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
 
 
-class SampleConfig(_Strict):
+class SampleConfig(StrictModel):
     checkpoint: Path
     prompts_file: Path
     out_file: Path

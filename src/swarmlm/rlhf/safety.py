@@ -22,8 +22,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from swarmlm.config import StrictModel
 from swarmlm.rlhf.errors import SafetyConfigError
 from swarmlm.rlhf.preferences import PreferencePair
 
@@ -240,10 +241,8 @@ class SafetyFilter:
         return {"checked": self.seen, "filtered": self.filtered, **dict(self.counts)}
 
 
-class SafetyConfig(BaseModel):
+class SafetyConfig(StrictModel):
     """The safety filter's rule set (section ``safety`` of every rlhf config)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
     default_block_list: bool = Field(default=True, description="use the shipped block list")

@@ -59,6 +59,7 @@ def run_train(args: argparse.Namespace) -> int:
     from swarmlm.cluster import LayoutError, from_environment
     from swarmlm.config import load_config
     from swarmlm.train import RunConfig
+    from swarmlm.train.config import ENV_PREFIX
     from swarmlm.train.trainer import Trainer
 
     overrides = list(args.overrides)
@@ -69,7 +70,7 @@ def run_train(args: argparse.Namespace) -> int:
             overrides.append(f"parallel.{key}={'null' if value is None else value}")
     if getattr(args, "precision", None):
         overrides.append(f"train.precision={args.precision}")
-    cfg = load_config(RunConfig, args.config, overrides)
+    cfg = load_config(RunConfig, args.config, overrides, env_prefix=ENV_PREFIX)
     console = Console(stderr=True)
     try:
         parallel = from_environment(cfg)

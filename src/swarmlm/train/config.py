@@ -5,17 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from swarmlm.config import StrictModel
 from swarmlm.data.mixing import MixingConfig
 from swarmlm.model import ModelConfig
 
+#: environment variables laid over a run config file: SWARMLM_TRAIN__OPTIM__LR=1e-3
+ENV_PREFIX = "SWARMLM_TRAIN__"
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
-
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     path: Path = Field(description="directory written by `swarmlm data prepare`")
     batch_size: int = Field(default=16, ge=1, description="sequences per micro-batch per rank")
     seq_len: int = Field(default=256, ge=2)
@@ -31,12 +31,12 @@ class DataConfig(_Strict):
     )
 
 
-class CurriculumStage(_Strict):
+class CurriculumStage(StrictModel):
     until_step: int = Field(ge=1, description="this stage applies to steps < until_step")
     seq_len: int = Field(ge=2)
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     name: Literal["adamw", "sam"] = "adamw"
     lr: float = Field(default=3e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -46,7 +46,7 @@ class OptimConfig(_Strict):
     sam_rho: float = Field(default=0.05, gt=0, description="SAM neighbourhood radius")
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(StrictModel):
     kind: Literal["cosine", "linear", "constant", "plateau"] = "cosine"
     warmup_steps: int = Field(default=100, ge=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
@@ -55,7 +55,7 @@ class ScheduleConfig(_Strict):
     plateau_threshold: float = Field(default=1e-3, ge=0)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     max_steps: int = Field(default=1000, ge=1)
     max_seconds: float | None = Field(default=None, gt=0, description="stop after this time")
     grad_accum: int = Field(default=1, ge=1)
@@ -83,7 +83,7 @@ class TrainConfig(_Strict):
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
 
 
-class DistributedConfig(_Strict):
+class DistributedConfig(StrictModel):
     strategy: Literal["ddp", "fsdp2"] = Field(
         default="ddp", description="plain data parallelism; tp/pp/ep layouts always use FSDP2"
     )
@@ -100,7 +100,7 @@ class DistributedConfig(_Strict):
     )
 
 
-class ParallelConfig(_Strict):
+class ParallelConfig(StrictModel):
     """Degrees of a DeviceMesh layout (``--parallel dp=2,tp=2``); product = world size."""
 
     dp: int | None = Field(default=None, ge=1, description="None = world size / (tp*pp*ep)")
@@ -115,7 +115,7 @@ class ParallelConfig(_Strict):
     )
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
