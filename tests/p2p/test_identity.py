@@ -122,3 +122,19 @@ def test_canonical_encoding_is_stable_under_reordering(obj: object) -> None:
         return o
 
     assert canonical_encode(obj) == canonical_encode(reverse_dicts(obj))
+
+
+@given(obj=json_like | st.integers() | st.floats(allow_nan=False))
+def test_the_fast_canonical_encoding_is_the_one_that_names_paths(obj: object) -> None:
+    """Signing uses a path-free canonicalisation (the paths cost half of signing a
+    certificate); it must encode exactly as the path-naming one, and refuse the same."""
+    from swarmlm.p2p.identity import _canonicalize, _canonicalize_fast
+
+    try:
+        slow = _canonicalize(obj, "")
+    except IdentityError:
+        with pytest.raises(IdentityError):
+            _canonicalize_fast(obj)
+        return
+    assert _canonicalize_fast(obj) == slow
+    assert canonical_encode(obj) == canonical_encode(slow)
