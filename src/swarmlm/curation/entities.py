@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ ROLES: tuple[str, ...] = ("annotator", "reviewer", "admin")
 
 
 T = TypeVar("T")
+D = TypeVar("D")  # a dataclass type (copy_fields)
 USERNAME_ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 POINTS_PER_ANNOTATION = 1
 POINTS_FOR_AGREEMENT = 2
@@ -213,54 +214,23 @@ class TaskSetProgress:
     agreement: dict[str, float | None] = field(default_factory=dict)
 
 
+def copy_fields(cls: type[D], source: Any, **overrides: Any) -> D:
+    """An instance of the dataclass ``cls`` whose fields are read from ``source`` by name
+    (an ORM row, another value type), except those given in ``overrides``."""
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    return cls(**{n: getattr(source, n) for n in names if n not in overrides}, **overrides)
+
+
 def _annotator_info(a: Annotator) -> AnnotatorInfo:
-    return AnnotatorInfo(
-        id=a.id,
-        public_id=a.public_id,
-        username=a.username,
-        role=a.role,
-        disabled=a.disabled,
-        points=a.points,
-        reputation=a.reputation,
-        gold_correct=a.gold_correct,
-        gold_total=a.gold_total,
-        agree_count=a.agree_count,
-        agree_total=a.agree_total,
-    )
+    return copy_fields(AnnotatorInfo, a)
 
 
 def _task_set_info(ts: TaskSet) -> TaskSetInfo:
-    return TaskSetInfo(
-        id=ts.id,
-        name=ts.name,
-        description=ts.description,
-        schema=parse_schema(ts.label_schema),
-        k=ts.k,
-        max_annotations=ts.max_annotations,
-        agreement_threshold=ts.agreement_threshold,
-        gold_share=ts.gold_share,
-        lease_seconds=ts.lease_seconds,
-        active=ts.active,
-        config_version=ts.config_version,
-    )
+    return copy_fields(TaskSetInfo, ts, schema=parse_schema(ts.label_schema))
 
 
 def _task_record(t: Task) -> TaskRecord:
-    return TaskRecord(
-        id=t.id,
-        task_set_id=t.task_set_id,
-        external_id=t.external_id,
-        content=t.content,
-        outputs=t.outputs,
-        gold=t.gold,
-        is_gold=t.is_gold,
-        digest=t.digest,
-        needed=t.needed,
-        n_annotations=t.n_annotations,
-        status=t.status,
-        consensus=t.consensus,
-        agreement=t.agreement,
-    )
+    return copy_fields(TaskRecord, t)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import platform
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -18,12 +18,18 @@ from swarmlm.curation.activity import annotator_activity, daily_series, day_labe
 from swarmlm.curation.errors import CurationError
 from swarmlm.curation.interchange import guess_format, parse_tasks_text
 from swarmlm.curation.review import review_counts, reviews_of
-from swarmlm.web.deps import AppState, Principal, app_state, check_form_csrf, page_admin
+from swarmlm.web.deps import (
+    AdminPage,
+    AppState,
+    PathId,
+    Principal,
+    State,
+    check_form_csrf,
+)
 from swarmlm.web.node_view import NodeDashboard
 from swarmlm.web.pages import render
 
 router = APIRouter(prefix="/admin", include_in_schema=False)
-PathId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 _STARTED = time.time()
 
 
@@ -42,8 +48,8 @@ def _hourly_bars(per_hour: dict[int, int], now: float) -> list[dict[str, Any]]:
 def overview(
     *,
     request: Request,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> HTMLResponse:
     stats = state.store.stats()
     progress = [
@@ -76,8 +82,8 @@ def overview(
 def new_task_set(
     *,
     request: Request,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> HTMLResponse:
     return render(request, state, "admin/new_task_set.html", {"error": None}, principal=principal)
 
@@ -97,8 +103,8 @@ def create_task_set(
     gold_share: Annotated[float, Form(ge=0.0, le=1.0)] = 0.1,
     description: Annotated[str, Form(max_length=5000)] = "",
     csrf_token: Annotated[str | None, Form(max_length=200)] = None,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> Response:
     check_form_csrf(principal, csrf_token)
     schema: dict[str, Any] = {"kind": kind}
@@ -134,8 +140,8 @@ def task_set_detail(
     *,
     request: Request,
     task_set_id: PathId,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> HTMLResponse:
     return _task_set_page(
         request,
@@ -188,8 +194,8 @@ def task_set_settings(
     description: Annotated[str, Form(max_length=5000)] = "",
     active: Annotated[str | None, Form(max_length=5)] = None,
     csrf_token: Annotated[str | None, Form(max_length=200)] = None,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> Response:
     check_form_csrf(principal, csrf_token)
     state.store.set_description(task_set_id, description.strip())
@@ -207,8 +213,8 @@ async def import_file(
     outputs_keys: Annotated[str, Form(max_length=500)] = "",
     mode: Annotated[str, Form(max_length=10)] = "import",
     csrf_token: Annotated[str | None, Form(max_length=200)] = None,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> Response:
     check_form_csrf(principal, csrf_token)
     name = file.filename or "upload"
@@ -247,8 +253,8 @@ async def import_file(
 def annotators(
     *,
     request: Request,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> HTMLResponse:
     return render(
         request,
@@ -267,8 +273,8 @@ def update_annotator(
     action: Annotated[str, Form(max_length=20)],
     where: Annotated[str, Form(max_length=10)] = "list",
     csrf_token: Annotated[str | None, Form(max_length=200)] = None,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> Response:
     check_form_csrf(principal, csrf_token)
     if annotator_id == principal.annotator.id and action in (
@@ -308,8 +314,8 @@ def annotator_detail(
     *,
     request: Request,
     annotator_id: PathId,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> HTMLResponse:
     who = state.store.get_annotator(annotator_id)
     act = annotator_activity(state.store, annotator_id)
@@ -337,8 +343,8 @@ def annotator_detail(
 def health(
     *,
     request: Request,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> HTMLResponse:
     try:
         db = state.store.health()
@@ -482,8 +488,8 @@ async def node_page(
     request: Request,
     page: Annotated[str, Path(pattern="^(network|training|annotation)$")],
     part: Annotated[str | None, Query(pattern="^live$")] = None,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> HTMLResponse:
     """A dashboard page; ``?part=live`` returns only the region the page's script refreshes."""
     view = _node_view(request)

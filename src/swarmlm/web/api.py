@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,20 +22,19 @@ from swarmlm.curation.interchange import EXPORTERS, parse_tasks_text, serialize_
 from swarmlm.curation.schema import schema_to_dict
 from swarmlm.curation.store import AnnotatorInfo, LeasedTask, TaskInput
 from swarmlm.web.deps import (
+    ApiAdmin,
+    ApiUser,
+    ApiWriteAdmin,
+    ApiWriteUser,
     AppState,
-    Principal,
-    api_admin,
-    api_user,
-    api_write_admin,
-    api_write_user,
-    app_state,
+    PathId,
+    State,
     client_ip,
 )
 
 router = APIRouter(prefix="/api", tags=["api"])
 
 DbId = Annotated[int, Field(ge=1, le=2**31 - 1)]
-PathId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 Username = Annotated[str, Field(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 Password = Annotated[str, Field(min_length=8, max_length=1024)]
 JsonValue = Any
@@ -137,14 +136,7 @@ class AnnotatorOut(BaseModel):
 
     @classmethod
     def of(cls, a: AnnotatorInfo) -> AnnotatorOut:
-        return cls(
-            id=a.id,
-            username=a.username,
-            role=a.role,
-            points=a.points,
-            reputation=round(a.reputation, 4),
-            disabled=a.disabled,
-        )
+        return cls.model_validate({**vars(a), "reputation": round(a.reputation, 4)})
 
 
 class CredentialsIn(_Strict):
@@ -249,23 +241,11 @@ class LabelConfigVersionOut(BaseModel):
 
 def _task_set_out(state: AppState, task_set_id: int) -> TaskSetOut:
     ts = state.store.get_task_set(task_set_id)
-    return TaskSetOut(
-        id=ts.id,
-        name=ts.name,
-        description=ts.description,
-        label_schema=schema_to_dict(ts.schema),
-        k=ts.k,
-        max_annotations=ts.max_annotations,
-        agreement_threshold=ts.agreement_threshold,
-        gold_share=ts.gold_share,
-        lease_seconds=ts.lease_seconds,
-        active=ts.active,
-        config_version=ts.config_version,
-    )
+    return TaskSetOut.model_validate({**vars(ts), "label_schema": schema_to_dict(ts.schema)})
 
 
 @router.get("/health", responses=error_responses(503))
-def health(*, state: Annotated[AppState, Depends(app_state)]) -> dict[str, Any]:
+def health(*, state: State) -> dict[str, Any]:
     """Liveness and database round-trip; 503 when the database is unreachable."""
     try:
         return {"status": "ok", **state.store.health()}
@@ -274,9 +254,7 @@ def health(*, state: Annotated[AppState, Depends(app_state)]) -> dict[str, Any]:
 
 
 @router.post("/register", status_code=201, responses=error_responses(403, 409, 413, 422, 429))
-def register(
-    *, body: CredentialsIn, request: Request, state: Annotated[AppState, Depends(app_state)]
-) -> AnnotatorOut:
+def register(*, body: CredentialsIn, request: Request, state: State) -> AnnotatorOut:
     if not state.settings.open_registration:
         raise HTTPException(403, "registration is closed on this node")
     if not state.register_limiter.allow(f"ip:{client_ip(request)}"):
@@ -289,9 +267,7 @@ def register(
 
 
 @router.post("/login", responses=error_responses(401, 413, 422, 429))
-def login(
-    *, body: CredentialsIn, request: Request, state: Annotated[AppState, Depends(app_state)]
-) -> TokenOut:
+def login(*, body: CredentialsIn, request: Request, state: State) -> TokenOut:
     """Exchange a username and password for a new API token (rate limited)."""
     lim = state.login_limiter
     if not (lim.allow(f"ip:{client_ip(request)}") and lim.allow(f"user:{body.username}")):
@@ -312,8 +288,8 @@ def login(
 @router.post("/tokens", status_code=201, responses=error_responses(401, 403, 413))
 def create_token(
     *,
-    principal: Annotated[Principal, Depends(api_write_user)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: ApiWriteUser,
+    state: State,
 ) -> TokenOut:
     token = state.store.create_api_token(principal.annotator.id, name="created via api")
     return TokenOut(token=token, annotator=AnnotatorOut.of(principal.annotator))
@@ -322,16 +298,14 @@ def create_token(
 @router.get("/me", responses=error_responses(*USER_READ))
 def me(
     *,
-    principal: Annotated[Principal, Depends(api_user)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: ApiUser,
+    state: State,
 ) -> AnnotatorOut:
     return AnnotatorOut.of(state.store.get_annotator(principal.annotator.id))
 
 
 @router.get("/task-sets", responses=error_responses(*USER_READ))
-def task_sets(
-    *, _: Annotated[Principal, Depends(api_user)], state: Annotated[AppState, Depends(app_state)]
-) -> list[TaskSetOut]:
+def task_sets(*, _: ApiUser, state: State) -> list[TaskSetOut]:
     return [_task_set_out(state, ts.id) for ts in state.store.list_task_sets()]
 
 
@@ -339,8 +313,8 @@ def task_sets(
 def create_task_set(
     *,
     body: TaskSetIn,
-    _: Annotated[Principal, Depends(api_write_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    _: ApiWriteAdmin,
+    state: State,
 ) -> TaskSetOut:
     ts = state.store.create_task_set(
         body.name,
@@ -361,8 +335,8 @@ def create_task_set(
 async def next_task(
     *,
     task_set_id: Annotated[int, Query(ge=1, le=2**31 - 1)],
-    principal: Annotated[Principal, Depends(api_user)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: ApiUser,
+    state: State,
 ) -> NextTaskOut:
     """Lease the next task of a task set for the caller (the same one again while leased)."""
     t = await state.store.next_task_async(principal.annotator.id, task_set_id)
@@ -373,8 +347,8 @@ async def next_task(
 async def submit(
     *,
     body: SubmitIn,
-    principal: Annotated[Principal, Depends(api_write_user)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: ApiWriteUser,
+    state: State,
 ) -> SubmitOut:
     """Submit a label for a leased task; it is signed by this node before the reply."""
     if not state.submit_limiter.allow(f"a:{principal.annotator.id}"):
@@ -399,17 +373,15 @@ async def submit(
 def skip(
     *,
     body: SkipIn,
-    principal: Annotated[Principal, Depends(api_write_user)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: ApiWriteUser,
+    state: State,
 ) -> dict[str, bool]:
     state.store.skip(principal.annotator.id, body.task_id)
     return {"skipped": True}
 
 
 @router.get("/stats", responses=error_responses(*USER_READ))
-def stats(
-    *, _: Annotated[Principal, Depends(api_user)], state: Annotated[AppState, Depends(app_state)]
-) -> dict[str, Any]:
+def stats(*, _: ApiUser, state: State) -> dict[str, Any]:
     """Platform counts, plus per task set progress."""
     out = state.store.stats()
     out["task_set_progress"] = [
@@ -433,8 +405,8 @@ def stats(
 def leaderboard(
     *,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-    _: Annotated[Principal, Depends(api_user)],
-    state: Annotated[AppState, Depends(app_state)],
+    _: ApiUser,
+    state: State,
 ) -> list[AnnotatorOut]:
     return [AnnotatorOut.of(a) for a in state.store.leaderboard(limit)]
 
@@ -443,8 +415,8 @@ def leaderboard(
 def progress(
     *,
     task_set_id: PathId,
-    _: Annotated[Principal, Depends(api_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    _: ApiAdmin,
+    state: State,
 ) -> dict[str, Any]:
     p = state.store.progress(task_set_id)
     return {
@@ -463,8 +435,8 @@ def import_tasks(
     *,
     task_set_id: PathId,
     body: ImportIn,
-    _: Annotated[Principal, Depends(api_write_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    _: ApiWriteAdmin,
+    state: State,
 ) -> ImportOut:
     """Import tasks as a JSON list, or as JSONL / Label Studio export text."""
     if body.format == "tasks":
@@ -489,8 +461,8 @@ def update_label_config(
     *,
     task_set_id: PathId,
     body: LabelConfigIn,
-    _: Annotated[Principal, Depends(api_write_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    _: ApiWriteAdmin,
+    state: State,
 ) -> LabelConfigOut:
     """Edit the task set's label configuration: a new version, replicated to peers.
 
@@ -513,10 +485,7 @@ def update_label_config(
         label_schema=schema_to_dict(change.schema),
         changed=change.changed,
         saved=change.saved,
-        invalidated=[
-            LabelUseOut(label=u.label, annotations=u.annotations, gold=u.gold)
-            for u in change.impact.invalidated
-        ],
+        invalidated=[LabelUseOut.model_validate(vars(u)) for u in change.impact.invalidated],
     )
 
 
@@ -527,18 +496,13 @@ def update_label_config(
 def label_config_history(
     *,
     task_set_id: PathId,
-    _: Annotated[Principal, Depends(api_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    _: ApiAdmin,
+    state: State,
 ) -> list[LabelConfigVersionOut]:
     """Every version of the task set's label configuration, newest first."""
     return [
-        LabelConfigVersionOut(
-            version=v.version,
-            label_schema=schema_to_dict(v.schema),
-            in_force=v.in_force,
-            created_at=v.created_at,
-            annotations=v.n_annotations,
-            record_digest=v.record_digest,
+        LabelConfigVersionOut.model_validate(
+            {**vars(v), "label_schema": schema_to_dict(v.schema), "annotations": v.n_annotations}
         )
         for v in state.store.label_config_history(task_set_id)
     ]
@@ -563,8 +527,8 @@ def export(
     *,
     task_set_id: PathId,
     kind: Literal["annotations", "consensus", "preferences", "label_studio", "csv"] = "annotations",
-    _: Annotated[Principal, Depends(api_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    _: ApiAdmin,
+    state: State,
 ) -> StreamingResponse:
     """Export a task set: signed annotations, per-task consensus or reward-model preferences
     (JSONL), Label Studio tasks with annotations and consensus (a JSON array), or one CSV

@@ -13,7 +13,7 @@ from datetime import date
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -32,19 +32,17 @@ from swarmlm.curation.schema import (
 )
 from swarmlm.web.api import USER_READ, USER_WRITE, error_responses
 from swarmlm.web.deps import (
-    AppState,
-    Principal,
-    api_admin,
-    api_write_admin,
-    app_state,
+    AdminPage,
+    ApiAdmin,
+    ApiWriteAdmin,
+    PathId,
+    State,
     check_form_csrf,
-    page_admin,
 )
 from swarmlm.web.pages import render
 
 pages = APIRouter(prefix="/admin", include_in_schema=False)
 api = APIRouter(prefix="/api", tags=["data manager"])
-PathId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 FILTER_FIELDS = (
     "status",
     "label",
@@ -143,8 +141,8 @@ async def data_manager_page(
     *,
     request: Request,
     task_set_id: PathId,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> HTMLResponse:
     q = request.query_params
     f = filter_from(q)
@@ -195,8 +193,8 @@ async def data_manager_bulk(
     *,
     request: Request,
     task_set_id: PathId,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> Response:
     form = await request.form()
     check_form_csrf(principal, _form_str(form, "csrf_token"))
@@ -231,8 +229,8 @@ async def task_page(
     *,
     request: Request,
     task_id: PathId,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> HTMLResponse:
     d = await run_in_threadpool(dm.task_detail, state.store, task_id)
     labels = label_choices(d.task_set.schema)
@@ -333,8 +331,8 @@ async def list_tasks(
     sort: Annotated[str, Query(pattern=r"^-?(id|agreement|confidence|annotations)$")] = "id",
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
     per_page: Annotated[int, Query(ge=1, le=dm.MAX_PAGE)] = 50,
-    _: Annotated[Principal, Depends(api_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    _: ApiAdmin,
+    state: State,
 ) -> TaskPageOut:
     """The data manager: one page of a task set's tasks, filtered, searched and sorted."""
     f = filter_from(request.query_params)
@@ -360,44 +358,34 @@ async def get_task(
     *,
     task_set_id: PathId,
     task_id: PathId,
-    _: Annotated[Principal, Depends(api_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    _: ApiAdmin,
+    state: State,
 ) -> TaskDetailOut:
     """A task with every annotation, its consensus, posterior, agreement and history."""
     d = await run_in_threadpool(dm.task_detail, state.store, task_id)
     if d.task_set.id != task_set_id:
         raise HTTPException(404, f"task {task_id} is not in task set {task_set_id}")
-    return TaskDetailOut(
-        id=d.id,
-        task_set_id=d.task_set.id,
-        external_id=d.external_id,
-        content=d.content,
-        outputs=d.outputs,
-        is_gold=d.is_gold,
-        gold=d.gold,
-        status=d.status,
-        needed=d.needed,
-        n_annotations=d.n_annotations,
-        consensus=d.consensus,
-        confidence=d.confidence,
-        agreement=d.agreement,
-        annotations=[
-            AnnotationOut(
-                id=a.id,
-                annotator=a.username,
-                reputation=round(a.reputation, 4),
-                value=a.value,
-                time_spent_ms=a.time_spent_ms,
-                created_at=a.created_at.isoformat(),
-                agrees_with_consensus=a.agrees,
-                review=a.review,
-            )
-            for a in d.annotations
-        ],
-        history=[
-            {"at": h.at.isoformat(), "event": h.event, "who": h.who, "detail": h.detail}
-            for h in d.history
-        ],
+    return TaskDetailOut.model_validate(
+        {
+            **vars(d),
+            "task_set_id": d.task_set.id,
+            "annotations": [
+                AnnotationOut.model_validate(
+                    {
+                        **vars(a),
+                        "annotator": a.username,
+                        "reputation": round(a.reputation, 4),
+                        "created_at": a.created_at.isoformat(),
+                        "agrees_with_consensus": a.agrees,
+                    }
+                )
+                for a in d.annotations
+            ],
+            "history": [
+                {"at": h.at.isoformat(), "event": h.event, "who": h.who, "detail": h.detail}
+                for h in d.history
+            ],
+        }
     )
 
 
@@ -406,8 +394,8 @@ async def bulk(
     *,
     task_set_id: PathId,
     body: BulkIn,
-    _: Annotated[Principal, Depends(api_write_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    _: ApiWriteAdmin,
+    state: State,
 ) -> BulkOut:
     """Apply a bulk action to tasks of the set (ids of other sets are ignored)."""
     n = await run_in_threadpool(

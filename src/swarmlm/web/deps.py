@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, TypeVar
 
-from fastapi import Depends, HTTPException, Request, Response
+from fastapi import Depends, HTTPException, Path, Request, Response
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
@@ -199,3 +199,19 @@ def set_session_cookie(request: Request, response: Response, token: str, ttl_s: 
         secure=request.url.scheme == "https",
         path="/",
     )
+
+
+# -- what route signatures ask for ------------------------------------------------------------
+# One spelling each, so every route states its access rule in a word.
+State = Annotated[AppState, Depends(app_state)]
+MaybeUser = Annotated[Principal | None, Depends(optional_principal)]
+UserPage = Annotated[Principal, Depends(page_user)]
+AdminPage = Annotated[Principal, Depends(page_admin)]
+ReviewerPage = Annotated[Principal, Depends(page_reviewer)]
+ApiUser = Annotated[Principal, Depends(api_user)]
+ApiAdmin = Annotated[Principal, Depends(api_admin)]
+ApiWriteUser = Annotated[Principal, Depends(api_write_user)]
+ApiWriteAdmin = Annotated[Principal, Depends(api_write_admin)]
+ApiWriteReviewer = Annotated[Principal, Depends(api_write_reviewer)]
+#: a database id in a URL path
+PathId = Annotated[int, Path(ge=1, le=2**31 - 1)]

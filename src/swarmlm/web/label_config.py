@@ -8,18 +8,24 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Form, Path, Request
+from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from swarmlm.curation import data_manager as dm
 from swarmlm.curation.errors import CurationError, LabelSchemaError
 from swarmlm.curation.label_config import ConfigImpact, LabelConfigConflictError
 from swarmlm.curation.schema import LabelSchema, parse_schema, schema_to_dict
-from swarmlm.web.deps import AppState, Principal, app_state, check_form_csrf, page_admin
+from swarmlm.web.deps import (
+    AdminPage,
+    AppState,
+    PathId,
+    Principal,
+    State,
+    check_form_csrf,
+)
 from swarmlm.web.pages import render
 
 pages = APIRouter(prefix="/admin", include_in_schema=False)
-PathId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 def _choices_diff(old: LabelSchema, new: LabelSchema) -> dict[str, list[str]]:
@@ -73,8 +79,8 @@ def label_config_page(
     *,
     request: Request,
     task_set_id: PathId,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> HTMLResponse:
     return _page(request, state, principal, task_set_id, saved=request.query_params.get("saved"))
 
@@ -89,8 +95,8 @@ def label_config_submit(
     confirm: Annotated[str | None, Form(max_length=5)] = None,
     expected_version: Annotated[int | None, Form(ge=1, le=2**31 - 1)] = None,
     csrf_token: Annotated[str | None, Form(max_length=200)] = None,
-    principal: Annotated[Principal, Depends(page_admin)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: AdminPage,
+    state: State,
 ) -> Response:
     """Preview (a dry run: nothing saved) or save the schema typed into the form."""
     check_form_csrf(principal, csrf_token)

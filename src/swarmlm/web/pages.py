@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Path, Request
+from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.datastructures import FormData
 
@@ -24,20 +24,20 @@ from swarmlm.curation.schema import (
 from swarmlm.web.deps import (
     SESSION_COOKIE,
     AppState,
+    MaybeUser,
+    PathId,
     Principal,
+    State,
+    UserPage,
     anon_csrf_token,
-    app_state,
     check_anon_csrf,
     check_form_csrf,
     client_ip,
-    optional_principal,
-    page_user,
     set_anon_csrf_cookie,
     set_session_cookie,
 )
 
 router = APIRouter(include_in_schema=False)
-PathId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 def render(
@@ -64,14 +64,12 @@ def _anon_form(
 
 
 @router.get("/")
-def home(
-    *, principal: Annotated[Principal | None, Depends(optional_principal)]
-) -> RedirectResponse:
+def home(*, principal: MaybeUser) -> RedirectResponse:
     return RedirectResponse("/dashboard" if principal else "/login", status_code=303)
 
 
 @router.get("/login")
-def login_page(*, request: Request, state: Annotated[AppState, Depends(app_state)]) -> HTMLResponse:
+def login_page(*, request: Request, state: State) -> HTMLResponse:
     return _anon_form(request, state, "login.html")
 
 
@@ -82,7 +80,7 @@ def login_submit(
     username: Annotated[str, Form(max_length=64)],
     password: Annotated[str, Form(max_length=1024)],
     csrf_token: Annotated[str | None, Form(max_length=200)] = None,
-    state: Annotated[AppState, Depends(app_state)],
+    state: State,
 ) -> Response:
     check_anon_csrf(request, csrf_token)
     lim = state.login_limiter
@@ -103,9 +101,7 @@ def login_submit(
 
 
 @router.get("/register")
-def register_page(
-    *, request: Request, state: Annotated[AppState, Depends(app_state)]
-) -> HTMLResponse:
+def register_page(*, request: Request, state: State) -> HTMLResponse:
     if not state.settings.open_registration:
         raise HTTPException(403, "registration is closed on this node")
     return _anon_form(request, state, "register.html")
@@ -118,7 +114,7 @@ def register_submit(
     username: Annotated[str, Form(max_length=64)],
     password: Annotated[str, Form(max_length=1024)],
     csrf_token: Annotated[str | None, Form(max_length=200)] = None,
-    state: Annotated[AppState, Depends(app_state)],
+    state: State,
 ) -> Response:
     check_anon_csrf(request, csrf_token)
     if not state.settings.open_registration:
@@ -142,8 +138,8 @@ def logout(
     *,
     request: Request,
     csrf_token: Annotated[str | None, Form(max_length=200)] = None,
-    principal: Annotated[Principal, Depends(page_user)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: UserPage,
+    state: State,
 ) -> Response:
     check_form_csrf(principal, csrf_token)
     cookie = request.cookies.get(SESSION_COOKIE)
@@ -158,8 +154,8 @@ def logout(
 def dashboard(
     *,
     request: Request,
-    principal: Annotated[Principal, Depends(page_user)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: UserPage,
+    state: State,
 ) -> HTMLResponse:
     me = state.store.get_annotator(principal.annotator.id)
     mine = state.store.annotator_progress(me.id)
@@ -187,8 +183,8 @@ def dashboard(
 def leaderboard(
     *,
     request: Request,
-    principal: Annotated[Principal, Depends(page_user)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: UserPage,
+    state: State,
 ) -> HTMLResponse:
     return render(
         request,
@@ -204,8 +200,8 @@ def annotate_page(
     *,
     request: Request,
     task_set_id: PathId,
-    principal: Annotated[Principal, Depends(page_user)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: UserPage,
+    state: State,
 ) -> HTMLResponse:
     ts = state.store.get_task_set(task_set_id)
     task = state.store.next_task(principal.annotator.id, task_set_id)
@@ -244,8 +240,8 @@ async def annotate_submit(
     *,
     request: Request,
     task_set_id: PathId,
-    principal: Annotated[Principal, Depends(page_user)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: UserPage,
+    state: State,
 ) -> Response:
     form = await request.form()
     check_form_csrf(principal, _field(form, "csrf_token"))

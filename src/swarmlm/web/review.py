@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -20,18 +20,16 @@ from swarmlm.curation.schema import FreeTextSchema, LabelSchema, RankingSchema, 
 from swarmlm.web.api import USER_WRITE, error_responses
 from swarmlm.web.data_manager import label_choices
 from swarmlm.web.deps import (
-    AppState,
-    Principal,
-    api_write_reviewer,
-    app_state,
+    ApiWriteReviewer,
+    PathId,
+    ReviewerPage,
+    State,
     check_form_csrf,
-    page_reviewer,
 )
 from swarmlm.web.pages import render
 
 pages = APIRouter(include_in_schema=False)
 api = APIRouter(prefix="/api", tags=["review"])
-PathId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 Verdict = Literal["accepted", "rejected", "corrected"]
 
 
@@ -61,8 +59,8 @@ def parse_correction(schema: LabelSchema, raw: str | None) -> Any:
 async def review_index(
     *,
     request: Request,
-    principal: Annotated[Principal, Depends(page_reviewer)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: ReviewerPage,
+    state: State,
 ) -> HTMLResponse:
     sets = state.store.list_task_sets()
     counts = {ts.id: await run_in_threadpool(rv.review_counts, state.store, ts.id) for ts in sets}
@@ -81,8 +79,8 @@ async def review_page(
     request: Request,
     task_set_id: PathId,
     skip: Annotated[int, Query(ge=0, le=100_000)] = 0,
-    principal: Annotated[Principal, Depends(page_reviewer)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: ReviewerPage,
+    state: State,
 ) -> HTMLResponse:
     ts = state.store.get_task_set(task_set_id)
     item = await run_in_threadpool(
@@ -115,8 +113,8 @@ async def review_submit(
     comment: Annotated[str, Form(max_length=2000)] = "",
     back: Annotated[str | None, Form(max_length=20)] = None,
     csrf_token: Annotated[str | None, Form(max_length=200)] = None,
-    principal: Annotated[Principal, Depends(page_reviewer)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: ReviewerPage,
+    state: State,
 ) -> Response:
     check_form_csrf(principal, csrf_token)
     ts = state.store.get_task_set(task_set_id)
@@ -158,8 +156,8 @@ class ReviewOut(BaseModel):
 async def post_review(
     *,
     body: ReviewIn,
-    principal: Annotated[Principal, Depends(api_write_reviewer)],
-    state: Annotated[AppState, Depends(app_state)],
+    principal: ApiWriteReviewer,
+    state: State,
 ) -> ReviewOut:
     """Accept, reject (the task is offered to someone else) or correct an annotation."""
     review_id = await run_in_threadpool(
