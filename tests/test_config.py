@@ -164,3 +164,16 @@ def test_the_docs_name_every_node_key_and_the_environment_prefixes_the_code_uses
     configuration_md = (docs / "configuration.md").read_text()
     assert NODE_ENV in configuration_md
     assert TRAIN_ENV in configuration_md
+
+
+def test_a_swarm_config_error_names_the_nearest_valid_key(tmp_path: Path) -> None:
+    from swarmlm.swarm.config import load_swarm_config
+    from swarmlm.swarm.errors import SwarmError
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "swarm-tiny.json"
+    with pytest.raises(SwarmError) as info:
+        load_swarm_config(path, ["p2p.max_frme=8192", "optim.lr=0"])
+    text = str(info.value)
+    assert f"{path}: invalid swarm config" in text
+    assert "p2p.max_frme: unknown key (did you mean p2p.max_frame?)" in text
+    assert "optim.lr: Input should be greater than 0" in text

@@ -4,12 +4,13 @@ it uses."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from swarmlm.config import ConfigError, apply_overrides, read_config_file
+from swarmlm.config import ConfigError, apply_overrides, error_lines, read_config_file
 from swarmlm.swarm.errors import SwarmError
 
 
@@ -22,7 +23,17 @@ def read_json_config(path: Path, overrides: list[str] | None = None) -> dict[str
         raise SwarmError(f"swarm config: {exc}") from exc
 
 
-def validation_lines(exc: ValidationError) -> str:
-    return "\n".join(
-        f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-    )
+def validation_lines(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line per error (:func:`swarmlm.config.error_lines`): an unknown key names the
+    nearest valid key of ``model``, by default the swarm config model that raised."""
+    return "\n".join(error_lines(exc, model or _model_that_raised(exc)))
+
+
+def _model_that_raised(exc: ValidationError) -> type[BaseModel] | None:
+    """The model ``exc`` is about (its title), looked up where swarm configs are defined;
+    only modules already imported are searched (the model that raised was)."""
+    for name in ("swarmlm.swarm.config", "swarmlm.swarm.voter"):
+        candidate = getattr(sys.modules.get(name), exc.title, None)
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
