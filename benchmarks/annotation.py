@@ -26,6 +26,8 @@ Reported:
   ``task_view_p99_ms`` (``GET /api/task-sets/{id}/tasks/{task}``, random tasks; target <= 50)
   and ``export_100k_seconds`` (the consensus JSONL export of the whole set, downloaded);
   ``*_cpu_p99_ms``: the same queries in this process, CPU time per call (load-insensitive);
+  ``search_cpu_*`` / ``search_scan_cpu_*``: the content search alone in this process, with
+  the substring index (``search_index``: fts5, pg_trgm or none) and by a LIKE scan;
 - CPU per submission (one lease + one submit) of the server processes and of the clients, read
   from /proc, and the rate two otherwise idle cores could sustain at that cost: on a shared
   machine the wall-clock rate and latencies mostly measure the other jobs. With 50 clients
@@ -656,6 +658,19 @@ def admin_probe(b: Backend, rng: random.Random, n_requests: int) -> dict[str, An
             t0 = time.process_time()
             dm.task_detail(b.store, rng.randint(first, last))
             view_cpu.append((time.process_time() - t0) * 1000)
+        # the content search alone, CPU per call, with the substring index (migration 0008)
+        # and by a LIKE scan, interleaved call by call (same query mix, same process)
+        with b.store.read_cursor() as (cur, _sql):
+            search_index = dm.search_index(b.store, cur)
+        search_cpu: dict[bool, list[float]] = {False: [], True: []}
+        for i in range(2 * n_requests):
+            scan = i % 2 == 1
+            dm.bypass_search_index(b.store, scan)
+            f = dm.TaskFilter(search=rng.choice(words))
+            t0 = time.process_time()
+            dm.query_tasks(b.store, ts_id, f, sort="id", page=1, per_page=50)
+            search_cpu[scan].append((time.process_time() - t0) * 1000)
+        dm.bypass_search_index(b.store, False)
         start = time.perf_counter()
         with client.stream(
             "GET", f"{b.base}/api/task-sets/{ts_id}/export", params={"kind": "consensus"},
@@ -678,6 +693,11 @@ def admin_probe(b: Backend, rng: random.Random, n_requests: int) -> dict[str, An
         "data_manager_cpu_p99_ms": pct(dm_cpu, 99),
         "task_view_cpu_p50_ms": pct(view_cpu, 50),
         "task_view_cpu_p99_ms": pct(view_cpu, 99),
+        "search_index": search_index,
+        "search_cpu_p50_ms": pct(search_cpu[False], 50),
+        "search_cpu_p99_ms": pct(search_cpu[False], 99),
+        "search_scan_cpu_p50_ms": pct(search_cpu[True], 50),
+        "search_scan_cpu_p99_ms": pct(search_cpu[True], 99),
     }
 
 
@@ -910,6 +930,7 @@ def main() -> None:
 def admin_only(seed_value: int, workers: int, n_requests: int) -> None:
     """Only the admin figures, on SQLite (``--admin-only``)."""
     rng = random.Random(seed_value)
+    load_at_start = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="swarmlm-bench-admin-"))
     d = tmp / "sqlite"
     b = Backend(
@@ -937,9 +958,10 @@ def admin_only(seed_value: int, workers: int, n_requests: int) -> None:
     headline = {
         k: round(v, 2) if isinstance(v, float) else v
         for k, v in admin.items()
-        if k.endswith(("_ms", "_seconds")) or k in ("requests", "export_lines")
+        if k.endswith(("_ms", "_seconds")) or k in ("requests", "export_lines", "search_index")
     }
     headline["workers"] = workers
+    headline["load_average_1m_start"] = round(load_at_start, 2)
     headline["load_average_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(headline))
 

@@ -8,9 +8,11 @@ import pytest
 
 from swarmlm.curation.data_manager import (
     TaskFilter,
+    _where,
     bulk_action,
     matching_ids,
     query_tasks,
+    search_index,
     task_detail,
 )
 from swarmlm.curation.errors import AuthError, ConflictError, CurationError
@@ -218,3 +220,26 @@ def test_many_matches_walk_the_sort_index_and_agree_with_few(
         assert page.total_capped
         assert page.total == 2
         assert [r.id for r in page.rows] == ids, sort
+
+
+def test_content_search_uses_the_substring_index_and_follows_changes(
+    store: CurationStore,
+) -> None:
+    ts_id, _ = _annotated_set(store)
+    with store.read_cursor() as (cur, _sql):
+        kind = search_index(store, cur)
+    assert kind == ("fts5" if store.engines.is_sqlite else "pg_trgm")
+    if store.engines.is_sqlite:
+        with store.read_cursor() as (cur, sql):
+            where, params = _where(ts_id, TaskFilter(search="soup"), sql, kind)
+            cur.execute(f"EXPLAIN QUERY PLAN SELECT id FROM tasks WHERE {where}", params)
+            plan = " ".join(str(r[-1]) for r in cur.fetchall())
+        assert "tasks_search VIRTUAL TABLE INDEX" in plan
+    assert query_tasks(store, ts_id, TaskFilter(search="soup")).total == 9
+    assert query_tasks(store, ts_id, TaskFilter(search="t1")).total == 1  # 2 chars: a scan
+    store.add_tasks(ts_id, [TaskInput(content={"text": 'a "quoted" soup'}, external_id="new")])
+    assert query_tasks(store, ts_id, TaskFilter(search='"quoted"')).total == 1
+    (gone,) = [r.id for r in query_tasks(store, ts_id, TaskFilter(search="Café")).rows]
+    assert bulk_action(store, ts_id, [gone], "delete") == 1
+    assert query_tasks(store, ts_id, TaskFilter(search="Café")).total == 0
+    assert query_tasks(store, ts_id, TaskFilter(search="soup")).total == 10

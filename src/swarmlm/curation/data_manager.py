@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, Literal
@@ -167,8 +168,45 @@ def _day_start(d: date) -> datetime:
     return datetime.combine(d, time.min, tzinfo=timezone.utc)
 
 
-def _where(task_set_id: int, f: TaskFilter, sql: RawSql) -> tuple[str, list[Any]]:
-    """The WHERE clause and its parameters for ``f`` (every value a bound parameter)."""
+def search_index(store: CurationStore, cur: Any) -> str | None:
+    """The substring index the content search uses (migration 0008), or None for a scan:
+    ``"fts5"`` (SQLite), ``"pg_trgm"`` (PostgreSQL). Looked up once per store."""
+    if store not in _SEARCH_INDEX:
+        if store.engines.is_sqlite:
+            cur.execute("SELECT 1 FROM sqlite_master WHERE name = 'tasks_search'")
+            kind = "fts5" if cur.fetchone() else ""
+        else:
+            cur.execute("SELECT 1 FROM pg_indexes WHERE indexname = 'ix_tasks_content_trgm'")
+            kind = "pg_trgm" if cur.fetchone() else ""
+        _SEARCH_INDEX[store] = kind
+    return _SEARCH_INDEX[store] or None
+
+
+_SEARCH_INDEX: weakref.WeakKeyDictionary[CurationStore, str] = weakref.WeakKeyDictionary()
+
+
+def bypass_search_index(store: CurationStore, bypass: bool) -> None:
+    """Search ``store`` by a LIKE scan even when it has an index (to measure the index)."""
+    if bypass:
+        _SEARCH_INDEX[store] = ""
+    else:
+        _SEARCH_INDEX.pop(store, None)
+
+
+def _fts_phrase(column: str, text: str) -> str:
+    return f'{column} : "{text.replace(chr(34), chr(34) * 2)}"'
+
+
+def _where(
+    task_set_id: int, f: TaskFilter, sql: RawSql, index: str | None = None
+) -> tuple[str, list[Any]]:
+    """The WHERE clause and its parameters for ``f`` (every value a bound parameter).
+
+    ``index``: see :func:`search_index`. With SQLite's FTS5 table, a search needle of 3+
+    characters first narrows the tasks to the index's candidates (trigrams), and the LIKE
+    then runs on those only; shorter needles (no trigram to look up) and databases without
+    an index scan. PostgreSQL's trigram indexes serve the ILIKE itself.
+    """
     sql_is_sqlite = sql.is_sqlite
     # With an annotator, their few thousand task ids drive the query (rowid lookups);
     # "+" keeps SQLite from scanning the whole set through a task_set_id index instead.
@@ -221,6 +259,12 @@ def _where(task_set_id: int, f: TaskFilter, sql: RawSql) -> tuple[str, list[Any]
         clauses.append("created_at < ?")
         params.append(sql.ts(_day_start(f.created_to + timedelta(days=1))))
     if f.search:
+        if index == "fts5" and len(f.search) >= 3:
+            encoded = json.dumps(f.search)[1:-1]
+            clauses.append("id IN (SELECT rowid FROM tasks_search WHERE tasks_search MATCH ?)")
+            params.append(
+                f"{_fts_phrase('content', encoded)} OR {_fts_phrase('external_id', f.search)}"
+            )
         like = "LIKE" if sql_is_sqlite else "ILIKE"
         column = "content" if sql_is_sqlite else "CAST(content AS TEXT)"
         clauses.append(f"({column} {like} ? ESCAPE '\\' OR external_id {like} ? ESCAPE '\\')")
@@ -279,7 +323,7 @@ def query_tasks(
     offset = (page - 1) * per_page
     store.get_task_set(task_set_id)  # 404 for an unknown set
     with store.read_cursor() as (cur, sql):
-        where, params = _where(task_set_id, f, sql)
+        where, params = _where(task_set_id, f, sql, search_index(store, cur))
         cur.execute(
             sql.q(f"SELECT id, {column} FROM tasks WHERE {where} LIMIT ?"),
             (*params, COUNT_CAP + 1),
@@ -351,7 +395,7 @@ _ROW_COLUMNS = (
 def matching_ids(store: CurationStore, task_set_id: int, f: TaskFilter) -> list[int]:
     """Ids of every task matching ``f`` (for a bulk action on "all matching")."""
     with store.read_cursor() as (cur, sql):
-        where, params = _where(task_set_id, f, sql)
+        where, params = _where(task_set_id, f, sql, search_index(store, cur))
         cur.execute(
             sql.q(f"SELECT id FROM tasks WHERE {where} ORDER BY id LIMIT ?"),
             (*params, MAX_BULK + 1),

@@ -34,6 +34,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+#: Dialect-specific objects of the content search index (migration 0008), outside these
+#: models: the SQLite FTS5 table (and its shadow tables) and the PostgreSQL trigram indexes.
+SEARCH_INDEX_NAMES = ("tasks_search", "ix_tasks_content_trgm", "ix_tasks_external_id_trgm")
+
 # A task with a free slot: open, and fewer annotations plus leases than it needs.
 OPEN_TASK_PREDICATE = "status = 'open' AND needed > n_annotations + n_leased"
 
