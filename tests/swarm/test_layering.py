@@ -60,7 +60,7 @@ def test_training_a_swarm_does_not_load_rlhf_until_an_rlhf_objective_is_named() 
 
 
 def test_rlhf_registers_its_objectives_through_the_entry_point() -> None:
-    assert {"lm", "dpo", "reward"} <= set(objective_names())
+    assert {"lm", "dpo", "reward", "ppo", "grpo"} <= set(objective_names())
 
 
 def test_a_second_objective_under_a_taken_name_is_refused() -> None:

@@ -10,6 +10,8 @@ point (``pyproject.toml``) makes the registry call it the first time a name is l
 * ``reward`` (:class:`RewardObjective`, ``swarm.reward``): a Bradley-Terry reward model on
   this peer's shard of preferences (a file or the curation store's consensus labels);
   held-out accuracy and calibration.
+* ``ppo`` and ``grpo`` (:mod:`swarmlm.rlhf.swarm_policy`): policy optimisation on rollouts of
+  the agreed policy that the other peers verify.
 """
 
 from __future__ import annotations
@@ -615,7 +617,7 @@ def _adamw_single_batch(what: str, unit: str) -> Any:
     return check
 
 
-def _prepare_from_checkpoint(section: BaseModel | None, run: Any, model_given: bool) -> Preparation:
+def prepare_from_checkpoint(section: BaseModel | None, run: Any, model_given: bool) -> Preparation:
     path = getattr(section, "init_checkpoint", None)
     assert isinstance(path, Path)
     field = f"swarm.{run.swarm.objective}.init_checkpoint"
@@ -636,7 +638,7 @@ DPO = ObjectiveSpec(
     build=_build_dpo,
     section=SwarmDPOConfig,
     check_run=_adamw_single_batch("dpo", "pairs"),
-    prepare=_prepare_from_checkpoint,
+    prepare=prepare_from_checkpoint,
 )
 
 
@@ -653,11 +655,13 @@ REWARD = ObjectiveSpec(
     build=_build_reward,
     section=SwarmRewardConfig,
     check_run=_adamw_single_batch("reward", "pairs"),
-    prepare=_prepare_from_checkpoint,
+    prepare=prepare_from_checkpoint,
 )
 
 
 def register() -> None:
     """Register the alignment objectives (the entry point's target; idempotent)."""
-    for spec in (DPO, REWARD):
+    from swarmlm.rlhf.swarm_policy import GRPO, PPO  # it builds on this module
+
+    for spec in (DPO, REWARD, PPO, GRPO):
         register_objective(spec)

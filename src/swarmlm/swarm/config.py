@@ -150,10 +150,11 @@ class SwarmConfig(BaseModel):
     checkpoint_every: int = Field(
         default=5, ge=1, description="checkpoint the swarm state every this many rounds"
     )
-    attack: Literal["none", "sign_flip", "alie"] = Field(
+    attack: Literal["none", "sign_flip", "alie", "fabricate"] = Field(
         default="none",
         description="tests and benchmarks only: misbehave as this attacker (alie estimates the "
-        "honest mean and spread from the previous round's decided contributions)",
+        "honest mean and spread from the previous round's decided contributions; fabricate: "
+        "a verified objective forges its records, e.g. rollouts and rewards)",
     )
     attack_scale: float = Field(default=1.0, gt=0, description="sign_flip sends -scale * update")
 

@@ -7,7 +7,10 @@ Layout (version 1)::
 ``header`` is canonical JSON (sorted keys, no spaces) ``{"round": int, "state": hex sha256
 of the sender's swarm state when it contributes (after applying round - 1), "base": hex
 sha256 of the state the update was computed from (the same state, or the one before it when
-rounds overlap), "samples": int, "seconds": float (the local phase's compute time)}``; the
+rounds overlap), "samples": int, "seconds": float (the local phase's compute time)}`` and,
+when the objective sends a record of its work with the update (rollouts, checked by the
+other peers: :class:`swarmlm.swarm.objective.VerifiedObjective`), ``"attachment": int``, the
+length of that record, which then sits between the header and the update payload. The
 update payload is a ``swarmlm.aggregation`` codec frame (its own magic, shape and CRC). The
 p2p layer signs and hashes the whole thing, so who sent it is never in doubt; this decoder
 only has to make sure malformed bytes become a :class:`ContributionError` naming the peer,
@@ -32,6 +35,7 @@ MAGIC = b"SWCT"
 VERSION = 1
 MAX_HEADER = 4096
 MAX_SECONDS = 1e7  # a local phase longer than ~4 months is not believable
+MAX_ATTACHMENT = 64 << 20
 _HEAD = struct.Struct("<4sBI")
 __all__ = [
     "ABSTAIN_MAGIC",
@@ -53,6 +57,7 @@ class Contribution:
     samples: int
     seconds: float
     update: Tensor
+    attachment: bytes = b""
 
 
 def encode_contribution(
@@ -62,20 +67,20 @@ def encode_contribution(
     payload: bytes,
     base_digest: bytes | None = None,
     seconds: float = 0.0,
+    attachment: bytes = b"",
 ) -> bytes:
     base = state_digest if base_digest is None else base_digest
-    header = json.dumps(
-        {
-            "base": base.hex(),
-            "round": round,
-            "samples": samples,
-            "seconds": round_seconds(seconds),
-            "state": state_digest.hex(),
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    ).encode()
-    return _HEAD.pack(MAGIC, VERSION, len(header)) + header + payload
+    fields: dict[str, object] = {
+        "base": base.hex(),
+        "round": round,
+        "samples": samples,
+        "seconds": round_seconds(seconds),
+        "state": state_digest.hex(),
+    }
+    if attachment:
+        fields["attachment"] = len(attachment)
+    header = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    return _HEAD.pack(MAGIC, VERSION, len(header)) + header + attachment + payload
 
 
 def decode_contribution(
@@ -97,8 +102,19 @@ def decode_contribution(
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ContributionError(peer, f"header is not JSON ({exc})") from exc
     fields = {"base", "round", "samples", "seconds", "state"}
-    if not isinstance(header, dict) or set(header) != fields:
-        raise ContributionError(peer, f"header must hold exactly {', '.join(sorted(fields))}")
+    if not isinstance(header, dict) or set(header) - {"attachment"} != fields:
+        raise ContributionError(
+            peer, f"header must hold exactly {', '.join(sorted(fields))} (and attachment)"
+        )
+    alen = header.get("attachment", 0)
+    start = _HEAD.size + hlen
+    if (
+        not isinstance(alen, int)
+        or isinstance(alen, bool)
+        or not 0 <= alen <= MAX_ATTACHMENT
+        or start + alen > len(view)
+    ):
+        raise ContributionError(peer, f"field 'attachment' out of range: {alen!r}")
     rnd, samples, seconds = header["round"], header["samples"], header["seconds"]
     if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 1:
         raise ContributionError(peer, f"field 'round' must be a positive int, got {rnd!r}")
@@ -113,14 +129,22 @@ def decode_contribution(
     digest = _digest_field(peer, header, "state")
     base = _digest_field(peer, header, "base")
     try:
-        update = decode(view[_HEAD.size + hlen :], max_numel=max(numel, 1))
+        update = decode(view[start + alen :], max_numel=max(numel, 1))
     except CodecError as exc:
         raise ContributionError(peer, f"update payload: {exc}") from exc
     if update.numel() != numel:
         raise ContributionError(
             peer, f"update has {update.numel()} values, the model has {numel} parameters"
         )
-    return Contribution(rnd, digest, base, samples, float(seconds), update.reshape(-1).float())
+    return Contribution(
+        rnd,
+        digest,
+        base,
+        samples,
+        float(seconds),
+        update.reshape(-1).float(),
+        bytes(view[start : start + alen]),
+    )
 
 
 def _digest_field(peer: str, header: dict[str, object], name: str) -> bytes:

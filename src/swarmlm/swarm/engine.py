@@ -10,6 +10,8 @@ A round ``r`` on every peer::
     agreed state = the state digest most entries carry (ties: smallest digest)
     ours differs -> OutOfSyncError (fetch the agreed state blob, load it, apply again)
     keep entries sent from the agreed state and computed from the agreed base state
+    verified objectives: recompute a sample of each contributor's record (rollouts) drawn
+        from the decided round; a failed check rejects the contribution (invalid, penalised)
     drop peers below the reputation threshold
     worker momentum per contributor -> robust aggregate (centered clipping by default)
     reputation <- distance of each contribution to the aggregate, invalid entries, absence
@@ -25,10 +27,12 @@ it skips the agreed-state check and its state digests are per peer.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -84,9 +88,32 @@ class RoundReport:
     throughput: dict[str, tuple[int, float]] = field(default_factory=dict)
     flagged: list[str] = field(default_factory=list)
     voters: list[str] = field(default_factory=list)  # lightweight members' abstentions
+    # verified objectives: contributions whose record failed its recomputation -> evidence
+    # (payload digest, which the round's certificate commits to, and what differed)
+    rejected: dict[str, dict[str, object]] = field(default_factory=dict)
+    verified: dict[str, int] = field(default_factory=dict)  # peer -> records recomputed
     f: int = 0
     aggregate_norm: float = 0.0
     applied: bool = False
+
+
+Verifier = Callable[
+    [int, list[tuple[str, bytes]], bytes], dict[str, tuple[str | None, int, dict[str, Any]]]
+]
+"""``verify(round, [(peer, attachment)], seed) -> {peer: (reason or None, checked, evidence)}``."""
+
+
+def sample_seed(round: int, entries: Sequence[tuple[str, bytes | bytearray | memoryview]]) -> bytes:
+    """The seed of round ``round``'s verification sample: SHA-256 over the round and every
+    decided entry's (peer, payload digest), the set the round's certificate commits to. It
+    exists only once the round is decided, after every contribution was sent, and it is the
+    same on every honest peer."""
+    h = hashlib.sha256(b"swarmlm/verification-sample/v1")
+    h.update(round.to_bytes(8, "big"))
+    for peer, data in sorted(entries, key=lambda e: e[0]):
+        h.update(peer.encode())
+        h.update(hashlib.sha256(data).digest())
+    return h.digest()
 
 
 def _majority(digests: list[bytes]) -> bytes:
@@ -226,6 +253,7 @@ class RoundEngine:
         samples: int,
         base_digest: bytes | None = None,
         seconds: float = 0.0,
+        attachment: bytes = b"",
     ) -> bytes:
         """Compress ``update`` (float32 ``(d,)``) with error feedback; the payload we send.
         ``base_digest``: the state the update was computed from (default: our state now)."""
@@ -233,7 +261,7 @@ class RoundEngine:
             raise ValueError(f"update must have shape ({self.d},), got {tuple(update.shape)}")
         encoded = self.feedback.encode(update.detach().float())
         return encode_contribution(
-            round, self.state_digest(), samples, encoded.payload, base_digest, seconds
+            round, self.state_digest(), samples, encoded.payload, base_digest, seconds, attachment
         )
 
     # -- applying --------------------------------------------------------------------------
@@ -245,11 +273,14 @@ class RoundEngine:
         lr: float = 0.0,
         own_update: Tensor | None = None,
         members: Sequence[str] = (),
+        verify: Verifier | None = None,
     ) -> RoundReport:
         """Advance the state by decided round ``round`` (``entries`` as the protocol decided
         them: one payload per distinct peer; ``members``: the round's agreed membership, whose
-        members without an entry were late or down). Raises :class:`OutOfSyncError` when the
-        agreed state is not ours; the state is then untouched."""
+        members without an entry were late or down; ``verify``: the objective's check of
+        each contributor's record, run on the agreed state before aggregation). Raises
+        :class:`OutOfSyncError` when the agreed state is not ours; the state is then
+        untouched."""
         report = RoundReport(round, len(entries))
         valid: list[tuple[str, Contribution]] = []
         for peer, data in sorted(entries, key=lambda e: e[0]):
@@ -284,6 +315,8 @@ class RoundEngine:
                 p for p, c in valid if (c.state_digest, c.base_digest) != (agreed, base)
             ]
             valid = [(p, c) for p, c in current if c.base_digest == base]
+        if verify is not None and valid:
+            valid = self._verify(report, valid, entries, verify)
         if self.cfg.attack == "alie":
             self.observed = [(p, c.update) for p, c in valid]
         report.throughput = {p: (c.samples, c.seconds) for p, c in valid}
@@ -295,6 +328,38 @@ class RoundEngine:
         self.round = round
         self._changed()
         return report
+
+    def _verify(
+        self,
+        report: RoundReport,
+        valid: list[tuple[str, Contribution]],
+        entries: Sequence[tuple[str, bytes | bytearray | memoryview]],
+        verify: Verifier,
+    ) -> list[tuple[str, Contribution]]:
+        """Every honest peer runs the same checks on the same agreed state with the same
+        seed, so the verdicts (and the state they lead to) are identical."""
+        seed = sample_seed(report.round, entries)
+        digests = {p: hashlib.sha256(d).hexdigest() for p, d in entries}
+        with single_thread():
+            verdicts = verify(report.round, [(p, c.attachment) for p, c in valid], seed)
+        kept = []
+        for peer, c in valid:
+            reason, checked, evidence = verdicts.get(peer, ("not verified", 0, {}))
+            report.verified[peer] = checked
+            if reason is None:
+                kept.append((peer, c))
+                continue
+            report.invalid[peer] = reason
+            report.rejected[peer] = {
+                "round": report.round,
+                "payload_sha256": digests.get(peer, ""),
+                "reason": reason,
+                **evidence,
+            }
+            log.warning(
+                "round %d: rejected the contribution of %s: %s", report.round, peer[:12], reason
+            )
+        return kept
 
     def _track_membership(self, r: int, members: Sequence[str], present: set[str]) -> None:
         """Keep :attr:`members` and :attr:`awaiting_first` (consensus state: the membership

@@ -462,4 +462,8 @@ def _report_fields(report: RoundReport) -> dict[str, Any]:
         "flagged": [p[:12] for p in report.flagged],
         "voters": [p[:12] for p in report.voters],
         "aggregate_norm": report.aggregate_norm,
+        # verified objectives (ppo, grpo): rollouts recomputed per contributor, and the
+        # evidence against each rejected one (its payload digest is in the certificate)
+        "verified": {p[:12]: n for p, n in report.verified.items()},
+        "rejected": {p: ev for p, ev in report.rejected.items()},
     }

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ from swarmlm.swarm.batching import round_time_budget
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.engine import RoundEngine, RoundReport
 from swarmlm.swarm.errors import RoundClosedError, SwarmError
-from swarmlm.swarm.objective import Objective, ObjectiveContext
+from swarmlm.swarm.objective import Objective, ObjectiveContext, VerifiedObjective
 from swarmlm.swarm.objective_registry import objective_spec
 from swarmlm.swarm.params import (
     ParamLayout,
@@ -207,9 +207,15 @@ class SwarmWorker:
             # from consensus - residual makes update + residual our whole displacement from
             # the consensus, which is what the codec then encodes: each step of progress once.
             start = start - self.engine.feedback.residual
+        t0 = time.perf_counter()
+        if isinstance(self.objective, VerifiedObjective):
+            # the round's work (rollouts) comes from the agreed state, which every other
+            # peer holds too and recomputes it against when the round is applied
+            load_flat_params(self.model, self.layout, self.engine.params)
+            self.model.eval()
+            self.objective.begin_round(self.engine.round + 1, self.node_id)
         load_flat_params(self.model, self.layout, start)
         self.model.train()
-        t0 = time.perf_counter()
         if sw.mode == "synchronous":
             update = self._gradient()
             steps = 1
@@ -252,8 +258,11 @@ class SwarmWorker:
             if len(others) >= 2:  # before that, behave (nothing to hide inside yet)
                 ctx = AttackContext(torch.stack(others), update[None], n=len(others) + 1)
                 update = get_attack("alie")(ctx)[0]
+        attachment = b""
+        if isinstance(self.objective, VerifiedObjective):
+            attachment = self.objective.attachment()
         return self.engine.contribution(
-            round, update, self.last_samples, base_digest, self.last_seconds
+            round, update, self.last_samples, base_digest, self.last_seconds, attachment
         )
 
     # -- applying --------------------------------------------------------------------------
@@ -268,10 +277,28 @@ class SwarmWorker:
         when we must resynchronise."""
         lr = self.trainer.schedule.lr(round - 1)
         own = self.last_update if self.cfg.swarm.mode == "cooperative" else None
-        report = self.engine.apply(round, entries, lr=lr, own_update=own, members=members)
+        verify = self._verify if isinstance(self.objective, VerifiedObjective) else None
+        report = self.engine.apply(
+            round, entries, lr=lr, own_update=own, members=members, verify=verify
+        )
         self.last_throughput = report.throughput
         load_flat_params(self.model, self.layout, self.engine.params)
         return report
+
+    def _verify(
+        self, round: int, records: list[tuple[str, bytes]], seed: bytes
+    ) -> dict[str, tuple[str | None, int, dict[str, Any]]]:
+        """Check each contributor's record against the agreed state of the round's start
+        (the engine's parameters before this round is applied)."""
+        objective = self.objective
+        assert isinstance(objective, VerifiedObjective)
+        load_flat_params(self.model, self.layout, self.engine.params)
+        self.model.eval()
+        out: dict[str, tuple[str | None, int, dict[str, Any]]] = {}
+        for peer, attachment in records:
+            verdict = objective.verify(round, peer, attachment, seed)
+            out[peer] = (verdict.reason, verdict.checked, dict(verdict.evidence or {}))
+        return out
 
     @_exclusive
     def load_state(self, blob: bytes | bytearray | memoryview, digest: bytes) -> None:
