@@ -21,6 +21,7 @@ from swarmlm.sim.loop import VirtualTimeLoop
 from swarmlm.sim.network import LinkModel, SimNetwork
 from swarmlm.sim.node import SimNode
 from swarmlm.sim.runner import (
+    ALL_FAULTS,
     NETWORK_FAULTS,
     ScheduleSpec,
     _identity,
@@ -163,6 +164,10 @@ KNOWN_LIVENESS_FAILURES_DEFAULT_WINDOWS: list[Any] = [
     pytest.param(
         5002, 7, 2, ("crash", "partition", "pause", "withhold", "garbage"), id="seed5002-n7"
     ),
+    # a simulator defect, not the protocol's: a node restarted behind a one-way cut got no
+    # connection to those peers, and healing a one-way cut never dialled again (the TLS
+    # node's reconnect loop does): it could not send, and five of seven were needed
+    pytest.param(10181, 7, 2, ALL_FAULTS, id="seed10181-n7-oneway-restart"),
 ]
 
 

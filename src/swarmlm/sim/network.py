@@ -333,11 +333,13 @@ class SimNetwork:
         self.trace(f"fault partition {a[:8]}{'>' if one_way else '|'}{b[:8]}")
 
     def heal(self, a: str, b: str) -> None:
-        was_symmetric = (b, a) in self.cut and (a, b) in self.cut
         self.cut.discard((a, b))
         self.cut.discard((b, a))
-        if was_symmetric:
-            self.loop.call_later(0.2, self._restore_link, a, b)
+        # a link either side lacks is dialled again, as the TLS node's reconnect loop does:
+        # after a symmetric cut, and after a one-way cut that a node restarted behind (it
+        # could not connect to that peer then; it used to stay unconnected for good, which
+        # the simulator reported as a protocol liveness failure, seed 10181)
+        self.loop.call_later(0.2, self._restore_link, a, b)
         self.trace(f"heal {a[:8]}-{b[:8]}")
 
     def _detect(self) -> float:
