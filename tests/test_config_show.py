@@ -159,3 +159,34 @@ def test_a_node_config_without_a_name_says_how_to_give_one(tmp_path: Path) -> No
     ok = _swarmlm("config", "show", "--node-id", "solo", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert _table(ok.stdout)["node_id"] == ('"solo"', "--node-id")
+
+
+def test_config_show_takes_a_node_command_line_as_swarmlm_node_does(tmp_path: Path) -> None:
+    _node_files(tmp_path)
+    result = _swarmlm(
+        "config",
+        "show",
+        "--config",
+        "node.yaml",
+        "--node-type",
+        "lightweight",
+        "--p2p-port",
+        "7200",
+        "--bootstrap",
+        "127.0.0.1:7100",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = _table(result.stdout)
+    assert rows["type"] == ('"lightweight"', "--type")
+    assert rows["p2p_port"] == ("7200", "--p2p-port")
+    assert rows["bootstrap_peers"] == ('["127.0.0.1:7100"]', "--bootstrap")
+    # a voter's run config: the parts it uses, with the node's network settings
+    assert rows["run.p2p.port"] == ("7200", "node p2p_port <- --p2p-port")
+    assert rows["run.p2p.keep_rounds"] == ("2", "node type lightweight")
+    assert "run.model.d_model" not in rows
+    wrong = _swarmlm(
+        "config", "show", "--kind", "train", "--config", "node.yaml", "--host", "h", cwd=tmp_path
+    )
+    assert wrong.returncode == 2
+    assert "apply to a node config, not --kind train" in wrong.stderr

@@ -75,7 +75,21 @@ def add_config_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="node: `swarmlm node --config`; train: `swarmlm train --config`; swarm: a swarm "
         "run config (default: guessed from the file's keys; node without --config)",
     )
-    show.add_argument("--node-id", default=None, help="node_id (a node config without one)")
+    # the flags of `swarmlm node`, so a node's command line can be shown as it will run
+    show.add_argument("--node-id", default=None, help="node: as `swarmlm node --node-id`")
+    show.add_argument(
+        "--type",
+        "--node-type",
+        dest="node_type",
+        choices=["full", "training", "annotation", "lightweight"],
+        default=None,
+        help="node: as `swarmlm node --type`",
+    )
+    show.add_argument("--p2p-port", type=int, default=None, help="node: as `swarmlm node`")
+    show.add_argument("--web-port", type=int, default=None, help="node: as `swarmlm node`")
+    show.add_argument("--host", default=None, help="node: as `swarmlm node`")
+    show.add_argument("--bootstrap", default=None, help="node: as `swarmlm node`")
+    show.add_argument("--node-dir", type=Path, default=None, help="node: as `swarmlm node`")
     show.add_argument(
         "--set",
         dest="overrides",
@@ -213,28 +227,20 @@ def effective_rows(
     kind: str,
     path: Path | None,
     overrides: list[str],
-    node_id: str | None = None,
+    node_flags: dict[str, Any] | None = None,
 ) -> list[tuple[str, Any, str]]:
     """``(key, value, source)`` of the configuration ``kind`` loads from ``path``, the
-    environment and ``overrides``, in field order."""
+    environment and ``overrides`` (and for a node, ``node_flags``: the ``swarmlm node``
+    flags by their argparse names), in field order."""
     from swarmlm.config import Sources, effective_values
 
     sources = Sources()
     if kind == "node":
-        from swarmlm.node.cli import build_config
+        from swarmlm.node.cli import FLAG_KEYS, build_config
         from swarmlm.node.config import node_run_config
 
-        ns = argparse.Namespace(
-            config=path,
-            node_type=None,
-            node_id=node_id,
-            p2p_port=None,
-            web_port=None,
-            host=None,
-            bootstrap=None,
-            node_dir=None,
-            overrides=overrides,
-        )
+        flags = {attr: (node_flags or {}).get(attr) for attr in FLAG_KEYS}
+        ns = argparse.Namespace(config=path, overrides=overrides, **flags)
         cfg = build_config(ns, sources)
         rows = [r for r in effective_values(cfg, sources) if r[0] != "run"]
         run_sources = Sources()
@@ -260,7 +266,14 @@ def effective_rows(
 
 def run_config_show(args: argparse.Namespace) -> int:
     kind = args.kind or guess_kind(args.config)
-    rows = effective_rows(kind, args.config, args.overrides, args.node_id)
+    from swarmlm.node.cli import FLAG_KEYS
+
+    flags = {attr: getattr(args, attr) for attr in FLAG_KEYS}
+    if kind != "node" and any(v is not None for v in flags.values()):
+        from swarmlm.cli import UsageError
+
+        raise UsageError(f"--node-id, --p2p-port, ... apply to a node config, not --kind {kind}")
+    rows = effective_rows(kind, args.config, args.overrides, flags)
     if args.json:
         doc = {
             "kind": kind,

@@ -144,3 +144,15 @@ def test_a_node_that_trains_nothing_composes_its_run_config_without_torch(
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["4", "2", "False"]
+
+
+def test_editing_the_run_section_of_a_running_node_is_refused_until_a_restart(
+    tmp_path: Path,
+) -> None:
+    from swarmlm.node.config import reload_changes
+
+    cfg, _ = _node(tmp_path, run={"swarm": {"rounds": 3}})
+    same = reload_changes(cfg, {"run": {"swarm": {"rounds": 3}}}, "node.yaml")
+    assert same.run == cfg.run
+    with pytest.raises(ConfigError, match=r"node\.yaml: run cannot change while the node runs"):
+        reload_changes(cfg, {"run": {"swarm": {"rounds": 9}}}, "node.yaml")
