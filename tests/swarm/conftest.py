@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from swarmlm.model import Transformer
+from swarmlm.model import ModelConfig, Transformer
+from swarmlm.rlhf.modeling import RewardModel, without_dropout
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.train import RunConfig
-from swarmlm.train.checkpoint import save_checkpoint
+from swarmlm.train.checkpoint import load_checkpoint, save_checkpoint
 from tests.rlhf.conftest import write_pairs
 
 BAD = ["evil", "wrath", "death", "sin", "darkness", "fear", "blood"]
@@ -70,3 +71,35 @@ def init_lm(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def preferences(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_pairs(tmp_path_factory.mktemp("prefs") / "pairs.jsonl", 240, 0, bad=BAD)
+
+
+PROMPT_WORDS = ["the", "lord", "said", "unto", "moses", "and", "they", "went", "in", "of", "light"]
+
+
+@pytest.fixture(scope="module")
+def reward_ckpt(init_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reward model on the initial LM's transformer with a seeded random head: an
+    arbitrary but fixed reward function the policy can climb."""
+    init = load_checkpoint(init_lm)
+    cfg = init.state["config"]["model"]
+    rm = RewardModel(Transformer(without_dropout(ModelConfig.model_validate(cfg))))
+    rm.backbone.load_state_dict(init.model_state)
+    torch.manual_seed(7)
+    torch.nn.init.normal_(rm.head.weight, std=0.5)
+    root = tmp_path_factory.mktemp("rm")
+    state = {"config": init.state["config"], "rlhf": {"kind": "reward"}}
+    save_checkpoint(root / "rm", 1, rm.state_dict(), {}, state, keep=1)
+    return root / "rm"
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import random
+
+    rng = random.Random(0)
+    lines = [
+        " ".join(rng.choice(PROMPT_WORDS) for _ in range(rng.randint(2, 5))) for _ in range(60)
+    ]
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path

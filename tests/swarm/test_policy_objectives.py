@@ -10,52 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from swarmlm.model import Transformer
-from swarmlm.rlhf.modeling import RewardModel, without_dropout
 from swarmlm.rlhf.rollouts import RolloutRecord, miss_probability, sample_indices
 from swarmlm.rlhf.swarm_policy import PolicyObjective
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.errors import SwarmError
 from swarmlm.swarm.simulate import LocalSwarm
 from swarmlm.swarm.worker import SwarmWorker
-from swarmlm.train.checkpoint import load_checkpoint, save_checkpoint
 from tests.swarm.conftest import peer_id, swarm_config
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_thread")]
 
 ROUNDS = 6
-WORDS = ["the", "lord", "said", "unto", "moses", "and", "they", "went", "in", "of", "light"]
-
-
-@pytest.fixture(scope="module")
-def reward_ckpt(init_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A reward model on the initial LM's transformer with a seeded random head: an
-    arbitrary but fixed reward function the policy can climb."""
-    init = load_checkpoint(init_lm)
-    cfg = init.state["config"]["model"]
-    from swarmlm.model import ModelConfig
-
-    rm = RewardModel(Transformer(without_dropout(ModelConfig.model_validate(cfg))))
-    rm.backbone.load_state_dict(init.model_state)
-    torch.manual_seed(7)
-    torch.nn.init.normal_(rm.head.weight, std=0.5)
-    root = tmp_path_factory.mktemp("rm")
-    state = {"config": init.state["config"], "rlhf": {"kind": "reward"}}
-    save_checkpoint(root / "rm", 1, rm.state_dict(), {}, state, keep=1)
-    return root / "rm"
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import random
-
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5))) for _ in range(60)]
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def policy_config(
