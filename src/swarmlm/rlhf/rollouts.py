@@ -95,17 +95,22 @@ def sample_from_stream(
     """Sample up to ``len(uniforms)`` tokens after ``prompt`` by inverse transform sampling.
     Returns the response (ending with ``eos_id`` when the model produced it) and whether it
     finished. Raises :class:`NonFiniteLogitsError` on NaN/inf logits."""
-    ids = list(prompt)
     response: list[int] = []
-    for t in range(uniforms.numel()):
-        logits = model(torch.tensor([ids]), num_logits_to_keep=1).logits[0, -1]
+    n = uniforms.numel()
+    if n == 0:
+        return response, False
+    cache = model.new_cache(1, len(prompt) + n)  # prefill once, then one token per step
+    logits = model(torch.tensor([list(prompt)]), cache=cache, num_logits_to_keep=1).logits[0, -1]
+    for t in range(n):
         if not torch.isfinite(logits).all():
             raise NonFiniteLogitsError(f"non-finite logits at response token {t}")
         token = inverse_cdf(_distribution(logits, temperature), float(uniforms[t]))
         response.append(token)
-        ids.append(token)
         if token == eos_id:
             return response, True
+        if t + 1 < n:
+            step = torch.tensor([[token]])
+            logits = model(step, cache=cache, num_logits_to_keep=1).logits[0, -1]
     return response, False
 
 
