@@ -22,7 +22,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,8 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+
+from swarmlm.atomic import atomic_path, atomic_write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 """Where benchmarks write their JSON and PNG files (git-ignored)."""
@@ -149,18 +150,10 @@ def contention(*envs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write ``payload`` as indented JSON atomically (temp file in the same dir + rename), so a
-    reader never sees a half-written result file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=False, default=_json_default)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``payload`` as indented JSON atomically (:mod:`swarmlm.atomic`), so a reader
+    never sees a half-written result file."""
+    text = json.dumps(payload, indent=2, sort_keys=False, default=_json_default)
+    atomic_write_text(path, text + "\n")
 
 
 def _json_default(obj: object) -> object:
@@ -202,19 +195,14 @@ def bar_chart(
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    """Write a matplotlib figure atomically (temp file + rename) and close it."""
+    """Write a matplotlib figure atomically (:mod:`swarmlm.atomic`) and close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            # the temporary name ends in .tmp: say the format the target's suffix names
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
 

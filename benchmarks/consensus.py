@@ -41,6 +41,7 @@ from _common import (
     environment,
     interleave,
     make_progress,
+    save_figure,
     stderr_console,
     write_json,
 )
@@ -295,13 +296,7 @@ def _plot(results: list[dict[str, Any]], p2p: Samples, tls: Samples) -> None:
     ax2.set_xticks([0, 1], ["swarmlm transport", "plain asyncio TLS"])
     ax2.set_ylabel("MB/s (median of blocks)")
     ax2.set_title("throughput, one stream")
-    fig.tight_layout()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=RESULTS_DIR)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, RESULTS_DIR / "consensus.png")
-    plt.close(fig)
+    save_figure(fig, RESULTS_DIR / "consensus.png")
 
 
 if __name__ == "__main__":
