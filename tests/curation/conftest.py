@@ -11,10 +11,13 @@ import random
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from argon2 import PasswordHasher
+from sqlalchemy import Connection, insert
 
+from swarmlm.curation.models import TaskSet
 from swarmlm.curation.pgserver import PostgresUnavailableError, TemporaryPostgres
 from swarmlm.curation.store import CurationStore
 from swarmlm.p2p.identity import NodeIdentity
@@ -86,3 +89,21 @@ def make_store(
 @pytest.fixture
 def store(make_store: Callable[..., CurationStore]) -> CurationStore:
     return make_store()
+
+
+def insert_old_task_set(conn: Connection, schema: dict[str, Any], k: int = 2) -> None:
+    """A task set row as revisions before 0007 wrote it (for the upgrade tests)."""
+    conn.execute(
+        insert(TaskSet.__table__).values(
+            name="old",
+            description="",
+            label_schema=schema,
+            k=k,
+            max_annotations=2 * k,
+            agreement_threshold=0.0,
+            gold_share=0.0,
+            lease_seconds=600,
+            active=True,
+            created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+        )
+    )

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert
-from tests.curation.conftest import FAST_HASHER
+from tests.curation.conftest import FAST_HASHER, insert_old_task_set
 
 from swarmlm.curation.db import create_engines, migrate
 from swarmlm.curation.errors import ConflictError, LabelSchemaError
 from swarmlm.curation.label_config import LabelConfigConflictError
-from swarmlm.curation.models import TaskSet
 from swarmlm.curation.replica import ReplicaRecord, decode_record, make_record
 from swarmlm.curation.store import CurationStore, TaskInput
 from swarmlm.p2p.identity import NodeIdentity
@@ -245,20 +242,7 @@ def test_upgrading_a_database_keeps_each_sets_schema_as_version_1(
     engines = create_engines(db_url)
     migrate(engines, "0006")
     with engines.write.begin() as conn:
-        conn.execute(
-            insert(TaskSet.__table__).values(
-                name="old",
-                description="",
-                label_schema=CHOICES,
-                k=1,
-                max_annotations=2,
-                agreement_threshold=0.0,
-                gold_share=0.0,
-                lease_seconds=600,
-                active=True,
-                created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
-            )
-        )
+        insert_old_task_set(conn, CHOICES, k=1)
     engines.dispose()
     store = make_store()  # migrates to the newest revision
     (v1,) = store.label_config_history(1)

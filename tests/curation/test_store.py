@@ -14,6 +14,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, insert, select, text
+from tests.curation.conftest import insert_old_task_set
 
 from swarmlm.curation.db import create_engines, migrate
 from swarmlm.curation.errors import (
@@ -30,7 +31,6 @@ from swarmlm.curation.models import (
     Assignment,
     Base,
     Task,
-    TaskSet,
 )
 from swarmlm.curation.signing import signed_record, task_digest, verify_record
 from swarmlm.curation.store import CurationStore, TaskInput
@@ -521,20 +521,7 @@ def test_upgrading_a_first_schema_database_backfills_lease_counts(
                 for i in range(3)
             ],
         )
-        conn.execute(
-            insert(TaskSet.__table__).values(
-                name="old",
-                description="",
-                label_schema=CHOICES,
-                k=2,
-                max_annotations=4,
-                agreement_threshold=0.0,
-                gold_share=0.0,
-                lease_seconds=600,
-                active=True,
-                created_at=now,
-            )
-        )
+        insert_old_task_set(conn, CHOICES, k=2)
         conn.execute(
             text(
                 "INSERT INTO tasks (task_set_id, external_id, content, is_gold, digest, needed,"
