@@ -155,9 +155,10 @@ class MixtureLoader:
     """``(x, y)`` batches drawn per type by weight and curriculum cap; ``last_types`` holds
     the type index of each row of the batch last returned (``(batch_size,)`` int64).
 
-    Buffers are pooled: rows are read into one of ``pool`` preallocated arrays in turn, so a
-    batch stays valid until ``pool - 1`` further batches have been drawn (the trainer uses a
-    batch within its step; ``pool`` defaults to ``grad_accum + 2``-safe 4).
+    Buffers are pooled: rows are read straight into one of ``pool`` preallocated arrays in
+    turn, so a batch stays valid until ``pool - 1`` further batches have been drawn (the
+    trainer passes ``grad_accum + 2``: it uses a step's batches within that step).
+    ``pool=None`` allocates a fresh array per batch and per row (the benchmark's baseline).
     """
 
     def __init__(
@@ -170,14 +171,14 @@ class MixtureLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        pool: int = 4,
+        pool: int | None = 4,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
-        if pool < 2:
-            raise DataError(f"pool must be >= 2 buffers, got {pool}")
+        if pool is not None and pool < 2:
+            raise DataError(f"pool must be >= 2 buffers (or None: no pooling), got {pool}")
         self.shards = shards
         self.index = index
         self.batch_size = batch_size
@@ -217,6 +218,8 @@ class MixtureLoader:
 
     def _buffer(self) -> NDArray[np.int64]:
         shape = (self.batch_size, self.seq_len + 1)
+        if self._pool_size is None:
+            return np.empty(shape, dtype=np.int64)
         if len(self._pool) < self._pool_size:
             self._pool.append(np.empty(shape, dtype=np.int64))
             return self._pool[-1]
@@ -247,7 +250,10 @@ class MixtureLoader:
         starts, types = self.window_starts(self.batches)
         buf = self._buffer()
         for i, s in enumerate(starts.tolist()):
-            self.shards.read_into(s, buf[i])
+            if self._pool_size is None:  # the unpooled path, as BatchLoader reads
+                buf[i] = self.shards.read(s, self.seq_len + 1)
+            else:
+                self.shards.read_into(s, buf[i])
         self.batches += 1
         self.last_types = types
         full = torch.from_numpy(buf)

@@ -10,6 +10,13 @@ Layout of one checkpoint directory ``<run>/checkpoints/step-00001000/``:
   ``swarmlm export-hf`` reads;
 * ``manifest.json``: sha256 and size of each file above, written last.
 
+With ``codec`` (``train.checkpoint_codec``: zstd, gzip, zlib, lzma, bz2 or ``auto``) the two
+large files are stored as ``model.safetensors.swz`` and ``trainer.pt.swz``: chunked files of
+:mod:`swarmlm.data.codecs` whose chunks carry crc32s checked on load, on top of the manifest's
+sha256. Loading decompresses them in memory and yields exactly the tensors saved.
+``swarmlm export-hf`` and other readers of a bare ``model.safetensors`` need an uncompressed
+checkpoint.
+
 A checkpoint is assembled in a temporary directory, every file fsynced, then renamed into place
 in one step; ``latest`` is then replaced atomically. A crash or a full disk at any point leaves
 the previous checkpoint and ``latest`` untouched. Loading verifies every checksum first.
@@ -18,6 +25,7 @@ the previous checkpoint and ``latest`` untouched. Loading verifies every checksu
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -106,6 +114,7 @@ def save_checkpoint(
     keep: int,
     *,
     sharded_dir: Path | None = None,
+    codec: str | None = None,
 ) -> Path:
     """Write a checkpoint atomically, point ``latest`` at it, prune all but ``keep``.
 
@@ -127,6 +136,8 @@ def save_checkpoint(
         model_cfg = state.get("config", {}).get("model", {})
         (tmp / "config.json").write_text(json.dumps(model_cfg, indent=2))
         names = list(FILES)
+        if codec is not None and codec != "none":
+            names = [_compress_file(tmp, name, codec) for name in names]
         if sharded_dir is not None:
             shutil.copytree(sharded_dir, tmp / "dcp")
             names += sorted(
@@ -149,6 +160,53 @@ def save_checkpoint(
         raise
     prune_checkpoints(run_dir, keep)
     return final
+
+
+COMPRESSED_SUFFIX = ".swz"
+_COMPRESSIBLE = ("model.safetensors", "trainer.pt")
+
+
+def _compress_file(directory: Path, name: str, codec: str) -> str:
+    """Replace ``directory/name`` by its chunked compressed form; returns the new name."""
+    if name not in _COMPRESSIBLE:
+        return name
+    from swarmlm.data.codecs import resolve_codec, write_chunked
+    from swarmlm.data.errors import DataError
+
+    raw = (directory / name).read_bytes()
+    try:
+        chosen = resolve_codec(codec, raw[: 1 << 20])
+        write_chunked(directory / (name + COMPRESSED_SUFFIX), raw, chosen, chunk_bytes=1 << 22)
+    except DataError as exc:
+        raise CheckpointError(f"checkpoint codec {codec!r}: {exc}") from exc
+    (directory / name).unlink()
+    return name + COMPRESSED_SUFFIX
+
+
+def _stored_name(manifest: dict[str, Any], name: str) -> str:
+    return name + COMPRESSED_SUFFIX if name + COMPRESSED_SUFFIX in manifest else name
+
+
+def _read_stored(path: Path, name: str) -> bytes:
+    """The bytes of ``name`` in checkpoint ``path``, decompressing a ``.swz`` form."""
+    packed = path / (name + COMPRESSED_SUFFIX)
+    if not packed.exists():
+        return (path / name).read_bytes()
+    from swarmlm.data.codecs import ChunkedReader
+    from swarmlm.data.errors import DataError
+
+    try:
+        with ChunkedReader(packed) as reader:
+            return reader.read_all()
+    except DataError as exc:
+        raise CheckpointError(f"{packed} cannot be read: {exc}") from exc
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    meta: dict[str, str] = header.get("__metadata__") or {}
+    return meta
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -185,7 +243,11 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         path = path.parent.parent  # <run>/checkpoints/latest -> <run>
     elif path.name == "checkpoints" and (path / "latest").is_file():
         path = path.parent
-    if (path / MANIFEST).exists() or (path / FILES[0]).exists():
+    if (
+        (path / MANIFEST).exists()
+        or (path / FILES[0]).exists()
+        or (path / (FILES[0] + COMPRESSED_SUFFIX)).exists()
+    ):
         return path  # a checkpoint directory (verify_checkpoint judges whether it is whole)
     latest = latest_checkpoint(path)
     if latest is None:
@@ -202,7 +264,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{manifest_path} is corrupt: {exc}") from exc
     extra = [name for name in manifest if name.startswith("dcp/")]
-    for name in (*FILES, *extra):
+    for name in (*(_stored_name(manifest, f) for f in FILES), *extra):
         file = path / name
         entry = manifest.get(name)
         if entry is None:
@@ -226,18 +288,27 @@ def load_checkpoint(
     verify_checkpoint(path)
     weights = path / "model.safetensors"
     try:
-        model_state = load_file(str(weights), device=str(map_location))
-        from safetensors import safe_open
+        if (path / (weights.name + COMPRESSED_SUFFIX)).exists():
+            from safetensors.torch import load as load_bytes
 
-        with safe_open(str(weights), framework="pt") as fh:
-            aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
+            data = _read_stored(path, weights.name)
+            model_state = {k: v.to(map_location) for k, v in load_bytes(data).items()}
+            aliases = json.loads(_safetensors_metadata(data).get("aliases", "{}"))
+        else:
+            model_state = load_file(str(weights), device=str(map_location))
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as fh:
+                aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
     except (SafetensorError, OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{weights} cannot be read: {exc}") from exc
     for alias, owner in aliases.items():
         model_state[alias] = model_state[owner]
     try:
         trainer_state = torch.load(
-            path / "trainer.pt", map_location=map_location, weights_only=True
+            io.BytesIO(_read_stored(path, "trainer.pt")),
+            map_location=map_location,
+            weights_only=True,
         )
     except Exception as exc:
         raise CheckpointError(f"{path / 'trainer.pt'} cannot be read: {exc}") from exc

@@ -77,6 +77,10 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = Field(default=500, ge=1)
     keep_checkpoints: int = Field(default=3, ge=1)
     async_checkpoint: bool = False
+    checkpoint_codec: Literal["none", "auto", "zstd", "gzip", "zlib", "lzma", "bz2"] = Field(
+        default="none",
+        description="compress weights and optimizer state in checkpoints (crc-checked chunks)",
+    )
     out_dir: Path = Path("runs/default")
     tensorboard: bool = False
     curriculum: list[CurriculumStage] = Field(default_factory=list)

@@ -248,11 +248,12 @@ class Trainer:
         )
         path: Path | None = None
         try:
+            codec = self.cfg.train.checkpoint_codec
             if self.async_writer is not None:
-                self.async_writer.submit(*args)
+                self.async_writer.submit(*args, codec=codec)
                 path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
             else:
-                path = save_checkpoint(*args)
+                path = save_checkpoint(*args, codec=codec)
                 self.last_checkpoint = path
         except (OSError, CheckpointError) as exc:
             # The previous checkpoint is intact; training goes on and the next save retries.
