@@ -29,6 +29,7 @@ folder are skipped and counted, never decoded into garbage.
 from __future__ import annotations
 
 import ast
+import functools
 import gzip
 import json
 import logging
@@ -243,17 +244,28 @@ def _docstring_doc(module: str, tree: ast.Module) -> str:
     return "\n".join(lines)
 
 
+@functools.lru_cache(maxsize=4096)
+def _docstring_page(path: Path, root: Path, prefix: str) -> tuple[str, str] | None:
+    """(module name, reference page) of one file; cached: parsing is most of the cost and the
+    technical and conversational sources read the same files."""
+    parsed = _read_python(path)
+    if parsed is None:
+        return None
+    module = _module_name(path, root, prefix)
+    return module, _docstring_doc(module, parsed[1])
+
+
 def _docstring_records(
     root: Path, prefix: str, content_type: str, licence: str, rng: random.Random
 ) -> Iterator[Record]:
     files = _python_files(root)
     rng.shuffle(files)
     for path in files:
-        parsed = _read_python(path)
-        if parsed is None:
+        page = _docstring_page(path, root, prefix)
+        if page is None:
             continue
-        module = _module_name(path, root, prefix)
-        for i, piece in enumerate(chunk_text(_docstring_doc(module, parsed[1]))):
+        module, text = page
+        for i, piece in enumerate(chunk_text(text)):
             yield Record(piece, content_type, f"{prefix or 'python'}-docs:{module}#{i}", licence)
 
 
@@ -298,6 +310,7 @@ _EPISTLES = {
 _VERSE = re.compile(r"^([1-3]?[A-Za-z]+)(\d+):(\d+) (.*)$")
 
 
+@functools.lru_cache(maxsize=2)
 def kjv_chapters(path: Path = KJV_PATH) -> list[tuple[str, int, str]]:
     """(book, chapter, text) of the bundled KJV, in order; raises if the file is missing."""
     if not path.is_file():
@@ -317,7 +330,7 @@ def _kjv_records(content_type: str, rng: random.Random) -> Iterator[Record]:
         chosen = [c for c in chapters if c[0] in _WISDOM | _EPISTLES]
     else:
         chosen = [c for c in chapters if c[0] not in _WISDOM | _EPISTLES]
-    rng.shuffle(chosen)
+    rng.shuffle(chosen)  # a new list: the cached one is never reordered
     for book, chapter, text in chosen:
         for i, piece in enumerate(chunk_text(text)):
             yield Record(piece, content_type, f"kjv:{book}{chapter}#{i}", "public-domain")
