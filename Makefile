@@ -32,11 +32,11 @@ LOCAL_SWARM := TESTNET_DIR=runs/local-swarm TESTNET_P2P_BASE=7777 TESTNET_WEB_BA
 # A local swarm shares this machine's cores: each node gets cores / NODES torch threads (more
 # threads than cores made every step several times slower), and rounds of 10 inner steps with
 # 5 evaluation batches, so the first round is decided within a minute on 2 cores (50 steps
-# and 20 batches per node took ~4 minutes with 3 nodes). The node config's other training.set
-# entries (rounds, checkpoint_every) stay: the command line's list is merged key by key.
+# and 20 batches per node took ~4 minutes with 3 nodes). The node config's other run keys
+# (rounds, checkpoint_every) stay: each --set replaces one key.
 LOCAL_SWARM_THREADS = $$(( $$(nproc) / $(LOCAL_SWARM_NODES) > 0 ? $$(nproc) / $(LOCAL_SWARM_NODES) : 1 ))
-LOCAL_SWARM_SET := [\"swarm.expect_peers=$(LOCAL_SWARM_NODES)\",\"swarm.inner_steps=10\",\"train.eval_batches=5\"]
-LOCAL_SWARM_NODE_ARGS := --config configs/node.yaml --set training.set=$(LOCAL_SWARM_SET) --set max_cpu_threads=$(LOCAL_SWARM_THREADS)
+LOCAL_SWARM_SET := --set run.swarm.expect_peers=$(LOCAL_SWARM_NODES) --set run.swarm.inner_steps=10 --set run.train.eval_batches=5
+LOCAL_SWARM_NODE_ARGS := --config configs/node.yaml $(LOCAL_SWARM_SET) --set max_cpu_threads=$(LOCAL_SWARM_THREADS)
 run: $(STAMP)
 	@test -f $(RUN_DATA)/meta.json || $(VENV)/bin/swarmlm data prepare \
 		--input data/kjv.txt.gz --out $(RUN_DATA) --vocab-size 2048

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -246,7 +247,7 @@ def test_make_run_nodes_3_keeps_the_node_configs_overrides_from_any_directory(
 ) -> None:
     from swarmlm.cli import build_parser
     from swarmlm.node.cli import build_config
-    from swarmlm.swarm.config import load_swarm_config
+    from swarmlm.node.config import node_run_config
 
     # the arguments `make run NODES=3` gives every node (its recipe uses the same variable)
     dry = subprocess.run(
@@ -264,7 +265,7 @@ def test_make_run_nodes_3_keeps_the_node_configs_overrides_from_any_directory(
     cfg = build_config(args)
     assert cfg.max_cpu_threads == max(1, len(os.sched_getaffinity(0)) // 3)  # cores / nodes
     assert cfg.training.config.resolve() == ROOT / "configs" / "swarm-tiny.json"
-    run = load_swarm_config(cfg.training.config, cfg.training.set)
+    run: Any = node_run_config(cfg, cfg.directory)  # the run config the node trains with
     assert run.swarm.expect_peers == 3
     assert run.swarm.checkpoint_every == 2, "the node config's checkpoint_every survives"
     assert run.swarm.rounds == 200

@@ -74,16 +74,26 @@ def test_an_older_node_config_with_training_set_still_loads_and_set_wins_over_ru
     assert run.swarm.rounds == 5
 
 
-def test_the_shipped_node_config_composes_the_same_run_config_as_before() -> None:
-    """Backwards compatibility: the composed run config of configs/node.yaml equals what the
-    node built before composition (the swarm config file with training.set and the node's
-    settings as overrides)."""
-    from swarmlm.node.cli import resolve_file_paths
+# configs/node.yaml as it was before the run section: swarm overrides as training.set
+OLD_LAYOUT_NODE_YAML = """\
+node_id: node-1
+type: full
+node_dir: runs/nodes/node-1
+max_cpu_threads: 2
+training:
+  config: swarm-tiny.json
+  set:
+    - swarm.expect_peers=1
+    - swarm.rounds=200
+    - swarm.checkpoint_every=2
+"""
+
+
+def _as_before(cfg: NodeConfig) -> Any:
+    """The run config as the node built it before composition: the swarm config file with
+    training.set and the node's settings as --set style overrides."""
     from swarmlm.swarm.config import load_swarm_config
 
-    raw = read_config_file(REPO / "configs" / "node.yaml")
-    resolve_file_paths(raw, REPO / "configs")
-    cfg = validate_config(raw)
     d = cfg.directory
     old_sets = [
         *cfg.training.set,
@@ -98,8 +108,31 @@ def test_the_shipped_node_config_composes_the_same_run_config_as_before() -> Non
         f"swarm.outlier_z={cfg.thresholds.outlier_z}",
         f"train.threads={cfg.max_cpu_threads}",
     ]
-    before = load_swarm_config(cfg.training.config, old_sets)
-    assert node_run_config(cfg, d) == before
+    return load_swarm_config(cfg.training.config, old_sets)
+
+
+def test_an_old_layout_node_config_composes_the_same_run_config_as_before_and_as_shipped(
+    tmp_path: Path,
+) -> None:
+    """Backwards compatibility: a node config with training.set (the layout before the run
+    section) gives the run config the node built before, and the shipped configs/node.yaml,
+    now written with a run section, gives that same run config."""
+    from swarmlm.node.cli import resolve_file_paths
+
+    shutil.copy(REPO / "configs" / "swarm-tiny.json", tmp_path / "swarm-tiny.json")
+    (tmp_path / "node.yaml").write_text(OLD_LAYOUT_NODE_YAML)
+    old_raw = read_config_file(tmp_path / "node.yaml")
+    resolve_file_paths(old_raw, tmp_path)
+    old = validate_config(old_raw)
+    before = _as_before(old)
+    assert node_run_config(old, old.directory) == before
+
+    shipped_raw = read_config_file(REPO / "configs" / "node.yaml")
+    resolve_file_paths(shipped_raw, REPO / "configs")
+    shipped = validate_config(shipped_raw)
+    assert shipped.training.set == [], "configs/node.yaml uses the run section"
+    assert shipped.run
+    assert node_run_config(shipped, shipped.directory) == before
 
 
 @pytest.mark.parametrize(
