@@ -106,7 +106,11 @@ class ByteCache:
         )
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
-        self._labels = (name, policy)
+        # bound metric children, looked up once (a labels() call per access costs a dict walk)
+        self._m_hits = _HITS.labels(name, policy)
+        self._m_misses = _MISSES.labels(name, policy)
+        self._m_evictions = _EVICTIONS.labels(name, policy)
+        self._m_bytes = _BYTES.labels(name, policy)
         self._budget = budget
         if budget is not None:
             budget.register(self)
@@ -118,14 +122,14 @@ class ByteCache:
             if entry is not None and self.ttl_s is not None and self._clock() >= entry.expires:
                 del self._data[key]
                 self.evictions += 1
-                _EVICTIONS.labels(*self._labels).inc()
+                self._m_evictions.inc()
                 entry = None
             if entry is None:
                 self.misses += 1
-                _MISSES.labels(*self._labels).inc()
+                self._m_misses.inc()
                 return None
             self.hits += 1
-            _HITS.labels(*self._labels).inc()
+            self._m_hits.inc()
             return entry.value
 
     def put(self, key: Hashable, value: Any) -> None:
@@ -145,8 +149,8 @@ class ByteCache:
             evicted = before + 1 - len(self._data)
             if evicted:
                 self.evictions += evicted
-                _EVICTIONS.labels(*self._labels).inc(evicted)
-            _BYTES.labels(*self._labels).set(self._data.currsize)
+                self._m_evictions.inc(evicted)
+            self._m_bytes.set(self._data.currsize)
         if self._budget is not None:
             self._budget.enforce()
 
@@ -164,14 +168,14 @@ class ByteCache:
                 return 0
             _, entry = self._data.popitem()
             self.evictions += 1
-            _EVICTIONS.labels(*self._labels).inc()
-            _BYTES.labels(*self._labels).set(self._data.currsize)
+            self._m_evictions.inc()
+            self._m_bytes.set(self._data.currsize)
             return entry.size
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
-            _BYTES.labels(*self._labels).set(0)
+            self._m_bytes.set(0)
 
     @property
     def bytes(self) -> int:
