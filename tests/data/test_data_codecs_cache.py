@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import REGISTRY
 
 from swarmlm.data import TokenShards
-from swarmlm.data.cache import ByteCache, CacheError, MemoryBudget
+from swarmlm.data.cache import DATA_REGISTRY, ByteCache, CacheError, MemoryBudget, render_metrics
 from swarmlm.data.codecs import (
     CODECS,
     ChunkedReader,
@@ -135,9 +134,15 @@ def test_hit_rates_are_exported_to_prometheus() -> None:
     cache.get(1)
     cache.get(2)
     labels = {"cache": "metrics-test", "policy": "lfu"}
-    assert REGISTRY.get_sample_value("swarmlm_data_cache_hits_total", labels) == 1
-    assert REGISTRY.get_sample_value("swarmlm_data_cache_misses_total", labels) == 1
-    assert REGISTRY.get_sample_value("swarmlm_data_cache_bytes", labels) == 3
+    assert DATA_REGISTRY.get_sample_value("swarmlm_data_cache_hits_total", labels) == 1
+    assert DATA_REGISTRY.get_sample_value("swarmlm_data_cache_misses_total", labels) == 1
+    assert DATA_REGISTRY.get_sample_value("swarmlm_data_cache_bytes", labels) == 3
+    assert DATA_REGISTRY.get_sample_value("swarmlm_data_cache_hit_rate", labels) == 0.5
+    from swarmlm.node.metrics import NodeMetrics
+
+    page = NodeMetrics("n1", "full").render().decode()
+    assert 'swarmlm_data_cache_hits_total{cache="metrics-test",policy="lfu"} 1.0' in page
+    assert b"swarmlm_data_cache_hit_rate" in render_metrics()
 
 
 def test_memory_budget_evicts_caches_while_rss_is_over_the_cap() -> None:

@@ -6,9 +6,9 @@ arrays and tensors). A TTL applies to every policy: an entry older than ``ttl_s`
 and is dropped (cachetools' own ``TTLCache`` is LRU-only). An item larger than the whole
 cache is an error (``CacheError``: the cache is smaller than one item), never a silent
 no-op. Hits, misses and evictions are counted on the object and in Prometheus counters
-``swarmlm_data_cache_{hits,misses,evictions}_total{cache,policy}`` and the gauge
-``swarmlm_data_cache_bytes{cache,policy}`` (the node's ``/metrics`` serves the default
-registry).
+``swarmlm_data_cache_{hits,misses,evictions}_total{cache,policy}`` and the gauges
+``swarmlm_data_cache_bytes`` and ``swarmlm_data_cache_hit_rate`` in ``DATA_REGISTRY``, which a
+node's ``/metrics`` appends when data caches exist in its process.
 
 ``MemoryBudget`` enforces ``max_memory_mb`` for the data side: caches registered with it
 share its byte allowance, and ``enforce()`` (called by each cache after an insert) evicts
@@ -28,25 +28,51 @@ from typing import Any, Literal
 
 import cachetools
 import psutil
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from swarmlm.data.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["POLICIES", "ByteCache", "CacheError", "MemoryBudget", "sizeof"]
+__all__ = [
+    "DATA_REGISTRY",
+    "POLICIES",
+    "ByteCache",
+    "CacheError",
+    "MemoryBudget",
+    "render_metrics",
+    "sizeof",
+]
 
 Policy = Literal["lru", "lfu", "fifo"]
 POLICIES: tuple[Policy, ...] = ("lru", "lfu", "fifo")
 
-_HITS = Counter("swarmlm_data_cache_hits", "data cache hits", ["cache", "policy"])
-_MISSES = Counter("swarmlm_data_cache_misses", "data cache misses", ["cache", "policy"])
+# One registry for the process's data caches (not the process-global one, as NodeMetrics);
+# a node's /metrics appends it when this module is loaded (render_metrics).
+DATA_REGISTRY = CollectorRegistry(auto_describe=True)
+_LABELS = ["cache", "policy"]
+_HITS = Counter("swarmlm_data_cache_hits", "data cache hits", _LABELS, registry=DATA_REGISTRY)
+_MISSES = Counter("swarmlm_data_cache_misses", "data cache misses", _LABELS, registry=DATA_REGISTRY)
 _EVICTIONS = Counter(
     "swarmlm_data_cache_evictions",
     "data cache evictions (capacity, TTL or memory cap)",
-    ["cache", "policy"],
+    _LABELS,
+    registry=DATA_REGISTRY,
 )
-_BYTES = Gauge("swarmlm_data_cache_bytes", "bytes held by a data cache", ["cache", "policy"])
+_BYTES = Gauge(
+    "swarmlm_data_cache_bytes", "bytes held by a data cache", _LABELS, registry=DATA_REGISTRY
+)
+_HIT_RATE = Gauge(
+    "swarmlm_data_cache_hit_rate",
+    "hits / (hits + misses) since the cache was made",
+    _LABELS,
+    registry=DATA_REGISTRY,
+)
+
+
+def render_metrics() -> bytes:
+    """The data caches' metrics in the Prometheus text format."""
+    return generate_latest(DATA_REGISTRY)
 
 
 class CacheError(DataError):
@@ -111,6 +137,7 @@ class ByteCache:
         self._m_misses = _MISSES.labels(name, policy)
         self._m_evictions = _EVICTIONS.labels(name, policy)
         self._m_bytes = _BYTES.labels(name, policy)
+        _HIT_RATE.labels(name, policy).set_function(lambda: self.hit_rate)
         self._budget = budget
         if budget is not None:
             budget.register(self)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -293,8 +294,14 @@ class NodeMetrics:
 
     # -- outputs ---------------------------------------------------------------------------
     def render(self) -> bytes:
-        """The registry in the Prometheus text format (``CONTENT_TYPE``)."""
-        return generate_latest(self.registry)
+        """The registry in the Prometheus text format (``CONTENT_TYPE``), followed by the
+        data caches' metrics when this process has any (no import otherwise: a lightweight
+        node must not load torch through swarmlm.data)."""
+        body = generate_latest(self.registry)
+        data_cache = sys.modules.get("swarmlm.data.cache")
+        if data_cache is not None:
+            body += data_cache.render_metrics()
+        return bytes(body)
 
     def step_rate(self, now: float | None = None) -> float | None:
         """Training steps per second over the last ``RATE_WINDOW_S`` (None: too few points)."""
