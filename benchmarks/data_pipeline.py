@@ -296,25 +296,47 @@ def bench_caches(data: Path, blocks: int, per_block: int) -> dict[str, Any]:
 
 
 def bench_memory_cap(headroom_mb: int = 48) -> dict[str, Any]:
+    """Run in a fresh interpreter: a process that has freed memory before (the training arms)
+    reuses its heap for the cache and its RSS does not grow, which would test nothing."""
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, __file__, "--memcap-only", str(headroom_mb)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    res: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    log(f"memory cap: {res}")
+    return res
+
+
+def _memcap_child(headroom_mb: int) -> None:
+    import json
+
     probe = MemoryBudget(1)
     rss0 = probe.rss()
     cap_mb = rss0 / 2**20 + headroom_mb
     budget = MemoryBudget(cap_mb, check_every=1)
     cache = ByteCache(4 << 30, "lru", name="bench-budget", budget=budget)
     worst = -math.inf
+    peak = rss0
     for i in range(3 * headroom_mb):
         cache.put(i, np.full(1 << 18, i, dtype=np.float32))  # 1 MiB of touched pages
-        worst = max(worst, (budget.rss() - budget.cap_bytes) / 2**20)
+        rss = budget.rss()
+        peak = max(peak, rss)
+        worst = max(worst, (rss - budget.cap_bytes) / 2**20)
     res = {
+        "rss_start_mb": rss0 / 2**20,
         "cap_mb": cap_mb,
         "inserted_mb": 3 * headroom_mb,
         "evicted_mb": budget.evicted_bytes / 2**20,
         "cache_mb_at_end": cache.bytes / 2**20,
+        "rss_peak_mb": peak / 2**20,
         "rss_over_cap_mb": worst,
     }
-    cache.clear()
-    log(f"memory cap: {res}")
-    return res
+    print(json.dumps(res))
 
 
 # ---- 5. codecs ---------------------------------------------------------------------------
@@ -384,7 +406,11 @@ def bench_loader(data: Path, blocks: int, steps: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 MB corpus, 80 steps, two arms")
+    ap.add_argument("--memcap-only", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memcap_only is not None:
+        _memcap_child(args.memcap_only)
+        return
     q = args.quick
     env_start = environment()
     size_mb, vocab = (1.0, 2048) if q else (8.0, 4096)

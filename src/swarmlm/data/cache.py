@@ -11,10 +11,11 @@ no-op. Hits, misses and evictions are counted on the object and in Prometheus co
 node's ``/metrics`` appends when data caches exist in its process.
 
 ``MemoryBudget`` enforces ``max_memory_mb`` for the data side: caches registered with it
-share its byte allowance, and ``enforce()`` (called by each cache after an insert) evicts
-from the registered caches, largest first, while the process's resident memory is above
-the cap. Memory that is not cache (model, optimizer) cannot be evicted: when it alone is over
-the cap the caches are emptied and ``over_cap`` says so.
+are shrunk, largest first, before an insert would take the process's resident memory
+above the cap (``enforce(incoming=size)``, re-reading RSS after each eviction and handing
+freed heap pages back with glibc's ``malloc_trim``). Memory that is not cache (model,
+optimizer) cannot be evicted: when it alone is over the cap the caches are emptied and
+``over_cap`` says so.
 """
 
 from __future__ import annotations
@@ -73,6 +74,27 @@ _HIT_RATE = Gauge(
 def render_metrics() -> bytes:
     """The data caches' metrics in the Prometheus text format."""
     return generate_latest(DATA_REGISTRY)
+
+
+def _load_malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)``: hands freed heap pages back to the OS, so that RSS shows
+    an eviction (without it glibc keeps them for reuse and RSS does not move). A no-op on
+    other C libraries."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+
+    def call() -> None:
+        trim(0)
+
+    return call
+
+
+_malloc_trim = _load_malloc_trim()
 
 
 class CacheError(DataError):
@@ -167,6 +189,8 @@ class ByteCache:
                 f"({size} bytes): raise its size or cache smaller items"
             )
         expires = self._clock() + self.ttl_s if self.ttl_s is not None else float("inf")
+        if self._budget is not None:
+            self._budget.enforce(incoming=size)  # make room first: RSS never passes the cap
         with self._lock:
             before = len(self._data)
             if key in self._data:
@@ -178,8 +202,6 @@ class ByteCache:
                 self.evictions += evicted
                 self._m_evictions.inc(evicted)
             self._m_bytes.set(self._data.currsize)
-        if self._budget is not None:
-            self._budget.enforce()
 
     def get_or_load(self, key: Hashable, load: Callable[[], Any]) -> Any:
         value = self.get(key)
@@ -240,37 +262,39 @@ class MemoryBudget:
     def rss(self) -> int:
         return int(self._proc.memory_info().rss)
 
-    def enforce(self, *, force: bool = False) -> int:
-        """Evict cache entries while RSS > cap; returns bytes evicted. RSS is sampled every
-        ``check_every`` calls (it costs a system call) unless ``force``."""
+    def enforce(self, *, incoming: int = 0, force: bool = False) -> int:
+        """Evict cache entries until RSS + ``incoming`` bytes fits under the cap; returns the
+        bytes evicted. RSS is read (a system call) for every item of 64 KiB or more, else
+        every ``check_every`` calls, and again after each eviction slice: freed memory does
+        not always leave the process (allocator arenas), so estimates are not trusted."""
         self._calls += 1
-        if not force and self._calls % self.check_every:
+        if not force and incoming < (64 << 10) and self._calls % self.check_every:
             return 0
         freed = 0
         rss = self.rss()
-        while rss > self.cap_bytes:
+        while rss + incoming > self.cap_bytes:
             caches = sorted(self._caches, key=lambda c: c.bytes, reverse=True)
             if not caches or caches[0].bytes == 0:
                 if not self.over_cap:
                     logger.warning(
-                        "resident memory %.0f MiB is above max_memory_mb=%.0f with the data "
-                        "caches empty",
+                        "resident memory %.0f MiB (+%d bytes incoming) is above "
+                        "max_memory_mb=%.0f with the data caches empty",
                         rss / 2**20,
+                        incoming,
                         self.cap_bytes / 2**20,
                     )
                 self.over_cap = True
                 break
-            # Evict a slice of the largest cache, then look at RSS again (freed memory may
-            # stay in the allocator's arenas, so estimate instead of re-reading every item).
-            target = max(1, caches[0].bytes // 4)
+            need = rss + incoming - self.cap_bytes
             got = 0
-            while got < target:
+            while got < need:
                 n = caches[0].evict_one()
                 if n == 0:
                     break
                 got += n
             freed += got
-            rss -= got
+            _malloc_trim()
+            rss = self.rss()
         else:
             self.over_cap = False
         self.evicted_bytes += freed
