@@ -6,9 +6,10 @@ What runs, at the same total data and rollouts on both sides (one process, one t
 
 1. a small base LM trained on KJV verses (cached in ``results/rlhf_swarm_cache/``);
 2. preference data: ``responses`` samples of the base model to each verse opening, every
-   pair judged by 3 simulated annotators (Bradley-Terry on the true reward at temperature
-   0.05, 10 % lapses), unanimous pairs kept (as ``benchmarks/rlhf.py``); held-out pairs are
-   the truth-ordered pairs of other prompts;
+   pair judged by 3 simulated annotators (A, B or tie: a tie when the true rewards are
+   equal, else Bradley-Terry on the true reward at temperature 0.05; 10 % lapses), pairs
+   with a 2-of-3 majority for A or B kept (ties carry no preference, as the platform's
+   pairwise consensus); held-out pairs are the truth-ordered pairs of other prompts;
 3. reward model: ``swarmlm rlhf reward`` (``train_reward_model``, single node) against the
    ``reward`` objective on 4 simulated peers (``LocalSwarm``: real workers, round engine,
    robust aggregation; the round protocol is the in-process fake), one epoch each;
@@ -69,14 +70,14 @@ log = logging.getLogger("bench.rlhf_swarm")
 def sizes(quick: bool) -> dict[str, Any]:
     return {
         "base_steps": 600 if quick else 1500,
-        "pref_prompts": 500 if quick else 1500,
+        "pref_prompts": 1500 if quick else 3000,
         "responses": 4,
-        "held_out_prompts": 100 if quick else 300,
+        "held_out_prompts": 300 if quick else 600,
         "policy_prompts": 400,
-        "eval_prompts": 48 if quick else 128,
+        "eval_prompts": 128 if quick else 256,
         "max_new_tokens": 12,
         "rm_batch": 16,
-        "policy_rounds": 24 if quick else 60,
+        "policy_rounds": 32 if quick else 80,
         "rollouts": 16,
         "block": 4,
         "seeds": 1 if quick else 3,
@@ -174,12 +175,17 @@ def sample_responses(
     return out
 
 
-def judge(a: str, b: str, rng: random.Random) -> bool:
-    """True when the simulated annotator prefers ``a``: Bradley-Terry on the true reward at
-    temperature 0.05, 10 % lapses (a coin flip)."""
+def judge(a: str, b: str, rng: random.Random) -> bool | None:
+    """The simulated annotator's pairwise label: True for ``a``, False for ``b``, None for a
+    tie (the platform's pairwise schema offers one; a tie carries no preference). Equal true
+    rewards are judged ties; otherwise Bradley-Terry on the true reward at temperature 0.05.
+    10 % lapses pick at random among A, B and tie."""
     if rng.random() < 0.10:
-        return rng.random() < 0.5
-    d = (LEX.score(a) - LEX.score(b)) / 0.05
+        return rng.choice([True, False, None])
+    sa, sb = LEX.score(a), LEX.score(b)
+    if sa == sb:
+        return None
+    d = (sa - sb) / 0.05
     return rng.random() < 1 / (1 + math.exp(-max(-50.0, min(50.0, d))))
 
 
@@ -192,10 +198,10 @@ def preference_pairs(
         for a, b in itertools.combinations(rs, 2):
             if not a or not b or a == b:
                 continue
-            votes = [judge(a, b, rng) for _ in range(3)]
-            if all(votes):
+            votes = [judge(a, b, rng) for _ in range(3)]  # consensus: a strict majority
+            if votes.count(True) >= 2:
                 pairs.append(PreferencePair(p, a, b))
-            elif not any(votes):
+            elif votes.count(False) >= 2:
                 pairs.append(PreferencePair(p, b, a))
     return pairs
 
@@ -265,6 +271,7 @@ def swarm_reward_model(
     n_pairs: int,
     s: dict[str, Any],
     seed: int,
+    lr: float,
 ) -> dict[str, float]:
     from swarmlm.swarm.simulate import LocalSwarm
     from swarmlm.swarm.worker import SwarmWorker
@@ -295,7 +302,7 @@ def swarm_reward_model(
                 "outer_lr": 1.0,
                 "outer_momentum": 0.0,
             },
-            5e-4,
+            lr,
         )
         workers.append(SwarmWorker(cfg, f"{i:064x}", out_dir=work / f"rm-peer{i}"))
     swarm = LocalSwarm(workers)
@@ -408,6 +415,8 @@ class SwarmPolicy:
         from swarmlm.swarm.simulate import LocalSwarm
         from swarmlm.swarm.worker import SwarmWorker
 
+        if peers > 1:
+            lr = lr * s.get("swarm_lr_scale", 1.0)
         group = 4 if algo == "grpo" else 1
         per_peer = max(1, s["rollouts"] // peers // group)
         section: dict[str, Any] = {
@@ -506,7 +515,14 @@ def run_pair(
 
 
 def one_seed(
-    seed: int, s: dict[str, Any], base: Path, data_dir: Path, work: Path, lr: float, kl_coef: float
+    seed: int,
+    s: dict[str, Any],
+    base: Path,
+    data_dir: Path,
+    work: Path,
+    lr: float,
+    kl_coef: float,
+    scale: float = 1.0,
 ) -> dict[str, Any]:
     from swarmlm.rlhf.modeling import load_language_model, tokenizer_for
 
@@ -529,7 +545,7 @@ def one_seed(
 
     rm_path, rm_single = single_reward_model(base, train_file, held_file, work / "rm", s, seed)
     rm_swarm = swarm_reward_model(
-        base, train_file, held_file, data_dir, work, len(train_pairs), s, seed
+        base, train_file, held_file, data_dir, work, len(train_pairs), s, seed, 5e-4 * scale
     )
     stderr_console.print(f"reward model: single {rm_single} | swarm {rm_swarm}")
 
@@ -642,15 +658,27 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--smoke", action="store_true", help="toy sizes: a code-path check only")
+    ap.add_argument("--policy-rounds", type=int, default=None, help="PPO/GRPO steps per side")
+    ap.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts (x 2)")
+    ap.add_argument("--held-out-prompts", type=int, default=None, help="RM held-out prompts")
     ap.add_argument("--lr", type=float, default=3e-4, help="policy learning rate (both sides)")
     ap.add_argument("--kl-coef", type=float, default=0.05)
+    ap.add_argument(
+        "--swarm-lr-scale",
+        type=float,
+        default=1.0,
+        help="inner learning rate of multi-peer swarms (RM and policy) = lr x this: averaging "
+        "n peers' pseudo-gradients is a step of an n-times larger batch",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "rlhf_swarm.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     torch.set_num_threads(1)
     s = smoke_sizes() if args.smoke else sizes(args.quick)
-    if args.seeds is not None:
-        s["seeds"] = args.seeds
+    for key in ("seeds", "policy_rounds", "eval_prompts", "held_out_prompts"):
+        if getattr(args, key) is not None:
+            s[key] = getattr(args, key)
+    s["swarm_lr_scale"] = args.swarm_lr_scale
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     base = base_model(s["base_steps"])
@@ -660,7 +688,11 @@ def main() -> None:
 
     for seed in range(s["seeds"]):
         with tempfile.TemporaryDirectory(prefix="rlhf-swarm-") as tmp:
-            runs.append(one_seed(seed, s, base, data_dir, Path(tmp), args.lr, args.kl_coef))
+            runs.append(
+                one_seed(
+                    seed, s, base, data_dir, Path(tmp), args.lr, args.kl_coef, args.swarm_lr_scale
+                )
+            )
     sent = sum(r["byzantine"]["forged_sent"] for r in runs)
     accepted = sum(r["byzantine"]["forged_accepted"] for r in runs)
 

@@ -39,6 +39,9 @@ def test_overrides_reach_nested_fields() -> None:
         ('swarm.aggregator_params={"f": 1}', "use swarm.byzantine_f"),
         ("swarm.data_shard=99", "swarm.data_shard=99"),
         ("swarm.bogus=1", "swarm.bogus"),
+        ("swarm.roundz=3", "swarm.roundz: unknown key (did you mean swarm.rounds?)"),
+        ("swarm.objective=ppx", "swarm.objective 'ppx' is unknown; registered: dpo, grpo, lm"),
+        ('swarm.grpo={"group_size": 4}', 'swarm.grpo is set but swarm.objective is "lm"'),
     ],
 )
 def test_bad_swarm_fields_are_named(override: str, named: str) -> None:

@@ -35,12 +35,15 @@ def test_real_peers_reject_a_peer_forging_rewards_and_keep_identical_weights(
     overrides = {i: [f"swarm.data_shard={i}"] for i in range(3)}
     overrides[2].append("swarm.attack=fabricate")
     with SwarmProcesses(config, 3, tmp_path, overrides=overrides) as swarm:
-        swarm.wait_all("genesis", 150)
+        genesis = swarm.wait_all("genesis", 150)
         swarm.wait_all("done", 240)
         rounds = {p.index: p.rounds() for p in swarm.peers}
         ids = [p.id for p in swarm.peers]
     liar = ids[2]
     assert all(sorted(r) == [1, 2, 3] for r in rounds.values())
+    assert len(genesis) == 3
+    ready = [next(ev for ev in p.history if ev["event"] == "ready") for p in swarm.peers]
+    assert [ev["objective"] for ev in ready] == ["ppo"] * 3
     for r in (1, 2, 3):
         events = [rounds[i][r] for i in range(3)]
         assert len({ev["params_sha256"] for ev in events}) == 1, f"round {r}"

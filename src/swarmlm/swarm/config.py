@@ -10,6 +10,7 @@ the CLI help and the docs table (``docs/swarm.md``) all come from it.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -206,7 +207,10 @@ class SwarmConfig(BaseModel):
         for key in list(extra):
             section = objective_spec(key)
             if section is None or section.section is None:
-                raise ValueError(f"swarm.{key}: unknown field (not an objective's section)")
+                known = [*type(self).model_fields, *objective_names()]
+                near = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean swarm.{near[0]}?)" if near else ""
+                raise ValueError(f"swarm.{key}: unknown key{hint}")
             if extra[key] is None:  # written out by a dump of a config without it
                 del extra[key]
                 continue

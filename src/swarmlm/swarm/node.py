@@ -137,7 +137,13 @@ class SwarmNode:
         )
         if self._owns_node:
             await self.node.start()
-        self._emit("ready", id=self.identity.node_id, port=self.node.port, shard=self.worker.shard)
+        self._emit(
+            "ready",
+            id=self.identity.node_id,
+            port=self.node.port,
+            shard=self.worker.shard,
+            objective=self.cfg.swarm.objective,  # what this run trains, for the dashboard
+        )
         stop_task = asyncio.create_task(stop.wait())
         try:
             work = asyncio.create_task(self._train())
