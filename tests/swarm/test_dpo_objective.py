@@ -24,7 +24,6 @@ from tests.swarm.conftest import peer_id, swarm_config
 pytestmark = pytest.mark.timeout(180)
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     """Tiny models run fastest on one thread; restored after each test."""
