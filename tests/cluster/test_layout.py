@@ -52,7 +52,7 @@ def test_dp_takes_the_rest_of_the_world() -> None:
         ({"pp": 4}, 4, DENSE, r"pp=4 pipeline stages but model.n_layers=2"),
         ({"ep": 3}, 3, MOE, r"ep=3 must divide model.n_experts=4"),
         ({"ep": 2}, 2, DENSE, r"ep=2 needs an MoE model \(model.n_experts=0\)"),
-        ({"tp": 2}, 2, MOE, r"tp=2 with an MoE model \(model.n_experts=4\)"),
+        ({"ep": 2, "tp": 2}, 4, MOE, r"ep=2 combines with dp only \(got tp=2, pp=1\)"),
     ],
 )
 def test_bad_layouts_name_the_numbers(
@@ -68,6 +68,13 @@ def test_bad_layouts_name_the_numbers(
             world_size=world,
             model=model,
         )
+
+
+def test_tp_pp_and_moe_under_tp_or_pp_are_accepted() -> None:
+    for model in (DENSE, MOE):
+        layout = resolve_layout(dp=None, tp=2, pp=2, ep=1, world_size=4, model=model)
+        assert (layout.pp, layout.tp, layout.dp) == (2, 2, 1)
+    assert resolve_layout(dp=2, tp=2, pp=1, ep=1, world_size=4, model=MOE).data_parallel == 2
 
 
 def test_stages_cover_every_block_once() -> None:

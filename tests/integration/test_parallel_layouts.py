@@ -1,8 +1,9 @@
 """Every DeviceMesh layout on gloo reproduces the single-process fp32 losses (issue 21).
 
 Global batch 4 rows, 20 steps, same seed and data: tp=2 (in the checkpoint test), pp=2
-(1F1B), dp=2 x tp=2, pp=2 x dp=2 (GPipe, activation checkpointing) and ep=2 x dp=2 (MoE) must
-stay within 1e-4 relative of one process (ep=2 alone is in benchmarks/parallel.py, to keep
+(1F1B), dp=2 x tp=2, pp=2 x dp=2 (GPipe, activation checkpointing), ep=2 x dp=2 (MoE) and
+pp=2 x tp=2 (MoE, 1F1B: covers tp x pp, MoE under tp and MoE under pp) must stay within 1e-4
+relative of one process (ep=2 alone is in benchmarks/parallel.py, to keep
 this file near a minute on two cores). A checkpoint saved under tp=2 resumes in one process on the
 same losses and exports to transformers with the same logits. A bad layout is refused with
 its numbers before any process group forms; a rank that dies makes its peer fail, not hang.
@@ -68,12 +69,17 @@ def _val_loss(out_dir: Path) -> float:
 
 @pytest.fixture(scope="module")
 def baselines(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One process, global batch of 4 rows: the losses every layout must reproduce."""
+    """One process, global batch of 4 rows: the losses every layout must reproduce
+    (``moe_accum2``: the same rows as 2 accumulated micro-batches of 2, whose load-balancing
+    losses are per micro-batch, as in a pipeline's micro-batches)."""
     root = tmp_path_factory.mktemp("single")
     out: dict[str, Any] = {}
-    for kind in ("dense", "moe"):
-        cfg = _config(prepared_data, root / kind, moe=kind == "moe")
+    for kind in ("dense", "moe", "moe_accum2"):
+        cfg = _config(prepared_data, root / kind, moe=kind.startswith("moe"))
         cfg["data"]["batch_size"] = GLOBAL_ROWS
+        if kind.endswith("accum2"):
+            cfg["data"]["batch_size"] = GLOBAL_ROWS // 2
+            cfg["train"]["grad_accum"] = 2
         trainer = Trainer(RunConfig.model_validate(cfg), show_progress=False)
         result = trainer.fit()
         out[kind] = result.losses
@@ -89,6 +95,9 @@ LAYOUTS = [
     ("dp2xtp2", "dp=2,tp=2", 4, 2, False, {}),
     ("pp2xdp2-gpipe-ac", "pp=2,dp=2", 4, 2, False, {"gpipe": True, "ac": True}),
     ("ep2xdp2", "ep=2,dp=2", 4, 1, True, {}),
+    # tp x pp on one mesh with MoE under both: experts split over tp, the auxiliary loss
+    # attached in every stage, 2 micro-batches (1F1B) against one process accumulating them.
+    ("pp2xtp2-moe-1f1b", "pp=2,tp=2", 4, 2, True, {"accum2": True}),
 ]
 
 
@@ -110,17 +119,20 @@ def test_layout_matches_one_process_fp32_losses(
     cfg["data"]["batch_size"] = rows
     if extra.get("gpipe"):
         cfg["parallel"] = {"pp_schedule": "gpipe"}
+    if extra.get("accum2"):
+        cfg["train"]["grad_accum"] = 2
     if extra.get("ac"):
         cfg["model"] = {**cfg["model"], "gradient_checkpointing": True}
     proc = _torchrun(cfg, tmp_path / name, nproc, "--parallel", layout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = _losses(tmp_path / name)
-    want = baselines["moe" if moe else "dense"]
+    kind = ("moe" if moe else "dense") + ("_accum2" if extra.get("accum2") else "")
+    want = baselines[kind]
     assert len(got) == len(want) == STEPS
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, want, strict=True))
     assert worst <= RTOL, (name, worst, got, want)
     val = _val_loss(tmp_path / name)
-    assert val == pytest.approx(baselines["moe_val" if moe else "dense_val"], rel=RTOL)
+    assert val == pytest.approx(baselines[f"{kind}_val"], rel=RTOL)
     assert got[-1] < got[0] - 0.3  # it learned
 
 

@@ -231,6 +231,28 @@ def test_moe_dispatch_matches_a_per_token_reference_and_counts_utilisation() -> 
     assert sum(stats["share"]) == pytest.approx(1.0)
 
 
+def test_moe_grouped_bf16_experts_give_the_per_expert_loop_outputs_and_gradients() -> None:
+    # Under bf16 autocast the experts run as F.grouped_mm (rows and weights cast once); the
+    # per-expert loop is the reference. One token top-2 of 4 leaves two experts empty.
+    for shape in ((2, 9), (1, 1)):
+        grads = []
+        for grouped in (True, False):
+            torch.manual_seed(0)
+            ffn = make(n_experts=4, top_k=2).blocks[0].ffn
+            assert isinstance(ffn, MoEFeedForward)
+            ffn.grouped_bf16 = grouped
+            gen = torch.Generator().manual_seed(1)
+            h = torch.randn(*shape, SMALL["d_model"], generator=gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, _ = ffn(h)
+            assert out.dtype == torch.bfloat16
+            out.float().square().sum().backward()
+            grads.append((out.float(), ffn.w_up.grad, ffn.w_gate.grad, ffn.router.weight.grad))
+        for got, want in zip(grads[0], grads[1], strict=True):
+            assert got is not None and want is not None
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
 def test_checkpointed_and_plain_blocks_give_the_same_gradients() -> None:
     plain = Transformer(ModelConfig(**{**SMALL, "n_experts": 4})).train()
     ckpt = Transformer(ModelConfig(**{**SMALL, "n_experts": 4, "gradient_checkpointing": True}))

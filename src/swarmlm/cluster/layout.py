@@ -126,11 +126,6 @@ def check_model_fits(layout: Layout, model: ModelConfig) -> None:
                 f"tp={layout.tp} must divide model.vocab_size={model.vocab_size} (the embedding "
                 "and output layer are sharded over the vocabulary)"
             )
-        if model.is_moe:
-            raise LayoutError(
-                f"tp={layout.tp} with an MoE model (model.n_experts={model.n_experts}) is not "
-                "supported: shard the experts with ep (ep x dp) instead"
-            )
         if model.pos_encoding != "rope":
             raise LayoutError(
                 f"tp={layout.tp} needs model.pos_encoding='rope' (got {model.pos_encoding!r})"
@@ -145,16 +140,6 @@ def check_model_fits(layout: Layout, model: ModelConfig) -> None:
             raise LayoutError(
                 f"pp={layout.pp} needs model.pos_encoding='rope' (got {model.pos_encoding!r})"
             )
-        if model.is_moe:
-            raise LayoutError(
-                f"pp={layout.pp} with an MoE model (model.n_experts={model.n_experts}) is not "
-                "supported (its auxiliary loss spans stages); use ep x dp"
-            )
-    if layout.tp > 1 and layout.pp > 1:
-        raise LayoutError(
-            f"tp={layout.tp} with pp={layout.pp} is not supported yet; combine tp with dp, and "
-            "pp with dp"
-        )
     if layout.ep > 1:
         if not model.is_moe:
             raise LayoutError(

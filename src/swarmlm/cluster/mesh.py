@@ -147,7 +147,7 @@ class MeshParallel(TorchDistributed):
         stage = self.coords["pp"]
         ranges = stage_blocks(model.cfg.n_layers, lay.pp)
         module = PipelineStageModule(
-            model, ranges[stage], first=stage == 0, last=stage == lay.pp - 1
+            model, ranges[stage], first=stage == 0, last=stage == lay.pp - 1, seq_shards=lay.tp
         )
         # Tied embeddings: the first and last stage of each pipeline sum their gradients.
         for dp_i in range(lay.dp):
@@ -193,6 +193,8 @@ class MeshParallel(TorchDistributed):
 
     def sync_gradients(self, model: nn.Module) -> None:
         lay = self.layout
+        if lay.tp > 1 and lay.pp > 1:
+            _match_grad_placements(model)
         if lay.ep > 1:
             self._sync_expert_parallel(model)
         if self._tied is not None and self._tied_group is not None and self._tied.grad is not None:
@@ -250,6 +252,21 @@ class MeshParallel(TorchDistributed):
                     local = grad.to_local() if isinstance(grad, DTensor) else grad
                     local.mul_(coef)
         return total
+
+
+def _match_grad_placements(model: nn.Module) -> None:
+    """Give each DTensor gradient its parameter's placements. A vocabulary-sharded embedding
+    used alone (the first pipeline stage under tp, without the output layer that shares its
+    weight in one process) gets a gradient DTensor with other placements (``Partial``) whose
+    local tensor has the full shape; the tied-weight sum and the optimizer need ``Shard(0)``."""
+    for param in model.parameters():
+        grad = param.grad
+        if (
+            isinstance(param, DTensor)
+            and isinstance(grad, DTensor)
+            and tuple(grad.placements) != tuple(param.placements)
+        ):
+            param.grad = grad.redistribute(param.device_mesh, param.placements)
 
 
 def from_environment(cfg: RunConfig) -> Any:

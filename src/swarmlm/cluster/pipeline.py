@@ -10,6 +10,17 @@ Tied embeddings span the first and the last stage. They start equal (every rank 
 full model from the same seed before cutting it) and stay equal because their gradients are
 summed over the two stages after each backward (Megatron's embedding group), so both copies
 take the identical optimizer step.
+
+Under tp x pp the stages pass sequence shards (batch, seq / tp, d_model) from each tp rank to
+the same tp rank of the next stage (its own pipeline group), as torchtitan does; a stage
+recovers the full length for positions and masks from ``seq_shards``.
+
+MoE auxiliary losses are produced in every stage but the schedule only differentiates the
+last stage's loss. Each stage attaches its blocks' auxiliary loss to its output hidden
+states with an identity whose backward feeds it gradient 1 (DeepSeek-MoE's
+``AddAuxiliaryLoss``): the schedule's 1 / micro-batches scaling then gives each micro-batch's
+auxiliary loss the weight it has in one process accumulating the same micro-batches. The
+reported loss adds the stages' auxiliary values to the last stage's language-model loss.
 """
 
 from __future__ import annotations
@@ -29,6 +40,19 @@ from swarmlm.model.attention import build_mask
 log = logging.getLogger(__name__)
 
 
+class _AttachAuxLoss(torch.autograd.Function):
+    """Returns ``h`` unchanged; in backward ``aux`` receives gradient 1 (it joins the loss)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, aux: Tensor) -> Tensor:
+        ctx.aux_dtype = aux.dtype
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        return grad, torch.ones((), dtype=ctx.aux_dtype, device=grad.device)
+
+
 class PipelineStageModule(nn.Module):
     """Blocks ``first..last`` of a :class:`Transformer`, plus its ends where this stage has them.
 
@@ -36,9 +60,13 @@ class PipelineStageModule(nn.Module):
     elsewhere; returns hidden states, or logits (batch, seq, vocab) on the last stage.
     """
 
-    def __init__(self, full: Transformer, blocks: range, *, first: bool, last: bool) -> None:
+    def __init__(
+        self, full: Transformer, blocks: range, *, first: bool, last: bool, seq_shards: int = 1
+    ) -> None:
         super().__init__()
         self.cfg = full.cfg
+        self.seq_shards = seq_shards  # tp: hidden states between stages are sequence shards
+        self.aux_values: list[Tensor] = []  # this step's auxiliary losses (MoE), detached
         self.is_first = first
         self.is_last = last
         self.embed = full.embed if first else None
@@ -53,17 +81,25 @@ class PipelineStageModule(nn.Module):
         self.gradient_checkpointing = full.gradient_checkpointing
 
     def forward(self, h: Tensor) -> Tensor:
+        bsz, seqlen = h.shape[0], h.shape[1]
         if self.embed is not None:
             h = self.embed(h)
-        bsz, seqlen = h.shape[0], h.shape[1]
+        else:
+            seqlen *= self.seq_shards
         positions = torch.arange(seqlen, device=h.device).unsqueeze(0).expand(bsz, seqlen)
         rope = self.rope(positions, h.dtype, seqlen - 1) if self.rope is not None else None
         mask = build_mask(self.cfg, positions, None)
+        aux_total: Tensor | None = None
         for block in self.blocks.values():
             if self.gradient_checkpointing and self.training:
-                h, _ = checkpoint(block, h, rope, mask, use_reentrant=False)
+                h, aux = checkpoint(block, h, rope, mask, use_reentrant=False)
             else:
-                h, _ = block(h, rope, mask)
+                h, aux = block(h, rope, mask)
+            aux_total = aux if aux_total is None else aux_total + aux
+        if self.cfg.is_moe and self.training and aux_total is not None:
+            self.aux_values.append(aux_total.detach())
+            if aux_total.requires_grad:
+                h = _AttachAuxLoss.apply(h, aux_total)
         if self.norm is not None and self.lm_head is not None:
             logits: Tensor = self.lm_head(self.norm(h))
             return logits
@@ -110,7 +146,6 @@ class PipelineRunner:
         self.schedule = cls(self.stage, n_microbatches, loss_fn=self._loss)
         self.is_first = stage_module.is_first
         self.is_last = stage_module.is_last
-        self.last_rank = dist.get_global_rank(group, num_stages - 1)
 
     def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         if self._sum_loss:  # evaluation: token-weighted, and a padding-only chunk adds 0
@@ -134,7 +169,15 @@ class PipelineRunner:
         if self.is_last:
             stacked = torch.stack([loss.detach().float() for loss in losses])
             value[0] = float(stacked.mean() if train else stacked.sum())
-        dist.broadcast(value, src=self.last_rank, group=self.group)
+        # MoE: the mean over micro-batches of this stage's auxiliary losses. Only the last
+        # n_microbatches forwards count: on the first step the schedule also runs one forward
+        # to infer the stages' shapes (non-first stages on uninitialised inputs).
+        aux = self.module.aux_values[-self.n_microbatches :]
+        if train and aux:
+            value[0] += float(torch.stack(aux).double().sum()) / self.n_microbatches
+        self.module.aux_values.clear()
+        # Every stage adds its part: the last one the language-model loss, all their aux.
+        dist.all_reduce(value, group=self.group)
         return float(value[0])
 
     def step(self, batches: list[tuple[Tensor, Tensor]]) -> float:

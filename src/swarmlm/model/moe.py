@@ -31,10 +31,46 @@ def router_z_loss(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
+def _computes_in_bf16(x: Tensor) -> bool:
+    """True when the expert matmuls on ``x`` run in bfloat16 (bf16 input, or bf16 autocast)."""
+    if x.dtype == torch.bfloat16:
+        return True
+    device = x.device.type
+    return (
+        x.dtype == torch.float32
+        and torch.is_autocast_enabled(device)
+        and torch.get_autocast_dtype(device) == torch.bfloat16
+    )
+
+
+def _grouped_experts(
+    routed: Tensor, counts: Tensor, gate_w: Tensor | None, up_w: Tensor, down_w: Tensor
+) -> Tensor:
+    """All experts in three ``F.grouped_mm`` calls, in bfloat16: rows ``routed`` (sorted by
+    expert, ``counts[e]`` rows each) -> (rows, d_model) bf16. Casts the rows and each weight
+    once, where the per-expert loop under autocast casts every slice for every matmul."""
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    with torch.autocast(routed.device.type, enabled=False):
+        x = routed.to(torch.bfloat16)
+        up = F.grouped_mm(x, up_w.to(torch.bfloat16).transpose(1, 2), offs=offs)
+        if gate_w is not None:
+            gate = F.grouped_mm(x, gate_w.to(torch.bfloat16).transpose(1, 2), offs=offs)
+            h = swiglu(gate, up)
+        else:
+            h = F.gelu(up, approximate="tanh")
+        return F.grouped_mm(h, down_w.to(torch.bfloat16).transpose(1, 2), offs=offs)
+
+
 class MoEFeedForward(nn.Module):
-    """SwiGLU (or GELU) experts stored as stacked weights (experts, out, in)."""
+    """SwiGLU (or GELU) experts stored as stacked weights (experts, out, in).
+
+    In bfloat16 (autocast or bf16 weights) the experts run as grouped matmuls
+    (``F.grouped_mm``); in float32 as one matmul per expert (:meth:`_expert_loop`).
+    ``grouped_bf16 = False`` on an instance forces the loop (for A/B measurements).
+    """
 
     expert_counts: Tensor
+    grouped_bf16: bool = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -85,14 +121,36 @@ class MoEFeedForward(nn.Module):
             self.expert_counts += counts
         token_of = order // k
         routed = flat.index_select(0, token_of)
-        # unbind: one view per expert whose backward stacks the expert gradients once, instead
-        # of zero-filling and accumulating a full (E, out, in) gradient for every expert.
-        # Not F.grouped_mm: eagerly it runs at the same speed here (the matmuls dominate), but
-        # in torch 2.13 its fake-tensor kernel accepts only bfloat16, so a model using it for
-        # float32 cannot be torch.compile'd (and compiled is the faster MoE mode on CPU).
-        w_up = self.w_up.unbind(0)
-        w_down = self.w_down.unbind(0)
-        w_gate = self.w_gate.unbind(0) if self.w_gate is not None else None
+        gate_w, up_w, down_w = self.expert_weights()
+        if self.grouped_bf16 and _computes_in_bf16(routed):
+            outputs = _grouped_experts(routed, counts, gate_w, up_w, down_w)
+        else:
+            outputs = self._expert_loop(routed, counts, gate_w, up_w, down_w)
+        scaled = outputs * weights.reshape(-1)[order].unsqueeze(-1).to(outputs.dtype)
+        # Under autocast the expert matmuls return bf16 while ``flat`` (a norm's output) is
+        # fp32: accumulate in the experts' dtype, as a dense feed-forward would return.
+        result = flat.new_zeros(flat.shape, dtype=scaled.dtype)
+        result.index_add_(0, token_of, scaled)
+        return result
+
+    def _expert_loop(
+        self,
+        routed: Tensor,
+        counts: Tensor,
+        gate_w: Tensor | None,
+        up_w: Tensor,
+        down_w: Tensor,
+    ) -> Tensor:
+        """One matmul per expert over its contiguous rows (float32, and any dtype).
+
+        unbind: one view per expert whose backward stacks the expert gradients once, instead
+        of zero-filling and accumulating a full (E, out, in) gradient for every expert.
+        Not F.grouped_mm in float32: eagerly it ran at the same speed here, and in torch 2.13
+        its fake-tensor kernel accepts only bfloat16, so float32 could not be torch.compile'd.
+        """
+        w_up = up_w.unbind(0)
+        w_down = down_w.unbind(0)
+        w_gate = gate_w.unbind(0) if gate_w is not None else None
         pieces = []
         for e, seg in enumerate(torch.split(routed, counts.tolist())):
             if seg.shape[0] == 0:
@@ -103,13 +161,12 @@ class MoEFeedForward(nn.Module):
             else:
                 h = F.gelu(up, approximate="tanh")
             pieces.append(h @ w_down[e].t())
-        outputs = torch.cat(pieces) if pieces else routed
-        scaled = outputs * weights.reshape(-1)[order].unsqueeze(-1).to(outputs.dtype)
-        # Under autocast the expert matmuls return bf16 while ``flat`` (a norm's output) is
-        # fp32: accumulate in the experts' dtype, as a dense feed-forward would return.
-        result = flat.new_zeros(flat.shape, dtype=scaled.dtype)
-        result.index_add_(0, token_of, scaled)
-        return result
+        return torch.cat(pieces) if pieces else routed
+
+    def expert_weights(self) -> tuple[Tensor | None, Tensor, Tensor]:
+        """(w_gate, w_up, w_down) as the dispatch multiplies them: this process's tensors.
+        Parallel layouts that store the experts as DTensors return their local shards."""
+        return self.w_gate, self.w_up, self.w_down
 
     def utilisation(self) -> dict[str, float | list[float]]:
         """Share of assignments per expert since the last reset, plus balance summaries."""
