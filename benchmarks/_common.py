@@ -25,7 +25,7 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -43,6 +43,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 stderr_console = Console(stderr=True)
 """Progress bars and human-readable tables go here, keeping stdout for the headline JSON."""
+
+T = TypeVar("T")
 
 BlockRunner = Callable[[], float]
 """Runs one timed block and returns its throughput (units per second, higher is better)."""
@@ -84,6 +86,18 @@ def make_progress() -> Progress:
     )
 
 
+def alternating_orders(items: Sequence[T], rounds: int) -> list[list[T]]:
+    """The running order of each round: forward, reversed, forward, ... so no contender
+    always runs first (after a cold cache) or last. Used by :func:`interleave`, and by
+    benchmarks whose contenders are whole processes (one per layout) and cannot share one."""
+    return [list(items) if i % 2 == 0 else list(items)[::-1] for i in range(rounds)]
+
+
+def median_or_none(values: Sequence[float]) -> float | None:
+    """Median of ``values``; None when there are none (JSON null, never a division by NaN)."""
+    return statistics.median(values) if values else None
+
+
 def interleave(
     runners: Mapping[str, BlockRunner],
     *,
@@ -107,8 +121,7 @@ def interleave(
     task = None
     if progress is not None:
         task = progress.add_task(description, total=blocks * len(names))
-    for round_idx in range(blocks):
-        order = names if round_idx % 2 == 0 else names[::-1]
+    for order in alternating_orders(names, blocks):
         for name in order:
             samples[name].values.append(runners[name]())
             if progress is not None and task is not None:

@@ -54,7 +54,17 @@ def train(precision: str, steps: int, eval_batches: int, out: Path, threads: int
     seconds = time.perf_counter() - start
     trainer.loader.close()
     ev = trainer.evaluate()
+    # The same model evaluated both ways: bf16 autocast rounds the logits to bf16 before the
+    # loss, so "trained in bf16" and "evaluated in bf16" are separate effects.
+    trained_mode = trainer.precision.mode
+    by_eval: dict[str, float] = {}
+    for mode in ("fp32", "bf16"):
+        trainer.precision.mode = mode
+        by_eval[mode] = trainer.evaluate().bits_per_byte
+    trainer.precision.mode = trained_mode
     return {
+        "val_bpb_eval_fp32": by_eval["fp32"],
+        "val_bpb_eval_bf16": by_eval["bf16"],
         "precision": trainer.precision.mode,
         "steps": steps,
         "final_train_loss": losses[-1],
@@ -103,14 +113,26 @@ def main(argv: list[str] | None = None) -> int:
     if "fp32" not in results or "bf16" not in results:
         side = "fp32" if "fp32" in results else "bf16"
         write_json(args.out / f"{NAME}_{side}.json", results)
-        emit_headline({"steps": steps, f"{side}_val_bpb": results[side]["val_bpb"]})
+        emit_headline(
+            {
+                "steps": steps,
+                f"{side}_val_bpb": results[side]["val_bpb"],
+                f"{side}_val_bpb_eval_fp32": results[side]["val_bpb_eval_fp32"],
+                f"{side}_val_bpb_eval_bf16": results[side]["val_bpb_eval_bf16"],
+            }
+        )
         return 0
     rel = (results["bf16"]["val_bpb"] - results["fp32"]["val_bpb"]) / results["fp32"]["val_bpb"]
+    both_fp32_eval = (
+        results["bf16"]["val_bpb_eval_fp32"] - results["fp32"]["val_bpb_eval_fp32"]
+    ) / results["fp32"]["val_bpb_eval_fp32"]
     headline = {
         "steps": steps,
         "fp32_val_bpb": results["fp32"]["val_bpb"],
         "bf16_val_bpb": results["bf16"]["val_bpb"],
         "bf16_bpb_rel_diff": rel,
+        # both models evaluated in fp32: the training precision's effect alone
+        "bf16_bpb_rel_diff_fp32_eval": both_fp32_eval,
         "within_1pct": abs(rel) <= TARGET_REL,
         "bf16_vs_fp32_tokens_per_s": results["bf16"]["train_tokens_per_s"]
         / results["fp32"]["train_tokens_per_s"],

@@ -1,7 +1,8 @@
 """Parallel layouts on one CPU machine: loss parity, tokens/s and memory per rank (issue #21).
 
 For each layout (DDP and FSDP2 as the data-parallel references, then tp=2, pp=2 with GPipe and
-1F1B, ep=2, and the combinations dp=2 x tp=2, pp=2 x dp=2, ep=2 x dp=2) this script launches
+1F1B, ep=2, the combinations dp=2 x tp=2, pp=2 x dp=2, ep=2 x dp=2, pp=2 x tp=2, MoE under
+tp=2, pp=2 and pp=2 x tp=2, and pp=2 with untied embeddings) this script launches
 ``torchrun`` with gloo on CPU, trains the benchmark-shaped model (hidden 256, 4 layers, 4
 heads, 2 KV heads, SwiGLU 688, vocabulary 2048; MoE: 8 experts, top-2) in fp32 for the same
 steps on the same global batch, and reports
@@ -15,7 +16,10 @@ steps on the same global batch, and reports
 Headline (last stdout line): ``parity_max_rel_err`` (over every layout except the MoE DDP
 reference, whose per-rank load-balancing loss is not the one-process loss by design),
 ``tp2_param_mem_ratio``, ``pp2_param_mem_ratio``, ``ep2_expert_mem_ratio`` (largest rank /
-one process; targets <= 0.55) and ``layouts_passing`` (layouts whose parity is within 1e-4).
+one process; targets <= 0.55) and ``layouts_passing`` (layouts whose parity is within 1e-4);
+also ``pp2_untied_param_mem_ratio`` and ``pp2xtp2_param_mem_ratio``. Each layout is compared
+with its own one-process reference: MoE under pp runs 2 micro-batches (1F1B), whose
+load-balancing losses are per micro-batch, so its reference accumulates the same 2.
 
 Layouts run one after another (their process counts differ, so they cannot alternate in
 blocks inside one process); in a full run every layout runs twice, in forward then reverse
@@ -33,7 +37,6 @@ import json
 import logging
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,10 +49,12 @@ from rich.table import Table
 
 from _common import (
     RESULTS_DIR,
+    alternating_orders,
     contention,
     emit_headline,
     environment,
     make_progress,
+    median_or_none,
     stderr_console,
     write_json,
 )
@@ -79,6 +84,15 @@ class Layout:
     moe: bool = False
     parallel: str | None = None
     config: tuple[tuple[str, Any], ...] = ()
+    reference: str | None = None  # the one-process run its losses must equal
+
+    @property
+    def reference_name(self) -> str:
+        return self.reference or ("moe-single" if self.moe else "single")
+
+    @property
+    def grad_accum(self) -> int:
+        return int(dict(self.config).get("train.grad_accum", 1))
 
     @property
     def data_ranks(self) -> int:
@@ -106,13 +120,36 @@ LAYOUTS = [
     Layout("moe-ddp2", 2, moe=True),
     Layout("ep2", 2, moe=True, parallel="ep=2"),
     Layout("ep2xdp2", 4, moe=True, parallel="ep=2,dp=2"),
+    # fp32 noise floor: the same math in one process, only summed in another order (two
+    # accumulated half-batches). Not a layout; how far fp32 alone drifts over these steps.
+    Layout("single-accum2", 1, config=(("train.grad_accum", 2),)),
+    Layout("pp2xtp2", 4, parallel="pp=2,tp=2"),
+    # Untied embeddings: no second copy of the shared matrix on the last stage.
+    Layout("single-untied", 1, config=(("model.tie_embeddings", False),)),
+    Layout(
+        "pp2-untied",
+        2,
+        parallel="pp=2",
+        config=(("model.tie_embeddings", False),),
+        reference="single-untied",
+    ),
+    Layout("moe-tp2", 2, moe=True, parallel="tp=2"),
+    # 1F1B over 2 micro-batches: the load-balancing loss is per micro-batch, as in one
+    # process accumulating the same 2 micro-batches (its reference).
+    Layout("moe-single-accum2", 1, moe=True, config=(("train.grad_accum", 2),)),
+    Layout("moe-pp2", 2, moe=True, parallel="pp=2", reference="moe-single-accum2"),
+    Layout("moe-pp2xtp2", 4, moe=True, parallel="pp=2,tp=2", reference="moe-single-accum2"),
 ]
-NOT_EXACT = ("moe-ddp2",)
+REFERENCES = ("single", "moe-single", "moe-single-accum2", "single-untied")
+LAYOUT_BY_NAME = {x.name: x for x in LAYOUTS}
+NOT_EXACT = ("moe-ddp2", "single-accum2")
 """References that are not meant to equal one process: plain DDP computes the MoE
-load-balancing loss from each rank's own tokens (ep computes it from global statistics)."""
+load-balancing loss from each rank's own tokens (ep computes it from global statistics), and
+the fp32 noise floor (one process, two accumulated half-batches: same math, other rounding)."""
 QUICK_LAYOUTS = {
     "single", "ddp2", "fsdp2-offload", "tp2", "pp2-1f1b", "dp2xtp2", "pp2xdp2",
-    "moe-single", "moe-ddp2", "ep2", "ep2xdp2",
+    "moe-single", "moe-ddp2", "ep2", "ep2xdp2", "pp2xtp2", "moe-tp2", "moe-single-accum2",
+    "moe-pp2", "moe-pp2xtp2", "single-accum2",
 }  # fmt: skip
 
 
@@ -207,10 +244,10 @@ def run_layout(
     float64: bool = False,
 ) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "model": MOE if layout.moe else DENSE,
+        "model": dict(MOE if layout.moe else DENSE),  # layouts may override fields
         "data": {
             "path": str(data),
-            "batch_size": GLOBAL_ROWS // layout.data_ranks,
+            "batch_size": GLOBAL_ROWS // layout.data_ranks // layout.grad_accum,
             "seq_len": seq,
             "prefetch": 2,
         },
@@ -261,14 +298,15 @@ def run_layout(
     records = json.loads(out_file.read_text())
     per_step = [max(col) for col in zip(*(r["step_seconds"] for r in records), strict=True)]
     tokens = GLOBAL_ROWS * seq
+    step_median = median_or_none(per_step)
     return {
         "name": layout.name,
         "nproc": layout.nproc,
         "parallel": layout.parallel,
         "moe": layout.moe,
         "losses": records[0]["losses"],
-        "tokens_per_s": tokens / statistics.median(per_step) if per_step else None,
-        "median_step_seconds": statistics.median(per_step) if per_step else None,
+        "tokens_per_s": tokens / step_median if step_median else None,
+        "median_step_seconds": step_median,
         "param_bytes_per_rank": [r["param_bytes"] for r in records],
         "expert_bytes_per_rank": [r["expert_bytes"] for r in records],
         "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in records],
@@ -294,6 +332,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--only", action="append", default=None, help="run only these layouts (repeatable)"
+    )
+    p.add_argument(
+        "--rounds", type=int, default=None, help="runs per layout (default: 1 quick, 2 full)"
     )
     return p.parse_args(argv)
 
@@ -330,10 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     steps = 8 if args.quick else 20
     seq = 64 if args.quick else 128
-    rounds = 1 if args.quick else 2
+    rounds = args.rounds or (1 if args.quick else 2)
     layouts = [x for x in LAYOUTS if not args.quick or x.name in QUICK_LAYOUTS]
     if args.only:
-        keep = set(args.only) | {"single", "moe-single"}
+        wanted = [x for x in LAYOUTS if x.name in set(args.only)]
+        keep = set(args.only) | {"single", "moe-single"} | {x.reference_name for x in wanted}
         layouts = [x for x in layouts if x.name in keep]
     started = time.perf_counter()
     results: dict[str, Any] = {
@@ -352,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="swarmlm-parallel-") as tmp, make_progress() as prog:
         work = Path(tmp)
         data = prepare_data(work)
-        order = [layouts if i % 2 == 0 else list(reversed(layouts)) for i in range(rounds)]
+        order = alternating_orders(layouts, rounds)
         task = prog.add_task("layouts", total=sum(len(o) for o in order))
         for i, batch in enumerate(order):
             for layout in batch:
@@ -378,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         row = dict(done[0])
         row["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in done]
-        row["tokens_per_s"] = statistics.median(row["tokens_per_s_rounds"])
+        row["tokens_per_s"] = median_or_none(row["tokens_per_s_rounds"])
         rows.append(row)
     by_name = {r["name"]: r for r in rows}
     passing: list[str] = []
@@ -386,13 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if "failed" in r:
             continue
-        ref = by_name["moe-single" if r["moe"] else "single"]
+        ref = by_name[LAYOUT_BY_NAME[r["name"]].reference_name]
         err = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"], strict=True))
         r["parity_rel_err"] = err
         if r["name"] in NOT_EXACT:
             continue
         worst = max(worst, err)
-        if err <= RTOL and r["name"] not in ("single", "moe-single"):
+        if err <= RTOL and r["name"] not in REFERENCES:
             passing.append(r["name"])
 
     def ratio(name: str, key: str, ref: str) -> float | None:
@@ -404,14 +446,19 @@ def main(argv: list[str] | None = None) -> int:
         "parity_max_rel_err": worst,
         "tp2_param_mem_ratio": ratio("tp2", "param_bytes_per_rank", "single"),
         "pp2_param_mem_ratio": ratio("pp2-1f1b", "param_bytes_per_rank", "single"),
+        # Tied embeddings put the shared matrix on both end stages (its floor here is
+        # (E + B/2) / (E + B) = 0.577); untied, each stage holds half.
+        "pp2_untied_param_mem_ratio": ratio("pp2-untied", "param_bytes_per_rank", "single-untied"),
+        "pp2xtp2_param_mem_ratio": ratio("pp2xtp2", "param_bytes_per_rank", "single"),
         "ep2_expert_mem_ratio": ratio("ep2", "expert_bytes_per_rank", "moe-single"),
         "layouts_passing": passing,
         "layouts_failing": [
             r["name"]
             for r in rows
-            if r["name"] not in passing and r["name"] not in ("single", "moe-single", *NOT_EXACT)
+            if r["name"] not in passing and r["name"] not in (*REFERENCES, *NOT_EXACT)
         ],
         "moe_ddp2_rel_err": by_name.get("moe-ddp2", {}).get("parity_rel_err"),
+        "fp32_noise_rel_err": by_name.get("single-accum2", {}).get("parity_rel_err"),
         "tokens_per_s": {r["name"]: r.get("tokens_per_s") for r in rows},
     }
     results["layouts"] = rows
