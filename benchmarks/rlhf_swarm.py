@@ -14,9 +14,11 @@ What runs, at the same total data and rollouts on both sides (one process, one t
    ``reward`` objective on 4 simulated peers (``LocalSwarm``: real workers, round engine,
    robust aggregation; the round protocol is the in-process fake), one epoch each;
 4. PPO: ``PPOTrainer`` (the single-node pipeline's, fixed KL coefficient) against the
-   ``ppo`` objective on 4 peers, both against the single-node reward model, 16 rollouts per
-   step/round; GRPO: the ``grpo`` objective on 4 peers against the same objective on one
-   peer (no single-node GRPO pipeline exists), 16 rollouts per round. Single node and swarm
+   ``ppo`` objective on 4 peers, both against the single-node reward model, 64 rollouts per
+   step/round (16 per peer: with 4 per peer, AdamW minibatches of 2 rollouts were noise and
+   the swarm gained nothing at any KL, BENCHMARKS.md); GRPO: the ``grpo`` objective on 4
+   peers against the same objective on one peer (no single-node GRPO pipeline exists), 64
+   rollouts per round. Single node and swarm
    run in alternating blocks of ``block`` steps/rounds in this process, so their wall times
    (medians over blocks) see the same machine load;
 5. Byzantine: 5 PPO peers, clean, against 4 honest + 1 fabricating peer that forges
@@ -78,7 +80,7 @@ def sizes(quick: bool) -> dict[str, Any]:
         "max_new_tokens": 12,
         "rm_batch": 16,
         "policy_rounds": 32 if quick else 80,
-        "rollouts": 16,
+        "rollouts": 64,
         "block": 4,
         "seeds": 1 if quick else 3,
         "peers": 4,
@@ -375,7 +377,7 @@ class SinglePPO:
             reward_model_fn(rm, self.tok),
             PPOConfig(
                 rollout_batch_size=s["rollouts"],
-                minibatch_size=8,
+                minibatch_size=max(1, s["rollouts"] // 2),  # 2 epochs x 2: 4 AdamW steps
                 ppo_epochs=2,
                 max_new_tokens=s["max_new_tokens"],
                 kl_controller="fixed",
