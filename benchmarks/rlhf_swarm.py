@@ -659,6 +659,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. + seeds - 1")
     ap.add_argument("--smoke", action="store_true", help="toy sizes: a code-path check only")
     ap.add_argument("--policy-rounds", type=int, default=None, help="PPO/GRPO steps per side")
     ap.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts (x 2)")
@@ -688,7 +689,7 @@ def main() -> None:
     runs = []
     import tempfile
 
-    for seed in range(s["seeds"]):
+    for seed in range(args.first_seed, args.first_seed + s["seeds"]):
         with tempfile.TemporaryDirectory(prefix="rlhf-swarm-") as tmp:
             runs.append(
                 one_seed(
