@@ -363,9 +363,13 @@ class MessageValidator:
         max_age: float = 120.0,
         max_skew: float = 30.0,
         clock: Callable[[], float] = time.time,
+        opener: Callable[[Any], SignedMessage] | None = None,
     ) -> None:
         self.scores = scores or PeerScores()
         self.clock = clock  # wall clock the timestamps are checked against
+        # decodes and verifies a frame (open_signed); the simulator passes one that decodes
+        # each broadcast once for all its receivers (messages are never mutated)
+        self.opener = opener or open_signed
         self.max_age = max_age
         self.max_skew = max_skew
         self.replay = ReplayGuard()
@@ -399,7 +403,7 @@ class MessageValidator:
                 raise MessageRejectedError(
                     "duplicate", f"{claim[0]} seq {claim[2]} from {from_peer[:12]} again"
                 )
-            msg = open_signed(frame)
+            msg = self.opener(frame)
             if msg.sender != from_peer:
                 raise MessageRejectedError(
                     "wrong_sender",

@@ -359,7 +359,10 @@ class NormalCase(ProtocolCore):
         changes = prop.body["changes"]
         nxt = self._members_after(st, changes)
         latency = self.node.now() - st.t0
-        d = Decision(st.round, view, entries, st.members, nxt, changes, cert, latency, skipped)
+        d = Decision(
+            st.round, view, entries, st.members, nxt, changes, cert, latency, skipped,
+            decided_at=self.node.now(),
+        )  # fmt: skip
         st.decided = d
         st.done.set()
         self.decisions[st.round] = d

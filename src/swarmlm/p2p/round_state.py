@@ -103,6 +103,8 @@ class Decision:
     # members had likely forgotten them (keep_rounds); the application must sync its state
     # from the swarm instead of applying this round (issue 17 #2)
     skipped: bool = False
+    # when this node decided it (its monotonic clock); 0 for one restored after a restart
+    decided_at: float = 0.0
 
     @property
     def digests(self) -> list[bytes]:

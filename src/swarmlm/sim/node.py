@@ -70,7 +70,7 @@ class SimNode:
             clock=self.now,
         )
         self.validator = MessageValidator(
-            self.scores, max_age=config.max_message_age, clock=self.wall
+            self.scores, max_age=config.max_message_age, clock=self.wall, opener=net.open_signed
         )
         self.blobs = BlobStore()
         self.handlers: dict[str, Handler] = {}

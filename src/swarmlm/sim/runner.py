@@ -128,6 +128,7 @@ class ScheduleResult:
     virtual_seconds: float = 0.0
     cpu_seconds: float = 0.0
     messages: int = 0
+    messages_by_kind: dict[str, int] = field(default_factory=dict)
     bytes_total: int = 0
     round_times: list[float] = field(default_factory=list)
     max_tables: dict[str, int] = field(default_factory=dict)
@@ -550,6 +551,7 @@ def run_schedule(seed: int, spec: ScheduleSpec) -> ScheduleResult:
             res.trace_tail = list(sim.net.tail)
             res.messages = sim.net.stats.sent
             res.bytes_total = sim.net.stats.bytes
+            res.messages_by_kind = dict(sim.net.stats.by_kind)
             first = sim.honest[0]
             times = sorted(sim.decided_at[first].items())
             res.round_times = [b[1] - a[1] for a, b in itertools.pairwise(times)]
