@@ -12,7 +12,12 @@ import torch
 from swarmlm.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from swarmlm.train.config import RunConfig
 from swarmlm.train.metrics import read_metrics
-from swarmlm.train.trainer import Trainer, TrainingDivergedError, load_model
+from swarmlm.train.trainer import (
+    EvaluationInterruptedError,
+    Trainer,
+    TrainingDivergedError,
+    load_model,
+)
 from tests.train.conftest import tiny_run_config
 
 
@@ -206,3 +211,17 @@ def test_a_time_budget_anneals_the_learning_rate_within_the_budget(
     assert trainer.schedule.max_steps < 100_000
     last_lr = trainer.schedule.lr(result.step - 1)
     assert last_lr < 0.5 * trainer.cfg.optim.lr
+
+
+def test_an_interrupted_evaluation_stops_between_batches(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    """A stopping swarm node sets ``interrupt``: the evaluation (which holds the worker's
+    lock the final checkpoint waits for) ends at the next batch instead of the whole set."""
+    trainer = make(prepared_data, tmp_path / "run")
+    assert trainer.evaluate(max_batches=2).loss > 0
+    was = trainer.model.training
+    trainer.interrupt.set()
+    with pytest.raises(EvaluationInterruptedError, match="after 0 batches"):
+        trainer.evaluate()
+    assert trainer.model.training == was  # left as it was found

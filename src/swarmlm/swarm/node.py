@@ -151,6 +151,8 @@ class SwarmNode:
             if not work.done():
                 log.info("stop requested: abandoning the local phase, checkpointing")
                 self._stopping = True  # polled between inner steps: the phase ends now
+                if self.worker is not None:
+                    self.worker.request_stop()  # and an evaluation between batches
                 work.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await work

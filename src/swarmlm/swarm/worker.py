@@ -371,6 +371,11 @@ class SwarmWorker:
         ``reward_margin``, ``chosen_logp``)."""
         return self.objective.metrics
 
+    def request_stop(self) -> None:
+        """End a running evaluation between batches (not locked: it is called while one
+        holds the worker's lock). The local phase has its own ``abandon`` poll."""
+        self.trainer.interrupt.set()
+
     @_exclusive
     def close(self) -> None:
         self.trainer.loader.close()

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,10 @@ log = logging.getLogger(__name__)
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class EvaluationInterruptedError(RuntimeError):
+    """:meth:`Trainer.evaluate` stopped early because ``Trainer.interrupt`` was set."""
 
 
 @dataclass
@@ -131,6 +136,9 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.parallel = parallel or SingleProcess()
+        # set from another thread to end an evaluation between batches (a stopping swarm
+        # node: the evaluation holds the worker's lock, and the final checkpoint waits for it)
+        self.interrupt = threading.Event()
         self.console = console or Console(stderr=True)
         self.show_progress = show_progress and self.parallel.is_main
         self.run_dir = cfg.train.out_dir
@@ -341,6 +349,9 @@ class Trainer:
         ):
             if limit is not None and i >= limit:
                 break
+            if self.interrupt.is_set():
+                self.model.train(was_training)
+                raise EvaluationInterruptedError(f"evaluation interrupted after {i} batches")
             x, y = x.to(self.device), y.to(self.device)
             n = int((y != -100).sum())
             with self.precision.autocast():
