@@ -249,3 +249,34 @@ def test_cli_generate_prints_the_type_table(
     code = main(["data", "generate", "--out", str(tmp_path / "d"), "--shares", "maths=1"])
     assert code == 2
     assert "unknown content type 'maths'" in capsys.readouterr().err
+
+
+def test_a_type_whose_source_yields_nothing_is_named(tmp_path: Path) -> None:
+    from swarmlm.data.errors import EmptyCorpusError
+
+    src = tmp_path / "only-binary"
+    src.mkdir()
+    (src / "blob.bin").write_bytes(b"\x00\x01\x02" * 100)
+    with pytest.raises(EmptyCorpusError, match="content type 'code'"):
+        generate_corpus(
+            tmp_path / "out",
+            size_mb=0.02,
+            shares="code=0.5,mathematics=0.5",
+            sources={"code": [src]},
+            vocab_size=300,
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hugging_face_dataset_dir_without_datasets_installed_says_so(tmp_path: Path) -> None:
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("datasets is installed here")
+    ds = tmp_path / "hf"
+    ds.mkdir()
+    (ds / "dataset_info.json").write_text("{}")
+    with pytest.raises(DataError, match="'datasets' package is not installed"):
+        list(user_source("creative", ds, 0, SkipStats()))
