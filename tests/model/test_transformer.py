@@ -249,7 +249,8 @@ def test_moe_grouped_bf16_experts_give_the_per_expert_loop_outputs_and_gradients
             out.float().square().sum().backward()
             grads.append((out.float(), ffn.w_up.grad, ffn.w_gate.grad, ffn.router.weight.grad))
         for got, want in zip(grads[0], grads[1], strict=True):
-            assert got is not None and want is not None
+            assert got is not None
+            assert want is not None
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
