@@ -37,8 +37,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from swarmlm.config import StrictModel
 from swarmlm.data.errors import DataError
 from swarmlm.data.generate import read_mixture, read_records
 from swarmlm.data.shards import TokenShards
@@ -57,10 +58,8 @@ __all__ = [
 STATE_VERSION = 1
 
 
-class MixingConfig(BaseModel):
+class MixingConfig(StrictModel):
     """``data.mixing`` of a run config: how batches are drawn from a generated corpus."""
-
-    model_config = ConfigDict(extra="forbid")
 
     mode: Literal["off", "static", "online"] = Field(
         default="off",

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
+from swarmlm.config import StrictModel
 from swarmlm.data import Tokenizer, TokenizerError
 from swarmlm.model import ModelConfig, Transformer
 from swarmlm.rlhf.config import DPOConfig, PairDataSettings, RewardConfig
@@ -411,15 +412,13 @@ def take_gradient_of(tr: Trainer, module: nn.Module, layout: ParamLayout) -> Ten
 # -- reward model ------------------------------------------------------------------------------
 
 
-class SwarmRewardConfig(BaseModel):
+class SwarmRewardConfig(StrictModel):
     """The ``swarm.reward`` section: a Bradley-Terry reward model trained by the swarm.
 
     Preferences come from a JSONL file or, with ``curation_db``, from this node's replica of
     the curation store: the consensus labels of finalised pairwise/ranking tasks of
     ``task_set``. Every peer must see the same pairs (same file, or replicas that hold the
     same finalised tasks) for the shards and the held-out split to agree."""
-
-    model_config = ConfigDict(extra="forbid")
 
     init_checkpoint: Path = Field(
         description="language-model checkpoint the reward model's transformer starts from"

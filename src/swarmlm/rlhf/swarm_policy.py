@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
+from swarmlm.config import StrictModel
 from swarmlm.data import Tokenizer
 from swarmlm.model import Transformer
 from swarmlm.rlhf.errors import RLHFError
@@ -95,10 +96,8 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class SwarmPolicyConfig(BaseModel):
+class SwarmPolicyConfig(StrictModel):
     """Settings shared by ``swarm.ppo`` and ``swarm.grpo``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     init_checkpoint: Path = Field(description="policy to optimise; also the frozen reference")
     reward_checkpoint: Path = Field(
