@@ -64,13 +64,15 @@ def _grouped_experts(
 class MoEFeedForward(nn.Module):
     """SwiGLU (or GELU) experts stored as stacked weights (experts, out, in).
 
-    In bfloat16 (autocast or bf16 weights) the experts run as grouped matmuls
-    (``F.grouped_mm``); in float32 as one matmul per expert (:meth:`_expert_loop`).
-    ``grouped_bf16 = False`` on an instance forces the loop (for A/B measurements).
+    The experts run as one matmul per expert (:meth:`_expert_loop`). ``grouped_bf16 = True``
+    on an instance runs them in bfloat16 as three ``F.grouped_mm`` calls instead (rows and
+    weights cast once), as HF's Mixtral does. Off by default: measured here (issue #21,
+    BENCHMARKS.md) it was no faster than the loop under bf16 autocast (one thread: 0.78x the
+    loop's tokens/s at model level, 0.92x at layer level; two threads only under heavy load).
     """
 
     expert_counts: Tensor
-    grouped_bf16: bool = True
+    grouped_bf16: bool = False
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
