@@ -222,10 +222,10 @@ def test_a_simulator_defect_is_reported_as_such_not_as_a_protocol_bug(
 def test_late_votes_are_not_answered_with_the_certificate_so_catch_up_traffic_stays_linear() -> (
     None
 ):
-    """A vote that arrives just after a node decided comes from a peer the same votes reach;
-    answering each with the certificate (O(n) bytes) made catch-up O(n^3) bytes a round
-    (n = 30: 1,447 certificates sent in 5 clean rounds; n = 100: 1.86 MB a peer a round).
-    Now a certificate goes to who asks for it (or to a vote still late a second after)."""
+    """A COMMIT that arrives just after a node decided comes from a peer that committed and
+    receives the same COMMITs; answering each with the certificate (O(n) bytes) made
+    catch-up O(n^3) bytes a round (n = 30: 1,447 certificates sent in 5 clean rounds;
+    n = 100: 1.86 MB a peer a round). Now those are not answered."""
     n, rounds = 30, 5
     res = run_schedule(
         1,

@@ -71,6 +71,7 @@ __all__ = [
 
 ROUND_KINDS = ("contrib", "propose", "prepare", "commit", "viewchange", "decided_req", "decided")
 LOOKAHEAD_ROUNDS = 4
+LATE_KIND_NOT_ANSWERED = "commit"
 LATE_ANSWER_AFTER = 1.0  # s after our decision before a late vote is answered with it
 MAX_WAITING = 256  # peers waiting for one round's certificate
 
@@ -166,15 +167,17 @@ class RoundProtocol(NormalCase, ViewChange, CatchUp, MembershipChanges, Equivoca
             self._note_progress(msg.sender, r if msg.kind == "commit" else r - 1)
         if r <= self.last_decided:
             # a late contribution or vote, or a request: the sender missed the decision
-            # (decided here, or pruned: then a later certificate may still serve it). A vote
-            # within LATE_ANSWER_AFTER of our decision is from a peer a few messages behind,
-            # which the same votes reach: answering each with the certificate (O(n) bytes)
-            # cost O(n^3) bytes a round (simulator, n = 100: 3,400 answers of 26 kB a round,
-            # 40 % of the CPU; n = 1,000 held 18 GB before its first decision). A peer that
-            # is really stuck asks (decided_req) or keeps voting, and is answered then.
+            # (decided here, or pruned: then a later certificate may still serve it). A COMMIT
+            # within LATE_ANSWER_AFTER of our decision is from a peer that has committed and
+            # receives the same COMMITs: answering each with the certificate (O(n) bytes) to
+            # O(n^2) such senders a round cost most of the simulator's bytes and CPU at
+            # n = 100 (1.86 MB a peer a round; n = 1,000 held 18 GB before its first
+            # decision). Other late messages are answered: not answering late PREPAREs too
+            # (0.33 MB) made stragglers of 1 MB payload rounds time out (a view change, round
+            # 1.0 -> 1.56 s). A peer that is really stuck asks (decided_req) and is answered.
             d = self.decisions.get(r)
             if (
-                msg.kind == "decided_req"
+                msg.kind != LATE_KIND_NOT_ANSWERED
                 or d is None
                 or self.node.now() - d.decided_at >= LATE_ANSWER_AFTER
             ):
