@@ -25,7 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from swarmlm.atomic import atomic_write_text
-from swarmlm.p2p.certificates import check_decision_certificate, members_hash, precheck_signers
+from swarmlm.p2p.certificates import (
+    DecisionCertificate,
+    check_decision_certificate,
+    members_hash,
+    precheck_signers,
+)
 from swarmlm.p2p.errors import MessageRejectedError
 from swarmlm.p2p.messages import SignedMessage, open_signed
 from swarmlm.p2p.round_state import (
@@ -225,18 +230,11 @@ class CatchUp(ProtocolCore):
         the round before it: verified against ``st``'s membership, which signed it unless a
         member joined or left at that boundary (then it cannot be verified here and we keep
         waiting: the round's view changes still move on, see docs/protocol.md)."""
-        prev = open_signed(msg.body["proposal"])
-        if prev.kind != "propose" or prev.round != msg.round:
-            raise MessageRejectedError("invalid", f"decision from {peer[:12]} lacks a proposal")
-        members = self._members.get(msg.round) or st.members
-        if prev.body["m"] != members_hash(members):
+        got = self._certified_by(msg, self._members.get(msg.round) or st.members, peer)
+        if got is None:
             self.stats["live_unverifiable"] += 1
             return
-        proposer = prev.sender if prev.sender in members else ""
-        q = quorum(len(members), self.cfg.consensus_threshold)
-        cert = check_decision_certificate(
-            msg.body, members, msg.round, lambda _view: proposer, q, self._phash
-        )
+        cert = got[1]
         st.live = frozenset(e[0] for e in cert.proposal.entries)
         self.stats["live_learnt"] += 1
         protocol_log.info("round %d: leader rotation learnt from round %d", st.round, msg.round)
@@ -249,6 +247,26 @@ class CatchUp(ProtocolCore):
                     self.node.scores.penalize(sender, exc.reason)
         self._progress(st)
 
+    def _certified_by(
+        self, msg: SignedMessage, members: list[str], peer: str
+    ) -> tuple[SignedMessage, DecisionCertificate] | None:
+        """The proposal and verified certificate of ``decided`` message ``msg``, checked
+        against ``members`` without knowing the round's leader rotation (the previous
+        decision): the proposer must be a member, and ``q`` commits of that membership are
+        what make the round unique. None when the certificate names another membership
+        (its ``m``): a change happened in between, which ``members`` cannot verify."""
+        prop = open_signed(msg.body["proposal"])
+        if prop.kind != "propose" or prop.round != msg.round:
+            raise MessageRejectedError("invalid", f"decision from {peer[:12]} lacks a proposal")
+        if prop.body["m"] != members_hash(members):
+            return None
+        proposer = prop.sender if prop.sender in members else ""
+        q = quorum(len(members), self.cfg.consensus_threshold)
+        cert = check_decision_certificate(
+            msg.body, members, msg.round, lambda _view: proposer, q, self._phash
+        )
+        return prop, cert
+
     def _jump(self, msg: SignedMessage, peer: str) -> bool:
         """Decide round ``msg.round``, later than the next one, from its certificate alone
         when it names the membership we know for the next round (its ``m``): no member
@@ -257,19 +275,14 @@ class CatchUp(ProtocolCore):
         certificate names another membership: a change happened in between, whose own
         certificate we must verify first (we ask for the next round again)."""
         members = self._members.get(self.last_decided + 1)
-        prop = open_signed(msg.body["proposal"])
-        if members is None or prop.kind != "propose" or prop.round != msg.round:
+        if members is None:
             raise MessageRejectedError("invalid", f"decision from {peer[:12]} lacks a proposal")
-        if prop.body["m"] != members_hash(members):
+        got = self._certified_by(msg, members, peer)
+        if got is None:
             self.stats["catchup_other_membership"] += 1
             return False
-        r, q = msg.round, quorum(len(members), self.cfg.consensus_threshold)
-        # The previous round's decision (leader rotation) is unknown: the proposer must be a
-        # member, and the q commits of that membership are what make the round unique.
-        proposer = prop.sender if prop.sender in members else ""
-        cert = check_decision_certificate(
-            msg.body, members, r, lambda _view: proposer, q, self._phash
-        )
+        prop, cert = got
+        r = msg.round
         first = self.last_decided + 1
         protocol_log.info(
             "caught up from round %d to %d on a certificate of our membership", first, r

@@ -71,8 +71,7 @@ __all__ = [
 
 ROUND_KINDS = ("contrib", "propose", "prepare", "commit", "viewchange", "decided_req", "decided")
 LOOKAHEAD_ROUNDS = 4
-LATE_KIND_NOT_ANSWERED = "commit"
-LATE_ANSWER_AFTER = 1.0  # s after our decision before a late vote is answered with it
+LATE_ANSWER_AFTER = 1.0  # s after our decision before a late COMMIT is answered with it
 MAX_WAITING = 256  # peers waiting for one round's certificate
 
 
@@ -177,7 +176,7 @@ class RoundProtocol(NormalCase, ViewChange, CatchUp, MembershipChanges, Equivoca
             # 1.0 -> 1.56 s). A peer that is really stuck asks (decided_req) and is answered.
             d = self.decisions.get(r)
             if (
-                msg.kind != LATE_KIND_NOT_ANSWERED
+                msg.kind != "commit"
                 or d is None
                 or self.node.now() - d.decided_at >= LATE_ANSWER_AFTER
             ):
