@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,6 +25,7 @@ def _node(events: list[dict[str, Any]]) -> SwarmNode:
     node.proto = _NoFetch()  # type: ignore[assignment]
     node.worker = SimpleNamespace()  # type: ignore[assignment]
     node.events = events.append  # type: ignore[assignment]
+    node._clock, node._wall_clock = time.monotonic, time.time  # what __init__ defaults to
     return node
 
 

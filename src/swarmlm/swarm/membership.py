@@ -8,13 +8,13 @@ import time
 from collections.abc import Callable
 
 from swarmlm.p2p.consensus import discover
-from swarmlm.p2p.transport import P2PNode
+from swarmlm.p2p.node_api import ProtocolNode
 from swarmlm.swarm.errors import SwarmError
 
 DISCOVER_SECONDS = 2.0  # how long a starting peer asks whether a swarm already runs
 
 
-async def find_swarm(node: P2PNode, timeout: float) -> tuple[int, list[str]] | None:
+async def find_swarm(node: ProtocolNode, timeout: float) -> tuple[int, list[str]] | None:
     """A running swarm's (last decided round, next members), asked of the first peers we
     reach; None at a fresh start, when no peer has a round protocol yet."""
     if not node.config.bootstrap:
@@ -28,7 +28,10 @@ async def find_swarm(node: P2PNode, timeout: float) -> tuple[int, list[str]] | N
 
 
 async def form_genesis(
-    node: P2PNode, expect: int, timeout: float, peer_filter: Callable[[str], bool] | None = None
+    node: ProtocolNode,
+    expect: int,
+    timeout: float,
+    peer_filter: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """This node and the first ``expect - 1`` connected round-capable peers (sorted ids)."""
     deadline = time.monotonic() + timeout

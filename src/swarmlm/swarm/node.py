@@ -24,14 +24,15 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from swarmlm.p2p.consensus import Decision, RoundProtocol
 from swarmlm.p2p.errors import ConsensusError, TransportError
 from swarmlm.p2p.identity import NodeIdentity
+from swarmlm.p2p.node_api import ProtocolNode
 from swarmlm.p2p.transport import P2PNode
 from swarmlm.p2p.votelog import VoteLog
 from swarmlm.swarm.config import SwarmRunConfig
@@ -44,6 +45,38 @@ from swarmlm.train.checkpoint import latest_checkpoint
 log = logging.getLogger(__name__)
 
 KEEP_STATE_BLOBS = 3  # our recent state blobs stay fetchable for lagging peers
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class BlockingRunner(Protocol):
+    """Runs one blocking worker call (torch compute, disk) for the event loop. The default,
+    ``asyncio.to_thread``, keeps the loop serving messages meanwhile; the deterministic
+    simulator runs it inline and charges the node virtual CPU time instead (a thread would
+    make the schedule depend on the host)."""
+
+    def __call__(
+        self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> Awaitable[_T]: ...
+
+
+class SwarmTransport(ProtocolNode, Protocol):
+    """What SwarmNode needs of its node beyond the round protocol's interface: its own
+    lifecycle (when it owns the node) and the counters it reports per round. The TLS
+    :class:`P2PNode` and the simulator's node both satisfy it."""
+
+    @property
+    def bytes_sent(self) -> int: ...
+    @property
+    def bytes_sent_by_kind(self) -> Mapping[str, int]: ...
+    @property
+    def counters(self) -> Mapping[str, int]: ...
+    @property
+    def port(self) -> int: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
 
 
 @dataclass
@@ -94,19 +127,29 @@ class SwarmNode:
         *,
         events: Callable[[dict[str, Any]], None] | None = None,
         resume: bool = False,
-        p2p: P2PNode | None = None,
+        p2p: SwarmTransport | None = None,
         peer_filter: Callable[[str], bool] | None = None,
+        run_blocking: BlockingRunner = asyncio.to_thread,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """``p2p``: a node owned (started and stopped) by the caller, shared with other
         components; ``peer_filter``: which connected peers may be genesis members (an
-        integrated node also connects to annotation-only nodes, which hold no rounds)."""
+        integrated node also connects to annotation-only nodes, which hold no rounds).
+        ``run_blocking`` runs every blocking worker call, ``clock`` times phases and
+        deadlines, ``wall_clock`` stamps events: the defaults are the host's (a thread, the
+        monotonic and wall clocks); the simulator passes inline calls and virtual time."""
         self.resume = resume
         self.cfg = cfg
         self.identity = identity
         self.out_dir = out_dir
         self.events = events or (lambda ev: None)
         self._owns_node = p2p is None
-        self.node = p2p if p2p is not None else P2PNode(identity, cfg.p2p)
+        node: SwarmTransport = P2PNode(identity, cfg.p2p) if p2p is None else p2p
+        self.node = node
+        self._run = run_blocking
+        self._clock = clock
+        self._wall_clock = wall_clock
         self.peer_filter = peer_filter
         self.proto: RoundProtocol | None = None
         self.worker: SwarmWorker | None = None
@@ -116,7 +159,7 @@ class SwarmNode:
         self.result = SwarmResult()
 
     def _emit(self, event: str, **fields: Any) -> None:
-        ev = {"event": event, "time": round(time.time(), 3), **fields}
+        ev = {"event": event, "time": round(self._wall_clock(), 3), **fields}
         if event == "round":
             self.result.history.append(ev)
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +175,7 @@ class SwarmNode:
                 f"{self.out_dir} already holds checkpoints: pass --resume to continue that "
                 "peer, or use another --out-dir"
             )
-        self.worker = await asyncio.to_thread(
+        self.worker = await self._run(
             SwarmWorker, self.cfg, self.identity.node_id, out_dir=self.out_dir
         )
         if self._owns_node:
@@ -168,13 +211,13 @@ class SwarmNode:
                 self.proto.close()
             if self._owns_node:
                 await self.node.stop()
-            await asyncio.to_thread(self.worker.close)
+            await self._run(self.worker.close)
         return self.result
 
     async def _train(self) -> None:
         assert self.worker is not None
         sw = self.cfg.swarm
-        resumed = await asyncio.to_thread(self.worker.resume_latest) if self.resume else None
+        resumed = await self._run(self.worker.resume_latest) if self.resume else None
         if resumed is not None:
             start, members = resumed[0] + 1, resumed[1]
             self._checkpointed = resumed[0]
@@ -203,9 +246,9 @@ class SwarmNode:
             votes_path.replace(votes_path.with_name("votes.log.prev"))
         votes = VoteLog(votes_path)
         self.proto = RoundProtocol(self.node, members, start_round=start, vote_log=votes)
-        await asyncio.to_thread(self.worker.engine.state_digest)
+        await self._run(self.worker.engine.state_digest)
         self._publish_state()
-        initial = await asyncio.to_thread(self.worker.evaluate)
+        initial = await self._run(self.worker.evaluate)
         self._emit("genesis", members=members, val_loss=initial, round=start - 1)
         await self._rounds(start)
 
@@ -234,10 +277,10 @@ class SwarmNode:
                         return
                     pending = None
                     continue
-                base = await asyncio.to_thread(worker.engine.state_digest)
-                t0 = time.perf_counter()
+                base = await self._run(worker.engine.state_digest)
+                t0 = self._clock()
                 try:
-                    update = await asyncio.to_thread(
+                    update = await self._run(
                         worker.local_phase, None, functools.partial(self._abandon, r)
                     )
                 except RoundClosedError as exc:
@@ -247,10 +290,10 @@ class SwarmNode:
                         return
                     pending = None
                     continue
-                t_compute = time.perf_counter() - t0
+                t_compute = self._clock() - t0
                 if pending is not None and not await self._complete(pending):
                     return
-                payload = await asyncio.to_thread(worker.contribution, r, update, base)
+                payload = await self._run(worker.contribution, r, update, base)
                 pending = _Pending(
                     r, asyncio.create_task(self._decide(r, payload)), payload, t_compute
                 )
@@ -294,13 +337,13 @@ class SwarmNode:
         assert self.worker is not None
         assert self.proto is not None
         worker, proto, r = self.worker, self.proto, pending.round
-        t_wait = time.perf_counter()
+        t_wait = self._clock()
         try:
             decision = await pending.task
         except BaseException:
             pending.task.cancel()
             raise
-        t_decided = time.perf_counter()
+        t_decided = self._clock()
         me = self.identity.node_id
         if decision.skipped:
             # we fell far behind and the protocol decided this round from its certificate
@@ -316,28 +359,28 @@ class SwarmNode:
             entries.append((e.peer, bytes(data)))
         resynced = False
         try:
-            report = await asyncio.to_thread(worker.apply, r, entries, decision.members)
+            report = await self._run(worker.apply, r, entries, decision.members)
         except OutOfSyncError as exc:
             await self._resync(exc, decision.members)
-            report = await asyncio.to_thread(worker.apply, r, entries, decision.members)
+            report = await self._run(worker.apply, r, entries, decision.members)
             resynced = True
-        params_hash, _ = await asyncio.to_thread(
+        params_hash, _ = await self._run(
             lambda: (worker.params_sha256(), worker.engine.state_digest())
         )
         self._publish_state()
         self._vote_evictions(decision)
-        t_applied = time.perf_counter()
+        t_applied = self._clock()
         loss = None
         if r % self.cfg.swarm.eval_every == 0 or r == self.cfg.swarm.rounds:
-            loss = await asyncio.to_thread(worker.evaluate)
+            loss = await self._run(worker.evaluate)
             self.result.last_loss = loss
-        t_evaluated = time.perf_counter()
+        t_evaluated = self._clock()
         self.result.rounds = r
         if r % self.cfg.swarm.checkpoint_every == 0 or r == self.cfg.swarm.rounds:
-            path = await asyncio.to_thread(worker.save_checkpoint, decision.members_next)
+            path = await self._run(worker.save_checkpoint, decision.members_next)
             self._checkpointed = r
             self._emit("checkpoint", round=r, path=str(path))
-        t_saved = time.perf_counter()
+        t_saved = self._clock()
         self._emit(
             "round",
             round=r,
@@ -378,11 +421,11 @@ class SwarmNode:
         consensus state, never a half-applied one."""
         assert self.worker is not None
         worker = self.worker
-        r = await asyncio.to_thread(lambda: worker.engine.round)
+        r = await self._run(lambda: worker.engine.round)
         if self.proto is None or r <= self._checkpointed or r == 0:
             return
         members = self.proto.members(r + 1) or self.proto.members(self.proto.last_decided + 1)
-        path = await asyncio.to_thread(worker.save_checkpoint, list(members or []))
+        path = await self._run(worker.save_checkpoint, list(members or []))
         self._checkpointed = r
         self._emit("checkpoint", round=r, path=str(path))
 
@@ -403,9 +446,9 @@ class SwarmNode:
 
     async def _decide(self, r: int, payload: bytes) -> Decision:
         assert self.proto is not None
-        deadline = time.monotonic() + self.cfg.swarm.round_timeout
+        deadline = self._clock() + self.cfg.swarm.round_timeout
         while True:
-            left = deadline - time.monotonic()
+            left = deadline - self._clock()
             if left <= 0:
                 raise SwarmError(
                     f"round {r} did not decide within swarm.round_timeout="
@@ -424,11 +467,11 @@ class SwarmNode:
         holders = [p for p in exc.holders if p != me]
         order = holders + [p for p in members if p != me and p not in holders]
         log.warning("round %d: fetching the agreed state %s", exc.round, exc.digest.hex()[:12])
-        deadline = time.monotonic() + 3 * self.cfg.p2p.fetch_timeout
+        deadline = self._clock() + 3 * self.cfg.p2p.fetch_timeout
         blob = None
-        while blob is None and time.monotonic() < deadline:
+        while blob is None and self._clock() < deadline:
             for peer in order:
-                left = deadline - time.monotonic()
+                left = deadline - self._clock()
                 if left <= 0:
                     break
                 try:
@@ -444,7 +487,7 @@ class SwarmNode:
             raise StateSyncError(
                 f"round {exc.round}: no member served the agreed state {exc.digest.hex()[:12]}"
             )
-        await asyncio.to_thread(self.worker.load_state, bytes(blob), exc.digest)
+        await self._run(self.worker.load_state, bytes(blob), exc.digest)
         self.result.resyncs += 1
 
     def _publish_state(self) -> None:
