@@ -13,8 +13,9 @@ is a deadlock; it raises :class:`SimulatorDeadlockError` instead of blocking for
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import selectors
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from swarmlm.sim.errors import SimulatorDeadlockError
@@ -25,6 +26,13 @@ VIRTUAL_EPOCH = 1_000.0  # where virtual monotonic time starts (never 0: "long a
 # below the float resolution of the clock; on a real loop wall time still passes, in
 # virtual time such a wait fires at the same instant forever (a livelock, found at once).
 TIMER_RESOLUTION = 1e-6
+# Which simulated node a task works for: set in the context a node's main task is created
+# in, inherited by every task it creates. A crash cancels the node's tasks (a killed process
+# runs nothing more); the network delivers messages in a context without an owner, so a
+# task a handler spawns is never charged to the sender.
+OWNER: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "swarmlm_sim_owner", default=None
+)
 
 
 class _VirtualSelector(selectors.BaseSelector):
@@ -67,6 +75,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         selector = _VirtualSelector()
         self._vtime = VIRTUAL_EPOCH
+        self._owned: dict[str, dict[asyncio.Task[Any], None]] = {}
         super().__init__(selector)
         selector.loop = self
 
@@ -87,6 +96,25 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         if now < when < now + TIMER_RESOLUTION:
             when = now + TIMER_RESOLUTION
         return super().call_at(when, callback, *args, context=context)
+
+    def create_task(  # type: ignore[override]
+        self,
+        coro: Coroutine[Any, Any, Any],
+        *,
+        name: str | None = None,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Task[Any]:
+        task = super().create_task(coro, name=name, context=context)
+        owner = context.get(OWNER) if context is not None else OWNER.get()
+        if owner is not None:
+            owned = self._owned.setdefault(owner, {})
+            owned[task] = None
+            task.add_done_callback(owned.pop)
+        return task
+
+    def tasks_of(self, owner: str) -> list[asyncio.Task[Any]]:
+        """The unfinished tasks working for ``owner``, oldest first (a deterministic order)."""
+        return [t for t in self._owned.get(owner, {}) if not t.done()]
 
     def advance(self, seconds: float) -> None:
         """Move the clock forward (only the selector calls this, when the loop is idle)."""

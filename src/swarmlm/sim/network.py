@@ -25,6 +25,7 @@ Model (docs/simulation.md has the numbers and what they leave out):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import itertools
 import random
@@ -100,6 +101,7 @@ class SimNetwork:
         self._last_time = self.loop.time()
         self.loop.set_exception_handler(self._loop_exception)
         self._opened: dict[tuple[Any, Any], SignedMessage] = {}
+        self._neutral = contextvars.Context()  # network callbacks work for no node (OWNER)
 
     def open_signed(self, frame: Any) -> SignedMessage:
         """:func:`~swarmlm.p2p.messages.open_signed`, decoded once per signed message for
@@ -224,6 +226,7 @@ class SimNetwork:
         st.bytes += wire
         st.bytes_by_kind[kind] += wire
         src.bytes_sent += wire
+        src.bytes_sent_by_kind[kind] += wire
         src.messages_sent += 1
         if self.trace_messages:
             self.trace(f"send {kind} r{rnd} {src.node_id[:8]}>{dst[:8]}")
@@ -237,7 +240,7 @@ class SimNetwork:
                 continue
             t = self._arrival(src.node_id, dst, wire, bulk=False)
             st.in_flight += 1
-            self.loop.call_at(t, self._arrive, src.node_id, dst, frame, kind)
+            self.loop.call_at(t, self._arrive, src.node_id, dst, frame, kind, context=self._neutral)
 
     def _arrive(self, src: str, dst: str, frame: Any, kind: str) -> None:
         st = self.stats
@@ -261,7 +264,7 @@ class SimNetwork:
         start = max(self.loop.time(), self._cpu_free[dst])
         self._cpu_free[dst] = start + cost
         st.in_flight += 1
-        self.loop.call_at(start + cost, self._handle, src, dst, frame)
+        self.loop.call_at(start + cost, self._handle, src, dst, frame, context=self._neutral)
 
     def _handle(self, src: str, dst: str, frame: dict[str, Any]) -> None:
         st = self.stats
@@ -283,6 +286,7 @@ class SimNetwork:
         st.bytes += size + FRAME_OVERHEAD
         st.bytes_by_kind["blob"] += size + FRAME_OVERHEAD
         src.bytes_sent += size + FRAME_OVERHEAD
+        src.bytes_sent_by_kind["blob"] += size + FRAME_OVERHEAD
         if self._lost(src.node_id, dst):
             st.dropped["lost"] += 1
             return
@@ -295,7 +299,15 @@ class SimNetwork:
         st.in_flight += 1
         state: dict[str, bool] = {}
         self.loop.call_at(
-            min(first, done), self._blob_first_queued, src.node_id, dst, digest, data, state, done
+            min(first, done),
+            self._blob_first_queued,
+            src.node_id,
+            dst,
+            digest,
+            data,
+            state,
+            done,
+            context=self._neutral,
         )
         await asyncio.sleep(max(0.0, done - self.latency(src.node_id, dst) - now))
 
@@ -311,7 +323,9 @@ class SimNetwork:
         # judged by the receiver after the messages its CPU already queued (an announcement
         # that arrived just before must be processed before the chunk is accepted or not)
         at = max(self.loop.time(), self._cpu_free.get(dst, 0.0)) + 1e-6
-        self.loop.call_at(at, self._blob_first, src, dst, digest, data, state, done)
+        self.loop.call_at(
+            at, self._blob_first, src, dst, digest, data, state, done, context=self._neutral
+        )
 
     def _blob_first(
         self,
@@ -326,7 +340,9 @@ class SimNetwork:
         ok = node is not None and node.alive and (src, dst) not in self.cut
         state["accepted"] = bool(ok and node is not None and node.blob_started(digest, src))
         when = max(done, self.loop.time() + 1e-6)
-        self.loop.call_at(when, self._blob_done, src, dst, digest, data, state)
+        self.loop.call_at(
+            when, self._blob_done, src, dst, digest, data, state, context=self._neutral
+        )
 
     def _blob_done(
         self, src: str, dst: str, digest: bytes, data: Payload, state: dict[str, bool]
@@ -354,7 +370,7 @@ class SimNetwork:
         self.cut.add((a, b))
         if not one_way:
             self.cut.add((b, a))
-            self.loop.call_later(self._detect(), self._drop_link, a, b)
+            self.loop.call_later(self._detect(), self._drop_link, a, b, context=self._neutral)
         self.trace(f"fault partition {a[:8]}{'>' if one_way else '|'}{b[:8]}")
 
     def heal(self, a: str, b: str) -> None:
@@ -364,7 +380,7 @@ class SimNetwork:
         # after a symmetric cut, and after a one-way cut that a node restarted behind (it
         # could not connect to that peer then; it used to stay unconnected for good, which
         # the simulator reported as a protocol liveness failure, seed 10181)
-        self.loop.call_later(0.2, self._restore_link, a, b)
+        self.loop.call_later(0.2, self._restore_link, a, b, context=self._neutral)
         self.trace(f"heal {a[:8]}-{b[:8]}")
 
     def _detect(self) -> float:
@@ -391,7 +407,7 @@ class SimNetwork:
         node.alive = False
         self.paused.pop(node_id, None)
         self.trace(f"fault crash {node_id[:8]}")
-        self.loop.call_later(self._detect(), self._forget_crashed, node_id)
+        self.loop.call_later(self._detect(), self._forget_crashed, node_id, context=self._neutral)
 
     def _forget_crashed(self, node_id: str) -> None:
         node = self.nodes.get(node_id)
@@ -425,7 +441,7 @@ class SimNetwork:
         for src, frame in held:
             self.stats.in_flight -= 1
             self.stats.in_flight += 1
-            self.loop.call_soon(self._arrive_again, src, node_id, frame)
+            self.loop.call_soon(self._arrive_again, src, node_id, frame, context=self._neutral)
 
     def _arrive_again(self, src: str, dst: str, frame: Any) -> None:
         self._arrive(src, dst, frame, "held")

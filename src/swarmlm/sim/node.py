@@ -81,12 +81,21 @@ class SimNode:
         self.peers: dict[str, SimPeerInfo] = {}
         self.counters: Counter[str] = Counter()
         self.bytes_sent = 0
+        self.bytes_sent_by_kind: Counter[str] = Counter()
         self.bytes_received = 0
+        self.port = 0  # no socket: the network carries the node's frames
         self.messages_sent = 0
         self.alive = True
         self._receiving: Counter[bytes] = Counter()
         self.on("fetch", self._on_fetch)
         self.on("nofetch", lambda m, p: None)
+
+    # -- lifecycle (SwarmTransport) ------------------------------------------------------
+    async def start(self) -> None:
+        """Nothing to open: the network connects the node (``connect_all``, ``replace``)."""
+
+    async def stop(self) -> None:
+        """Nothing to close: a stopped peer is crashed by the network (``crash``)."""
 
     # -- clock ---------------------------------------------------------------------------
     def now(self) -> float:

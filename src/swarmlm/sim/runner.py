@@ -85,6 +85,18 @@ class ScheduleSpec:
     max_rounds: int | None = None  # stop once every honest node decided this many
     trace_messages: bool | None = None  # default: on for n <= 16
 
+    def command(self, seed: int) -> str:
+        """The one-line command that re-runs this schedule with ``seed``."""
+        faults = ",".join(self.faults) or "none"
+        cmd = (
+            f"PYTHONHASHSEED=0 swarmlm sim --peers {self.peers} --byzantine {self.byzantine} "
+            f"--faults {faults} --seed {seed} --payload-size {self.payload_size} "
+            f"--fault-window {self.fault_window:g} --liveness-bound {self.liveness_bound:g} --trace"
+        )
+        if self.max_rounds is not None:
+            cmd += f" --rounds {self.max_rounds}"
+        return cmd + ("" if self.require_liveness else " --safety-only")
+
     def validate(self) -> None:
         """Raise :class:`ScheduleError` with a clear message for impossible parameters."""
         unknown = [f for f in self.faults if f not in ALL_FAULTS]
@@ -158,16 +170,7 @@ class ScheduleResult:
         return "ok"
 
     def repro(self) -> str:
-        s = self.spec
-        faults = ",".join(s.faults) or "none"
-        cmd = (
-            f"PYTHONHASHSEED=0 swarmlm sim --peers {s.peers} --byzantine {s.byzantine} "
-            f"--faults {faults} --seed {self.seed} --payload-size {s.payload_size} "
-            f"--fault-window {s.fault_window:g} --liveness-bound {s.liveness_bound:g} --trace"
-        )
-        if s.max_rounds is not None:
-            cmd += f" --rounds {s.max_rounds}"
-        return cmd + ("" if s.require_liveness else " --safety-only")
+        return self.spec.command(self.seed)
 
     def report(self) -> str:
         lines = [f"seed {self.seed}: {self.verdict}", f"  repro: {self.repro()}"]
