@@ -139,6 +139,8 @@ LAYOUTS = [
     Layout("moe-single-accum2", 1, moe=True, config=(("train.grad_accum", 2),)),
     Layout("moe-pp2", 2, moe=True, parallel="pp=2", reference="moe-single-accum2"),
     Layout("moe-pp2xtp2", 4, moe=True, parallel="pp=2,tp=2", reference="moe-single-accum2"),
+    # All three on one mesh (8 ranks): not in --quick, too heavy for a 2-core machine's quick run.
+    Layout("dp2xtp2xpp2", 8, parallel="dp=2,tp=2,pp=2"),
 ]
 REFERENCES = ("single", "moe-single", "moe-single-accum2", "single-untied")
 LAYOUT_BY_NAME = {x.name: x for x in LAYOUTS}
