@@ -11,13 +11,22 @@ SHA-256 compared.
 Scale: one fault-free run per size (rounds decided, virtual round time, messages and bytes
 per peer per round, CPU seconds per simulated round).
 
-Usage: ``python benchmarks/simulation.py [--quick]`` (quick: 1,000 schedules; full:
-10,000). The last stdout line is the JSON headline.
+Swarm: a few schedules of real SwarmNode trainers over the simulator (``swarmlm sim
+--workload swarm``: crash/restart, partition, a Byzantine contributor, a diverged peer that
+resyncs), n = 4..7, checked for identical parameters on every honest peer.
+
+Usage: ``python benchmarks/simulation.py [--quick]`` (quick: 1,000 protocol schedules and
+10 swarm ones; full: 10,000 and 100). The last stdout line is the JSON headline. Every
+finished schedule and scale run is appended to ``simulation_rows.jsonl`` in the results
+directory as it completes, so a run stopped early (the full one takes hours on a shared
+machine) still leaves its results: ``--summarise`` builds the headline from that file,
+with ``complete: false`` and the counts actually reached.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -87,6 +96,30 @@ def run_one(i: int) -> dict[str, Any]:
     }
 
 
+def swarm_one(i: int) -> dict[str, Any]:
+    """Swarm schedule ``i``: real SwarmNode peers, every swarm fault (see module doc)."""
+    logging.disable(logging.WARNING)
+    from swarmlm.sim.swarm import SwarmSpec, run_swarm_schedule
+
+    n = random.Random(f"swarm:{i}").randint(4, 7)
+    res = run_swarm_schedule(i, SwarmSpec(peers=n))
+    return {
+        "i": i,
+        "seed": i,
+        "n": n,
+        "verdict": res.verdict,
+        "rounds": res.rounds_decided,
+        "cpu_s": res.cpu_seconds,
+        "virtual_s": res.virtual_seconds,
+        "trace": res.trace_digest,
+        "resyncs": res.max_tables.get("resyncs", 0),
+        "restarts": res.max_tables.get("restarts", 0),
+        "repro": res.repro(),
+        "detail": [*res.safety_violations, *res.exceptions][:3]
+        + [x for x in (res.liveness_failure, res.simulator_error) if x],
+    }
+
+
 def scale_one(n: int, payload: int, rounds: int) -> dict[str, Any]:
     logging.disable(logging.WARNING)
     import resource
@@ -135,44 +168,49 @@ def plot(scale: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
+def _append(path: Path, kind: str, row: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"kind": kind, **row}) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1,000 schedules instead of 10,000")
     ap.add_argument("--schedules", type=int, default=None, help="override the soak size")
+    ap.add_argument("--swarm", type=int, default=None, help="override the swarm soak size")
     ap.add_argument("--workers", type=int, default=2, help="soak processes")
     ap.add_argument("--scale", default="10,100,1000", help="peer counts of the scale runs")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    ap.add_argument(
+        "--summarise",
+        action="store_true",
+        help="do not run: build the headline from the rows file of an earlier (maybe stopped) run",
+    )
     args = ap.parse_args()
-    total = args.schedules or (1_000 if args.quick else 10_000)
-    if total < 1 or args.workers < 1:
-        ap.error("--schedules and --workers must be positive")
+    total = args.schedules if args.schedules is not None else (1_000 if args.quick else 10_000)
+    swarm_total = args.swarm if args.swarm is not None else (10 if args.quick else 100)
+    if total < 1 or swarm_total < 0 or args.workers < 1:
+        ap.error("--schedules and --workers must be positive, --swarm not negative")
+    rows_path = args.out / "simulation_rows.jsonl"
     env_start = environment()
-    sizes = [int(x) for x in args.scale.split(",") if x]
-    scale_jobs = [(n, 1000, 3 if n <= 100 else 1) for n in sizes]
-    if 100 in sizes:
-        scale_jobs.append((100, 1_000_000, 3))
-    rows: list[dict[str, Any]] = []
-    scale: list[dict[str, Any]] = []
-    t0 = time.time()
-    with ProcessPoolExecutor(max_workers=args.workers) as pool, make_progress() as progress:
-        # the largest scale run first: it is the long pole
-        big = [pool.submit(scale_one, *job) for job in sorted(scale_jobs, key=lambda j: -j[0])]
-        task = progress.add_task("schedules", total=total)
-        futs = [pool.submit(run_one, i) for i in range(total)]
-        for fut in as_completed(futs):
-            rows.append(fut.result())
-            progress.advance(task)
-        stask = progress.add_task("scale runs", total=len(big))
-        for fut in as_completed(big):
-            scale.append(fut.result())
-            progress.advance(stask)
-    soak_wall = time.time() - t0
+    if args.summarise:
+        if not rows_path.is_file():
+            ap.error(f"--summarise: no rows file {rows_path} (run without --summarise first)")
+        rows, swarm_rows, scale, soak_wall = _read_rows(rows_path)
+    else:
+        rows, swarm_rows, scale, soak_wall = _run(args, total, swarm_total, rows_path)
     rows.sort(key=lambda r: r["i"])
+    swarm_rows.sort(key=lambda r: r["i"])
     scale.sort(key=lambda r: (r["n"], r["payload_bytes"]))
     # determinism: re-run a sample here and compare the traces with the workers'
-    sample = rows[:: max(1, total // 25)][:25]
+    sample = rows[:: max(1, len(rows) // 25)][:25]
     determinism_ok = all(run_one(r["i"])["trace"] == r["trace"] for r in sample)
+    if swarm_rows:
+        determinism_ok = (
+            determinism_ok and swarm_one(swarm_rows[0]["i"])["trace"] == (swarm_rows[0]["trace"])
+        )
     failing = [r for r in rows if r["verdict"] != "ok"]
+    swarm_failing = [r for r in swarm_rows if r["verdict"] != "ok"]
     n7 = [r for r in rows if r["spec"]["peers"] == 7 and r["cpu_s"] > 0]
     by_n = {r["n"]: r for r in scale if r["payload_bytes"] <= 1000}
     mb = next((r for r in scale if r["n"] == 100 and r["payload_bytes"] == 1_000_000), None)
@@ -194,14 +232,21 @@ def main() -> int:
         "bytes_per_peer_per_round_n100": round(by_n[100]["bytes_per_peer_per_round"])
         if 100 in by_n
         else None,
+        "swarm_schedules_run": len(swarm_rows),
+        "swarm_failures": len(swarm_failing),
+        "swarm_resyncs": sum(r["resyncs"] for r in swarm_rows),
         "failing_seeds": [r["seed"] for r in failing][:50],
+        "swarm_failing_seeds": [r["seed"] for r in swarm_failing][:50],
+        "complete": len(rows) >= total and len(swarm_rows) >= swarm_total,
         "quick": args.quick,
         **contention(env_start, environment()),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "simulation.json", {"headline": headline, "scale": scale,
-               "failing": failing, "soak_wall_s": soak_wall, "environment": env_start})  # fmt: skip
-    plot(scale, args.out / "simulation.png")
+               "failing": failing + swarm_failing, "soak_wall_s": soak_wall,
+               "environment": env_start})  # fmt: skip
+    if scale:
+        plot(scale, args.out / "simulation.png")
     for r in scale:
         stderr_console.print(
             f"n={r['n']:5d} payload={r['payload_bytes']:>8d} B: {r['rounds_decided']} rounds, "
@@ -210,10 +255,53 @@ def main() -> int:
             f"{r['bytes_per_peer_per_round'] / 1e3:.0f} kB per peer per round, "
             f"CPU {r['cpu_s_per_round']:.1f} s per round, RSS {r['max_rss_mb']:.0f} MB"
         )
-    for r in failing[:30]:
+    for r in (failing + swarm_failing)[:30]:
         stderr_console.print(f"{r['verdict']}: {r['repro']}  {r['detail'][:1]}", markup=False)
     emit_headline(headline)
     return 0
+
+
+def _run(
+    args: argparse.Namespace, total: int, swarm_total: int, rows_path: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], float]:
+    """Run the scale jobs, the swarm schedules and the soak on ``args.workers`` processes,
+    appending each result to ``rows_path`` as it completes."""
+    sizes = [int(x) for x in args.scale.split(",") if x]
+    scale_jobs = [(n, 1000, 3 if n <= 100 else 1) for n in sizes]
+    if 100 in sizes:
+        scale_jobs.append((100, 1_000_000, 3))
+    rows: list[dict[str, Any]] = []
+    swarm_rows: list[dict[str, Any]] = []
+    scale: list[dict[str, Any]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows_path.write_text("")
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=args.workers) as pool, make_progress() as progress:
+        # the largest scale run first: it is the long pole
+        big = {
+            pool.submit(scale_one, *job): "scale" for job in sorted(scale_jobs, key=lambda j: -j[0])
+        }
+        swarm = {pool.submit(swarm_one, i): "swarm" for i in range(swarm_total)}
+        soak = {pool.submit(run_one, i): "soak" for i in range(total)}
+        task = progress.add_task("schedules", total=total + swarm_total + len(big))
+        for fut in as_completed([*big, *swarm, *soak]):
+            kind = big.get(fut) or swarm.get(fut) or "soak"
+            row = fut.result()
+            {"scale": scale, "swarm": swarm_rows, "soak": rows}[kind].append(row)
+            _append(rows_path, kind, row)
+            progress.advance(task)
+    return rows, swarm_rows, scale, time.time() - t0
+
+
+def _read_rows(
+    path: Path,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], float]:
+    out: dict[str, list[dict[str, Any]]] = {"soak": [], "swarm": [], "scale": []}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out[row.pop("kind")].append(row)
+    return out["soak"], out["swarm"], out["scale"], float("nan")
 
 
 if __name__ == "__main__":
