@@ -131,6 +131,55 @@ class SwarmConfig(BaseModel):
     outlier_ratio: float = Field(
         default=2.0, ge=1, description="an outlier must also be this many median distances away"
     )
+    reputation_filter: bool = Field(
+        default=True,
+        description="leave out, before aggregating, up to f contributors whose running cosine "
+        "to the aggregate (aggregation.ReputationFilter, consensus state) is below "
+        "filter_threshold: peers that keep pulling against the swarm",
+    )
+    filter_decay: float = Field(
+        default=0.9, ge=0, lt=1, description="reputation filter: weight of the past per round"
+    )
+    filter_threshold: float = Field(
+        default=0.0, ge=-1, le=1, description="reputation filter: exclude below this cosine"
+    )
+    replay_cosine: float | None = Field(
+        default=0.99,
+        gt=0,
+        le=1,
+        description="evidence: an update whose cosine (on a fixed sample of 4096 coordinates) "
+        "to an update accepted in an earlier round exceeds this is a replay, stale work "
+        "claimed as fresh; it is left out (None = no check)",
+    )
+    evict_evidence: int | None = Field(
+        default=3,
+        ge=1,
+        description="members with this many pieces of evidence (invalid, rejected or replayed "
+        "contributions, one per round) still counting are voted out (None = never)",
+    )
+    evidence_window_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="a piece of evidence stops counting once this much swarm time (the sum "
+        "of each round's median compute seconds, consensus state) and evidence_window_rounds "
+        "have both passed",
+    )
+    evidence_window_rounds: int = Field(
+        default=10, ge=1, description="rounds a piece of evidence counts at least"
+    )
+    round_pace: Literal["samples", "steps"] = Field(
+        default="samples",
+        description="samples: every peer trains for the time the swarm needs to cover its "
+        "target (target_samples, or inner_steps x samples per step x contributors) at the "
+        "last round's measured rates, so slow peers contribute fewer steps on time; steps: "
+        "inner_steps each, slow peers miss rounds",
+    )
+    sample_weighted: bool = Field(
+        default=True,
+        description="weight each contribution by the samples it covers, capped at the "
+        "round's median (a minority cannot claim more weight than a typical peer); weighted "
+        "aggregators only",
+    )
     expect_peers: int = Field(
         default=1, ge=1, description="genesis membership: this node and the first N-1 peers"
     )
@@ -151,13 +200,20 @@ class SwarmConfig(BaseModel):
     checkpoint_every: int = Field(
         default=5, ge=1, description="checkpoint the swarm state every this many rounds"
     )
-    attack: Literal["none", "sign_flip", "alie", "fabricate"] = Field(
+    attack: Literal["none", "sign_flip", "alie", "fabricate", "stale_lie"] = Field(
         default="none",
         description="tests and benchmarks only: misbehave as this attacker (alie estimates the "
         "honest mean and spread from the previous round's decided contributions; fabricate: "
-        "a verified objective forges its records, e.g. rollouts and rewards)",
+        "a verified objective forges its records, e.g. rollouts and rewards; stale_lie: "
+        "resends its first round's update every round, stamped with the current state)",
     )
     attack_scale: float = Field(default=1.0, gt=0, description="sign_flip sends -scale * update")
+    step_slowdown: float = Field(
+        default=1.0,
+        ge=1,
+        description="tests and benchmarks only: each local step takes this many times as long "
+        "(a sleep after it), to play a slow honest peer",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SwarmConfig:
@@ -166,6 +222,11 @@ class SwarmConfig(BaseModel):
             raise ValueError(
                 "swarm.target_samples needs local steps: use diloco or cooperative mode "
                 "(synchronous rounds take one batch per peer)"
+            )
+        if self.target_samples is not None and self.round_pace == "steps":
+            raise ValueError(
+                "swarm.target_samples is a samples pace: remove it or set swarm.round_pace "
+                'to "samples"'
             )
         if self.overlap and self.mode == "cooperative":
             raise ValueError("swarm.overlap is not available in cooperative mode")

@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
+import statistics
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +40,9 @@ import torch
 from torch import Tensor
 
 from swarmlm.aggregation import (
+    AGGREGATORS,
     ErrorFeedback,
+    ReputationFilter,
     cooperative_combine,
     get_aggregator,
     get_codec,
@@ -61,6 +65,11 @@ log = logging.getLogger(__name__)
 
 INITIAL_REPUTATION = 1.0
 FORGET_AFTER_ROUNDS = 8  # worker momentum of a peer absent this long is dropped
+#: Coordinates of an update kept, evenly spaced, to recognise it again (replay evidence):
+#: enough that the cosine of two samples is within ~0.02 of the full vectors' cosine for
+#: dense updates, small enough (16 kB a peer) to sit in the consensus state.
+SKETCH_SIZE = 4096
+MAX_EVIDENCE = 16  # pieces of evidence kept per peer (the newest)
 
 
 @contextlib.contextmanager
@@ -92,6 +101,16 @@ class RoundReport:
     # (payload digest, which the round's certificate commits to, and what differed)
     rejected: dict[str, dict[str, object]] = field(default_factory=dict)
     verified: dict[str, int] = field(default_factory=dict)  # peer -> records recomputed
+    # left out by the reputation filter (running cosine to the aggregate below threshold)
+    filtered: list[str] = field(default_factory=list)
+    # replays: peer -> (peer whose earlier update it repeats, cosine)
+    replayed: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # evidence added this round: peer -> kind (invalid, rejected, replay)
+    evidence: dict[str, str] = field(default_factory=dict)
+    # aggregation weight of each accepted peer (samples, capped at the median; sums to 1)
+    weights: dict[str, float] = field(default_factory=dict)
+    # every member or contributor whose update is not in the aggregate -> why
+    left_out: dict[str, str] = field(default_factory=dict)
     f: int = 0
     aggregate_norm: float = 0.0
     applied: bool = False
@@ -160,6 +179,18 @@ class RoundEngine:
         self.awaiting_first: dict[str, int] = {}
         # the last applied round's membership (sorted), to tell (re)joiners apart
         self.members: list[str] = []
+        # swarm.reputation_filter: each peer's running cosine to the aggregate
+        self.filter_scores: dict[str, float] = {}
+        # a fixed sample (SKETCH_SIZE coordinates) of each peer's last accepted update
+        self.sketches: dict[str, Tensor] = {}
+        # evidence against each peer: (round, swarm time) of each piece, oldest first
+        self.evidence: dict[str, list[tuple[int, float]]] = {}
+        # swarm time: the sum of each round's median compute seconds of its accepted
+        # contributions. Decided (a minority cannot move a median far), identical on every
+        # in-sync peer and free of anyone's wall clock; evidence expires by it.
+        self.swarm_time = 0.0
+        # what each piece of evidence was (local only, for log lines and exit messages)
+        self.evidence_notes: dict[str, list[str]] = {}
         self.feedback = ErrorFeedback(get_codec(cfg.codec, **cfg.codec_kwargs()))
         self._blob: bytes | None = None
         self._digest: bytes | None = None
@@ -188,6 +219,15 @@ class RoundEngine:
                 scalars[f"joining.{peer}"] = self.awaiting_first[peer]
             for peer in self.members:
                 scalars[f"member.{peer}"] = 1
+            for peer in sorted(self.sketches):
+                tensors[f"sketch.{peer}"] = self.sketches[peer]
+            for peer in sorted(self.filter_scores):
+                scalars[f"filter.{peer}"] = self.filter_scores[peer]
+            for peer in sorted(self.evidence):
+                for i, (r, t) in enumerate(self.evidence[peer]):
+                    scalars[f"evidence.{peer}.{i}.round"] = r
+                    scalars[f"evidence.{peer}.{i}.time"] = t
+            scalars["swarm.time_s"] = self.swarm_time
             blob = StateBlob(
                 self.round,
                 self.cfg.mode,
@@ -241,9 +281,101 @@ class RoundEngine:
             if k.startswith("joining.")
         }
         self.reputation = dict(st.reputation)
+        self._load_evidence_state(st.tensors, st.scalars)
         self.round = st.round
         self._changed()
         self._blob = bytes(blob)
+
+    def _load_evidence_state(
+        self, tensors: dict[str, Tensor], scalars: dict[str, int | float]
+    ) -> None:
+        """The reputation filter's scores, the update sketches, the evidence and the swarm
+        time from a decoded state blob (absent in blobs written before they existed)."""
+        sketches = {}
+        for name, t in tensors.items():
+            if name.startswith("sketch."):
+                if t.numel() != min(SKETCH_SIZE, self.d):
+                    raise StateSyncError(f"swarm state field {name!r} has a wrong size")
+                sketches[name.removeprefix("sketch.")] = t.clone()
+        self.sketches = sketches
+        self.filter_scores = {
+            k.removeprefix("filter."): float(v)
+            for k, v in scalars.items()
+            if k.startswith("filter.")
+        }
+        pieces: dict[str, dict[int, dict[str, int | float]]] = {}
+        for key, v in scalars.items():
+            if not key.startswith("evidence."):
+                continue
+            parts = key.split(".")
+            if len(parts) != 4 or parts[3] not in ("round", "time") or not parts[2].isdigit():
+                raise StateSyncError(f"swarm state field {key!r} is not evidence.<peer>.<i>.*")
+            pieces.setdefault(parts[1], {}).setdefault(int(parts[2]), {})[parts[3]] = v
+        evidence = {}
+        for peer, items in pieces.items():
+            rows = []
+            for i in sorted(items):
+                if set(items[i]) != {"round", "time"}:
+                    raise StateSyncError(f"swarm state evidence {i} of {peer[:12]} is incomplete")
+                rows.append((int(items[i]["round"]), float(items[i]["time"])))
+            evidence[peer] = rows
+        self.evidence = evidence
+        elapsed = scalars.get("swarm.time_s", 0.0)
+        if not (math.isfinite(elapsed) and elapsed >= 0):
+            raise StateSyncError(
+                f"swarm state field 'swarm.time_s' must be a finite number >= 0, got {elapsed!r}"
+            )
+        self.swarm_time = float(elapsed)
+
+    def evidence_count(self, peer: str) -> int:
+        """Pieces of evidence against ``peer`` that still count: those less than
+        ``evidence_window_rounds`` rounds old, or less than ``evidence_window_s`` of swarm
+        time old. Both must pass before one lapses, so neither many short rounds nor a few
+        very long ones wash evidence out early."""
+        cfg = self.cfg
+        return sum(
+            1
+            for r, t in self.evidence.get(peer, [])
+            if self.round - r < cfg.evidence_window_rounds
+            or self.swarm_time - t < cfg.evidence_window_s
+        )
+
+    def eviction_reason(self, peer: str) -> str | None:
+        """Why the members vote ``peer`` out after the last applied round, or None: its
+        reputation is below ``evict_below`` or ``evict_evidence`` pieces of evidence count.
+        Consensus state only, so every in-sync member reaches the same verdict."""
+        cfg = self.cfg
+        score = self.reputation.get(peer, INITIAL_REPUTATION)
+        reasons = []
+        if cfg.evict_below is not None and score < cfg.evict_below:
+            reasons.append(f"reputation {score:.3f} below swarm.evict_below={cfg.evict_below}")
+        count = self.evidence_count(peer)
+        if cfg.evict_evidence is not None and count >= cfg.evict_evidence:
+            notes = self.evidence_notes.get(peer, [])[-count:]
+            what = f": {'; '.join(notes)}" if notes else ""
+            reasons.append(
+                f"{count} pieces of evidence within the window (swarm.evict_evidence="
+                f"{cfg.evict_evidence}){what}"
+            )
+        return " and ".join(reasons) if reasons else None
+
+    def _add_evidence(self, report: RoundReport, peer: str, kind: str, note: str) -> None:
+        """One piece per peer and round (a round's several faults are one incident)."""
+        if peer in report.evidence:
+            return
+        report.evidence[peer] = kind
+        rows = self.evidence.setdefault(peer, [])
+        rows.append((report.round, self.swarm_time))
+        del rows[:-MAX_EVIDENCE]
+        notes = self.evidence_notes.setdefault(peer, [])
+        notes.append(f"round {report.round} {kind}: {note}")
+        del notes[:-MAX_EVIDENCE]
+
+    def _sketch(self, update: Tensor) -> Tensor:
+        """``SKETCH_SIZE`` evenly spaced coordinates of ``update`` (all of a short one)."""
+        k = min(SKETCH_SIZE, self.d)
+        idx = torch.arange(k, dtype=torch.int64) * self.d // k
+        return update[idx].clone()
 
     # -- contributing ----------------------------------------------------------------------
     def contribution(
@@ -325,6 +457,7 @@ class RoundEngine:
         self._track_membership(round, members, present)
         with single_thread():
             self._aggregate_and_step(report, valid, lr, own_update)
+        self._explain_left_out(report)
         self.round = round
         self._changed()
         return report
@@ -378,6 +511,8 @@ class RoundEngine:
         for peer in sorted(newcomers):
             if self.members:  # a (re)joiner mid-run, not the first membership we see
                 self.reputation.pop(peer, None)
+                self.filter_scores.pop(peer, None)
+                self.evidence.pop(peer, None)
             if peer not in present:
                 self.awaiting_first[peer] = r
         for peer in list(self.awaiting_first):
@@ -393,15 +528,22 @@ class RoundEngine:
         own_update: Tensor | None,
     ) -> None:
         r = report.round
-        for peer in report.invalid:
+        cfg = self.cfg
+        seconds = sorted(c.seconds for _, c in valid if c.seconds > 0)
+        if seconds:  # the median: a minority lying about its speed cannot move it far
+            self.swarm_time += statistics.median(seconds)
+        for peer, why in report.invalid.items():
             self.reputation[peer] = self.reputation.get(peer, INITIAL_REPUTATION) * 0.5
+            kind = "rejected" if peer in report.rejected else "invalid"
+            self._add_evidence(report, peer, kind, why)
         for peer in report.absent:  # uptime: a member that misses rounds loses standing
             since = self.awaiting_first.get(peer)
-            if since is None or r - since >= self.cfg.join_grace_rounds:
+            if since is None or r - since >= cfg.join_grace_rounds:
                 self.reputation[peer] = self.reputation.get(peer, INITIAL_REPUTATION) * 0.9
+        valid = self._drop_replays(report, valid)
         rows: list[tuple[str, Tensor]] = []
         for peer, c in valid:
-            beta = self.cfg.worker_momentum
+            beta = cfg.worker_momentum
             prev = self.momenta.get(peer)
             m = c.update.clone() if prev is None else prev * beta + c.update * (1 - beta)
             if beta > 0.0:  # without momentum there is no per-peer vector to keep
@@ -410,66 +552,70 @@ class RoundEngine:
             rows.append((peer, m))
         for peer in [p for p, seen in self.last_seen.items() if r - seen > FORGET_AFTER_ROUNDS]:
             self.momenta.pop(peer, None)
+            self.sketches.pop(peer, None)
             del self.last_seen[peer]
         use = [
             (p, m)
             for p, m in rows
-            if self.reputation.get(p, INITIAL_REPUTATION) >= self.cfg.exclude_below
+            if self.reputation.get(p, INITIAL_REPUTATION) >= cfg.exclude_below
         ]
         report.excluded = [
-            p
-            for p, _ in rows
-            if self.reputation.get(p, INITIAL_REPUTATION) < self.cfg.exclude_below
+            p for p, _ in rows if self.reputation.get(p, INITIAL_REPUTATION) < cfg.exclude_below
         ]
-        report.accepted = [p for p, _ in use]
         if not use:
             log.warning("round %d: no usable contribution; the state is unchanged", r)
             return
         n = len(use)
-        params = dict(self.cfg.aggregator_params)
+        params = dict(cfg.aggregator_params)
         if params.get("bucketing", 1) > 1:
             # a fresh aggregator each round: the round number varies the bucket shuffle
             params["bucket_seed"] = params.get("bucket_seed", 0) + r
-        f = self.cfg.byzantine_f if self.cfg.byzantine_f is not None else (n - 1) // 3
-        tolerable = get_aggregator(self.cfg.aggregator, **params).max_f(n)
+        f = cfg.byzantine_f if cfg.byzantine_f is not None else (n - 1) // 3
+        tolerable = get_aggregator(cfg.aggregator, **params).max_f(n)
         if f > tolerable:
             log.warning(
-                "round %d: %d inputs tolerate only f=%d with %s",
-                r,
-                n,
-                tolerable,
-                self.cfg.aggregator,
+                "round %d: %d inputs tolerate only f=%d with %s", r, n, tolerable, cfg.aggregator
             )
             f = tolerable
         report.f = f
+        ids = [p for p, _ in use]
         stack = torch.stack([m for _, m in use])
-        weights = None
-        if self.cfg.reputation_weighted:
-            w = torch.tensor(
-                [self.reputation.get(p, INITIAL_REPUTATION) for p, _ in use], dtype=torch.float64
+        weights = self._weights(report, ids)
+        rule = get_aggregator(cfg.aggregator, f=f, **params)
+
+        def aggregate(sub: Tensor, w: Tensor | None) -> Tensor:
+            if cfg.aggregator == "centered_clip":
+                return rule(sub, w, center=self.center)
+            return rule(sub, w)
+
+        if cfg.reputation_filter:
+            agg = self._filtered_aggregate(
+                report, ids, stack, weights, f, rule.min_inputs(), aggregate
             )
-            weights = w / w.sum()
-        rule = get_aggregator(self.cfg.aggregator, f=f, **params)
-        if self.cfg.aggregator == "centered_clip":
-            agg = rule(stack, weights, center=self.center)
-            self.center = agg.clone()
         else:
-            agg = rule(stack, weights)
+            agg = aggregate(stack, weights)
+        if cfg.aggregator == "centered_clip":
+            self.center = agg.clone()
+        report.accepted = [p for p in ids if p not in report.filtered]
+        if weights is not None:
+            kept = [i for i, p in enumerate(ids) if p not in report.filtered]
+            w = weights[kept] / weights[kept].sum()
+            report.weights = {ids[i]: round(float(x), 6) for i, x in zip(kept, w, strict=True)}
         report.aggregate_norm = float(agg.norm())
         if len(rows) >= 4:
             # with 3 inputs f = 0 (nothing to tolerate) and the aggregate sits near two of
             # them, so the third honest peer always looks far: it was flagged every round
             scored = torch.stack([m for _, m in rows])
-            out = outlier_scores(scored, agg, k=self.cfg.outlier_z)
+            out = outlier_scores(scored, agg, k=cfg.outlier_z)
             # With few inputs the MAD is noisy and honest peers on different data sit at
             # different distances: flag only rows also far beyond the median distance.
-            far = out.distances > self.cfg.outlier_ratio * out.distances.median()
+            far = out.distances > cfg.outlier_ratio * out.distances.median()
             flag_mask = out.flagged & far
-            if self.cfg.outlier_min_cosine is not None:
+            if cfg.outlier_min_cosine is not None:
                 cos = torch.nn.functional.cosine_similarity(
                     scored.double(), agg.double()[None], dim=1
                 )
-                flag_mask |= cos < self.cfg.outlier_min_cosine
+                flag_mask |= cos < cfg.outlier_min_cosine
             flags = flag_mask.tolist()
             for (peer, _), flagged in zip(rows, flags, strict=True):
                 score = self.reputation.get(peer, INITIAL_REPUTATION)
@@ -481,11 +627,144 @@ class RoundEngine:
                 self.reputation[peer] = score
         if isinstance(self.outer, FlatAdamW):  # synchronous
             self.outer.step(self.params, agg, lr)
-        elif self.cfg.mode == "diloco":
+        elif cfg.mode == "diloco":
             self.outer.step(self.params, agg)
         else:
-            step = (
-                agg if own_update is None else cooperative_combine(own_update, agg, self.cfg.alpha)
-            )
+            step = agg if own_update is None else cooperative_combine(own_update, agg, cfg.alpha)
             self.params.sub_(step)
         report.applied = True
+
+    def _drop_replays(
+        self, report: RoundReport, valid: list[tuple[str, Contribution]]
+    ) -> list[tuple[str, Contribution]]:
+        """Leave out contributions that repeat an update accepted in an earlier round (theirs
+        or another peer's): stale work stamped with the current state, which the digests
+        cannot reveal. Each is evidence. Honest peers never send the same update twice (new
+        data every round; error feedback re-encodes), while a re-encoded old update keeps a
+        cosine of ~0.999 to itself. Keeps the sketches of the others' updates."""
+        threshold = self.cfg.replay_cosine
+        kept = []
+        fresh: dict[str, Tensor] = {}
+        known = sorted(self.sketches.items())
+        for peer, c in valid:
+            sk = self._sketch(c.update).double()
+            norm = float(sk.norm())
+            hit: tuple[str, float] | None = None
+            if threshold is not None and norm > 0.0:
+                for other, old in known:
+                    old64 = old.double()
+                    denom = norm * float(old64.norm())
+                    if denom > 0.0:
+                        cos = float(sk @ old64) / denom
+                        if cos > threshold and (hit is None or cos > hit[1]):
+                            hit = (other, cos)
+            if hit is None:
+                kept.append((peer, c))
+                fresh[peer] = sk.float()
+                continue
+            report.replayed[peer] = hit
+            whose = "its own" if hit[0] == peer else f"{hit[0][:12]}'s"
+            self._add_evidence(
+                report, peer, "replay", f"repeats {whose} earlier update (cosine {hit[1]:.4f})"
+            )
+            log.warning(
+                "round %d: %s sent %s earlier update again (cosine %.4f): left out, evidence",
+                report.round,
+                peer[:12],
+                whose,
+                hit[1],
+            )
+        self.sketches.update(fresh)
+        return kept
+
+    def _weights(self, report: RoundReport, ids: list[str]) -> Tensor | None:
+        """Aggregation weights of ``ids`` (float64, summing to 1), or None for equal ones.
+
+        ``sample_weighted``: the samples each update covers, capped at the round's median,
+        so a slow peer's few steps count for what they are and a minority claiming more
+        samples than it did gets no more weight than a typical peer. ``reputation_weighted``
+        multiplies in the reputation. Equal weights give None: exactly the unweighted rule."""
+        cfg = self.cfg
+        if not AGGREGATORS[cfg.aggregator].accepts_weights:
+            return None
+        w = torch.ones(len(ids), dtype=torch.float64)
+        if cfg.sample_weighted:
+            samples = [report.throughput.get(p, (0, 0.0))[0] for p in ids]
+            cap = statistics.median(samples)
+            if cap > 0:
+                w = torch.tensor([min(s, cap) for s in samples], dtype=torch.float64)
+        if cfg.reputation_weighted:
+            w = w * torch.tensor(
+                [self.reputation.get(p, INITIAL_REPUTATION) for p in ids], dtype=torch.float64
+            )
+        total = float(w.sum())
+        if total <= 0.0 or bool((w == w[0]).all()):
+            return None
+        return w / total
+
+    def _filtered_aggregate(
+        self,
+        report: RoundReport,
+        ids: list[str],
+        stack: Tensor,
+        weights: Tensor | None,
+        f: int,
+        min_inputs: int,
+        aggregate: Callable[[Tensor, Tensor | None], Tensor],
+    ) -> Tensor:
+        """``aggregate`` behind :class:`~swarmlm.aggregation.ReputationFilter`, whose scores
+        (running cosine to the aggregate) are consensus state: loaded from and stored back
+        to :attr:`filter_scores`, so every in-sync peer leaves out the same peers."""
+        cfg = self.cfg
+        filt = ReputationFilter(
+            lambda sub: aggregate(sub, None),
+            f=f,
+            min_inputs=min_inputs,
+            decay=cfg.filter_decay,
+            far_ratio=cfg.outlier_ratio,
+            threshold=cfg.filter_threshold,
+        )
+        filt.reputation = {p: self.filter_scores[p] for p in ids if p in self.filter_scores}
+        out = set(filt.excluded(ids))
+        if weights is not None:
+            kept = [i for i in range(len(ids)) if i not in out]
+            w = weights[kept]
+            kept_w = w / w.sum() if float(w.sum()) > 0.0 else None
+            filt.aggregator = lambda sub: aggregate(sub, kept_w)
+        agg = filt(stack, ids)
+        for p in ids:
+            self.filter_scores[p] = float(filt.reputation[p])
+        report.filtered = [ids[i] for i in filt.last_excluded]
+        for p in report.filtered:
+            log.warning(
+                "round %d: %s left out by the reputation filter (score %.3f)",
+                report.round,
+                p[:12],
+                self.filter_scores[p],
+            )
+        return agg
+
+    def _explain_left_out(self, report: RoundReport) -> None:
+        """``report.left_out``: every member or contributor not in the aggregate, and why
+        (lightweight voters abstain by design and are not listed)."""
+        cfg = self.cfg
+        why: dict[str, str] = {}
+        for p in report.absent:
+            why[p] = "absent"
+        for p in report.stale:
+            why[p] = "stale: computed from another state"
+        for p, (src, cos) in report.replayed.items():
+            whose = "its own" if src == p else f"{src[:12]}'s"
+            why[p] = f"stale: repeats {whose} earlier update (cosine {cos:.4f}), evidence"
+        for p, reason in report.invalid.items():
+            kind = "rejected" if p in report.rejected else "invalid"
+            why[p] = f"{kind}: {reason}"
+        for p in report.excluded:
+            score = self.reputation.get(p, INITIAL_REPUTATION)
+            why[p] = f"excluded by reputation ({score:.3f} < exclude_below {cfg.exclude_below})"
+        for p in report.filtered:
+            why[p] = (
+                f"excluded by the reputation filter (running cosine "
+                f"{self.filter_scores.get(p, 0.0):.3f} < {cfg.filter_threshold})"
+            )
+        report.left_out = why

@@ -47,3 +47,14 @@ class RoundClosedError(SwarmError):
     def __init__(self, steps: int) -> None:
         super().__init__(f"round closed without us after {steps} inner steps")
         self.steps = steps
+
+
+class EvictedError(SwarmError):
+    """The members voted this peer out of the membership; the message says why (its
+    reputation and the evidence against it, consensus state every member computed alike).
+    The node stops: an evicted peer's contributions are no longer decided."""
+
+    def __init__(self, round: int, reason: str) -> None:
+        super().__init__(f"evicted from the swarm at round {round}: {reason}")
+        self.round = round
+        self.reason = reason

@@ -37,7 +37,13 @@ from swarmlm.p2p.transport import P2PNode
 from swarmlm.p2p.votelog import VoteLog
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.engine import RoundReport
-from swarmlm.swarm.errors import OutOfSyncError, RoundClosedError, StateSyncError, SwarmError
+from swarmlm.swarm.errors import (
+    EvictedError,
+    OutOfSyncError,
+    RoundClosedError,
+    StateSyncError,
+    SwarmError,
+)
 from swarmlm.swarm.membership import find_swarm, form_genesis
 from swarmlm.swarm.worker import SwarmWorker
 from swarmlm.train.checkpoint import latest_checkpoint
@@ -405,9 +411,36 @@ class SwarmNode:
             **_report_fields(report),
         )
         if me in decision.members and me not in decision.members_next:
-            log.warning("round %d removed us from the membership; stopping", r)
+            self._removed(decision)
             return False
         return True
+
+    def _removed(self, decision: Decision) -> None:
+        """We left the membership at round ``decision.round``. A voluntary leave stops the
+        node quietly; an eviction raises :class:`EvictedError` saying why (the CLI exits
+        non-zero with it), so an operator does not take a silent stop for a finished run."""
+        assert self.worker is not None
+        me, r = self.identity.node_id, decision.round
+        change = next(
+            (
+                ch
+                for ch in decision.changes
+                if isinstance(ch, dict) and ch.get("peer") == me and ch.get("op") == "remove"
+            ),
+            None,
+        )
+        if change is None:
+            log.warning("round %d removed us from the membership; stopping", r)
+            return
+        if "proof" in change:
+            how = "an equivocation proof (two conflicting messages signed by us)"
+        else:
+            votes = change.get("votes")
+            how = f"{len(votes) if isinstance(votes, list) else 'a quorum of'} members' votes"
+        why = self.worker.engine.eviction_reason(me)
+        reason = f"removed by {how}" + (f"; {why}" if why else "")
+        self._emit("evicted", round=r, reason=reason)
+        raise EvictedError(r, reason)
 
     def _abandon(self, r: int) -> bool:
         """Polled by the local phase: stop when round ``r`` closed without us, or on stop."""
@@ -430,18 +463,20 @@ class SwarmNode:
         self._emit("checkpoint", round=r, path=str(path))
 
     def _vote_evictions(self, decision: Decision) -> None:
-        """Reputation is consensus state (every in-sync peer computes the same scores), so
-        the members vote the same peers out; ``q`` votes make the protocol remove them."""
+        """Reputation and evidence are consensus state (every in-sync peer computes the same
+        scores and keeps the same evidence), so the members vote the same peers out: below
+        ``evict_below``, or with ``evict_evidence`` pieces of evidence within the window;
+        ``q`` votes make the protocol remove them."""
         assert self.worker is not None
         assert self.proto is not None
-        floor = self.cfg.swarm.evict_below
         me = self.identity.node_id
-        if floor is None or me not in decision.members_next:
+        if me not in decision.members_next:
             return
-        reputation = self.worker.engine.reputation
+        engine = self.worker.engine
         for peer in decision.members_next:
-            if peer != me and reputation.get(peer, 1.0) < floor:
-                log.warning("voting to evict %s (reputation %.3f)", peer[:12], reputation[peer])
+            why = engine.eviction_reason(peer) if peer != me else None
+            if why is not None:
+                log.warning("voting to evict %s: %s", peer[:12], why)
                 self.proto.vote_evict(peer)
 
     async def _decide(self, r: int, payload: bytes) -> Decision:
@@ -517,4 +552,13 @@ def _report_fields(report: RoundReport) -> dict[str, Any]:
         # evidence against each rejected one (its payload digest is in the certificate)
         "verified": {p[:12]: n for p, n in report.verified.items()},
         "rejected": {p: ev for p, ev in report.rejected.items()},
+        # who is not in the aggregate and why (absent, late, stale, invalid, rejected,
+        # excluded by reputation or by the reputation filter), and each accepted peer's
+        # weight (samples covered, capped at the median; absent when all are equal)
+        "filtered": [p[:12] for p in report.filtered],
+        "replayed": [p[:12] for p in report.replayed],
+        "evidence": {p[:12]: kind for p, kind in report.evidence.items()},
+        "left_out": {p[:12]: why for p, why in report.left_out.items()},
+        "weights": {p[:12]: w for p, w in report.weights.items()},
+        "samples": {p[:12]: s for p, (s, _) in report.throughput.items()},
     }

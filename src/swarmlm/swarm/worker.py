@@ -50,6 +50,12 @@ from swarmlm.train.trainer import Trainer, rng_state
 
 log = logging.getLogger(__name__)
 
+#: With ``round_pace`` samples a peer may overrun its time budget by this fraction before
+#: it skips its next step: peers near the median rate then do all their steps (their runs
+#: stay as reproducible as with the steps pace); a clearly slow peer stops early. The
+#: leader's ``p2p.proposal_grace`` waits for the overrun.
+PACE_SLACK = 0.1
+
 # Model initialisation draws from torch's global RNG: peers built in one process (simulations,
 # in-process tests) must not interleave their draws, or their genesis weights would differ.
 _INIT_LOCK = threading.Lock()
@@ -157,6 +163,7 @@ class SwarmWorker:
         )
         self.last_update: Tensor | None = None
         self._pending: tuple[int, Tensor] | None = None  # our contribution not yet applied
+        self._stale: Tensor | None = None  # attack stale_lie: the update it keeps resending
         self.last_loss = float("nan")
         self.samples_per_step = self.objective.samples_per_step
         self.last_samples = 0
@@ -220,20 +227,24 @@ class SwarmWorker:
             update = self._gradient()
             steps = 1
         else:
-            budget = None
-            if sw.target_samples is not None and self.last_throughput:
-                budget = round_time_budget(sw.target_samples, self.last_throughput)
+            budget, cap = self._round_plan()
             losses: list[float] = []
             while True:
+                t_step = time.perf_counter()
                 losses.append(self.objective.step())
+                if sw.step_slowdown > 1.0:  # tests and benchmarks: play a slow peer
+                    time.sleep((sw.step_slowdown - 1.0) * (time.perf_counter() - t_step))
                 if abandon is not None and abandon():
                     self.last_loss = sum(losses) / len(losses)
                     raise RoundClosedError(len(losses))
-                if budget is None:
-                    if len(losses) >= sw.inner_steps:
-                        break
-                elif len(losses) >= sw.max_inner_steps or time.perf_counter() - t0 >= budget:
+                if len(losses) >= cap:
                     break
+                if budget is not None:
+                    elapsed = time.perf_counter() - t0
+                    # stop where the next step would end past the budget (with some slack
+                    # for peers near the median): a slow peer then delivers on time
+                    if elapsed + elapsed / len(losses) > budget * (1.0 + PACE_SLACK):
+                        break
             steps = len(losses)
             self.last_loss = sum(losses) / steps
             update = start - flatten_params(self.model, self.layout)
@@ -241,6 +252,27 @@ class SwarmWorker:
         self.last_samples = steps * self.samples_per_step
         self.last_update = update
         return update
+
+    def _round_plan(self) -> tuple[float | None, int]:
+        """(seconds to train, most steps) for this round's local phase.
+
+        ``round_pace`` samples (the default): the swarm's target is ``target_samples``, or
+        what ``inner_steps`` per contributor of the last round covers; every peer trains
+        for the time the swarm needs for it at the last round's measured rates
+        (:func:`round_time_budget`). Without an explicit target a peer does at most
+        ``inner_steps``, so a swarm of equal peers runs as with the steps pace and a slow one
+        stops after what it managed in that time, on time for the round. With an explicit
+        target fast peers go on up to ``max_inner_steps`` (hivemind's target_batch_size).
+        The first round has no measurement: ``inner_steps``."""
+        sw = self.cfg.swarm
+        if sw.round_pace == "steps" or not self.last_throughput:
+            return None, sw.inner_steps
+        if sw.target_samples is not None:
+            target, cap = sw.target_samples, sw.max_inner_steps
+        else:
+            target = sw.inner_steps * self.samples_per_step * len(self.last_throughput)
+            cap = sw.inner_steps
+        return round_time_budget(target, self.last_throughput), cap
 
     def _gradient(self) -> Tensor:
         grad, self.last_loss = self.objective.gradient(self.layout)
@@ -251,7 +283,13 @@ class SwarmWorker:
         """The payload for ``round`` (``base_digest``: the state ``update`` was computed from,
         default our state now); an attacker (tests, benchmarks) distorts it first."""
         self._pending = (round, update)
-        if self.cfg.swarm.attack == "sign_flip":
+        if self.cfg.swarm.attack == "stale_lie":
+            # keeps sending its first update, stamped with the current state and base: the
+            # digests cannot tell (tests/swarm/test_robust_reputation.py)
+            if self._stale is None:
+                self._stale = update.clone()
+            update = self._stale
+        elif self.cfg.swarm.attack == "sign_flip":
             update = -self.cfg.swarm.attack_scale * update
         elif self.cfg.swarm.attack == "alie":
             others = [u for p, u in self.engine.observed if p != self.node_id]
