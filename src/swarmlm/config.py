@@ -39,8 +39,11 @@ class ConfigError(ValueError):
 
 
 class StrictModel(BaseModel):
-    """The base of every config model: an unknown key is refused (and named, with the
-    nearest valid key, by :func:`error_lines`), never silently ignored."""
+    """The base of every model that reads input it did not write: config files, REST
+    request bodies (``swarmlm.web``), data manifests, label schemas, task-set settings. An
+    unknown key is refused (and for a config named, with the nearest valid key, by
+    :func:`error_lines`), never silently ignored: a misspelt key must not silently become
+    its default. Subclasses add to this config (``frozen``, ``validate_assignment``)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -48,10 +48,7 @@ def add_curation_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     _db_args(c)
     c.add_argument("name")
     c.add_argument("--schema", required=True, help='label schema JSON, e.g. {"kind":"pairwise"}')
-    c.add_argument("--k", type=int, default=3)
-    c.add_argument("--max-annotations", type=int, default=None)
-    c.add_argument("--threshold", type=float, default=0.6)
-    c.add_argument("--gold-share", type=float, default=0.1)
+    _settings_args(c)
     c.set_defaults(func=_cmd_create_set)
 
     i = sub.add_parser("import", help="import tasks into a task set")
@@ -104,19 +101,38 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+#: Older spellings of settings flags, still accepted.
+_SETTING_ALIASES = {"agreement_threshold": ["--threshold"]}
+
+
+def _settings_args(parser: argparse.ArgumentParser) -> None:
+    """``--<setting>`` for each :class:`TaskSetSettings` field, typed and described by it;
+    an unset flag leaves the setting to its default (a new setting gets its flag here)."""
+    from swarmlm.curation.task_set_settings import TaskSetSettings
+
+    for name, info in TaskSetSettings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            *_SETTING_ALIASES.get(name, []),
+            dest=f"setting_{name}",
+            type=float if info.annotation is float else int,
+            default=None,
+            help=f"{info.description} (default {'2 * k' if default is None else default})",
+        )
+
+
 def _cmd_create_set(args: argparse.Namespace) -> int:
     console = Console()
+    settings = {
+        name.removeprefix("setting_"): value
+        for name, value in vars(args).items()
+        if name.startswith("setting_") and value is not None
+    }
     try:
         schema = json.loads(args.schema)
         store = _open_store(args)
-        ts = store.create_task_set(
-            args.name,
-            schema,
-            k=args.k,
-            max_annotations=args.max_annotations,
-            agreement_threshold=args.threshold,
-            gold_share=args.gold_share,
-        )
+        ts = store.create_task_set(args.name, schema, **settings)
     except (CurationError, json.JSONDecodeError) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2

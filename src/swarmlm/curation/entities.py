@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
+from pydantic import Field
+
 from swarmlm.curation import quality
 from swarmlm.curation.errors import (
     CurationError,
@@ -25,6 +27,7 @@ from swarmlm.curation.schema import (
     LabelSchema,
     parse_schema,
 )
+from swarmlm.curation.task_set_settings import TaskSetSettings, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +90,9 @@ def _hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def _check_task_set_params(
-    name: str, k: int, cap: int, agreement_threshold: float, gold_share: float, lease: int
-) -> None:
+def _check_task_set_name(name: str) -> None:
     if not 1 <= len(name) <= 200:
         raise CurationError("task set name must be 1-200 characters")
-    if not 1 <= k <= 100:
-        raise CurationError(f"k must be between 1 and 100, got {k}")
-    if not k <= cap <= 1000:
-        raise CurationError(f"max_annotations must be between k={k} and 1000, got {cap}")
-    if not 0.0 <= agreement_threshold <= 1.0:
-        raise CurationError(f"agreement_threshold must be in [0, 1], got {agreement_threshold}")
-    if not 0.0 <= gold_share <= 1.0:
-        raise CurationError(f"gold_share must be in [0, 1], got {gold_share}")
-    if not 10 <= lease <= 7 * 86400:
-        raise CurationError(f"lease_seconds must be 10..604800, got {lease}")
 
 
 @dataclass(frozen=True)
@@ -127,19 +118,30 @@ class AnnotatorInfo:
         return self.role in ("reviewer", "admin")
 
 
-@dataclass(frozen=True)
-class TaskSetInfo:
+class TaskSetInfo(TaskSetSettings):
+    """A stored task set: its settings (inherited: one definition) plus what identifies it
+    and the label schema in force. Built from the ORM row by :func:`_task_set_info` only;
+    it is also the REST API's task set body (``GET /api/task-sets``)."""
+
     id: int
     name: str
     description: str
-    schema: LabelSchema
-    k: int
-    max_annotations: int
-    agreement_threshold: float
-    gold_share: float
-    lease_seconds: int
+    label_schema: LabelSchema
     active: bool
-    config_version: int = 1
+    config_version: int = Field(
+        default=1, description="version of the label configuration in force"
+    )
+
+    @property
+    def schema(self) -> LabelSchema:  # type: ignore[override]
+        """The label schema in force (``BaseModel.schema`` is pydantic's deprecated
+        JSON-schema method; nothing here calls it)."""
+        return self.label_schema
+
+    @property
+    def settings(self) -> TaskSetSettings:
+        """Only the settings, e.g. to copy them to another set."""
+        return settings_of(self)
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,12 @@ def _annotator_info(a: Annotator) -> AnnotatorInfo:
 
 
 def _task_set_info(ts: TaskSet) -> TaskSetInfo:
-    return copy_fields(TaskSetInfo, ts, schema=parse_schema(ts.label_schema))
+    """The one conversion of a ``task_sets`` row: every field of :class:`TaskSetInfo` by
+    name, not validated again (the row was validated when written; see
+    :class:`TaskSetSettings` on the cap)."""
+    values = {n: getattr(ts, n) for n in TaskSetInfo.model_fields}
+    values["label_schema"] = parse_schema(ts.label_schema)
+    return TaskSetInfo.model_construct(**values)
 
 
 def _task_record(t: Task) -> TaskRecord:

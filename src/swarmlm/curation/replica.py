@@ -43,6 +43,7 @@ import msgpack
 
 from swarmlm.curation.errors import CurationError
 from swarmlm.curation.signing import SIGNED_FIELDS
+from swarmlm.curation.task_set_settings import RECORD_IDENTITY_FIELDS, settings_of_record
 from swarmlm.p2p.identity import NodeIdentity, canonical_encode, verify_signature
 
 KINDS: tuple[str, ...] = ("task_set", "label_config", "tasks", "annotator", "annotation")
@@ -215,20 +216,12 @@ def _is_hex(s: Any, n: int) -> bool:
 def check_body(kind: str, body: dict[str, Any]) -> None:
     """Field names, types and sizes of a record body (semantics are checked on merge)."""
     if kind == "task_set":
-        _fields(
-            kind,
-            body,
-            {
-                "name": str,
-                "description": str,
-                "schema": dict,
-                "k": int,
-                "max_annotations": int,
-                "agreement_threshold": (float, int),
-                "gold_share": (float, int),
-                "lease_seconds": int,
-            },
-        )
+        identity = {k: v for k, v in body.items() if k in RECORD_IDENTITY_FIELDS}
+        _fields(kind, identity, {"name": str, "description": str, "schema": dict})
+        try:
+            settings_of_record(body)  # the settings: exact types, bounds, no unknown key
+        except CurationError as e:
+            raise RecordError("invalid", f"task_set record: {e}") from None
         if not 1 <= len(body["name"]) <= 200 or len(body["description"]) > 10_000:
             raise RecordError("invalid", "task_set record: name or description too long")
         _json_value(body["schema"], "task_set record: schema")

@@ -24,7 +24,7 @@ from swarmlm.curation.entities import (
     MergeResult,
     ScoreChange,
     T,
-    _check_task_set_params,
+    _check_task_set_name,
     _score_agreement,
 )
 from swarmlm.curation.errors import (
@@ -63,6 +63,7 @@ from swarmlm.curation.schema import (
 )
 from swarmlm.curation.signing import signed_record, task_digest
 from swarmlm.curation.store_base import StoreBase
+from swarmlm.curation.task_set_settings import record_body, settings_of, settings_of_record
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +179,8 @@ class ReplicationStore(StoreBase):
         made: list[ReplicaRecord] = []
         with self._write() as s:
             for ts in s.scalars(select(TaskSet).where(TaskSet.record_digest.is_(None))):
-                rec = make_record(
-                    self.identity,
-                    "task_set",
-                    {
-                        "name": ts.name,
-                        "description": ts.description,
-                        "schema": ts.label_schema,
-                        "k": ts.k,
-                        "max_annotations": ts.max_annotations,
-                        "agreement_threshold": float(ts.agreement_threshold),
-                        "gold_share": float(ts.gold_share),
-                        "lease_seconds": ts.lease_seconds,
-                    },
-                )
+                body = record_body(ts.name, ts.description, ts.label_schema, settings_of(ts))
+                rec = make_record(self.identity, "task_set", body)
                 ts.record_digest = definition_digest(rec.body)
                 made.append(rec)
             s.flush()
@@ -354,14 +343,8 @@ class ReplicationStore(StoreBase):
     def _merge_task_set(self, tx: WriteTx, rec: ReplicaRecord, now: datetime) -> None:
         b = rec.body
         parsed = parse_schema(b["schema"])
-        _check_task_set_params(
-            b["name"],
-            b["k"],
-            b["max_annotations"],
-            float(b["agreement_threshold"]),
-            float(b["gold_share"]),
-            b["lease_seconds"],
-        )
+        settings = settings_of_record(b).model_dump()
+        _check_task_set_name(b["name"])
         if b["name"] != b["name"].strip():
             raise CurationError("task set name has surrounding spaces")
         definition = definition_digest(b)
@@ -370,19 +353,16 @@ class ReplicationStore(StoreBase):
             if row[0] == definition:
                 return  # the same definition, made on another node too: one set
             raise _LostConflictError(f"a different task set named {b['name']!r} is held")
+        # the settings' columns are named after TaskSetSettings' fields (models.TaskSet)
         tx.execute(
-            "INSERT INTO task_sets (name, description, label_schema, k, max_annotations,"
-            " agreement_threshold, gold_share, lease_seconds, active, created_at, record_digest)"
-            " VALUES (?, ?, ?json, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO task_sets (name, description, label_schema, {', '.join(settings)},"
+            " active, created_at, record_digest)"
+            f" VALUES (?, ?, ?json, {', '.join('?' for _ in settings)}, ?, ?, ?)",
             (
                 b["name"],
                 b["description"],
                 tx.sql.json(schema_to_dict(parsed)),
-                b["k"],
-                b["max_annotations"],
-                float(b["agreement_threshold"]),
-                float(b["gold_share"]),
-                b["lease_seconds"],
+                *settings.values(),
                 True,
                 tx.sql.ts(now),
                 definition,

@@ -20,15 +20,18 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from swarmlm.config import StrictModel
 from swarmlm.curation.errors import LabelSchemaError
 
 PAIRWISE_VALUES: tuple[str, ...] = ("A", "B", "tie", "both_bad")
 
 
-class _Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Schema(StrictModel):
+    """A label schema: strict, and frozen because parsed schemas are cached and shared."""
+
+    model_config = ConfigDict(frozen=True)
 
 
 class SingleChoiceSchema(_Schema):

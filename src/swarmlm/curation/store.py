@@ -54,7 +54,7 @@ from swarmlm.curation.entities import (
     TaskRecord,
     TaskSetInfo,
     TaskSetProgress,
-    _check_task_set_params,
+    _check_task_set_name,
     _check_time_spent,
     _rowcount,
     _score_agreement,
@@ -95,6 +95,7 @@ from swarmlm.curation.schema import (
 )
 from swarmlm.curation.signing import sign_record, signed_record, task_digest
 from swarmlm.curation.statistics import StatisticsStore
+from swarmlm.curation.task_set_settings import TaskSetSettings, record_body
 from swarmlm.p2p.identity import NodeIdentity
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ __all__ = [
     "TaskRecord",
     "TaskSetInfo",
     "TaskSetProgress",
+    "TaskSetSettings",
     "utcnow",
 ]
 
@@ -165,32 +167,24 @@ class CurationStore(AccountsStore, StatisticsStore, LabelConfigStore, Replicatio
         self,
         name: str,
         schema: Any,
+        settings: TaskSetSettings | None = None,
         *,
-        k: int = 3,
-        max_annotations: int | None = None,
-        agreement_threshold: float = 0.6,
-        gold_share: float = 0.1,
-        lease_seconds: int = 600,
         description: str = "",
+        **setting_values: Any,
     ) -> TaskSetInfo:
-        """Create a task set. ``max_annotations`` defaults to ``2 * k``."""
+        """Create a task set with ``settings``, or with the settings given as keywords
+        (``k=2, gold_share=0.0``; the others take their defaults, ``max_annotations`` 2 * k).
+        A bad or unknown setting is a :class:`CurationError` naming it."""
+        if settings is not None and setting_values:
+            raise CurationError("pass the settings as a TaskSetSettings or as keywords, not both")
+        chosen = settings if settings is not None else TaskSetSettings.parse(setting_values)
         parsed = parse_schema(schema)
         name = name.strip()
-        cap = 2 * k if max_annotations is None else max_annotations
-        _check_task_set_params(name, k, cap, agreement_threshold, gold_share, lease_seconds)
+        _check_task_set_name(name)
         record = make_record(
             self.identity,
             "task_set",
-            {
-                "name": name,
-                "description": description,
-                "schema": schema_to_dict(parsed),
-                "k": k,
-                "max_annotations": cap,
-                "agreement_threshold": float(agreement_threshold),
-                "gold_share": float(gold_share),
-                "lease_seconds": lease_seconds,
-            },
+            record_body(name, description, schema_to_dict(parsed), chosen),
         )
         try:
             with self._write() as s:
@@ -198,11 +192,7 @@ class CurationStore(AccountsStore, StatisticsStore, LabelConfigStore, Replicatio
                     name=name,
                     description=description,
                     label_schema=schema_to_dict(parsed),
-                    k=k,
-                    max_annotations=cap,
-                    agreement_threshold=agreement_threshold,
-                    gold_share=gold_share,
-                    lease_seconds=lease_seconds,
+                    **chosen.model_dump(),
                     active=True,
                     created_at=self._clock(),
                     record_digest=definition_digest(record.body),

@@ -21,8 +21,9 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
+from swarmlm.config import StrictModel
 from swarmlm.data.cache import ByteCache
 from swarmlm.data.codecs import ChunkedReader, resolve_codec, write_chunked
 from swarmlm.data.errors import CorruptShardError, DataError
@@ -37,8 +38,11 @@ FORMAT_VERSION = 1
 Split = Literal["train", "val"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Manifest(StrictModel):
+    """A part of ``meta.json``: strict like every model of outside input, and frozen
+    because a manifest read from disk is never edited in place."""
+
+    model_config = ConfigDict(frozen=True)
 
 
 def _bare_file_name(name: str | None) -> str | None:
@@ -54,7 +58,7 @@ def _bare_file_name(name: str | None) -> str | None:
 _SHA256 = r"^[0-9a-f]{64}$"
 
 
-class ShardInfo(_Strict):
+class ShardInfo(_Manifest):
     """One shard file (and its loss mask for SFT data)."""
 
     file: str
@@ -70,7 +74,7 @@ class ShardInfo(_Strict):
     _check_names = field_validator("file", "mask_file")(_bare_file_name)
 
 
-class SplitMeta(_Strict):
+class SplitMeta(_Manifest):
     """Counts of one split. ``bytes`` are raw UTF-8 bytes of the text whose tokens carry loss.
 
     bits per byte = mean loss (nats/token) * loss_tokens / bytes / ln 2. For plain text
@@ -85,7 +89,7 @@ class SplitMeta(_Strict):
     shards: list[ShardInfo]
 
 
-class CorpusMeta(_Strict):
+class CorpusMeta(_Manifest):
     """Contents of ``meta.json``."""
 
     format_version: int = FORMAT_VERSION

@@ -9,7 +9,17 @@ import platform
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, UploadFile
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    UploadFile,
+)
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -18,6 +28,7 @@ from swarmlm.curation.activity import annotator_activity, daily_series, day_labe
 from swarmlm.curation.errors import CurationError
 from swarmlm.curation.interchange import guess_format, parse_tasks_text
 from swarmlm.curation.review import review_counts, reviews_of
+from swarmlm.curation.task_set_settings import TaskSetSettings
 from swarmlm.web.deps import (
     AdminPage,
     AppState,
@@ -78,6 +89,50 @@ def overview(
     )
 
 
+def settings_inputs() -> list[dict[str, Any]]:
+    """The form's inputs for :class:`TaskSetSettings`, one per field, with the field's
+    description as label and its default and bounds: a new setting appears in the form
+    without editing the template."""
+    inputs = []
+    for name, info in TaskSetSettings.model_fields.items():
+        bounds = {"min": None, "max": None}
+        for rule in info.metadata:
+            bounds["min"] = getattr(rule, "ge", bounds["min"])
+            bounds["max"] = getattr(rule, "le", bounds["max"])
+        default = info.get_default(call_default_factory=True)
+        description = info.description or name
+        inputs.append(
+            {
+                "name": name,
+                "label": description[0].upper() + description[1:],
+                "value": "" if default is None else default,
+                "step": "any" if info.annotation is float else 1,
+                **bounds,
+            }
+        )
+    return inputs
+
+
+def _new_task_set_page(
+    request: Request, state: AppState, principal: Principal, error: str | None = None
+) -> HTMLResponse:
+    return render(
+        request,
+        state,
+        "admin/new_task_set.html",
+        {"error": error, "settings_inputs": settings_inputs()},
+        status_code=200 if error is None else 422,
+        principal=principal,
+    )
+
+
+async def _settings_form(request: Request) -> dict[str, str]:
+    """The submitted values of the task-set settings (blank ones left to their default)."""
+    form = await request.form()
+    values = {name: form.get(name) for name in TaskSetSettings.model_fields}
+    return {name: v for name, v in values.items() if isinstance(v, str) and v.strip()}
+
+
 @router.get("/task-sets/new")
 def new_task_set(
     *,
@@ -85,7 +140,7 @@ def new_task_set(
     principal: AdminPage,
     state: State,
 ) -> HTMLResponse:
-    return render(request, state, "admin/new_task_set.html", {"error": None}, principal=principal)
+    return _new_task_set_page(request, state, principal)
 
 
 @router.post("/task-sets")
@@ -98,11 +153,9 @@ def create_task_set(
     rating_min: Annotated[int, Form(ge=-100, le=100)] = 1,
     rating_max: Annotated[int, Form(ge=-100, le=100)] = 5,
     ranking_k: Annotated[int, Form(ge=2, le=9)] = 3,
-    k: Annotated[int, Form(ge=1, le=100)] = 3,
-    threshold: Annotated[float, Form(ge=0.0, le=1.0)] = 0.6,
-    gold_share: Annotated[float, Form(ge=0.0, le=1.0)] = 0.1,
     description: Annotated[str, Form(max_length=5000)] = "",
     csrf_token: Annotated[str | None, Form(max_length=200)] = None,
+    settings: Annotated[dict[str, str], Depends(_settings_form)],
     principal: AdminPage,
     state: State,
 ) -> Response:
@@ -115,23 +168,10 @@ def create_task_set(
     elif kind == "ranking":
         schema["k"] = ranking_k
     try:
-        ts = state.store.create_task_set(
-            name,
-            schema,
-            k=k,
-            agreement_threshold=threshold,
-            gold_share=gold_share,
-            description=description,
-        )
+        chosen = TaskSetSettings.parse(settings)
+        ts = state.store.create_task_set(name, schema, chosen, description=description)
     except CurationError as e:
-        return render(
-            request,
-            state,
-            "admin/new_task_set.html",
-            {"error": str(e)},
-            status_code=422,
-            principal=principal,
-        )
+        return _new_task_set_page(request, state, principal, str(e))
     return RedirectResponse(f"/admin/task-sets/{ts.id}", status_code=303)
 
 

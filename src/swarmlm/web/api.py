@@ -17,16 +17,17 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from swarmlm.config import StrictModel
 from swarmlm.curation.errors import WrongCredentialsError
 from swarmlm.curation.interchange import EXPORTERS, parse_tasks_text, serialize_export
 from swarmlm.curation.schema import schema_to_dict
-from swarmlm.curation.store import AnnotatorInfo, LeasedTask, TaskInput
+from swarmlm.curation.store import AnnotatorInfo, LeasedTask, TaskInput, TaskSetInfo
+from swarmlm.curation.task_set_settings import TaskSetSettings, settings_of
 from swarmlm.web.deps import (
     ApiAdmin,
     ApiUser,
     ApiWriteAdmin,
     ApiWriteUser,
-    AppState,
     PathId,
     State,
     client_ip,
@@ -38,10 +39,6 @@ DbId = Annotated[int, Field(ge=1, le=2**31 - 1)]
 Username = Annotated[str, Field(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 Password = Annotated[str, Field(min_length=8, max_length=1024)]
 JsonValue = Any
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ErrorOut(BaseModel):
@@ -108,7 +105,7 @@ class NextTaskOut(BaseModel):
     task: TaskOut | None = Field(description="null when nothing is left for this annotator")
 
 
-class SubmitIn(_Strict):
+class SubmitIn(StrictModel):
     task_id: DbId
     value: JsonValue = Field(description="label value in the task set's schema format")
     time_spent_ms: int = Field(default=0, ge=0, le=7 * 86400 * 1000)
@@ -122,7 +119,7 @@ class SubmitOut(BaseModel):
     signature: str
 
 
-class SkipIn(_Strict):
+class SkipIn(StrictModel):
     task_id: DbId
 
 
@@ -139,7 +136,7 @@ class AnnotatorOut(BaseModel):
         return cls.model_validate({**vars(a), "reputation": round(a.reputation, 4)})
 
 
-class CredentialsIn(_Strict):
+class CredentialsIn(StrictModel):
     username: Username
     password: Password
 
@@ -149,39 +146,24 @@ class TokenOut(BaseModel):
     annotator: AnnotatorOut
 
 
-class TaskSetIn(_Strict):
+class TaskSetIn(TaskSetSettings):
+    """A new task set: name, label schema and description here; its settings (names,
+    defaults, bounds) are inherited from :class:`TaskSetSettings`, their one definition.
+    Unknown fields are refused, as in every request body."""
+
     name: str = Field(min_length=1, max_length=200)
     label_schema: dict[str, Any] = Field(description='e.g. {"kind": "pairwise"}')
-    k: int = Field(default=3, ge=1, le=100)
-    max_annotations: int | None = Field(default=None, ge=1, le=1000)
-    agreement_threshold: float = Field(default=0.6, ge=0.0, le=1.0)
-    gold_share: float = Field(default=0.1, ge=0.0, le=1.0)
-    lease_seconds: int = Field(default=600, ge=10, le=7 * 86400)
     description: str = Field(default="", max_length=5000)
 
 
-class TaskSetOut(BaseModel):
-    id: int
-    name: str
-    description: str
-    label_schema: dict[str, Any]
-    k: int
-    max_annotations: int
-    agreement_threshold: float
-    gold_share: float
-    lease_seconds: int
-    active: bool
-    config_version: int = Field(description="version of the label configuration in force")
-
-
-class TaskIn(_Strict):
+class TaskIn(StrictModel):
     id: str | None = Field(default=None, min_length=1, max_length=200)
     content: JsonValue
     outputs: list[str] | None = Field(default=None, max_length=9)
     gold: JsonValue = None
 
 
-class ImportIn(_Strict):
+class ImportIn(StrictModel):
     format: Literal["tasks", "jsonl", "label_studio", "csv"] = "tasks"
     tasks: list[TaskIn] | None = Field(default=None, max_length=200_000)
     text: str | None = Field(
@@ -194,7 +176,7 @@ class ImportOut(BaseModel):
     imported: int
 
 
-class LabelConfigIn(_Strict):
+class LabelConfigIn(StrictModel):
     label_schema: dict[str, Any] = Field(
         description='the new schema, of the same kind, e.g. {"kind": "single_choice", '
         '"choices": ["pos", "neg", "mixed"]}'
@@ -237,11 +219,6 @@ class LabelConfigVersionOut(BaseModel):
     created_at: datetime
     annotations: int = Field(description="annotations validated against this version")
     record_digest: str | None = Field(description="the replicated record; null for version 1")
-
-
-def _task_set_out(state: AppState, task_set_id: int) -> TaskSetOut:
-    ts = state.store.get_task_set(task_set_id)
-    return TaskSetOut.model_validate({**vars(ts), "label_schema": schema_to_dict(ts.schema)})
 
 
 @router.get("/health", responses=error_responses(503))
@@ -305,8 +282,8 @@ def me(
 
 
 @router.get("/task-sets", responses=error_responses(*USER_READ))
-def task_sets(*, _: ApiUser, state: State) -> list[TaskSetOut]:
-    return [_task_set_out(state, ts.id) for ts in state.store.list_task_sets()]
+def task_sets(*, _: ApiUser, state: State) -> list[TaskSetInfo]:
+    return state.store.list_task_sets()
 
 
 @router.post("/task-sets", status_code=201, responses=error_responses(*USER_WRITE, 409))
@@ -315,18 +292,10 @@ def create_task_set(
     body: TaskSetIn,
     _: ApiWriteAdmin,
     state: State,
-) -> TaskSetOut:
-    ts = state.store.create_task_set(
-        body.name,
-        body.label_schema,
-        k=body.k,
-        max_annotations=body.max_annotations,
-        agreement_threshold=body.agreement_threshold,
-        gold_share=body.gold_share,
-        lease_seconds=body.lease_seconds,
-        description=body.description,
+) -> TaskSetInfo:
+    return state.store.create_task_set(
+        body.name, body.label_schema, settings_of(body), description=body.description
     )
-    return _task_set_out(state, ts.id)
 
 
 # The two hot endpoints are coroutines: they await the group commit instead of holding a

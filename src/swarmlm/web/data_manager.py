@@ -15,10 +15,11 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
+from swarmlm.config import StrictModel
 from swarmlm.curation import data_manager as dm
 from swarmlm.curation.errors import CurationError
 from swarmlm.curation.review import VERDICTS
@@ -300,9 +301,7 @@ class TaskDetailOut(BaseModel):
     history: list[dict[str, str]]
 
 
-class BulkIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class BulkIn(StrictModel):
     action: Literal["release", "raise_redundancy", "mark_gold", "unmark_gold", "delete"]
     task_ids: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(max_length=dm.MAX_BULK)
     amount: int = Field(default=1, ge=1, le=10)

@@ -12,9 +12,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from swarmlm.config import StrictModel
 from swarmlm.curation import review as rv
 from swarmlm.curation.schema import FreeTextSchema, LabelSchema, RankingSchema, RatingSchema
 from swarmlm.web.api import USER_WRITE, error_responses
@@ -139,9 +140,7 @@ def _verdict_or_none(raw: str | None) -> str | None:
     return raw if raw in rv.VERDICTS else None
 
 
-class ReviewIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ReviewIn(StrictModel):
     annotation_id: int = Field(ge=1, le=2**31 - 1)
     verdict: Verdict
     corrected: Any = Field(default=None, description="the right value, for 'corrected'")
