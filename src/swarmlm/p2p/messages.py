@@ -78,6 +78,9 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "cur_digests_req": {"buckets": _LIST},
     "cur_digests": {"lists": _LIST},
     "cur_fetch": {"digests": _LIST},
+    # partitioned aggregation (swarmlm.swarm.partitioned): an aggregator's signed output
+    # digest for one part of round r, and the inputs it could not fetch
+    "part_claim": {"part": _INT, "missing": _LIST, "output": _BYTES},
 }
 
 

@@ -200,7 +200,35 @@ class SwarmConfig(BaseModel):
     checkpoint_every: int = Field(
         default=5, ge=1, description="checkpoint the swarm state every this many rounds"
     )
-    attack: Literal["none", "sign_flip", "alie", "fabricate", "stale_lie"] = Field(
+    aggregation_layout: Literal["all_to_all", "partitioned"] = Field(
+        default="all_to_all",
+        description="all_to_all: every peer sends its whole update to every member; "
+        "partitioned: the update is cut into one part per member, each aggregated by one "
+        "peer and checked by random verifiers (docs/partitioned-aggregation.md)",
+    )
+    partition_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="partitioned: seconds a part's aggregator may stay silent before the next "
+        "in rank aggregates it instead",
+    )
+    partition_verify: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="partitioned: probability that a peer recomputes each part it did not "
+        "aggregate (a private coin); costs about partition_verify x (n - 1) x payload / n "
+        "bytes received per peer per round",
+    )
+    attack: Literal[
+        "none",
+        "sign_flip",
+        "alie",
+        "fabricate",
+        "stale_lie",
+        "lying_aggregator",  # partitioned: adds attack_scale to each part it aggregates
+        "false_accuser",  # partitioned: accuses every part it verifies
+    ] = Field(
         default="none",
         description="tests and benchmarks only: misbehave as this attacker (alie estimates the "
         "honest mean and spread from the previous round's decided contributions; fabricate: "
@@ -230,6 +258,8 @@ class SwarmConfig(BaseModel):
             )
         if self.overlap and self.mode == "cooperative":
             raise ValueError("swarm.overlap is not available in cooperative mode")
+        if self.aggregation_layout == "partitioned":
+            self._check_partitioned()
         if self.data_shard is not None and self.data_shard >= self.data_shards:
             raise ValueError(
                 f"swarm.data_shard={self.data_shard} must be below swarm.data_shards="
@@ -256,6 +286,26 @@ class SwarmConfig(BaseModel):
                 "takes no weights"
             )
         return self
+
+    def _check_partitioned(self) -> None:
+        from swarmlm.aggregation.partitioned import PART_RULES
+
+        if self.aggregator not in PART_RULES:
+            raise ValueError(
+                f"swarm.aggregation_layout=partitioned needs a per-part rule "
+                f"({', '.join(sorted(PART_RULES))}), not swarm.aggregator={self.aggregator!r}"
+            )
+        if self.mode == "cooperative" or self.overlap or self.objective != "lm":
+            raise ValueError(
+                "swarm.aggregation_layout=partitioned runs the lm objective in diloco or "
+                "synchronous mode without overlap (it applies each round tentatively itself)"
+            )
+        wrapped = {"bucketing", "mixing"} & set(self.aggregator_params)
+        if wrapped or self.reputation_weighted:
+            raise ValueError(
+                "swarm.aggregation_layout=partitioned does not take bucketing, mixing or "
+                "reputation_weighted (they need every whole update)"
+            )
 
     def _check_objective_sections(self) -> None:
         spec = objective_spec(self.objective)

@@ -163,3 +163,103 @@ def round_seconds(seconds: float) -> float:
     if math.isnan(seconds) or seconds < 0:
         return 0.0
     return round(min(seconds, MAX_SECONDS), 3)
+
+
+# -- partitioned layout (swarm.aggregation_layout = partitioned; swarm/partitioned.py) ---------
+PART_MAGIC = b"SWPH"
+MAX_PARTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class PartHeader:
+    """A partitioned contribution: no update, only the commitment to its ``parts`` encoded
+    parts (``root``: their Merkle root, :mod:`swarmlm.merkle`). ``attachment``: this peer's
+    accusations about the previous round's aggregators (msgpack, judged by every peer)."""
+
+    round: int
+    state_digest: bytes
+    base_digest: bytes
+    samples: int
+    seconds: float
+    parts: int
+    root: bytes
+    attachment: bytes = b""
+
+
+def encode_part_header(
+    round: int,
+    state_digest: bytes,
+    samples: int,
+    parts: int,
+    root: bytes,
+    base_digest: bytes | None = None,
+    seconds: float = 0.0,
+    attachment: bytes = b"",
+) -> bytes:
+    """``SWPH | u8 version | u32 header length | canonical JSON header | attachment``: O(1)
+    bytes whatever the number of parts (the root commits to all of them)."""
+    base = state_digest if base_digest is None else base_digest
+    fields: dict[str, object] = {
+        "attachment": len(attachment),
+        "base": base.hex(),
+        "parts": parts,
+        "root": root.hex(),
+        "round": round,
+        "samples": samples,
+        "seconds": round_seconds(seconds),
+        "state": state_digest.hex(),
+    }
+    header = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    return _HEAD.pack(PART_MAGIC, VERSION, len(header)) + header + attachment
+
+
+def decode_part_header(peer: str, data: bytes | bytearray | memoryview) -> PartHeader:
+    """Parse and validate; raises :class:`ContributionError` naming ``peer`` and the field."""
+    view = memoryview(data)
+    if len(view) < _HEAD.size:
+        raise ContributionError(peer, f"{len(view)} bytes is shorter than the header")
+    magic, version, hlen = _HEAD.unpack_from(view, 0)
+    if magic != PART_MAGIC:
+        raise ContributionError(peer, "not a partitioned swarm contribution (bad magic)")
+    if version != VERSION:
+        raise ContributionError(peer, f"unsupported version {version} (this node reads 1)")
+    if hlen > MAX_HEADER or _HEAD.size + hlen > len(view):
+        raise ContributionError(peer, f"header length {hlen} out of bounds")
+    try:
+        header = json.loads(bytes(view[_HEAD.size : _HEAD.size + hlen]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ContributionError(peer, f"header is not JSON ({exc})") from exc
+    fields = {"attachment", "base", "parts", "root", "round", "samples", "seconds", "state"}
+    if not isinstance(header, dict) or set(header) != fields:
+        raise ContributionError(peer, f"header must hold exactly {', '.join(sorted(fields))}")
+    start = _HEAD.size + hlen
+    alen, parts, rnd = header["attachment"], header["parts"], header["round"]
+    samples, seconds = header["samples"], header["seconds"]
+    if not _int(alen) or not 0 <= alen <= MAX_ATTACHMENT or start + alen != len(view):
+        raise ContributionError(peer, f"field 'attachment' out of range: {alen!r}")
+    if not _int(rnd) or rnd < 1:
+        raise ContributionError(peer, f"field 'round' must be a positive int, got {rnd!r}")
+    if not _int(parts) or not 1 <= parts <= MAX_PARTS:
+        raise ContributionError(peer, f"field 'parts' out of range: {parts!r}")
+    if not _int(samples) or not 0 <= samples < 2**40:
+        raise ContributionError(peer, f"field 'samples' out of range: {samples!r}")
+    if (
+        not isinstance(seconds, (int, float))
+        or isinstance(seconds, bool)
+        or not 0.0 <= seconds <= MAX_SECONDS
+    ):
+        raise ContributionError(peer, f"field 'seconds' out of range: {seconds!r}")
+    return PartHeader(
+        rnd,
+        _digest_field(peer, header, "state"),
+        _digest_field(peer, header, "base"),
+        samples,
+        float(seconds),
+        parts,
+        _digest_field(peer, header, "root"),
+        bytes(view[start:]),
+    )
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

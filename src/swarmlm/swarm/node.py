@@ -265,6 +265,11 @@ class SwarmNode:
         the state before r, is applied one round late."""
         assert self.worker is not None
         assert self.proto is not None
+        if self.cfg.swarm.aggregation_layout == "partitioned":  # issue 19: swarm/partitioned.py
+            from swarmlm.swarm.partitioned import PartitionedRounds
+
+            await PartitionedRounds(self).run(start)
+            return
         worker, proto, sw = self.worker, self.proto, self.cfg.swarm
         pending: _Pending | None = None
         try:
