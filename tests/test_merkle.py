@@ -16,12 +16,15 @@ from swarmlm.merkle import (
     MerkleProof,
     MerkleTree,
     ProofMismatchError,
+    blob_chunks,
     chunk_digest,
+    commit_blob,
     leaf_hash,
     merkle_root,
     node_hash,
     proof_length,
     verify,
+    verify_chunk,
 )
 
 
@@ -213,3 +216,19 @@ def test_wire_errors_say_what_is_wrong() -> None:
         MerkleProof.from_bytes(good[:9] + bytes([200]))
     with pytest.raises(MalformedProofError, match="a proof must be bytes"):
         MerkleProof.from_bytes("text")  # type: ignore[arg-type]
+
+
+@settings(max_examples=50, deadline=None)
+@given(blob=st.binary(max_size=3000), chunk_size=st.integers(1, 700), data=st.data())
+def test_one_shard_of_a_snapshot_checks_against_the_signed_root(
+    blob: bytes, chunk_size: int, data: st.DataObject
+) -> None:
+    root, n = commit_blob(blob, chunk_size)
+    chunks = blob_chunks(blob, chunk_size)
+    assert b"".join(chunks) == blob
+    assert len(chunks) == n
+    tree = MerkleTree.of_chunks(chunks)
+    i = data.draw(st.integers(0, n - 1))
+    verify_chunk(root, i, chunks[i], tree.proof(i), n)
+    with pytest.raises(ProofMismatchError):
+        verify_chunk(root, i, chunks[i] + b"x", tree.proof(i), n)

@@ -275,3 +275,27 @@ def verify(
             f"proof of leaf {index} of {n_leaves} leads to root {got.hex()[:16]}..., "
             f"not the committed {bytes(root).hex()[:16]}...: another root, leaf or index"
         )
+
+
+def blob_chunks(blob: bytes, chunk_size: int) -> list[bytes]:
+    """``blob`` cut into ``chunk_size``-byte chunks (the last may be shorter; an empty blob
+    is one empty chunk, so every blob has a tree with at least one leaf)."""
+    if chunk_size < 1:
+        raise MerkleError(f"chunk_size must be >= 1, got {chunk_size}")
+    view = memoryview(blob)
+    return [bytes(view[i : i + chunk_size]) for i in range(0, len(blob), chunk_size)] or [b""]
+
+
+def commit_blob(blob: bytes, chunk_size: int) -> tuple[bytes, int]:
+    """``(root, n_chunks)`` of a blob (a state snapshot): what its holder signs, so a peer
+    catching up can fetch and check shards from different peers (:func:`verify_chunk`)."""
+    tree = MerkleTree.of_chunks(blob_chunks(blob, chunk_size))
+    return tree.root, len(tree)
+
+
+def verify_chunk(
+    root: bytes, index: int, chunk: bytes, proof: Sequence[bytes] | MerkleProof, n_chunks: int
+) -> None:
+    """Check chunk ``index`` of a blob committed as ``(root, n_chunks)``; raises a
+    :class:`MerkleError` as :func:`verify` does."""
+    verify(root, index, chunk_digest(chunk), proof, n_chunks)
