@@ -379,6 +379,7 @@ class SwarmNode:
             lambda: (worker.params_sha256(), worker.engine.state_digest())
         )
         self._publish_state()
+        self._explain_absence(report)
         self._vote_evictions(decision)
         t_applied = self._clock()
         loss = None
@@ -466,6 +467,26 @@ class SwarmNode:
         path = await self._run(worker.save_checkpoint, list(members or []))
         self._checkpointed = r
         self._emit("checkpoint", round=r, path=str(path))
+
+    def _explain_absence(self, report: RoundReport) -> None:
+        """Refine the engine's "absent" (a member without an entry) with what only this node
+        sees: a member we are connected to was alive but late (its contribution missed the
+        decided set: a slow peer, or one that started its round late); one we are not
+        connected to is down or unreachable. Local, for the log and the dashboard."""
+        links = self.node.connections
+        for peer, why in list(report.left_out.items()):
+            if why == "absent" and peer != self.identity.node_id:
+                report.left_out[peer] = (
+                    "late: connected, but no entry in the decided set"
+                    if peer in links
+                    else "absent: not connected"
+                )
+        if report.left_out:
+            log.info(
+                "round %d left out %s",
+                report.round,
+                "; ".join(f"{p[:12]}: {why}" for p, why in sorted(report.left_out.items())),
+            )
 
     def _vote_evictions(self, decision: Decision) -> None:
         """Reputation and evidence are consensus state (every in-sync peer computes the same
