@@ -376,3 +376,33 @@ def test_robust_rule_over_groups_drops_a_norm_breaking_group_and_resists_one_bad
     broken = GroupResult(0, 5, broken.survivors, broken.ring_sum, broken.total, False)
     agg, dropped = robust_over_groups([*results[:4], broken], "median", f_peers=1)
     assert dropped == [5]
+
+
+def test_a_share_that_overtakes_its_advertisement_is_held_then_used() -> None:
+    ids = IDS[:3]
+    a, b, c = (i.node_id for i in ids)
+    ups = _updates(ids, seed=3)
+    members = {i.node_id: i.public_key_bytes for i in ids}
+    peers = {i.node_id: SecAggPeer(i, 0, 0, members, DIM, CODEC) for i in ids}
+    ads = {v: p.start(ups[v], 0.0)[0] for v, p in peers.items()}
+    queue: list[tuple[str, Message]] = []
+    for v in (a, b):
+        for u in (a, b, c):
+            if u != v:
+                queue += [(v, m) for m in peers[v].receive(ads[u], 0.0)]
+    share_a = next(m for author, m in queue if author == a and m.kind == "share")
+    assert peers[c].receive(share_a, 0.0) == []  # held: c has no advertisement yet
+    other = _resign(ids[0], share_a, fields={"b_commit": bytes(32)})
+    with pytest.raises(EquivocationError):
+        peers[c].receive(other, 0.0)
+    for u in (a, b):
+        queue += [(c, m) for m in peers[c].receive(ads[u], 0.0)]
+    while queue:
+        author, msg = queue.pop(0)
+        for v, p in peers.items():
+            if v != author:
+                queue += [(v, m) for m in p.receive(msg, 0.0)]
+    plain = plain_ring_sum(CODEC, ups.values())
+    for p in peers.values():
+        assert p.result is not None, p.abandoned
+        assert np.array_equal(p.result.ring_sum, plain)

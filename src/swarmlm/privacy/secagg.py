@@ -66,7 +66,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from swarmlm.aggregation.registry import get_aggregator
+from swarmlm.aggregation.registry import Aggregator, get_aggregator
 from swarmlm.p2p.identity import NodeIdentity, canonical_encode, verify_signature
 
 DOMAIN = b"swarmlm-secagg-v1"
@@ -543,7 +543,10 @@ class SecAggPeer:
         p = self.peers[msg.sender]
         body = msg.signed_bytes()
         if msg.kind == "share" and (p.c_pk is None or self._input is None):
-            if all(m.signed_bytes() != body for m in self._early_shares):
+            held = [m for m in self._early_shares if m.sender == msg.sender]
+            if held and held[0].signed_bytes() != body:
+                raise EquivocationError(f"{msg.sender[:12]} signed two different share messages")
+            if not held:  # at most one held back per member: bounded memory
                 self._early_shares.append(msg)
             return
         if msg.kind in p.seen:
@@ -885,13 +888,15 @@ def assign_groups(seed: bytes, members: Sequence[str], group_size: int) -> list[
 
 
 def robust_over_groups(
-    results: Sequence[GroupResult], rule: str, f_peers: int, **params: Any
+    results: Sequence[GroupResult], rule: str | Aggregator, f_peers: int, **params: Any
 ) -> tuple[torch.Tensor, list[int]]:
     """Aggregate the groups' means with the swarm's robust ``rule``.
 
     A group whose sum breaks its norm bound holds a violator: it is dropped (and counts
-    against the ``f_peers`` budget). The rule then tolerates ``min(f_peers, groups)`` bad
-    groups minus those dropped. Returns the aggregate (float32) and the dropped groups.
+    against the ``f_peers`` budget). A rule given by name then tolerates ``min(f_peers,
+    groups)`` bad groups minus those dropped; an :class:`Aggregator` instance (stateful rules
+    such as centered clipping keep their centre across rounds) is used as configured.
+    Returns the aggregate (float32) and the dropped groups.
     """
     if not results:
         raise SecAggError("no group results to aggregate")
@@ -900,6 +905,8 @@ def robust_over_groups(
     if not kept:
         raise SecAggError("every group's sum broke its norm bound")
     stack = torch.from_numpy(np.stack([r.mean for r in kept])).to(torch.float32)
+    if isinstance(rule, Aggregator):
+        return rule(stack), dropped
     f = max(0, min(f_peers, len(results)) - len(dropped))
     agg = get_aggregator(rule, **({"f": f} if rule != "mean" else {}), **params)
     return agg(stack), dropped
