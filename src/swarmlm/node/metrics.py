@@ -169,6 +169,20 @@ class NodeMetrics:
         self.config_reloads = Counter(
             "swarmlm_config_reloads", "Hot config reloads, by result", ["result"], registry=r
         )
+        # differential privacy spent by this peer (issue 25; set by rounds that carry it)
+        self.privacy_epsilon = Gauge(
+            "swarmlm_privacy_epsilon",
+            "Differential-privacy epsilon this peer has spent so far (at swarmlm_privacy_delta)",
+            ["level"],
+            registry=r,
+        )
+        self.privacy_delta = Gauge(
+            "swarmlm_privacy_delta", "The delta of this peer's (epsilon, delta) budget", registry=r
+        )
+        self.privacy_target = Gauge(
+            "swarmlm_privacy_target_epsilon", "This peer's privacy.target_epsilon", registry=r
+        )
+        self.last_privacy: dict[str, Any] | None = None
         self._sources: dict[str, PullSource] = {}
         self._source_errors: dict[str, int] = {}
         self._reputation: dict[str, float] = {}
@@ -245,6 +259,7 @@ class NodeMetrics:
                 self._reputation = {
                     str(k): float(v) for k, v in rep.items() if _number(v) is not None
                 }
+            epsilon = self._on_privacy(d.get("privacy"))
             self.round_log.append(
                 {
                     "round": None if number is None else int(number),
@@ -254,8 +269,33 @@ class NodeMetrics:
                     "accepted": None if accepted is None else int(accepted),
                     "val_loss": val,
                     "train_loss": train,
+                    "epsilon": epsilon,
                 }
             )
+
+    def _on_privacy(self, privacy: object) -> float | None:
+        """Gauges from a round's ``privacy`` report (:meth:`PrivacyLedger.report`); returns
+        its overall epsilon, None when the round carries none. Caller holds the lock."""
+        if not isinstance(privacy, Mapping):
+            return None
+        epsilon = _number(privacy.get("epsilon"))
+        for level in ("record", "peer"):
+            value = _number(privacy.get(f"{level}_epsilon"))
+            if value is not None:
+                self.privacy_epsilon.labels(level=level).set(value)
+        delta, target = _number(privacy.get("delta")), _number(privacy.get("target_epsilon"))
+        if delta is not None:
+            self.privacy_delta.set(delta)
+        if target is not None:
+            self.privacy_target.set(target)
+        self.last_privacy = {
+            "epsilon": epsilon,
+            "delta": delta,
+            "target_epsilon": target,
+            "record_epsilon": _number(privacy.get("record_epsilon")),
+            "peer_epsilon": _number(privacy.get("peer_epsilon")),
+        }
+        return epsilon
 
     def _on_progress(self, at: float, d: Mapping[str, Any]) -> None:
         step, loss, tps = (
@@ -328,6 +368,7 @@ class NodeMetrics:
             "loss_curve": _thin(curve, max_points),
             "round_train_loss": _thin(rounds, max_points),
             "round_val_loss": _thin(val, max_points),
+            "privacy": self.last_privacy,
         }
 
     def rounds_feed(self, limit: int = 50) -> list[dict[str, Any]]:

@@ -573,6 +573,7 @@ class NodeRuntime:
             reputation=reputation,
             params_sha256=ev.get("params_sha256"),
             resynced=ev.get("resynced", False),
+            privacy=ev.get("privacy"),  # this peer's (epsilon, delta) spent (issue 25)
         )
         if ev.get("voter"):
             return

@@ -35,6 +35,7 @@ from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.node_api import ProtocolNode
 from swarmlm.p2p.transport import P2PNode
 from swarmlm.p2p.votelog import VoteLog
+from swarmlm.privacy.accountant import PrivacyBudgetExhaustedError
 from swarmlm.swarm.config import SwarmRunConfig
 from swarmlm.swarm.engine import RoundReport
 from swarmlm.swarm.errors import (
@@ -301,6 +302,12 @@ class SwarmNode:
                         return
                     pending = None
                     continue
+                except PrivacyBudgetExhaustedError as exc:  # privacy.on_budget_spent = stop
+                    log.warning("round %d: %s; this peer stops contributing", r, exc)
+                    self._emit("privacy_budget_spent", round=r, reason=str(exc))
+                    if pending is not None:
+                        await self._complete(pending)
+                    return
                 t_compute = self._clock() - t0
                 if pending is not None and not await self._complete(pending):
                     return
@@ -414,6 +421,7 @@ class SwarmNode:
             fetch_bytes_served=self.node.counters["fetch_bytes_served"],
             pulls={k: v for k, v in self.proto.stats.items() if k.startswith("pulls_")},
             payload_bytes=len(pending.payload),
+            privacy=worker.privacy_report(),  # this peer's (epsilon, delta) so far (issue 25)
             **_report_fields(report),
         )
         if me in decision.members and me not in decision.members_next:

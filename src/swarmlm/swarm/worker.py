@@ -138,7 +138,10 @@ class SwarmWorker:
             prepared = prep.data
         with _INIT_LOCK:
             self.trainer = Trainer(
-                run, parallel=DataShard(self.shard, sw.data_shards), show_progress=show_progress
+                run,
+                parallel=DataShard(self.shard, sw.data_shards),
+                show_progress=show_progress,
+                privacy_rounds=sw.rounds,
             )
         self.model: torch.nn.Module = self.trainer.model_core
         self.objective: Objective
@@ -214,6 +217,10 @@ class SwarmWorker:
             # from consensus - residual makes update + residual our whole displacement from
             # the consensus, which is what the codec then encodes: each step of progress once.
             start = start - self.engine.feedback.residual
+        privacy = self.trainer.privacy
+        if privacy is not None:  # issue 25: refuse (or warn) before a round the budget cannot pay
+            most = sw.max_inner_steps if sw.target_samples is not None else sw.inner_steps
+            privacy.check_round(0 if sw.mode == "synchronous" else most)
         t0 = time.perf_counter()
         if isinstance(self.objective, VerifiedObjective):
             # the round's work (rollouts) comes from the agreed state, which every other
@@ -248,6 +255,8 @@ class SwarmWorker:
             steps = len(losses)
             self.last_loss = sum(losses) / steps
             update = start - flatten_params(self.model, self.layout)
+        if privacy is not None and privacy.cfg.contribution_noise:
+            update = privacy.privatize(update)  # clipped + noised before it leaves this peer
         self.last_seconds = time.perf_counter() - t0
         self.last_samples = steps * self.samples_per_step
         self.last_update = update
@@ -393,6 +402,10 @@ class SwarmWorker:
         return self.engine.round, members
 
     # -- inspection ------------------------------------------------------------------------
+    def privacy_report(self) -> dict[str, Any] | None:
+        """This peer's privacy spent so far (epsilon, delta, ...); None when privacy is off."""
+        return None if self.trainer.privacy is None else self.trainer.privacy.report()
+
     def params_sha256(self) -> str:
         return params_sha256(self.engine.params)
 

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from swarmlm.config import StrictModel
 from swarmlm.data.mixing import MixingConfig
 from swarmlm.model import ModelConfig
+from swarmlm.privacy.config import PrivacyConfig
 
 #: environment variables laid over a run config file: SWARMLM_TRAIN__OPTIM__LR=1e-3
 ENV_PREFIX = "SWARMLM_TRAIN__"
@@ -127,6 +128,11 @@ class RunConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig,
+        description="differential privacy of this peer: DP-SGD, noised contributions, budget "
+        "(docs/privacy.md)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -138,4 +144,24 @@ class RunConfig(StrictModel):
         steps = [s.until_step for s in self.train.curriculum]
         if steps != sorted(steps) or len(set(steps)) != len(steps):
             raise ValueError("train.curriculum stages must have increasing until_step")
+        self._check_privacy()
         return self
+
+    def _check_privacy(self) -> None:
+        """DP-SGD's records are fixed windows of data.seq_len and its batches Poisson samples
+        of them: settings that change either, or that step without its gradients, are refused."""
+        if not self.privacy.dp_sgd:
+            return
+        refused = {
+            "train.curriculum": bool(self.train.curriculum),
+            "data.mixing.mode": self.data.mixing.mode != "off",
+            'optim.name "sam"': self.optim.name == "sam",
+            'train.precision "fp16"': self.train.precision == "fp16",
+            "parallel.tp/pp/ep > 1": max(self.parallel.tp, self.parallel.pp, self.parallel.ep) > 1,
+        }
+        bad = [name for name, on in refused.items() if on]
+        if bad:
+            raise ValueError(
+                f"privacy.dp_sgd cannot be combined with {', '.join(bad)} (DP-SGD samples "
+                "fixed records and computes its own per-sample gradients; docs/privacy.md)"
+            )

@@ -32,6 +32,8 @@ from swarmlm.data.mixing import (
     per_row_loss,
 )
 from swarmlm.model import Transformer
+from swarmlm.privacy.accountant import PrivacyBudgetExhaustedError
+from swarmlm.privacy.dp import PrivateTraining
 from swarmlm.train.checkpoint import (
     AsyncCheckpointer,
     CheckpointError,
@@ -133,7 +135,10 @@ class Trainer:
         parallel: SingleProcess | None = None,
         console: Console | None = None,
         show_progress: bool = True,
+        privacy_rounds: int = 0,
     ) -> None:
+        """``privacy_rounds``: the noised contributions a swarm peer plans (its budget is
+        planned, and an impossible target refused, before the first step)."""
         self.cfg = cfg
         self.parallel = parallel or SingleProcess()
         # set from another thread to end an evaluation between batches (a stopping swarm
@@ -202,6 +207,9 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.micro_splits = 1
+        self.privacy: PrivateTraining | None = (
+            self._build_privacy(privacy_rounds) if cfg.privacy.enabled else None
+        )
         self.async_writer = AsyncCheckpointer() if cfg.train.async_checkpoint else None
         self.last_checkpoint: Path | None = None
         self.metrics: MetricsLogger | None = None
@@ -215,6 +223,50 @@ class Trainer:
                 model.num_parameters() / 1e6,
                 mem / 2**20,
             )
+
+    # ---- differential privacy (issue 25; swarmlm.privacy) --------------------------------
+
+    def _build_privacy(self, rounds: int) -> PrivateTraining:
+        """The DP-SGD sampler, noise and budget ledger of this run (Opacus loads here)."""
+        cfg = self.cfg
+        if cfg.privacy.dp_sgd and type(self.parallel).mean is not SingleProcess.mean:
+            raise ValueError(
+                "privacy.dp_sgd runs in one process per peer (swarmlm train or a swarm peer): "
+                "under torchrun each rank's sampling and noise would not be accounted"
+            )
+        return PrivateTraining(
+            cfg.privacy,
+            shards=self.train_shards,
+            seq_len=cfg.data.seq_len,
+            expected_batch=cfg.data.batch_size * cfg.train.grad_accum,
+            planned_steps=cfg.train.max_steps,
+            planned_rounds=rounds,
+            rank=self.parallel.data_rank,
+            world_size=self.parallel.data_world_size,
+            seed=cfg.train.seed,
+        )
+
+    def _private_step(self) -> tuple[float, float]:
+        """A DP-SGD step in place of :meth:`train_step`'s body: the gradient comes from
+        Poisson-sampled records, clipped per record and noised (no global clip, no loader)."""
+        assert self.privacy is not None
+        lr = self.schedule.lr(self.step)
+        for group in self.base_optimizer.param_groups:
+            group["lr"] = lr
+        loss, grad_norm = self.privacy.gradient_step(self.model_core, self.precision.autocast)
+        if self.privacy.last_batch and not math.isfinite(loss):
+            raise TrainingDivergedError(f"loss is {loss} at step {self.step}; stopping")
+        self.base_optimizer.step()
+        self.base_optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.privacy.last_batch * self.cfg.data.seq_len
+        return loss, grad_norm
+
+    def _privacy_metrics(self) -> dict[str, float]:
+        if self.privacy is None:
+            return {}
+        rep = self.privacy.report()
+        return {k: float(rep[k]) for k in ("epsilon", "delta") if rep[k] is not None}
 
     # ---- state -------------------------------------------------------------------------
 
@@ -234,6 +286,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "world_size": self.parallel.world_size,
             "layout": str(getattr(self.parallel, "layout", "single")),
+            **({"privacy": self.privacy.ledger.state_dict()} if self.privacy else {}),
         }
 
     def save(self) -> Path | None:
@@ -327,6 +380,13 @@ class Trainer:
         if self.curriculum is not None and "curriculum" in ckpt.state:
             self.curriculum.load_state_dict(ckpt.state["curriculum"])
         self.tokens_seen = int(ckpt.state["tokens_seen"])
+        if self.privacy is not None:
+            if "privacy" not in ckpt.state:
+                raise CheckpointError(
+                    f"{ckpt.path}: saved without privacy accounting, and this run has privacy "
+                    "on: its earlier steps would go unaccounted; start a new run directory"
+                )
+            self.privacy.ledger.load_state_dict(ckpt.state["privacy"])
         self.step = ckpt.step
         self.seq_len = self._seq_len_for(self.step)
         self.loader.set_seq_len(self.seq_len)
@@ -445,6 +505,8 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (loss, gradient norm)."""
+        if self.privacy is not None and self.privacy.windows is not None:
+            return self._private_step()
         cfg = self.cfg
         seq_len = self._seq_len_for(self.step)
         if seq_len != self.seq_len:
@@ -547,7 +609,11 @@ class Trainer:
                             "time budget %.0f s reached at step %d", cfg.max_seconds, self.step
                         )
                         break
-                    loss, grad_norm = self.train_step()
+                    try:
+                        loss, grad_norm = self.train_step()
+                    except PrivacyBudgetExhaustedError as exc:  # on_budget_spent = stop
+                        log.warning("%s: stopping at step %d", exc, self.step)
+                        break
                     result.losses.append(loss)
                     if cfg.max_seconds is not None:
                         self._fit_schedule_to_budget(start, first_step, cfg.max_seconds)
@@ -570,7 +636,15 @@ class Trainer:
                             tokens_per_s=rate,
                             seq_len=self.seq_len,
                             **self._mixture_metrics(),
+                            **self._privacy_metrics(),
                         )
+                        if self.privacy is not None:
+                            log.info(
+                                "step %d: privacy epsilon %.4g at delta %g",
+                                self.step,
+                                self.privacy.report()["epsilon"],
+                                self.cfg.privacy.target_delta,
+                            )
                     if self.step % cfg.eval_every == 0:
                         result.last_eval = self._eval_and_log()
                         evaluated_at = self.step
