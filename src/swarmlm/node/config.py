@@ -112,6 +112,12 @@ class RlhfSection(StrictModel):
     prompts_per_batch: int = Field(default=8, ge=1, le=1000, description="prompts per sampling")
     max_new_tokens: int = Field(default=48, ge=1, le=2048, description="tokens per response")
     task_set: str = Field(default="model-samples", description="task set receiving the pairs")
+    loop: bool = Field(
+        default=False,
+        description="run the closed RLHF loop (pretrain -> samples -> consensus labels -> "
+        "reward model -> PPO/GRPO -> samples ...) as the swarm objective rlhf_loop; its "
+        "thresholds are run.swarm.rlhf_loop (docs/rlhf.md); replaces sample_every_rounds",
+    )
 
 
 # Keys of the run config that the node always sets from its own settings: a run section
@@ -373,6 +379,15 @@ def node_run_layers(
         )
     if cfg.max_cpu_threads is not None:
         by_node("train.threads", cfg.max_cpu_threads, "max_cpu_threads")
+    if cfg.rlhf.loop and cfg.runs("rlhf") and cfg.runs("training"):
+        # the closed loop trains as one swarm objective; it reads this node's store replica
+        by_node("swarm.objective", "rlhf_loop", "rlhf.loop")
+        prompts = cfg.rlhf.prompts or Path(__file__).resolve().parent / "prompts.txt"
+        by_node("swarm.rlhf_loop.prompts_file", str(prompts), "rlhf.prompts")
+        by_node("swarm.rlhf_loop.task_set", cfg.rlhf.task_set, "rlhf.task_set")
+        if cfg.runs("curation"):
+            db = cfg.db_url or f"sqlite:///{(node_dir / 'curation.db').resolve()}"
+            by_node("swarm.rlhf_loop.curation_db", db, "db_url")
     if cfg.type == "lightweight":
         # a voter keeps as few payloads as it can
         lay("p2p.keep_rounds", 2, "node type lightweight")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
@@ -105,6 +104,7 @@ class NodeRuntime:
         self._curve: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self._sampling = False
         self._sampled_rounds: set[int] = set()
+        self.rlhf_loop: Any = None  # RlhfLoopMonitor with rlhf.loop (node/rlhf_loop.py)
         self._reloads: dict[str, Any] = {"applied": 0, "rejected": 0, "last_error": None}
         self._members_seen: int | None = None  # the round membership last evaluated
         self._process = psutil.Process()
@@ -171,6 +171,12 @@ class NodeRuntime:
             if self.cfg.runs("curation"):
                 await self._start_replication()
             if self.cfg.runs("training"):
+                if self.cfg.rlhf.loop and self.cfg.runs("rlhf"):
+                    from swarmlm.node.rlhf_loop import RlhfLoopMonitor
+
+                    self.rlhf_loop = RlhfLoopMonitor(
+                        self.dir, self.cfg.node_id, self.store, self.bus, self.cfg.rlhf
+                    )
                 self._spawn(self._run_training(stop))
             elif self.cfg.type == "lightweight":
                 self._spawn(self._run_voter(stop))
@@ -597,6 +603,11 @@ class NodeRuntime:
                 loss=ev["train_loss"],
                 tokens_per_s=round(tokens / compute, 1),
             )
+        if self.rlhf_loop is not None:
+            if not self._sampling:  # one import at a time; the next round picks up the rest
+                self._sampling = True
+                self._spawn(self._after_loop_round(int(ev["round"])))
+            return
         every = self.cfg.rlhf.sample_every_rounds
         if (
             self.cfg.runs("rlhf")
@@ -645,6 +656,14 @@ class NodeRuntime:
         return None if n is None else fault_tolerance_warning(n)
 
     # -- alignment: model samples become comparison tasks ---------------------------------
+    async def _after_loop_round(self, r: int) -> None:
+        try:
+            await asyncio.to_thread(self.rlhf_loop.after_round, r)
+        except Exception:
+            log.exception("round %d: the rlhf loop's node work failed", r)
+        finally:
+            self._sampling = False
+
     async def _sample_for_annotators(self, r: int) -> None:
         try:
             added = await asyncio.to_thread(self._sample_tasks, r)
@@ -655,8 +674,6 @@ class NodeRuntime:
             self._sampling = False
 
     def _sample_tasks(self, r: int) -> int:
-        from swarmlm.curation.errors import CurationError
-        from swarmlm.curation.interchange import read_tasks_file
         from swarmlm.rlhf.config import SampleConfig
         from swarmlm.rlhf.sample import sample_comparison_tasks
         from swarmlm.train.checkpoint import latest_checkpoint
@@ -688,24 +705,9 @@ class NodeRuntime:
             ),
             show_progress=False,
         )
-        schema = {"kind": "pairwise" if rc.responses == 2 else "ranking"}
-        try:
-            ts = self.store.find_task_set(rc.task_set)
-        except CurationError:
-            ts = self.store.create_task_set(
-                rc.task_set,
-                schema if rc.responses == 2 else {**schema, "k": rc.responses},
-                k=3,
-                description="responses of the swarm's model; your preferences train the "
-                "reward model",
-            )
-        # the same prompt comes back in later rounds with new answers, and other full nodes
-        # sample too: the external id names the node and the round
-        tasks = [
-            dataclasses.replace(t, external_id=f"{self.cfg.node_id}-r{r}-{t.external_id or 'task'}")
-            for t in read_tasks_file(out)
-        ]
-        return int(self.store.add_tasks(ts.id, tasks, source=f"round {r} samples"))
+        from swarmlm.node.rlhf_loop import add_comparison_tasks
+
+        return add_comparison_tasks(self.store, rc, self.cfg.node_id, out, r, f"round {r} samples")
 
     # -- what the ops endpoints and the dashboard read ------------------------------------
     def health(self) -> dict[str, Any]:
@@ -767,6 +769,8 @@ class NodeRuntime:
         if self.replicator is not None:
             stats = {k: v for k, v in self.replicator.stats().items() if k != "peers"}
             comps["replication"] = component("ok", False, **stats)
+        if self.rlhf_loop is not None:
+            comps["rlhf_loop"] = self.rlhf_loop.component()
         comps["disk"] = disk_component(self.dir)
         comps["resources"] = {"required": False, **self.resources()}
         report = health_report(comps)
@@ -816,6 +820,7 @@ class NodeRuntime:
             "state": self._training_state,
             "curve": [{k: v for k, v in p.items() if k != "time"} for p in self._curve],
             "last_round": self._last_round,
+            **({"rlhf_loop": self.rlhf_loop.status()} if self.rlhf_loop is not None else {}),
         }
 
     def annotation(self) -> dict[str, Any]:

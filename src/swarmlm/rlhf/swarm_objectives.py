@@ -154,9 +154,17 @@ def read_swarm_pairs(
         if path is not None and not path.is_file():
             raise SwarmError(f"swarm.{section}.{name}: {path} does not exist or is not a file")
     assert source is not None  # the section's validator requires one source
+    return load_swarm_pairs(source, cfg.eval_file, cfg, tok, seed, field)
+
+
+def load_swarm_pairs(
+    source: Path, eval_file: Path | None, cfg: Any, tok: Tokenizer, seed: int, field: str
+) -> tuple[TokenizedPairs, TokenizedPairs | None]:
+    """Tokenised training and held-out pairs of ``source`` with ``cfg``'s split, lengths
+    and safety filter (a :class:`PairSettings`); failures name ``field``."""
     settings = PairDataSettings(
         train_file=source,
-        eval_file=cfg.eval_file,
+        eval_file=eval_file,
         eval_fraction=cfg.val_fraction,
         max_len=cfg.max_len,
         batch_size=cfg.batch_size,
@@ -174,24 +182,7 @@ def consensus_preferences(url: str, task_set: int, out: Path) -> Path:
     pairs identically. Pairs come from finalised pairwise/ranking tasks only: the
     platform's consensus over annotators, weighted by their reputation, is what absorbs
     annotators who flip labels (docs/curation-quality.md)."""
-    from swarmlm.curation.errors import CurationError
-    from swarmlm.curation.interchange import preference_rows
-    from swarmlm.curation.store import CurationStore
-    from swarmlm.p2p.identity import NodeIdentity
-
-    try:
-        store = CurationStore.open(url, NodeIdentity.generate(), run_migrations=False)
-    except Exception as exc:
-        raise SwarmError(f"swarm.reward.curation_db: cannot open {url}: {exc}") from exc
-    try:
-        rows = sorted(
-            preference_rows(store, task_set),
-            key=lambda r: (r["prompt"], r["chosen"], r["rejected"]),
-        )
-    except (CurationError, KeyError, LookupError) as exc:
-        raise SwarmError(f"swarm.reward.task_set: {task_set} in {url}: {exc}") from exc
-    finally:
-        store.close()
+    rows = consensus_rows(url, task_set)
     if not rows:
         raise SwarmError(
             f"swarm.reward.task_set: task set {task_set} in {url} has no finalised "
@@ -200,6 +191,36 @@ def consensus_preferences(url: str, task_set: int, out: Path) -> Path:
     write_jsonl_atomic(rows, out)
     log.info("reward objective: %d consensus pairs of task set %d -> %s", len(rows), task_set, out)
     return out
+
+
+def consensus_rows(
+    url: str, task_set: int | str, field: str = "swarm.reward"
+) -> list[dict[str, str]]:
+    """The consensus preference pairs of ``task_set`` (id, or name: none while no task set
+    of that name exists) in the curation store at ``url``, in a canonical order."""
+    from swarmlm.curation.errors import CurationError
+    from swarmlm.curation.interchange import preference_rows
+    from swarmlm.curation.store import CurationStore
+    from swarmlm.p2p.identity import NodeIdentity
+
+    try:
+        store = CurationStore.open(url, NodeIdentity.generate(), run_migrations=False)
+    except Exception as exc:
+        raise SwarmError(f"{field}.curation_db: cannot open {url}: {exc}") from exc
+    try:
+        if isinstance(task_set, str):
+            try:
+                task_set = store.find_task_set(task_set).id
+            except CurationError:
+                return []
+        return sorted(
+            preference_rows(store, task_set),
+            key=lambda r: (r["prompt"], r["chosen"], r["rejected"]),
+        )
+    except (CurationError, KeyError, LookupError) as exc:
+        raise SwarmError(f"{field}.task_set: {task_set} in {url}: {exc}") from exc
+    finally:
+        store.close()
 
 
 def shard_pairs(data: TokenizedPairs, shard: int, shards: int) -> TokenizedPairs:
@@ -230,20 +251,9 @@ class DPOObjective:
         self.cfg = dpo
         self.seed = trainer.cfg.train.seed
         model = trainer.model_core
-        try:
-            model.load_state_dict(init.checkpoint.model_state)
-        except RuntimeError as exc:
-            raise SwarmError(
-                f"swarm.dpo.init_checkpoint: {init.checkpoint.path} does not fit the language "
-                f"model it describes (is it a reward model?): {exc}"
-            ) from exc
-        tok = self._tokenizer(init)
-        if tok.vocab_size > model.cfg.vocab_size:
-            raise SwarmError(
-                f"tokenizer {tok.source} has {tok.vocab_size} tokens but the model of "
-                f"swarm.dpo.init_checkpoint has vocab_size {model.cfg.vocab_size}"
-            )
-        train, held_out = self._pairs(tok)
+        load_initial_weights(model, init, "swarm.dpo.init_checkpoint")
+        tok = checked_tokenizer(init, dpo.tokenizer, model, "dpo")
+        train, held_out = read_swarm_pairs(dpo, "dpo", tok, self.seed)
         self.train = shard_pairs(train, shard, shards)
         if len(self.train) == 0:
             raise SwarmError(
@@ -276,15 +286,10 @@ class DPOObjective:
             len(held_out),
         )
 
-    def _tokenizer(self, init: InitCheckpoint) -> Tokenizer:
-        try:
-            return tokenizer_for(init.checkpoint, self.cfg.tokenizer)
-        except (CheckpointError, TokenizerError) as exc:
-            field = "swarm.dpo.tokenizer" if self.cfg.tokenizer else "swarm.dpo.init_checkpoint"
-            raise SwarmError(f"{field}: no usable tokenizer: {exc}") from exc
-
-    def _pairs(self, tok: Tokenizer) -> tuple[TokenizedPairs, TokenizedPairs | None]:
-        return read_swarm_pairs(self.cfg, "dpo", tok, self.seed)
+        model = trainer.model_core
+        load_initial_weights(model, init, "swarm.dpo.init_checkpoint")
+        tok = checked_tokenizer(init, dpo.tokenizer, model, "dpo")
+        train, held_out = read_swarm_pairs(dpo, "dpo", tok, self.seed)
 
     @property
     def samples_per_step(self) -> int:
@@ -302,23 +307,16 @@ class DPOObjective:
         return loss, stats
 
     def step(self) -> float:
-        tr = self.trainer
-        lr = tr.schedule.lr(tr.step)
-        for group in tr.base_optimizer.param_groups:
-            group["lr"] = lr
-        loss, stats = self._batch_loss()
-        tr.base_optimizer.zero_grad(set_to_none=True)
-        tr.precision.backward(loss)
-        tr.precision.unscale(tr.base_optimizer)
-        clip = tr.cfg.train.grad_clip
-        params = [p for p in tr.model_core.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
-        stats["grad_norm"] = float(norm)
-        tr.precision.step(tr.base_optimizer)
-        tr.base_optimizer.zero_grad(set_to_none=True)
-        tr.step += 1
+        stats: dict[str, float] = {}
+
+        def batch_loss() -> tuple[Tensor, float]:
+            loss, found = self._batch_loss()
+            stats.update(found)
+            return loss, found["loss"]
+
+        value = optimizer_step(self.trainer, batch_loss, stats)
         self.last_stats = stats
-        return stats["loss"]
+        return value
 
     def gradient(self, layout: ParamLayout) -> tuple[Tensor, float]:
         tr = self.trainer
@@ -378,9 +376,12 @@ def checked_tokenizer(
     return tok
 
 
-def optimizer_step(trainer: Trainer, batch_loss: Any) -> float:
+def optimizer_step(
+    trainer: Trainer, batch_loss: Any, stats: dict[str, float] | None = None
+) -> float:
     """One inner step through the trainer's machinery: its schedule's learning rate on every
-    parameter group, backward, unscale, clip to ``train.grad_clip``, AdamW, ``step += 1``."""
+    parameter group, backward, unscale, clip to ``train.grad_clip``, AdamW, ``step += 1``.
+    ``stats``, if given, receives the gradient norm before clipping (``grad_norm``)."""
     tr = trainer
     lr = tr.schedule.lr(tr.step)
     for group in tr.base_optimizer.param_groups:
@@ -391,7 +392,9 @@ def optimizer_step(trainer: Trainer, batch_loss: Any) -> float:
     tr.precision.unscale(tr.base_optimizer)
     clip = tr.cfg.train.grad_clip
     params = [p for g in tr.base_optimizer.param_groups for p in g["params"] if p.grad is not None]
-    torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
+    if stats is not None:
+        stats["grad_norm"] = float(norm)
     tr.precision.step(tr.base_optimizer)
     tr.base_optimizer.zero_grad(set_to_none=True)
     tr.step += 1
@@ -412,7 +415,19 @@ def take_gradient_of(tr: Trainer, module: nn.Module, layout: ParamLayout) -> Ten
 # -- reward model ------------------------------------------------------------------------------
 
 
-class SwarmRewardConfig(StrictModel):
+class RewardSettings(StrictModel):
+    """How a reward model trains over the swarm: shared by ``swarm.reward`` and the reward
+    phase of the RLHF loop (``swarm.rlhf_loop.reward``)."""
+
+    val_fraction: float = Field(default=0.1, ge=0, lt=1, description="held-out share")
+    batch_size: int = Field(default=16, ge=1, description="pairs per inner step")
+    max_len: int = Field(default=256, ge=4, description="tokens of prompt + response")
+    eval_batch_size: int = Field(default=32, ge=1, description="pairs per evaluation batch")
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+
+
+class SwarmRewardConfig(RewardSettings):
     """The ``swarm.reward`` section: a Bradley-Terry reward model trained by the swarm.
 
     Preferences come from a JSONL file or, with ``curation_db``, from this node's replica of
@@ -437,13 +452,7 @@ class SwarmRewardConfig(StrictModel):
         description="where the store's consensus preferences are written (curation_db)",
     )
     eval_file: Path | None = Field(default=None, description="held-out pairs")
-    val_fraction: float = Field(default=0.1, ge=0, lt=1, description="held-out share")
-    batch_size: int = Field(default=16, ge=1, description="pairs per inner step")
-    max_len: int = Field(default=256, ge=4, description="tokens of prompt + response")
-    eval_batch_size: int = Field(default=32, ge=1, description="pairs per evaluation batch")
     tokenizer: Path | None = Field(default=None, description="default: the checkpoint's")
-    safety: SafetyConfig = Field(default_factory=SafetyConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)
 
     @model_validator(mode="after")
     def _one_source(self) -> SwarmRewardConfig:
@@ -473,13 +482,32 @@ class RewardObjective:
         shard: int,
         shards: int,
     ) -> None:
+        """A stand-alone reward swarm: the trainer's transformer from ``init_checkpoint``."""
+        backbone = trainer.model_core
+        load_initial_weights(backbone, init, "swarm.reward.init_checkpoint")
+        tok = checked_tokenizer(init, cfg.tokenizer, backbone, "reward")
+        self._setup(trainer, cfg, RewardModel(backbone), tok)
+        self.set_pairs(*read_swarm_pairs(cfg, "reward", tok, self.seed), shard, shards)
+
+    @classmethod
+    def around(
+        cls, trainer: Trainer, cfg: RewardSettings, rm: RewardModel, tok: Tokenizer
+    ) -> RewardObjective:
+        """The objective over an existing reward model (the RLHF loop's), without pairs
+        until :meth:`set_pairs`. Only the head joins the trainer's AdamW here."""
+        self = cls.__new__(cls)
+        self._setup(trainer, cfg, rm, tok)
+        return self
+
+    def _setup(
+        self, trainer: Trainer, cfg: RewardSettings, rm: RewardModel, tok: Tokenizer
+    ) -> None:
         self.trainer = trainer
         self.cfg = cfg
         self.seed = trainer.cfg.train.seed
-        backbone = trainer.model_core
-        load_initial_weights(backbone, init, "swarm.reward.init_checkpoint")
-        self.tokenizer = checked_tokenizer(init, cfg.tokenizer, backbone, "reward")
-        self.rm = RewardModel(backbone)
+        self.tokenizer = tok
+        self.rm = rm
+        backbone = rm.backbone
         std = cfg.reward.head_init_std or 1.0 / (backbone.cfg.d_model + 1) ** 0.5
         g = torch.Generator().manual_seed(self.seed)
         with torch.no_grad():  # the same head on every peer, whatever the global RNG did
@@ -488,9 +516,18 @@ class RewardObjective:
         trainer.base_optimizer.add_param_group(
             {"params": list(self.rm.head.parameters()), "weight_decay": 0.0}
         )
-        train, held_out = read_swarm_pairs(cfg, "reward", self.tokenizer, self.seed)
-        self.train = shard_pairs(train, shard, shards)
-        if len(self.train) == 0:
+        self.train: TokenizedPairs | None = None
+        self.held_out: TokenizedPairs | None = None
+        self.last_stats: dict[str, float] = {}
+        self._metrics: dict[str, float] = {}
+
+    def set_pairs(
+        self, train: TokenizedPairs, held_out: TokenizedPairs | None, shard: int, shards: int
+    ) -> None:
+        """Train on pair ``i`` of ``train`` with ``i % shards == shard``; evaluate on
+        ``held_out`` (required: peers report held-out accuracy)."""
+        mine = shard_pairs(train, shard, shards)
+        if len(mine) == 0:
             raise SwarmError(
                 f"shard {shard} of swarm.data_shards={shards} holds no preference pairs "
                 f"({len(train)} training pairs); set swarm.data_shards to about the number "
@@ -498,17 +535,20 @@ class RewardObjective:
             )
         if held_out is None:
             raise SwarmError("swarm.reward: no held-out pairs (val_fraction is 0, no eval_file)")
-        self.held_out = held_out
-        self.last_stats: dict[str, float] = {}
-        self._metrics: dict[str, float] = {}
+        self.train, self.held_out = mine, held_out
         log.info(
             "reward objective: shard %d/%d holds %d of %d training pairs; %d held out",
             shard,
             shards,
-            len(self.train),
+            len(mine),
             len(train),
             len(held_out),
         )
+
+    def _pairs(self) -> tuple[TokenizedPairs, TokenizedPairs]:
+        if self.train is None or self.held_out is None:
+            raise SwarmError("reward objective: no preference pairs yet (set_pairs first)")
+        return self.train, self.held_out
 
     @property
     def module(self) -> nn.Module:
@@ -517,12 +557,13 @@ class RewardObjective:
 
     @property
     def samples_per_step(self) -> int:
-        return min(self.cfg.batch_size, len(self.train))
+        return min(self.cfg.batch_size, len(self.train)) if self.train is not None else 0
 
     def _batch_loss(self) -> tuple[Tensor, float]:
         tr = self.trainer
-        idx = batch_indices(len(self.train), self.cfg.batch_size, self.seed, tr.step)
-        loss, c, r = reward_loss(self.rm, self.train.select(idx), self.cfg.reward)
+        train = self._pairs()[0]
+        idx = batch_indices(len(train), self.cfg.batch_size, self.seed, tr.step)
+        loss, c, r = reward_loss(self.rm, train.select(idx), self.cfg.reward)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise TrainingDivergedError(f"reward loss is {value} at step {tr.step}; stopping")
@@ -557,7 +598,7 @@ class RewardObjective:
         return torch.cat(chosen), torch.cat(rejected)
 
     def evaluate(self, max_batches: int | None = None) -> float:
-        data = self.held_out
+        data = self._pairs()[1]
         if max_batches is not None:
             data = data.select(torch.arange(min(len(data), max_batches * self.cfg.eval_batch_size)))
         c, r = self.raw_rewards(data)
@@ -578,7 +619,7 @@ class RewardObjective:
         """Save the current (consensus) reward model as a ``swarmlm rlhf reward`` checkpoint
         (usable by ``rlhf ppo`` and the ``ppo``/``grpo`` objectives), its rewards normalised
         to mean 0 / std 1 on the held-out responses as a single-node run does."""
-        ref = self.held_out
+        ref = self._pairs()[1]
         width = max(ref.chosen_ids.shape[1], ref.rejected_ids.shape[1])
         ids = torch.cat(
             [
@@ -660,7 +701,8 @@ REWARD = ObjectiveSpec(
 
 def register() -> None:
     """Register the alignment objectives (the entry point's target; idempotent)."""
-    from swarmlm.rlhf.swarm_policy import GRPO, PPO  # it builds on this module
+    from swarmlm.rlhf.loop_objective import LOOP  # both build on this module
+    from swarmlm.rlhf.swarm_policy import GRPO, PPO
 
-    for spec in (DPO, REWARD, PPO, GRPO):
+    for spec in (DPO, REWARD, PPO, GRPO, LOOP):
         register_objective(spec)

@@ -96,15 +96,10 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class SwarmPolicyConfig(StrictModel):
-    """Settings shared by ``swarm.ppo`` and ``swarm.grpo``."""
+class PolicySettings(StrictModel):
+    """What a PPO/GRPO round does: shared by ``swarm.ppo``, ``swarm.grpo`` and the policy
+    phase of the RLHF loop (``swarm.rlhf_loop.ppo`` / ``.grpo``)."""
 
-    init_checkpoint: Path = Field(description="policy to optimise; also the frozen reference")
-    reward_checkpoint: Path = Field(
-        description="the agreed reward model (`rlhf reward`, or a reward swarm's export)"
-    )
-    prompts_file: Path = Field(description="prompts: text (one a line) or JSONL with 'prompt'")
-    tokenizer: Path | None = Field(default=None, description="default: the checkpoint's")
     max_prompt_len: int = Field(default=64, ge=1, description="prompt tokens kept (the end)")
     prompts_per_round: int = Field(default=8, ge=1, description="prompts a peer answers a round")
     max_new_tokens: int = Field(default=16, ge=1, le=1024, description="response tokens")
@@ -137,8 +132,20 @@ class SwarmPolicyConfig(StrictModel):
     )
 
 
-class SwarmPPOConfig(SwarmPolicyConfig):
-    """The ``swarm.ppo`` section."""
+class PolicyFiles(StrictModel):
+    """Where a stand-alone PPO/GRPO swarm reads its policy, reward model and prompts (the
+    RLHF loop has them in memory instead)."""
+
+    init_checkpoint: Path = Field(description="policy to optimise; also the frozen reference")
+    reward_checkpoint: Path = Field(
+        description="the agreed reward model (`rlhf reward`, or a reward swarm's export)"
+    )
+    prompts_file: Path = Field(description="prompts: text (one a line) or JSONL with 'prompt'")
+    tokenizer: Path | None = Field(default=None, description="default: the checkpoint's")
+
+
+class PPOSettings(PolicySettings):
+    """PPO's own settings (GAE and the value head)."""
 
     gamma: float = Field(default=1.0, ge=0, le=1)
     lam: float = Field(default=0.95, ge=0, le=1)
@@ -146,10 +153,18 @@ class SwarmPPOConfig(SwarmPolicyConfig):
     clip_range_value: float = Field(default=0.2, gt=0)
 
 
-class SwarmGRPOConfig(SwarmPolicyConfig):
-    """The ``swarm.grpo`` section: ``group_size`` responses to each prompt."""
+class GRPOSettings(PolicySettings):
+    """GRPO's own setting: ``group_size`` responses to each prompt."""
 
     group_size: int = Field(default=4, ge=2, description="responses per prompt")
+
+
+class SwarmPPOConfig(PPOSettings, PolicyFiles):
+    """The ``swarm.ppo`` section."""
+
+
+class SwarmGRPOConfig(GRPOSettings, PolicyFiles):
+    """The ``swarm.grpo`` section: ``group_size`` responses to each prompt."""
 
 
 class PolicyObjective:
@@ -163,19 +178,14 @@ class PolicyObjective:
         swarm: SwarmConfig,
         algorithm: Literal["ppo", "grpo"],
     ) -> None:
-        self.trainer = trainer
-        self.cfg = cfg
-        self.algorithm = algorithm
-        self.seed = trainer.cfg.train.seed
-        self.fabricate = swarm.attack == "fabricate"
+        """A stand-alone PPO/GRPO swarm: policy, reward model and prompts from files."""
         section = f"swarm.{algorithm}"
         policy = trainer.model_core
         load_initial_weights(policy, init, f"{section}.init_checkpoint")
-        self.policy = policy
-        self.tok: Tokenizer = checked_tokenizer(init, cfg.tokenizer, policy, algorithm)
-        self.reference = Transformer(policy.cfg)
-        self.reference.load_state_dict(policy.state_dict())
-        self.reference.eval().requires_grad_(False)
+        tok = checked_tokenizer(init, cfg.tokenizer, policy, algorithm)
+        # built before the reward model is loaded: initialisations draw from the global
+        # RNG, and the value head's draw depends on what came before (seeded runs repeat)
+        reference = Transformer(policy.cfg)
         try:
             rm, _ = load_reward_model(cfg.reward_checkpoint)
         except (CheckpointError, OSError, RuntimeError, KeyError) as exc:
@@ -185,9 +195,61 @@ class PolicyObjective:
                 f"{section}.reward_checkpoint has vocab_size {rm.backbone.cfg.vocab_size}, the "
                 f"policy {policy.cfg.vocab_size}: they must share a tokenizer"
             )
-        self.rm: RewardModel = rm.eval().requires_grad_(False)
+        rm.eval().requires_grad_(False)
+        if not cfg.prompts_file.is_file():
+            raise SwarmError(f"{section}.prompts_file: {cfg.prompts_file} does not exist")
+        try:
+            texts = read_prompts(cfg.prompts_file)
+        except RLHFError as exc:
+            raise SwarmError(f"{section}.prompts_file: {exc}") from exc
+        where = f"{section}.prompts_file"
+        self._setup(trainer, cfg, tok, rm, texts, swarm, algorithm, where, reference)
+
+    @classmethod
+    def around(
+        cls,
+        trainer: Trainer,
+        cfg: PPOSettings | GRPOSettings,
+        tok: Tokenizer,
+        rm: RewardModel,
+        prompts: list[str],
+        swarm: SwarmConfig,
+        algorithm: Literal["ppo", "grpo"],
+        where: str,
+    ) -> PolicyObjective:
+        """The objective over an existing policy (the trainer's model, as it is now: also
+        the reference) and reward model, kept by reference: the RLHF loop trains both in
+        other phases and they hold the agreed weights whenever a round starts."""
+        self = cls.__new__(cls)
+        self._setup(trainer, cfg, tok, rm, prompts, swarm, algorithm, where)
+        return self
+
+    def _setup(
+        self,
+        trainer: Trainer,
+        cfg: PPOSettings | GRPOSettings,
+        tok: Tokenizer,
+        rm: RewardModel,
+        prompts: list[str],
+        swarm: SwarmConfig,
+        algorithm: Literal["ppo", "grpo"],
+        where: str,
+        reference: Transformer | None = None,
+    ) -> None:
+        self.trainer = trainer
+        self.cfg = cfg
+        self.algorithm = algorithm
+        self.seed = trainer.cfg.train.seed
+        self.fabricate = swarm.attack == "fabricate"
+        policy = trainer.model_core
+        self.policy = policy
+        self.tok = tok
+        self.reference = reference if reference is not None else Transformer(policy.cfg)
+        self.reference.eval().requires_grad_(False)
+        self.reset_reference()
+        self.rm: RewardModel = rm
         self.safety: SafetyFilter = build_safety_filter(cfg.safety)
-        self.train_prompts, self.eval_prompts = self._prompts(section)
+        self.train_prompts, self.eval_prompts = self._prompts(prompts, where)
         self.value_head: ValueHead | None = None
         self._module: nn.Module = policy
         if algorithm == "ppo":
@@ -197,7 +259,7 @@ class PolicyObjective:
                 {"params": list(self.value_head.parameters()), "weight_decay": 0.0}
             )
             self._module = nn.ModuleDict({"policy": policy, "value_head": self.value_head})
-        self.group = cfg.group_size if isinstance(cfg, SwarmGRPOConfig) else 1
+        self.group = cfg.group_size if isinstance(cfg, GRPOSettings) else 1
         self.settings = CheckSettings(
             cfg.temperature,
             cfg.max_new_tokens,
@@ -214,20 +276,22 @@ class PolicyObjective:
         self.round_stats: dict[str, float] = {}
         self.forged: list[int] = []
 
+    def reset_reference(self) -> None:
+        """The frozen KL reference becomes the policy as it is now."""
+        self.reference.load_state_dict(self.policy.state_dict())
+
     # -- set-up --------------------------------------------------------------------------
-    def _prompts(self, section: str) -> tuple[list[list[int]], list[list[int]]]:
+    def _prompts(self, texts: list[str], where: str) -> tuple[list[list[int]], list[list[int]]]:
         cfg = self.cfg
-        if not cfg.prompts_file.is_file():
-            raise SwarmError(f"{section}.prompts_file: {cfg.prompts_file} does not exist")
         try:
-            texts = self.safety.filter_prompts(read_prompts(cfg.prompts_file))
+            texts = self.safety.filter_prompts(texts)
         except RLHFError as exc:
-            raise SwarmError(f"{section}.prompts_file: {exc}") from exc
+            raise SwarmError(f"{where}: {exc}") from exc
         # an empty prompt becomes the BOS token; a long one keeps its end (what is answered)
         prompts = [self.tok.encode(t)[-cfg.max_prompt_len :] or [self.tok.bos_id] for t in texts]
         if len(prompts) <= cfg.eval_prompts:
             raise SwarmError(
-                f"{section}.prompts_file: {len(prompts)} prompts after the safety filter; "
+                f"{where}: {len(prompts)} prompts after the safety filter; "
                 f"eval_prompts={cfg.eval_prompts} are held out and at least one must remain"
             )
         return prompts[: -cfg.eval_prompts], prompts[-cfg.eval_prompts :]
@@ -318,7 +382,7 @@ class PolicyObjective:
         kl = ((old_lp - ref_lp) * mask).sum(1)
         batch = {"ids": ids, "mask": mask, "old_lp": old_lp, "ref_lp": ref_lp}
         if self.algorithm == "ppo":
-            assert isinstance(self.cfg, SwarmPPOConfig)
+            assert isinstance(self.cfg, PPOSettings)
             rewards, _ = kl_penalised_rewards(scores, old_lp, ref_lp, mask, self.cfg.kl_coef)
             adv, returns = gae(rewards, values, mask, self.cfg.gamma, self.cfg.lam)
             batch.update(adv=whiten(adv, mask), returns=returns, values=values)
@@ -366,7 +430,7 @@ class PolicyObjective:
         lp = logprobs_of(logits, ids[:, 1:], self.cfg.temperature)
         loss, _, _ = ppo_policy_loss(lp, b["old_lp"][mb], b["adv"][mb], mask, self.cfg.clip_range)
         if self.algorithm == "ppo":
-            assert isinstance(self.cfg, SwarmPPOConfig)
+            assert isinstance(self.cfg, PPOSettings)
             vf, _ = ppo_value_loss(
                 vpred, b["values"][mb], b["returns"][mb], mask, self.cfg.clip_range_value
             )
