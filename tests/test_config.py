@@ -4,6 +4,7 @@ and a record of where each value came from (default, file, environment, --set)."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,31 @@ def test_every_config_model_shares_the_one_strict_base() -> None:
     # the frozen and validate-on-assignment models keep their own settings on top
     assert ModelConfig.model_config.get("frozen") is True
     assert P2PConfig.model_config.get("validate_assignment") is True
+
+
+def test_request_bodies_manifests_and_schemas_share_the_one_strict_base_too() -> None:
+    from swarmlm.curation.schema import SingleChoiceSchema
+    from swarmlm.curation.task_set_settings import TaskSetSettings
+    from swarmlm.data.shards import CorpusMeta, ShardInfo
+    from swarmlm.web.api import SubmitIn, TaskSetIn
+    from swarmlm.web.data_manager import BulkIn
+    from swarmlm.web.review import ReviewIn
+
+    models = [SubmitIn, TaskSetIn, BulkIn, ReviewIn, CorpusMeta, ShardInfo, SingleChoiceSchema]
+    for model in [*models, TaskSetSettings]:
+        assert issubclass(model, StrictModel), model.__name__
+        assert model.model_config.get("extra") == "forbid", model.__name__
+    assert ShardInfo.model_config.get("frozen") is True
+    # refusing unknown keys is declared in one place: a model that needs it derives from
+    # StrictModel (there were four private copies, `_Strict`)
+    src = Path(StrictModel.__module__.replace(".", "/") + ".py")
+    package = Path(__file__).resolve().parents[1] / "src" / "swarmlm"
+    declared = sorted(
+        str(path.relative_to(package.parent))
+        for path in package.rglob("*.py")
+        if re.search(r"""extra\s*=\s*["']forbid""", path.read_text(encoding="utf-8"))
+    )
+    assert declared == [str(src)], "derive from swarmlm.config.StrictModel instead"
 
 
 def test_the_web_app_and_a_node_config_share_one_rate_limits_model() -> None:

@@ -102,13 +102,15 @@ def effective_values(
     cfg: BaseModel, sources: Mapping[str, str] | None = None
 ) -> list[tuple[str, Any, str]]:
     """``(dotted key, JSON value, source)`` for every leaf of ``cfg`` in field order: nested
-    models are walked, anything else (lists, free-form mappings) is one value."""
+    models are walked, anything else (lists, free-form mappings) is one value. A model's
+    extra keys come after its fields, walked the same way: the sections registered
+    objectives add to ``swarm`` (``swarm.dpo``, ...) are validated models kept there."""
     src = sources if isinstance(sources, Sources) else Sources(sources or {})
     rows: list[tuple[str, Any, str]] = []
 
     def walk(obj: BaseModel, prefix: str) -> None:
         dumped = obj.model_dump(mode="json")
-        for name in type(obj).model_fields:
+        for name in [*type(obj).model_fields, *(obj.__pydantic_extra__ or {})]:
             key = f"{prefix}{name}"
             value = getattr(obj, name)
             if isinstance(value, BaseModel):

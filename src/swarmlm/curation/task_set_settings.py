@@ -36,7 +36,7 @@ class TaskSetSettings(StrictModel):
     the database are not validated again.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     k: int = Field(
         default=3, ge=1, le=100, description="annotations per task before consensus is tried"
