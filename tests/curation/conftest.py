@@ -19,6 +19,7 @@ from sqlalchemy import Connection, insert
 
 from swarmlm.curation.models import TaskSet
 from swarmlm.curation.pgserver import PostgresUnavailableError, TemporaryPostgres
+from swarmlm.curation.replica import ReplicaRecord, decode_record
 from swarmlm.curation.store import CurationStore
 from swarmlm.p2p.identity import NodeIdentity
 
@@ -107,3 +108,20 @@ def insert_old_task_set(conn: Connection, schema: dict[str, Any], k: int = 2) ->
             created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
         )
     )
+
+
+def replicated_node(tmp_path: Path, name: str) -> CurationStore:
+    """A replicating store of its own (SQLite file ``<name>.db``, its own identity): one node
+    of a replication test."""
+    return CurationStore.open(
+        f"sqlite:///{tmp_path / name}.db",
+        NodeIdentity.generate(),
+        rng=random.Random(0),
+        password_hasher=FAST_HASHER,
+        replicated=True,
+    )
+
+
+def held_records(store: CurationStore) -> list[ReplicaRecord]:
+    """Every replica record ``store`` holds, decoded (what it would send a peer)."""
+    return [decode_record(r) for r in store.get_records(store.record_digests())]

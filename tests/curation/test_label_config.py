@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.curation.conftest import FAST_HASHER, insert_old_task_set
+from tests.curation.conftest import (
+    held_records,
+    insert_old_task_set,
+    replicated_node,
+)
 
 from swarmlm.curation.db import create_engines, migrate
 from swarmlm.curation.errors import ConflictError, LabelSchemaError
 from swarmlm.curation.label_config import LabelConfigConflictError
-from swarmlm.curation.replica import ReplicaRecord, decode_record, make_record
+from swarmlm.curation.replica import make_record
 from swarmlm.curation.store import CurationStore, TaskInput
 from swarmlm.p2p.identity import NodeIdentity
 
@@ -139,27 +142,13 @@ def test_an_edit_made_by_another_process_is_in_force_at_the_next_transaction(
     first.submit(a, leased.task_id, "other", 1000)
 
 
-def _records(store: CurationStore) -> list[ReplicaRecord]:
-    return [decode_record(r) for r in store.get_records(store.record_digests())]
-
-
-def _node(tmp_path: Path, name: str) -> CurationStore:
-    return CurationStore.open(
-        f"sqlite:///{tmp_path / name}.db",
-        NodeIdentity.generate(),
-        rng=random.Random(0),
-        password_hasher=FAST_HASHER,
-        replicated=True,
-    )
-
-
 def test_label_config_edits_replicate_and_concurrent_edits_converge(tmp_path: Path) -> None:
-    a, b, c = (_node(tmp_path, n) for n in "abc")
+    a, b, c = (replicated_node(tmp_path, n) for n in "abc")
     try:
         ts = a.create_task_set("shared", CHOICES, k=1, gold_share=0.0)
         a.add_tasks(ts.id, [TaskInput(content="t1"), TaskInput(content="t2")])
-        b.merge_records(_records(a))
-        c.merge_records(_records(a))
+        b.merge_records(held_records(a))
+        c.merge_records(held_records(a))
         tb = b.find_task_set("shared").id
         # both nodes edit at once: each makes a version 2
         a.update_label_config(ts.id, CHOICES | {"choices": ["pos", "neg", "neutral", "fromA"]})
@@ -169,7 +158,7 @@ def test_label_config_edits_replicate_and_concurrent_edits_converge(tmp_path: Pa
         leased = a.next_task(u, ts.id)
         assert leased is not None
         a.submit(u, leased.task_id, "fromA", 1000)
-        recs_a, recs_b = _records(a), _records(b)
+        recs_a, recs_b = held_records(a), held_records(b)
         # c hears the annotation before any edit: parked, not refused
         early = c.merge_records([r for r in recs_a if r.kind in ("annotator", "annotation")])
         assert not early.invalid
@@ -193,18 +182,18 @@ def test_label_config_edits_replicate_and_concurrent_edits_converge(tmp_path: Pa
 
 
 def test_a_label_config_record_waits_for_the_version_before_it(tmp_path: Path) -> None:
-    a, b = _node(tmp_path, "a"), _node(tmp_path, "b")
+    a, b = replicated_node(tmp_path, "a"), replicated_node(tmp_path, "b")
     try:
         ts = a.create_task_set("shared", CHOICES, k=1, gold_share=0.0)
-        b.merge_records(_records(a))
+        b.merge_records(held_records(a))
         a.update_label_config(ts.id, CHOICES | {"choices": ["pos", "neg", "neutral", "x"]})
-        v2 = {r.hex for r in _records(a) if r.kind == "label_config"}
+        v2 = {r.hex for r in held_records(a) if r.kind == "label_config"}
         a.update_label_config(ts.id, CHOICES | {"choices": ["pos", "neg", "neutral", "x", "y"]})
-        v3 = [r for r in _records(a) if r.kind == "label_config" and r.hex not in v2]
+        v3 = [r for r in held_records(a) if r.kind == "label_config" and r.hex not in v2]
         res = b.merge_records(v3)
         assert len(res.parked) == 1
         assert b.find_task_set("shared").config_version == 1
-        b.merge_records(_records(a))
+        b.merge_records(held_records(a))
         assert b.find_task_set("shared").config_version == 3
     finally:
         a.close()
@@ -212,7 +201,7 @@ def test_a_label_config_record_waits_for_the_version_before_it(tmp_path: Path) -
 
 
 def test_a_replicated_annotation_is_checked_against_the_config_it_names(tmp_path: Path) -> None:
-    a, b = _node(tmp_path, "a"), _node(tmp_path, "b")
+    a, b = replicated_node(tmp_path, "a"), replicated_node(tmp_path, "b")
     try:
         ts = a.create_task_set("shared", CHOICES, k=1, gold_share=0.0)
         a.add_tasks(ts.id, [TaskInput(content="t1")])
@@ -221,7 +210,7 @@ def test_a_replicated_annotation_is_checked_against_the_config_it_names(tmp_path
         leased = a.next_task(u, ts.id)
         assert leased is not None
         a.submit(u, leased.task_id, "new", 1000)
-        recs = _records(a)
+        recs = held_records(a)
         (ann,) = [r for r in recs if r.kind == "annotation"]
         assert ann.body["label_config"] == next(r.hex for r in recs if r.kind == "label_config")
         # the same value claimed under version 1, which never had it: refused as invalid

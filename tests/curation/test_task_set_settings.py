@@ -5,32 +5,21 @@ and a bad setting is refused by name wherever it comes from."""
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 
 import pytest
-from tests.curation.conftest import FAST_HASHER
+from tests.curation.conftest import FAST_HASHER, held_records, replicated_node
 
 from swarmlm.curation.cli import add_curation_parser
 from swarmlm.curation.errors import CurationError
 from swarmlm.curation.models import TaskSet
-from swarmlm.curation.replica import RecordError, check_body, decode_record, make_record
+from swarmlm.curation.replica import RecordError, check_body, make_record
 from swarmlm.curation.store import CurationStore, TaskSetInfo, TaskSetSettings
 from swarmlm.curation.task_set_settings import record_body, settings_of
 from swarmlm.p2p.identity import NodeIdentity
 
 SETTINGS = list(TaskSetSettings.model_fields)
 PAIRWISE = {"kind": "pairwise"}
-
-
-def _node(tmp_path: Path, name: str) -> CurationStore:
-    return CurationStore.open(
-        f"sqlite:///{tmp_path / name}.db",
-        NodeIdentity.generate(),
-        rng=random.Random(0),
-        password_hasher=FAST_HASHER,
-        replicated=True,
-    )
 
 
 def test_every_copy_of_the_settings_is_read_from_the_one_model() -> None:
@@ -89,11 +78,10 @@ def test_settings_are_stored_and_read_back_on_both_databases(store: CurationStor
 
 
 def test_a_replicated_set_arrives_with_every_setting(tmp_path: Path) -> None:
-    a, b = _node(tmp_path, "a"), _node(tmp_path, "b")
+    a, b = replicated_node(tmp_path, "a"), replicated_node(tmp_path, "b")
     try:
         made = a.create_task_set("s", PAIRWISE, k=2, gold_share=0.25, lease_seconds=45)
-        records = [decode_record(r) for r in a.get_records(a.record_digests())]
-        result = b.merge_records(records)
+        result = b.merge_records(held_records(a))
         assert len(result.accepted) == 1, result.invalid
         assert settings_of(b.find_task_set("s")) == settings_of(made)
     finally:
@@ -116,7 +104,7 @@ def test_a_record_body_is_checked_against_the_settings_model() -> None:
 
 
 def test_a_record_without_a_setting_merges_with_its_default(tmp_path: Path) -> None:
-    b = _node(tmp_path, "b")
+    b = replicated_node(tmp_path, "b")
     try:
         body = record_body("s", "", PAIRWISE, TaskSetSettings(k=2))
         del body["lease_seconds"]
