@@ -94,7 +94,7 @@ def _run_swarm(
 def test_partitioned_peers_hold_identical_weights_and_send_about_two_payloads(
     prepared_data: Path, tmp_path: Path
 ) -> None:
-    events, _, results = _run_swarm(prepared_data, tmp_path, 3, {}, partition_verify=0.5)
+    events, _, results = _run_swarm(prepared_data, tmp_path, 3, {}, partition_verifiers=1.5)
     for i, res in results.items():
         assert not isinstance(res, BaseException), f"peer {i}: {res!r}"
     for r in range(1, 4):
@@ -115,7 +115,7 @@ def test_a_lying_aggregator_is_caught_evicted_and_its_round_recomputed(
     # peer 3 adds attack_scale to every part it aggregates; every other peer verifies
     # every part (partition_verify 1), so the lie is accused in the next contribution
     events, ids, results = _run_swarm(
-        prepared_data, tmp_path, 4, {3: "lying_aggregator"}, partition_verify=1.0,
+        prepared_data, tmp_path, 4, {3: "lying_aggregator"}, partition_verifiers=100.0,
         attack_scale=5.0,
     )  # fmt: skip
     honest = [0, 1, 2]
@@ -135,7 +135,7 @@ def test_a_lying_aggregator_is_caught_evicted_and_its_round_recomputed(
 
 def test_a_false_accuser_pays_and_the_accused_stays(prepared_data: Path, tmp_path: Path) -> None:
     events, ids, results = _run_swarm(
-        prepared_data, tmp_path, 3, {2: "false_accuser"}, partition_verify=1.0
+        prepared_data, tmp_path, 3, {2: "false_accuser"}, partition_verifiers=100.0
     )
     for i, res in results.items():
         assert not isinstance(res, BaseException), f"peer {i}: {res!r}"

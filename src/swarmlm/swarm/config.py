@@ -212,13 +212,13 @@ class SwarmConfig(BaseModel):
         description="partitioned: seconds a part's aggregator may stay silent before the next "
         "in rank aggregates it instead",
     )
-    partition_verify: float = Field(
-        default=0.25,
+    partition_verifiers: float = Field(
+        default=1.0,
         ge=0,
-        le=1,
-        description="partitioned: probability that a peer recomputes each part it did not "
-        "aggregate (a private coin); costs about partition_verify x (n - 1) x payload / n "
-        "bytes received per peer per round",
+        description="partitioned: peers expected to recompute each part; each peer checks "
+        "each part it did not aggregate with probability min(1, this / (n - 1)), a private "
+        "coin. Costs about this x payload sent and received per peer per round; a lie escapes "
+        "with probability about exp(-this x (honest share))",
     )
     attack: Literal[
         "none",
@@ -367,23 +367,6 @@ class SwarmRunConfig(RunConfig):
         spec = objective_spec(self.swarm.objective)
         if spec is not None and spec.check_run is not None:
             spec.check_run(self, self.swarm.section())
-        return self
-
-    @model_validator(mode="after")
-    def _check_swarm_privacy(self) -> SwarmRunConfig:
-        """Issue 25: DP-SGD needs the lm objective's own steps; the noised contributions'
-        budget over ``swarm.rounds`` is checked here (DP-SGD's when the data is opened)."""
-        pv, sw = self.privacy, self.swarm
-        if pv.dp_sgd and (sw.objective != "lm" or sw.mode == "synchronous"):
-            raise ValueError(
-                "privacy.dp_sgd trains through the lm objective's inner steps (swarm.mode "
-                f"diloco or cooperative), not swarm.objective={sw.objective!r} in swarm.mode="
-                f"{sw.mode!r}; privacy.contribution_noise works with every objective and mode"
-            )
-        if pv.contribution_noise:
-            from swarmlm.privacy.accountant import plan_privacy
-
-            plan_privacy(pv, rounds=sw.rounds)  # PrivacyConfigError (a ValueError) names values
         return self
 
     def run_config(self) -> RunConfig:

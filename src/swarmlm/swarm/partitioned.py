@@ -19,9 +19,9 @@ contributor's ``k`` encoded parts, not the update itself. After the decision:
    the round *tentatively*; an aggregator silent past ``partition_timeout`` is replaced by
    the next contributor in rank (same inputs, same rule, so an honest replacement's output
    is the same bytes);
-4. each peer checks each part it did not aggregate with probability
-   ``partition_verify`` (a private coin: no aggregator can know who checks); a mismatch
-   becomes an :class:`Accusation` with the signed claim, the output and every input with
+4. each peer checks each part it did not aggregate with probability ``min(1,
+   partition_verifiers / (n - 1))`` (a private coin: no aggregator can know who checks); a
+   mismatch becomes an :class:`Accusation` with the signed claim, the output and every input with
    its Merkle proof, carried in the accuser's *next* contribution (so the decision, not the
    network's timing, says which accusations every peer judges);
 5. when round ``r + 1`` is decided every peer judges the accusations about round ``r``
@@ -504,15 +504,20 @@ class PartitionedRounds:
         self.engine: RoundEngine = node.worker.engine
         self.me = node.identity.node_id
         self.encoder = PartEncoder(self.cfg)
-        self.rng = rng or random.Random()
+        # private coins for verification; the simulator's node carries a seeded RNG
+        node_rng = getattr(node.node, "rng", None)
+        self.rng = rng or (node_rng if isinstance(node_rng, random.Random) else random.Random())
+        self.update_bytes = 0  # our encoded parts, the payload all-to-all would send
         self.momentum: Tensor | None = None
         self.claims: dict[tuple[int, int], list[Claim]] = {}
         self._claim_event = asyncio.Event()
-        self.accusations: list[Accusation] = []
+        self.accusations: list[tuple[int, Accusation]] = []  # (part, evidence)
         self.applied: _Applied | None = None
         self.stats = PartitionedStats()
         self._round_blobs: dict[int, list[bytes]] = {}
         self._round = 0
+        self._verifying: asyncio.Task[None] | None = None
+        self.verify_wait_s = 0.0  # how long the last contribution waited for verification
         node.node.on(CLAIM_KIND, self._on_claim)
 
     # -- inbound claims ------------------------------------------------------------------
@@ -568,6 +573,11 @@ class PartitionedRounds:
             members = self.proto.members(r) or []
             if self.me not in members:
                 raise SwarmError(f"round {r}: this node is not a member (partitioned layout)")
+            t_verify = self.node._clock()
+            if self._verifying is not None:
+                await self._verifying  # its accusations ride in this contribution
+                self._verifying = None
+            self.verify_wait_s = self.node._clock() - t_verify
             payload = await self.node._run(self._contribution, r, update, base, len(members))
             t_wait = self.node._clock()
             decision = await self.node._decide(r, payload)
@@ -584,12 +594,15 @@ class PartitionedRounds:
         if self.cfg.attack == "sign_flip":
             update = -self.cfg.attack_scale * update
         chunks = self.encoder.encode(update, bounds_of(self.engine.d, k))
+        self.update_bytes = sum(len(c) for c in chunks)
         root, blobs = tree_blobs(chunks)
         self._round = r
         for digest, blob in blobs.items():
             self._keep(digest, blob)
         self._forget_old(r)
-        attachment = encode_accusations(self.accusations)
+        attachment = encode_accusations(
+            [a for _, a in sorted(self.accusations, key=lambda x: x[0])]
+        )
         self.stats.accusations_sent += len(self.accusations)
         self.accusations = []
         self.worker.last_update = update
@@ -673,6 +686,7 @@ class PartitionedRounds:
             raise SwarmError(f"round {r}: no usable contribution in the decision")
         # 2. aggregate our parts, 3. collect every part's output
         outputs, claims = await self._aggregate_round(inputs)
+        t_outputs = node._clock()
         agg = torch.cat(
             [
                 decode(outputs[i], max_numel=b - a).reshape(-1).float()
@@ -683,8 +697,11 @@ class PartitionedRounds:
         lr = self.worker.trainer.schedule.lr(r - 1)
         report = await node._run(self._apply, inputs, agg, lr)
         self.applied = _Applied(inputs, before, engine.state_digest(), outputs, claims, lr, report)
-        # 4. verify a random sample of the parts others aggregated (private coins)
-        await self._verify(inputs, outputs, claims)
+        # 4. verify a random sample of the parts others aggregated (private coins), while
+        # the next local phase runs; the next contribution waits for it
+        self._verifying = asyncio.create_task(
+            self._verify(inputs, outputs, claims, self._center_before)
+        )
         params_hash = await node._run(self.worker.params_sha256)
         node._publish_state()
         node._vote_evictions(decision)
@@ -709,10 +726,13 @@ class PartitionedRounds:
             compute_s=round(compute_s, 3),
             wait_s=round(t_decided - t_wait, 3),
             apply_s=round(t_applied - t_decided, 3),
+            outputs_s=round(t_outputs - t_decided, 3),  # decision -> every part's output
+            verify_wait_s=round(self.verify_wait_s, 3),
             bytes_sent=node.node.bytes_sent,
             blob_bytes_sent=node.node.bytes_sent_by_kind["blob"],
             fetch_bytes_served=node.node.counters["fetch_bytes_served"],
             payload_bytes=len(payload),
+            update_bytes=self.update_bytes,
             parts=len(inputs.plan),
             parts_aggregated=self.stats.parts_aggregated,
             parts_verified=self.stats.parts_verified,
@@ -805,37 +825,42 @@ class PartitionedRounds:
         pending = set(range(len(plan)))
         started = self.node._clock()
         replaced: set[int] = set()
+        fetching: dict[int, tuple[Claim, asyncio.Task[bytes | None]]] = {}
+        tried: set[tuple[int, str]] = set()
         try:
             while pending:
                 for i in sorted(pending):
+                    if i in fetching:
+                        c, t = fetching[i]
+                        if not t.done():
+                            continue
+                        del fetching[i]
+                        out = t.result()
+                        if out is not None and hashlib.sha256(out).digest() == c.output:
+                            outputs[i], claims[i] = out, c
+                            pending.discard(i)
+                            continue
                     cands = candidates(plan, list(inputs.headers), i)
                     waited = self.node._clock() - started
                     # the planned aggregator first; after each timeout, one more candidate
                     allowed = cands[: 1 + int(waited // timeout)]
                     for c in self.claims.get((r, i), []):
-                        if c.aggregator not in allowed:
-                            continue
-                        try:
-                            out = await self._fetch(c.output, [c.aggregator])
-                        except TransportError:
-                            continue
-                        if hashlib.sha256(out).digest() != c.output:
-                            continue
-                        outputs[i], claims[i] = out, c
-                        pending.discard(i)
-                        break
-                    if i in pending and len(allowed) > 1 and i not in replaced:
+                        if c.aggregator in allowed and (i, c.aggregator) not in tried:
+                            tried.add((i, c.aggregator))
+                            task = asyncio.create_task(self._fetch_or_none(c.output, c.aggregator))
+                            fetching[i] = (c, task)
+                            break
+                    if i not in fetching and len(allowed) > 1 and i not in replaced:
                         replaced.add(i)
                         self.stats.replacements += 1
-                        nxt = allowed[-1]
                         log.warning(
                             "round %d part %d: %s silent, %s aggregates it",
                             r,
                             i,
                             cands[0][:12],
-                            nxt[:12],
+                            allowed[-1][:12],
                         )
-                    if i in pending and self.me in allowed[1:] and i not in mine:
+                    if i not in fetching and self.me in allowed[1:] and i not in mine:
                         mine.append(i)
                         tasks.append(asyncio.create_task(self._aggregate_part(inputs, i)))
                 if not pending:
@@ -844,51 +869,78 @@ class PartitionedRounds:
                     raise SwarmError(
                         f"round {r}: parts {sorted(pending)} got no output from any candidate"
                     )
+                # wake on a new claim, a finished fetch, or to let the next candidate in
                 self._claim_event.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._claim_event.wait(), min(timeout / 4, 0.5))
+                woken = asyncio.create_task(self._claim_event.wait())
+                await asyncio.wait(
+                    [woken, *(t for _, t in fetching.values())],
+                    timeout=min(timeout / 4, 0.5),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                woken.cancel()
         finally:
-            for t in tasks:
+            for t in [*tasks, *(t for _, t in fetching.values())]:
                 if not t.done():
                     t.cancel()
         for key in [k for k in self.claims if k[0] < r - 2]:
             del self.claims[key]
         return outputs, claims
 
+    async def _fetch_or_none(self, digest: bytes, peer: str) -> bytes | None:
+        try:
+            return await self._fetch(digest, [peer])
+        except TransportError:
+            return None
+
     # -- verification --------------------------------------------------------------------
     async def _verify(
-        self, inputs: RoundInputs, outputs: dict[int, bytes], claims: dict[int, Claim]
+        self,
+        inputs: RoundInputs,
+        outputs: dict[int, bytes],
+        claims: dict[int, Claim],
+        center: Tensor | None,
     ) -> None:
-        p = self.cfg.partition_verify
-        for i, claim in sorted(claims.items()):
-            if claim.aggregator == self.me or self.rng.random() >= p:
-                continue
-            self.stats.parts_verified += 1
-            used = sorted(set(inputs.headers) - set(claim.missing))
-            parts = await self._gather(inputs, i)
-            if set(parts) < set(used):
-                continue  # we could not fetch them all: no evidence, no accusation
-            acc = Accusation(claim.signed.to_wire(), outputs[i], {q: parts[q] for q in used})
-            verdict, *_ = await self.node._run(
-                judge_accusation, acc, inputs, self.cfg, self.engine_center_before()
+        """Recompute the parts our private coins pick (drawn in part order, so a seeded RNG
+        gives the same picks), concurrently; runs while the next local phase computes and
+        must end before the next contribution, which carries its accusations."""
+        others = max(len(inputs.members) - 1, 1)
+        p = min(1.0, self.cfg.partition_verifiers / others)
+        picked = [
+            (i, c)
+            for i, c in sorted(claims.items())
+            if c.aggregator != self.me and self.rng.random() < p
+        ]
+        await asyncio.gather(*(self._verify_part(inputs, outputs, i, c, center) for i, c in picked))
+
+    async def _verify_part(
+        self,
+        inputs: RoundInputs,
+        outputs: dict[int, bytes],
+        i: int,
+        claim: Claim,
+        center: Tensor | None,
+    ) -> None:
+        self.stats.parts_verified += 1
+        used = sorted(set(inputs.headers) - set(claim.missing))
+        parts = await self._gather(inputs, i)
+        if not set(used) <= set(parts):
+            return  # we could not fetch them all: no evidence, no accusation
+        acc = Accusation(claim.signed.to_wire(), outputs[i], {q: parts[q] for q in used})
+        verdict, *_ = await self.node._run(judge_accusation, acc, inputs, self.cfg, center)
+        if self.cfg.attack == "false_accuser":
+            verdict = Verdict.LIED
+        if verdict != Verdict.FALSE:
+            log.warning(
+                "round %d part %d: %s's claim fails verification (%s): accusing",
+                inputs.round,
+                i,
+                claim.aggregator[:12],
+                verdict,
             )
-            if self.cfg.attack == "false_accuser":
-                verdict = Verdict.LIED
-            if verdict != Verdict.FALSE:
-                log.warning(
-                    "round %d part %d: %s's claim fails verification (%s): accusing",
-                    inputs.round,
-                    i,
-                    claim.aggregator[:12],
-                    verdict,
-                )
-                self.accusations.append(acc)
+            self.accusations.append((i, acc))
 
-    def engine_center_before(self) -> Tensor | None:
-        """The centered-clipping centre round ``r`` was aggregated around (the state before
-        it, which the rewind blob holds)."""
-        return self._center_before
-
+    # the centered-clipping centre the round being settled is aggregated around (the state
+    # before it, which the rewind blob holds): verification and judging recompute with it
     _center_before: Tensor | None = None
 
     async def _judge_previous(self, raw: list[tuple[str, bytes]]) -> dict[str, int]:
