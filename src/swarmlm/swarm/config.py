@@ -369,6 +369,23 @@ class SwarmRunConfig(RunConfig):
             spec.check_run(self, self.swarm.section())
         return self
 
+    @model_validator(mode="after")
+    def _check_swarm_privacy(self) -> SwarmRunConfig:
+        """Issue 25: DP-SGD needs the lm objective's own steps; the noised contributions'
+        budget over ``swarm.rounds`` is checked here (DP-SGD's when the data is opened)."""
+        pv, sw = self.privacy, self.swarm
+        if pv.dp_sgd and (sw.objective != "lm" or sw.mode == "synchronous"):
+            raise ValueError(
+                "privacy.dp_sgd trains through the lm objective's inner steps (swarm.mode "
+                f"diloco or cooperative), not swarm.objective={sw.objective!r} in swarm.mode="
+                f"{sw.mode!r}; privacy.contribution_noise works with every objective and mode"
+            )
+        if pv.contribution_noise:
+            from swarmlm.privacy.accountant import plan_privacy
+
+            plan_privacy(pv, rounds=sw.rounds)  # PrivacyConfigError (a ValueError) names values
+        return self
+
     def run_config(self) -> RunConfig:
         """The plain run config the trainer and its checkpoints see."""
         data = self.model_dump(mode="json", exclude={"swarm", "p2p"})
