@@ -329,3 +329,24 @@ def test_network_page_warns_while_the_membership_tolerates_no_fault(node_web: No
         assert f"{warning.replace('>', '&gt;')}</p>" in html
     rounds.pop("warning")
     assert 'class="warning"' not in client.get("/admin/node/network").text
+
+
+def test_training_page_says_who_was_left_out_of_the_last_round_and_why(
+    node_web: NodeWeb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round report's samples, weights and left_out (issue 19): a slow peer's smaller
+    weight and a stale liar left out, with the reason."""
+    last = {
+        "round": 7,
+        "samples": {"aaaaaaaaaaaa": 40, "bbbbbbbbbbbb": 4, "cccccccccccc": 40},
+        "weights": {"aaaaaaaaaaaa": 0.476, "bbbbbbbbbbbb": 0.048},
+        "left_out": {"cccccccccccc": "stale: repeats its own earlier update (cosine 1.0000)"},
+    }
+    training = node_web.view.training()
+    monkeypatch.setattr(node_web.view, "training", lambda: {**training, "last_round": last})
+    client = node_web.client()
+    login(client, "admin")
+    html = client.get("/admin/node/training").text
+    assert "0.048" in html
+    assert "stale: repeats its own earlier update" in html
+    assert 'id="round-left-out"' in html

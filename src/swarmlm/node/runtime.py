@@ -578,6 +578,7 @@ class NodeRuntime:
             train_loss=ev.get("train_loss"),
             reputation=reputation,
             params_sha256=ev.get("params_sha256"),
+            left_out=ev.get("left_out", {}),  # who is not in the aggregate, and why
             resynced=ev.get("resynced", False),
             privacy=ev.get("privacy"),  # this peer's (epsilon, delta) spent (issue 25)
         )
