@@ -238,6 +238,9 @@ def swarm_config(budget: Budget, data: Path, out: Path, **swarm: Any) -> dict[st
         "expect_peers": PEERS,
         "genesis_timeout": 180,
         "checkpoint_every": 10_000,
+        # H steps each, as every configuration here processes the same tokens (the default
+        # samples pace lets a peer slower than the median stop early: issue 19 item 5)
+        "round_pace": "steps",
         **swarm,
     }
     cfg["p2p"] = {"round_timeout": budget.p2p_round_timeout}
