@@ -8,7 +8,8 @@ from typing import Any
 
 from web_helpers import Web, api_token, form_token, login
 
-from swarmlm.curation.store import TaskSetSettings
+from swarmlm.curation import data_manager as dm
+from swarmlm.curation.store import TaskInput, TaskSetSettings
 
 SETTINGS = list(TaskSetSettings.model_fields)
 
@@ -77,3 +78,18 @@ def test_the_admin_form_has_an_input_per_setting_and_refuses_bad_ones_in_the_pag
     made = web.store.find_task_set("topics")
     assert (made.k, made.max_annotations, made.lease_seconds) == (1, 2, 45)
     assert made.agreement_threshold == TaskSetSettings().agreement_threshold
+
+
+def test_a_cap_raised_past_the_creation_bound_is_still_listed(web: Web) -> None:
+    """The bounds are a new set's: the data manager's raise_redundancy may lift a stored cap
+    past 1000, and the set must still be readable (values read back are not re-validated)."""
+    ts = web.store.create_task_set("big", {"kind": "pairwise"}, k=100, max_annotations=1000)
+    web.store.add_tasks(ts.id, [TaskInput(content="q", outputs=["a", "b"])])
+    task_id = web.store.list_tasks(ts.id)[0].id
+    for _ in range(91):  # needed 100 -> 1010
+        assert dm.bulk_action(web.store, ts.id, [task_id], "raise_redundancy", 10) == 1
+    assert web.store.get_task_set(ts.id).max_annotations == 1010
+    c, admin = _admin_api(web)
+    r = c.get("/api/task-sets", headers=admin)
+    assert r.status_code == 200, r.text
+    assert {t["name"]: t["max_annotations"] for t in r.json()}["big"] == 1010
