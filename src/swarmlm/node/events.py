@@ -38,6 +38,7 @@ EventKind = Literal[
     "attack_detected",
     "config_reloaded",
     "config_rejected",
+    "rlhf_phase",
 ]
 EVENT_KINDS: tuple[str, ...] = EventKind.__args__  # type: ignore[attr-defined]
 HISTORY = 512  # recent events kept for late subscribers (dashboard page loads)

@@ -11,9 +11,9 @@ round (off the event loop):
   file is renamed ``*.imported`` once its tasks are in, so a restart never imports twice
   and never loses a file written just before a crash;
 * report the loop's phase, counts and curves (``status.json`` and ``curve.jsonl`` the
-  objective writes atomically / appends): the health component ``rlhf_loop``, the training
-  feed's ``rlhf_loop`` key, an ``rlhf_phase`` event on each change, and the waiting reason
-  in the log whenever it changes.
+  objective writes atomically / appends): the health component ``rlhf_loop`` (with the
+  waiting reason the objective also logs), the training feed's ``rlhf_loop`` key and an
+  ``rlhf_phase`` event on each change.
 """
 
 from __future__ import annotations
@@ -71,7 +71,6 @@ class RlhfLoopMonitor:
         self.rc = rc
         self.tasks_imported = 0
         self._phase: tuple[str, int] | None = None
-        self._waiting: str | None = None
 
     def after_round(self, r: int) -> None:
         """Blocking (store writes, file reads): run it in a thread."""
@@ -93,11 +92,6 @@ class RlhfLoopMonitor:
                 since=status.get("since"),
                 cycles_completed=status.get("cycles_completed"),
             )
-        waiting = status.get("waiting")
-        if waiting != self._waiting:
-            self._waiting = waiting
-            if waiting:
-                log.warning("rlhf loop, round %d: %s", r, waiting)
 
     def import_pending(self) -> int:
         """Import every task file not imported yet; returns the tasks added."""

@@ -157,6 +157,9 @@ class LoopObjective:
         self.trainer = tr
         self.shard, self.shards, self.node_id = ctx.shard, ctx.shards, ctx.node_id
         self.inner_steps = max(1, ctx.swarm.inner_steps)
+        # preference pairs are few: they are cut into one share per expected peer (the
+        # corpus' data_shards, 64 by default, would leave most peers without a pair)
+        self.pair_shards = max(1, min(ctx.shards, ctx.swarm.expect_peers))
         self.lm = LanguageModelObjective(tr)
         policy = tr.model_core
         self.policy_model = policy
@@ -180,9 +183,15 @@ class LoopObjective:
         tr.base_optimizer.add_param_group({"params": list(backbone.parameters())})
         settings = cfg.grpo if cfg.algorithm == "grpo" else cfg.ppo
         self.policy = PolicyObjective.around(
-            tr, settings, tok, self.rm, self.prompts, ctx.swarm, cfg.algorithm,
+            tr,
+            settings,
+            tok,
+            self.rm,
+            self.prompts,
+            ctx.swarm,
+            cfg.algorithm,
             "swarm.rlhf_loop.prompts_file",
-        )  # fmt: skip
+        )
         parts: dict[str, nn.Module] = {"policy": policy, "reward": self.rm}
         if self.policy.value_head is not None:
             parts["value_head"] = self.policy.value_head
@@ -352,10 +361,15 @@ class LoopObjective:
         write_jsonl_atomic(rows, path)
         try:
             train, held_out = load_swarm_pairs(
-                path, None, self.cfg.reward, self.tok, self.trainer.cfg.train.seed,
+                path,
+                None,
+                self.cfg.reward,
+                self.tok,
+                self.trainer.cfg.train.seed,
                 "swarm.rlhf_loop.reward",
-            )  # fmt: skip
-            self.reward.set_pairs(train, held_out, self.shard, self.shards)
+            )
+            k = self.pair_shards
+            self.reward.set_pairs(train, held_out, self.shard % k, k)
         except SwarmError as exc:
             self.reward.train = self.reward.held_out = None
             log.warning("rlhf loop: reward phase idles on this peer: %s", exc)
