@@ -348,6 +348,14 @@ class OnlineMixer:
         """(loss sums, row counts) since the last update (to average across ranks)."""
         return self._sum.copy(), self._count.copy()
 
+    def take_pending(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """:meth:`pending`, then forget it: a swarm peer reports its round's per-type losses
+        and the agreed schedule, not this mixer, updates the weights."""
+        out = self.pending()
+        self._sum[:] = 0
+        self._count[:] = 0
+        return out
+
     def update(
         self, sums: NDArray[np.float64] | None = None, counts: NDArray[np.float64] | None = None
     ) -> NDArray[np.float64]:

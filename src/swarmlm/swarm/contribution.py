@@ -10,7 +10,9 @@ sha256 of the state the update was computed from (the same state, or the one bef
 rounds overlap), "samples": int, "seconds": float (the local phase's compute time)}`` and,
 when the objective sends a record of its work with the update (rollouts, checked by the
 other peers: :class:`swarmlm.swarm.objective.VerifiedObjective`), ``"attachment": int``, the
-length of that record, which then sits between the header and the update payload. The
+length of that record, which then sits between the header and the update payload; and,
+when the run agrees on a data schedule (:mod:`swarmlm.swarm.data_schedule`), ``"data"``:
+``{"loss": float, "type_loss": [float], "type_rows": [int]}``, what the local phase saw. The
 update payload is a ``swarmlm.aggregation`` codec frame (its own magic, shape and CRC). The
 p2p layer signs and hashes the whole thing, so who sent it is never in doubt; this decoder
 only has to make sure malformed bytes become a :class:`ContributionError` naming the peer,
@@ -29,6 +31,7 @@ from torch import Tensor
 from swarmlm.aggregation import decode
 from swarmlm.aggregation.errors import CodecError
 from swarmlm.swarm.abstain import ABSTAIN_MAGIC, encode_abstain, is_abstain
+from swarmlm.swarm.data_schedule import DataReport
 from swarmlm.swarm.errors import ContributionError
 
 MAGIC = b"SWCT"
@@ -36,6 +39,7 @@ VERSION = 1
 MAX_HEADER = 4096
 MAX_SECONDS = 1e7  # a local phase longer than ~4 months is not believable
 MAX_ATTACHMENT = 64 << 20
+MAX_DATA_TYPES = 64  # content types a data report may name (the generator has 8)
 _HEAD = struct.Struct("<4sBI")
 __all__ = [
     "ABSTAIN_MAGIC",
@@ -58,6 +62,7 @@ class Contribution:
     seconds: float
     update: Tensor
     attachment: bytes = b""
+    data: DataReport | None = None
 
 
 def encode_contribution(
@@ -68,6 +73,7 @@ def encode_contribution(
     base_digest: bytes | None = None,
     seconds: float = 0.0,
     attachment: bytes = b"",
+    data: DataReport | None = None,
 ) -> bytes:
     base = state_digest if base_digest is None else base_digest
     fields: dict[str, object] = {
@@ -79,6 +85,12 @@ def encode_contribution(
     }
     if attachment:
         fields["attachment"] = len(attachment)
+    if data is not None and math.isfinite(data.loss):
+        fields["data"] = {
+            "loss": data.loss,
+            "type_loss": [v if math.isfinite(v) else 0.0 for v in data.type_loss],
+            "type_rows": list(data.type_rows),
+        }
     header = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     return _HEAD.pack(MAGIC, VERSION, len(header)) + header + attachment + payload
 
@@ -102,10 +114,11 @@ def decode_contribution(
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ContributionError(peer, f"header is not JSON ({exc})") from exc
     fields = {"base", "round", "samples", "seconds", "state"}
-    if not isinstance(header, dict) or set(header) - {"attachment"} != fields:
+    if not isinstance(header, dict) or set(header) - {"attachment", "data"} != fields:
         raise ContributionError(
-            peer, f"header must hold exactly {', '.join(sorted(fields))} (and attachment)"
+            peer, f"header must hold exactly {', '.join(sorted(fields))} (and attachment, data)"
         )
+    seen = _data_field(peer, header["data"]) if "data" in header else None
     alen = header.get("attachment", 0)
     start = _HEAD.size + hlen
     if (
@@ -144,7 +157,39 @@ def decode_contribution(
         float(seconds),
         update.reshape(-1).float(),
         bytes(view[start : start + alen]),
+        seen,
     )
+
+
+def _data_field(peer: str, value: object) -> DataReport:
+    """The optional ``data`` report (swarm/data_schedule.py): the round's mean training loss
+    and per content type the mean loss and row count. Only finite, bounded numbers pass: the
+    agreed schedule takes medians of them, and a NaN must not reach it."""
+    if not isinstance(value, dict) or set(value) != {"loss", "type_loss", "type_rows"}:
+        raise ContributionError(peer, "field 'data' must hold exactly loss, type_loss, type_rows")
+    loss, type_loss, type_rows = value["loss"], value["type_loss"], value["type_rows"]
+    if not _finite(loss) or not 0.0 <= loss < 1e6:
+        raise ContributionError(peer, f"field 'data.loss' must be a finite loss, got {loss!r:.40}")
+    if (
+        not isinstance(type_loss, list)
+        or not isinstance(type_rows, list)
+        or len(type_loss) != len(type_rows)
+        or len(type_loss) > MAX_DATA_TYPES
+    ):
+        raise ContributionError(
+            peer,
+            f"fields 'data.type_loss' and 'data.type_rows' must be lists of one length "
+            f"<= {MAX_DATA_TYPES}",
+        )
+    if not all(_finite(v) and 0.0 <= v < 1e6 for v in type_loss):
+        raise ContributionError(peer, "field 'data.type_loss' holds a non-finite or negative loss")
+    if not all(_int(n) and 0 <= n < 2**40 for n in type_rows):
+        raise ContributionError(peer, "field 'data.type_rows' holds a non-count")
+    return DataReport(float(loss), tuple(float(v) for v in type_loss), tuple(type_rows))
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _digest_field(peer: str, header: dict[str, object], name: str) -> bytes:

@@ -55,6 +55,7 @@ from swarmlm.swarm.contribution import (
     encode_contribution,
     is_abstain,
 )
+from swarmlm.swarm.data_schedule import AgreedDataSchedule, DataReport
 from swarmlm.swarm.errors import ContributionError, OutOfSyncError, StateSyncError
 from swarmlm.swarm.outer import FlatAdamW, NesterovOuter
 from swarmlm.swarm.params import ParamLayout
@@ -196,6 +197,9 @@ class RoundEngine:
         self._digest: bytes | None = None
         # last round's decoded contributions, kept only for the simulated ALIE attacker
         self.observed: list[tuple[str, Tensor]] = []
+        # the curriculum stage and type weights the swarm agrees on (set by the worker when
+        # the run mixes a generated corpus; consensus state like everything above)
+        self.schedule: AgreedDataSchedule | None = None
 
     # -- state -------------------------------------------------------------------------
     def _changed(self) -> None:
@@ -228,6 +232,8 @@ class RoundEngine:
                     scalars[f"evidence.{peer}.{i}.round"] = r
                     scalars[f"evidence.{peer}.{i}.time"] = t
             scalars["swarm.time_s"] = self.swarm_time
+            if self.schedule is not None:
+                scalars.update(self.schedule.scalars())
             blob = StateBlob(
                 self.round,
                 self.cfg.mode,
@@ -282,6 +288,8 @@ class RoundEngine:
         }
         self.reputation = dict(st.reputation)
         self._load_evidence_state(st.tensors, st.scalars)
+        if self.schedule is not None:
+            self.schedule.load(st.scalars)
         self.round = st.round
         self._changed()
         self._blob = bytes(blob)
@@ -386,14 +394,23 @@ class RoundEngine:
         base_digest: bytes | None = None,
         seconds: float = 0.0,
         attachment: bytes = b"",
+        data: DataReport | None = None,
     ) -> bytes:
         """Compress ``update`` (float32 ``(d,)``) with error feedback; the payload we send.
-        ``base_digest``: the state the update was computed from (default: our state now)."""
+        ``base_digest``: the state the update was computed from (default: our state now);
+        ``data``: what the local phase saw, for the agreed data schedule."""
         if update.shape != (self.d,):
             raise ValueError(f"update must have shape ({self.d},), got {tuple(update.shape)}")
         encoded = self.feedback.encode(update.detach().float())
         return encode_contribution(
-            round, self.state_digest(), samples, encoded.payload, base_digest, seconds, attachment
+            round,
+            self.state_digest(),
+            samples,
+            encoded.payload,
+            base_digest,
+            seconds,
+            attachment,
+            data,
         )
 
     # -- applying --------------------------------------------------------------------------
@@ -458,6 +475,17 @@ class RoundEngine:
         with single_thread():
             self._aggregate_and_step(report, valid, lr, own_update)
         self._explain_left_out(report)
+        if self.schedule is not None:
+            # after aggregation: only the reports of contributions the round accepted count
+            accepted = set(report.accepted)
+            reports = [c.data for p, c in valid if p in accepted and c.data is not None]
+            if self.schedule.observe(round, reports):
+                log.info(
+                    "round %d: agreed data schedule: stage %d (difficulty <= %.3f)",
+                    round,
+                    self.schedule.stage,
+                    self.schedule.cap(),
+                )
         self.round = round
         self._changed()
         return report

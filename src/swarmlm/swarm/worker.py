@@ -26,8 +26,10 @@ import torch
 from torch import Tensor
 
 from swarmlm.aggregation import AttackContext, get_attack
+from swarmlm.data.mixing import MixingConfig, MixtureLoader
 from swarmlm.swarm.batching import round_time_budget
 from swarmlm.swarm.config import SwarmRunConfig
+from swarmlm.swarm.data_schedule import AgreedDataSchedule, DataReport
 from swarmlm.swarm.engine import RoundEngine, RoundReport
 from swarmlm.swarm.errors import RoundClosedError, SwarmError
 from swarmlm.swarm.objective import Objective, ObjectiveContext, VerifiedObjective
@@ -164,6 +166,7 @@ class SwarmWorker:
         self.engine = RoundEngine(
             sw, self.layout, flatten_params(self.model, self.layout), run.optim
         )
+        self._agree_on_data_schedule(run.data.mixing, sw.rounds)
         self.last_update: Tensor | None = None
         self._pending: tuple[int, Tensor] | None = None  # our contribution not yet applied
         self._stale: Tensor | None = None  # attack stale_lie: the update it keeps resending
@@ -309,8 +312,54 @@ class SwarmWorker:
         if isinstance(self.objective, VerifiedObjective):
             attachment = self.objective.attachment()
         return self.engine.contribution(
-            round, update, self.last_samples, base_digest, self.last_seconds, attachment
+            round,
+            update,
+            self.last_samples,
+            base_digest,
+            self.last_seconds,
+            attachment,
+            self._data_report(),
         )
+
+    # -- the agreed data schedule (swarm/data_schedule.py) ----------------------------------
+    def _agree_on_data_schedule(self, mixing: MixingConfig, rounds: int) -> None:
+        """With a curriculum or online mixing, the stage and the weights become round state:
+        the trainer stops adapting them from this peer's losses alone and reports them."""
+        loader = self.trainer.loader
+        if not isinstance(loader, MixtureLoader) or not (
+            mixing.curriculum or mixing.mode == "online"
+        ):
+            return
+        index = loader.index
+        self.engine.schedule = AgreedDataSchedule(mixing, rounds, index.types, index.prior())
+        self.trainer.adapt_data_locally = False
+        self._adopt_data_schedule()
+
+    def _adopt_data_schedule(self) -> None:
+        """Point our loader at the agreed stage and weights (after every applied round)."""
+        schedule = self.engine.schedule
+        loader = self.trainer.loader
+        if schedule is None or not isinstance(loader, MixtureLoader):
+            return
+        loader.set_cap(schedule.cap())
+        if self.trainer.curriculum is not None:
+            self.trainer.curriculum.set_stage(schedule.stage)  # what checkpoints and logs show
+        weights = schedule.weights()
+        if weights is not None:
+            loader.set_weights(weights)
+            if self.trainer.mixer is not None and schedule.mixer is not None:
+                self.trainer.mixer.log_alpha = schedule.mixer.log_alpha.copy()
+
+    def _data_report(self) -> DataReport | None:
+        """What this round's local phase saw, for the agreed schedule; resets the per-type sums."""
+        if self.engine.schedule is None:
+            return None
+        mixer = self.trainer.mixer
+        if mixer is None:
+            return DataReport(self.last_loss)
+        sums, counts = mixer.take_pending()
+        means = tuple(float(s / c) if c > 0 else 0.0 for s, c in zip(sums, counts, strict=True))
+        return DataReport(self.last_loss, means, tuple(int(c) for c in counts))
 
     # -- applying --------------------------------------------------------------------------
     @_exclusive
@@ -330,6 +379,7 @@ class SwarmWorker:
         )
         self.last_throughput = report.throughput
         load_flat_params(self.model, self.layout, self.engine.params)
+        self._adopt_data_schedule()
         return report
 
     def _verify(
@@ -352,6 +402,7 @@ class SwarmWorker:
         """Adopt the agreed consensus state (verified against ``digest``)."""
         self.engine.load_state(blob, digest)
         load_flat_params(self.model, self.layout, self.engine.params)
+        self._adopt_data_schedule()
         if self.cfg.swarm.mode == "synchronous":
             self.trainer.step = self.engine.round
         log.info(

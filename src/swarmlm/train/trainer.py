@@ -172,6 +172,9 @@ class Trainer:
         self.loader: BatchLoader | MixtureLoader
         self.mixer: OnlineMixer | None = None
         self.curriculum: AdaptiveCurriculum | None = None
+        # False in a swarm: the stage and the weights are the round state's
+        # (swarm/data_schedule.py); the trainer then only collects per-type losses
+        self.adapt_data_locally = True
         self._row_losses: list[Tensor] | None = None
         mixing = cfg.data.mixing
         if mixing.mode != "off":
@@ -557,7 +560,7 @@ class Trainer:
             types = np.concatenate(row_types)
             n = min(rows.size, types.size)  # an OOM retry may have appended twice
             self.mixer.observe(types[-n:], rows[-n:])
-            if self.step % self.cfg.data.mixing.update_every == 0:
+            if self.adapt_data_locally and self.step % self.cfg.data.mixing.update_every == 0:
                 sums, counts = self.mixer.pending()
                 if self.parallel.data_world_size > 1:
                     sums = np.array([self.parallel.mean(float(v)) for v in sums])
@@ -566,7 +569,11 @@ class Trainer:
                 assert isinstance(self.loader, MixtureLoader)
                 self.loader.set_weights(weights)
         self._row_losses = None
-        if self.curriculum is not None and self.curriculum.observe(self.step, loss):
+        if (
+            self.adapt_data_locally
+            and self.curriculum is not None
+            and self.curriculum.observe(self.step, loss)
+        ):
             assert isinstance(self.loader, MixtureLoader)
             self.loader.set_cap(self.curriculum.cap())
             log.debug(
