@@ -28,8 +28,12 @@ What runs, at the same total data and rollouts on both sides (one process, one t
    ``evaluate_policy`` of ``benchmarks/rlhf.py``) every ``block`` steps; gains compared at
    matched KL (each curve piecewise linear, read at the smaller of the two final KLs).
 
-``loop_cycles_completed`` is null: the closed loop in the node (issue #20 item 4) is not
-built yet.
+7. the closed loop in the node (issue #20 item 4): ``swarmlm node`` with ``rlhf.loop`` as a
+   real process (a tiny model on this corpus, ``LOOP_THRESHOLDS``) while 3 simulated
+   annotators label its comparison tasks over the HTTP API by the true reward (ties to the
+   longer answer); ``loop_cycles_completed`` counts its full cycles (samples -> consensus
+   labels -> reward-model rounds -> GRPO rounds) in the time allowed (300 s a cycle asked:
+   2 quick, 3 full). ``--loop-only`` runs just this stage.
 
     python benchmarks/rlhf_swarm.py --quick     # one seed, ~10-15 min on 2 loaded cores
     python benchmarks/rlhf_swarm.py             # 3 seeds, larger base LM, longer PPO
@@ -558,52 +562,35 @@ def one_seed(
     base_eval = evaluate_policy(base_lm, ref, tok, eval_p, s["max_new_tokens"], seed)
     base_reward = base_eval["true_reward"]
 
+    def side(algo: str, name: str, peers: int, attackers: int = 0) -> SwarmPolicy:
+        return SwarmPolicy(
+            algo,
+            base,
+            rm_path,
+            prompts_file,
+            data_dir,
+            work / name,
+            s,
+            seed,
+            lr,
+            kl_coef,
+            peers,
+            attackers=attackers,
+        )
+
     single = SinglePPO(base, rm_path, pol_ids, s, seed, lr, kl_coef)
-    swarm_ppo = SwarmPolicy(
-        "ppo", base, rm_path, prompts_file, data_dir, work / "ppo", s, seed, lr, kl_coef, s["peers"]
-    )
+    swarm_ppo = side("ppo", "ppo", s["peers"])
     c_single, c_swarm = run_pair(
         "ppo single|swarm", single, swarm_ppo, ref, tok, eval_p, s, base_reward, seed
     )
     swarm_ppo.close()
-    grpo_one = SwarmPolicy(
-        "grpo", base, rm_path, prompts_file, data_dir, work / "grpo1", s, seed, lr, kl_coef, 1
-    )
-    grpo_swarm = SwarmPolicy(
-        "grpo",
-        base,
-        rm_path,
-        prompts_file,
-        data_dir,
-        work / "grpo4",
-        s,
-        seed,
-        lr,
-        kl_coef,
-        s["peers"],
-    )
+    grpo_one, grpo_swarm = side("grpo", "grpo1", 1), side("grpo", "grpo4", s["peers"])
     c_grpo_one, c_grpo_swarm = run_pair(
         "grpo one|swarm", grpo_one, grpo_swarm, ref, tok, eval_p, s, base_reward, seed
     )
     grpo_one.close()
     grpo_swarm.close()
-    clean = SwarmPolicy(
-        "ppo", base, rm_path, prompts_file, data_dir, work / "clean", s, seed, lr, kl_coef, 5
-    )
-    byz = SwarmPolicy(
-        "ppo",
-        base,
-        rm_path,
-        prompts_file,
-        data_dir,
-        work / "byz",
-        s,
-        seed,
-        lr,
-        kl_coef,
-        5,
-        attackers=1,
-    )
+    clean, byz = side("ppo", "clean", 5), side("ppo", "byz", 5, attackers=1)
     c_clean, c_byz = run_pair(
         "ppo 5 clean|1 liar", clean, byz, ref, tok, eval_p, s, base_reward, seed
     )
@@ -650,6 +637,105 @@ def one_seed(
     }
 
 
+LOOP_THRESHOLDS: dict[str, Any] = {
+    "pretrain_rounds": 10,
+    "min_labels": 6,
+    "reward_rounds": 3,
+    "policy_rounds": 3,
+    "samples_per_cycle": 8,
+    "sample_max_new_tokens": 12,
+    "idle_round_s": 0.3,
+    "reward": {"batch_size": 8, "max_len": 64, "val_fraction": 0.25},
+    "grpo": {
+        "prompts_per_round": 4,
+        "group_size": 4,
+        "eval_prompts": 4,
+        "minibatch_size": 4,
+        "max_new_tokens": 12,
+    },
+}
+
+
+def true_reward_judge(prompt: str, a: str, b: str) -> str:
+    """The loop stage's annotators: the answer with the higher true (lexicon) reward; equal
+    rewards (most answers of a tiny model hold no lexicon word) go to the longer answer, so
+    every task carries a preference and all three annotators agree."""
+    sa, sb = LEX.score(a), LEX.score(b)
+    if sa != sb:
+        return "A" if sa > sb else "B"
+    return "A" if (len(a), a) >= (len(b), b) else "B"
+
+
+def loop_cycles(work: Path, data_dir: Path, cycles: int, limit_s: float) -> dict[str, Any]:
+    """Issue #20 item 4: ``swarmlm node`` with ``rlhf.loop`` (a real process, a tiny model
+    on this benchmark's corpus) while 3 simulated annotators label its comparison tasks
+    over the HTTP API by the true reward; counts the full cycles (samples -> consensus
+    labels -> reward model -> GRPO) within ``limit_s``."""
+    import signal
+
+    import yaml
+
+    from swarmlm.node.rlhf_loop_harness import (
+        SimulatedAnnotators,
+        loop_health,
+        loop_node_config,
+        start_node,
+    )
+
+    cfg_path = loop_node_config(data_dir, work / "loop", LOOP_THRESHOLDS)
+    cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    port, node_dir = int(cfg["web_port"]), Path(cfg["node_dir"])
+    log_path = work / "loop" / "node.log"
+    t0 = time.perf_counter()
+    proc = start_node(cfg_path, log_path)
+    timeline: list[dict[str, Any]] = []
+    done = 0
+    try:
+        with SimulatedAnnotators(port, judge=true_reward_judge) as annotators:
+            while time.perf_counter() - t0 < limit_s and proc.poll() is None:
+                h = loop_health(port)
+                phase = (h.get("phase"), h.get("cycle"))
+                if h and (not timeline or (timeline[-1]["phase"], timeline[-1]["cycle"]) != phase):
+                    timeline.append(
+                        {"phase": phase[0], "cycle": phase[1], "t": time.perf_counter() - t0}
+                    )
+                    stderr_console.print(f"loop: {phase[0]} (cycle {phase[1]})")
+                done = int(h.get("cycles_completed") or 0)
+                if done >= cycles:
+                    break
+                time.sleep(0.5)
+        seconds = time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except Exception:
+                proc.kill()
+    curve_file = node_dir / "train" / "loop" / "curve.jsonl"
+    curve = (
+        [json.loads(x) for x in curve_file.read_text().splitlines()] if curve_file.exists() else []
+    )
+    by_cycle: dict[int, dict[str, Any]] = {}
+    for p in curve:
+        row = by_cycle.setdefault(int(p["cycle"]), {})
+        if p["phase"] == "reward" and "rm_accuracy" in p:
+            row["rm_accuracy"] = p["rm_accuracy"]
+        if p["phase"] == "policy" and "reward" in p:
+            row["policy_reward"] = p["reward"]
+            row["policy_kl"] = p.get("kl")
+    return {
+        "cycles_completed": done,
+        "seconds": round(seconds, 1),
+        "timeline": timeline,
+        "submitted": annotators.submitted,
+        "annotator_errors": annotators.errors,
+        "by_cycle": by_cycle,
+        "thresholds": LOOP_THRESHOLDS,
+        "log": str(log_path),
+    }
+
+
 def _mean(xs: list[float | None]) -> float | None:
     vals = [x for x in xs if x is not None]
     return statistics.fmean(vals) if vals else None
@@ -674,6 +760,8 @@ def main() -> None:
         "n peers' pseudo-gradients is a step of an n-times larger batch",
     )
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "rlhf_swarm.json")
+    ap.add_argument("--loop-only", action="store_true", help="only the node loop stage")
+    ap.add_argument("--loop-cycles", type=int, default=None, help="default: 2 quick, 3 full")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     torch.set_num_threads(1)
@@ -689,21 +777,22 @@ def main() -> None:
     runs = []
     import tempfile
 
-    for seed in range(args.first_seed, args.first_seed + s["seeds"]):
+    for seed in range(args.first_seed, args.first_seed + (0 if args.loop_only else s["seeds"])):
         with tempfile.TemporaryDirectory(prefix="rlhf-swarm-") as tmp:
             runs.append(
                 one_seed(
                     seed, s, base, data_dir, Path(tmp), args.lr, args.kl_coef, args.swarm_lr_scale
                 )
             )
+    cycles = args.loop_cycles or (2 if args.quick or args.smoke else 3)
+    with tempfile.TemporaryDirectory(prefix="rlhf-loop-") as tmp:
+        loop = loop_cycles(Path(tmp), data_dir, cycles, limit_s=300.0 * cycles)
     sent = sum(r["byzantine"]["forged_sent"] for r in runs)
     accepted = sum(r["byzantine"]["forged_accepted"] for r in runs)
 
-    def med(key: str, side: str) -> float:
-        return (
-            statistics.median(x for r in runs for x in r[key]["seconds_per_block"][side])
-            / s["block"]
-        )
+    def med(key: str, side: str) -> float | None:
+        xs = [x for r in runs for x in r[key]["seconds_per_block"][side]]
+        return statistics.median(xs) / s["block"] if xs else None
 
     headline = {
         "swarm_rm_acc_delta": _mean([r["swarm_rm_acc_delta"] for r in runs]),
@@ -712,8 +801,11 @@ def main() -> None:
         "grpo_vs_ppo_gain": _mean([r["grpo_vs_ppo"]["ratio"] for r in runs]),
         "byzantine_gain_ratio": _mean([r["byzantine"]["matched"]["ratio"] for r in runs]),
         "fabricated_accepted_fraction": accepted / sent if sent else None,
-        "fabricated_expected_miss_rate": runs[0]["byzantine"]["expected_miss_rate"],
-        "loop_cycles_completed": None,
+        "fabricated_expected_miss_rate": runs[0]["byzantine"]["expected_miss_rate"]
+        if runs
+        else None,
+        "loop_cycles_completed": loop["cycles_completed"],
+        "loop_seconds": loop["seconds"],
         "rm_accuracy_single": _mean([r["rm_single"]["accuracy"] for r in runs]),
         "rm_accuracy_swarm": _mean([r["rm_swarm"]["accuracy"] for r in runs]),
         "rm_calibration_error_swarm": _mean([r["rm_swarm"]["calibration_error"] for r in runs]),
@@ -734,6 +826,7 @@ def main() -> None:
             "args": vars(args) | {"out": str(args.out)},
             "headline": headline,
             "runs": runs,
+            "loop": loop,
         },
     )
     stderr_console.print(json.dumps(headline, indent=2, default=str))

@@ -12,129 +12,39 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
-from tests.integration.test_node_shutdown import (
-    REPO,
-    health,
-    swarmlm_command,
-    tiny_node_config,
+
+from swarmlm.node.rlhf_loop_harness import (
+    SimulatedAnnotators,
+    loop_health,
+    loop_node_config,
+    start_node,
 )
 
-PASSWORD = "annotator-password-1"
-
-
-def loop_node_config(data: Path, root: Path) -> Path:
-    path = tiny_node_config(data, root)
-    cfg: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
-    cfg["rlhf"]["loop"] = True
-    cfg["run"]["swarm"].update(
-        checkpoint_every=1,
-        rlhf_loop={
-            "pretrain_rounds": 2,
-            "min_labels": 3,
-            "reward_rounds": 2,
-            "policy_rounds": 2,
-            "samples_per_cycle": 4,
-            "sample_max_new_tokens": 8,
-            "idle_round_s": 0.3,
-            "reward": {"batch_size": 4, "max_len": 64, "val_fraction": 0.3},
-            "grpo": {
-                "prompts_per_round": 2,
-                "group_size": 2,
-                "eval_prompts": 2,
-                "minibatch_size": 2,
-                "max_new_tokens": 6,
-            },
-        },
-    )
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
-
-
-class Annotators:
-    """Three simulated annotators labelling every task of the loop's task set over HTTP."""
-
-    def __init__(self, port: int) -> None:
-        self.base = f"http://127.0.0.1:{port}"
-        self.stop = threading.Event()
-        self.submitted = 0
-        self.errors: list[str] = []
-        self.threads = [
-            threading.Thread(target=self._work, args=(f"sim-annotator-{i}",), daemon=True)
-            for i in range(3)
-        ]
-
-    def __enter__(self) -> Annotators:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(10)
-
-    def _work(self, name: str) -> None:
-        try:
-            with httpx.Client(base_url=self.base, timeout=10) as c:
-                r = c.post("/api/register", json={"username": name, "password": PASSWORD})
-                assert r.status_code in (201, 409), r.text
-                r = c.post("/api/login", json={"username": name, "password": PASSWORD})
-                assert r.status_code == 200, r.text
-                auth = {"authorization": f"Bearer {r.json()['token']}"}
-                while not self.stop.is_set():
-                    sets = c.get("/api/task-sets", headers=auth)
-                    ids = [
-                        s["id"]
-                        for s in (sets.json() if sets.status_code == 200 else [])
-                        if s.get("name") == "model-samples"
-                    ]
-                    task = None
-                    if ids:
-                        task = c.get(f"/api/tasks?task_set_id={ids[0]}", headers=auth).json()[
-                            "task"
-                        ]
-                    if task is None:
-                        self.stop.wait(0.2)
-                        continue
-                    a, b = task["outputs"]
-                    value = "A" if (len(a), a) >= (len(b), b) else "B"
-                    r = c.post(
-                        "/api/submit",
-                        json={"task_id": task["task_id"], "value": value, "time_spent_ms": 900},
-                        headers=auth,
-                    )
-                    assert r.status_code == 200, r.text
-                    self.submitted += 1
-        except Exception as exc:  # reported by the test, not lost in a thread
-            self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
-
-
-def start_node(cfg_path: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [*swarmlm_command(), "node", "--config", str(cfg_path)],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-
-
-def loop_health(port: int) -> dict[str, Any]:
-    comps = (health(port) or {}).get("components") or {}
-    return dict(comps.get("rlhf_loop") or {})
+LOOP = {
+    "pretrain_rounds": 2,
+    "min_labels": 3,
+    "reward_rounds": 2,
+    "policy_rounds": 2,
+    "samples_per_cycle": 4,
+    "sample_max_new_tokens": 8,
+    "idle_round_s": 0.3,
+    "reward": {"batch_size": 4, "max_len": 64, "val_fraction": 0.3},
+    "grpo": {
+        "prompts_per_round": 2,
+        "group_size": 2,
+        "eval_prompts": 2,
+        "minibatch_size": 2,
+        "max_new_tokens": 6,
+    },
+}
 
 
 def wait_for(proc: subprocess.Popen[bytes], log: Path, what: str, check: Any, limit: float) -> Any:
@@ -152,7 +62,7 @@ def wait_for(proc: subprocess.Popen[bytes], log: Path, what: str, check: Any, li
 def test_node_runs_the_rlhf_loop_through_two_cycles_and_resumes_after_restart(
     prepared_data: Path, tmp_path: Path
 ) -> None:
-    cfg_path = loop_node_config(prepared_data, tmp_path)
+    cfg_path = loop_node_config(prepared_data, tmp_path, LOOP)
     cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
     port, node_dir = cfg["web_port"], Path(cfg["node_dir"])
     log = tmp_path / "node.log"
@@ -164,7 +74,7 @@ def test_node_runs_the_rlhf_loop_through_two_cycles_and_resumes_after_restart(
             proc, log, "no wait for labels", lambda: loop_health(port).get("waiting"), 90
         )
         assert "the reward model waits for consensus labels: 0 of" in waiting
-        with Annotators(port) as annotators:
+        with SimulatedAnnotators(port) as annotators:
 
             def two_cycles() -> bool:
                 h = loop_health(port)

@@ -30,6 +30,7 @@ verify). The decided records are the facts the state machine advances on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import struct
@@ -378,7 +379,10 @@ class LoopObjective:
         """The agreed policy's answers to this cycle's prompts, written as comparison tasks
         for the node to import (``tasks-r<round>.jsonl``)."""
         n = len(self.prompts)
-        start = (state.cycle * self.cfg.samples_per_cycle) % n
+        # every full node samples at this round from the same agreed policy: a prompt offset
+        # and a seed of their own give the annotators different tasks from each node
+        own = int.from_bytes(hashlib.sha256(f"{round}/{self.node_id}".encode()).digest()[:4])
+        start = (state.cycle * self.cfg.samples_per_cycle + self.shard) % n
         chosen = (self.prompts * 2)[start : start + min(self.cfg.samples_per_cycle, n)]
         sample = SampleConfig(
             checkpoint=Path(self.trainer.cfg.train.out_dir),  # unused: the model is in memory
@@ -387,13 +391,13 @@ class LoopObjective:
             responses=self.cfg.responses,
             max_new_tokens=self.cfg.sample_max_new_tokens,
             temperature=self.cfg.sample_temperature,
-            seed=round,
+            seed=own,
         )
         was = self.policy_model.training
         self.policy_model.eval()
         try:
             with torch.random.fork_rng():  # the trainer's RNG stream stays as it was
-                torch.manual_seed(round)
+                torch.manual_seed(own)
                 rows, dropped = comparison_rows(
                     self.policy_model, self.tok, chosen, sample, build_safety_filter(sample.safety)
                 )
