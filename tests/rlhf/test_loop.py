@@ -98,7 +98,7 @@ def test_history_derives_states_from_claims_in_any_order_and_resumes_after_resta
     path = tmp_path / "loop" / "state.json"
     h = LoopHistory(path, T)
     for r in range(1, 7):
-        for claim in ([5, 5, 0] if r == 6 else [0, 0, 0]):
+        for claim in [5, 5, 0] if r == 6 else [0, 0, 0]:
             h.record(r, claim)
     assert h.state_after(6).phase == "reward"
     h.save()
