@@ -185,3 +185,25 @@ def test_cli_compress_then_verify(
     with pytest.raises(SystemExit):
         main(["data", "compress", str(data), "--codec", "brotli"])
     assert "invalid choice: 'brotli'" in capsys.readouterr().err
+
+
+def test_caches_made_without_a_budget_answer_to_the_process_budget() -> None:
+    """The node sets one budget from ``max_memory_mb``; a chunk cache built deep inside
+    ``TokenShards.open`` then shrinks under it like one given the budget by hand."""
+    from swarmlm.data.cache import process_budget, set_process_budget
+
+    rss_mb = MemoryBudget(1).rss() / 2**20
+    budget = MemoryBudget(rss_mb + 40, check_every=1)
+    previous = set_process_budget(budget)
+    try:
+        assert process_budget() is budget
+        cache = ByteCache(200 << 20, "lru", name="process-budget-test")
+        for i in range(100):  # 100 MiB, far over the 40 MiB headroom
+            cache.put(i, np.full(1 << 18, i, dtype=np.float32))
+        assert budget.evicted_bytes > 0
+        assert cache.bytes < 100 << 20
+    finally:
+        set_process_budget(previous)
+    unbounded = ByteCache(1 << 20, "lru", name="after-budget-test")
+    unbounded.put(0, b"x" * 1000)  # no budget any more: nothing to enforce
+    assert unbounded.bytes == 1000

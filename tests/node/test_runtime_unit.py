@@ -301,6 +301,21 @@ def test_resources_degrade_above_the_memory_ceiling(tmp_path: Path) -> None:
     assert "detail" not in rt.resources()
 
 
+def test_a_training_node_bounds_its_data_caches_by_max_memory_mb(tmp_path: Path) -> None:
+    from swarmlm.data.cache import process_budget, set_process_budget
+
+    previous = set_process_budget(None)
+    try:
+        NodeRuntime(node_config(tmp_path, type="annotation", max_memory_mb=64))
+        assert process_budget() is None  # no training: no data caches to bound
+        NodeRuntime(node_config(tmp_path, type="training", max_memory_mb=512))
+        budget = process_budget()
+        assert budget is not None
+        assert budget.cap_bytes == 512 * 2**20
+    finally:
+        set_process_budget(previous)
+
+
 # -- peers: who votes, trains, replicates ---------------------------------------------
 def node_info(sender: str, kind: str, name: str = "peer") -> Any:
     return SimpleNamespace(sender=sender, body={"type": kind, "name": name, "web_port": 0})

@@ -41,7 +41,9 @@ __all__ = [
     "ByteCache",
     "CacheError",
     "MemoryBudget",
+    "process_budget",
     "render_metrics",
+    "set_process_budget",
     "sizeof",
 ]
 
@@ -160,9 +162,11 @@ class ByteCache:
         self._m_evictions = _EVICTIONS.labels(name, policy)
         self._m_bytes = _BYTES.labels(name, policy)
         _HIT_RATE.labels(name, policy).set_function(lambda: self.hit_rate)
-        self._budget = budget
-        if budget is not None:
-            budget.register(self)
+        # a cache made without a budget of its own (the shards' chunk caches, deep inside
+        # TokenShards.open) answers to the process's, when a node has set one
+        self._budget = budget if budget is not None else _process_budget
+        if self._budget is not None:
+            self._budget.register(self)
 
     # -- mapping-like API ---------------------------------------------------------------
     def get(self, key: Hashable) -> Any | None:
@@ -299,3 +303,22 @@ class MemoryBudget:
             self.over_cap = False
         self.evicted_bytes += freed
         return freed
+
+
+_process_budget: MemoryBudget | None = None
+
+
+def set_process_budget(budget: MemoryBudget | None) -> MemoryBudget | None:
+    """Make ``budget`` the one every :class:`ByteCache` created afterwards without its own
+    answers to; returns the previous one. A node calls this with its ``max_memory_mb``, so
+    data caches built anywhere below it (shard chunk caches, loaders) are bounded by the
+    node's memory cap without each caller threading the budget through."""
+    global _process_budget
+    previous, _process_budget = _process_budget, budget
+    return previous
+
+
+def process_budget() -> MemoryBudget | None:
+    """The budget set by :func:`set_process_budget` (None: caches are bounded only by their
+    own ``max_bytes``)."""
+    return _process_budget

@@ -112,6 +112,13 @@ class NodeRuntime:
 
     # -- resources ------------------------------------------------------------------------
     def _apply_resource_limits(self) -> None:
+        if self.cfg.max_memory_mb is not None and (
+            self.cfg.runs("training") or self.cfg.runs("rlhf")
+        ):
+            # data caches (compressed shards' chunks) shrink before the node passes its cap
+            from swarmlm.data.cache import MemoryBudget, set_process_budget
+
+            set_process_budget(MemoryBudget(self.cfg.max_memory_mb))
         threads = self.cfg.max_cpu_threads
         # a lightweight node never computes with torch (and never imports it)
         if threads is not None and (self.cfg.runs("training") or self.cfg.runs("rlhf")):
