@@ -118,7 +118,9 @@ def _settings_args(parser: argparse.ArgumentParser) -> None:
             dest=f"setting_{name}",
             type=float if info.annotation is float else int,
             default=None,
-            help=f"{info.description} (default {'2 * k' if default is None else default})",
+            metavar="X" if info.annotation is float else "N",
+            # a default computed from other settings is stated in the description
+            help=info.description if default is None else f"{info.description} (default {default})",
         )
 
 
