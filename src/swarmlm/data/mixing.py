@@ -363,7 +363,11 @@ class OnlineMixer:
         sums = self._sum if sums is None else sums
         counts = self._count if counts is None else counts
         seen = counts > 0
-        mean = np.where(seen, sums / np.maximum(counts, 1), np.nan)
+        # counts may be fractional (averaged over ranks, or 1.0 per agreed median in a swarm):
+        # divide by them as they are. Clamping at 1 halved the loss of a type that one of two
+        # ranks saw once, and DDP's weights ran away from one process's (found by the torchrun
+        # mixing test)
+        mean = np.where(seen, sums / np.where(seen, counts, 1.0), np.nan)
         a = self.cfg.ema
         self.ema = np.where(
             seen, np.where(np.isnan(self.ema), mean, a * self.ema + (1 - a) * mean), self.ema
