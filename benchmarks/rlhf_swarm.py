@@ -692,7 +692,11 @@ def loop_cycles(work: Path, data_dir: Path, cycles: int, limit_s: float) -> dict
     done = 0
     try:
         with SimulatedAnnotators(port, judge=true_reward_judge) as annotators:
-            while time.perf_counter() - t0 < limit_s and proc.poll() is None:
+            while (
+                time.perf_counter() - t0 < limit_s
+                and proc.poll() is None
+                and any(t.is_alive() for t in annotators.threads)
+            ):
                 h = loop_health(port)
                 phase = (h.get("phase"), h.get("cycle"))
                 if h and (not timeline or (timeline[-1]["phase"], timeline[-1]["cycle"]) != phase):
@@ -705,6 +709,8 @@ def loop_cycles(work: Path, data_dir: Path, cycles: int, limit_s: float) -> dict
                     break
                 time.sleep(0.5)
         seconds = time.perf_counter() - t0
+        for err in annotators.errors:
+            stderr_console.print(f"loop: annotator failed: {err}")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

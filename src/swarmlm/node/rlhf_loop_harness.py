@@ -139,7 +139,9 @@ class SimulatedAnnotators:
     def _work(self, name: str) -> None:
         try:
             with httpx.Client(base_url=self.base, timeout=30) as c:
-                r = c.post("/api/register", json={"username": name, "password": PASSWORD})
+                r = self._register(c, name)
+                if r is None:
+                    return  # stopped before the node's web server came up
                 if r.status_code not in (201, 409):
                     raise RuntimeError(f"register: HTTP {r.status_code} {r.text}")
                 r = c.post("/api/login", json={"username": name, "password": PASSWORD})
@@ -161,6 +163,15 @@ class SimulatedAnnotators:
                         self.submitted += 1
         except Exception as exc:  # reported by the caller, not lost in a thread
             self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+
+    def _register(self, c: httpx.Client, name: str) -> httpx.Response | None:
+        """Register once the node's web server answers (annotators may start first)."""
+        while not self.stop.is_set():
+            try:
+                return c.post("/api/register", json={"username": name, "password": PASSWORD})
+            except httpx.TransportError:
+                self.stop.wait(0.5)
+        return None
 
     def _next_task(self, c: httpx.Client, auth: dict[str, str]) -> dict[str, Any] | None:
         sets = c.get("/api/task-sets", headers=auth)

@@ -183,7 +183,7 @@ class LoopObjective:
         self.reward = RewardObjective.around(tr, cfg.reward, self.rm, tok)
         tr.base_optimizer.add_param_group({"params": list(backbone.parameters())})
         settings = cfg.grpo if cfg.algorithm == "grpo" else cfg.ppo
-        self.policy = PolicyObjective.around(
+        self.policy = PolicyObjective(
             tr,
             settings,
             tok,

@@ -170,14 +170,15 @@ class SwarmGRPOConfig(GRPOSettings, PolicyFiles):
 class PolicyObjective:
     """PPO or GRPO steps on rollouts of the agreed policy; see the module docstring."""
 
-    def __init__(
-        self,
+    @classmethod
+    def from_files(
+        cls,
         trainer: Trainer,
         cfg: SwarmPPOConfig | SwarmGRPOConfig,
         init: InitCheckpoint,
         swarm: SwarmConfig,
         algorithm: Literal["ppo", "grpo"],
-    ) -> None:
+    ) -> PolicyObjective:
         """A stand-alone PPO/GRPO swarm: policy, reward model and prompts from files."""
         section = f"swarm.{algorithm}"
         policy = trainer.model_core
@@ -203,28 +204,9 @@ class PolicyObjective:
         except RLHFError as exc:
             raise SwarmError(f"{section}.prompts_file: {exc}") from exc
         where = f"{section}.prompts_file"
-        self._setup(trainer, cfg, tok, rm, texts, swarm, algorithm, where, reference)
+        return cls(trainer, cfg, tok, rm, texts, swarm, algorithm, where, reference)
 
-    @classmethod
-    def around(
-        cls,
-        trainer: Trainer,
-        cfg: PPOSettings | GRPOSettings,
-        tok: Tokenizer,
-        rm: RewardModel,
-        prompts: list[str],
-        swarm: SwarmConfig,
-        algorithm: Literal["ppo", "grpo"],
-        where: str,
-    ) -> PolicyObjective:
-        """The objective over an existing policy (the trainer's model, as it is now: also
-        the reference) and reward model, kept by reference: the RLHF loop trains both in
-        other phases and they hold the agreed weights whenever a round starts."""
-        self = cls.__new__(cls)
-        self._setup(trainer, cfg, tok, rm, prompts, swarm, algorithm, where)
-        return self
-
-    def _setup(
+    def __init__(
         self,
         trainer: Trainer,
         cfg: PPOSettings | GRPOSettings,
@@ -236,6 +218,10 @@ class PolicyObjective:
         where: str,
         reference: Transformer | None = None,
     ) -> None:
+        """The objective over the trainer's policy as it is now (also the initial KL
+        reference, unless ``reference`` is given) and reward model ``rm``, both kept by
+        reference: the RLHF loop trains them in other phases and they hold the agreed
+        weights whenever a round starts. ``where`` names the prompts' source in errors."""
         self.trainer = trainer
         self.cfg = cfg
         self.algorithm = algorithm
@@ -539,7 +525,9 @@ def _check_policy_run(name: str) -> Any:
 def _build(algorithm: Literal["ppo", "grpo"]) -> Any:
     def build(ctx: ObjectiveContext) -> PolicyObjective:
         assert isinstance(ctx.section, SwarmPPOConfig | SwarmGRPOConfig)
-        return PolicyObjective(ctx.trainer, ctx.section, ctx.prepared, ctx.swarm, algorithm)
+        return PolicyObjective.from_files(
+            ctx.trainer, ctx.section, ctx.prepared, ctx.swarm, algorithm
+        )
 
     return build
 
