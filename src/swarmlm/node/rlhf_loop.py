@@ -6,8 +6,9 @@ so all peers switch together. What only a node can do lives here, run after ever
 round (off the event loop):
 
 * import the comparison tasks the objective wrote (``<node_dir>/train/loop/tasks-*.jsonl``)
-  into the curation store, where annotators label them and consensus (Dawid-Skene over the
-  replicated annotations) turns them into the preferences the reward phase trains on; a
+  into the curation store, where annotators label them and the replicated store's consensus
+  (a pure function of each task's annotation set, so every replica settles a task alike)
+  turns them into the preferences the reward phase trains on; a
   file is renamed ``*.imported`` once its tasks are in, so a restart never imports twice
   and never loses a file written just before a crash;
 * report the loop's phase, counts and curves (``status.json`` and ``curve.jsonl`` the
