@@ -50,18 +50,40 @@ P2P_REAL = {
 }
 
 
+TEST_MODEL = {
+    "vocab_size": 512,
+    "d_model": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "max_seq_len": 64,
+}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _model(size: str) -> tuple[dict[str, Any], Path]:
+    """``test``: the tests' ~120k-parameter model on the bundled KJV head (payload 125 kB,
+    so fixed per-round overheads weigh); ``tiny``: configs/swarm-tiny.json's 3.4M-parameter
+    model on runs/data/kjv (payload ~3.3 MB int8)."""
+    if size == "test":
+        from swarmlm.sim.swarm import bundled_corpus
+
+        return TEST_MODEL, bundled_corpus()
+    cfg = json.loads((REPO / "configs" / "swarm-tiny.json").read_text("utf-8"))
+    data = REPO / cfg["data"]["path"]
+    if not (data / "meta.json").is_file():
+        raise SystemExit(
+            f"{data} is not prepared: run swarmlm data prepare --input data/kjv.txt.gz "
+            f"--out {data} --vocab-size 2048 (or pass --model test)"
+        )
+    return {**cfg["model"], "max_seq_len": 64}, data
+
+
 def _config(
-    data: Path, out: Path, n: int, rounds: int, layout: str, **swarm: Any
+    model: dict[str, Any], data: Path, out: Path, n: int, rounds: int, layout: str, **swarm: Any
 ) -> dict[str, Any]:
     return {
-        "model": {
-            "vocab_size": 512,
-            "d_model": 64,
-            "n_layers": 2,
-            "n_heads": 4,
-            "n_kv_heads": 2,
-            "max_seq_len": 64,
-        },
+        "model": model,
         "data": {"path": str(data), "batch_size": 4, "seq_len": 32, "prefetch": 1},
         "optim": {"lr": 0.003},
         "schedule": {"kind": "constant", "warmup_steps": 0},
@@ -103,6 +125,7 @@ def _phases(histories: Any) -> dict[str, Any]:
 
 
 def real_run(
+    model: dict[str, Any],
     data: Path,
     work: Path,
     n: int,
@@ -116,12 +139,11 @@ def real_run(
     root = work / f"real-{layout}-{n}{'-liar' if liar is not None else ''}"
     root.mkdir(parents=True, exist_ok=True)
     cfg_path = root / "swarm.json"
-    cfg_path.write_text(json.dumps(_config(data, root / "runs", n, rounds, layout)), "utf-8")
+    cfg_path.write_text(json.dumps(_config(model, data, root / "runs", n, rounds, layout)), "utf-8")
     overrides = {i: [f"swarm.data_shard={i}"] for i in range(n)}
     if liar is not None:
         overrides[liar] += ["swarm.attack=lying_aggregator", "swarm.attack_scale=1.0"]
-        for i in range(n):
-            overrides[i].append("swarm.partition_verifiers=100.0")
+        # default verification (partition_verifiers 1): what a swarm would run
     t0 = time.perf_counter()
     out: dict[str, Any] = {"n": n, "layout": layout, "rounds": rounds, "ok": False}
     try:
@@ -150,7 +172,9 @@ def real_run(
     )
     out["identical_hashes"] = same and len(complete) == len(honest)
     sent = [b for i in complete for b in _per_round(histories[i], "bytes_sent")]
+    blobs = [b for i in complete for b in _per_round(histories[i], "blob_bytes_sent")]
     times = [t for i in complete for t in _per_round(histories[i], "time")]
+    out["blob_bytes_per_peer_round"] = statistics.median(blobs) if blobs else None
     payload_key = "update_bytes" if layout == "partitioned" else "payload_bytes"
     payloads = [histories[i][r][payload_key] for i in complete for r in histories[i]]
     out["bytes_per_peer_round"] = statistics.median(sent) if sent else None
@@ -158,9 +182,18 @@ def real_run(
     out["round_time_s"] = statistics.median(times) if times else None
     if out["bytes_per_peer_round"] and out["payload_bytes"]:
         out["ratio"] = round(out["bytes_per_peer_round"] / out["payload_bytes"], 3)
+        # payload streams alone (parts, outputs, verification; all-to-all: updates): what
+        # the layout changes; the rest is protocol, PEX and heartbeats
+        out["blob_ratio"] = round(out["blob_bytes_per_peer_round"] / out["payload_bytes"], 3)
     losses = [histories[i][rounds].get("val_loss") for i in complete]
     losses = [x for x in losses if x is not None]
     out["val_loss"] = statistics.median(losses) if losses else None
+    by_round = {}
+    for r in range(1, rounds + 1):
+        vals = [histories[i][r].get("val_loss") for i in complete if r in histories[i]]
+        vals = [v for v in vals if v is not None]
+        by_round[r] = statistics.median(vals) if vals else None
+    out["val_loss_by_round"] = by_round
     if liar is not None:
         # the first round whose decision leaves the liar out of the next membership
         removed = [
@@ -289,17 +322,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="n = 16 real, simulator n <= 25")
     ap.add_argument("--only", default="real,sim,liar", help="subset: real, sim, liar")
     ap.add_argument("--real-n", default=None, help="comma-separated process counts")
+    ap.add_argument("--model", choices=["tiny", "test"], default="tiny",
+                    help="processes: tiny = 3.4M parameters (default), test = 120k")  # fmt: skip
     ap.add_argument("--sim-n", default=None, help="comma-separated simulated peer counts")
     args = ap.parse_args()
-    from swarmlm.sim.swarm import bundled_corpus
-
     only = set(args.only.split(","))
     real_ns = [int(x) for x in (args.real_n or ("16" if args.quick else "16,32")).split(",")]
     sim_ns = [
         int(x) for x in (args.sim_n or ("4,10,25" if args.quick else "4,10,25,50,100")).split(",")
     ]
     env0 = environment()
-    data = bundled_corpus()
+    model, data = _model(args.model)
     work = Path(tempfile.mkdtemp(prefix="swarmlm-scale-"))
     real: list[dict[str, Any]] = []
     sim: list[dict[str, Any]] = []
@@ -308,11 +341,11 @@ def main() -> None:
     if "real" in only:
         for n in real_ns:
             for layout in ("all_to_all", "partitioned"):
-                r = real_run(data, work, n, rounds, layout)
+                r = real_run(model, data, work, n, rounds, layout)
                 print(json.dumps(r), file=sys.stderr, flush=True)
                 real.append(r)
     if "liar" in only:
-        liar = real_run(data, work, real_ns[0], rounds + 1, "partitioned", liar=real_ns[0] - 1)
+        liar = real_run(model, data, work, real_ns[0], 6, "partitioned", liar=real_ns[0] - 1)
         print(json.dumps(liar), file=sys.stderr, flush=True)
     if "sim" in only:
         for n in sim_ns:
@@ -337,6 +370,8 @@ def main() -> None:
     )
     sim_t1000 = pick(sim, 1000, "partitioned", "round_time_virtual_s")
     clean = pick(real, real_ns[0], "partitioned", "val_loss")
+    # the liar run lasts a round longer (to see the eviction): compare at the clean run's end
+    liar_loss = liar["val_loss_by_round"].get(rounds) if liar and liar.get("ok") else None
     headline = {
         "bytes_per_peer_ratio_n16": pick(real, 16, "partitioned", "ratio"),
         "bytes_per_peer_ratio_n16_all_to_all": pick(real, 16, "all_to_all", "ratio"),
@@ -347,15 +382,14 @@ def main() -> None:
         "round_time_ratio_n1000_vs_n10_sim": (
             round(sim_t1000 / sim_t10, 3) if sim_t1000 and sim_t10 else None
         ),
-        "worst_attack_loss_ratio": (
-            round(liar["val_loss"] / clean, 4) if liar and liar.get("val_loss") and clean else None
-        ),
+        "worst_attack_loss_ratio": (round(liar_loss / clean, 4) if liar_loss and clean else None),
         "lying_aggregator_detected_rounds": liar.get("liar_removed_at_round") if liar else None,
         "identical_hashes_real": all(r.get("identical_hashes") for r in real) if real else None,
         "machine_contended": contention(env0, env1)["contended"],
     }
     payload = {
         "quick": args.quick,
+        "model": args.model,
         "real": real,
         "lying_aggregator": liar,
         "sim": sim,
