@@ -26,13 +26,15 @@ with ``complete: false`` and the counts actually reached.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +184,11 @@ def main() -> int:
     ap.add_argument("--scale", default="10,100,1000", help="peer counts of the scale runs")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the results in the rows file made by the same code; run only the rest",
+    )
+    ap.add_argument(
         "--summarise",
         action="store_true",
         help="do not run: build the headline from the rows file of an earlier (maybe stopped) run",
@@ -261,36 +268,80 @@ def main() -> int:
     return 0
 
 
+def code_digest() -> str:
+    """SHA-256 of the simulated code (every ``.py`` of the ``swarmlm`` package imported):
+    ``--resume`` only keeps rows made by the same code."""
+    import swarmlm
+
+    root = Path(swarmlm.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _key(kind: str, row: dict[str, Any]) -> tuple[Any, ...]:
+    return (kind, row["n"], row["payload_bytes"]) if kind == "scale" else (kind, row["i"])
+
+
 def _run(
     args: argparse.Namespace, total: int, swarm_total: int, rows_path: Path
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], float]:
-    """Run the scale jobs, the swarm schedules and the soak on ``args.workers`` processes,
-    appending each result to ``rows_path`` as it completes."""
+    """Run the scale jobs (one process of their own, largest first: a scale run killed by
+    the OOM killer is recorded as ``killed`` and does not take the soak down) and the swarm
+    and protocol schedules (``args.workers`` processes), appending each result to
+    ``rows_path`` as it completes. ``--resume`` keeps the rows already there that the same
+    code made and runs only the rest."""
     sizes = [int(x) for x in args.scale.split(",") if x]
     scale_jobs = [(n, 1000, 3 if n <= 100 else 1) for n in sizes]
     if 100 in sizes:
         scale_jobs.append((100, 1_000_000, 3))
-    rows: list[dict[str, Any]] = []
-    swarm_rows: list[dict[str, Any]] = []
-    scale: list[dict[str, Any]] = []
+    scale_jobs.sort(key=lambda j: -j[0])
+    code = code_digest()
+    out: dict[str, list[dict[str, Any]]] = {"soak": [], "swarm": [], "scale": []}
+    done: set[tuple[Any, ...]] = set()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows_path.write_text("")
+    if args.resume and rows_path.is_file():
+        for line in rows_path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("code") == code and row.get("verdict") != "killed":
+                kind = row.pop("kind")
+                out[kind].append(row)
+                done.add(_key(kind, row))
+        stderr_console.print(f"--resume: {len(done)} results of code {code} kept")
+    keep = [json.dumps({"kind": k, **r}) for k, rs in out.items() for r in rs]
+    rows_path.write_text("".join(line + "\n" for line in keep))
     t0 = time.time()
+    scale_pool = ProcessPoolExecutor(max_workers=1)
     with ProcessPoolExecutor(max_workers=args.workers) as pool, make_progress() as progress:
-        # the largest scale run first: it is the long pole
-        big = {
-            pool.submit(scale_one, *job): "scale" for job in sorted(scale_jobs, key=lambda j: -j[0])
-        }
-        swarm = {pool.submit(swarm_one, i): "swarm" for i in range(swarm_total)}
-        soak = {pool.submit(run_one, i): "soak" for i in range(total)}
-        task = progress.add_task("schedules", total=total + swarm_total + len(big))
-        for fut in as_completed([*big, *swarm, *soak]):
-            kind = big.get(fut) or swarm.get(fut) or "soak"
-            row = fut.result()
-            {"scale": scale, "swarm": swarm_rows, "soak": rows}[kind].append(row)
-            _append(rows_path, kind, row)
+        jobs: dict[Future[dict[str, Any]], tuple[str, Any]] = {}
+        for job in scale_jobs:
+            if ("scale", job[0], job[1]) not in done:
+                jobs[scale_pool.submit(scale_one, *job)] = ("scale", job)
+        for i in range(swarm_total):
+            if ("swarm", i) not in done:
+                jobs[pool.submit(swarm_one, i)] = ("swarm", i)
+        for i in range(total):
+            if ("soak", i) not in done:
+                jobs[pool.submit(run_one, i)] = ("soak", i)
+        task = progress.add_task("schedules", total=len(jobs))
+        for fut in as_completed(jobs):
+            kind, job = jobs[fut]
+            try:
+                row = fut.result()
+            except BrokenProcessPool:
+                if kind != "scale":
+                    raise  # a soak worker died: the rows file keeps what finished
+                n, payload, _ = job
+                row = {"n": n, "payload_bytes": payload, "verdict": "killed", "rounds_decided": 0}
+                stderr_console.print(f"scale run n={n} payload={payload}: its process was killed")
+            out[kind].append(row)
+            _append(rows_path, kind, {**row, "code": code})
             progress.advance(task)
-    return rows, swarm_rows, scale, time.time() - t0
+    scale_pool.shutdown(cancel_futures=True)
+    scale = [r for r in out["scale"] if r["verdict"] != "killed"]
+    return out["soak"], out["swarm"], scale, time.time() - t0
 
 
 def _read_rows(
@@ -300,7 +351,8 @@ def _read_rows(
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
-            out[row.pop("kind")].append(row)
+            if row.get("verdict") != "killed":
+                out[row.pop("kind")].append(row)
     return out["soak"], out["swarm"], out["scale"], float("nan")
 
 
