@@ -273,3 +273,27 @@ def test_a_slow_peer_covers_fewer_samples_in_the_same_time_and_weighs_less(
             assert ratio == pytest.approx(rep.throughput[slow][0] / min(fast[0], cap), rel=1e-4)
     finally:
         swarm.close()
+
+
+def test_a_partial_contribution_is_weighted_down_but_never_filtered() -> None:
+    """A slow peer's few steps (under half the median samples) point about anywhere: here a
+    sign flip, every round. The filter neither scores nor leaves it out; its weight, its
+    samples' share, bounds what it moves. The same peer claiming full samples is filtered."""
+    for claimed, filtered_expected in ((4, False), (48, True)):
+        es = engines(5)
+        gen = torch.Generator().manual_seed(7)
+        ever_filtered = False
+        for r in range(1, 7):
+            common = torch.randn(D, generator=gen)
+            updates = [common + torch.randn(D, generator=gen) for _ in range(4)]
+            updates.append(-(common + torch.randn(D, generator=gen)))
+            samples = [48, 48, 48, 48, claimed]
+            entries = [
+                (peer_id(i), es[i].contribution(r, u, samples[i])) for i, u in enumerate(updates)
+            ]
+            rep = apply_all(es, r, entries)[0]
+            ever_filtered |= peer_id(4) in rep.filtered
+            if claimed == 4 and peer_id(4) in rep.accepted:  # (outlier flags may exclude it)
+                assert rep.weights[peer_id(4)] == pytest.approx(4 / (4 * 48 + 4), rel=1e-4)
+        assert ever_filtered is filtered_expected
+        assert (peer_id(4) in es[0].filter_scores) is filtered_expected

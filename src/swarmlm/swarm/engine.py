@@ -752,7 +752,19 @@ class RoundEngine:
             far_ratio=cfg.outlier_ratio,
             threshold=cfg.filter_threshold,
         )
-        filt.reputation = {p: self.filter_scores[p] for p in ids if p in self.filter_scores}
+        # A partial contribution (a slow peer's few steps, under half the round's median
+        # samples) points about anywhere: its cosine to the aggregate says nothing about its
+        # honesty (slow honest peers were left out at ~0 in benchmarks/swarm_robustness.py).
+        # It is neither scored nor filtered; its weight already shrinks with its samples, so
+        # claiming few samples to dodge the filter costs a liar its influence.
+        exempt: set[str] = set()
+        if weights is not None and cfg.sample_weighted:
+            samples = [report.throughput.get(p, (0, 0.0))[0] for p in ids]
+            half = 0.5 * statistics.median(samples)
+            exempt = {p for p, s in zip(ids, samples, strict=True) if s < half}
+        filt.reputation = {
+            p: self.filter_scores[p] for p in ids if p in self.filter_scores and p not in exempt
+        }
         out = set(filt.excluded(ids))
         if weights is not None:
             kept = [i for i in range(len(ids)) if i not in out]
@@ -761,7 +773,8 @@ class RoundEngine:
             filt.aggregator = lambda sub: aggregate(sub, kept_w)
         agg = filt(stack, ids)
         for p in ids:
-            self.filter_scores[p] = float(filt.reputation[p])
+            if p not in exempt:
+                self.filter_scores[p] = float(filt.reputation[p])
         report.filtered = [ids[i] for i in filt.last_excluded]
         for p in report.filtered:
             log.warning(

@@ -52,10 +52,10 @@ from swarmlm.train.trainer import Trainer, rng_state
 
 log = logging.getLogger(__name__)
 
-#: With ``round_pace`` samples a peer may overrun its time budget by this fraction before
-#: it skips its next step: peers near the median rate then do all their steps (their runs
-#: stay as reproducible as with the steps pace); a clearly slow peer stops early. The
-#: leader's ``p2p.proposal_grace`` waits for the overrun.
+#: With ``round_pace`` samples a peer that can finish all its steps within this fraction
+#: past its time budget does (peers near the median rate then run as with the steps pace,
+#: as reproducibly); a slower one stops before a step that would end past the budget. The
+#: leader's ``p2p.proposal_grace`` covers the small overrun of the first kind.
 PACE_SLACK = 0.1
 
 # Model initialisation draws from torch's global RNG: peers built in one process (simulations,
@@ -251,9 +251,12 @@ class SwarmWorker:
                     break
                 if budget is not None:
                     elapsed = time.perf_counter() - t0
-                    # stop where the next step would end past the budget (with some slack
-                    # for peers near the median): a slow peer then delivers on time
-                    if elapsed + elapsed / len(losses) > budget * (1.0 + PACE_SLACK):
+                    step_s = elapsed / len(losses)
+                    # a peer near the median rate finishes all its steps (a little past the
+                    # budget at most); a slower one stops before its next step would end
+                    # past the budget: it is then on time, not PACE_SLACK late
+                    finishes = elapsed + (cap - len(losses)) * step_s <= budget * (1 + PACE_SLACK)
+                    if not finishes and elapsed + step_s > budget:
                         break
             steps = len(losses)
             self.last_loss = sum(losses) / steps
