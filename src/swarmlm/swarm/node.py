@@ -481,14 +481,18 @@ class SwarmNode:
         sees: a member we are connected to was alive but late (its contribution missed the
         decided set: a slow peer, or one that started its round late); one we are not
         connected to is down or unreachable. Local, for the log and the dashboard."""
-        links = self.node.connections
+        links, me = self.node.connections, self.identity.node_id
         for peer, why in list(report.left_out.items()):
-            if why == "absent" and peer != self.identity.node_id:
+            if why != "absent":
+                continue
+            if peer == me:
                 report.left_out[peer] = (
-                    "late: connected, but no entry in the decided set"
-                    if peer in links
-                    else "absent: not connected"
+                    "late: this node (its local phase missed the round, or it was catching up)"
                 )
+            elif peer in links:
+                report.left_out[peer] = "late: connected, but no entry in the decided set"
+            else:
+                report.left_out[peer] = "absent: not connected"
         if report.left_out:
             log.info(
                 "round %d left out %s",
