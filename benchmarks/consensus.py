@@ -46,11 +46,11 @@ from _common import (
     write_json,
 )
 from swarmlm.p2p.config import P2PConfig
-from swarmlm.p2p.harness import Swarm
 from swarmlm.p2p.identity import NodeIdentity
 from swarmlm.p2p.tls import make_contexts, write_tls_files
 from swarmlm.p2p.transport import P2PNode
 from swarmlm.p2p.wire import digest_of
+from swarmlm.testing.p2p import Swarm
 
 MB = 1024 * 1024
 

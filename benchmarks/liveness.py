@@ -24,7 +24,7 @@ swarm with nothing wrong? n = 4 and n = 7; each scenario is one item of the issu
   or TLS with a throwaway key and a 4 MiB junk frame) against one node; its RSS growth
   (VmRSS) is ``rss_growth_mb``.
 
-How: every block is a fresh swarm (the harness, ``python -m swarmlm.p2p.harness``, one node
+How: every block is a fresh swarm (the harness, ``python -m swarmlm.testing.p2p``, one node
 per process), started, warmed up (a few rounds), then measured for a window while the
 scenario runs. Blocks are interleaved: clean, attack 1, clean, attack 2, ..., clean, so slow
 drift and background load hit them alike; an attack's ratio is its rate over the median of
@@ -342,7 +342,7 @@ class BlockRun:
         self.measure_from: float | None = None  # a scenario may start the window later
 
     def run(self) -> dict[str, Any]:
-        from swarmlm.p2p.harness import Swarm
+        from swarmlm.testing.p2p import Swarm
 
         b, st = self.block, self.st
         byz = {BYZ_INDEX: BYZANTINE[b.scenario]} if b.scenario in BYZANTINE else {}

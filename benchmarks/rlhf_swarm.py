@@ -675,7 +675,7 @@ def loop_cycles(work: Path, data_dir: Path, cycles: int, limit_s: float) -> dict
 
     import yaml
 
-    from swarmlm.node.rlhf_loop_harness import (
+    from swarmlm.testing.rlhf_loop import (
         SimulatedAnnotators,
         loop_health,
         loop_node_config,

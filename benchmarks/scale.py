@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import contention, emit_headline, environment, save_figure, write_json
-from swarmlm.swarm.harness import SwarmProcesses
+from swarmlm.testing.swarm import SwarmProcesses
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -77,7 +77,7 @@ from _common import (  # the benchmarks folder is the script's sys.path[0]
     stderr_console,
     write_json,
 )
-from swarmlm.swarm.harness import SwarmProcesses
+from swarmlm.testing.swarm import SwarmProcesses
 
 log = logging.getLogger("benchmarks.swarm")
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from swarmlm.node.harness import NodeNetwork, NodeProcess
+from swarmlm.testing.node import NodeNetwork, NodeProcess
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """Real multi-process swarms on 127.0.0.1: agreement, Byzantine peers, crashes, partitions.
 
-Every node is its own OS process speaking TLS to the others (see swarmlm.p2p.harness).
+Every node is its own OS process speaking TLS to the others (see swarmlm.testing.p2p).
 Timeouts are shortened (1 s round timeout) so the whole file runs in a few minutes.
 """
 
@@ -12,7 +12,7 @@ import pytest
 
 from swarmlm.p2p.byzantine import BYZANTINE_KINDS
 from swarmlm.p2p.consensus import leader_of, quorum
-from swarmlm.p2p.harness import NodeProcess, Swarm
+from swarmlm.testing.p2p import NodeProcess, Swarm
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -1,4 +1,4 @@
-"""Real swarm peers as processes on 127.0.0.1 (``swarmlm.swarm.harness``): they train the
+"""Real swarm peers as processes on 127.0.0.1 (``swarmlm.testing.swarm``): they train the
 tiny model together over the p2p round protocol."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from swarmlm.swarm.harness import SwarmProcesses
+from swarmlm.testing.swarm import SwarmProcesses
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from swarmlm.node.rlhf_loop_harness import (
+from swarmlm.testing.rlhf_loop import (
     SimulatedAnnotators,
     loop_health,
     loop_node_config,

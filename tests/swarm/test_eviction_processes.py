@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from swarmlm.swarm.harness import SwarmProcesses
+from swarmlm.testing.swarm import SwarmProcesses
 from tests.swarm.conftest import swarm_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from swarmlm.swarm.harness import SwarmProcesses
+from swarmlm.testing.swarm import SwarmProcesses
 from tests.swarm.test_policy_objectives import policy_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

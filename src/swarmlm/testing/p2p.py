@@ -1,6 +1,6 @@
 """Real multi-process swarms on 127.0.0.1 for tests and benchmarks.
 
-Worker side (``python -m swarmlm.p2p.harness --expect N ...``): one node per process,
+Worker side (``python -m swarmlm.testing.p2p --expect N ...``): one node per process,
 driven by JSON lines on stdin, reporting JSON lines on stdout. Commands::
 
     {"cmd": "genesis", "timeout": s}          wait for N-1 peers; membership = all N ids
@@ -224,7 +224,7 @@ async def _worker(args: argparse.Namespace) -> None:
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m swarmlm.p2p.harness")
+    p = argparse.ArgumentParser(prog="python -m swarmlm.testing.p2p")
     p.add_argument("--node-dir")
     p.add_argument("--bootstrap", type=parse_bootstrap)
     p.add_argument("--expect", type=int, required=True)
@@ -254,7 +254,7 @@ class NodeProcess:
         self.argv = argv
         self.paused = False
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swarmlm.p2p.harness", *argv],
+            [sys.executable, "-m", "swarmlm.testing.p2p", *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,

@@ -21,7 +21,7 @@ import httpx
 import yaml
 
 from swarmlm.atomic import atomic_write_text
-from swarmlm.swarm.harness import PeerProcess
+from swarmlm.testing.swarm import PeerProcess
 
 
 class NodeProcess(PeerProcess):
