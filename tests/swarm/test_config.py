@@ -89,3 +89,14 @@ def test_cli_refuses_resume_without_a_persistent_identity(
 ) -> None:
     assert main(["--config", str(CONFIGS / "swarm-tiny.json"), "--resume"]) == 2
     assert "--resume needs --node-dir" in capsys.readouterr().out
+
+
+def test_a_section_level_error_names_the_section_without_an_empty_key() -> None:
+    import swarmlm.rlhf  # noqa: F401  (registers the reward objective)
+    from swarmlm.swarm.config import SwarmConfig
+
+    section = {"preferences": "a.jsonl", "curation_db": "x.db", "init_checkpoint": "c"}
+    with pytest.raises(ValueError, match="exactly one of preferences") as err:
+        SwarmConfig.model_validate({"objective": "reward", "reward": section})
+    assert "swarm.reward: " in str(err.value)
+    assert "swarm.reward.:" not in str(err.value)

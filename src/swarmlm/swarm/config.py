@@ -335,9 +335,9 @@ class SwarmConfig(BaseModel):
                     extra[key] = section.section.model_validate(extra[key])
                 except ValidationError as exc:
                     lines = "; ".join(
-                        f"swarm.{key}.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
+                        ".".join(["swarm", key, *(str(x) for x in e["loc"])]) + f": {e['msg']}"
                         for e in exc.errors()
-                    )
+                    )  # a section-level rule has no loc: "swarm.reward: ...", not "reward.:"
                     raise ValueError(lines) from None
         if spec.section is not None and self.objective not in extra:
             raise ValueError(
