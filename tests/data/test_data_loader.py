@@ -114,6 +114,25 @@ def test_ranks_read_disjoint_windows_that_together_equal_one_large_batch(arange_
         BatchLoader(shards, rank=2, world_size=2)
 
 
+def test_set_rank_reads_another_ranks_rows_from_the_next_batch_on(arange_data: Path) -> None:
+    """A swarm peer handed another shard (swarm.shard_policy): its next batches are that
+    rank's, prefetched ones of the old rank are dropped, the position is kept."""
+    shards = TokenShards.open(arange_data)
+
+    def loader(rank: int) -> BatchLoader:
+        return BatchLoader(shards, batch_size=4, seq_len=32, seed=4, rank=rank, world_size=3)
+
+    with loader(0) as moved, loader(2) as other:
+        for _ in range(3):
+            next(moved)
+            next(other)
+        moved.set_rank(2)
+        for _ in range(5):
+            assert torch.equal(next(moved)[0], next(other)[0])
+        with pytest.raises(DataError, match="rank 3 is outside 0..2"):
+            moved.set_rank(3)
+
+
 def test_set_seq_len_changes_the_window_length_and_opens_a_new_epoch(arange_data: Path) -> None:
     shards = TokenShards.open(arange_data)
     with BatchLoader(shards, 2, 16, seed=0) as loader:

@@ -86,6 +86,15 @@ class Balancer:
     def owner(self, item: Hashable) -> str | None:
         return self._owner.get(item)
 
+    def set_rate(self, name: str, rate: float) -> None:
+        """Adopt a rate measured elsewhere (cost units per second), e.g. a swarm round's
+        decided samples per second, replacing the EWMA of :meth:`complete`."""
+        if name not in self._workers:
+            raise DataError(f"unknown worker {name!r}")
+        if not rate > 0:
+            raise DataError(f"rate of {name!r} must be > 0, got {rate}")
+        self._workers[name].rate = float(rate)
+
     def _choose(self, cost: float) -> _Worker:
         names = self.workers
         if self.policy == "round_robin":

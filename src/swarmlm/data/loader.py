@@ -234,6 +234,16 @@ class BatchLoader:
         s = self._state
         self._state = _State(s.seed, seq_len, s.epoch + (s.pos > 0), 0)
 
+    def set_rank(self, rank: int) -> None:
+        """Read rank ``rank``'s rows of the global batches from the next batch on (a swarm
+        peer that was handed another data shard); prefetched batches of the old rank are
+        dropped, the position is kept."""
+        if not 0 <= rank < self.world_size:
+            raise DataError(f"rank {rank} is outside 0..{self.world_size - 1}")
+        if rank != self.rank:
+            self._stop_thread()
+            self.rank = rank
+
     def close(self) -> None:
         """Stop and join the prefetch thread; further ``next`` calls raise."""
         self._closed = True

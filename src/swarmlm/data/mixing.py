@@ -207,6 +207,12 @@ class MixtureLoader:
             raise DataError(f"mixture weights must be {len(self.index.types)} non-negative values")
         self.weights = w / w.sum()
 
+    def set_rank(self, rank: int) -> None:
+        """Draw rank ``rank``'s rows of the global batches from the next batch on."""
+        if not 0 <= rank < self.world_size:
+            raise DataError(f"rank {rank} is outside 0..{self.world_size - 1}")
+        self.rank = rank
+
     def set_cap(self, cap: float) -> None:
         self.cap = float(cap)
 

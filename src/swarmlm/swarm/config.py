@@ -191,6 +191,12 @@ class SwarmConfig(BaseModel):
     data_shard: int | None = Field(
         default=None, ge=0, description="this peer's shard; None = chosen by its node id"
     )
+    shard_policy: Literal["hash", "round_robin", "least_loaded", "performance"] = Field(
+        default="hash",
+        description="hash: each peer reads the shard its id hashes to; the others hand the "
+        "shards out over each round's membership (swarm/shards.py), performance by the "
+        "decided samples per second",
+    )
     overlap: bool = Field(
         default=False,
         description="compute round r + 1 while round r is communicated; its update is applied "
@@ -260,6 +266,11 @@ class SwarmConfig(BaseModel):
             raise ValueError("swarm.overlap is not available in cooperative mode")
         if self.aggregation_layout == "partitioned":
             self._check_partitioned()
+        if self.data_shard is not None and self.shard_policy != "hash":
+            raise ValueError(
+                f"swarm.data_shard={self.data_shard} pins this peer's shard, but "
+                f"swarm.shard_policy={self.shard_policy!r} hands shards out: set one of them"
+            )
         if self.data_shard is not None and self.data_shard >= self.data_shards:
             raise ValueError(
                 f"swarm.data_shard={self.data_shard} must be below swarm.data_shards="

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from swarmlm.aggregation import AttackContext, get_attack
+from swarmlm.data.loader import BatchLoader
 from swarmlm.data.mixing import MixingConfig, MixtureLoader
 from swarmlm.swarm.batching import round_time_budget
 from swarmlm.swarm.config import SwarmRunConfig
@@ -40,6 +41,7 @@ from swarmlm.swarm.params import (
     load_flat_params,
     params_sha256,
 )
+from swarmlm.swarm.shards import plan_shards, shard_for_round
 from swarmlm.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -128,6 +130,7 @@ class SwarmWorker:
         self.shard = (
             sw.data_shard if sw.data_shard is not None else shard_for(node_id, sw.data_shards)
         )
+        self.hashed_shard = self.shard  # where a member the shard plan gives nothing reads
         spec = objective_spec(sw.objective)
         if spec is None:  # the config validator checked it; a plugin may have failed since
             raise SwarmError(f"swarm.objective {sw.objective!r} is not registered")
@@ -383,7 +386,24 @@ class SwarmWorker:
         self.last_throughput = report.throughput
         load_flat_params(self.model, self.layout, self.engine.params)
         self._adopt_data_schedule()
+        self._follow_shard_plan(round, members, report.throughput)
         return report
+
+    def _follow_shard_plan(
+        self, round: int, members: Sequence[str], throughput: dict[str, tuple[int, float]]
+    ) -> None:
+        """With a balanced ``swarm.shard_policy``, read next round the shard the plan over
+        this round's decided membership and throughput gives us (swarm/shards.py). Only the
+        language-model loader follows it; objectives with their own data keep their shard."""
+        sw = self.cfg.swarm
+        if sw.shard_policy == "hash" or not members:
+            return
+        plan = plan_shards(members, sw.data_shards, sw.shard_policy, throughput)
+        shard = shard_for_round(plan.get(self.node_id, []), round + 1, self.hashed_shard)
+        loader = self.trainer.loader
+        if shard != self.shard and isinstance(loader, BatchLoader | MixtureLoader):
+            loader.set_rank(shard)
+            self.shard = shard
 
     def _verify(
         self, round: int, records: list[tuple[str, bytes]], seed: bytes
