@@ -151,3 +151,23 @@ def test_loop_records_round_trip_and_refuse_garbage() -> None:
     with pytest.raises(ValueError, match="at most 4096"):
         decode_record(huge)
     assert json.loads(json.dumps(state.claim())) == state.claim()
+
+
+def test_the_loop_section_is_validated_with_the_swarm_config(tmp_path: Path) -> None:
+    from swarmlm.swarm.config import SwarmRunConfig
+
+    def run(swarm: dict[str, object]) -> SwarmRunConfig:
+        return SwarmRunConfig.model_validate(
+            {"data": {"path": str(tmp_path)}, "swarm": {"objective": "rlhf_loop", **swarm}}
+        )
+
+    cfg = run({"rlhf_loop": {"min_labels": 5, "grpo": {"group_size": 3}}})
+    section = cfg.swarm.section()
+    assert section is not None
+    assert section.min_labels == 5  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r'needs swarm\.mode "diloco"'):
+        run({"mode": "synchronous", "rlhf_loop": {}})
+    with pytest.raises(ValueError, match="min_labels"):
+        run({"rlhf_loop": {"min_labels": 0}})
+    with pytest.raises(ValueError, match="polcy_rounds"):
+        run({"rlhf_loop": {"polcy_rounds": 3}})
