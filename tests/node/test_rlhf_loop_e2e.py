@@ -122,3 +122,74 @@ def test_node_runs_the_rlhf_loop_through_two_cycles_and_resumes_after_restart(
     order = {"pretrain": 0, "collect": 1, "reward": 2, "policy": 3}
     seen = [order[p] for p in phases if p in order]
     assert any(b < a for a, b in itertools.pairwise(seen)), phases  # it cycled
+
+
+def rounds_of(node_dir: Path) -> dict[int, str]:
+    path = node_dir / "train" / "swarm_rounds.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return {int(r["round"]): str(r["params_sha256"]) for r in rows}
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_switch_phase_at_the_same_round_and_hold_identical_weights(
+    prepared_data: Path, tmp_path: Path
+) -> None:
+    """Both full nodes claim their own replica's label count; the phase follows the decided
+    claims, so both train the same phase every round (identical weights after every round,
+    identical loop states), though annotators use only the first node's web app and the
+    second node's replica lags by its replication interval."""
+    loop = {**LOOP, "min_labels": 4}
+    first_cfg = loop_node_config(
+        prepared_data,
+        tmp_path / "a",
+        loop,
+        run_swarm={"expect_peers": 2, "genesis_timeout": 120},
+        node_id="loop-a",
+    )
+    first = yaml.safe_load(first_cfg.read_text(encoding="utf-8"))
+    second_cfg = loop_node_config(
+        prepared_data,
+        tmp_path / "b",
+        loop,
+        run_swarm={"expect_peers": 2, "genesis_timeout": 120},
+        node_id="loop-b",
+        bootstrap_peers=[f"127.0.0.1:{first['p2p_port']}"],
+    )
+    second = yaml.safe_load(second_cfg.read_text(encoding="utf-8"))
+    dirs = [Path(first["node_dir"]), Path(second["node_dir"])]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [start_node(first_cfg, logs[0]), start_node(second_cfg, logs[1])]
+    try:
+        with SimulatedAnnotators(first["web_port"]) as annotators:
+
+            def one_cycle_each() -> bool:
+                return all(
+                    int(loop_health(c["web_port"]).get("cycles_completed") or 0) >= 1
+                    for c in (first, second)
+                )
+
+            wait_for(procs[0], logs[0], "no full cycle on both nodes", one_cycle_each, 240)
+        assert not annotators.errors, annotators.errors
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    texts = [log.read_text(encoding="utf-8") for log in logs]
+    for text in texts:
+        assert "Traceback" not in text, text
+        assert "rlhf_loop record of round" not in text  # no peer rejected for its phase
+    a, b = rounds_of(dirs[0]), rounds_of(dirs[1])
+    common = sorted(set(a) & set(b))
+    assert len(common) >= 6, (a, b)
+    assert all(a[r] == b[r] for r in common), [(r, a[r], b[r]) for r in common if a[r] != b[r]]
+    states = [json.loads((d / "train" / "loop" / "state.json").read_text())["states"] for d in dirs]
+    shared = sorted(set(states[0]) & set(states[1]), key=int)
+    assert [states[0][r] for r in shared] == [states[1][r] for r in shared]
+    phases = {states[0][r]["phase"] for r in shared}
+    assert {"collect", "reward", "policy"} <= phases, phases

@@ -42,10 +42,17 @@ def free_port() -> int:
         return port
 
 
-def loop_node_config(data: Path, root: Path, loop: dict[str, Any], **node: Any) -> Path:
+def loop_node_config(
+    data: Path,
+    root: Path,
+    loop: dict[str, Any],
+    run_swarm: dict[str, Any] | None = None,
+    **node: Any,
+) -> Path:
     """Write ``root/node.yaml``: a full node on the prepared corpus ``data`` with a tiny
     model (rounds well under a second), the RLHF loop with settings ``loop``
-    (``swarm.rlhf_loop``), its directory under ``root``; ``node`` overrides node keys."""
+    (``swarm.rlhf_loop``), its directory under ``root``; ``run_swarm`` overrides keys of the
+    run's ``swarm`` section (e.g. ``expect_peers``), ``node`` overrides node keys."""
     configs = REPO / "configs"
     if not (configs / "node.yaml").is_file():
         raise FileNotFoundError(f"{configs}: the shipped configs (a source checkout) are needed")
@@ -64,7 +71,9 @@ def loop_node_config(data: Path, root: Path, loop: dict[str, Any], **node: Any) 
     cfg: dict[str, Any] = yaml.safe_load((configs / "node.yaml").read_text(encoding="utf-8"))
     cfg["training"]["config"] = str(swarm_path)
     cfg["rlhf"]["loop"] = True
-    cfg["run"]["swarm"].update(checkpoint_every=1, rounds=100_000, rlhf_loop=loop)
+    cfg["run"]["swarm"].update(
+        checkpoint_every=1, rounds=100_000, rlhf_loop=loop, **(run_swarm or {})
+    )
     cfg.update(
         node_dir=str(root / "node"),
         p2p_port=free_port(),
