@@ -307,7 +307,8 @@ class LoopObjective:
     def _state_before(self, round: int) -> LoopState:
         """The state after round ``round - 1``: what round ``round`` trains. A peer that
         does not know it (joined or resynchronised mid-loop) takes the one most of the
-        round's decided contributions claim."""
+        round's decided records checked so far claim: at the first check, that record's
+        (docs/rlhf.md says what that risks)."""
         prev = round - 1
         if prev not in self.history.states and round in self._claimed_states:
             votes = Counter(
