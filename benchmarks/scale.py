@@ -59,6 +59,7 @@ TEST_MODEL = {
     "max_seq_len": 64,
 }
 REPO = Path(__file__).resolve().parent.parent
+SIM_VIEW_TIMEOUT = 5.0
 
 
 def _model(size: str) -> tuple[dict[str, Any], Path]:
@@ -122,6 +123,18 @@ def _phases(histories: Any) -> dict[str, Any]:
         vals = [row[k] for row in rows if row.get(k) is not None]
         out[f"median_{k}"] = round(statistics.median(vals), 3) if vals else None
     return out
+
+
+def _by_kind(histories: Any) -> dict[str, float] | None:
+    """Median bytes sent per round by message kind (partitioned events carry the counter)."""
+    per: dict[str, list[float]] = {}
+    for h in histories:
+        for r in h:
+            if r - 1 in h and r >= 2 and "bytes_sent_by_kind" in h[r]:
+                now, before = h[r]["bytes_sent_by_kind"], h[r - 1]["bytes_sent_by_kind"]
+                for k in now:
+                    per.setdefault(k, []).append(now[k] - before.get(k, 0))
+    return {k: statistics.median(v) for k, v in sorted(per.items())} or None
 
 
 def real_run(
@@ -207,6 +220,7 @@ def real_run(
             histories[honest[0]][r].get("accusations") for r in sorted(histories[honest[0]])
         ]
     out.update(_phases(histories[i] for i in complete))
+    out["bytes_by_kind_per_round"] = _by_kind(histories[i] for i in complete)
     out["ok"] = out["identical_hashes"]
     return out
 
@@ -219,6 +233,14 @@ def sim_run(n: int, rounds: int, layout: str, seed: int = 0) -> dict[str, Any]:
     from swarmlm.sim import swarm as simswarm
     from swarmlm.sim.runner import shared_verification
 
+    # the simulator's swarm config cuts the corpus into 16 shards, one per peer index:
+    # beyond 16 peers, peers share shards (traffic and time do not depend on which)
+    make_config = simswarm.swarm_run_config
+
+    def shared_shards(data: Path, out: Path, p2p: Any, rounds: int, steps: int, shard: int) -> Any:
+        return make_config(data, out, p2p, rounds, steps, shard % 16)
+
+    simswarm.swarm_run_config = shared_shards  # type: ignore[assignment]
     spec = simswarm.SwarmSpec(peers=n, faults=(), max_rounds=rounds, inner_steps=2,
                               liveness_bound=3600.0)  # fmt: skip
     data = simswarm.bundled_corpus()
@@ -233,7 +255,12 @@ def sim_run(n: int, rounds: int, layout: str, seed: int = 0) -> dict[str, Any]:
                     update={"aggregation_layout": layout, "partition_timeout": 30.0,
                             "partition_verifiers": 1.0}
                 )  # fmt: skip
-                peer.cfg = peer.cfg.model_copy(update={"swarm": sw})
+                # a 5 s view timer for both layouts: the simulator's 1 s one fired whenever
+                # contributions spread over more than 1 s (partitioned: the outputs phase
+                # varies by peer), and the view changes then dominated its traffic
+                p2p = peer.cfg.p2p.model_copy(update={"round_timeout": SIM_VIEW_TIMEOUT})
+                peer.cfg = peer.cfg.model_copy(update={"swarm": sw, "p2p": p2p})
+                sim.net.nodes[m].config = p2p  # the simulated node was built with the old one
                 events[m] = {}
             original = sim._event
 
@@ -249,6 +276,7 @@ def sim_run(n: int, rounds: int, layout: str, seed: int = 0) -> dict[str, Any]:
             virtual = sim.net.loop.time()
             sim.shutdown()
     finally:
+        simswarm.swarm_run_config = make_config  # type: ignore[assignment]
         shutil.rmtree(work, ignore_errors=True)
     done = {m: h for m, h in events.items() if rounds in h}
     sent = [b for h in done.values() for b in _per_round(h, "bytes_sent")]
@@ -272,6 +300,7 @@ def sim_run(n: int, rounds: int, layout: str, seed: int = 0) -> dict[str, Any]:
     if out["bytes_per_peer_round"] and out["payload_bytes"]:
         out["ratio"] = round(out["bytes_per_peer_round"] / out["payload_bytes"], 3)
     out.update(_phases(done.values()))
+    out["bytes_by_kind_per_round"] = _by_kind(done.values())
     out["ok"] = not res.safety_violations and res.liveness_failure is None and len(done) == n
     return out
 
@@ -322,6 +351,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="n = 16 real, simulator n <= 25")
     ap.add_argument("--only", default="real,sim,liar", help="subset: real, sim, liar")
     ap.add_argument("--real-n", default=None, help="comma-separated process counts")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take the parts not in --only from the existing results file")  # fmt: skip
     ap.add_argument("--model", choices=["tiny", "test"], default="tiny",
                     help="processes: tiny = 3.4M parameters (default), test = 120k")  # fmt: skip
     ap.add_argument("--sim-n", default=None, help="comma-separated simulated peer counts")
@@ -350,10 +381,23 @@ def main() -> None:
     if "sim" in only:
         for n in sim_ns:
             for layout in ("all_to_all", "partitioned"):
-                s = sim_run(n, 3, layout)
+                try:
+                    s = sim_run(n, 3, layout)
+                except Exception as exc:  # a failed size is reported, the others still run
+                    s = {"n": n, "layout": layout, "ok": False, "error": repr(exc)[-800:]}
                 print(json.dumps(s), file=sys.stderr, flush=True)
                 sim.append(s)
     env1 = environment()
+    name = "scale-quick" if args.quick else "scale"
+    previous: dict[str, Any] = {}
+    if args.reuse and (RESULTS / f"{name}.json").is_file():
+        previous = json.loads((RESULTS / f"{name}.json").read_text("utf-8"))
+        if "real" not in only:
+            real = previous.get("real", [])
+        if "liar" not in only:
+            liar = previous.get("lying_aggregator")
+        if "sim" not in only:
+            sim = previous.get("sim", [])
 
     def pick(runs: list[dict[str, Any]], n: int, layout: str, key: str) -> Any:
         for r in runs:
@@ -371,7 +415,8 @@ def main() -> None:
     sim_t1000 = pick(sim, 1000, "partitioned", "round_time_virtual_s")
     clean = pick(real, real_ns[0], "partitioned", "val_loss")
     # the liar run lasts a round longer (to see the eviction): compare at the clean run's end
-    liar_loss = liar["val_loss_by_round"].get(rounds) if liar and liar.get("ok") else None
+    by_round = liar.get("val_loss_by_round", {}) if liar and liar.get("ok") else {}
+    liar_loss = by_round.get(rounds, by_round.get(str(rounds)))  # (str keys after JSON)
     headline = {
         "bytes_per_peer_ratio_n16": pick(real, 16, "partitioned", "ratio"),
         "bytes_per_peer_ratio_n16_all_to_all": pick(real, 16, "all_to_all", "ratio"),
@@ -389,6 +434,8 @@ def main() -> None:
     }
     payload = {
         "quick": args.quick,
+        "parts_run_now": sorted(only),
+        "reused_from_earlier_run": sorted({"real", "liar", "sim"} - only) if previous else [],
         "model": args.model,
         "real": real,
         "lying_aggregator": liar,
@@ -396,7 +443,6 @@ def main() -> None:
         "environment": {"start": env0, "end": env1, **contention(env0, env1)},
         "headline": headline,
     }
-    name = "scale-quick" if args.quick else "scale"
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{name}.json", payload)
     plot(real, sim, RESULTS / f"{name}.png")

@@ -525,6 +525,16 @@ class PartitionedRounds:
         claim = Claim.parse(msg)
         if not self.proto.last_decided - 2 <= claim.round <= self.proto.last_decided + 2:
             return  # far from our rounds: not stored (bounded memory)
+        members = self.proto.members(claim.round)
+        if members is None:
+            return  # a round we do not know the membership of yet: not stored
+        if claim.aggregator not in members or claim.part >= len(members):
+            # k = |M_r| parts: anything else is not a claim of this round (bounded memory)
+            raise MessageRejectedError(
+                "invalid",
+                f"part_claim for part {claim.part} of round {claim.round} from "
+                f"{claim.aggregator[:12]}: not a member's part",
+            )
         held = self.claims.setdefault((claim.round, claim.part), [])
         if any(c.aggregator == claim.aggregator for c in held) or len(held) > 8:
             return
@@ -730,6 +740,7 @@ class PartitionedRounds:
             verify_wait_s=round(self.verify_wait_s, 3),
             bytes_sent=node.node.bytes_sent,
             blob_bytes_sent=node.node.bytes_sent_by_kind["blob"],
+            bytes_sent_by_kind=dict(node.node.bytes_sent_by_kind),
             fetch_bytes_served=node.node.counters["fetch_bytes_served"],
             payload_bytes=len(payload),
             update_bytes=self.update_bytes,
