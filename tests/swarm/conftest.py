@@ -21,8 +21,20 @@ BAD = ["evil", "wrath", "death", "sin", "darkness", "fear", "blood"]
 
 
 def swarm_config(data: Path, out: Path, **swarm: Any) -> SwarmRunConfig:
-    """The tiny trainer-test model (~120k parameters) with a swarm section."""
-    sw: dict[str, Any] = {"rounds": 6, "inner_steps": 8, "data_shards": 16, **swarm}
+    """The tiny trainer-test model (~120k parameters) with a swarm section.
+
+    ``round_pace`` is ``steps`` here, not the default ``samples``: a samples pace sizes each
+    local phase by measured seconds, so on a loaded machine the in-process peers (which run
+    one after another) trained fewer steps from run to run, and tests asserting learning or
+    bit-for-bit restarts failed at random (PPO: no gain at load 10-30). Tests of the pace
+    itself ask for ``round_pace="samples"``."""
+    sw: dict[str, Any] = {
+        "rounds": 6,
+        "inner_steps": 8,
+        "data_shards": 16,
+        "round_pace": "steps",
+        **swarm,
+    }
     return SwarmRunConfig.model_validate(
         {
             "model": {

@@ -255,7 +255,13 @@ def test_a_slow_peer_covers_fewer_samples_in_the_same_time_and_weighs_less(
     median peer needs for inner_steps. A peer slowed 6x then does a fraction of the steps,
     its contribution is accepted, and its weight is its samples' share."""
     swarm = make_swarm(
-        prepared_data, tmp_path, 4, {3: {"step_slowdown": 6.0}}, rounds=4, inner_steps=12
+        prepared_data,
+        tmp_path,
+        4,
+        {3: {"step_slowdown": 6.0}},
+        rounds=4,
+        inner_steps=12,
+        round_pace="samples",
     )
     try:
         slow = peer_id(3)

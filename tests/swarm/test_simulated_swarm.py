@@ -174,7 +174,12 @@ def test_target_global_batch_sets_how_much_the_swarm_trains_per_round(
     totals = {}
     for target in (96, 384):
         swarm = make_swarm(
-            prepared_data, tmp_path / str(target), n=3, target_samples=target, inner_steps=2
+            prepared_data,
+            tmp_path / str(target),
+            n=3,
+            target_samples=target,
+            inner_steps=2,
+            round_pace="samples",
         )
         try:
             train(swarm, 1, sorted(swarm.workers))
