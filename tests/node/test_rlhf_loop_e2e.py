@@ -139,22 +139,16 @@ def test_two_nodes_switch_phase_at_the_same_round_and_hold_identical_weights(
     identical loop states), though annotators use only the first node's web app and the
     second node's replica lags by its replication interval."""
     loop = {**LOOP, "min_labels": 4}
-    first_cfg = loop_node_config(
-        prepared_data,
-        tmp_path / "a",
-        loop,
-        run_swarm={"expect_peers": 2, "genesis_timeout": 120},
-        node_id="loop-a",
-    )
+
+    def config(name: str, **node: Any) -> Path:
+        two = {"expect_peers": 2, "genesis_timeout": 120}
+        return loop_node_config(
+            prepared_data, tmp_path / name, loop, run_swarm=two, node_id=f"loop-{name}", **node
+        )
+
+    first_cfg = config("a")
     first = yaml.safe_load(first_cfg.read_text(encoding="utf-8"))
-    second_cfg = loop_node_config(
-        prepared_data,
-        tmp_path / "b",
-        loop,
-        run_swarm={"expect_peers": 2, "genesis_timeout": 120},
-        node_id="loop-b",
-        bootstrap_peers=[f"127.0.0.1:{first['p2p_port']}"],
-    )
+    second_cfg = config("b", bootstrap_peers=[f"127.0.0.1:{first['p2p_port']}"])
     second = yaml.safe_load(second_cfg.read_text(encoding="utf-8"))
     dirs = [Path(first["node_dir"]), Path(second["node_dir"])]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
