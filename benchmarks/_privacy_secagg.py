@@ -158,9 +158,12 @@ def robust_attack(
     say: Callable[[str], None] = lambda _m: None,
     across: str = "centered_clip",
     with_clean: bool = True,
+    attack: str = "alie",
 ) -> dict[str, Any]:
-    """ALIE against SecAgg in groups with ``across`` over the group means (``"mean"``: no
-    defence, to see what the attack does), and the clean reference run unless not wanted."""
+    """``attack`` (robustness.py's names) against SecAgg in groups with ``across`` over the
+    group means (``"mean"``: no defence, to see what the attack does), and the clean
+    reference run unless not wanted. Attackers clip like honest peers (the codec does), as a
+    malicious peer that did not would break its group's norm bound and lose the group."""
     rb = _robustness_module()
     workers, f, group_size = 20, 2, 4
     cfg = rb.SimConfig(workers=workers, steps=80 if quick else 150)
@@ -222,13 +225,14 @@ def robust_attack(
     clean = (
         sim._run_rule("centered_clip", "none", 0, 0.9, "none", clean_rule) if with_clean else None
     )
-    attacked = sim._run_rule("secagg_groups", "alie", f, 0.9, "none", secagg_groups)
+    attacked = sim._run_rule("secagg_groups", attack, f, 0.9, "none", secagg_groups)
     out: dict[str, Any] = {
         "workers": workers,
         "attackers": f,
         "group_size": group_size,
         "steps": cfg.steps,
         "rule": f"{across} over group means",
+        "attack": attack,
         "clean_loss": clean.final_val_loss if clean else None,
         "alie_secagg_loss": attacked.final_val_loss,
         "ratio": attacked.final_val_loss / clean.final_val_loss if clean else None,
