@@ -22,11 +22,16 @@ def test_a_stale_liar_is_evicted_and_exits_saying_why_while_a_slow_peer_keeps_co
     prepared_data: Path, tmp_path: Path
 ) -> None:
     raw = swarm_config(
-        prepared_data, tmp_path / "runs", rounds=ROUNDS, inner_steps=10, expect_peers=5
+        prepared_data,
+        tmp_path / "runs",
+        rounds=ROUNDS,
+        inner_steps=10,
+        expect_peers=5,
+        round_pace="samples",
     ).model_dump(mode="json")
     raw["swarm"].update(genesis_timeout=150, checkpoint_every=100)
     raw["p2p"].update(
-        round_timeout=3.0,
+        round_timeout=30.0,  # above a loaded local phase: no view change per round
         proposal_grace=0.3,
         heartbeat_interval=0.5,
         dead_timeout=5.0,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -173,6 +174,10 @@ class SwarmWorker:
         self.last_update: Tensor | None = None
         self._pending: tuple[int, Tensor] | None = None  # our contribution not yet applied
         self._stale: Tensor | None = None  # attack stale_lie: the update it keeps resending
+        # round_pace samples: how late our next local phase starts after an abandoned one (up
+        # to its last step: the decision came during it), taken off the next time budget
+        self._late_s = 0.0
+        self._step_times: list[float] = []  # step_slowdown: recent step durations
         self.last_loss = float("nan")
         self.samples_per_step = self.objective.samples_per_step
         self.last_samples = 0
@@ -241,14 +246,23 @@ class SwarmWorker:
             steps = 1
         else:
             budget, cap = self._round_plan()
+            if budget is not None:
+                # we start late by what the abandoned phase's last step overran: without
+                # this a slow peer started every round one step late and missed them all
+                budget, self._late_s = max(budget - self._late_s, 0.0), 0.0
             losses: list[float] = []
             while True:
                 t_step = time.perf_counter()
                 losses.append(self.objective.step())
                 if sw.step_slowdown > 1.0:  # tests and benchmarks: play a slow peer
-                    time.sleep((sw.step_slowdown - 1.0) * (time.perf_counter() - t_step))
+                    self._step_times.append(time.perf_counter() - t_step)
+                    del self._step_times[:-16]
+                    # of the typical step, not this one: on a loaded machine a descheduled
+                    # step would otherwise be stretched k times too (a 1 s stall -> 6 s)
+                    time.sleep((sw.step_slowdown - 1.0) * statistics.median(self._step_times))
                 if abandon is not None and abandon():
                     self.last_loss = sum(losses) / len(losses)
+                    self._late_s = time.perf_counter() - t_step
                     raise RoundClosedError(len(losses))
                 if len(losses) >= cap:
                     break
