@@ -306,7 +306,7 @@ def sim_run(n: int, rounds: int, layout: str, seed: int = 0) -> dict[str, Any]:
 
 
 # -- plot ---------------------------------------------------------------------------------------
-def plot(real: list[dict[str, Any]], sim: list[dict[str, Any]], path: Path) -> None:
+def plot(real: list[dict[str, Any]], sim: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -342,7 +342,7 @@ def plot(real: list[dict[str, Any]], sim: list[dict[str, Any]], path: Path) -> N
     ax2.set_ylabel("round time (s; simulator: virtual)")
     ax2.set_xscale("log")
     ax2.legend(fontsize=7)
-    fig.suptitle("issue 19: traffic and round time against swarm size (tiny model, int8)")
+    fig.suptitle(f"issue 19: traffic and round time against swarm size ({title}, int8)")
     save_figure(fig, path)
 
 
@@ -392,12 +392,13 @@ def main() -> None:
     previous: dict[str, Any] = {}
     if args.reuse and (RESULTS / f"{name}.json").is_file():
         previous = json.loads((RESULTS / f"{name}.json").read_text("utf-8"))
-        if "real" not in only:
-            real = previous.get("real", [])
+        # runs of sizes not re-run now are kept (a real run is keyed by n and layout)
+        now = {(r["n"], r["layout"]) for r in real}
+        real = [r for r in previous.get("real", []) if (r["n"], r["layout"]) not in now] + real
         if "liar" not in only:
             liar = previous.get("lying_aggregator")
-        if "sim" not in only:
-            sim = previous.get("sim", [])
+        done = {(r["n"], r["layout"]) for r in sim}
+        sim = [r for r in previous.get("sim", []) if (r["n"], r["layout"]) not in done] + sim
 
     def pick(runs: list[dict[str, Any]], n: int, layout: str, key: str) -> Any:
         for r in runs:
@@ -429,7 +430,11 @@ def main() -> None:
         ),
         "worst_attack_loss_ratio": (round(liar_loss / clean, 4) if liar_loss and clean else None),
         "lying_aggregator_detected_rounds": liar.get("liar_removed_at_round") if liar else None,
-        "identical_hashes_real": all(r.get("identical_hashes") for r in real) if real else None,
+        # over the runs that completed (a run that failed to start reports its error)
+        "identical_hashes_real": (
+            all(r.get("identical_hashes") for r in real if "error" not in r) if real else None
+        ),
+        "real_runs_failed": sorted(f"{r['layout']}@{r['n']}" for r in real if "error" in r),
         "machine_contended": contention(env0, env1)["contended"],
     }
     payload = {
@@ -445,7 +450,8 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{name}.json", payload)
-    plot(real, sim, RESULTS / f"{name}.png")
+    sizes = {"test": "120k-parameter test model", "tiny": "3.4M-parameter tiny model"}
+    plot(real, sim, RESULTS / f"{name}.png", f"processes: {sizes[args.model]}; simulator: test")
     emit_headline(headline)
 
 
