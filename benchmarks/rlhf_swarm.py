@@ -237,7 +237,10 @@ def swarm_run_config(data_dir: Path, out: Path, swarm: dict[str, Any], lr: float
             "optim": {"lr": lr, "weight_decay": 0.0, "betas": [0.9, 0.95]},
             "schedule": {"kind": "constant", "warmup_steps": 0},
             "train": {"out_dir": str(out), "seed": 0, "threads": 1, "grad_clip": 1.0},
-            "swarm": {"mode": "diloco", "codec": "int8", **swarm},
+            # round_pace "steps": every peer takes its inner steps. The default ("samples")
+            # trains for a wall-clock budget from the last round's measured rates, so under
+            # load the swarm side took fewer steps than planned and runs stopped repeating
+            "swarm": {"mode": "diloco", "codec": "int8", "round_pace": "steps", **swarm},
         }
     )
 
