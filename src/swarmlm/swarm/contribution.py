@@ -25,6 +25,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -100,19 +101,7 @@ def decode_contribution(
 ) -> Contribution:
     """Parse and validate; raises :class:`ContributionError` naming ``peer`` and the field."""
     view = memoryview(data)
-    if len(view) < _HEAD.size:
-        raise ContributionError(peer, f"{len(view)} bytes is shorter than the header")
-    magic, version, hlen = _HEAD.unpack_from(view, 0)
-    if magic != MAGIC:
-        raise ContributionError(peer, "not a swarm contribution (bad magic)")
-    if version != VERSION:
-        raise ContributionError(peer, f"unsupported version {version} (this node reads 1)")
-    if hlen > MAX_HEADER or _HEAD.size + hlen > len(view):
-        raise ContributionError(peer, f"header length {hlen} out of bounds")
-    try:
-        header = json.loads(bytes(view[_HEAD.size : _HEAD.size + hlen]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ContributionError(peer, f"header is not JSON ({exc})") from exc
+    header, hlen = _read_header(peer, view, MAGIC, "a swarm contribution")
     fields = {"base", "round", "samples", "seconds", "state"}
     if not isinstance(header, dict) or set(header) - {"attachment", "data"} != fields:
         raise ContributionError(
@@ -192,6 +181,24 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _read_header(peer: str, view: memoryview, magic: bytes, what: str) -> tuple[Any, int]:
+    """The JSON header after ``magic | version | length`` (both layouts share the framing),
+    and its length; malformed bytes become a :class:`ContributionError` naming ``peer``."""
+    if len(view) < _HEAD.size:
+        raise ContributionError(peer, f"{len(view)} bytes is shorter than the header")
+    got, version, hlen = _HEAD.unpack_from(view, 0)
+    if got != magic:
+        raise ContributionError(peer, f"not {what} (bad magic)")
+    if version != VERSION:
+        raise ContributionError(peer, f"unsupported version {version} (this node reads 1)")
+    if hlen > MAX_HEADER or _HEAD.size + hlen > len(view):
+        raise ContributionError(peer, f"header length {hlen} out of bounds")
+    try:
+        return json.loads(bytes(view[_HEAD.size : _HEAD.size + hlen])), hlen
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ContributionError(peer, f"header is not JSON ({exc})") from exc
+
+
 def _digest_field(peer: str, header: dict[str, object], name: str) -> bytes:
     text = header[name]
     try:
@@ -261,19 +268,7 @@ def encode_part_header(
 def decode_part_header(peer: str, data: bytes | bytearray | memoryview) -> PartHeader:
     """Parse and validate; raises :class:`ContributionError` naming ``peer`` and the field."""
     view = memoryview(data)
-    if len(view) < _HEAD.size:
-        raise ContributionError(peer, f"{len(view)} bytes is shorter than the header")
-    magic, version, hlen = _HEAD.unpack_from(view, 0)
-    if magic != PART_MAGIC:
-        raise ContributionError(peer, "not a partitioned swarm contribution (bad magic)")
-    if version != VERSION:
-        raise ContributionError(peer, f"unsupported version {version} (this node reads 1)")
-    if hlen > MAX_HEADER or _HEAD.size + hlen > len(view):
-        raise ContributionError(peer, f"header length {hlen} out of bounds")
-    try:
-        header = json.loads(bytes(view[_HEAD.size : _HEAD.size + hlen]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ContributionError(peer, f"header is not JSON ({exc})") from exc
+    header, hlen = _read_header(peer, view, PART_MAGIC, "a partitioned swarm contribution")
     fields = {"attachment", "base", "parts", "root", "round", "samples", "seconds", "state"}
     if not isinstance(header, dict) or set(header) != fields:
         raise ContributionError(peer, f"header must hold exactly {', '.join(sorted(fields))}")
